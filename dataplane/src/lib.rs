@@ -1,0 +1,2 @@
+//! tlsgate's TLS terminator.
+#![deny(unsafe_code)]

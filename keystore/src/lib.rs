@@ -1,0 +1,2 @@
+//! Keys and certificates for tlsgate.
+#![forbid(unsafe_code)]

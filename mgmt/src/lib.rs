@@ -1,0 +1,2 @@
+//! The tlsgate process.
+#![forbid(unsafe_code)]
