@@ -53,20 +53,20 @@ pub struct Directive {
 
 impl Directive {
     /// Whether the directive acts on this call. A `counted` call advances the count that
-    /// `after`/`every` look at; an uncounted one (a PKCS#11 size query, which is half of one
-    /// logical operation) is judged as if it were the next counted call, without advancing.
+    /// `after`/`every` look at. An uncounted one (a PKCS#11 size query: the first half of one
+    /// logical operation) is judged as if it were the next counted call; it advances the count
+    /// only when the directive fires on it, since the caller then never makes the second half.
     pub fn fires(&mut self, counted: bool) -> bool {
-        let n = if counted {
-            self.seen = self.seen.saturating_add(1);
-            self.seen
-        } else {
-            self.seen.saturating_add(1)
-        };
-        match self.trigger {
+        let n = self.seen.saturating_add(1);
+        let fires = match self.trigger {
             Trigger::Always => true,
             Trigger::After(first) => n > first,
             Trigger::Every(period) => n % period == 0,
+        };
+        if counted || fires {
+            self.seen = n;
         }
+        fires
     }
 }
 
@@ -293,11 +293,12 @@ mod tests {
             .map(|counted| after.fires(counted))
             .collect();
         assert_eq!(after_seen, [false, false, false, false, true, true]);
-        let every_seen: Vec<bool> = [true, true, true, true]
+        // Two-call operations: the 2nd fails on its size query and never makes its real call.
+        let every_seen: Vec<bool> = [false, true, false, false, true, false, true]
             .into_iter()
             .map(|counted| every.fires(counted))
             .collect();
-        assert_eq!(every_seen, [false, true, false, true]);
+        assert_eq!(every_seen, [false, false, true, false, false, true, false]);
     }
 
     #[test]
