@@ -369,3 +369,72 @@ fn everything_else_is_forwarded_unchanged() -> Result<()> {
     ensure!(format!("{through_shim:?}") == format!("{:?}", listing(&direct, direct_slot)?));
     Ok(())
 }
+
+/// pkcs11-tool makes one C_Sign with a ready buffer (no size query): the fault must land on that
+/// real call too, and an external process sees the shim's faults like this one does.
+#[test]
+fn pkcs11_tool_sees_faults_on_a_single_call_signature() -> Result<()> {
+    let (lab, _shim) = setup()?;
+    if std::process::Command::new("pkcs11-tool")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: pkcs11-tool (Debian package opensc) is not installed");
+        return Ok(());
+    }
+    let input = lab.dir.path().join("digest");
+    let output = lab.dir.path().join("signature");
+    std::fs::write(&input, DIGEST)?;
+    let run = |faults: &str| {
+        std::process::Command::new("pkcs11-tool")
+            .env("TLSGATE_SHIM_FAULTS", faults)
+            .env("TLSGATE_SHIM_LOG_CALLS", "1")
+            .arg("--module")
+            .arg(&lab.shim)
+            .args(["--token-label", LABEL, "--login", "--pin", USER_PIN])
+            .args(["--sign", "--mechanism", "ECDSA", "--label", KEY_LABEL])
+            .arg("--input-file")
+            .arg(&input)
+            .arg("--output-file")
+            .arg(&output)
+            .output()
+    };
+
+    let mark = lab.log_mark();
+    let failed = run("fail C_Sign CKR_DEVICE_ERROR")?;
+    ensure!(
+        !failed.status.success(),
+        "pkcs11-tool signed through a failing C_Sign"
+    );
+    // pkcs11-tool retries a failed C_Sign as C_SignUpdate; the real module must then say the
+    // operation is over, as PKCS#11 ends an operation whose C_Sign failed.
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    ensure!(
+        stderr.contains("C_Sign failed: rv = CKR_DEVICE_ERROR")
+            || stderr.contains("C_SignUpdate failed: rv = CKR_OPERATION_NOT_INITIALIZED"),
+        "pkcs11-tool: {stderr}"
+    );
+    let log = lab.log_since(mark);
+    ensure!(
+        count(&log, "C_Sign call 1") == 1 && count(&log, "C_Sign call 2") == 0,
+        "a single C_Sign call: {log:?}"
+    );
+    ensure!(
+        count(&log, "C_Sign failed CKR_DEVICE_ERROR") == 1,
+        "{log:?}"
+    );
+
+    let signed = run("delay C_Sign 20ms")?;
+    ensure!(
+        signed.status.success(),
+        "pkcs11-tool through a slow shim: {}",
+        String::from_utf8_lossy(&signed.stderr)
+    );
+    ensure!(
+        std::fs::read(&output)?.len() == 64,
+        "a P-256 r||s signature"
+    );
+    ensure!(count(&lab.log_since(mark), "C_Sign delayed 20ms") == 1);
+    Ok(())
+}
