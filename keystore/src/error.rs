@@ -54,6 +54,10 @@ pub enum Error {
         token: String,
     },
 
+    /// A token with that label is already initialised.
+    #[error("a token labelled {label:?} already exists")]
+    TokenExists { label: String },
+
     /// No private key matches the URI.
     #[error("no private key matches {uri}")]
     KeyNotFound { uri: String },

@@ -6,6 +6,7 @@
 //! operation takes one out, uses it alone, and puts it back. Concurrency therefore opens as many
 //! sessions as there are concurrent signers, and no session is ever shared.
 
+mod init;
 mod objects;
 mod p11;
 mod rcgen_key;
@@ -30,6 +31,7 @@ use crate::pin::PinSource;
 use crate::uri::Pkcs11Uri;
 
 pub use crate::keyinfo::{KeyInfo, KeyKind, KeyOrigin, KeySpec};
+pub use init::init_token;
 pub use rcgen_key::TokenRcgenKey;
 pub use signer::TokenSigningKey;
 
@@ -137,9 +139,12 @@ impl Token {
         for slot in slots {
             let info = match pkcs11.get_token_info(slot) {
                 Ok(info) => info,
-                // A slot whose token vanished between the two calls is simply not ours.
-                Err(CkError::Pkcs11(RvError::TokenNotPresent, _)) => continue,
-                Err(e) => return Err(from_ck(e)),
+                // A token that vanished or broke since the slot list was taken is not the one
+                // asked for; it must not hide the others.
+                Err(e) => {
+                    tracing::debug!(?slot, error = %from_ck(e), "skipping unreadable slot");
+                    continue;
+                }
             };
             let hit = match &selector {
                 TokenSelector::Label(l) => info.label().trim_end() == l,
