@@ -60,8 +60,10 @@ fn bad_clients_and_backends_fail_alone() {
 
         // Garbage instead of a ClientHello: an alert or a close, never a hang.
         let mut s = TcpStream::connect(a).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
-        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").expect("write");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .expect("write");
         let mut buf = Vec::new();
         let _ = s.read_to_end(&mut buf);
         assert!(buf.len() <= 7, "only an alert may come back: {buf:?}");
@@ -77,7 +79,8 @@ fn bad_clients_and_backends_fail_alone() {
             .write_tls(&mut hello)
             .expect("hello bytes");
         let mut s = TcpStream::connect(a).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
         s.write_all(&hello[..hello.len() / 2]).expect("half hello");
         let mut buf = Vec::new();
         let _ = s.read_to_end(&mut buf);
@@ -87,7 +90,8 @@ fn bad_clients_and_backends_fail_alone() {
 
         // Opens and never speaks → handshake timeout too.
         let mut s = TcpStream::connect(a).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
         let mut buf = Vec::new();
         let n = s.read_to_end(&mut buf).expect("closed by the appliance");
         assert_eq!(n, 0);
@@ -111,7 +115,8 @@ fn bad_clients_and_backends_fail_alone() {
         t.flush().expect("flush");
         let (mut b, _) = slow.accept().expect("late accept");
         let mut got = [0u8; 27];
-        b.read_exact(&mut got).expect("bytes arrive after the late accept");
+        b.read_exact(&mut got)
+            .expect("bytes arrive after the late accept");
         assert_eq!(&got, b"ping through a slow backend");
         b.write_all(b"pong").expect("reply");
         let mut pong = [0u8; 4];
