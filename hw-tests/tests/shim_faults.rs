@@ -19,7 +19,7 @@ use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 
-use support::{Lab, Turn, LABEL, USER_PIN};
+use support::{Lab, Turn};
 
 /// Directives read once from the environment for this whole process. They touch only the random
 /// number functions, which no other test here uses; the bad line must be reported.
@@ -34,6 +34,7 @@ const DIGEST: [u8; 32] = [0x5a; 32];
 struct Shim {
     pkcs11: Pkcs11,
     slot: Slot,
+    pin: String,
     key: ObjectHandle,
     /// SoftHSM2 logs out and forgets object handles when a slot's last session closes: this one
     /// stays open so `key` stays valid.
@@ -61,8 +62,8 @@ fn open_shim(lab: &Lab) -> Result<Shim> {
         Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
         Err(e) => return Err(e.into()),
     }
-    let slot = find_slot(&pkcs11)?;
-    let session = login(&pkcs11, slot)?;
+    let slot = find_slot(&pkcs11, lab.label())?;
+    let session = login(&pkcs11, slot, lab.pin())?;
     // Generated through the shim, so C_GenerateKeyPair is forwarded too.
     let public = [
         Attribute::Token(true),
@@ -86,23 +87,24 @@ fn open_shim(lab: &Lab) -> Result<Shim> {
     Ok(Shim {
         pkcs11,
         slot,
+        pin: lab.pin().to_owned(),
         key,
         _keepalive: Mutex::new(session),
     })
 }
 
-fn find_slot(pkcs11: &Pkcs11) -> Result<Slot> {
+fn find_slot(pkcs11: &Pkcs11, label: &str) -> Result<Slot> {
     for slot in pkcs11.get_slots_with_token()? {
-        if pkcs11.get_token_info(slot)?.label().trim_end() == LABEL {
+        if pkcs11.get_token_info(slot)?.label().trim_end() == label {
             return Ok(slot);
         }
     }
-    anyhow::bail!("no token labelled {LABEL}")
+    anyhow::bail!("no token labelled {label}")
 }
 
-fn login(pkcs11: &Pkcs11, slot: Slot) -> Result<Session> {
+fn login(pkcs11: &Pkcs11, slot: Slot, pin: &str) -> Result<Session> {
     let session = pkcs11.open_rw_session(slot)?;
-    match session.login(UserType::User, Some(&AuthPin::from(USER_PIN))) {
+    match session.login(UserType::User, Some(&AuthPin::from(pin))) {
         Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(session),
         Err(e) => Err(e.into()),
     }
@@ -110,7 +112,7 @@ fn login(pkcs11: &Pkcs11, slot: Slot) -> Result<Session> {
 
 impl Shim {
     fn session(&self) -> Result<Session> {
-        login(&self.pkcs11, self.slot)
+        login(&self.pkcs11, self.slot, &self.pin)
     }
 
     fn sign(&self, session: &Session) -> cryptoki::error::Result<Vec<u8>> {
@@ -211,7 +213,7 @@ fn injected_errors_come_back_from_the_chosen_call_then_clear() -> Result<()> {
     let fresh = shim.pkcs11.open_rw_session(shim.slot)?;
 
     lab.set_faults("fail C_Login 0xa3")?;
-    match fresh.login(UserType::User, Some(&AuthPin::from(USER_PIN))) {
+    match fresh.login(UserType::User, Some(&AuthPin::from(lab.pin()))) {
         Err(CkError::Pkcs11(RvError::PinExpired, Function::Login)) => {}
         other => anyhow::bail!("expected CKR_PIN_EXPIRED from C_Login, got {other:?}"),
     }
@@ -349,7 +351,7 @@ fn everything_else_is_forwarded_unchanged() -> Result<()> {
         Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
         Err(e) => return Err(e.into()),
     }
-    let direct_slot = find_slot(&direct)?;
+    let direct_slot = find_slot(&direct, lab.label())?;
     ensure!(direct_slot == shim.slot, "the same slot ids");
     let (a, b) = (
         direct.get_token_info(direct_slot)?,
@@ -359,7 +361,7 @@ fn everything_else_is_forwarded_unchanged() -> Result<()> {
     ensure!(direct.get_mechanism_list(direct_slot)? == shim.pkcs11.get_mechanism_list(shim.slot)?);
 
     let listing = |pkcs11: &Pkcs11, slot| -> Result<Vec<Vec<Attribute>>> {
-        let session = login(pkcs11, slot)?;
+        let session = login(pkcs11, slot, lab.pin())?;
         let mut objects = Vec::new();
         for class in [ObjectClass::PRIVATE_KEY, ObjectClass::PUBLIC_KEY] {
             for handle in session.find_objects(&[Attribute::Class(class)])? {
@@ -416,7 +418,7 @@ fn pkcs11_tool_sees_faults_on_a_single_call_signature() -> Result<()> {
             .env("TLSGATE_SHIM_LOG_CALLS", "1")
             .arg("--module")
             .arg(&lab.shim)
-            .args(["--token-label", LABEL, "--login", "--pin", USER_PIN])
+            .args(["--token-label", lab.label(), "--login", "--pin", lab.pin()])
             .args(["--sign", "--mechanism", "ECDSA", "--label", KEY_LABEL])
             .arg("--input-file")
             .arg(&input)

@@ -12,11 +12,10 @@ use anyhow::{ensure, Context as _, Result};
 use aws_lc_rs::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_ASN1};
 use rustls::sign::SigningKey;
 use rustls::SignatureScheme;
-use tlsgate_keystore::{Error, KeySpec, PinSource, Pkcs11Uri, Token, TokenSelector};
+use tlsgate_keystore::{Error, KeySpec, Pkcs11Uri, Token, TokenSelector};
 
-use support::{Lab, Turn, LABEL, USER_PIN};
+use support::{Lab, Turn};
 
-const PIN_VAR: &str = "TLSGATE_SHIM_TEST_PIN";
 const KEY: &str = "shim-keystore-ec";
 const MESSAGE: &[u8] = b"ServerKeyExchange or CertificateVerify content";
 
@@ -35,10 +34,9 @@ fn setup() -> Result<Option<(Turn, &'static Keys)>> {
     let keys = KEYS
         .get_or_init(|| {
             (|| -> Result<Keys> {
-                std::env::set_var(PIN_VAR, USER_PIN);
                 let token = open(&turn)?;
                 token.generate(KeySpec::EcP256, KEY, None)?;
-                let uri = Pkcs11Uri::private_key(LABEL, KEY);
+                let uri = Pkcs11Uri::private_key(turn.label(), KEY);
                 let key = token.signing_key(&uri)?;
                 Ok(Keys { token, uri, key })
             })()
@@ -52,8 +50,8 @@ fn setup() -> Result<Option<(Turn, &'static Keys)>> {
 fn open(lab: &Lab) -> tlsgate_keystore::Result<Arc<Token>> {
     Token::open(
         &lab.shim,
-        TokenSelector::Label(LABEL.to_owned()),
-        &PinSource::Env(PIN_VAR.to_owned()),
+        TokenSelector::Label(lab.label().to_owned()),
+        &lab.token.pin_source(),
     )
 }
 
@@ -242,8 +240,8 @@ fn listing_and_public_keys_match_the_real_module() -> Result<()> {
     };
     let direct = Token::open(
         &lab.softhsm,
-        TokenSelector::Label(LABEL.to_owned()),
-        &PinSource::Env(PIN_VAR.to_owned()),
+        TokenSelector::Label(lab.label().to_owned()),
+        &lab.token.pin_source(),
     )?;
     let (through_shim, real) = (keys.token.list()?, direct.list()?);
     ensure!(!real.is_empty(), "the key is on the token");

@@ -2,41 +2,17 @@
 //! file with `#[path]`. Compiled on its own it is an empty test binary.
 //!
 //! A PKCS#11 module is initialised once per process and the shim's faults are process-wide, so
-//! each test file gets one token, one control file and one log for its whole process, and its
-//! tests take turns through [`Lab::lock`].
+//! each test file gets one token (the harness's [`TestToken`]), one control file and one log for
+//! its whole process, and its tests take turns through [`Lab::lock`].
 #![allow(dead_code)]
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
-use anyhow::{bail, ensure, Context as _, Result};
-
-/// The token every shim test process creates.
-pub const LABEL: &str = "shim";
-pub const USER_PIN: &str = "5678";
-const SO_PIN: &str = "1234";
-
-/// The real module under the shim in these tests: SoftHSM2 as Debian installs it.
-pub const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
-
-/// Why the SoftHSM2 tests cannot run here, if they cannot.
-pub fn softhsm_unavailable() -> Option<String> {
-    if !Path::new(SOFTHSM_MODULE).is_file() {
-        return Some(format!(
-            "SoftHSM2 module {SOFTHSM_MODULE} not found (Debian package softhsm2)"
-        ));
-    }
-    if Command::new("softhsm2-util")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        return Some("softhsm2-util not found on PATH (Debian package softhsm2)".to_owned());
-    }
-    None
-}
+use anyhow::{bail, Context as _, Result};
+use tlsgate_hw_tests::softhsm;
+use tlsgate_hw_tests::TestToken;
 
 /// The shim's file name as cargo builds it.
 const SHIM_FILE: &str = "libtlsgate_pkcs11_shim.so";
@@ -63,7 +39,8 @@ pub fn shim_path() -> Result<PathBuf> {
 /// One SoftHSM2 token, one control file and one shim log for this test process.
 #[derive(Debug)]
 pub struct Lab {
-    /// Holds the token directory, the SoftHSM2 configuration, the control file and the log.
+    pub token: TestToken,
+    /// Holds the control file and the log.
     pub dir: tempfile::TempDir,
     pub shim: PathBuf,
     pub control: PathBuf,
@@ -98,7 +75,7 @@ impl Lab {
     /// (every caller in one process must pass the same), and this test's turn; `None`, after
     /// saying why, where SoftHSM2 is not installed.
     pub fn lock(env_faults: &str) -> Result<Option<Turn>> {
-        if let Some(why) = softhsm_unavailable() {
+        if let Some(why) = softhsm::unavailable() {
             eprintln!("skipped: {why}");
             return Ok(None);
         }
@@ -117,45 +94,17 @@ impl Lab {
 
     fn create(env_faults: &str) -> Result<Lab> {
         let shim = shim_path()?;
-        let softhsm = PathBuf::from(
-            std::env::var("TLSGATE_SHIM_MODULE")
-                .unwrap_or_else(|_| "/usr/lib/softhsm/libsofthsm2.so".to_owned()),
-        );
-        ensure!(
-            softhsm.is_file(),
-            "SoftHSM2 module {} is missing",
-            softhsm.display()
-        );
+        // Sets SOFTHSM2_CONF for the process before anything initialises SoftHSM2.
+        let token = TestToken::new()?;
+        let softhsm = token.module_path();
         // Under the target directory (never the source tree); one per process.
         let dir = tempfile::Builder::new()
             .prefix("shim-")
             .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
             .context("creating the lab directory")?;
-        let tokens = dir.path().join("tokens");
-        fs::create_dir(&tokens)?;
-        let conf = dir.path().join("softhsm2.conf");
-        fs::write(
-            &conf,
-            format!(
-                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-                tokens.display()
-            ),
-        )?;
-        let out = Command::new("softhsm2-util")
-            .env("SOFTHSM2_CONF", &conf)
-            .args(["--init-token", "--free", "--label", LABEL])
-            .args(["--so-pin", SO_PIN, "--pin", USER_PIN])
-            .output()
-            .context("running softhsm2-util (Debian package softhsm2)")?;
-        ensure!(
-            out.status.success(),
-            "softhsm2-util --init-token failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
         let control = dir.path().join("faults");
         let log = dir.path().join("shim.log");
-        // Before any C_Initialize in this process: SoftHSM2 and the shim read these once.
-        std::env::set_var("SOFTHSM2_CONF", &conf);
+        // Before the shim's first call in this process: it reads these once.
         std::env::set_var("TLSGATE_SHIM_CONTROL", &control);
         std::env::set_var("TLSGATE_SHIM_LOG", &log);
         std::env::set_var("TLSGATE_SHIM_MODULE", &softhsm);
@@ -165,12 +114,21 @@ impl Lab {
             std::env::set_var("TLSGATE_SHIM_FAULTS", env_faults);
         }
         Ok(Lab {
+            token,
             dir,
             shim,
             control,
             log,
             softhsm,
         })
+    }
+
+    pub fn label(&self) -> &str {
+        self.token.label()
+    }
+
+    pub fn pin(&self) -> &str {
+        self.token.pin()
     }
 
     /// Replaces the control file in one rename, so the shim never reads half a file and always
