@@ -36,6 +36,31 @@ pub fn shim_path() -> Result<PathBuf> {
     Ok(shim)
 }
 
+/// A directory for this test process under the target directory (never the source tree). It
+/// lives in a static and is never dropped, so those of processes that have exited are removed
+/// first and runs do not pile them up.
+pub fn process_dir(kind: &str) -> Result<tempfile::TempDir> {
+    let root = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let prefix = format!("{kind}-");
+    if let Ok(entries) = fs::read_dir(root) {
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let pid = name
+                .to_str()
+                .and_then(|n| n.strip_prefix(&prefix))
+                .and_then(|rest| rest.split('-').next())
+                .and_then(|pid| pid.parse::<u32>().ok());
+            if pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
+                let _ = fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    tempfile::Builder::new()
+        .prefix(&format!("{prefix}{}-", std::process::id()))
+        .tempdir_in(root)
+        .with_context(|| format!("creating a {kind} directory in {}", root.display()))
+}
+
 /// One SoftHSM2 token, one control file and one shim log for this test process.
 #[derive(Debug)]
 pub struct Lab {
@@ -97,11 +122,7 @@ impl Lab {
         // Sets SOFTHSM2_CONF for the process before anything initialises SoftHSM2.
         let token = TestToken::new()?;
         let softhsm = token.module_path();
-        // Under the target directory (never the source tree); one per process.
-        let dir = tempfile::Builder::new()
-            .prefix("shim-")
-            .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
-            .context("creating the lab directory")?;
+        let dir = process_dir("shim-lab")?;
         let control = dir.path().join("faults");
         let log = dir.path().join("shim.log");
         // Before the shim's first call in this process: it reads these once.
