@@ -22,8 +22,15 @@ pub const ENV_PIN: &str = "TLSGATE_TEST_PKCS11_PIN";
 /// Where test keys live.
 pub enum Backend {
     Software,
-    SoftHsm { token: TestToken, opened: Arc<Token> },
-    External { module: PathBuf, label: String, opened: Arc<Token> },
+    SoftHsm {
+        token: TestToken,
+        opened: Arc<Token>,
+    },
+    External {
+        module: PathBuf,
+        label: String,
+        opened: Arc<Token>,
+    },
 }
 
 impl fmt::Debug for Backend {
@@ -57,7 +64,11 @@ pub fn backends() -> Result<Vec<Backend>> {
                 TokenSelector::Label(label.clone()),
                 &PinSource::Env(ENV_PIN.into()),
             )?;
-            out.push(Backend::External { module, label, opened });
+            out.push(Backend::External {
+                module,
+                label,
+                opened,
+            });
         }
     }
     Ok(out)
@@ -76,7 +87,9 @@ pub struct TestKey {
 
 impl fmt::Debug for TestKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TestKey").field("kind", &self.kind).finish_non_exhaustive()
+        f.debug_struct("TestKey")
+            .field("kind", &self.kind)
+            .finish_non_exhaustive()
     }
 }
 
@@ -94,9 +107,11 @@ impl TestKey {
     /// A CSR signed by this key (through the token for token keys).
     pub fn csr(&self, cn: &str, sans: &[String]) -> Result<String> {
         match (&self.token, &self.pkcs8) {
-            (Some((token, uri, _)), _) => {
-                Ok(tlsgate_keystore::csr::create_csr(&token.rcgen_key(uri)?, cn, sans)?)
-            }
+            (Some((token, uri, _)), _) => Ok(tlsgate_keystore::csr::create_csr(
+                &token.rcgen_key(uri)?,
+                cn,
+                sans,
+            )?),
             (None, Some(der)) => {
                 let key = rcgen::KeyPair::try_from(der.as_slice())
                     .context("loading the software key into rcgen")?;
@@ -121,7 +136,10 @@ pub fn software_pkcs8(spec: KeySpec) -> Result<Vec<u8>> {
             .map_err(fail)?
             .as_ref()
             .to_vec(),
-        KeySpec::Ed25519 => Ed25519KeyPair::generate_pkcs8(&rng).map_err(fail)?.as_ref().to_vec(),
+        KeySpec::Ed25519 => Ed25519KeyPair::generate_pkcs8(&rng)
+            .map_err(fail)?
+            .as_ref()
+            .to_vec(),
         KeySpec::Rsa2048 | KeySpec::Rsa3072 | KeySpec::Rsa4096 => {
             let size = match spec {
                 KeySpec::Rsa2048 => aws_lc_rs::rsa::KeySize::Rsa2048,
@@ -129,7 +147,10 @@ pub fn software_pkcs8(spec: KeySpec) -> Result<Vec<u8>> {
                 _ => aws_lc_rs::rsa::KeySize::Rsa4096,
             };
             let kp = aws_lc_rs::rsa::KeyPair::generate(size).map_err(fail)?;
-            AsDer::<Pkcs8V1Der<'_>>::as_der(&kp).map_err(fail)?.as_ref().to_vec()
+            AsDer::<Pkcs8V1Der<'_>>::as_der(&kp)
+                .map_err(fail)?
+                .as_ref()
+                .to_vec()
         }
     })
 }
@@ -174,7 +195,10 @@ impl Backend {
                 let info = match token.generate(spec, &label, None) {
                     Ok(info) => info,
                     Err(tlsgate_keystore::Error::MechanismUnavailable { mechanism, .. }) => {
-                        eprintln!("skipped: {spec} on {}: token lacks {mechanism}", self.name());
+                        eprintln!(
+                            "skipped: {spec} on {}: token lacks {mechanism}",
+                            self.name()
+                        );
                         return Ok(None);
                     }
                     Err(e) => return Err(e).with_context(|| format!("generating {spec}")),

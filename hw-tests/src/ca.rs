@@ -27,7 +27,12 @@ impl TestCa {
     /// A chain (leaf + intermediate) for `spki_der`, valid from an hour ago for `valid_for`.
     pub fn issue(&self, spki_der: &[u8], sans: &[&str], valid_for: Duration) -> Result<CertChain> {
         let now = SystemTime::now();
-        self.issue_window(spki_der, sans, now - Duration::from_secs(3600), now + valid_for)
+        self.issue_window(
+            spki_der,
+            sans,
+            now - Duration::from_secs(3600),
+            now + valid_for,
+        )
     }
 
     pub fn issue_window(
@@ -38,8 +43,13 @@ impl TestCa {
         not_after: SystemTime,
     ) -> Result<CertChain> {
         let sans: Vec<String> = sans.iter().map(|s| s.to_string()).collect();
-        let cn = sans.first().cloned().unwrap_or_else(|| "tlsgate test".into());
-        let pem = self.ca.issue_for_spki(spki_der, &cn, &sans, not_before, not_after)?;
+        let cn = sans
+            .first()
+            .cloned()
+            .unwrap_or_else(|| "tlsgate test".into());
+        let pem = self
+            .ca
+            .issue_for_spki(spki_der, &cn, &sans, not_before, not_after)?;
         Ok(CertChain::from_pem(pem.as_bytes())?)
     }
 
@@ -50,7 +60,9 @@ impl TestCa {
     }
 
     pub fn root_der(&self) -> Result<CertificateDer<'static>> {
-        Ok(CertificateDer::from_pem_slice(self.ca.root_pem().as_bytes())?)
+        Ok(CertificateDer::from_pem_slice(
+            self.ca.root_pem().as_bytes(),
+        )?)
     }
 
     /// A root store trusting only this CA.

@@ -39,9 +39,16 @@ pub fn module_path() -> PathBuf {
 /// Why SoftHSM2 tests cannot run here, if they cannot.
 pub fn unavailable() -> Option<String> {
     if !module_path().is_file() {
-        return Some(format!("SoftHSM2 module {} not found", module_path().display()));
+        return Some(format!(
+            "SoftHSM2 module {} not found",
+            module_path().display()
+        ));
     }
-    if Command::new("softhsm2-util").arg("--version").output().is_err() {
+    if Command::new("softhsm2-util")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
         return Some("softhsm2-util not found on PATH".into());
     }
     None
@@ -82,7 +89,11 @@ fn process_dir() -> Result<&'static ProcessDir> {
             // Must happen before any C_Initialize of SoftHSM2 in this process; this OnceLock
             // runs before the first token exists, and tokens are the only way tests get one.
             std::env::set_var("SOFTHSM2_CONF", &conf);
-            Ok(ProcessDir { _dir: dir, conf, tokens })
+            Ok(ProcessDir {
+                _dir: dir,
+                conf,
+                tokens,
+            })
         };
         make().map_err(|e| format!("{e:#}"))
     })
@@ -96,10 +107,15 @@ const PROCESS_DIR_PREFIX: &str = "tlsgate-softhsm-";
 /// test processes that have exited, so runs do not accumulate directories.
 fn remove_stale_process_dirs() {
     let tmp = std::env::temp_dir();
-    let Ok(entries) = std::fs::read_dir(&tmp) else { return };
+    let Ok(entries) = std::fs::read_dir(&tmp) else {
+        return;
+    };
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(PROCESS_DIR_PREFIX)) else {
+        let Some(rest) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(PROCESS_DIR_PREFIX))
+        else {
             continue;
         };
         let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
@@ -142,9 +158,12 @@ fn init_in_process(label: &str, pin: &str) -> Result<()> {
     }
     let slot = free.context("SoftHSM2 offers no free slot")?;
     let so_pin = AuthPin::from(SO_PIN);
-    ctx.init_token(slot, &so_pin, label).context("C_InitToken")?;
+    ctx.init_token(slot, &so_pin, label)
+        .context("C_InitToken")?;
     let session = ctx.open_rw_session(slot).context("C_OpenSession")?;
-    session.login(UserType::So, Some(&so_pin)).context("C_Login (SO)")?;
+    session
+        .login(UserType::So, Some(&so_pin))
+        .context("C_Login (SO)")?;
     session.init_pin(&AuthPin::from(pin)).context("C_InitPIN")?;
     session.logout().context("C_Logout")?;
     Ok(())
@@ -153,7 +172,11 @@ fn init_in_process(label: &str, pin: &str) -> Result<()> {
 fn unique_label() -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     // Labels are at most 32 bytes; pid + counter keeps parallel test binaries apart.
-    format!("t{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "t{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 fn random_pin() -> Result<String> {
@@ -197,7 +220,9 @@ impl TestToken {
             bail!("{why}");
         }
         let shared = process_dir()?;
-        let dir = tempfile::Builder::new().prefix("tlsgate-token-").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("tlsgate-token-")
+            .tempdir()?;
         TestToken::init(shared.conf.clone(), dir, false)
     }
 
@@ -208,7 +233,9 @@ impl TestToken {
         if let Some(why) = unavailable() {
             bail!("{why}");
         }
-        let dir = tempfile::Builder::new().prefix("tlsgate-softhsm-iso-").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("tlsgate-softhsm-iso-")
+            .tempdir()?;
         let (conf, _) = write_conf(dir.path())?;
         TestToken::init(conf, dir, true)
     }
@@ -219,12 +246,27 @@ impl TestToken {
         if isolated {
             softhsm2_util(
                 &conf,
-                &["--init-token", "--free", "--label", &label, "--so-pin", SO_PIN, "--pin", &pin],
+                &[
+                    "--init-token",
+                    "--free",
+                    "--label",
+                    &label,
+                    "--so-pin",
+                    SO_PIN,
+                    "--pin",
+                    &pin,
+                ],
             )?;
         } else {
             init_in_process(&label, &pin)?;
         }
-        let token = TestToken { label, pin, conf, dir, isolated };
+        let token = TestToken {
+            label,
+            pin,
+            conf,
+            dir,
+            isolated,
+        };
         let pin_file = token.pin_file();
         {
             use std::io::Write;
@@ -274,7 +316,10 @@ impl TestToken {
 
     /// Opens the token through the keystore (logged in).
     pub fn open(&self) -> Result<Arc<Token>> {
-        ensure!(!self.isolated, "an isolated token is for child processes only");
+        ensure!(
+            !self.isolated,
+            "an isolated token is for child processes only"
+        );
         Ok(Token::open(
             &self.module_path(),
             TokenSelector::Label(self.label.clone()),

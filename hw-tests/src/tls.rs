@@ -42,9 +42,13 @@ pub fn client_config(
     schemes: &[SignatureScheme],
 ) -> Result<Arc<ClientConfig>> {
     let provider = Arc::new(aws_lc_rs::default_provider());
-    let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
-        .build()?;
-    let verifier = Arc::new(OnlySchemes { inner: webpki, schemes: schemes.to_vec() });
+    let webpki =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
+            .build()?;
+    let verifier = Arc::new(OnlySchemes {
+        inner: webpki,
+        schemes: schemes.to_vec(),
+    });
     let config = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(versions)?
         .dangerous()
@@ -69,7 +73,8 @@ impl ServerCertVerifier for OnlySchemes {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        self.inner
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
     }
 
     fn verify_tls12_signature(
@@ -95,7 +100,9 @@ impl ServerCertVerifier for OnlySchemes {
         if self.schemes.is_empty() {
             all
         } else {
-            all.into_iter().filter(|s| self.schemes.contains(s)).collect()
+            all.into_iter()
+                .filter(|s| self.schemes.contains(s))
+                .collect()
         }
     }
 }
@@ -108,7 +115,6 @@ pub struct Outcome {
     /// Application data sent by the server after the handshake, as the client read it.
     pub echoed: Vec<u8>,
 }
-
 
 /// Runs a full handshake in memory, then sends `b"ping"` from server to client.
 pub fn handshake(
@@ -149,7 +155,11 @@ pub fn handshake(
             c.reader().read_exact(&mut echoed)?;
             let version = c.protocol_version().context("no version")?;
             let suite = c.negotiated_cipher_suite().context("no suite")?.suite();
-            return Ok(Outcome { version, suite, echoed });
+            return Ok(Outcome {
+                version,
+                suite,
+                echoed,
+            });
         }
     }
     bail!("handshake did not complete in 20 rounds")

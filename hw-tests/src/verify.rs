@@ -15,7 +15,9 @@ fn tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
         if n == 0 || n > 4 || rest.len() < n {
             return None;
         }
-        let len = rest[..n].iter().fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
+        let len = rest[..n]
+            .iter()
+            .fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
         rest = &rest[n..];
         len
     };
@@ -34,7 +36,12 @@ pub fn spki_public_key(spki: &[u8]) -> Result<&[u8]> {
 }
 
 /// Verifies `signature` over `message` for `scheme` with the key in `spki`.
-pub fn verify(spki: &[u8], scheme: SignatureScheme, message: &[u8], signature: &[u8]) -> Result<()> {
+pub fn verify(
+    spki: &[u8],
+    scheme: SignatureScheme,
+    message: &[u8],
+    signature: &[u8],
+) -> Result<()> {
     let alg: &'static dyn sig::VerificationAlgorithm = match scheme {
         SignatureScheme::ECDSA_NISTP256_SHA256 => &sig::ECDSA_P256_SHA256_ASN1,
         SignatureScheme::ECDSA_NISTP384_SHA384 => &sig::ECDSA_P384_SHA384_ASN1,

@@ -23,11 +23,17 @@ fn schemes_for(kind: KeyKind) -> Vec<SignatureScheme> {
 
 fn check_signatures(spec: KeySpec, only_first: bool) -> Result<()> {
     for backend in backends()? {
-        let Some(key) = backend.generate(spec, &format!("sig-{spec}"))? else { continue };
+        let Some(key) = backend.generate(spec, &format!("sig-{spec}"))? else {
+            continue;
+        };
         let ctx = || format!("{spec} on {}", backend.name());
         ensure!(key.kind == spec.kind(), "{}: kind {:?}", ctx(), key.kind);
         let public = key.signing_key.public_key().context("no public key")?;
-        ensure!(public.as_ref() == key.spki_der.as_slice(), "{}: public_key() != SPKI", ctx());
+        ensure!(
+            public.as_ref() == key.spki_der.as_slice(),
+            "{}: public_key() != SPKI",
+            ctx()
+        );
 
         let mut schemes = schemes_for(key.kind);
         if only_first {
@@ -51,13 +57,29 @@ fn check_signatures(spec: KeySpec, only_first: bool) -> Result<()> {
             );
         }
         // A key never offers a scheme of another algorithm.
-        ensure!(key.signing_key.choose_scheme(&[SignatureScheme::ECDSA_SHA1_Legacy]).is_none());
+        ensure!(key
+            .signing_key
+            .choose_scheme(&[SignatureScheme::ECDSA_SHA1_Legacy])
+            .is_none());
 
         if let Some((token, uri, info)) = &key.token {
             ensure!(info.sensitive && !info.extractable, "{}: {info:?}", ctx());
-            ensure!(info.always_sensitive && info.never_extractable, "{}: {info:?}", ctx());
-            ensure!(info.origin == KeyOrigin::Generated, "{}: origin {:?}", ctx(), info.origin);
-            ensure!(token.find(uri)? == *info, "{}: find() disagrees with generate()", ctx());
+            ensure!(
+                info.always_sensitive && info.never_extractable,
+                "{}: {info:?}",
+                ctx()
+            );
+            ensure!(
+                info.origin == KeyOrigin::Generated,
+                "{}: origin {:?}",
+                ctx(),
+                info.origin
+            );
+            ensure!(
+                token.find(uri)? == *info,
+                "{}: find() disagrees with generate()",
+                ctx()
+            );
             ensure!(info.fingerprint_sha256().len() == 64);
             ensure!(info.spki_pem().starts_with("-----BEGIN PUBLIC KEY-----\n"));
         }
@@ -98,20 +120,34 @@ fn ed25519_signatures_verify() -> Result<()> {
 #[test]
 fn keys_are_listed_and_deleted() -> Result<()> {
     for backend in backends()? {
-        let Some(token) = backend.token().cloned() else { continue };
-        let a = backend.generate(KeySpec::EcP256, "list-a")?.context("P-256 key")?;
-        let b = backend.generate(KeySpec::Rsa2048, "list-b")?.context("RSA key")?;
+        let Some(token) = backend.token().cloned() else {
+            continue;
+        };
+        let a = backend
+            .generate(KeySpec::EcP256, "list-a")?
+            .context("P-256 key")?;
+        let b = backend
+            .generate(KeySpec::Rsa2048, "list-b")?
+            .context("RSA key")?;
         let listed = token.list()?;
         for key in [&a, &b] {
             let (_, uri, info) = key.token.as_ref().context("token key")?;
-            ensure!(listed.contains(info), "{} missing from list() on {}", uri, backend.name());
+            ensure!(
+                listed.contains(info),
+                "{} missing from list() on {}",
+                uri,
+                backend.name()
+            );
         }
         let (_, uri_a, _) = a.token.as_ref().context("token key")?;
         let uri_a = uri_a.clone();
         drop(a); // deletes the key
         ensure!(!token.list()?.iter().any(|k| k.uri(token.label()) == uri_a));
         ensure!(
-            matches!(token.find(&uri_a), Err(tlsgate_keystore::Error::KeyNotFound { .. })),
+            matches!(
+                token.find(&uri_a),
+                Err(tlsgate_keystore::Error::KeyNotFound { .. })
+            ),
             "deleted key still found"
         );
         drop(b);

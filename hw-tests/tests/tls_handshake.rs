@@ -15,12 +15,20 @@ fn handshakes(spec: KeySpec, forced: &[&[SignatureScheme]]) -> Result<()> {
     let ca = TestCa::new()?;
     let roots = ca.roots()?;
     for backend in backends()? {
-        let Some(key) = backend.generate(spec, &format!("tls-{spec}"))? else { continue };
+        let Some(key) = backend.generate(spec, &format!("tls-{spec}"))? else {
+            continue;
+        };
         let ctx = format!("{spec} on {}", backend.name());
-        let csr = key.csr(NAME, &[NAME.to_owned(), "127.0.0.1".to_owned()]).context(ctx.clone())?;
+        let csr = key
+            .csr(NAME, &[NAME.to_owned(), "127.0.0.1".to_owned()])
+            .context(ctx.clone())?;
         let chain = ca.issue_csr(&csr)?;
         let report = chain.validate(&key.spki_der, SystemTime::now())?;
-        ensure!(report.sans == [NAME, "127.0.0.1"], "{ctx}: SANs {:?}", report.sans);
+        ensure!(
+            report.sans == [NAME, "127.0.0.1"],
+            "{ctx}: SANs {:?}",
+            report.sans
+        );
         ensure!(report.not_after > SystemTime::now() + Duration::from_secs(29 * 86_400));
         let certified = certified_key(&chain, key.signing_key.clone())?;
 
@@ -31,7 +39,9 @@ fn handshakes(spec: KeySpec, forced: &[&[SignatureScheme]]) -> Result<()> {
             for schemes in forced {
                 // TLS 1.3 has no PKCS#1 v1.5 signatures in the handshake.
                 if expect == ProtocolVersion::TLSv1_3
-                    && schemes.iter().all(|s| format!("{s:?}").starts_with("RSA_PKCS1"))
+                    && schemes
+                        .iter()
+                        .all(|s| format!("{s:?}").starts_with("RSA_PKCS1"))
                     && !schemes.is_empty()
                 {
                     continue;
@@ -40,7 +50,11 @@ fn handshakes(spec: KeySpec, forced: &[&[SignatureScheme]]) -> Result<()> {
                 let client = tls::client_config(roots.clone(), &[version], schemes)?;
                 let outcome = tls::handshake(client, server, NAME)
                     .with_context(|| format!("{ctx}: {expect:?} with {schemes:?}"))?;
-                ensure!(outcome.version == expect, "{ctx}: negotiated {:?}", outcome.version);
+                ensure!(
+                    outcome.version == expect,
+                    "{ctx}: negotiated {:?}",
+                    outcome.version
+                );
                 ensure!(outcome.echoed == b"ping", "{ctx}: application data lost");
             }
         }
@@ -77,7 +91,9 @@ fn a_client_trusting_another_root_fails_the_handshake() -> Result<()> {
     let ca = TestCa::new()?;
     let other = TestCa::new()?;
     for backend in backends()? {
-        let Some(key) = backend.generate(KeySpec::EcP256, "tls-untrusted")? else { continue };
+        let Some(key) = backend.generate(KeySpec::EcP256, "tls-untrusted")? else {
+            continue;
+        };
         let chain = ca.issue(&key.spki_der, &[NAME], Duration::from_secs(3600))?;
         let certified = certified_key(&chain, key.signing_key.clone())?;
         let server = tls::server_config(certified, &[&rustls::version::TLS13])?;

@@ -70,6 +70,10 @@ pub enum Error {
     #[error("token {token:?} already holds a key labelled {label:?}")]
     KeyExists { token: String, label: String },
 
+    /// A key with that CKA_ID already exists on the token.
+    #[error("token {token:?} already holds a key with id {id_hex}")]
+    KeyIdExists { token: String, id_hex: String },
+
     /// A malformed PKCS#11 URI or key reference.
     #[error(transparent)]
     Uri(#[from] UriError),
