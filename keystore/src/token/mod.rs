@@ -201,7 +201,13 @@ impl Token {
     }
 
     fn open_session(&self) -> Result<Session> {
-        let session = self.pkcs11.open_rw_session(self.slot).map_err(from_ck)?;
+        let session = match self.pkcs11.open_rw_session(self.slot) {
+            // Signing needs no write access; a write-protected token still signs.
+            Err(CkError::Pkcs11(RvError::TokenWriteProtected, _)) => {
+                self.pkcs11.open_ro_session(self.slot).map_err(from_ck)?
+            }
+            other => other.map_err(from_ck)?,
+        };
         let pin = AuthPin::from(self.pin.as_str());
         match session.login(UserType::User, Some(&pin)) {
             // Login state is per token and application: a second login is expected.
@@ -238,7 +244,14 @@ impl Token {
         let result = f(&session);
         match &result {
             Err(e) if p11::is_session_fatal(e) => {
-                tracing::warn!(token = %self.label, error = %e, "dropping PKCS#11 session");
+                // What killed this session (logout, removal, device error) killed the idle ones
+                // too: drop them all so each later operation does not fail once more to find out.
+                let idle = std::mem::take(&mut *lock(&self.sessions));
+                tracing::warn!(
+                    token = %self.label, error = %e, dropped_idle = idle.len(),
+                    "dropping PKCS#11 sessions"
+                );
+                drop(idle);
                 drop(session);
             }
             _ => self.put_session(session),
