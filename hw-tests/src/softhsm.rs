@@ -56,6 +56,7 @@ pub fn unavailable() -> Option<String> {
 
 struct ProcessDir {
     _dir: tempfile::TempDir,
+    root: PathBuf,
     conf: PathBuf,
     tokens: PathBuf,
 }
@@ -89,8 +90,10 @@ fn process_dir() -> Result<&'static ProcessDir> {
             // Must happen before any C_Initialize of SoftHSM2 in this process; this OnceLock
             // runs before the first token exists, and tokens are the only way tests get one.
             std::env::set_var("SOFTHSM2_CONF", &conf);
+            let root = dir.path().to_owned();
             Ok(ProcessDir {
                 _dir: dir,
+                root,
                 conf,
                 tokens,
             })
@@ -220,9 +223,11 @@ impl TestToken {
             bail!("{why}");
         }
         let shared = process_dir()?;
+        // Inside the process directory, so a token held by a static (never dropped) is still
+        // cleaned up with that directory by a later run.
         let dir = tempfile::Builder::new()
-            .prefix("tlsgate-token-")
-            .tempdir()?;
+            .prefix("token-")
+            .tempdir_in(&shared.root)?;
         TestToken::init(shared.conf.clone(), dir, false)
     }
 
