@@ -105,6 +105,7 @@ describe_machine() {
     echo "cpus         $cpus ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'))"
     echo "kernel       $(uname -sr)"
     echo "os           $(. /etc/os-release 2>/dev/null && echo "${PRETTY_NAME:-unknown}")"
+    echo "load         $(cut -d" " -f1-3 /proc/loadavg) (1/5/15-min load average before the runs)"
     echo "governor     $(cat /sys/devices/system/cpu/cpu0/cpufreq/scaling_governor 2>/dev/null || echo n/a)"
     echo "generator    $("$load" --version) pinned to CPU $load_cpu"
     echo "server       $label: $(version_of "$1") pinned to CPU $server_cpu"
@@ -151,8 +152,8 @@ verify=(--insecure-skip-verify)
 
 echo
 echo "# results ($label; rate is handshakes/s, or requests/s for bulk; cpu in us per handshake or request)"
-header="$(printf '%-7s %-4s %-15s %4s %8s %6s %10s %7s %7s %8s %9s %9s %6s %6s %-9s' \
-    mode tls group conc ok errors rate p50_us p99_us max_us gen_cpu srv_cpu gen_busy srv_busy limit)"
+header="$(printf '%-7s %-4s %-15s %4s %8s %6s %10s %7s %7s %8s %9s %9s %6s %6s %8s %-9s' \
+    mode tls group conc ok errors rate p50_us p99_us max_us gen_cpu srv_cpu gen_busy srv_busy body_MB/s limit)"
 echo "$header" | tee "$out/table.txt"
 status=0
 for tls in $tls_versions; do

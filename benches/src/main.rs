@@ -40,6 +40,17 @@ fn main() -> Result<()> {
     let outcome = runner::run(plan.clone(), configs)?;
     let report = report(&args, outcome);
 
+    if let Some(server) = &report.server {
+        // A server that did the handshakes cannot have used no CPU: the PID is a wrapper
+        // (a shell, `timeout`) rather than the process that serves.
+        if server.cpu.cpu_us == 0 && report.units >= 100 {
+            eprintln!(
+                "warning: the CPU time of --server-pid {:?} did not move during {} {}s; \
+                 is it the process that serves (not a shell or wrapper around it)?",
+                server.pids, report.units, report.unit
+            );
+        }
+    }
     match args.output {
         Output::Human => report.print_human(),
         Output::Row => report.print_row(),

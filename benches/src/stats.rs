@@ -293,7 +293,7 @@ impl Report {
             self.handshakes_per_s
         };
         println!(
-            "{:<7} {:<4} {:<15} {:>4} {:>8} {:>6} {:>10.1} {:>7} {:>7} {:>8} {:>9} {:>9} {:>6.2} {:>6} {:<9}",
+            "{:<7} {:<4} {:<15} {:>4} {:>8} {:>6} {:>10.1} {:>7} {:>7} {:>8} {:>9} {:>9} {:>6.2} {:>6} {:>8.1} {:<9}",
             self.mode,
             self.tls,
             self.group,
@@ -308,6 +308,7 @@ impl Report {
             srv_us,
             self.generator.cores_busy,
             srv_busy,
+            self.body_bytes_per_s / 1e6,
             self.limit(),
         );
     }
