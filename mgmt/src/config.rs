@@ -10,6 +10,9 @@
 //! token = "lab"
 //! pin = "file:/etc/tlsgate/user.pin"         # or env:VAR; never the PIN itself
 //!
+//! [metrics]                                 # optional Prometheus endpoint
+//! listen = "127.0.0.1:9100"
+//!
 //! [dataplane]                               # optional; see the README for every key
 //! cores = [0, 1]
 //! io = "auto"                               # auto | uring | portable
@@ -73,6 +76,8 @@ pub struct Config {
     pub pkcs11: Option<Pkcs11Config>,
     /// Cores, io driver, limits and key-operation settings.
     pub dataplane: Option<DataplaneConfig>,
+    /// The Prometheus endpoint.
+    pub metrics: Option<MetricsConfig>,
     /// TLS listeners.
     #[serde(rename = "listener", default)]
     pub listeners: Vec<ListenerConfig>,
@@ -99,6 +104,14 @@ pub struct Pkcs11Config {
 
 fn default_module() -> PathBuf {
     PathBuf::from(crate::cli::token::DEFAULT_MODULE)
+}
+
+/// Where Prometheus scrapes `GET /metrics` (plain HTTP; keep it on a management address).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address of the endpoint, e.g. `127.0.0.1:9100`.
+    pub listen: SocketAddr,
 }
 
 /// One TLS listener.
@@ -221,6 +234,14 @@ impl Config {
                     format!("listener[{i}].name"),
                     format!("{:?} is used twice", l.name),
                 ));
+            }
+            if let Some(m) = &self.metrics {
+                if m.listen == l.bind && m.listen.port() != 0 {
+                    return Err(self.invalid(
+                        "metrics.listen",
+                        format!("{} is also listener[{i}].bind: metrics never share a TLS listener", m.listen),
+                    ));
+                }
             }
             if l.bind.port() != 0 && !binds.insert(l.bind) {
                 return Err(self.invalid(

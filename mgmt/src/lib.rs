@@ -8,5 +8,6 @@ pub mod cli;
 pub mod config;
 pub mod files;
 pub mod logging;
+pub mod metrics_http;
 pub mod serve;
 pub mod tls;

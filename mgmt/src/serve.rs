@@ -28,6 +28,19 @@ pub struct ServeArgs {
 /// Runs the appliance until SIGTERM or SIGINT.
 pub fn run(args: ServeArgs) -> Result<()> {
     let config = Config::load(&args.config)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the management runtime")?;
+    // The recorder must be in place before the data plane's cores first flush their counters.
+    let metrics = match &config.metrics {
+        Some(m) => {
+            let handle = crate::metrics_http::install()?;
+            let (listener, addr) = rt.block_on(crate::metrics_http::bind(m.listen))?;
+            Some((handle, listener, addr))
+        }
+        None => None,
+    };
     let token = open_token(&config)?;
     let snapshot = build_snapshot(&config, token.as_ref())?;
     let dp_config = config.dataplane();
@@ -39,15 +52,16 @@ pub fn run(args: ServeArgs) -> Result<()> {
     for (name, addr) in &addrs {
         tracing::info!(listener = %name, %addr, driver = dataplane.driver().as_str(), "listening");
     }
+    let mut ready: String = addrs.iter().map(|(n, a)| format!("{n} {a}\n")).collect();
+    if let Some((handle, listener, addr)) = metrics {
+        tracing::info!(%addr, "metrics endpoint: GET /metrics");
+        ready.push_str(&format!("metrics {addr}\n"));
+        rt.spawn(crate::metrics_http::serve(listener, handle));
+    }
     if let Some(path) = &args.ready_file {
-        let lines: String = addrs.iter().map(|(n, a)| format!("{n} {a}\n")).collect();
-        crate::files::write_atomic(path, lines.as_bytes(), 0o644)?;
+        crate::files::write_atomic(path, ready.as_bytes(), 0o644)?;
     }
 
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the signal runtime")?;
     rt.block_on(wait_for_signals(&args.config, &dataplane, token.as_ref()))?;
     tracing::info!(drain_secs = drain.as_secs_f64(), "draining");
     dataplane.shutdown(drain).context("shutdown")?;

@@ -240,10 +240,16 @@ pub struct Serve {
 
 impl Serve {
     pub fn start(lab: &Lab, config: &Path) -> Result<Serve> {
+        Self::start_with_env(lab, config, &[])
+    }
+
+    /// Like `start`, with extra environment variables for the child.
+    pub fn start_with_env(lab: &Lab, config: &Path, env: &[(&str, String)]) -> Result<Serve> {
         let ready = config.with_extension("ready");
         let _ = std::fs::remove_file(&ready);
         let mut cmd = tlsgate();
         lab.env(&mut cmd);
+        cmd.envs(env.iter().map(|(k, v)| (*k, v.as_str())));
         let child = cmd
             .args(["serve", "--config"])
             .arg(config)

@@ -1,0 +1,321 @@
+//! The appliance in front of a slow or failing HSM: the real `tlsgate` binary on a SoftHSM2 token
+//! reached through the fault-injecting PKCS#11 shim (`tlsgate-pkcs11-shim`), which adds latency
+//! to `C_Sign` or fails it with chosen CKR codes, changed at run time through a control file.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use common::{demo_backend, uri, Lab, Serve};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
+
+const SIGN_DELAY: &str = "20ms";
+const IN_FLIGHT: usize = 64;
+
+/// The shim is built beside the binary by `cargo build --workspace` (scripts/test.sh does).
+fn shim_path() -> Result<PathBuf> {
+    let bin = Path::new(env!("CARGO_BIN_EXE_tlsgate"));
+    let shim = bin.parent().context("binary dir")?.join("libtlsgate_pkcs11_shim.so");
+    ensure!(
+        shim.exists(),
+        "{} is missing: run `cargo build -p tlsgate-pkcs11-shim` first (scripts/test.sh builds the workspace before testing)",
+        shim.display()
+    );
+    Ok(shim)
+}
+
+/// Replaces the control file in one step (write beside, rename over), as the shim asks.
+fn set_faults(control: &Path, directives: &str) -> Result<()> {
+    let tmp = control.with_extension("tmp");
+    std::fs::write(&tmp, directives)?;
+    std::fs::rename(&tmp, control)?;
+    Ok(())
+}
+
+struct Appliance {
+    lab: Lab,
+    control: PathBuf,
+    serve: Serve,
+    metrics: String,
+    _backend: common::ChildGuard,
+}
+
+fn start(io: &str, inline: bool, faults: &str) -> Result<Appliance> {
+    let lab = Lab::new()?;
+    let chain = lab.token_key_with_chain("ec-p256", "web")?;
+    let (backend, backend_addr) = demo_backend(lab.dir.path())?;
+    let control = lab.path("shim.control");
+    set_faults(&control, faults)?;
+    let config = lab.path("slow.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[pkcs11]
+module = "{shim}"
+token = "lab"
+pin = "file:{pin}"
+
+[metrics]
+listen = "127.0.0.1:0"
+
+[dataplane]
+cores = [0]
+io = "{io}"
+danger_inline_key_ops = {inline}
+
+[dataplane.key_ops]
+workers = {IN_FLIGHT}
+queue_depth = {queue}
+max_in_flight_per_core = {queue}
+deadline_ms = 5000
+
+[[listener]]
+name = "hsm"
+bind = "127.0.0.1:0"
+backend = "{backend_addr}"
+
+[[listener.certificate]]
+chain = "{chain}"
+key = "{key}"
+"#,
+            shim = shim_path()?.display(),
+            pin = lab.p("token/user.pin"),
+            queue = 4 * IN_FLIGHT,
+            chain = chain.display(),
+            key = uri("web"),
+        ),
+    )?;
+    let serve = Serve::start_with_env(
+        &lab,
+        &config,
+        &[
+            ("TLSGATE_SHIM_CONTROL", control.display().to_string()),
+            ("TLSGATE_SHIM_MODULE", "/usr/lib/softhsm/libsofthsm2.so".to_owned()),
+        ],
+    )?;
+    let ready = std::fs::read_to_string(config.with_extension("ready"))?;
+    let metrics = ready
+        .lines()
+        .find_map(|l| l.strip_prefix("metrics "))
+        .context("metrics address in the ready file")?
+        .trim()
+        .to_owned();
+    Ok(Appliance { lab, control, serve, metrics, _backend: backend })
+}
+
+/// The tests in this file measure timing: run them one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn client_config(lab: &Lab) -> Result<Arc<ClientConfig>> {
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(lab.path("ca/root.pem"))? {
+        roots.add(cert?)?;
+    }
+    let mut config = ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    // Every load handshake must be a full one that needs the token's signature.
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(Arc::new(config))
+}
+
+fn connect(port: u16, config: &Arc<ClientConfig>) -> Result<StreamOwned<ClientConnection, TcpStream>> {
+    let sock = TcpStream::connect(("127.0.0.1", port))?;
+    sock.set_read_timeout(Some(Duration::from_secs(20)))?;
+    sock.set_nodelay(true)?;
+    let conn = ClientConnection::new(config.clone(), ServerName::try_from("localhost")?.to_owned())?;
+    Ok(StreamOwned::new(conn, sock))
+}
+
+fn handshake(t: &mut StreamOwned<ClientConnection, TcpStream>) -> std::io::Result<()> {
+    while t.conn.is_handshaking() {
+        t.conn.complete_io(&mut t.sock)?;
+    }
+    Ok(())
+}
+
+/// One keep-alive GET through the appliance to the demo backend; returns when the whole
+/// response (content-length) has arrived.
+fn get(t: &mut StreamOwned<ClientConnection, TcpStream>) -> Result<()> {
+    t.write_all(b"GET /probe HTTP/1.1\r\nhost: localhost\r\n\r\n")?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = t.read(&mut chunk)?;
+        ensure!(n > 0, "connection closed mid-response");
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .context("content-length")?
+                .trim()
+                .parse()?;
+            if buf.len() >= end + 4 + len {
+                return Ok(());
+            }
+        }
+    }
+}
+
+fn scrape(addr: &str) -> Result<String> {
+    let mut s = TcpStream::connect(addr)?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+/// Sum of the samples of `name` whose labels contain every one of `labels`.
+fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+struct Run {
+    p99: Duration,
+    rate: f64,
+    probes: usize,
+}
+
+fn measure(app: &Appliance, run_for: Duration) -> Result<Run> {
+    let config = client_config(&app.lab)?;
+    let port = app.serve.port;
+    let mut probe = connect(port, &config)?;
+    get(&mut probe)?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let load: Vec<_> = (0..IN_FLIGHT)
+        .map(|_| {
+            let (stop, done, config) = (stop.clone(), done.clone(), config.clone());
+            thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok(mut t) = connect(port, &config) {
+                        if handshake(&mut t).is_ok() {
+                            done.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    // Measure once the 64 handshakes are queued on the "HSM".
+    let warm_until = Instant::now() + run_for / 4;
+    let end = Instant::now() + run_for;
+    let mut rtts = Vec::new();
+    let mut from = None;
+    while Instant::now() < end {
+        let t0 = Instant::now();
+        get(&mut probe)?;
+        if t0 >= warm_until {
+            from.get_or_insert_with(|| (t0, done.load(Ordering::Relaxed)));
+            rtts.push(t0.elapsed());
+        }
+    }
+    let (from, base) = from.context("no probe after warm-up")?;
+    let rate = (done.load(Ordering::Relaxed) - base) as f64 / from.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    for t in load {
+        let _ = t.join();
+    }
+    rtts.sort();
+    let p99 = rtts[(rtts.len() * 99 / 100).min(rtts.len() - 1)];
+    Ok(Run { p99, rate, probes: rtts.len() })
+}
+
+fn drivers() -> Vec<&'static str> {
+    match std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled") {
+        Ok(v) if v.trim() != "0" => {
+            println!("skipped: io = \"uring\" cases: kernel.io_uring_disabled = {}", v.trim());
+            vec!["portable"]
+        }
+        _ => vec!["portable", "uring"],
+    }
+}
+
+#[test]
+fn a_slow_hsm_does_not_stall_established_connections() -> Result<()> {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    for io in drivers() {
+        let delay = format!("delay C_Sign {SIGN_DELAY}\n");
+        let app = start(io, false, &delay)?;
+        let off = measure(&app, Duration::from_secs(4))?;
+        let text = scrape(&app.metrics)?;
+        let signed = metric(&text, "tlsgate_key_ops_total", &["result=\"ok\""]);
+        println!(
+            "{io} offloaded, C_Sign +{SIGN_DELAY} via SoftHSM2: probe p99 {:?} over {} round trips, {:.0} full handshakes/s with {IN_FLIGHT} in flight ({signed} key ops)",
+            off.p99, off.probes, off.rate
+        );
+        drop(app);
+
+        let app = start(io, true, &delay)?;
+        let inl = measure(&app, Duration::from_secs(2))?;
+        println!(
+            "{io} danger_inline_key_ops: probe p99 {:?} over {} round trips, {:.0} full handshakes/s",
+            inl.p99, inl.probes, inl.rate
+        );
+        ensure!(off.p99 < Duration::from_millis(5), "{io}: offloaded probe p99 {:?} >= 5 ms", off.p99);
+        ensure!(off.rate >= 500.0, "{io}: offloaded rate {:.0}/s < 500/s", off.rate);
+        ensure!(signed > 0.0, "{io}: no key operation counted:\n{text}");
+        // Inline signing stalls the core for every signature: the probe waits behind them and
+        // one core cannot exceed 1 / 20 ms = 50 handshakes/s.
+        ensure!(inl.p99 >= Duration::from_millis(15), "{io}: inline p99 {:?} should show the stall", inl.p99);
+        ensure!(inl.rate < 80.0 && inl.rate * 5.0 < off.rate, "{io}: inline {:.0}/s vs offloaded {:.0}/s", inl.rate, off.rate);
+    }
+    Ok(())
+}
+
+fn one_handshake(app: &Appliance) -> Result<()> {
+    let config = client_config(&app.lab)?;
+    let mut t = connect(app.serve.port, &config)?;
+    handshake(&mut t)?;
+    get(&mut t)
+}
+
+#[test]
+fn hsm_errors_fail_those_handshakes_and_clear_without_a_restart() -> Result<()> {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let io = "portable";
+    let app = start(io, false, "")?;
+    one_handshake(&app).context("healthy HSM")?;
+    for code in ["CKR_DEVICE_ERROR", "CKR_SESSION_HANDLE_INVALID", "CKR_TOKEN_NOT_PRESENT"] {
+        let before = scrape(&app.metrics)?;
+        let failed_before = metric(&before, "tlsgate_key_ops_total", &["result=\"failed\""]);
+        set_faults(&app.control, &format!("fail C_Sign {code}\n"))?;
+        for _ in 0..3 {
+            ensure!(one_handshake(&app).is_err(), "{code}: a handshake succeeded while C_Sign fails");
+        }
+        // Counters are flushed about once a second.
+        let start = Instant::now();
+        loop {
+            let text = scrape(&app.metrics)?;
+            let failed = metric(&text, "tlsgate_key_ops_total", &["result=\"failed\""]);
+            if failed >= failed_before + 3.0 {
+                break;
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                bail!("{code}: failed key ops went {failed_before} -> {failed}:\n{text}");
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        set_faults(&app.control, "")?;
+        one_handshake(&app).with_context(|| format!("after clearing {code}"))?;
+    }
+    Ok(())
+}
