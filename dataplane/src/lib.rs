@@ -1,2 +1,4 @@
 //! tlsgate's TLS terminator.
 #![deny(unsafe_code)]
+
+pub mod uring;
