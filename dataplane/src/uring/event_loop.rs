@@ -3,17 +3,17 @@
 
 use std::io;
 use std::mem::ManuallyDrop;
-use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use io_uring::{cqueue, opcode, squeue, types, IoUring};
+use io_uring::{cqueue, squeue, types, IoUring};
 
 use super::bufring::BufRing;
+use super::ctl::{Ctl, Op, Pending, SockState, Socket};
 use super::probe::{probe_ring, Features};
 use super::slab::{Key, Slab};
-use super::sys::{self, RawAddr};
+use super::sys;
 use super::UringError;
 
 /// Default submission queue depth; the completion queue gets twice as many entries because
@@ -26,9 +26,9 @@ pub const DEFAULT_BUF_SIZE: u32 = 16 * 1024 + 512;
 /// Default period of the timer tick that drives per-connection timeouts.
 pub const DEFAULT_TICK: Duration = Duration::from_millis(100);
 /// Default listen backlog.
-const LISTEN_BACKLOG: i32 = 1024;
+pub(super) const LISTEN_BACKLOG: i32 = 1024;
 /// The buffer group id of the loop's one buffer ring.
-const BUF_GROUP: u16 = 0;
+pub(super) const BUF_GROUP: u16 = 0;
 /// How long dropping a loop waits for the kernel to give back cancelled operations.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(2);
 
@@ -96,9 +96,11 @@ impl EventLoopBuilder {
         if let Some(core) = self.pin_core {
             sys::pin_current_thread(core).map_err(|source| UringError::Pin { core, source })?;
         }
+        // A linked connect + timeout pair must fit in the submission queue at once.
+        let entries = self.ring_entries.max(8);
         let ring = IoUring::builder()
-            .setup_cqsize(self.ring_entries.saturating_mul(2))
-            .build(self.ring_entries)
+            .setup_cqsize(entries.saturating_mul(2))
+            .build(entries)
             .map_err(|source| UringError::Setup {
                 step: "io_uring_setup",
                 source,
@@ -136,6 +138,7 @@ impl EventLoopBuilder {
             socks: Slab::with_capacity(256),
             listeners: Vec::new(),
             backlog: Vec::new(),
+            accept_retry: Vec::new(),
             stats: LoopStats::default(),
             stop: false,
         };
@@ -155,11 +158,11 @@ impl EventLoopBuilder {
 
 /// A listener of one loop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct ListenerId(usize);
+pub struct ListenerId(pub(super) usize);
 
 /// A socket of one loop. Stale ids (the socket was closed) are ignored by every call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct SocketId(Key);
+pub struct SocketId(pub(super) Key);
 
 /// Wakes a loop from another thread: [`Handler::on_wake`] runs on the loop's next turn.
 #[derive(Debug, Clone)]
@@ -226,352 +229,6 @@ pub trait Handler {
     fn on_tick(&mut self, _ctl: &mut Ctl) {}
     /// A [`Waker`] or a watched eventfd fired.
     fn on_wake(&mut self, _ctl: &mut Ctl) {}
-}
-
-/// One in-flight operation; owns every byte the kernel may read or write for it.
-#[derive(Debug)]
-enum Op {
-    Accept { listener: usize },
-    Recv { sock: Key },
-    Send { sock: Key, buf: Vec<u8>, off: usize },
-    Connect { sock: Key, _addr: Box<RawAddr> },
-    LinkTimeout { _ts: Box<types::Timespec> },
-    Close,
-    Tick { ts: Box<types::Timespec> },
-    EventFd { fd: RawFd, buf: Box<[u8; 8]> },
-    Cancel,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum SockState {
-    Connecting,
-    Open,
-}
-
-#[derive(Debug)]
-struct Socket {
-    fd: OwnedFd,
-    state: SockState,
-    recv_op: Option<Key>,
-    recv_wanted: bool,
-    send_op: Option<Key>,
-    connect_op: Option<Key>,
-    /// Bytes accepted by `send` while a send was in flight.
-    queued: Vec<u8>,
-    /// Set by `close`/`abort`: no more events for this socket; the fd closes once no operation
-    /// names it any more.
-    closing: bool,
-}
-
-impl Socket {
-    fn new(fd: OwnedFd, state: SockState) -> Socket {
-        Socket {
-            fd,
-            state,
-            recv_op: None,
-            recv_wanted: true,
-            send_op: None,
-            connect_op: None,
-            queued: Vec::new(),
-            closing: false,
-        }
-    }
-
-    fn idle(&self) -> bool {
-        self.recv_op.is_none() && self.send_op.is_none() && self.connect_op.is_none()
-    }
-}
-
-#[derive(Debug)]
-struct Listener {
-    fd: OwnedFd,
-    addr: SocketAddr,
-}
-
-/// Submissions not yet in the ring; a linked pair goes in together or not at all.
-#[derive(Debug)]
-enum Pending {
-    One(squeue::Entry),
-    Linked([squeue::Entry; 2]),
-}
-
-/// The part of the loop a [`Handler`] acts through.
-#[derive(Debug)]
-pub struct Ctl {
-    ops: Slab<Op>,
-    socks: Slab<Socket>,
-    listeners: Vec<Listener>,
-    backlog: Vec<Pending>,
-    stats: LoopStats,
-    stop: bool,
-}
-
-impl Ctl {
-    /// Binds a `SO_REUSEPORT` listener and arms a multishot accept on it.
-    pub fn listen(&mut self, addr: SocketAddr) -> Result<ListenerId, UringError> {
-        let fd =
-            sys::reuseport_listener(addr, LISTEN_BACKLOG).map_err(|source| UringError::Socket {
-                op: "listen",
-                addr,
-                source,
-            })?;
-        let bound = sys::local_addr(fd.as_raw_fd()).map_err(|source| UringError::Socket {
-            op: "getsockname",
-            addr,
-            source,
-        })?;
-        let id = self.listeners.len();
-        self.listeners.push(Listener { fd, addr: bound });
-        self.arm_accept(id);
-        Ok(ListenerId(id))
-    }
-
-    /// The address a listener is bound to (with the real port when bound to port 0).
-    pub fn listener_addr(&self, listener: ListenerId) -> Option<SocketAddr> {
-        self.listeners.get(listener.0).map(|l| l.addr)
-    }
-
-    /// Starts an outgoing connection; [`Handler::on_connected`] reports the outcome. With a
-    /// timeout, a linked `IORING_OP_LINK_TIMEOUT` cancels the connect at the deadline.
-    pub fn connect(
-        &mut self,
-        addr: SocketAddr,
-        timeout: Option<Duration>,
-    ) -> Result<SocketId, UringError> {
-        let fd = sys::connect_socket(&addr).map_err(|source| UringError::Socket {
-            op: "socket",
-            addr,
-            source,
-        })?;
-        let raw_fd = fd.as_raw_fd();
-        let sock = self.socks.insert(Socket::new(fd, SockState::Connecting));
-        let raw = Box::new(sys::from_socket_addr(addr));
-        let connect = opcode::Connect::new(
-            types::Fd(raw_fd),
-            &raw.storage as *const _ as *const libc::sockaddr,
-            raw.len,
-        )
-        .build();
-        let op = self.ops.insert(Op::Connect { sock, _addr: raw });
-        let connect = connect.user_data(op.to_u64());
-        if let Some(s) = self.socks.get_mut(sock) {
-            s.connect_op = Some(op);
-        }
-        match timeout {
-            Some(timeout) => {
-                let ts = Box::new(types::Timespec::from(timeout));
-                let entry = opcode::LinkTimeout::new(&*ts as *const types::Timespec).build();
-                let tok = self.ops.insert(Op::LinkTimeout { _ts: ts });
-                self.backlog.push(Pending::Linked([
-                    connect.flags(squeue::Flags::IO_LINK),
-                    entry.user_data(tok.to_u64()),
-                ]));
-            }
-            None => self.backlog.push(Pending::One(connect)),
-        }
-        Ok(SocketId(sock))
-    }
-
-    /// Queues bytes for `sock`. One send is in flight per socket at a time so bytes leave in
-    /// order; a short write is resubmitted for the rest before anything queued later.
-    /// Returns false when the socket is closed or closing.
-    pub fn send(&mut self, sock: SocketId, data: &[u8]) -> bool {
-        let Some(s) = self.socks.get_mut(sock.0) else {
-            return false;
-        };
-        if s.closing {
-            return false;
-        }
-        if data.is_empty() {
-            return true;
-        }
-        if s.send_op.is_some() || s.state == SockState::Connecting {
-            s.queued.extend_from_slice(data);
-            return true;
-        }
-        let fd = s.fd.as_raw_fd();
-        let op = self.ops.insert(Op::Send {
-            sock: sock.0,
-            buf: data.to_vec(),
-            off: 0,
-        });
-        if let Some(s) = self.socks.get_mut(sock.0) {
-            s.send_op = Some(op);
-        }
-        self.submit_send(op, fd);
-        true
-    }
-
-    /// Bytes accepted by [`Ctl::send`] and not yet written; the driver's backpressure signal.
-    pub fn unsent_bytes(&self, sock: SocketId) -> usize {
-        let Some(s) = self.socks.get(sock.0) else {
-            return 0;
-        };
-        let in_flight = s
-            .send_op
-            .and_then(|op| match self.ops.get(op) {
-                Some(Op::Send { buf, off, .. }) => Some(buf.len() - off),
-                _ => None,
-            })
-            .unwrap_or(0);
-        in_flight + s.queued.len()
-    }
-
-    /// Stops delivering data for `sock` (backpressure): the multishot recv is cancelled;
-    /// bytes already received may still arrive in this turn.
-    pub fn pause_recv(&mut self, sock: SocketId) {
-        let Some(s) = self.socks.get_mut(sock.0) else {
-            return;
-        };
-        s.recv_wanted = false;
-        if let Some(op) = s.recv_op {
-            self.cancel(op);
-        }
-    }
-
-    /// Re-arms the multishot recv stopped by [`Ctl::pause_recv`].
-    pub fn resume_recv(&mut self, sock: SocketId) {
-        let Some(s) = self.socks.get_mut(sock.0) else {
-            return;
-        };
-        if s.closing {
-            return;
-        }
-        s.recv_wanted = true;
-        if s.recv_op.is_none() && s.state == SockState::Open {
-            self.arm_recv(sock.0);
-        }
-    }
-
-    /// Closes `sock` after every queued byte is written. No more events arrive for it.
-    pub fn close(&mut self, sock: SocketId) {
-        let Some(s) = self.socks.get_mut(sock.0) else {
-            return;
-        };
-        s.closing = true;
-        s.recv_wanted = false;
-        let (recv, connect) = (s.recv_op, s.connect_op);
-        for op in [recv, connect].into_iter().flatten() {
-            self.cancel(op);
-        }
-        self.maybe_finish_close(sock.0);
-    }
-
-    /// Closes `sock` now, dropping unsent bytes. No more events arrive for it.
-    pub fn abort(&mut self, sock: SocketId) {
-        let Some(s) = self.socks.get_mut(sock.0) else {
-            return;
-        };
-        s.queued = Vec::new();
-        let send = s.send_op;
-        if let Some(op) = send {
-            self.cancel(op);
-        }
-        self.close(sock);
-    }
-
-    /// The peer address of a connected socket.
-    pub fn peer_addr(&self, sock: SocketId) -> Option<SocketAddr> {
-        self.socks
-            .get(sock.0)
-            .and_then(|s| sys::peer_addr(s.fd.as_raw_fd()).ok())
-    }
-
-    /// Number of live sockets, closing ones included.
-    pub fn socket_count(&self) -> usize {
-        self.socks.len()
-    }
-
-    /// Makes [`EventLoop::run`] return after this turn.
-    pub fn stop(&mut self) {
-        self.stop = true;
-    }
-
-    /// The loop's counters.
-    pub fn stats(&self) -> &LoopStats {
-        &self.stats
-    }
-
-    fn submit_send(&mut self, op: Key, fd: RawFd) {
-        let Some(Op::Send { buf, off, .. }) = self.ops.get(op) else {
-            return;
-        };
-        let rest = &buf[*off..];
-        let len = rest.len().min(u32::MAX as usize) as u32;
-        // MSG_NOSIGNAL: a peer that went away must be an EPIPE completion, not a SIGPIPE.
-        let entry = opcode::Send::new(types::Fd(fd), rest.as_ptr(), len)
-            .flags(libc::MSG_NOSIGNAL)
-            .build()
-            .user_data(op.to_u64());
-        self.backlog.push(Pending::One(entry));
-    }
-
-    fn arm_recv(&mut self, sock: Key) {
-        let Some(s) = self.socks.get(sock) else {
-            return;
-        };
-        let fd = s.fd.as_raw_fd();
-        let op = self.ops.insert(Op::Recv { sock });
-        if let Some(s) = self.socks.get_mut(sock) {
-            s.recv_op = Some(op);
-        }
-        let entry = opcode::RecvMulti::new(types::Fd(fd), BUF_GROUP)
-            .build()
-            .user_data(op.to_u64());
-        self.backlog.push(Pending::One(entry));
-    }
-
-    fn arm_accept(&mut self, listener: usize) {
-        let Some(l) = self.listeners.get(listener) else {
-            return;
-        };
-        let fd = l.fd.as_raw_fd();
-        let op = self.ops.insert(Op::Accept { listener });
-        let entry = opcode::AcceptMulti::new(types::Fd(fd))
-            .flags(libc::SOCK_CLOEXEC)
-            .build()
-            .user_data(op.to_u64());
-        self.backlog.push(Pending::One(entry));
-    }
-
-    fn arm_tick(&mut self, ts: Box<types::Timespec>) {
-        let entry = opcode::Timeout::new(&*ts as *const types::Timespec).build();
-        let op = self.ops.insert(Op::Tick { ts });
-        self.backlog
-            .push(Pending::One(entry.user_data(op.to_u64())));
-    }
-
-    fn arm_eventfd(&mut self, fd: RawFd, mut buf: Box<[u8; 8]>) {
-        let entry = opcode::Read::new(types::Fd(fd), buf.as_mut_ptr(), 8).build();
-        let op = self.ops.insert(Op::EventFd { fd, buf });
-        self.backlog
-            .push(Pending::One(entry.user_data(op.to_u64())));
-    }
-
-    fn cancel(&mut self, target: Key) {
-        let op = self.ops.insert(Op::Cancel);
-        let entry = opcode::AsyncCancel::new(target.to_u64())
-            .build()
-            .user_data(op.to_u64());
-        self.backlog.push(Pending::One(entry));
-    }
-
-    /// Hands the fd to an `IORING_OP_CLOSE` once no operation names the socket any more.
-    fn maybe_finish_close(&mut self, sock: Key) {
-        let ready = self.socks.get(sock).is_some_and(|s| s.closing && s.idle());
-        if !ready {
-            return;
-        }
-        let Some(s) = self.socks.remove(sock) else {
-            return;
-        };
-        let fd = s.fd.into_raw_fd();
-        let op = self.ops.insert(Op::Close);
-        let entry = opcode::Close::new(types::Fd(fd))
-            .build()
-            .user_data(op.to_u64());
-        self.backlog.push(Pending::One(entry));
-    }
 }
 
 /// One core's reactor. Build it with [`EventLoopBuilder`] on the thread that runs it.
@@ -705,14 +362,29 @@ impl EventLoop {
                 let listener = *listener;
                 if !more {
                     self.ctl.ops.remove(key);
-                    self.ctl.stats.accept_rearms += 1;
-                    self.ctl.arm_accept(listener);
+                    if let Some(l) = self.ctl.listeners.get_mut(listener) {
+                        l.accept_op = None;
+                        if l.closing {
+                            l.fd = None;
+                        } else if l.accepting {
+                            self.ctl.stats.accept_rearms += 1;
+                            if res < 0 && res != -libc::ECANCELED {
+                                // EMFILE and friends leave the connection in the backlog, so
+                                // re-arming now would spin; the next tick re-arms.
+                                self.ctl.accept_retry.push(listener);
+                            } else {
+                                self.ctl.arm_accept(listener);
+                            }
+                        }
+                    }
                 }
                 if res < 0 {
-                    tracing::debug!(
-                        error = %io::Error::from_raw_os_error(-res),
-                        "accept failed"
-                    );
+                    if res != -libc::ECANCELED {
+                        tracing::warn!(
+                            error = %io::Error::from_raw_os_error(-res),
+                            "accept failed"
+                        );
+                    }
                     return;
                 }
                 // SAFETY: a non-negative accept result is a new fd that only we own.
@@ -785,7 +457,8 @@ impl EventLoop {
                     self.ctl.stats.bytes_sent += res as u64;
                     *off += res as usize;
                 }
-                let (Some(fd), true) = (fd, res > 0) else {
+                let aborted = self.ctl.socks.get(sock).is_none_or(|s| s.aborted);
+                let (Some(fd), true, false) = (fd, res > 0, aborted) else {
                     // Error, zero-length write, or the socket is gone: this send is over.
                     self.ctl.ops.remove(key);
                     let mut report = false;
@@ -835,6 +508,7 @@ impl EventLoop {
                     s.send_op = None;
                     report = !s.closing;
                 }
+                self.ctl.maybe_shutdown(sock);
                 if report {
                     handler.on_send_drained(&mut self.ctl, SocketId(sock));
                 }
@@ -869,6 +543,7 @@ impl EventLoop {
                         }
                         self.ctl.submit_send(op, fd);
                     }
+                    self.ctl.maybe_shutdown(sock);
                     handler.on_connected(&mut self.ctl, SocketId(sock), Ok(()));
                     return;
                 }
@@ -883,6 +558,24 @@ impl EventLoop {
                 self.ctl.maybe_finish_close(sock);
                 handler.on_connected(&mut self.ctl, SocketId(sock), Err(err));
             }
+            Op::Shutdown { sock } => {
+                let sock = *sock;
+                self.ctl.ops.remove(key);
+                let mut report = false;
+                if let Some(s) = self.ctl.socks.get_mut(sock) {
+                    s.shutdown_op = None;
+                    // ENOTCONN: the peer reset meanwhile; the recv side reports that.
+                    report = res < 0 && res != -libc::ENOTCONN && !s.closing;
+                }
+                if report {
+                    handler.on_error(
+                        &mut self.ctl,
+                        SocketId(sock),
+                        io::Error::from_raw_os_error(-res),
+                    );
+                }
+                self.ctl.maybe_finish_close(sock);
+            }
             Op::LinkTimeout { .. } | Op::Close | Op::Cancel => {
                 self.ctl.ops.remove(key);
             }
@@ -891,6 +584,16 @@ impl EventLoop {
                     return;
                 };
                 self.ctl.arm_tick(ts);
+                for listener in std::mem::take(&mut self.ctl.accept_retry) {
+                    let rearm = self
+                        .ctl
+                        .listeners
+                        .get(listener)
+                        .is_some_and(|l| l.accepting && l.accept_op.is_none());
+                    if rearm {
+                        self.ctl.arm_accept(listener);
+                    }
+                }
                 handler.on_tick(&mut self.ctl);
             }
             Op::EventFd { .. } => {
@@ -906,9 +609,10 @@ impl EventLoop {
     }
 
     /// Cancels every operation and waits for the kernel to give back the memory they use.
-    fn drain(&mut self) -> bool {
+    pub(super) fn drain(&mut self) -> bool {
+        // Queued submissions go in first (their ops are in the slab and only complete once
+        // submitted), then a cancel for each of them.
         let keys: Vec<Key> = self.ctl.ops.keys().collect();
-        self.ctl.backlog.clear();
         for key in keys {
             if !matches!(self.ctl.ops.get(key), Some(Op::Cancel | Op::Close)) {
                 self.ctl.cancel(key);

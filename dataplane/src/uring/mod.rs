@@ -16,6 +16,7 @@
 #![allow(unsafe_code)]
 
 mod bufring;
+mod ctl;
 mod event_loop;
 mod probe;
 mod slab;
@@ -24,9 +25,10 @@ mod sys;
 #[cfg(test)]
 mod tests;
 
+pub use ctl::Ctl;
 pub use event_loop::{
-    ConnectError, Ctl, EventLoop, EventLoopBuilder, Handler, ListenerId, LoopStats, SocketId,
-    Waker, DEFAULT_BUF_COUNT, DEFAULT_BUF_SIZE, DEFAULT_RING_ENTRIES, DEFAULT_TICK,
+    ConnectError, EventLoop, EventLoopBuilder, Handler, ListenerId, LoopStats, SocketId, Waker,
+    DEFAULT_BUF_COUNT, DEFAULT_BUF_SIZE, DEFAULT_RING_ENTRIES, DEFAULT_TICK,
 };
 pub use probe::{check_available, classify, Features, Unavailable};
 pub use sys::{current_thread_affinity, pin_current_thread};
