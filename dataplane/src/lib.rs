@@ -1,4 +1,241 @@
 //! tlsgate's TLS terminator.
+//!
+//! # Shape
+//!
+//! - **Thread per core.** [`start`] makes, for every listener, one `SO_REUSEPORT` socket per
+//!   configured core (the first binds, port 0 included; the others bind the port it got), then
+//!   starts one worker thread per core, pinned to its CPU. The kernel spreads connections over the
+//!   sockets and a connection lives its whole life on the core that accepted it. Nothing on the
+//!   per-connection path takes a lock: per-core counters are relaxed atomics written only by their
+//!   core, the snapshot is an `arc-swap` load per accepted connection.
+//! - **Sans-io core** ([`conn::Conn`]): bytes in → rustls → bytes out, with bounded buffers each
+//!   way (`limits.buffer_bytes`) and `wants_client_read()` / `wants_backend_read()` as the
+//!   backpressure signals, TLS close_notify ↔ TCP FIN half-close mapping, PROXY v2 header. It
+//!   knows no sockets, so both drivers share it and it is tested in memory.
+//! - **Drivers** (`driver` module docs give the contract): the portable driver (tokio
+//!   current-thread runtime per core, epoll) is the reference; the io_uring driver follows the
+//!   same contract. `io = "auto"` picks io_uring when it can run and says in the log and in the
+//!   `tlsgate_io_driver` gauge which one runs.
+//! - **Key operations never block an io thread.** rustls signs inside
+//!   `Accepted::into_connection()`. For a listener with `offload_key_ops` the core keeps the raw
+//!   ClientHello flight (bounded by `max_client_hello_bytes`) and:
+//!   - if the hello may resume (PSK / ticket), runs `into_connection()` inline with a *tripwire*
+//!     twin of the config whose keys refuse to sign: a resumption completes inline with no
+//!     signature; a full handshake trips the wire, the attempt is discarded (nothing was sent);
+//!   - otherwise, or when the wire tripped, hands the flight and the real config to a key-op
+//!     worker ([`keyops::KeyOpPool`]) that replays it through a fresh `Acceptor` and runs
+//!     `into_connection()` there; the `ServerConnection` comes back through the driver's reply
+//!     closure (a oneshot into the core's runtime; an eventfd/`MSG_RING` for io_uring).
+//!
+//!   Replaying the flight rather than sending `Accepted` across lets the tripwire attempt consume
+//!   `Accepted` inline and keeps the job a plain byte vector. Software-key listeners sign inline.
+//!   `danger_inline_key_ops` forces inline signing for comparisons.
+//! - **Bounded key-op queue**: per core (`key_ops.max_in_flight_per_core`) and in total
+//!   (`key_ops.queue_depth`); each request has a deadline (`key_ops.deadline_ms`). Full or late
+//!   fails that handshake with an `internal_error` alert, a counter and a debug log line; the
+//!   per-core handshake bound pauses accept instead of letting memory grow.
+//! - **Reload**: [`Dataplane::update`] publishes a new snapshot; cores use it for connections
+//!   accepted afterwards, live connections keep the config they started with.
+//! - **Counters**: [`Dataplane::stats`] sums the per-core counters; each core also flushes deltas
+//!   to the `metrics` facade about once a second (names in [`metrics`]).
 #![deny(unsafe_code)]
 
+pub mod config;
+pub mod conn;
+mod driver;
+mod error;
+pub mod keyops;
+pub mod metrics;
+mod portable;
+mod snapshot;
+mod stats;
+pub mod testing;
 pub mod uring;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+
+pub use config::{DataplaneConfig, IoDriver, IoDriverKind, KeyOpConfig, Limits};
+pub use conn::CloseReason;
+pub use error::Error;
+pub use snapshot::{ListenerSnapshot, Snapshot};
+pub use stats::StatsSnapshot;
+
+use driver::{CoreSetup, Shared, ShutdownSignal};
+use snapshot::Prepared;
+use stats::{CoreRecorder, CoreStats};
+
+/// A running data plane. Dropping it shuts down with no drain; prefer [`Dataplane::shutdown`].
+#[derive(Debug)]
+pub struct Dataplane {
+    shared: Arc<Shared>,
+    kind: IoDriverKind,
+    addrs: Vec<(String, SocketAddr)>,
+    cores: Vec<Arc<CoreStats>>,
+    threads: Vec<JoinHandle<Result<(), Error>>>,
+}
+
+/// Binds every listener on every core, starts the key-op pool and the pinned core threads.
+/// Returns once every core is accepting (connections made before that wait in the backlog).
+pub fn start(cfg: DataplaneConfig, snapshot: Arc<Snapshot>) -> Result<Dataplane, Error> {
+    cfg.validate()?;
+    let kind = driver::choose(cfg.io)?;
+    let names: Vec<String> = snapshot.listeners.iter().map(|l| l.name.clone()).collect();
+    for (i, n) in names.iter().enumerate() {
+        if names[..i].contains(n) {
+            return Err(Error::Config {
+                key: "listeners.name",
+                why: "listener names must be unique",
+            });
+        }
+    }
+    // Sockets per core, per listener; the first core's bound address fixes the port.
+    let mut per_core: Vec<Vec<std::net::TcpListener>> =
+        cfg.cores.iter().map(|_| Vec::new()).collect();
+    let mut addrs = Vec::new();
+    for l in &snapshot.listeners {
+        let first = driver::listen(&l.name, l.bind)?;
+        let bound = first.local_addr().map_err(|source| Error::Listen {
+            listener: l.name.clone(),
+            addr: l.bind,
+            op: "getsockname",
+            source,
+        })?;
+        addrs.push((l.name.clone(), bound));
+        per_core[0].push(first);
+        for sockets in per_core.iter_mut().skip(1) {
+            sockets.push(driver::listen(&l.name, bound)?);
+        }
+    }
+    let key_ops = keyops::KeyOpPool::start(&cfg.key_ops)?;
+    let prepared = Prepared::new(&snapshot, &names);
+    let shared = Arc::new(Shared {
+        cfg: cfg.clone(),
+        names,
+        snapshot: ArcSwap::from_pointee(prepared),
+        key_ops,
+        shutdown: ShutdownSignal::default(),
+    });
+    ::metrics::gauge!(metrics::IO_DRIVER, "driver" => kind.as_str()).set(1.0);
+    tracing::info!(driver = kind.as_str(), cores = ?cfg.cores, "data plane starting");
+
+    let mut cores = Vec::new();
+    let mut threads = Vec::new();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), Error>>();
+    for (index, (cpu, listeners)) in cfg.cores.iter().copied().zip(per_core).enumerate() {
+        let stats = Arc::new(CoreStats::default());
+        cores.push(stats.clone());
+        let setup = CoreSetup {
+            index,
+            listeners,
+            shared: shared.clone(),
+            recorder: CoreRecorder::new(index, stats),
+        };
+        let name = format!("tlsgate-core-{index}");
+        let ready = ready_tx.clone();
+        let spawned = std::thread::Builder::new()
+            .name(name.clone())
+            .spawn(move || {
+                driver::pin(index, cpu);
+                let _ = ready.send(Ok(()));
+                match kind {
+                    IoDriverKind::Portable | IoDriverKind::Uring => portable::run_core(setup),
+                }
+            });
+        match spawned {
+            Ok(h) => threads.push(h),
+            Err(source) => {
+                let mut dp = Dataplane {
+                    shared,
+                    kind,
+                    addrs,
+                    cores,
+                    threads,
+                };
+                let _ = dp.stop(Duration::ZERO);
+                return Err(Error::Spawn { name, source });
+            }
+        }
+    }
+    drop(ready_tx);
+    for _ in 0..threads.len() {
+        if let Ok(Err(e)) = ready_rx.recv() {
+            return Err(e);
+        }
+    }
+    Ok(Dataplane {
+        shared,
+        kind,
+        addrs,
+        cores,
+        threads,
+    })
+}
+
+impl Dataplane {
+    /// The actual bound address of each listener (port 0 resolved), in snapshot order.
+    pub fn local_addrs(&self) -> Vec<(String, SocketAddr)> {
+        self.addrs.clone()
+    }
+
+    /// The driver that runs.
+    pub fn driver(&self) -> IoDriverKind {
+        self.kind
+    }
+
+    /// Publishes a new snapshot for connections accepted from now on. Listeners are matched by
+    /// name; a listener missing from `snapshot` refuses new connections (counted as
+    /// `listener_gone`) until a later snapshot has it again; a new name is ignored (sockets are
+    /// made at start only) and logged.
+    pub fn update(&self, snapshot: Arc<Snapshot>) {
+        for l in &snapshot.listeners {
+            if !self.shared.names.contains(&l.name) {
+                tracing::warn!(listener = %l.name, "snapshot names a listener that was not bound at start; ignored");
+            }
+        }
+        let prepared = Prepared::new(&snapshot, &self.shared.names);
+        self.shared.snapshot.store(Arc::new(prepared));
+    }
+
+    /// Counters of all cores, summed now.
+    pub fn stats(&self) -> StatsSnapshot {
+        StatsSnapshot::sum(&self.cores)
+    }
+
+    /// Stops accepting, lets open connections finish for up to `drain`, closes the rest and joins
+    /// the core threads.
+    pub fn shutdown(mut self, drain: Duration) -> Result<(), Error> {
+        self.stop(drain)
+    }
+
+    fn stop(&mut self, drain: Duration) -> Result<(), Error> {
+        self.shared.shutdown.request(Instant::now() + drain);
+        let mut first_err = None;
+        for (core, t) in self.threads.drain(..).enumerate() {
+            let r = match t.join() {
+                Ok(r) => r,
+                Err(_) => Err(Error::Worker {
+                    core,
+                    why: "thread panicked".into(),
+                }),
+            };
+            if let Err(e) = r {
+                first_err.get_or_insert(e);
+            }
+        }
+        self.shared.key_ops.close();
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for Dataplane {
+    fn drop(&mut self) {
+        if !self.threads.is_empty() {
+            let _ = self.stop(Duration::ZERO);
+        }
+    }
+}

@@ -1,2 +1,12 @@
-//! The tlsgate process.
+//! The tlsgate process: command line, configuration, start-up and offline token commands.
+//!
+//! The binary in `main.rs` only parses the command line and reports errors; everything else
+//! lives here so integration tests can reach it.
 #![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod config;
+pub mod files;
+pub mod logging;
+pub mod serve;
+pub mod tls;

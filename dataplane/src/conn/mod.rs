@@ -1,0 +1,760 @@
+//! The sans-io connection core: bytes in, rustls, bytes out. It knows nothing of sockets, rings
+//! or runtimes; a driver feeds it what it read, writes what it asks for and runs the key
+//! operations it hands out.
+//!
+//! Life of a connection:
+//!
+//! ```text
+//! Hello ──(ClientHello parsed)──┬─ inline into_connection() ───────────────┐
+//!   │                           └─ Event::Offload → KeyOp ─ on_key_op_done ─┤
+//!   └─ too large / not TLS / timeout → closed                               ▼
+//!                                   Tls (handshaking) ─ Event::HandshakeDone → Tls (established)
+//!                                                                             │ proxying, bounded
+//!                                       close_notify/FIN ↔ FIN/close_notify   ▼
+//!                                                                           finished
+//! ```
+
+mod buffer;
+pub(crate) mod hello;
+pub(crate) mod proxy_v2;
+
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustls::server::{Acceptor, ServerConnection};
+use rustls::{HandshakeKind, ServerConfig};
+
+use crate::config::Limits;
+use crate::snapshot::{tripwire_reset, tripwire_tripped, PreparedListener};
+use buffer::ByteQueue;
+
+/// A fatal `internal_error` alert in a plaintext record, for failures that happen before rustls
+/// has a connection that could write one (key-op queue full or late).
+const ALERT_INTERNAL_ERROR: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 80];
+
+/// Why a connection ended. Handshake failures and post-handshake ends are both here so drivers
+/// count them with one match.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CloseReason {
+    /// Both directions finished cleanly.
+    Done,
+    /// The ClientHello flight exceeded `max_client_hello_bytes` (peer).
+    ClientHelloTooLarge,
+    /// The bytes were not an acceptable ClientHello (peer).
+    BadClientHello,
+    /// rustls refused the handshake or a record (peer, or our policy).
+    TlsError,
+    /// The client closed before the handshake finished (peer).
+    ClientClosedEarly,
+    /// The handshake did not finish in time (peer or us).
+    HandshakeTimeout,
+    /// The key-op queue was full (us: overload).
+    KeyOpRejected,
+    /// The key operation missed its deadline (us or the token).
+    KeyOpTimeout,
+    /// The key operation failed (token error) (us or the token).
+    KeyOpFailed,
+    /// No traffic for `idle_timeout` (peer or backend).
+    IdleTimeout,
+    /// Connecting to the backend failed (backend).
+    BackendConnectFailed,
+    /// Connecting to the backend timed out (backend).
+    BackendConnectTimeout,
+    /// A socket error on the client side (peer).
+    ClientIoError,
+    /// A socket error on the backend side (backend).
+    BackendIoError,
+    /// The current snapshot has no such listener (configuration).
+    ListenerGone,
+    /// The data plane shut down before the connection finished (us).
+    Shutdown,
+}
+
+impl CloseReason {
+    /// Label value for metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::Done => "done",
+            CloseReason::ClientHelloTooLarge => "client_hello_too_large",
+            CloseReason::BadClientHello => "bad_client_hello",
+            CloseReason::TlsError => "tls_error",
+            CloseReason::ClientClosedEarly => "client_closed_early",
+            CloseReason::HandshakeTimeout => "handshake_timeout",
+            CloseReason::KeyOpRejected => "key_op_rejected",
+            CloseReason::KeyOpTimeout => "key_op_timeout",
+            CloseReason::KeyOpFailed => "key_op_failed",
+            CloseReason::IdleTimeout => "idle_timeout",
+            CloseReason::BackendConnectFailed => "backend_connect_failed",
+            CloseReason::BackendConnectTimeout => "backend_connect_timeout",
+            CloseReason::ClientIoError => "client_io_error",
+            CloseReason::BackendIoError => "backend_io_error",
+            CloseReason::ListenerGone => "listener_gone",
+            CloseReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// Facts about a completed handshake, for counters and logs.
+#[derive(Debug, Clone)]
+pub struct HandshakeInfo {
+    /// "TLSv1_3" / "TLSv1_2".
+    pub version: &'static str,
+    /// IANA-ish suite name from rustls.
+    pub suite: &'static str,
+    /// Key-exchange group name from rustls.
+    pub group: &'static str,
+    /// The handshake resumed a session (no signature).
+    pub resumed: bool,
+    /// Accept to handshake complete.
+    pub duration: Duration,
+}
+
+/// Work for a key-operation worker: replay the ClientHello flight through a fresh `Acceptor` and
+/// run `into_connection()` (which signs) off the io thread.
+#[derive(Debug)]
+pub struct KeyOpJob {
+    /// Every byte the client sent so far (the ClientHello records, and anything after them).
+    pub flight: Vec<u8>,
+    /// The real (signing) configuration.
+    pub config: Arc<ServerConfig>,
+}
+
+/// How a key operation ended.
+#[derive(Debug)]
+pub enum KeyOpFailure {
+    /// rustls (or the token, through `SigningKey`) refused; `alert` holds the bytes to send.
+    Tls {
+        /// The error from rustls.
+        error: rustls::Error,
+        /// Alert record bytes for the client.
+        alert: Vec<u8>,
+    },
+    /// The queue (per core or total) was full.
+    Rejected,
+    /// The result came, or would come, after the deadline.
+    Deadline,
+}
+
+/// The worker's answer.
+pub type KeyOpResult = Result<Box<ServerConnection>, KeyOpFailure>;
+
+/// What the driver must act on, taken with [`Conn::take_event`].
+#[derive(Debug)]
+pub enum Event {
+    /// Submit this to the key-op pool; answer with [`Conn::on_key_op_done`].
+    Offload(KeyOpJob),
+    /// The handshake completed: connect to the backend now, then call
+    /// [`Conn::on_backend_connected`].
+    HandshakeDone(HandshakeInfo),
+}
+
+/// Runs on a key-op worker: the same bytes, a fresh `Acceptor`, the real config.
+pub fn run_key_op(job: KeyOpJob) -> KeyOpResult {
+    let mut acceptor = Acceptor::default();
+    let mut rd = &job.flight[..];
+    while !rd.is_empty() {
+        match acceptor.read_tls(&mut rd) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) => {
+                return Err(KeyOpFailure::Tls {
+                    error: rustls::Error::General(format!("replaying ClientHello: {e}")),
+                    alert: Vec::new(),
+                })
+            }
+        }
+    }
+    let accepted = match acceptor.accept() {
+        Ok(Some(a)) => a,
+        Ok(None) => {
+            return Err(KeyOpFailure::Tls {
+                error: rustls::Error::General("replayed ClientHello incomplete".into()),
+                alert: Vec::new(),
+            })
+        }
+        Err((error, mut alert)) => {
+            let mut bytes = Vec::new();
+            let _ = alert.write_all(&mut bytes);
+            return Err(KeyOpFailure::Tls {
+                error,
+                alert: bytes,
+            });
+        }
+    };
+    accepted
+        .into_connection(job.config)
+        .map(Box::new)
+        .map_err(|(error, mut alert)| {
+            let mut bytes = Vec::new();
+            let _ = alert.write_all(&mut bytes);
+            KeyOpFailure::Tls {
+                error,
+                alert: bytes,
+            }
+        })
+}
+
+enum Phase {
+    Hello {
+        acceptor: Box<Acceptor>,
+        flight: Vec<u8>,
+    },
+    KeyOp,
+    Tls {
+        tls: Box<ServerConnection>,
+        established: bool,
+    },
+    Closed,
+}
+
+/// One client connection's TLS and proxy state. See the module docs.
+pub struct Conn {
+    phase: Phase,
+    listener: Arc<PreparedListener>,
+    danger_inline: bool,
+    max_hello: usize,
+    cap: usize,
+    handshake_timeout: Duration,
+    idle_timeout: Duration,
+    accepted_at: Instant,
+    last_activity: Instant,
+    client_in: ByteQueue,
+    to_client: ByteQueue,
+    to_backend: ByteQueue,
+    backend_connected: bool,
+    client_eof: bool,
+    eof_signaled: bool,
+    client_read_closed: bool,
+    backend_read_closed: bool,
+    backend_write_shut: bool,
+    client_write_shut: bool,
+    close_notify_sent: bool,
+    events: Vec<Event>,
+    closed: Option<CloseReason>,
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn")
+            .field("listener", &self.listener.snap.name)
+            .field("closed", &self.closed)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Conn {
+    /// A connection accepted at `now` from `peer` on `local`.
+    pub(crate) fn new(
+        listener: Arc<PreparedListener>,
+        limits: &Limits,
+        danger_inline: bool,
+        peer: SocketAddr,
+        local: SocketAddr,
+        now: Instant,
+    ) -> Self {
+        let mut to_backend = ByteQueue::default();
+        if listener.snap.proxy_protocol {
+            to_backend.push(&proxy_v2::header(peer, local));
+        }
+        Self {
+            phase: Phase::Hello {
+                acceptor: Box::default(),
+                flight: Vec::new(),
+            },
+            listener,
+            danger_inline,
+            max_hello: limits.max_client_hello_bytes,
+            cap: limits.buffer_bytes,
+            handshake_timeout: limits.handshake_timeout(),
+            idle_timeout: limits.idle_timeout(),
+            accepted_at: now,
+            last_activity: now,
+            client_in: ByteQueue::default(),
+            to_client: ByteQueue::default(),
+            to_backend,
+            backend_connected: false,
+            client_eof: false,
+            eof_signaled: false,
+            client_read_closed: false,
+            backend_read_closed: false,
+            backend_write_shut: false,
+            client_write_shut: false,
+            close_notify_sent: false,
+            events: Vec::new(),
+            closed: None,
+        }
+    }
+
+    /// The listener this connection was accepted on (its snapshot at accept time).
+    pub fn listener_name(&self) -> &str {
+        &self.listener.snap.name
+    }
+
+    /// The backend to connect to after the handshake.
+    pub fn backend_addr(&self) -> SocketAddr {
+        self.listener.snap.backend
+    }
+
+    /// Next thing the driver must act on.
+    pub fn take_event(&mut self) -> Option<Event> {
+        if self.events.is_empty() {
+            None
+        } else {
+            Some(self.events.remove(0))
+        }
+    }
+
+    /// Why the connection ended, once it has. The driver then writes what
+    /// [`Conn::client_out`] still holds (an alert) if it can, and closes both sockets.
+    pub fn closed(&self) -> Option<CloseReason> {
+        self.closed
+    }
+
+    /// Still in the handshake (for per-core handshake-in-flight accounting).
+    pub fn is_handshaking(&self) -> bool {
+        match &self.phase {
+            Phase::Hello { .. } | Phase::KeyOp => true,
+            Phase::Tls { established, .. } => !established,
+            Phase::Closed => false,
+        }
+    }
+
+    /// Waiting for a key-op result.
+    pub fn awaiting_key_op(&self) -> bool {
+        matches!(self.phase, Phase::KeyOp)
+    }
+
+    /// The driver should read from the client now.
+    pub fn wants_client_read(&self) -> bool {
+        if self.closed.is_some() || self.client_read_closed || self.client_eof {
+            return false;
+        }
+        match &self.phase {
+            Phase::Hello { .. } => true,
+            Phase::KeyOp | Phase::Closed => false,
+            Phase::Tls { .. } => {
+                self.to_backend.len() < self.cap && self.client_in.len() < self.cap
+            }
+        }
+    }
+
+    /// The driver should read from the backend now.
+    pub fn wants_backend_read(&self) -> bool {
+        self.closed.is_none()
+            && self.backend_connected
+            && !self.backend_read_closed
+            && !self.close_notify_sent
+            && self.to_client.len() < self.cap
+    }
+
+    /// TLS bytes to write to the client.
+    pub fn client_out(&self) -> &[u8] {
+        self.to_client.as_slice()
+    }
+
+    /// `n` bytes of [`Conn::client_out`] were written.
+    pub fn client_written(&mut self, n: usize, now: Instant) {
+        self.to_client.consume(n);
+        if n > 0 {
+            self.last_activity = now;
+        }
+        self.after_progress();
+    }
+
+    /// Plaintext to write to the backend (empty until connected).
+    pub fn backend_out(&self) -> &[u8] {
+        if self.backend_connected {
+            self.to_backend.as_slice()
+        } else {
+            &[]
+        }
+    }
+
+    /// `n` bytes of [`Conn::backend_out`] were written.
+    pub fn backend_written(&mut self, n: usize, now: Instant) {
+        self.to_backend.consume(n);
+        if n > 0 {
+            self.last_activity = now;
+        }
+        self.after_progress();
+    }
+
+    /// The driver should now shut down the write side of the backend socket (client finished
+    /// sending and everything reached the backend), then call [`Conn::backend_write_shut`].
+    pub fn wants_backend_shutdown(&self) -> bool {
+        self.closed.is_none()
+            && self.backend_connected
+            && self.client_read_closed
+            && !self.backend_write_shut
+            && self.to_backend.is_empty()
+    }
+
+    /// The backend socket's write side is shut.
+    pub fn backend_write_shut(&mut self) {
+        self.backend_write_shut = true;
+        self.after_progress();
+    }
+
+    /// The driver should shut down the write side of the client socket (close_notify sent and
+    /// flushed), then call [`Conn::client_write_shut`].
+    pub fn wants_client_shutdown(&self) -> bool {
+        self.closed.is_none()
+            && self.close_notify_sent
+            && !self.client_write_shut
+            && self.to_client.is_empty()
+    }
+
+    /// The client socket's write side is shut.
+    pub fn client_write_shut(&mut self) {
+        self.client_write_shut = true;
+        self.after_progress();
+    }
+
+    /// When the driver must next call [`Conn::on_timer`].
+    pub fn deadline(&self) -> Instant {
+        let idle = self.last_activity + self.idle_timeout;
+        if self.is_handshaking() {
+            idle.min(self.accepted_at + self.handshake_timeout)
+        } else {
+            idle
+        }
+    }
+
+    /// Fires the handshake or idle timeout if due.
+    pub fn on_timer(&mut self, now: Instant) {
+        if self.closed.is_some() {
+            return;
+        }
+        if self.is_handshaking() && now >= self.accepted_at + self.handshake_timeout {
+            self.fail(CloseReason::HandshakeTimeout);
+        } else if now >= self.last_activity + self.idle_timeout {
+            self.fail(CloseReason::IdleTimeout);
+        }
+    }
+
+    /// Ends the connection for a reason found by the driver (socket error, backend connect
+    /// failure, shutdown).
+    pub fn abort(&mut self, reason: CloseReason) {
+        if self.closed.is_none() {
+            self.fail(reason);
+        }
+    }
+
+    /// The backend is connected: plaintext may flow to it.
+    pub fn on_backend_connected(&mut self, now: Instant) {
+        self.backend_connected = true;
+        self.last_activity = now;
+    }
+
+    /// Bytes read from the client.
+    pub fn on_client_data(&mut self, data: &[u8], now: Instant) {
+        if self.closed.is_some() || data.is_empty() {
+            return;
+        }
+        self.last_activity = now;
+        match &mut self.phase {
+            Phase::Hello { acceptor, flight } => {
+                if flight.len() + data.len() > self.max_hello {
+                    self.fail(CloseReason::ClientHelloTooLarge);
+                    return;
+                }
+                flight.extend_from_slice(data);
+                let mut rd = data;
+                while !rd.is_empty() {
+                    match acceptor.read_tls(&mut rd) {
+                        Ok(0) => break,
+                        Ok(_) => {}
+                        Err(_) => {
+                            self.fail(CloseReason::BadClientHello);
+                            return;
+                        }
+                    }
+                }
+                self.try_accept(now);
+            }
+            Phase::KeyOp | Phase::Tls { .. } => {
+                self.client_in.push(data);
+                self.pump_client(now);
+            }
+            Phase::Closed => {}
+        }
+    }
+
+    /// The client sent FIN.
+    pub fn on_client_eof(&mut self, now: Instant) {
+        if self.closed.is_some() {
+            return;
+        }
+        match &mut self.phase {
+            Phase::Hello { .. } | Phase::KeyOp => self.fail(CloseReason::ClientClosedEarly),
+            Phase::Tls { established, .. } => {
+                if !*established {
+                    self.fail(CloseReason::ClientClosedEarly);
+                    return;
+                }
+                self.client_eof = true;
+                self.pump_client(now);
+            }
+            Phase::Closed => {}
+        }
+    }
+
+    /// Bytes read from the backend.
+    pub fn on_backend_data(&mut self, data: &[u8], now: Instant) {
+        if self.closed.is_some() || data.is_empty() {
+            return;
+        }
+        self.last_activity = now;
+        if let Phase::Tls { tls, .. } = &mut self.phase {
+            if tls.writer().write_all(data).is_err() {
+                self.fail(CloseReason::TlsError);
+                return;
+            }
+            self.flush_tls();
+        }
+    }
+
+    /// The backend sent FIN: send close_notify to the client after what is queued.
+    pub fn on_backend_eof(&mut self, _now: Instant) {
+        if self.closed.is_some() {
+            return;
+        }
+        self.backend_read_closed = true;
+        if let Phase::Tls { tls, .. } = &mut self.phase {
+            tls.send_close_notify();
+            self.close_notify_sent = true;
+        }
+        self.flush_tls();
+        self.after_progress();
+    }
+
+    /// The key-op worker's answer for this connection.
+    pub fn on_key_op_done(&mut self, result: KeyOpResult, now: Instant) {
+        if self.closed.is_some() || !matches!(self.phase, Phase::KeyOp) {
+            return;
+        }
+        match result {
+            Ok(tls) => self.enter_tls(tls, now),
+            Err(KeyOpFailure::Tls { alert, .. }) => {
+                self.to_client.push(&alert);
+                self.fail(CloseReason::KeyOpFailed);
+            }
+            Err(KeyOpFailure::Rejected) => {
+                self.to_client.push(&ALERT_INTERNAL_ERROR);
+                self.fail(CloseReason::KeyOpRejected);
+            }
+            Err(KeyOpFailure::Deadline) => {
+                self.to_client.push(&ALERT_INTERNAL_ERROR);
+                self.fail(CloseReason::KeyOpTimeout);
+            }
+        }
+    }
+
+    /// Both directions are finished: the driver closes the sockets and counts `Done`.
+    pub fn is_finished(&self) -> bool {
+        self.closed.is_none()
+            && self.client_read_closed
+            && self.backend_read_closed
+            && self.to_client.is_empty()
+            && self.to_backend.is_empty()
+            && self.backend_write_shut
+            && self.client_write_shut
+    }
+
+    fn fail(&mut self, reason: CloseReason) {
+        self.closed = Some(reason);
+        self.phase = Phase::Closed;
+        self.to_backend = ByteQueue::default();
+        self.client_in = ByteQueue::default();
+    }
+
+    fn try_accept(&mut self, now: Instant) {
+        let Phase::Hello { acceptor, flight } = &mut self.phase else {
+            return;
+        };
+        let accepted = match acceptor.accept() {
+            Ok(None) => return,
+            Ok(Some(a)) => a,
+            Err((_, mut alert)) => {
+                let _ = alert.write_all(&mut self.to_client);
+                self.fail(CloseReason::BadClientHello);
+                return;
+            }
+        };
+        let flight = std::mem::take(flight);
+        let real = self.listener.snap.tls.clone();
+        let tripwire = match (&self.listener.tripwire_tls, self.danger_inline) {
+            (Some(t), false) => Some(t.clone()),
+            _ => None,
+        };
+        let Some(tripwire) = tripwire else {
+            match accepted.into_connection(real) {
+                Ok(tls) => self.enter_tls(Box::new(tls), now),
+                Err((_, mut alert)) => {
+                    let _ = alert.write_all(&mut self.to_client);
+                    self.fail(CloseReason::TlsError);
+                }
+            }
+            return;
+        };
+        if hello::may_resume(&flight) {
+            tripwire_reset();
+            match accepted.into_connection(tripwire) {
+                Ok(tls) => {
+                    self.enter_tls(Box::new(tls), now);
+                    return;
+                }
+                Err((_, mut alert)) => {
+                    if !tripwire_tripped() {
+                        let _ = alert.write_all(&mut self.to_client);
+                        self.fail(CloseReason::TlsError);
+                        return;
+                    }
+                }
+            }
+        }
+        self.phase = Phase::KeyOp;
+        self.events.push(Event::Offload(KeyOpJob {
+            flight,
+            config: real,
+        }));
+    }
+
+    fn enter_tls(&mut self, mut tls: Box<ServerConnection>, now: Instant) {
+        // Plaintext flow is bounded by our own queues and read pausing, not by rustls's limit.
+        tls.set_buffer_limit(None);
+        self.phase = Phase::Tls {
+            tls,
+            established: false,
+        };
+        // Records that arrived with the hello sit in rustls's buffer until processed.
+        if let Phase::Tls { tls, .. } = &mut self.phase {
+            if tls.process_new_packets().is_err() {
+                let _ = tls.write_tls(&mut self.to_client);
+                self.fail(CloseReason::TlsError);
+                return;
+            }
+        }
+        self.pump_client(now);
+    }
+
+    /// Moves client bytes through rustls into the backend queue, as far as the bounds allow.
+    fn pump_client(&mut self, now: Instant) {
+        loop {
+            let Phase::Tls { tls, .. } = &mut self.phase else {
+                return;
+            };
+            let mut progressed = false;
+            // Drain decrypted bytes first so rustls's own plaintext buffer never overflows.
+            while self.to_backend.len() < self.cap {
+                let room = self.cap - self.to_backend.len();
+                let spare = self.to_backend.spare(room);
+                match tls.reader().read(spare) {
+                    Ok(0) => {
+                        self.to_backend.commit(room, 0);
+                        self.client_read_closed = true;
+                        break;
+                    }
+                    Ok(n) => {
+                        self.to_backend.commit(room, n);
+                        progressed = true;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        self.to_backend.commit(room, 0);
+                        break;
+                    }
+                    Err(_) => {
+                        // Unexpected EOF: the client closed without close_notify.
+                        self.to_backend.commit(room, 0);
+                        self.client_read_closed = true;
+                        break;
+                    }
+                }
+            }
+            if !self.client_in.is_empty() && self.to_backend.len() < self.cap {
+                let mut rd = self.client_in.as_slice();
+                let n = match tls.read_tls(&mut rd) {
+                    Ok(n) => n,
+                    Err(_) => {
+                        self.fail(CloseReason::TlsError);
+                        return;
+                    }
+                };
+                self.client_in.consume(n);
+                if let Err(_e) = tls.process_new_packets() {
+                    let _ = tls.write_tls(&mut self.to_client);
+                    self.fail(CloseReason::TlsError);
+                    return;
+                }
+                progressed |= n > 0;
+            } else if self.client_in.is_empty() && self.client_eof && !self.eof_signaled {
+                // An empty read tells rustls about EOF once every byte before it went in; a
+                // missing close_notify is a truncation the backend sees as an ordinary FIN.
+                self.eof_signaled = true;
+                let _ = tls.read_tls(&mut io::empty());
+                if tls.process_new_packets().is_err() {
+                    let _ = tls.write_tls(&mut self.to_client);
+                    self.fail(CloseReason::TlsError);
+                    return;
+                }
+                progressed = true;
+            }
+            if !progressed {
+                break;
+            }
+        }
+        self.check_established(now);
+        self.flush_tls();
+        self.after_progress();
+    }
+
+    fn check_established(&mut self, now: Instant) {
+        let Phase::Tls { tls, established } = &mut self.phase else {
+            return;
+        };
+        if *established || tls.is_handshaking() {
+            return;
+        }
+        *established = true;
+        let version = match tls.protocol_version() {
+            Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1_3",
+            Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1_2",
+            _ => "other",
+        };
+        let suite = tls
+            .negotiated_cipher_suite()
+            .and_then(|s| s.suite().as_str())
+            .unwrap_or("unknown");
+        let group = tls
+            .negotiated_key_exchange_group()
+            .and_then(|g| g.name().as_str())
+            .unwrap_or("none");
+        let resumed = matches!(tls.handshake_kind(), Some(HandshakeKind::Resumed));
+        self.events.push(Event::HandshakeDone(HandshakeInfo {
+            version,
+            suite,
+            group,
+            resumed,
+            duration: now.saturating_duration_since(self.accepted_at),
+        }));
+    }
+
+    fn flush_tls(&mut self) {
+        if let Phase::Tls { tls, .. } = &mut self.phase {
+            while tls.wants_write() {
+                match tls.write_tls(&mut self.to_client) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        }
+    }
+
+    fn after_progress(&mut self) {
+        // Idle connections should not pin 64 KiB buffers each.
+        self.to_client.shrink_if_empty();
+        self.to_backend.shrink_if_empty();
+    }
+}

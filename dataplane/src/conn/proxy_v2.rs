@@ -1,0 +1,76 @@
+//! PROXY protocol v2 header (haproxy's proxy-protocol.txt, section 2.2), PROXY command over TCP.
+
+use std::net::SocketAddr;
+
+const SIGNATURE: [u8; 12] = [
+    0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A,
+];
+/// Version 2, command PROXY.
+const VER_CMD_PROXY: u8 = 0x21;
+const FAM_TCP4: u8 = 0x11;
+const FAM_TCP6: u8 = 0x21;
+
+/// The header announcing `client` (source) and `local` (the address it connected to).
+/// A mixed v4/v6 pair is written as v6 with v4-mapped addresses.
+pub(crate) fn header(client: SocketAddr, local: SocketAddr) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + 36);
+    out.extend_from_slice(&SIGNATURE);
+    out.push(VER_CMD_PROXY);
+    match (client, local) {
+        (SocketAddr::V4(c), SocketAddr::V4(l)) => {
+            out.push(FAM_TCP4);
+            out.extend_from_slice(&12u16.to_be_bytes());
+            out.extend_from_slice(&c.ip().octets());
+            out.extend_from_slice(&l.ip().octets());
+        }
+        (c, l) => {
+            out.push(FAM_TCP6);
+            out.extend_from_slice(&36u16.to_be_bytes());
+            out.extend_from_slice(&v6(c.ip()).octets());
+            out.extend_from_slice(&v6(l.ip()).octets());
+        }
+    }
+    out.extend_from_slice(&client.port().to_be_bytes());
+    out.extend_from_slice(&local.port().to_be_bytes());
+    out
+}
+
+fn v6(ip: std::net::IpAddr) -> std::net::Ipv6Addr {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        std::net::IpAddr::V6(v6) => v6,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tcp4_header_layout() {
+        let h = header(
+            "10.1.2.3:40000".parse().expect("literal"),
+            "192.0.2.1:443".parse().expect("literal"),
+        );
+        assert_eq!(h.len(), 28);
+        assert_eq!(&h[..12], &SIGNATURE);
+        assert_eq!(h[12], 0x21);
+        assert_eq!(h[13], 0x11);
+        assert_eq!(&h[14..16], &[0, 12]);
+        assert_eq!(&h[16..20], &[10, 1, 2, 3]);
+        assert_eq!(&h[20..24], &[192, 0, 2, 1]);
+        assert_eq!(&h[24..26], &40000u16.to_be_bytes());
+        assert_eq!(&h[26..28], &443u16.to_be_bytes());
+    }
+
+    #[test]
+    fn tcp6_header_layout() {
+        let h = header(
+            "[2001:db8::1]:1234".parse().expect("literal"),
+            "10.0.0.1:443".parse().expect("literal"),
+        );
+        assert_eq!(h.len(), 16 + 36);
+        assert_eq!(h[13], 0x21);
+        assert_eq!(&h[14..16], &[0, 36]);
+    }
+}

@@ -1,0 +1,167 @@
+//! What every io driver gets and must do. The portable driver (`crate::portable`) is the
+//! reference implementation of this contract.
+//!
+//! A driver's `run_core(CoreSetup)` runs on a thread already pinned to its CPU and must:
+//! - accept on every socket of `setup.listeners` (index `i` is listener `shared.names[i]`);
+//!   for each connection load `shared.snapshot` once and build a [`crate::conn::Conn`] from
+//!   `listeners[i]` (a `None` there closes the connection as `ListenerGone`);
+//! - drive the `Conn`: feed reads while `wants_*_read()`, write `client_out()`/`backend_out()`,
+//!   act on `take_event()` (`Offload` → `shared.key_ops.submit`, whose reply must wake this core;
+//!   `HandshakeDone` → connect to `backend_addr()` within the backend connect timeout), do the
+//!   half-closes the `wants_*_shutdown()` ask for, call `on_timer` at `deadline()`, and close both
+//!   sockets on `closed()` / `is_finished()`;
+//! - bound its own key operations in flight (`key_ops.max_in_flight_per_core`) and pause accept
+//!   while `max_connections_per_core` or `max_handshakes_in_flight` is reached;
+//! - count everything through `setup.recorder` and call `maybe_flush` about once a second;
+//! - on `shared.shutdown` (it registers a waker), stop accepting (close the listener sockets),
+//!   let open connections finish until the drain deadline, then return.
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::config::{DataplaneConfig, IoDriver, IoDriverKind};
+use crate::keyops::KeyOpPool;
+use crate::snapshot::Prepared;
+use crate::stats::CoreRecorder;
+use crate::Error;
+
+/// Listen backlog of each per-core socket.
+const LISTEN_BACKLOG: i32 = 1024;
+
+/// State shared by all cores. Nothing here is touched per byte: the snapshot is loaded once per
+/// accepted connection, the key-op pool once per offloaded handshake.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub cfg: DataplaneConfig,
+    pub names: Vec<String>,
+    pub snapshot: ArcSwap<Prepared>,
+    pub key_ops: KeyOpPool,
+    pub shutdown: ShutdownSignal,
+}
+
+/// One core's start-up kit.
+#[derive(Debug)]
+pub(crate) struct CoreSetup {
+    pub index: usize,
+    pub listeners: Vec<TcpListener>,
+    pub shared: Arc<Shared>,
+    pub recorder: CoreRecorder,
+}
+
+type Waker = Box<dyn Fn() + Send + Sync>;
+
+/// Stop-accepting-and-drain request, with a waker per core so a core blocked in its event wait
+/// (epoll or ring) notices.
+#[derive(Default)]
+pub(crate) struct ShutdownSignal {
+    requested: AtomicBool,
+    deadline: Mutex<Option<Instant>>,
+    wakers: Mutex<Vec<Waker>>,
+}
+
+impl std::fmt::Debug for ShutdownSignal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShutdownSignal")
+            .field("requested", &self.is_requested())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ShutdownSignal {
+    /// Registers a core's waker; if shutdown is already requested it runs at once.
+    pub(crate) fn register(&self, waker: Waker) {
+        let mut w = match self.wakers.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        w.push(waker);
+        if self.is_requested() {
+            if let Some(last) = w.last() {
+                last();
+            }
+        }
+    }
+
+    pub(crate) fn request(&self, deadline: Instant) {
+        match self.deadline.lock() {
+            Ok(mut g) => *g = Some(deadline),
+            Err(p) => *p.into_inner() = Some(deadline),
+        }
+        self.requested.store(true, Ordering::Release);
+        let w = match self.wakers.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        for wake in w.iter() {
+            wake();
+        }
+    }
+
+    pub(crate) fn is_requested(&self) -> bool {
+        self.requested.load(Ordering::Acquire)
+    }
+
+    /// The drain deadline (now if none was set).
+    pub(crate) fn deadline(&self) -> Instant {
+        let d = match self.deadline.lock() {
+            Ok(g) => *g,
+            Err(p) => *p.into_inner(),
+        };
+        d.unwrap_or_else(Instant::now)
+    }
+}
+
+/// Picks the driver. The io_uring driver is developed on its own branch; until it lands, `auto`
+/// runs the portable driver and says so, and `uring` refuses to start.
+pub(crate) fn choose(io: IoDriver) -> Result<IoDriverKind, Error> {
+    match io {
+        IoDriver::Portable => Ok(IoDriverKind::Portable),
+        IoDriver::Uring => Err(Error::UringUnavailable {
+            why: "this build has no io_uring driver".into(),
+        }),
+        IoDriver::Auto => {
+            tracing::info!(
+                driver = "portable",
+                "io = auto: this build has no io_uring driver, running the portable driver"
+            );
+            Ok(IoDriverKind::Portable)
+        }
+    }
+}
+
+/// Makes one SO_REUSEPORT listening socket (non-blocking).
+pub(crate) fn listen(name: &str, addr: SocketAddr) -> Result<TcpListener, Error> {
+    let err = |op: &'static str| {
+        move |source| Error::Listen {
+            listener: name.to_owned(),
+            addr,
+            op,
+            source,
+        }
+    };
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+        .map_err(err("socket"))?;
+    s.set_reuse_address(true).map_err(err("SO_REUSEADDR"))?;
+    s.set_reuse_port(true).map_err(err("SO_REUSEPORT"))?;
+    s.set_nonblocking(true).map_err(err("O_NONBLOCK"))?;
+    s.bind(&addr.into()).map_err(err("bind"))?;
+    s.listen(LISTEN_BACKLOG).map_err(err("listen"))?;
+    Ok(s.into())
+}
+
+/// Pins the calling thread; a CPU the process may not use is logged, not fatal (containers
+/// often restrict the CPU set after the configuration was written).
+pub(crate) fn pin(core: usize, cpu: usize) {
+    if !core_affinity::set_for_current(core_affinity::CoreId { id: cpu }) {
+        tracing::warn!(
+            core,
+            cpu,
+            "could not pin the worker thread to its CPU; running unpinned"
+        );
+    }
+}

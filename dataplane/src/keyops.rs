@@ -1,0 +1,147 @@
+//! The key-operation pool: worker threads that run `Accepted::into_connection()` — and so the
+//! token signature inside it — away from the io threads.
+//!
+//! The queue is bounded (total `queue_depth`; drivers also bound their own in-flight count per
+//! core), every request carries a deadline, and a request that waited past it is answered
+//! `Deadline` without touching the token. The answer goes back through the request's `reply`
+//! closure, which each driver builds to wake its own loop (a tokio oneshot for the portable
+//! driver; an eventfd or `IORING_OP_MSG_RING` for io_uring). Workers keep no state between
+//! requests, so a token error fails only the handshake that met it.
+
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crate::config::KeyOpConfig;
+use crate::conn::{run_key_op, KeyOpFailure, KeyOpJob, KeyOpResult};
+use crate::metrics as m;
+use crate::Error;
+
+/// Where a result goes: called exactly once, on a worker thread (or on the submitting thread when
+/// the request is refused).
+pub type KeyOpReply = Box<dyn FnOnce(KeyOpResult) + Send>;
+
+/// One request to the pool.
+pub struct KeyOpRequest {
+    /// What to run.
+    pub job: KeyOpJob,
+    /// After this instant the request is answered `Deadline` instead of being run.
+    pub deadline: Instant,
+    /// Delivers the result to the home core.
+    pub reply: KeyOpReply,
+}
+
+impl std::fmt::Debug for KeyOpRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyOpRequest")
+            .field("deadline", &self.deadline)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The pool. Shared by all cores (`submit` takes `&self`).
+#[derive(Debug)]
+pub struct KeyOpPool {
+    tx: Mutex<Option<SyncSender<KeyOpRequest>>>,
+    depth: Arc<AtomicUsize>,
+    workers: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl KeyOpPool {
+    /// Starts `cfg.workers` threads named `tlsgate-keyop-N`.
+    pub fn start(cfg: &KeyOpConfig) -> Result<Self, Error> {
+        let (tx, rx) = sync_channel::<KeyOpRequest>(cfg.queue_depth.max(1));
+        let rx = Arc::new(Mutex::new(rx));
+        let depth = Arc::new(AtomicUsize::new(0));
+        let mut workers = Vec::with_capacity(cfg.workers);
+        for i in 0..cfg.workers.max(1) {
+            let name = format!("tlsgate-keyop-{i}");
+            let rx = rx.clone();
+            let depth = depth.clone();
+            let handle = std::thread::Builder::new()
+                .name(name.clone())
+                .spawn(move || worker(&rx, &depth))
+                .map_err(|source| Error::Spawn { name, source })?;
+            workers.push(handle);
+        }
+        Ok(Self {
+            tx: Mutex::new(Some(tx)),
+            depth,
+            workers: Mutex::new(workers),
+        })
+    }
+
+    /// Queues a request. When the queue is full (or the pool is stopping) the request is handed
+    /// back so the caller fails that handshake at once.
+    pub fn submit(&self, req: KeyOpRequest) -> Result<(), KeyOpRequest> {
+        // The sender is cloned out so no lock is held while sending.
+        let tx = match self.tx.lock() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        let Some(tx) = tx else { return Err(req) };
+        self.depth.fetch_add(1, Relaxed);
+        match tx.try_send(req) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(req) | TrySendError::Disconnected(req)) => {
+                self.depth.fetch_sub(1, Relaxed);
+                Err(req)
+            }
+        }
+    }
+
+    /// Requests queued or running now.
+    pub fn depth(&self) -> usize {
+        self.depth.load(Relaxed)
+    }
+
+    /// Closes the queue; workers finish what they hold and exit. Workers are not joined: one
+    /// stuck in a hung token call must not hold up process exit.
+    pub fn close(&self) {
+        match self.tx.lock() {
+            Ok(mut g) => *g = None,
+            Err(p) => *p.into_inner() = None,
+        }
+        let handles = match self.workers.lock() {
+            Ok(mut g) => std::mem::take(&mut *g),
+            Err(p) => std::mem::take(&mut *p.into_inner()),
+        };
+        drop(handles);
+    }
+}
+
+impl Drop for KeyOpPool {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn worker(rx: &Mutex<Receiver<KeyOpRequest>>, depth: &AtomicUsize) {
+    loop {
+        // The lock is held only while waiting for the next request, never while signing.
+        let req = {
+            let guard = match rx.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            guard.recv()
+        };
+        let Ok(req) = req else { return };
+        let result = if Instant::now() >= req.deadline {
+            Err(KeyOpFailure::Deadline)
+        } else {
+            match run_key_op(req.job) {
+                Ok(conn) if Instant::now() > req.deadline => {
+                    drop(conn);
+                    Err(KeyOpFailure::Deadline)
+                }
+                other => other,
+            }
+        };
+        let now_depth = depth.fetch_sub(1, Relaxed).saturating_sub(1);
+        metrics::gauge!(m::KEY_OP_QUEUE_DEPTH).set(now_depth as f64);
+        (req.reply)(result);
+    }
+}

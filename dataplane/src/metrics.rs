@@ -1,0 +1,32 @@
+//! Every metric name the data plane emits, in one place (Prometheus conventions: `tlsgate_`
+//! prefix, unit suffix, `_total` on counters, low-cardinality labels).
+//!
+//! Cores never touch the `metrics` facade on the hot path: they count into core-owned counters
+//! and flush deltas here at most once a second (see `stats::CoreRecorder::flush`).
+
+/// Connections accepted. Labels: `core`.
+pub const CONNECTIONS_ACCEPTED_TOTAL: &str = "tlsgate_connections_accepted_total";
+/// Connections closed. Labels: `core`, `reason` ([`crate::CloseReason::as_str`]).
+pub const CONNECTIONS_CLOSED_TOTAL: &str = "tlsgate_connections_closed_total";
+/// Connections open now. Labels: `core`.
+pub const CONNECTIONS_OPEN: &str = "tlsgate_connections_open";
+/// Handshakes in flight now. Labels: `core`.
+pub const HANDSHAKES_IN_FLIGHT: &str = "tlsgate_handshakes_in_flight";
+/// Handshakes ended. Labels: `listener`, `version`, `suite`, `group`, `kind` (`full`|`resumed`),
+/// `result` (`ok` or a failure reason).
+pub const HANDSHAKES_TOTAL: &str = "tlsgate_handshakes_total";
+/// Accept to handshake complete. Labels: `listener`, `kind`.
+pub const HANDSHAKE_DURATION_SECONDS: &str = "tlsgate_handshake_duration_seconds";
+/// Key operation, enqueue to result on the home core.
+pub const KEY_OP_DURATION_SECONDS: &str = "tlsgate_key_op_duration_seconds";
+/// Key operations by outcome. Labels: `result` (`queued`|`ok`|`rejected`|`timed_out`|`failed`|
+/// `late`).
+pub const KEY_OPS_TOTAL: &str = "tlsgate_key_ops_total";
+/// Key operations queued or running now, all cores.
+pub const KEY_OP_QUEUE_DEPTH: &str = "tlsgate_key_op_queue_depth";
+/// Bytes moved. Labels: `direction` (`client_in`|`client_out`|`backend_in`|`backend_out`).
+pub const TRANSFERRED_BYTES_TOTAL: &str = "tlsgate_transferred_bytes_total";
+/// Times a core stopped accepting because a per-core limit was reached. Labels: `core`.
+pub const ACCEPT_PAUSED_TOTAL: &str = "tlsgate_accept_paused_total";
+/// 1 for the io driver that runs. Labels: `driver` (`uring`|`portable`).
+pub const IO_DRIVER: &str = "tlsgate_io_driver";

@@ -1,0 +1,353 @@
+//! One connection on the portable driver: a local task that owns both sockets and the `Conn`.
+
+use std::future::pending;
+use std::io;
+use std::net::{Shutdown, SocketAddr};
+use std::rc::Rc;
+use std::time::Instant;
+
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+
+use super::Core;
+use crate::conn::{CloseReason, Conn, Event, KeyOpFailure, KeyOpResult};
+use crate::keyops::KeyOpRequest;
+use crate::stats::KeyOpOutcome;
+
+/// Accounting that must happen however the task ends, including being dropped at drain end.
+struct Guard {
+    core: Rc<Core>,
+    listener: String,
+    handshaking: bool,
+    key_op_since: Option<Instant>,
+    done: bool,
+}
+
+impl Guard {
+    fn handshake_done(&mut self) {
+        if self.handshaking {
+            self.handshaking = false;
+            self.core.handshaking.set(self.core.handshaking.get() - 1);
+            self.core.capacity.notify_one();
+        }
+    }
+
+    fn key_op_finished(&mut self, outcome: KeyOpOutcome) {
+        if let Some(since) = self.key_op_since.take() {
+            self.core
+                .key_ops_in_flight
+                .set(self.core.key_ops_in_flight.get() - 1);
+            self.core
+                .recorder
+                .borrow_mut()
+                .key_op_done(outcome, since.elapsed());
+        }
+    }
+
+    fn finish(&mut self, reason: CloseReason) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        self.key_op_finished(KeyOpOutcome::Late);
+        self.core
+            .recorder
+            .borrow_mut()
+            .closed(&self.listener, reason, self.handshaking);
+        self.handshake_done();
+        self.core.open.set(self.core.open.get() - 1);
+        self.core.capacity.notify_one();
+        self.core.closed.notify_one();
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.finish(CloseReason::Shutdown);
+    }
+}
+
+enum Wake {
+    ClientReadable(io::Result<()>),
+    ClientWritable(io::Result<()>),
+    BackendReadable(io::Result<()>),
+    BackendWritable(io::Result<()>),
+    Connected(Result<io::Result<TcpStream>, tokio::time::error::Elapsed>),
+    KeyOp(Result<KeyOpResult, oneshot::error::RecvError>),
+    Timer,
+}
+
+async fn readable(s: Option<&TcpStream>) -> io::Result<()> {
+    match s {
+        Some(s) => s.readable().await,
+        None => pending().await,
+    }
+}
+
+async fn writable(s: Option<&TcpStream>) -> io::Result<()> {
+    match s {
+        Some(s) => s.writable().await,
+        None => pending().await,
+    }
+}
+
+pub(super) async fn run(
+    core: Rc<Core>,
+    listener_index: usize,
+    client: TcpStream,
+    peer: SocketAddr,
+) {
+    let now = Instant::now();
+    let prepared = core.shared.snapshot.load();
+    let listener = prepared.listeners.get(listener_index).cloned().flatten();
+    let name = match &listener {
+        Some(l) => l.snap.name.clone(),
+        None => core
+            .shared
+            .names
+            .get(listener_index)
+            .cloned()
+            .unwrap_or_default(),
+    };
+    core.open.set(core.open.get() + 1);
+    core.handshaking.set(core.handshaking.get() + 1);
+    core.recorder.borrow().accepted();
+    let mut guard = Guard {
+        core: core.clone(),
+        listener: name,
+        handshaking: true,
+        key_op_since: None,
+        done: false,
+    };
+    let Some(listener) = listener else {
+        guard.finish(CloseReason::ListenerGone);
+        return;
+    };
+    let _ = client.set_nodelay(true);
+    let local = client.local_addr().unwrap_or(listener.snap.bind);
+    let cfg = &core.shared.cfg;
+    let mut conn = Conn::new(
+        listener,
+        &cfg.limits,
+        cfg.danger_inline_key_ops,
+        peer,
+        local,
+        now,
+    );
+    let reason = drive(&core, &mut conn, &client, &mut guard).await;
+    if reason != CloseReason::Done {
+        // Best effort: an alert rustls queued for the client.
+        if !conn.client_out().is_empty() {
+            if let Ok(n) = client.try_write(conn.client_out()) {
+                core.recorder.borrow().client_out(n);
+            }
+        }
+        tracing::debug!(core = core.index, listener = %guard.listener, %peer, reason = reason.as_str(), "connection closed");
+    }
+    guard.finish(reason);
+}
+
+async fn drive(core: &Core, conn: &mut Conn, client: &TcpStream, guard: &mut Guard) -> CloseReason {
+    let cfg = &core.shared.cfg;
+    let mut backend: Option<TcpStream> = None;
+    let mut connecting: Option<std::pin::Pin<Box<dyn std::future::Future<Output = _>>>> = None;
+    let mut key_op_rx: Option<oneshot::Receiver<KeyOpResult>> = None;
+    let mut key_op_deadline: Option<Instant> = None;
+    loop {
+        let now = Instant::now();
+        while let Some(ev) = conn.take_event() {
+            match ev {
+                Event::Offload(job) => {
+                    let deadline = now + cfg.key_ops.deadline();
+                    if core.key_ops_in_flight.get() >= cfg.key_ops.max_in_flight_per_core {
+                        core.recorder.borrow().key_op_rejected();
+                        conn.on_key_op_done(Err(KeyOpFailure::Rejected), now);
+                        continue;
+                    }
+                    let (tx, rx) = oneshot::channel();
+                    let req = KeyOpRequest {
+                        job,
+                        deadline,
+                        reply: Box::new(move |r| {
+                            let _ = tx.send(r);
+                        }),
+                    };
+                    match core.shared.key_ops.submit(req) {
+                        Ok(()) => {
+                            core.key_ops_in_flight.set(core.key_ops_in_flight.get() + 1);
+                            core.recorder.borrow().key_op_queued();
+                            guard.key_op_since = Some(now);
+                            key_op_rx = Some(rx);
+                            key_op_deadline = Some(deadline);
+                        }
+                        Err(_) => {
+                            core.recorder.borrow().key_op_rejected();
+                            conn.on_key_op_done(Err(KeyOpFailure::Rejected), now);
+                        }
+                    }
+                }
+                Event::HandshakeDone(info) => {
+                    core.recorder
+                        .borrow_mut()
+                        .handshake_ok(&guard.listener, &info);
+                    guard.handshake_done();
+                    let addr = conn.backend_addr();
+                    connecting = Some(Box::pin(tokio::time::timeout(
+                        cfg.limits.backend_connect_timeout(),
+                        TcpStream::connect(addr),
+                    )));
+                }
+            }
+        }
+        flush(core, conn, client, backend.as_ref(), now);
+        if let Some(reason) = conn.closed() {
+            return reason;
+        }
+        if conn.wants_backend_shutdown() {
+            if let Some(b) = &backend {
+                let _ = socket2::SockRef::from(b).shutdown(Shutdown::Write);
+            }
+            conn.backend_write_shut();
+        }
+        if conn.wants_client_shutdown() {
+            let _ = socket2::SockRef::from(client).shutdown(Shutdown::Write);
+            conn.client_write_shut();
+        }
+        if conn.is_finished() {
+            return CloseReason::Done;
+        }
+
+        let want_cr = conn.wants_client_read();
+        let want_cw = !conn.client_out().is_empty();
+        let want_br = backend.is_some() && conn.wants_backend_read();
+        let want_bw = backend.is_some() && !conn.backend_out().is_empty();
+        let mut deadline = conn.deadline();
+        if let Some(d) = key_op_deadline {
+            deadline = deadline.min(d);
+        }
+        let wake = tokio::select! {
+            biased;
+            r = async { match key_op_rx.as_mut() { Some(rx) => rx.await, None => pending().await } } => Wake::KeyOp(r),
+            r = async { match connecting.as_mut() { Some(c) => c.await, None => pending().await } } => Wake::Connected(r),
+            r = writable(Some(client)), if want_cw => Wake::ClientWritable(r),
+            r = writable(backend.as_ref()), if want_bw => Wake::BackendWritable(r),
+            r = readable(Some(client)), if want_cr => Wake::ClientReadable(r),
+            r = readable(backend.as_ref()), if want_br => Wake::BackendReadable(r),
+            _ = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)) => Wake::Timer,
+        };
+        let now = Instant::now();
+        match wake {
+            Wake::KeyOp(r) => {
+                key_op_rx = None;
+                key_op_deadline = None;
+                let r = r.unwrap_or(Err(KeyOpFailure::Deadline));
+                let outcome = match &r {
+                    Ok(_) => KeyOpOutcome::Ok,
+                    Err(KeyOpFailure::Deadline) => KeyOpOutcome::TimedOut,
+                    Err(_) => KeyOpOutcome::Failed,
+                };
+                guard.key_op_finished(outcome);
+                conn.on_key_op_done(r, now);
+            }
+            Wake::Connected(r) => {
+                connecting = None;
+                match r {
+                    Ok(Ok(s)) => {
+                        let _ = s.set_nodelay(true);
+                        backend = Some(s);
+                        conn.on_backend_connected(now);
+                    }
+                    Ok(Err(_)) => conn.abort(CloseReason::BackendConnectFailed),
+                    Err(_) => conn.abort(CloseReason::BackendConnectTimeout),
+                }
+            }
+            Wake::ClientWritable(r) => {
+                if r.is_err() {
+                    conn.abort(CloseReason::ClientIoError);
+                }
+            }
+            Wake::BackendWritable(r) => {
+                if r.is_err() {
+                    conn.abort(CloseReason::BackendIoError);
+                }
+            }
+            Wake::ClientReadable(r) => {
+                if r.is_err() {
+                    conn.abort(CloseReason::ClientIoError);
+                    continue;
+                }
+                let mut buf = core.scratch.borrow_mut();
+                match client.try_read(&mut buf) {
+                    Ok(0) => conn.on_client_eof(now),
+                    Ok(n) => {
+                        core.recorder.borrow().client_in(n);
+                        conn.on_client_data(&buf[..n], now);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => conn.abort(CloseReason::ClientIoError),
+                }
+            }
+            Wake::BackendReadable(r) => {
+                let Some(b) = backend.as_ref() else { continue };
+                if r.is_err() {
+                    conn.abort(CloseReason::BackendIoError);
+                    continue;
+                }
+                let mut buf = core.scratch.borrow_mut();
+                match b.try_read(&mut buf) {
+                    Ok(0) => conn.on_backend_eof(now),
+                    Ok(n) => {
+                        core.recorder.borrow().backend_in(n);
+                        conn.on_backend_data(&buf[..n], now);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => conn.abort(CloseReason::BackendIoError),
+                }
+            }
+            Wake::Timer => {
+                if key_op_deadline.is_some_and(|d| now >= d) {
+                    // The worker may still answer; the receiver is dropped so that answer is
+                    // discarded.
+                    key_op_rx = None;
+                    key_op_deadline = None;
+                    guard.key_op_finished(KeyOpOutcome::TimedOut);
+                    conn.on_key_op_done(Err(KeyOpFailure::Deadline), now);
+                } else {
+                    conn.on_timer(now);
+                }
+            }
+        }
+    }
+}
+
+/// Writes what each side can take without waiting.
+fn flush(
+    core: &Core,
+    conn: &mut Conn,
+    client: &TcpStream,
+    backend: Option<&TcpStream>,
+    now: Instant,
+) {
+    while !conn.client_out().is_empty() && conn.closed().is_none() {
+        match client.try_write(conn.client_out()) {
+            Ok(n) => {
+                core.recorder.borrow().client_out(n);
+                conn.client_written(n, now);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(_) => conn.abort(CloseReason::ClientIoError),
+        }
+    }
+    if let Some(b) = backend {
+        while !conn.backend_out().is_empty() && conn.closed().is_none() {
+            match b.try_write(conn.backend_out()) {
+                Ok(n) => {
+                    core.recorder.borrow().backend_out(n);
+                    conn.backend_written(n, now);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => conn.abort(CloseReason::BackendIoError),
+            }
+        }
+    }
+}

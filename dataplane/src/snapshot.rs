@@ -1,0 +1,149 @@
+//! The immutable state cores use for new connections, and its prepared per-listener form.
+
+use std::cell::Cell;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::{CertifiedKey, Signer, SigningKey};
+use rustls::{ServerConfig, SignatureAlgorithm, SignatureScheme};
+
+/// Everything that can change on reload. Immutable: a reload publishes a new one.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// One entry per listener; names must match those given at [`crate::start`].
+    pub listeners: Vec<ListenerSnapshot>,
+}
+
+/// One listener's TLS and routing state.
+#[derive(Debug, Clone)]
+pub struct ListenerSnapshot {
+    /// Unique name (labels metrics and logs).
+    pub name: String,
+    /// Bind address; only read at start (listener sockets are made once).
+    pub bind: SocketAddr,
+    /// Server configuration built by the caller.
+    pub tls: Arc<ServerConfig>,
+    /// The certificate keys are slow (on a token): full handshakes run `into_connection()` on a
+    /// key-operation worker instead of the io thread.
+    pub offload_key_ops: bool,
+    /// Where decrypted bytes go.
+    pub backend: SocketAddr,
+    /// Send a PROXY protocol v2 header to the backend first.
+    pub proxy_protocol: bool,
+}
+
+/// A listener prepared for the io threads: the caller's config plus, for offloaded listeners, a
+/// twin config whose keys refuse to sign (the "tripwire") so a resumption attempt can run inline
+/// and only a handshake that really needs a signature goes to a key-op worker.
+#[derive(Debug)]
+pub(crate) struct PreparedListener {
+    pub snap: ListenerSnapshot,
+    pub tripwire_tls: Option<Arc<ServerConfig>>,
+}
+
+/// A snapshot prepared once on the publishing thread, so cores never build configs.
+#[derive(Debug)]
+pub(crate) struct Prepared {
+    /// Indexed like the listener sockets made at start; `None` when the snapshot lacks a listener
+    /// (its sockets keep accepting but connections are closed at once and counted).
+    pub listeners: Vec<Option<Arc<PreparedListener>>>,
+}
+
+impl Prepared {
+    pub(crate) fn new(snapshot: &Snapshot, names: &[String]) -> Self {
+        let listeners = names
+            .iter()
+            .map(|name| {
+                let snap = snapshot.listeners.iter().find(|l| &l.name == name)?;
+                let tripwire_tls = snap.offload_key_ops.then(|| tripwire_config(&snap.tls));
+                Some(Arc::new(PreparedListener {
+                    snap: snap.clone(),
+                    tripwire_tls,
+                }))
+            })
+            .collect();
+        Self { listeners }
+    }
+}
+
+fn tripwire_config(tls: &Arc<ServerConfig>) -> Arc<ServerConfig> {
+    let mut cfg = (**tls).clone();
+    cfg.cert_resolver = Arc::new(TripwireResolver(tls.cert_resolver.clone()));
+    Arc::new(cfg)
+}
+
+thread_local! {
+    static TRIPPED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Clears the tripwire flag of this thread before an inline attempt.
+pub(crate) fn tripwire_reset() {
+    TRIPPED.with(|t| t.set(false));
+}
+
+/// Whether a tripwire signer was asked to sign on this thread since the last reset.
+pub(crate) fn tripwire_tripped() -> bool {
+    TRIPPED.with(|t| t.get())
+}
+
+#[derive(Debug)]
+struct TripwireResolver(Arc<dyn ResolvesServerCert>);
+
+impl ResolvesServerCert for TripwireResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let real = self.0.resolve(hello)?;
+        let key: Arc<dyn SigningKey> = Arc::new(TripwireKey(real.key.clone()));
+        Some(Arc::new(CertifiedKey {
+            cert: real.cert.clone(),
+            key,
+            ocsp: real.ocsp.clone(),
+        }))
+    }
+
+    fn only_raw_public_keys(&self) -> bool {
+        self.0.only_raw_public_keys()
+    }
+}
+
+/// Chooses schemes exactly like the real key, so the inline attempt takes the same path, but
+/// fails instead of signing.
+struct TripwireKey(Arc<dyn SigningKey>);
+
+impl fmt::Debug for TripwireKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("TripwireKey")
+    }
+}
+
+impl SigningKey for TripwireKey {
+    fn choose_scheme(&self, offered: &[SignatureScheme]) -> Option<Box<dyn Signer>> {
+        let real = self.0.choose_scheme(offered)?;
+        Some(Box::new(TripwireSigner(real.scheme())))
+    }
+
+    fn public_key(&self) -> Option<rustls_pki_types::SubjectPublicKeyInfoDer<'_>> {
+        self.0.public_key()
+    }
+
+    fn algorithm(&self) -> SignatureAlgorithm {
+        self.0.algorithm()
+    }
+}
+
+#[derive(Debug)]
+struct TripwireSigner(SignatureScheme);
+
+impl Signer for TripwireSigner {
+    fn sign(&self, _message: &[u8]) -> Result<Vec<u8>, rustls::Error> {
+        TRIPPED.with(|t| t.set(true));
+        Err(rustls::Error::General(
+            "signature deferred to a key-op worker".into(),
+        ))
+    }
+
+    fn scheme(&self) -> SignatureScheme {
+        self.0
+    }
+}

@@ -1,0 +1,384 @@
+//! Per-core counters: written only by their core (relaxed atomics, no contention), summed on
+//! read by [`crate::Dataplane::stats`], and flushed as deltas to the `metrics` facade about once a
+//! second by the core itself.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::conn::{CloseReason, HandshakeInfo};
+use crate::metrics as m;
+
+/// Every close reason, in counter-array order.
+pub(crate) const REASONS: [CloseReason; 16] = [
+    CloseReason::Done,
+    CloseReason::ClientHelloTooLarge,
+    CloseReason::BadClientHello,
+    CloseReason::TlsError,
+    CloseReason::ClientClosedEarly,
+    CloseReason::HandshakeTimeout,
+    CloseReason::KeyOpRejected,
+    CloseReason::KeyOpTimeout,
+    CloseReason::KeyOpFailed,
+    CloseReason::IdleTimeout,
+    CloseReason::BackendConnectFailed,
+    CloseReason::BackendConnectTimeout,
+    CloseReason::ClientIoError,
+    CloseReason::BackendIoError,
+    CloseReason::ListenerGone,
+    CloseReason::Shutdown,
+];
+
+fn reason_index(r: CloseReason) -> usize {
+    REASONS.iter().position(|x| *x == r).unwrap_or(0)
+}
+
+/// Counters of one core. Only the owning core writes them.
+#[derive(Debug, Default)]
+pub(crate) struct CoreStats {
+    pub accepted: AtomicU64,
+    pub closed: [AtomicU64; 16],
+    pub handshakes_in_flight: AtomicU64,
+    pub handshakes_full: AtomicU64,
+    pub handshakes_resumed: AtomicU64,
+    pub handshakes_failed: AtomicU64,
+    pub key_ops_queued: AtomicU64,
+    pub key_ops_ok: AtomicU64,
+    pub key_ops_rejected: AtomicU64,
+    pub key_ops_timed_out: AtomicU64,
+    pub key_ops_failed: AtomicU64,
+    pub key_ops_late: AtomicU64,
+    pub key_ops_in_flight: AtomicU64,
+    pub client_in: AtomicU64,
+    pub client_out: AtomicU64,
+    pub backend_in: AtomicU64,
+    pub backend_out: AtomicU64,
+    pub accept_paused: AtomicU64,
+}
+
+fn add(c: &AtomicU64, n: u64) {
+    // Single writer: a load and store would do, but fetch_add keeps it obviously right.
+    c.fetch_add(n, Relaxed);
+}
+
+/// Aggregated counters of all cores, as returned by [`crate::Dataplane::stats`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    /// Connections accepted.
+    pub connections_accepted: u64,
+    /// Connections open now.
+    pub connections_open: u64,
+    /// Connections closed, by reason (`CloseReason::as_str`); reasons never seen are absent.
+    pub closed_by_reason: Vec<(&'static str, u64)>,
+    /// Handshakes in flight now.
+    pub handshakes_in_flight: u64,
+    /// Full handshakes completed.
+    pub handshakes_full: u64,
+    /// Resumed handshakes completed.
+    pub handshakes_resumed: u64,
+    /// Handshakes failed (any reason before completion).
+    pub handshakes_failed: u64,
+    /// Key operations submitted to the pool.
+    pub key_ops_queued: u64,
+    /// Key operations that produced a connection.
+    pub key_ops_ok: u64,
+    /// Key operations refused because a queue bound was reached.
+    pub key_ops_rejected: u64,
+    /// Key operations past their deadline.
+    pub key_ops_timed_out: u64,
+    /// Key operations that failed (token or TLS error).
+    pub key_ops_failed: u64,
+    /// Results that arrived for connections already gone.
+    pub key_ops_late: u64,
+    /// Key operations in flight now.
+    pub key_ops_in_flight: u64,
+    /// Bytes read from clients (TLS).
+    pub client_in_bytes: u64,
+    /// Bytes written to clients (TLS).
+    pub client_out_bytes: u64,
+    /// Bytes read from backends.
+    pub backend_in_bytes: u64,
+    /// Bytes written to backends.
+    pub backend_out_bytes: u64,
+    /// Times accept paused on a per-core limit.
+    pub accept_paused: u64,
+}
+
+impl StatsSnapshot {
+    /// Closed connections for one reason.
+    pub fn closed(&self, reason: CloseReason) -> u64 {
+        self.closed_by_reason
+            .iter()
+            .find(|(r, _)| *r == reason.as_str())
+            .map_or(0, |(_, n)| *n)
+    }
+
+    pub(crate) fn sum(cores: &[Arc<CoreStats>]) -> Self {
+        let mut s = StatsSnapshot::default();
+        let mut closed = [0u64; 16];
+        let mut total_closed = 0;
+        for c in cores {
+            s.connections_accepted += c.accepted.load(Relaxed);
+            for (i, slot) in closed.iter_mut().enumerate() {
+                let n = c.closed[i].load(Relaxed);
+                *slot += n;
+                total_closed += n;
+            }
+            s.handshakes_in_flight += c.handshakes_in_flight.load(Relaxed);
+            s.handshakes_full += c.handshakes_full.load(Relaxed);
+            s.handshakes_resumed += c.handshakes_resumed.load(Relaxed);
+            s.handshakes_failed += c.handshakes_failed.load(Relaxed);
+            s.key_ops_queued += c.key_ops_queued.load(Relaxed);
+            s.key_ops_ok += c.key_ops_ok.load(Relaxed);
+            s.key_ops_rejected += c.key_ops_rejected.load(Relaxed);
+            s.key_ops_timed_out += c.key_ops_timed_out.load(Relaxed);
+            s.key_ops_failed += c.key_ops_failed.load(Relaxed);
+            s.key_ops_late += c.key_ops_late.load(Relaxed);
+            s.key_ops_in_flight += c.key_ops_in_flight.load(Relaxed);
+            s.client_in_bytes += c.client_in.load(Relaxed);
+            s.client_out_bytes += c.client_out.load(Relaxed);
+            s.backend_in_bytes += c.backend_in.load(Relaxed);
+            s.backend_out_bytes += c.backend_out.load(Relaxed);
+            s.accept_paused += c.accept_paused.load(Relaxed);
+        }
+        s.connections_open = s.connections_accepted.saturating_sub(total_closed);
+        s.closed_by_reason = REASONS
+            .iter()
+            .zip(closed)
+            .filter(|(_, n)| *n > 0)
+            .map(|(r, n)| (r.as_str(), n))
+            .collect();
+        s
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct HsKey {
+    listener: String,
+    version: &'static str,
+    suite: &'static str,
+    group: &'static str,
+    kind: &'static str,
+    result: &'static str,
+}
+
+/// Most samples a core keeps between flushes; beyond it, samples are dropped (the counters stay
+/// exact, only the histograms thin out).
+const MAX_SAMPLES_PER_FLUSH: usize = 8192;
+/// How often a core flushes to the metrics facade.
+pub(crate) const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A core's recording front: owned by that core's thread, never shared.
+#[derive(Debug)]
+pub(crate) struct CoreRecorder {
+    core: String,
+    pub stats: Arc<CoreStats>,
+    handshakes: HashMap<HsKey, u64>,
+    hs_samples: Vec<(String, &'static str, f64)>,
+    key_op_samples: Vec<f64>,
+    flushed: Flushed,
+    last_flush: Instant,
+}
+
+#[derive(Debug, Default)]
+struct Flushed {
+    accepted: u64,
+    closed: [u64; 16],
+    key_ops: [u64; 6],
+    bytes: [u64; 4],
+    accept_paused: u64,
+}
+
+impl CoreRecorder {
+    pub(crate) fn new(core: usize, stats: Arc<CoreStats>) -> Self {
+        Self {
+            core: core.to_string(),
+            stats,
+            handshakes: HashMap::new(),
+            hs_samples: Vec::new(),
+            key_op_samples: Vec::new(),
+            flushed: Flushed::default(),
+            last_flush: Instant::now(),
+        }
+    }
+
+    pub(crate) fn accepted(&self) {
+        add(&self.stats.accepted, 1);
+        add(&self.stats.handshakes_in_flight, 1);
+    }
+
+    pub(crate) fn accept_paused(&self) {
+        add(&self.stats.accept_paused, 1);
+    }
+
+    pub(crate) fn handshake_ok(&mut self, listener: &str, info: &HandshakeInfo) {
+        self.stats.handshakes_in_flight.fetch_sub(1, Relaxed);
+        let kind = if info.resumed { "resumed" } else { "full" };
+        if info.resumed {
+            add(&self.stats.handshakes_resumed, 1);
+        } else {
+            add(&self.stats.handshakes_full, 1);
+        }
+        *self
+            .handshakes
+            .entry(HsKey {
+                listener: listener.to_owned(),
+                version: info.version,
+                suite: info.suite,
+                group: info.group,
+                kind,
+                result: "ok",
+            })
+            .or_default() += 1;
+        if self.hs_samples.len() < MAX_SAMPLES_PER_FLUSH {
+            self.hs_samples
+                .push((listener.to_owned(), kind, info.duration.as_secs_f64()));
+        }
+    }
+
+    /// A connection ended; `handshaking` says whether it ended before its handshake completed.
+    pub(crate) fn closed(&mut self, listener: &str, reason: CloseReason, handshaking: bool) {
+        add(&self.stats.closed[reason_index(reason)], 1);
+        if handshaking {
+            self.stats.handshakes_in_flight.fetch_sub(1, Relaxed);
+            add(&self.stats.handshakes_failed, 1);
+            *self
+                .handshakes
+                .entry(HsKey {
+                    listener: listener.to_owned(),
+                    version: "",
+                    suite: "",
+                    group: "",
+                    kind: "",
+                    result: reason.as_str(),
+                })
+                .or_default() += 1;
+        }
+    }
+
+    pub(crate) fn key_op_queued(&self) {
+        add(&self.stats.key_ops_queued, 1);
+        add(&self.stats.key_ops_in_flight, 1);
+    }
+
+    pub(crate) fn key_op_rejected(&self) {
+        add(&self.stats.key_ops_rejected, 1);
+    }
+
+    /// A result came back (`ok`/`failed`/`timed_out`) after `elapsed`; `late` when its connection
+    /// was already gone.
+    pub(crate) fn key_op_done(&mut self, outcome: KeyOpOutcome, elapsed: Duration) {
+        self.stats.key_ops_in_flight.fetch_sub(1, Relaxed);
+        let c = match outcome {
+            KeyOpOutcome::Ok => &self.stats.key_ops_ok,
+            KeyOpOutcome::Failed => &self.stats.key_ops_failed,
+            KeyOpOutcome::TimedOut => &self.stats.key_ops_timed_out,
+            KeyOpOutcome::Late => &self.stats.key_ops_late,
+        };
+        add(c, 1);
+        if self.key_op_samples.len() < MAX_SAMPLES_PER_FLUSH {
+            self.key_op_samples.push(elapsed.as_secs_f64());
+        }
+    }
+
+    pub(crate) fn client_in(&self, n: usize) {
+        add(&self.stats.client_in, n as u64);
+    }
+    pub(crate) fn client_out(&self, n: usize) {
+        add(&self.stats.client_out, n as u64);
+    }
+    pub(crate) fn backend_in(&self, n: usize) {
+        add(&self.stats.backend_in, n as u64);
+    }
+    pub(crate) fn backend_out(&self, n: usize) {
+        add(&self.stats.backend_out, n as u64);
+    }
+
+    /// Flushes to the metrics facade if a flush interval has passed (or `force`).
+    pub(crate) fn maybe_flush(&mut self, now: Instant, force: bool) {
+        if !force && now.duration_since(self.last_flush) < FLUSH_INTERVAL {
+            return;
+        }
+        self.last_flush = now;
+        let s = &self.stats;
+        let core = self.core.clone();
+        let delta = |cur: u64, prev: &mut u64| {
+            let d = cur.saturating_sub(*prev);
+            *prev = cur;
+            d
+        };
+        let d = delta(s.accepted.load(Relaxed), &mut self.flushed.accepted);
+        metrics::counter!(m::CONNECTIONS_ACCEPTED_TOTAL, "core" => core.clone()).increment(d);
+        for (i, r) in REASONS.iter().enumerate() {
+            let d = delta(s.closed[i].load(Relaxed), &mut self.flushed.closed[i]);
+            if d > 0 {
+                metrics::counter!(m::CONNECTIONS_CLOSED_TOTAL, "core" => core.clone(), "reason" => r.as_str())
+                    .increment(d);
+            }
+        }
+        let open = s
+            .accepted
+            .load(Relaxed)
+            .saturating_sub(s.closed.iter().map(|c| c.load(Relaxed)).sum::<u64>());
+        metrics::gauge!(m::CONNECTIONS_OPEN, "core" => core.clone()).set(open as f64);
+        metrics::gauge!(m::HANDSHAKES_IN_FLIGHT, "core" => core.clone())
+            .set(s.handshakes_in_flight.load(Relaxed) as f64);
+        let key_ops = [
+            ("queued", &s.key_ops_queued),
+            ("ok", &s.key_ops_ok),
+            ("rejected", &s.key_ops_rejected),
+            ("timed_out", &s.key_ops_timed_out),
+            ("failed", &s.key_ops_failed),
+            ("late", &s.key_ops_late),
+        ];
+        for (i, (label, c)) in key_ops.iter().enumerate() {
+            let d = delta(c.load(Relaxed), &mut self.flushed.key_ops[i]);
+            if d > 0 {
+                metrics::counter!(m::KEY_OPS_TOTAL, "result" => *label).increment(d);
+            }
+        }
+        let bytes = [
+            ("client_in", &s.client_in),
+            ("client_out", &s.client_out),
+            ("backend_in", &s.backend_in),
+            ("backend_out", &s.backend_out),
+        ];
+        for (i, (label, c)) in bytes.iter().enumerate() {
+            let d = delta(c.load(Relaxed), &mut self.flushed.bytes[i]);
+            if d > 0 {
+                metrics::counter!(m::TRANSFERRED_BYTES_TOTAL, "direction" => *label).increment(d);
+            }
+        }
+        let d = delta(
+            s.accept_paused.load(Relaxed),
+            &mut self.flushed.accept_paused,
+        );
+        if d > 0 {
+            metrics::counter!(m::ACCEPT_PAUSED_TOTAL, "core" => core).increment(d);
+        }
+        for (k, n) in self.handshakes.drain() {
+            metrics::counter!(m::HANDSHAKES_TOTAL,
+                "listener" => k.listener, "version" => k.version, "suite" => k.suite,
+                "group" => k.group, "kind" => k.kind, "result" => k.result)
+            .increment(n);
+        }
+        for (listener, kind, secs) in self.hs_samples.drain(..) {
+            metrics::histogram!(m::HANDSHAKE_DURATION_SECONDS, "listener" => listener, "kind" => kind)
+                .record(secs);
+        }
+        let h = metrics::histogram!(m::KEY_OP_DURATION_SECONDS);
+        for secs in self.key_op_samples.drain(..) {
+            h.record(secs);
+        }
+    }
+}
+
+/// How a key operation ended, seen from the home core.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum KeyOpOutcome {
+    Ok,
+    Failed,
+    TimedOut,
+    Late,
+}

@@ -1,0 +1,116 @@
+//! The keystore's error type.
+
+use std::path::PathBuf;
+
+use crate::cert::CertError;
+use crate::uri::UriError;
+
+/// Result alias used throughout the keystore.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything the keystore can fail with. Variants carry structured fields so callers (the CLI,
+/// the management API, tests) can act on the cause instead of parsing messages. No variant ever
+/// carries PIN or private key bytes.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A PKCS#11 call failed. `function` is the Cryptoki function (`C_Sign`), `rv` the CKR name.
+    #[error("PKCS#11 {function} failed: {rv}")]
+    Pkcs11 { function: &'static str, rv: String },
+
+    /// The token refused the user PIN.
+    #[error("token {token:?} rejected the user PIN (CKR_PIN_INCORRECT)")]
+    PinIncorrect { token: String },
+
+    /// The token locked the user PIN after too many failures.
+    #[error("the user PIN of token {token:?} is locked (CKR_PIN_LOCKED)")]
+    PinLocked { token: String },
+
+    /// The PIN could not be obtained from its source (`env:VAR` or `file:PATH`).
+    #[error("cannot read the PIN from {source_desc}: {reason}")]
+    PinSource { source_desc: String, reason: String },
+
+    /// A PIN file that group or others may access: refused, since anyone on the box could read it.
+    #[error(
+        "PIN file {} has mode {mode:04o}: group/others may access it; \
+         make it readable by its owner only (chmod 600)",
+        path.display()
+    )]
+    PinFilePermissions { path: PathBuf, mode: u32 },
+
+    /// The PKCS#11 module could not be loaded or initialised.
+    #[error("cannot load PKCS#11 module {}: {reason}", path.display())]
+    ModuleLoad { path: PathBuf, reason: String },
+
+    /// No token with that label (or serial) in any slot of the module.
+    #[error("no token {label:?} in PKCS#11 module {}", module.display())]
+    TokenNotFound { label: String, module: PathBuf },
+
+    /// The URI names a token other than the one it was looked up in.
+    #[error("key {uri} names token {wanted:?}, but it was looked up in token {token:?}")]
+    WrongToken {
+        uri: String,
+        wanted: String,
+        token: String,
+    },
+
+    /// No private key matches the URI.
+    #[error("no private key matches {uri}")]
+    KeyNotFound { uri: String },
+
+    /// More than one private key matches the URI; a key reference must name exactly one.
+    #[error("{count} private keys match {uri}; add id= or a more precise object=")]
+    AmbiguousKey { uri: String, count: usize },
+
+    /// A key with that label or id already exists on the token.
+    #[error("token {token:?} already holds a key labelled {label:?}")]
+    KeyExists { token: String, label: String },
+
+    /// A malformed PKCS#11 URI or key reference.
+    #[error(transparent)]
+    Uri(#[from] UriError),
+
+    /// The key type, curve or size is not one the keystore handles.
+    #[error("unsupported key: {reason}")]
+    UnsupportedKey { reason: String },
+
+    /// The token offers no mechanism the keystore needs for this key.
+    #[error("token {token:?} does not offer {mechanism}")]
+    MechanismUnavailable { token: String, mechanism: String },
+
+    /// Private key input (PKCS#8 PEM/DER) that does not parse. Never contains key bytes.
+    #[error("cannot parse private key{}: {reason}", path.as_ref().map(|p| format!(" {}", p.display())).unwrap_or_default())]
+    KeyParse {
+        path: Option<PathBuf>,
+        reason: String,
+    },
+
+    /// A certificate or chain problem.
+    #[error(transparent)]
+    Certificate(#[from] CertError),
+
+    /// Building a CSR or certificate failed.
+    #[error("certificate generation failed: {reason}")]
+    CertGeneration { reason: String },
+
+    /// The lab CA directory is missing something or is malformed.
+    #[error("lab CA in {}: {reason}", dir.display())]
+    LabCa { dir: PathBuf, reason: String },
+
+    /// File I/O.
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

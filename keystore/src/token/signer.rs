@@ -1,0 +1,275 @@
+//! rustls signing with token keys. Hashing happens in process (aws-lc-rs); the token sees only
+//! the digest (ECDSA, RSA) or the message (Ed25519). Failures reach rustls as
+//! `Error::General`, never as a panic, after a warning that names the PKCS#11 function and CKR.
+
+use std::sync::Arc;
+
+use aws_lc_rs::digest;
+use cryptoki::mechanism::eddsa::{EddsaParams, EddsaSignatureScheme};
+use cryptoki::mechanism::rsa::{PkcsMgfType, PkcsPssParams};
+use cryptoki::mechanism::{Mechanism, MechanismType};
+use rustls::pki_types::SubjectPublicKeyInfoDer;
+use rustls::sign::{Signer, SigningKey};
+use rustls::{SignatureAlgorithm, SignatureScheme};
+
+use super::Token;
+use crate::der;
+use crate::error::{Error, Result};
+use crate::keyinfo::KeyKind;
+use crate::uri::Pkcs11Uri;
+
+/// A signature algorithm as the keystore performs it on a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TokenAlg {
+    EcdsaSha256,
+    EcdsaSha384,
+    RsaPssSha256,
+    RsaPssSha384,
+    RsaPssSha512,
+    RsaPkcs1Sha256,
+    RsaPkcs1Sha384,
+    RsaPkcs1Sha512,
+    Ed25519,
+}
+
+impl TokenAlg {
+    fn from_scheme(s: SignatureScheme) -> Option<TokenAlg> {
+        Some(match s {
+            SignatureScheme::ECDSA_NISTP256_SHA256 => TokenAlg::EcdsaSha256,
+            SignatureScheme::ECDSA_NISTP384_SHA384 => TokenAlg::EcdsaSha384,
+            SignatureScheme::RSA_PSS_SHA256 => TokenAlg::RsaPssSha256,
+            SignatureScheme::RSA_PSS_SHA384 => TokenAlg::RsaPssSha384,
+            SignatureScheme::RSA_PSS_SHA512 => TokenAlg::RsaPssSha512,
+            SignatureScheme::RSA_PKCS1_SHA256 => TokenAlg::RsaPkcs1Sha256,
+            SignatureScheme::RSA_PKCS1_SHA384 => TokenAlg::RsaPkcs1Sha384,
+            SignatureScheme::RSA_PKCS1_SHA512 => TokenAlg::RsaPkcs1Sha512,
+            SignatureScheme::ED25519 => TokenAlg::Ed25519,
+            _ => return None,
+        })
+    }
+
+    fn mechanism_type(self) -> MechanismType {
+        match self {
+            TokenAlg::EcdsaSha256 | TokenAlg::EcdsaSha384 => MechanismType::ECDSA,
+            TokenAlg::RsaPssSha256 | TokenAlg::RsaPssSha384 | TokenAlg::RsaPssSha512 => {
+                MechanismType::RSA_PKCS_PSS
+            }
+            TokenAlg::RsaPkcs1Sha256 | TokenAlg::RsaPkcs1Sha384 | TokenAlg::RsaPkcs1Sha512 => {
+                MechanismType::RSA_PKCS
+            }
+            TokenAlg::Ed25519 => MechanismType::EDDSA,
+        }
+    }
+}
+
+/// Schemes per key kind, most preferred first (rustls's own order for RSA).
+fn schemes_for(kind: KeyKind) -> &'static [SignatureScheme] {
+    match kind {
+        KeyKind::EcP256 => &[SignatureScheme::ECDSA_NISTP256_SHA256],
+        KeyKind::EcP384 => &[SignatureScheme::ECDSA_NISTP384_SHA384],
+        KeyKind::Rsa { .. } => &[
+            SignatureScheme::RSA_PSS_SHA512,
+            SignatureScheme::RSA_PSS_SHA384,
+            SignatureScheme::RSA_PSS_SHA256,
+            SignatureScheme::RSA_PKCS1_SHA512,
+            SignatureScheme::RSA_PKCS1_SHA384,
+            SignatureScheme::RSA_PKCS1_SHA256,
+        ],
+        KeyKind::Ed25519 => &[SignatureScheme::ED25519],
+    }
+}
+
+/// A private key on a token: everything needed to sign, nothing of the key itself.
+#[derive(Debug)]
+pub(crate) struct TokenKey {
+    pub(crate) token: Arc<Token>,
+    pub(crate) uri: Pkcs11Uri,
+    pub(crate) kind: KeyKind,
+    pub(crate) spki_der: Vec<u8>,
+}
+
+impl TokenKey {
+    pub(crate) fn new(token: &Arc<Token>, uri: &Pkcs11Uri) -> Result<TokenKey> {
+        let info = token.find(uri)?;
+        // Pin the reference to the exact object found, so a key added later with the same
+        // label cannot make the reference ambiguous mid-flight.
+        let mut uri = uri.clone();
+        if uri.id.is_none() && !info.id.is_empty() {
+            uri.id = Some(info.id.clone());
+        }
+        Ok(TokenKey {
+            token: Arc::clone(token),
+            uri,
+            kind: info.kind,
+            spki_der: info.spki_der,
+        })
+    }
+
+    pub(crate) fn sign(&self, alg: TokenAlg, message: &[u8]) -> Result<Vec<u8>> {
+        let pss = |hash: MechanismType, mgf: PkcsMgfType, len: u64| {
+            Mechanism::RsaPkcsPss(PkcsPssParams {
+                hash_alg: hash,
+                mgf,
+                s_len: len.into(),
+            })
+        };
+        let digest_info = |prefix: &[u8], d: digest::Digest| {
+            let mut v = prefix.to_vec();
+            v.extend_from_slice(d.as_ref());
+            v
+        };
+        match alg {
+            TokenAlg::EcdsaSha256 | TokenAlg::EcdsaSha384 => {
+                let d = if alg == TokenAlg::EcdsaSha256 {
+                    digest::digest(&digest::SHA256, message)
+                } else {
+                    digest::digest(&digest::SHA384, message)
+                };
+                let raw = self
+                    .token
+                    .sign_raw(&self.uri, &Mechanism::Ecdsa, d.as_ref())?;
+                der::ecdsa_raw_to_der(&raw).ok_or_else(|| Error::Pkcs11 {
+                    function: "C_Sign",
+                    rv: format!("malformed ECDSA signature of {} bytes", raw.len()),
+                })
+            }
+            TokenAlg::RsaPssSha256 => {
+                let d = digest::digest(&digest::SHA256, message);
+                let m = pss(MechanismType::SHA256, PkcsMgfType::MGF1_SHA256, 32);
+                self.token.sign_raw(&self.uri, &m, d.as_ref())
+            }
+            TokenAlg::RsaPssSha384 => {
+                let d = digest::digest(&digest::SHA384, message);
+                let m = pss(MechanismType::SHA384, PkcsMgfType::MGF1_SHA384, 48);
+                self.token.sign_raw(&self.uri, &m, d.as_ref())
+            }
+            TokenAlg::RsaPssSha512 => {
+                let d = digest::digest(&digest::SHA512, message);
+                let m = pss(MechanismType::SHA512, PkcsMgfType::MGF1_SHA512, 64);
+                self.token.sign_raw(&self.uri, &m, d.as_ref())
+            }
+            TokenAlg::RsaPkcs1Sha256 => {
+                let data = digest_info(
+                    der::DIGEST_INFO_SHA256,
+                    digest::digest(&digest::SHA256, message),
+                );
+                self.token.sign_raw(&self.uri, &Mechanism::RsaPkcs, &data)
+            }
+            TokenAlg::RsaPkcs1Sha384 => {
+                let data = digest_info(
+                    der::DIGEST_INFO_SHA384,
+                    digest::digest(&digest::SHA384, message),
+                );
+                self.token.sign_raw(&self.uri, &Mechanism::RsaPkcs, &data)
+            }
+            TokenAlg::RsaPkcs1Sha512 => {
+                let data = digest_info(
+                    der::DIGEST_INFO_SHA512,
+                    digest::digest(&digest::SHA512, message),
+                );
+                self.token.sign_raw(&self.uri, &Mechanism::RsaPkcs, &data)
+            }
+            TokenAlg::Ed25519 => {
+                let m = Mechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Ed25519));
+                self.token.sign_raw(&self.uri, &m, message)
+            }
+        }
+    }
+}
+
+/// A rustls `SigningKey` whose private half stays on the token.
+#[derive(Debug, Clone)]
+pub struct TokenSigningKey {
+    key: Arc<TokenKey>,
+    schemes: Vec<SignatureScheme>,
+}
+
+impl TokenSigningKey {
+    pub(crate) fn new(token: &Arc<Token>, uri: &Pkcs11Uri) -> Result<TokenSigningKey> {
+        let key = TokenKey::new(token, uri)?;
+        // Offer only what the token can do, so a handshake never picks a scheme that will fail.
+        let schemes: Vec<SignatureScheme> = schemes_for(key.kind)
+            .iter()
+            .copied()
+            .filter(|s| {
+                TokenAlg::from_scheme(*s).is_some_and(|a| token.has_mechanism(a.mechanism_type()))
+            })
+            .collect();
+        if schemes.is_empty() {
+            return Err(Error::MechanismUnavailable {
+                token: token.label().to_owned(),
+                mechanism: format!("any signature mechanism for a {} key", key.kind),
+            });
+        }
+        Ok(TokenSigningKey {
+            key: Arc::new(key),
+            schemes,
+        })
+    }
+
+    /// The schemes this key can produce, most preferred first.
+    pub fn schemes(&self) -> &[SignatureScheme] {
+        &self.schemes
+    }
+
+    pub fn kind(&self) -> KeyKind {
+        self.key.kind
+    }
+
+    pub fn uri(&self) -> &Pkcs11Uri {
+        &self.key.uri
+    }
+}
+
+impl SigningKey for TokenSigningKey {
+    fn choose_scheme(&self, offered: &[SignatureScheme]) -> Option<Box<dyn Signer>> {
+        let scheme = self.schemes.iter().copied().find(|s| offered.contains(s))?;
+        let alg = TokenAlg::from_scheme(scheme)?;
+        Some(Box::new(TokenSigner {
+            key: Arc::clone(&self.key),
+            scheme,
+            alg,
+        }))
+    }
+
+    fn public_key(&self) -> Option<SubjectPublicKeyInfoDer<'_>> {
+        Some(SubjectPublicKeyInfoDer::from(self.key.spki_der.as_slice()))
+    }
+
+    fn algorithm(&self) -> SignatureAlgorithm {
+        match self.key.kind {
+            KeyKind::EcP256 | KeyKind::EcP384 => SignatureAlgorithm::ECDSA,
+            KeyKind::Rsa { .. } => SignatureAlgorithm::RSA,
+            KeyKind::Ed25519 => SignatureAlgorithm::ED25519,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct TokenSigner {
+    key: Arc<TokenKey>,
+    scheme: SignatureScheme,
+    alg: TokenAlg,
+}
+
+impl Signer for TokenSigner {
+    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, rustls::Error> {
+        self.key.sign(self.alg, message).map_err(|e| {
+            match &e {
+                Error::Pkcs11 { function, rv } => tracing::warn!(
+                    key = %self.key.uri, scheme = ?self.scheme, function, rv,
+                    "token signature failed"
+                ),
+                other => tracing::warn!(
+                    key = %self.key.uri, scheme = ?self.scheme, error = %other,
+                    "token signature failed"
+                ),
+            }
+            rustls::Error::General(format!("token signature failed: {e}"))
+        })
+    }
+
+    fn scheme(&self) -> SignatureScheme {
+        self.scheme
+    }
+}

@@ -1,0 +1,54 @@
+//! The command line: `tlsgate serve`, the offline `tlsgate token …` and `tlsgate ca …` commands,
+//! and the lab's demo backend.
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+use crate::logging::LogFormat;
+
+pub mod ca;
+pub mod demo_backend;
+pub mod token;
+
+/// tlsgate: a TLS offload appliance whose private keys stay in a PKCS#11 token.
+#[derive(Debug, Parser)]
+#[command(name = "tlsgate", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Log line format (the level comes from TLSGATE_LOG, e.g. `info` or `tlsgate=debug`).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+impl Cli {
+    /// The log format the user asked for.
+    pub fn log_format(&self) -> LogFormat {
+        self.log_format
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the appliance: terminate TLS on the configured listeners.
+    Serve(crate::serve::ServeArgs),
+    /// Offline token commands that talk straight to a PKCS#11 module (the key ceremony).
+    #[command(subcommand)]
+    Token(token::TokenCommand),
+    /// The lab's internal certificate authority (software keys; for labs and tests only).
+    #[command(subcommand)]
+    Ca(ca::CaCommand),
+    /// A small HTTP backend for the lab: answers every request with a short page.
+    DemoBackend(demo_backend::DemoBackendArgs),
+}
+
+/// Runs the parsed command.
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Serve(args) => crate::serve::run(args),
+        Command::Token(cmd) => token::run(cmd),
+        Command::Ca(cmd) => ca::run(cmd),
+        Command::DemoBackend(args) => demo_backend::run(args),
+    }
+}

@@ -1,0 +1,140 @@
+//! `tlsgate serve`: load the configuration, open the token, start the data plane, and handle
+//! signals (SIGTERM/SIGINT drain and exit; SIGHUP reloads certificates for new handshakes).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use tlsgate_dataplane::{ListenerSnapshot, Snapshot};
+use tlsgate_keystore::cert::CertChain;
+use tlsgate_keystore::keyref::{self, KeyBackend, KeyRef};
+use tlsgate_keystore::token::{Token, TokenSelector};
+
+use crate::config::Config;
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The TOML configuration file.
+    #[arg(long, short)]
+    pub config: PathBuf,
+    /// Once every listener is bound, write `name addr` lines here (atomically), for scripts and
+    /// tests that bind port 0.
+    #[arg(long)]
+    pub ready_file: Option<PathBuf>,
+}
+
+/// Runs the appliance until SIGTERM or SIGINT.
+pub fn run(args: ServeArgs) -> Result<()> {
+    let config = Config::load(&args.config)?;
+    let token = open_token(&config)?;
+    let snapshot = build_snapshot(&config, token.as_ref())?;
+    let dp_config = config.dataplane();
+    let drain = dp_config.limits.drain_timeout();
+    let dataplane = tlsgate_dataplane::start(dp_config, Arc::new(snapshot))
+        .context("cannot start the data plane")?;
+
+    let addrs = dataplane.local_addrs();
+    for (name, addr) in &addrs {
+        tracing::info!(listener = %name, %addr, driver = dataplane.driver().as_str(), "listening");
+    }
+    if let Some(path) = &args.ready_file {
+        let lines: String = addrs.iter().map(|(n, a)| format!("{n} {a}\n")).collect();
+        crate::files::write_atomic(path, lines.as_bytes(), 0o644)?;
+    }
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the signal runtime")?;
+    rt.block_on(wait_for_signals(&args.config, &dataplane, token.as_ref()))?;
+    tracing::info!(drain_secs = drain.as_secs_f64(), "draining");
+    dataplane.shutdown(drain).context("shutdown")?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signals(
+    config_path: &Path,
+    dataplane: &tlsgate_dataplane::Dataplane,
+    token: Option<&Arc<Token>>,
+) -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+            _ = hup.recv() => {
+                match reload(config_path, token) {
+                    Ok(snapshot) => {
+                        dataplane.update(Arc::new(snapshot));
+                        tracing::info!("reloaded certificates for new handshakes");
+                    }
+                    Err(err) => tracing::error!(error = %format!("{err:#}"), "reload refused; the running configuration stays"),
+                }
+            }
+        }
+    }
+}
+
+/// Re-reads certificates and keys. Listener addresses, cores and the token are fixed at start.
+fn reload(config_path: &Path, token: Option<&Arc<Token>>) -> Result<Snapshot> {
+    let config = Config::load(config_path)?;
+    build_snapshot(&config, token)
+}
+
+/// Opens the token named by `[pkcs11]`, if any.
+pub fn open_token(config: &Config) -> Result<Option<Arc<Token>>> {
+    let (Some(p11), Some(pin)) = (&config.pkcs11, config.pin_source()?) else {
+        return Ok(None);
+    };
+    let token = Token::open(&p11.module, TokenSelector::Label(p11.token.clone()), &pin)
+        .with_context(|| format!("[pkcs11]: cannot open token {:?}", p11.token))?;
+    Ok(Some(token))
+}
+
+/// Loads every listener's certificates and keys into a snapshot, checking each chain (order,
+/// validity, key match) so a bad file fails here and not in a handshake.
+pub fn build_snapshot(config: &Config, token: Option<&Arc<Token>>) -> Result<Snapshot> {
+    let now = SystemTime::now();
+    let mut listeners = Vec::with_capacity(config.listeners.len());
+    for (i, l) in config.listeners.iter().enumerate() {
+        let mut certs = Vec::with_capacity(l.certificates.len());
+        let mut offload = false;
+        for (j, c) in l.certificates.iter().enumerate() {
+            let at = format!("listener[{i}].certificate[{j}] ({})", l.name);
+            let key_ref: KeyRef = c.key.parse().with_context(|| format!("{at}.key"))?;
+            let key_ref = match key_ref {
+                KeyRef::File(p) => KeyRef::File(config.resolve(&p)),
+                other => other,
+            };
+            let loaded =
+                keyref::load(&key_ref, token).with_context(|| format!("{at}.key: {}", c.key))?;
+            let chain_path = config.resolve(&c.chain);
+            let chain = CertChain::from_pem_file(&chain_path)
+                .with_context(|| format!("{at}.chain: {}", chain_path.display()))?;
+            let report = chain
+                .validate(&loaded.spki_der, now)
+                .with_context(|| format!("{at}.chain: {}", chain_path.display()))?;
+            tracing::info!(listener = %l.name, subject = %report.subject, sans = ?report.sans, key = %c.key, "certificate loaded");
+            certs.push(
+                tlsgate_keystore::cert::certified_key(&chain, loaded.signing_key.clone())
+                    .with_context(|| format!("{at}"))?,
+            );
+            offload |= loaded.backend == KeyBackend::Pkcs11;
+        }
+        listeners.push(ListenerSnapshot {
+            name: l.name.clone(),
+            bind: l.bind,
+            tls: crate::tls::server_config(certs)?,
+            offload_key_ops: offload,
+            backend: l.backend,
+            proxy_protocol: l.proxy_protocol,
+        });
+    }
+    Ok(Snapshot { listeners })
+}

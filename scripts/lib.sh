@@ -1,0 +1,54 @@
+# Helpers shared by the project's scripts. Sourced, not run.
+
+step() { printf '\n==> %s\n' "$*"; }
+
+as_root() {
+    if [[ $(id -u) -eq 0 ]]; then "$@"; else sudo "$@"; fi
+}
+
+# Installs the Debian packages that are missing, and only those.
+ensure_packages() {
+    local missing=()
+    for p in "$@"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    if ((${#missing[@]})); then
+        echo "installing: ${missing[*]}"
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    else
+        echo "already installed: $*"
+    fi
+}
+
+ensure_rust_components() {
+    local need=()
+    cargo fmt --version >/dev/null 2>&1 || need+=(rustfmt)
+    cargo clippy --version >/dev/null 2>&1 || need+=(clippy)
+    if ((${#need[@]})); then
+        rustup component add "${need[@]}"
+    fi
+}
+
+# cargo-deny checks the dependency policy in deny.toml. Built from crates.io once, then reused.
+CARGO_DENY_VERSION=0.20.2
+ensure_cargo_deny() {
+    if cargo deny --version 2>/dev/null | grep -q " ${CARGO_DENY_VERSION}\$"; then
+        echo "cargo-deny ${CARGO_DENY_VERSION} present"
+    else
+        echo "building cargo-deny ${CARGO_DENY_VERSION} (once; a few minutes)"
+        cargo install --locked --quiet "cargo-deny@${CARGO_DENY_VERSION}"
+    fi
+}
+
+# ring must never be built. Cargo.lock still names it because rustls-webpki declares a weak
+# optional feature (`ring?/alloc`) and cargo records such packages in the lock file even when no
+# feature enables them; what matters is that no build of ours includes it.
+check_no_ring() {
+    if cargo tree --workspace --target all -e normal,build,dev -i ring 2>/dev/null | grep -q ring; then
+        echo "error: ring is in the dependency graph:" >&2
+        cargo tree --workspace --target all -e normal,build,dev -i ring >&2
+        return 1
+    fi
+    echo "ring: not in the dependency graph"
+}

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Sets up and runs tlsgate's whole test suite: system packages, formatting, lints, the
+# dependency policy, then every test (unit, integration, SoftHSM2, real clients).
+#
+# Usage: scripts/test.sh            (from anywhere; needs Rust and a Debian-like system)
+# Environment:
+#   TLSGATE_TEST_PKCS11_MODULE/_TOKEN/_PIN   run the key-backend tests against another module too
+#   TLSGATE_SKIP_LINT=1                      skip fmt/clippy/deny (quick local iterations)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source scripts/lib.sh
+
+step "system packages"
+ensure_packages softhsm2 openssl curl ca-certificates gcc make pkg-config
+
+step "Rust tools"
+ensure_rust_components
+ensure_cargo_deny
+
+if [[ "${TLSGATE_SKIP_LINT:-0}" != 1 ]]; then
+    step "cargo fmt --check"
+    cargo fmt --all -- --check
+
+    step "cargo clippy -D warnings"
+    cargo clippy --workspace --all-targets --locked -- -D warnings
+
+    step "cargo deny (bans, licenses, sources)"
+    cargo deny --log-level error check bans licenses sources
+    check_no_ring
+fi
+
+step "build (the tests need the tlsgate binary and the PKCS#11 test shim)"
+cargo build --workspace --all-targets --locked
+
+step "tests"
+cargo test --workspace --locked --no-fail-fast
