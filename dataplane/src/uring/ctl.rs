@@ -371,6 +371,13 @@ impl Ctl {
         self.backlog.push(Pending::One(entry));
     }
 
+    /// The local address of a socket.
+    pub fn local_addr(&self, sock: SocketId) -> Option<SocketAddr> {
+        self.socks
+            .get(sock.0)
+            .and_then(|s| sys::local_addr(s.fd.as_raw_fd()).ok())
+    }
+
     /// The peer address of a connected socket.
     pub fn peer_addr(&self, sock: SocketId) -> Option<SocketAddr> {
         self.socks

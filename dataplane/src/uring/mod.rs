@@ -17,6 +17,7 @@
 
 mod bufring;
 mod ctl;
+pub(crate) mod driver;
 mod event_loop;
 mod probe;
 mod slab;

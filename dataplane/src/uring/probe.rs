@@ -153,7 +153,21 @@ fn read_sysctl() -> Option<u8> {
 
 /// Tries io_uring the way the driver will use it: a ring, the probe and a buffer ring.
 /// `Ok` carries the features to log; `Err` says why the portable driver must run instead.
+///
+/// The trial ring is made on a short-lived thread of its own: a thread that ever created a
+/// ring is sent task work (`TWA_SIGNAL`) when the kernel tears that ring down, which makes a
+/// blocking socket call of that thread with a timeout fail with EINTR much later. The caller
+/// (often the process's main thread) must stay clear of that.
 pub fn check_available() -> Result<Features, Unavailable> {
+    std::thread::Builder::new()
+        .name("tlsgate-uring-probe".into())
+        .spawn(check_available_here)
+        .map_err(|e| Unavailable::SetupFailed(format!("probe thread: {e}")))?
+        .join()
+        .unwrap_or_else(|_| Err(Unavailable::SetupFailed("probe thread panicked".into())))
+}
+
+fn check_available_here() -> Result<Features, Unavailable> {
     let sysctl = read_sysctl();
     let ring = match IoUring::new(8) {
         Ok(ring) => ring,
@@ -164,7 +178,13 @@ pub fn check_available() -> Result<Features, Unavailable> {
     };
     let mut features =
         probe_ring(&ring).map_err(|e| Unavailable::SetupFailed(format!("probe: {e}")))?;
-    features.buf_ring = super::bufring::BufRing::register(&ring, 0, 2, 64).is_ok();
+    features.buf_ring = match super::bufring::BufRing::register(&ring, 0, 2, 64) {
+        Ok(bufs) => {
+            let _ = ring.submitter().unregister_buf_ring(bufs.group);
+            true
+        }
+        Err(_) => false,
+    };
     match features.missing_required() {
         Some(what) => Err(Unavailable::MissingFeature(what)),
         None => Ok(features),
