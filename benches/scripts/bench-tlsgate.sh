@@ -167,9 +167,12 @@ for tls in $tls_versions; do
             "${bounds[@]}" --duration "$duration" --server-pid "$pids" --json "$json" \
             --output row ${extra[@]+"${extra[@]}"} 2>"$out/$label-$mode-tls$tls.err" \
             | tee -a "$out/table.txt"; then
-            echo "  ($mode tls$tls failed: $(tail -n 1 "$out/$label-$mode-tls$tls.err"))" | tee -a "$out/table.txt"
+            why="$(grep -m1 -E '^(Error|error)' "$out/$label-$mode-tls$tls.err" || tail -n 1 "$out/$label-$mode-tls$tls.err")"
+            echo "  ($mode tls$tls failed: $why)" | tee -a "$out/table.txt"
             status=1
         fi
+        # The first failure of each kind, as the generator reported it.
+        grep '^first ' "$out/$label-$mode-tls$tls.err" | sed 's/^/    /' | tee -a "$out/table.txt" || true
         if ! kill -0 "$server_pid" 2>/dev/null; then
             echo "the server died during $mode tls$tls; log in $out/server.log" >&2
             exit 1

@@ -25,7 +25,9 @@ pub struct Args {
     #[arg(long = "tls", value_enum)]
     pub tls: Option<TlsVersion>,
 
-    /// Key-exchange group offered (exactly one, so the run measures that group).
+    /// Key-exchange group, offered first (TLS 1.3: the only key share). When TLS 1.2 is offered,
+    /// P-256 and P-384 are listed after it, because TLS 1.2 servers also read that list as the
+    /// curves allowed for ECDSA certificates; the report shows the group actually negotiated.
     #[arg(long, value_enum, default_value_t = Group::X25519)]
     pub group: Group,
 

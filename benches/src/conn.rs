@@ -71,6 +71,30 @@ impl ErrorKind {
     }
 }
 
+/// A failed connection or request: the kind it is counted under, and what happened (kept for
+/// the first failure of each kind, so a report can say why without logging every one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub kind: ErrorKind,
+    pub detail: String,
+}
+
+impl Failure {
+    pub fn new(kind: ErrorKind, detail: String) -> Self {
+        Failure { kind, detail }
+    }
+
+    fn io(e: &io::Error) -> Self {
+        Failure::new(ErrorKind::of_io(e), e.to_string())
+    }
+}
+
+impl From<ErrorKind> for Failure {
+    fn from(kind: ErrorKind) -> Self {
+        Failure::new(kind, String::new())
+    }
+}
+
 /// What the run needs to know about every connection.
 #[derive(Debug, Clone)]
 pub struct Endpoint {
@@ -97,26 +121,26 @@ pub struct Response {
 }
 
 /// Connects and completes the handshake.
-pub fn open(ep: &Endpoint, config: &Arc<ClientConfig>) -> Result<Tls, ErrorKind> {
-    let sock =
-        TcpStream::connect_timeout(&ep.addr, ep.timeout).map_err(|e| {
-            match ErrorKind::of_io(&e) {
-                ErrorKind::Timeout => ErrorKind::Timeout,
-                _ => ErrorKind::Connect,
-            }
-        })?;
+pub fn open(ep: &Endpoint, config: &Arc<ClientConfig>) -> Result<Tls, Failure> {
+    let sock = TcpStream::connect_timeout(&ep.addr, ep.timeout).map_err(|e| {
+        let kind = match ErrorKind::of_io(&e) {
+            ErrorKind::Timeout => ErrorKind::Timeout,
+            _ => ErrorKind::Connect,
+        };
+        Failure::new(kind, e.to_string())
+    })?;
     let setup = sock
         .set_nodelay(true)
         .and_then(|()| sock.set_read_timeout(Some(ep.timeout)))
         .and_then(|()| sock.set_write_timeout(Some(ep.timeout)));
-    setup.map_err(|e| ErrorKind::of_io(&e))?;
+    setup.map_err(|e| Failure::io(&e))?;
     let conn = ClientConnection::new(config.clone(), ep.server_name.clone())
-        .map_err(|_| ErrorKind::Tls)?;
+        .map_err(|e| Failure::new(ErrorKind::Tls, e.to_string()))?;
     let mut tls = Tls { conn, sock };
     while tls.conn.is_handshaking() {
         tls.conn
             .complete_io(&mut tls.sock)
-            .map_err(|e| ErrorKind::of_io(&e))?;
+            .map_err(|e| Failure::io(&e))?;
     }
     Ok(tls)
 }
@@ -132,12 +156,12 @@ impl Tls {
         request: &[u8],
         expect_body: Option<u64>,
         scratch: &mut Vec<u8>,
-    ) -> Result<Response, ErrorKind> {
+    ) -> Result<Response, Failure> {
         let mut stream = rustls::Stream::new(&mut self.conn, &mut self.sock);
         stream
             .write_all(request)
             .and_then(|()| stream.flush())
-            .map_err(|e| ErrorKind::of_io(&e))?;
+            .map_err(|e| Failure::io(&e))?;
         read_response(&mut stream, expect_body, scratch)
     }
 
@@ -182,7 +206,7 @@ fn read_response(
     stream: &mut impl Read,
     expect_body: Option<u64>,
     scratch: &mut Vec<u8>,
-) -> Result<Response, ErrorKind> {
+) -> Result<Response, Failure> {
     scratch.clear();
     let mut chunk = [0u8; 4096];
     let head_end = loop {
@@ -190,15 +214,16 @@ fn read_response(
             break pos;
         }
         if scratch.len() > MAX_HEAD_BYTES {
-            return Err(ErrorKind::Http);
+            return Err(ErrorKind::Http.into());
         }
         match stream.read(&mut chunk) {
-            Ok(0) => return Err(ErrorKind::Closed),
+            Ok(0) => return Err(ErrorKind::Closed.into()),
             Ok(n) => scratch.extend_from_slice(&chunk[..n]),
-            Err(e) => return Err(ErrorKind::of_io(&e)),
+            Err(e) => return Err(Failure::io(&e)),
         }
     };
-    let head = std::str::from_utf8(&scratch[..head_end]).map_err(|_| ErrorKind::Http)?;
+    let head =
+        std::str::from_utf8(&scratch[..head_end]).map_err(|_| Failure::from(ErrorKind::Http))?;
     let info = parse_head(head)?;
     let mut body = (scratch.len() - head_end - 4) as u64;
     let mut unclean_close = false;
@@ -207,14 +232,14 @@ fn read_response(
         Some(len) => {
             while body < len {
                 match stream.read(&mut buf) {
-                    Ok(0) => return Err(ErrorKind::BodySize),
+                    Ok(0) => return Err(ErrorKind::BodySize.into()),
                     Ok(n) => body += n as u64,
-                    Err(e) => return Err(ErrorKind::of_io(&e)),
+                    Err(e) => return Err(Failure::io(&e)),
                 }
             }
             if body > len {
                 // No pipelining here, so extra bytes mean a broken server.
-                return Err(ErrorKind::Http);
+                return Err(ErrorKind::Http.into());
             }
         }
         None => loop {
@@ -225,12 +250,12 @@ fn read_response(
                     unclean_close = true;
                     break;
                 }
-                Err(e) => return Err(ErrorKind::of_io(&e)),
+                Err(e) => return Err(Failure::io(&e)),
             }
         },
     }
     if expect_body.is_some_and(|want| want != body) {
-        return Err(ErrorKind::BodySize);
+        return Err(ErrorKind::BodySize.into());
     }
     Ok(Response {
         body_bytes: body,
@@ -304,12 +329,16 @@ mod tests {
         assert!(!r.keep_alive);
         let mut short: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nhello";
         assert_eq!(
-            read_response(&mut short, None, &mut scratch).expect_err("short body"),
+            read_response(&mut short, None, &mut scratch)
+                .expect_err("short body")
+                .kind,
             ErrorKind::BodySize
         );
         let mut not_found: &[u8] = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n";
         assert_eq!(
-            read_response(&mut not_found, None, &mut scratch).expect_err("404"),
+            read_response(&mut not_found, None, &mut scratch)
+                .expect_err("404")
+                .kind,
             ErrorKind::Http
         );
     }

@@ -136,6 +136,12 @@ fn report(args: &Args, mut o: Outcome) -> Report {
     };
     let errors: std::collections::BTreeMap<&'static str, u64> =
         o.stats.errors.iter().map(|(k, v)| (k.name(), *v)).collect();
+    let error_examples = o
+        .stats
+        .error_examples
+        .iter()
+        .map(|(k, v)| (k.name(), v.clone()))
+        .collect();
     Report {
         mode: args.mode.name(),
         target: args.target.clone(),
@@ -159,6 +165,7 @@ fn report(args: &Args, mut o: Outcome) -> Report {
         unclean_closes: o.stats.unclean_closes,
         errors_total: errors.values().sum(),
         errors,
+        error_examples,
         negotiated: o
             .stats
             .negotiated

@@ -12,7 +12,7 @@ use anyhow::{anyhow, Context, Result};
 use rustls::{ClientConfig, HandshakeKind};
 
 use crate::cli::Mode;
-use crate::conn::{open, Endpoint, ErrorKind, Tls};
+use crate::conn::{open, Endpoint, ErrorKind, Failure, Tls};
 use crate::procstat::{self, Sample};
 use crate::stats::{micros, SlotStats};
 
@@ -153,7 +153,7 @@ fn slot(plan: &Plan, shared: &Shared, config: &Arc<ClientConfig>) -> (SlotStats,
                         note_handshake(&tls, &mut stats);
                         held.push(tls);
                     }
-                    Err(kind) => stats.error(kind),
+                    Err(failure) => stats.fail(failure),
                 }
             }
         }
@@ -168,8 +168,11 @@ fn prime(plan: &Plan, config: &Arc<ClientConfig>, stats: &mut SlotStats, scratch
         tls.close();
         r
     });
-    if ok.is_err() {
-        stats.error(ErrorKind::Primer);
+    if let Err(failure) = ok {
+        stats.fail(Failure::new(
+            ErrorKind::Primer,
+            format!("{}: {}", failure.kind.name(), failure.detail),
+        ));
     }
 }
 
@@ -185,8 +188,8 @@ fn handshakes(
         let t0 = Instant::now();
         let mut tls = match open(&plan.ep, config) {
             Ok(tls) => tls,
-            Err(kind) => {
-                stats.error(kind);
+            Err(failure) => {
+                stats.fail(failure);
                 continue;
             }
         };
@@ -204,7 +207,7 @@ fn handshakes(
         let result = tls.exchange(&plan.request, plan.expect_body, scratch);
         tls.close();
         match result {
-            Err(kind) => stats.error(kind),
+            Err(failure) => stats.fail(failure),
             Ok(_) if !expected => stats.error(if plan.mode == Mode::Resume {
                 ErrorKind::NotResumed
             } else {
@@ -244,8 +247,8 @@ fn bulk(
                         note_handshake(&tls, stats);
                         tls
                     }
-                    Err(kind) => {
-                        stats.error(kind);
+                    Err(failure) => {
+                        stats.fail(failure);
                         continue;
                     }
                 }
@@ -268,7 +271,7 @@ fn bulk(
                     tls.close();
                 }
             }
-            Err(kind) => stats.error(kind),
+            Err(failure) => stats.fail(failure),
         }
     }
     if let Some(tls) = live {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use rustls::{CipherSuite, ClientConnection, NamedGroup, ProtocolVersion};
 use serde::Serialize;
 
-use crate::conn::ErrorKind;
+use crate::conn::{ErrorKind, Failure};
 
 /// What one slot (thread) saw. Slots never share these, so the hot path takes no lock.
 #[derive(Debug, Default)]
@@ -21,6 +21,8 @@ pub struct SlotStats {
     pub body_bytes: u64,
     pub unclean_closes: u64,
     pub errors: BTreeMap<ErrorKind, u64>,
+    /// The first failure's detail for each kind.
+    pub error_examples: BTreeMap<ErrorKind, String>,
     /// Negotiated parameters → connections; a short list searched linearly, so the hot path
     /// neither allocates nor formats.
     pub negotiated: Vec<(Negotiated, u64)>,
@@ -51,6 +53,15 @@ impl SlotStats {
         *self.errors.entry(kind).or_default() += 1;
     }
 
+    pub fn fail(&mut self, failure: Failure) {
+        self.error(failure.kind);
+        if !failure.detail.is_empty() {
+            self.error_examples
+                .entry(failure.kind)
+                .or_insert(failure.detail);
+        }
+    }
+
     pub fn note_negotiated(&mut self, conn: &ClientConnection) {
         let key = Negotiated {
             version: conn.protocol_version(),
@@ -73,6 +84,9 @@ impl SlotStats {
         self.unclean_closes += other.unclean_closes;
         for (k, v) in other.errors {
             *self.errors.entry(k).or_default() += v;
+        }
+        for (k, v) in other.error_examples {
+            self.error_examples.entry(k).or_insert(v);
         }
         for (k, v) in other.negotiated {
             match self.negotiated.iter_mut().find(|(key, _)| *key == k) {
@@ -173,6 +187,8 @@ pub struct Report {
     pub unclean_closes: u64,
     pub errors_total: u64,
     pub errors: BTreeMap<&'static str, u64>,
+    /// What the first failure of each kind said.
+    pub error_examples: BTreeMap<&'static str, String>,
     pub negotiated: BTreeMap<String, u64>,
     pub handshakes_per_s: f64,
     pub requests_per_s: f64,
@@ -215,7 +231,10 @@ impl Report {
             self.connections_ok, self.full_handshakes, self.resumed_handshakes, self.errors_total
         );
         for (kind, n) in &self.errors {
-            println!("    error      {kind}: {n}");
+            match self.error_examples.get(kind) {
+                Some(example) => println!("    error      {kind}: {n} (first: {example})"),
+                None => println!("    error      {kind}: {n}"),
+            }
         }
         println!(
             "  rates        {:.1} handshakes/s  {:.1} requests/s  {:.2} MB/s body",
@@ -257,8 +276,12 @@ impl Report {
         println!("  limit        {} (the busier side)", self.limit());
     }
 
-    /// One line; the columns are named in `scripts/bench-tlsgate.sh`.
+    /// One line; the columns are named in `scripts/bench-tlsgate.sh`. Error details go to
+    /// standard error so the line stays one line.
     pub fn print_row(&self) {
+        for (kind, example) in &self.error_examples {
+            eprintln!("first {kind} error: {example}");
+        }
         let opt = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.0}"));
         let (srv_us, srv_busy) = match &self.server {
             Some(s) => (opt(s.cpu.us_per_unit), format!("{:.2}", s.cpu.cores_busy)),

@@ -25,12 +25,27 @@ const SESSIONS_PER_SLOT: usize = 8;
 /// Builds the provider restricted to the requested group and suites.
 pub fn provider(args: &Args) -> Result<CryptoProvider> {
     let mut provider = aws_lc_rs::default_provider();
-    provider.kx_groups = vec![match args.group {
+    let chosen = match args.group {
         Group::X25519 => aws_lc_rs::kx_group::X25519,
         Group::Secp256r1 => aws_lc_rs::kx_group::SECP256R1,
         Group::Secp384r1 => aws_lc_rs::kx_group::SECP384R1,
         Group::X25519Mlkem768 => aws_lc_rs::kx_group::X25519MLKEM768,
-    }];
+    };
+    provider.kx_groups = vec![chosen];
+    if args.tls != Some(TlsVersion::V13) {
+        // In TLS 1.2 the supported-groups list also names the curves the client accepts for
+        // ECDSA certificates, and OpenSSL-based servers refuse a P-256 certificate to a client
+        // that lists only X25519. Listing the certificate curves after the chosen group keeps
+        // the chosen group first (the one the servers pick, and the only TLS 1.3 key share).
+        for curve in [
+            aws_lc_rs::kx_group::SECP256R1,
+            aws_lc_rs::kx_group::SECP384R1,
+        ] {
+            if curve.name() != chosen.name() {
+                provider.kx_groups.push(curve);
+            }
+        }
+    }
     if !args.suites.is_empty() {
         let available = provider.cipher_suites.clone();
         let mut chosen = Vec::with_capacity(args.suites.len());

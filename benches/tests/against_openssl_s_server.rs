@@ -40,7 +40,9 @@ fn s_server(extra: &[&str]) -> Option<(SServer, String)> {
     let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("SKIP: cannot run `openssl s_server` ({e}); install openssl to run this test");
+            eprintln!(
+                "SKIP: cannot run `openssl s_server` ({e}); install openssl to run this test"
+            );
             return None;
         }
     };
@@ -71,19 +73,72 @@ fn full_and_resumed_tls13_against_s_server() {
         return;
     };
     let r = load_ok(&[
-        "--target", &srv.addr, "--ca", &ca, "--mode", "full", "--tls", "1.3", "--connections",
-        "10", "--duration", "30",
+        "--target",
+        &srv.addr,
+        "--ca",
+        &ca,
+        "--mode",
+        "full",
+        "--tls",
+        "1.3",
+        "--connections",
+        "10",
+        "--duration",
+        "30",
     ]);
     assert_eq!(u(&r, "full_handshakes"), 10, "{r:#}");
     assert_eq!(u(&r, "errors_total"), 0, "{r:#}");
     assert!(u(&r, "body_bytes") > 0);
 
     let r = load_ok(&[
-        "--target", &srv.addr, "--ca", &ca, "--mode", "resume", "--tls", "1.3", "--connections",
-        "10", "--duration", "30",
+        "--target",
+        &srv.addr,
+        "--ca",
+        &ca,
+        "--mode",
+        "resume",
+        "--tls",
+        "1.3",
+        "--connections",
+        "10",
+        "--duration",
+        "30",
     ]);
     assert_eq!(u(&r, "resumed_handshakes"), 10, "{r:#}");
     assert_eq!(u(&r, "errors_total"), 0, "{r:#}");
+}
+
+#[test]
+fn tls12_full_handshake_with_x25519_against_s_server() {
+    // OpenSSL reads the TLS 1.2 supported-groups list as the curves allowed for the ECDSA
+    // certificate too: a client listing only X25519 gets a handshake_failure alert.
+    let Some((srv, ca)) = s_server(&[]) else {
+        return;
+    };
+    let r = load_ok(&[
+        "--target",
+        &srv.addr,
+        "--ca",
+        &ca,
+        "--mode",
+        "full",
+        "--tls",
+        "1.2",
+        "--group",
+        "x25519",
+        "--connections",
+        "5",
+        "--duration",
+        "30",
+    ]);
+    assert_eq!(u(&r, "full_handshakes"), 5, "{r:#}");
+    let negotiated = r["negotiated"].as_object().expect("negotiated map");
+    assert!(
+        negotiated
+            .keys()
+            .all(|k| k.starts_with("TLSv1_2") && k.ends_with("X25519")),
+        "{negotiated:?}"
+    );
 }
 
 #[test]
@@ -92,8 +147,20 @@ fn tls12_session_ids_against_s_server_without_tickets() {
         return;
     };
     let r = load_ok(&[
-        "--target", &srv.addr, "--ca", &ca, "--mode", "resume", "--tls", "1.2",
-        "--tls12-resumption", "ids", "--connections", "10", "--duration", "30",
+        "--target",
+        &srv.addr,
+        "--ca",
+        &ca,
+        "--mode",
+        "resume",
+        "--tls",
+        "1.2",
+        "--tls12-resumption",
+        "ids",
+        "--connections",
+        "10",
+        "--duration",
+        "30",
     ]);
     assert_eq!(u(&r, "resumed_handshakes"), 10, "{r:#}");
     assert_eq!(u(&r, "errors_total"), 0, "{r:#}");

@@ -304,7 +304,13 @@ fn unknown_ca_fails_and_insecure_flag_skips_the_chain_check() {
         BOUND_SECS,
     ]);
     assert!(!out.status.success());
-    assert_eq!(error_count(&report.expect("report"), "tls"), 3);
+    let r = report.expect("report");
+    assert_eq!(error_count(&r, "tls"), 3);
+    let why = r["error_examples"]["tls"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("invalid peer certificate"),
+        "first tls error should say why: {r:#}"
+    );
 
     let r = load_ok(&[
         "--target",

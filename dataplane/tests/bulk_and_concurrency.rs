@@ -150,7 +150,11 @@ fn five_hundred_concurrent_connections_echo() {
         let total: usize = workers.into_iter().map(|w| w.join().expect("worker")).sum();
         assert_eq!(total, CONNS);
         let s = dp.stats();
-        assert_eq!(s.handshakes_full + s.handshakes_resumed, CONNS as u64, "{s:?}");
+        assert_eq!(
+            s.handshakes_full + s.handshakes_resumed,
+            CONNS as u64,
+            "{s:?}"
+        );
         dp.shutdown(Duration::from_secs(1)).expect("shutdown");
     }
 }

@@ -50,14 +50,19 @@ fn rustls_client_all_versions_and_key_types() {
             assert_eq!(s.handshakes_full, 2, "{s:?}");
             assert_eq!(s.handshakes_failed, 0, "{s:?}");
             assert!(s.client_in_bytes > 0 && s.backend_in_bytes > 0, "{s:?}");
-            dp.shutdown(std::time::Duration::from_secs(1)).expect("shutdown");
+            dp.shutdown(std::time::Duration::from_secs(1))
+                .expect("shutdown");
         }
     }
 }
 
 fn tool(name: &str) -> bool {
     let ok = Command::new(name)
-        .arg(if name == "openssl" { "version" } else { "--version" })
+        .arg(if name == "openssl" {
+            "version"
+        } else {
+            "--version"
+        })
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
@@ -109,7 +114,13 @@ fn curl_and_openssl_through_the_appliance() {
                 let mut child = Command::new("openssl")
                     .args(["s_client", "-quiet", "-verify_return_error", "-CAfile"])
                     .arg(&ca)
-                    .args([v, "-servername", "localhost", "-verify_hostname", "localhost"])
+                    .args([
+                        v,
+                        "-servername",
+                        "localhost",
+                        "-verify_hostname",
+                        "localhost",
+                    ])
                     .arg("-connect")
                     .arg(a.to_string())
                     .stdin(Stdio::piped())
@@ -131,7 +142,8 @@ fn curl_and_openssl_through_the_appliance() {
                     String::from_utf8_lossy(&out.stderr)
                 );
             }
-            dp.shutdown(std::time::Duration::from_secs(1)).expect("shutdown");
+            dp.shutdown(std::time::Duration::from_secs(1))
+                .expect("shutdown");
         }
     }
 }

@@ -19,7 +19,7 @@ use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 
-use support::{Lab, Turn, LABEL, USER_PIN};
+use support::{Lab, Turn};
 
 /// Directives read once from the environment for this whole process. They touch only the random
 /// number functions, which no other test here uses; the bad line must be reported.
@@ -34,27 +34,36 @@ const DIGEST: [u8; 32] = [0x5a; 32];
 struct Shim {
     pkcs11: Pkcs11,
     slot: Slot,
+    pin: String,
     key: ObjectHandle,
     /// SoftHSM2 logs out and forgets object handles when a slot's last session closes: this one
     /// stays open so `key` stays valid.
     _keepalive: Mutex<Session>,
 }
 
-fn setup() -> Result<(Turn, &'static Shim)> {
-    let turn = Lab::lock(ENV_FAULTS)?;
+/// The turn and the shared state; `None` (already explained) where SoftHSM2 is missing.
+fn setup() -> Result<Option<(Turn, &'static Shim)>> {
+    let Some(turn) = Lab::lock(ENV_FAULTS)? else {
+        return Ok(None);
+    };
     static SHIM: OnceLock<std::result::Result<Shim, String>> = OnceLock::new();
     let shim = SHIM
         .get_or_init(|| open_shim(&turn).map_err(|e| format!("{e:#}")))
         .as_ref()
         .map_err(|e| anyhow::anyhow!("opening the token through the shim: {e}"))?;
-    Ok((turn, shim))
+    Ok(Some((turn, shim)))
 }
 
 fn open_shim(lab: &Lab) -> Result<Shim> {
     let pkcs11 = Pkcs11::new(&lab.shim)?;
-    pkcs11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))?;
-    let slot = find_slot(&pkcs11)?;
-    let session = login(&pkcs11, slot)?;
+    // Someone else in this process may have initialised SoftHSM2 already; the shim forwards
+    // its answer.
+    match pkcs11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let slot = find_slot(&pkcs11, lab.label())?;
+    let session = login(&pkcs11, slot, lab.pin())?;
     // Generated through the shim, so C_GenerateKeyPair is forwarded too.
     let public = [
         Attribute::Token(true),
@@ -78,23 +87,24 @@ fn open_shim(lab: &Lab) -> Result<Shim> {
     Ok(Shim {
         pkcs11,
         slot,
+        pin: lab.pin().to_owned(),
         key,
         _keepalive: Mutex::new(session),
     })
 }
 
-fn find_slot(pkcs11: &Pkcs11) -> Result<Slot> {
+fn find_slot(pkcs11: &Pkcs11, label: &str) -> Result<Slot> {
     for slot in pkcs11.get_slots_with_token()? {
-        if pkcs11.get_token_info(slot)?.label().trim_end() == LABEL {
+        if pkcs11.get_token_info(slot)?.label().trim_end() == label {
             return Ok(slot);
         }
     }
-    anyhow::bail!("no token labelled {LABEL}")
+    anyhow::bail!("no token labelled {label}")
 }
 
-fn login(pkcs11: &Pkcs11, slot: Slot) -> Result<Session> {
+fn login(pkcs11: &Pkcs11, slot: Slot, pin: &str) -> Result<Session> {
     let session = pkcs11.open_rw_session(slot)?;
-    match session.login(UserType::User, Some(&AuthPin::from(USER_PIN))) {
+    match session.login(UserType::User, Some(&AuthPin::from(pin))) {
         Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(session),
         Err(e) => Err(e.into()),
     }
@@ -102,7 +112,7 @@ fn login(pkcs11: &Pkcs11, slot: Slot) -> Result<Session> {
 
 impl Shim {
     fn session(&self) -> Result<Session> {
-        login(&self.pkcs11, self.slot)
+        login(&self.pkcs11, self.slot, &self.pin)
     }
 
     fn sign(&self, session: &Session) -> cryptoki::error::Result<Vec<u8>> {
@@ -116,7 +126,9 @@ fn count(lines: &[String], wanted: &str) -> usize {
 
 #[test]
 fn delay_adds_latency_once_per_signature() -> Result<()> {
-    let (lab, shim) = setup()?;
+    let Some((lab, shim)) = setup()? else {
+        return Ok(());
+    };
     let session = shim.session()?;
 
     let mut fastest = Duration::MAX;
@@ -161,7 +173,9 @@ fn delay_adds_latency_once_per_signature() -> Result<()> {
 
 #[test]
 fn injected_errors_come_back_from_the_chosen_call_then_clear() -> Result<()> {
-    let (lab, shim) = setup()?;
+    let Some((lab, shim)) = setup()? else {
+        return Ok(());
+    };
     let session = shim.session()?;
 
     lab.set_faults("fail C_Sign CKR_DEVICE_ERROR")?;
@@ -199,7 +213,7 @@ fn injected_errors_come_back_from_the_chosen_call_then_clear() -> Result<()> {
     let fresh = shim.pkcs11.open_rw_session(shim.slot)?;
 
     lab.set_faults("fail C_Login 0xa3")?;
-    match fresh.login(UserType::User, Some(&AuthPin::from(USER_PIN))) {
+    match fresh.login(UserType::User, Some(&AuthPin::from(lab.pin()))) {
         Err(CkError::Pkcs11(RvError::PinExpired, Function::Login)) => {}
         other => anyhow::bail!("expected CKR_PIN_EXPIRED from C_Login, got {other:?}"),
     }
@@ -210,7 +224,9 @@ fn injected_errors_come_back_from_the_chosen_call_then_clear() -> Result<()> {
 
 #[test]
 fn after_and_every_choose_which_signatures_fail() -> Result<()> {
-    let (lab, shim) = setup()?;
+    let Some((lab, shim)) = setup()? else {
+        return Ok(());
+    };
     let session = shim.session()?;
 
     lab.set_faults("fail C_Sign CKR_DEVICE_ERROR after 2")?;
@@ -231,7 +247,9 @@ fn after_and_every_choose_which_signatures_fail() -> Result<()> {
 
 #[test]
 fn hang_blocks_a_signature_until_cleared() -> Result<()> {
-    let (lab, shim) = setup()?;
+    let Some((lab, shim)) = setup()? else {
+        return Ok(());
+    };
     let session = shim.session()?;
     lab.set_faults("hang C_Sign")?;
     let mark = lab.log_mark();
@@ -270,7 +288,9 @@ fn hang_blocks_a_signature_until_cleared() -> Result<()> {
 
 #[test]
 fn bad_control_directives_are_reported_once_and_the_rest_applies() -> Result<()> {
-    let (lab, shim) = setup()?;
+    let Some((lab, shim)) = setup()? else {
+        return Ok(());
+    };
     let session = shim.session()?;
     lab.set_faults(
         "# slow and broken\nexplode C_Sign now\ndelay C_Sign 5ms; fail C_Nowhere 0x30\n",
@@ -298,7 +318,9 @@ fn bad_control_directives_are_reported_once_and_the_rest_applies() -> Result<()>
 
 #[test]
 fn environment_directives_apply_for_the_whole_process() -> Result<()> {
-    let (lab, shim) = setup()?;
+    let Some((lab, shim)) = setup()? else {
+        return Ok(());
+    };
     let session = shim.session()?;
     // every 2: the first call of this process goes through, the second fails.
     session
@@ -320,14 +342,16 @@ fn environment_directives_apply_for_the_whole_process() -> Result<()> {
 
 #[test]
 fn everything_else_is_forwarded_unchanged() -> Result<()> {
-    let (lab, shim) = setup()?;
+    let Some((lab, shim)) = setup()? else {
+        return Ok(());
+    };
     // The real module in the same process: it is already initialised through the shim.
     let direct = Pkcs11::new(&lab.softhsm)?;
     match direct.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
         Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
         Err(e) => return Err(e.into()),
     }
-    let direct_slot = find_slot(&direct)?;
+    let direct_slot = find_slot(&direct, lab.label())?;
     ensure!(direct_slot == shim.slot, "the same slot ids");
     let (a, b) = (
         direct.get_token_info(direct_slot)?,
@@ -337,7 +361,7 @@ fn everything_else_is_forwarded_unchanged() -> Result<()> {
     ensure!(direct.get_mechanism_list(direct_slot)? == shim.pkcs11.get_mechanism_list(shim.slot)?);
 
     let listing = |pkcs11: &Pkcs11, slot| -> Result<Vec<Vec<Attribute>>> {
-        let session = login(pkcs11, slot)?;
+        let session = login(pkcs11, slot, lab.pin())?;
         let mut objects = Vec::new();
         for class in [ObjectClass::PRIVATE_KEY, ObjectClass::PUBLIC_KEY] {
             for handle in session.find_objects(&[Attribute::Class(class)])? {
@@ -374,7 +398,9 @@ fn everything_else_is_forwarded_unchanged() -> Result<()> {
 /// real call too, and an external process sees the shim's faults like this one does.
 #[test]
 fn pkcs11_tool_sees_faults_on_a_single_call_signature() -> Result<()> {
-    let (lab, _shim) = setup()?;
+    let Some((lab, _shim)) = setup()? else {
+        return Ok(());
+    };
     if std::process::Command::new("pkcs11-tool")
         .arg("--version")
         .output()
@@ -392,7 +418,7 @@ fn pkcs11_tool_sees_faults_on_a_single_call_signature() -> Result<()> {
             .env("TLSGATE_SHIM_LOG_CALLS", "1")
             .arg("--module")
             .arg(&lab.shim)
-            .args(["--token-label", LABEL, "--login", "--pin", USER_PIN])
+            .args(["--token-label", lab.label(), "--login", "--pin", lab.pin()])
             .args(["--sign", "--mechanism", "ECDSA", "--label", KEY_LABEL])
             .arg("--input-file")
             .arg(&input)

@@ -12,11 +12,10 @@ use anyhow::{ensure, Context as _, Result};
 use aws_lc_rs::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_ASN1};
 use rustls::sign::SigningKey;
 use rustls::SignatureScheme;
-use tlsgate_keystore::{Error, KeySpec, PinSource, Pkcs11Uri, Token, TokenSelector};
+use tlsgate_keystore::{Error, KeySpec, Pkcs11Uri, Token, TokenSelector};
 
-use support::{Lab, Turn, LABEL, USER_PIN};
+use support::{Lab, Turn};
 
-const PIN_VAR: &str = "TLSGATE_SHIM_TEST_PIN";
 const KEY: &str = "shim-keystore-ec";
 const MESSAGE: &[u8] = b"ServerKeyExchange or CertificateVerify content";
 
@@ -26,16 +25,18 @@ struct Keys {
     key: Arc<dyn SigningKey>,
 }
 
-fn setup() -> Result<(Turn, &'static Keys)> {
-    let turn = Lab::lock("")?;
+/// The turn and the shared state; `None` (already explained) where SoftHSM2 is missing.
+fn setup() -> Result<Option<(Turn, &'static Keys)>> {
+    let Some(turn) = Lab::lock("")? else {
+        return Ok(None);
+    };
     static KEYS: OnceLock<std::result::Result<Keys, String>> = OnceLock::new();
     let keys = KEYS
         .get_or_init(|| {
             (|| -> Result<Keys> {
-                std::env::set_var(PIN_VAR, USER_PIN);
                 let token = open(&turn)?;
                 token.generate(KeySpec::EcP256, KEY, None)?;
-                let uri = Pkcs11Uri::private_key(LABEL, KEY);
+                let uri = Pkcs11Uri::private_key(turn.label(), KEY);
                 let key = token.signing_key(&uri)?;
                 Ok(Keys { token, uri, key })
             })()
@@ -43,14 +44,14 @@ fn setup() -> Result<(Turn, &'static Keys)> {
         })
         .as_ref()
         .map_err(|e| anyhow::anyhow!("opening the token through the shim: {e}"))?;
-    Ok((turn, keys))
+    Ok(Some((turn, keys)))
 }
 
 fn open(lab: &Lab) -> tlsgate_keystore::Result<Arc<Token>> {
     Token::open(
         &lab.shim,
-        TokenSelector::Label(LABEL.to_owned()),
-        &PinSource::Env(PIN_VAR.to_owned()),
+        TokenSelector::Label(lab.label().to_owned()),
+        &lab.token.pin_source(),
     )
 }
 
@@ -79,7 +80,9 @@ fn pkcs11_error(error: &Error) -> Option<(&'static str, &str)> {
 
 #[test]
 fn sign_faults_fail_the_signature_and_clear_without_restart() -> Result<()> {
-    let (lab, keys) = setup()?;
+    let Some((lab, keys)) = setup()? else {
+        return Ok(());
+    };
     sign(keys.key.as_ref()).context("healthy sign")?;
 
     for (directive, function, rv) in [
@@ -113,7 +116,9 @@ fn sign_faults_fail_the_signature_and_clear_without_restart() -> Result<()> {
 
 #[test]
 fn token_faults_come_back_as_typed_keystore_errors() -> Result<()> {
-    let (lab, keys) = setup()?;
+    let Some((lab, keys)) = setup()? else {
+        return Ok(());
+    };
     let cases = [
         (
             "fail C_FindObjectsInit CKR_DEVICE_ERROR",
@@ -170,7 +175,9 @@ fn token_faults_come_back_as_typed_keystore_errors() -> Result<()> {
 
 #[test]
 fn delay_is_seen_by_the_signer() -> Result<()> {
-    let (lab, keys) = setup()?;
+    let Some((lab, keys)) = setup()? else {
+        return Ok(());
+    };
     lab.set_faults("delay C_Sign 20ms")?;
     let mark = lab.log_mark();
     let start = Instant::now();
@@ -203,7 +210,9 @@ fn delay_is_seen_by_the_signer() -> Result<()> {
 
 #[test]
 fn hang_holds_the_signer_until_cleared() -> Result<()> {
-    let (lab, keys) = setup()?;
+    let Some((lab, keys)) = setup()? else {
+        return Ok(());
+    };
     lab.set_faults("hang C_Sign")?;
     let (done, finished) = std::sync::mpsc::channel();
     let key = Arc::clone(&keys.key);
@@ -226,11 +235,13 @@ fn hang_holds_the_signer_until_cleared() -> Result<()> {
 
 #[test]
 fn listing_and_public_keys_match_the_real_module() -> Result<()> {
-    let (lab, keys) = setup()?;
+    let Some((lab, keys)) = setup()? else {
+        return Ok(());
+    };
     let direct = Token::open(
         &lab.softhsm,
-        TokenSelector::Label(LABEL.to_owned()),
-        &PinSource::Env(PIN_VAR.to_owned()),
+        TokenSelector::Label(lab.label().to_owned()),
+        &lab.token.pin_source(),
     )?;
     let (through_shim, real) = (keys.token.list()?, direct.list()?);
     ensure!(!real.is_empty(), "the key is on the token");

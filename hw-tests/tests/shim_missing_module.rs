@@ -12,9 +12,7 @@ use cryptoki::error::{Error as CkError, RvError};
 #[test]
 fn missing_real_module_fails_initialize_with_general_error() -> Result<()> {
     let shim = support::shim_path()?;
-    let dir = tempfile::Builder::new()
-        .prefix("shim-missing-")
-        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))?;
+    let dir = support::process_dir("shim-missing")?;
     let missing = dir.path().join("no-such-pkcs11-module.so");
     let log = dir.path().join("shim.log");
     // The only test in this process, and no PKCS#11 call has happened yet.

@@ -2,21 +2,17 @@
 //! file with `#[path]`. Compiled on its own it is an empty test binary.
 //!
 //! A PKCS#11 module is initialised once per process and the shim's faults are process-wide, so
-//! each test file gets one token, one control file and one log for its whole process, and its
-//! tests take turns through [`Lab::lock`].
+//! each test file gets one token (the harness's [`TestToken`]), one control file and one log for
+//! its whole process, and its tests take turns through [`Lab::lock`].
 #![allow(dead_code)]
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
-use anyhow::{bail, ensure, Context as _, Result};
-
-/// The token every shim test process creates.
-pub const LABEL: &str = "shim";
-pub const USER_PIN: &str = "5678";
-const SO_PIN: &str = "1234";
+use anyhow::{bail, Context as _, Result};
+use tlsgate_hw_tests::softhsm;
+use tlsgate_hw_tests::TestToken;
 
 /// The shim's file name as cargo builds it.
 const SHIM_FILE: &str = "libtlsgate_pkcs11_shim.so";
@@ -40,10 +36,36 @@ pub fn shim_path() -> Result<PathBuf> {
     Ok(shim)
 }
 
+/// A directory for this test process under the target directory (never the source tree). It
+/// lives in a static and is never dropped, so those of processes that have exited are removed
+/// first and runs do not pile them up.
+pub fn process_dir(kind: &str) -> Result<tempfile::TempDir> {
+    let root = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let prefix = format!("{kind}-");
+    if let Ok(entries) = fs::read_dir(root) {
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let pid = name
+                .to_str()
+                .and_then(|n| n.strip_prefix(&prefix))
+                .and_then(|rest| rest.split('-').next())
+                .and_then(|pid| pid.parse::<u32>().ok());
+            if pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
+                let _ = fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    tempfile::Builder::new()
+        .prefix(&format!("{prefix}{}-", std::process::id()))
+        .tempdir_in(root)
+        .with_context(|| format!("creating a {kind} directory in {}", root.display()))
+}
+
 /// One SoftHSM2 token, one control file and one shim log for this test process.
 #[derive(Debug)]
 pub struct Lab {
-    /// Holds the token directory, the SoftHSM2 configuration, the control file and the log.
+    pub token: TestToken,
+    /// Holds the control file and the log.
     pub dir: tempfile::TempDir,
     pub shim: PathBuf,
     pub control: PathBuf,
@@ -75,8 +97,13 @@ impl std::ops::Deref for Turn {
 
 impl Lab {
     /// The process's lab, created on first use with `env_faults` as `TLSGATE_SHIM_FAULTS`
-    /// (every caller in one process must pass the same), and this test's turn.
-    pub fn lock(env_faults: &str) -> Result<Turn> {
+    /// (every caller in one process must pass the same), and this test's turn; `None`, after
+    /// saying why, where SoftHSM2 is not installed.
+    pub fn lock(env_faults: &str) -> Result<Option<Turn>> {
+        if let Some(why) = softhsm::unavailable() {
+            eprintln!("skipped: {why}");
+            return Ok(None);
+        }
         static LAB: OnceLock<std::result::Result<Lab, String>> = OnceLock::new();
         static TURN: Mutex<()> = Mutex::new(());
         let lab = LAB
@@ -87,50 +114,18 @@ impl Lab {
         // the faults, so the next test may go on.
         let turn = TURN.lock().unwrap_or_else(|p| p.into_inner());
         lab.set_faults("")?;
-        Ok(Turn { lab, _turn: turn })
+        Ok(Some(Turn { lab, _turn: turn }))
     }
 
     fn create(env_faults: &str) -> Result<Lab> {
         let shim = shim_path()?;
-        let softhsm = PathBuf::from(
-            std::env::var("TLSGATE_SHIM_MODULE")
-                .unwrap_or_else(|_| "/usr/lib/softhsm/libsofthsm2.so".to_owned()),
-        );
-        ensure!(
-            softhsm.is_file(),
-            "SoftHSM2 module {} is missing",
-            softhsm.display()
-        );
-        // Under the target directory (never the source tree); one per process.
-        let dir = tempfile::Builder::new()
-            .prefix("shim-")
-            .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
-            .context("creating the lab directory")?;
-        let tokens = dir.path().join("tokens");
-        fs::create_dir(&tokens)?;
-        let conf = dir.path().join("softhsm2.conf");
-        fs::write(
-            &conf,
-            format!(
-                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-                tokens.display()
-            ),
-        )?;
-        let out = Command::new("softhsm2-util")
-            .env("SOFTHSM2_CONF", &conf)
-            .args(["--init-token", "--free", "--label", LABEL])
-            .args(["--so-pin", SO_PIN, "--pin", USER_PIN])
-            .output()
-            .context("running softhsm2-util (Debian package softhsm2)")?;
-        ensure!(
-            out.status.success(),
-            "softhsm2-util --init-token failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        // Sets SOFTHSM2_CONF for the process before anything initialises SoftHSM2.
+        let token = TestToken::new()?;
+        let softhsm = token.module_path();
+        let dir = process_dir("shim-lab")?;
         let control = dir.path().join("faults");
         let log = dir.path().join("shim.log");
-        // Before any C_Initialize in this process: SoftHSM2 and the shim read these once.
-        std::env::set_var("SOFTHSM2_CONF", &conf);
+        // Before the shim's first call in this process: it reads these once.
         std::env::set_var("TLSGATE_SHIM_CONTROL", &control);
         std::env::set_var("TLSGATE_SHIM_LOG", &log);
         std::env::set_var("TLSGATE_SHIM_MODULE", &softhsm);
@@ -140,12 +135,21 @@ impl Lab {
             std::env::set_var("TLSGATE_SHIM_FAULTS", env_faults);
         }
         Ok(Lab {
+            token,
             dir,
             shim,
             control,
             log,
             softhsm,
         })
+    }
+
+    pub fn label(&self) -> &str {
+        self.token.label()
+    }
+
+    pub fn pin(&self) -> &str {
+        self.token.pin()
     }
 
     /// Replaces the control file in one rename, so the shim never reads half a file and always

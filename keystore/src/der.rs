@@ -91,9 +91,8 @@ pub(crate) fn uint_bytes(content: &[u8]) -> Option<&[u8]> {
 
 fn algorithm_identifier(algorithm: &[u8], params: Option<&[u8]>) -> Vec<u8> {
     let mut content = write_tlv(TAG_OID, algorithm);
-    match params {
-        Some(p) => content.extend_from_slice(p),
-        None => {}
+    if let Some(p) = params {
+        content.extend_from_slice(p);
     }
     write_tlv(TAG_SEQUENCE, &content)
 }
@@ -205,6 +204,7 @@ pub(crate) const DIGEST_INFO_SHA512: &[u8] = &[
 ];
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

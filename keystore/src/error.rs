@@ -54,6 +54,10 @@ pub enum Error {
         token: String,
     },
 
+    /// A token with that label is already initialised.
+    #[error("a token labelled {label:?} already exists")]
+    TokenExists { label: String },
+
     /// No private key matches the URI.
     #[error("no private key matches {uri}")]
     KeyNotFound { uri: String },
@@ -65,6 +69,10 @@ pub enum Error {
     /// A key with that label or id already exists on the token.
     #[error("token {token:?} already holds a key labelled {label:?}")]
     KeyExists { token: String, label: String },
+
+    /// A key with that CKA_ID already exists on the token.
+    #[error("token {token:?} already holds a key with id {id_hex}")]
+    KeyIdExists { token: String, id_hex: String },
 
     /// A malformed PKCS#11 URI or key reference.
     #[error(transparent)]

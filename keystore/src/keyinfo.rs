@@ -231,6 +231,7 @@ pub(crate) fn pem_encode(label: &str, der: &[u8]) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -101,6 +101,7 @@ pub fn load(key: &KeyRef, token: Option<&Arc<Token>>) -> Result<LoadedKey> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

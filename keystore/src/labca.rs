@@ -278,3 +278,73 @@ impl LabCa {
         ))
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::cert::CertChain;
+    use rcgen::PublicKeyData;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn create_load_and_issue_from_a_csr() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("ca");
+        let created = LabCa::create(&dir, "unit").unwrap();
+        for key in [ROOT_KEY, INT_KEY] {
+            let mode = fs::metadata(dir.join(key)).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{key}");
+        }
+        assert!(matches!(
+            LabCa::create(&dir, "unit"),
+            Err(Error::LabCa { .. })
+        ));
+
+        let ca = LabCa::load(&dir).unwrap();
+        assert_eq!(ca.root_pem(), created.root_pem());
+
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let csr = crate::csr::create_csr(&key, "web.lab.test", &["web.lab.test".into()]).unwrap();
+        let chain_pem = ca.issue_from_csr(&csr, 30).unwrap();
+        let chain = CertChain::from_pem(chain_pem.as_bytes()).unwrap();
+        assert_eq!(chain.certs.len(), 2);
+        let report = chain
+            .validate(&key.subject_public_key_info(), SystemTime::now())
+            .unwrap();
+        assert_eq!(report.sans, vec!["web.lab.test".to_string()]);
+        assert!(report.subject.contains("web.lab.test"));
+        assert!(report.issuer.contains("unit Lab Intermediate CA"));
+        assert_eq!(report.fingerprint_sha256.len(), 64);
+
+        // The intermediate chains to the root too.
+        let root = CertChain::from_pem(ca.root_pem().as_bytes()).unwrap();
+        let mut full = chain.certs.clone();
+        full.extend(root.certs);
+        let full = CertChain::from_der(full).unwrap();
+        full.validate(&key.subject_public_key_info(), SystemTime::now())
+            .unwrap();
+
+        let (client_chain, client_key) = ca.issue_client_cert("client-1", 1).unwrap();
+        let sw = crate::software::load_pkcs8_pem(&{
+            let p = tmp.path().join("client.key");
+            fs::write(&p, client_key.as_bytes()).unwrap();
+            p
+        })
+        .unwrap();
+        CertChain::from_pem(client_chain.as_bytes())
+            .unwrap()
+            .validate(&sw.spki_der, SystemTime::now())
+            .unwrap();
+    }
+
+    #[test]
+    fn a_tampered_csr_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ca = LabCa::create(&tmp.path().join("ca"), "unit").unwrap();
+        assert!(matches!(
+            ca.issue_from_csr("not a csr", 1),
+            Err(Error::CertGeneration { .. })
+        ));
+    }
+}

@@ -130,6 +130,7 @@ fn check_mode(_path: &std::path::Path, _meta: &std::fs::Metadata) -> Result<()> 
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;

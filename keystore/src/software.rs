@@ -157,6 +157,7 @@ pub(crate) fn parse_pkcs8(input: &[u8], path: Option<&Path>) -> Result<Pkcs8Key>
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

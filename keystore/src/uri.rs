@@ -304,6 +304,7 @@ impl fmt::Display for Pkcs11Uri {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

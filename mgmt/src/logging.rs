@@ -1,6 +1,12 @@
-//! Log set-up: `tracing` to stderr, filtered by `TLSGATE_LOG` (default `info`).
+//! Log set-up: `tracing` to stderr, filtered by `TLSGATE_LOG` (default [`DEFAULT_FILTER`]).
+
+use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
+
+/// `info` for everything, except cryptoki's complaint about each mechanism number it has no
+/// name for, which it logs at error level on every token open (SoftHSM2 lists 40 of them).
+pub const DEFAULT_FILTER: &str = "info,cryptoki::mechanism=off";
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -13,9 +19,11 @@ pub enum LogFormat {
 
 /// Installs the global subscriber. Safe to call once per process.
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_env("TLSGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_env("TLSGATE_LOG").unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let result = match format {
         LogFormat::Text => builder.try_init(),

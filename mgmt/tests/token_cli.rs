@@ -1,87 +1,18 @@
 //! The offline key ceremony through the real `tlsgate` binary on a real SoftHSM2 token:
 //! each test makes its own token directory (its own SOFTHSM2_CONF) under a temporary directory.
 
+mod common;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use anyhow::{ensure, Context, Result};
-
-fn tlsgate() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_tlsgate"))
-}
-
-fn check(out: Output, what: &str) -> Result<String> {
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    ensure!(
-        out.status.success(),
-        "{what} failed ({}):\nstdout: {stdout}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(stdout)
-}
-
-fn fail(out: Output, what: &str) -> Result<String> {
-    ensure!(
-        !out.status.success(),
-        "{what} should have failed but succeeded"
-    );
-    Ok(String::from_utf8_lossy(&out.stderr).into_owned())
-}
-
-/// A lab token of its own in a temporary directory.
-struct Lab {
-    dir: tempfile::TempDir,
-}
-
-impl Lab {
-    fn new() -> Result<Lab> {
-        let dir = tempfile::tempdir()?;
-        let out = tlsgate()
-            .args(["token", "init-lab", "--label", "lab", "--dir"])
-            .arg(dir.path().join("token"))
-            .env_remove("SOFTHSM2_CONF")
-            .output()?;
-        let stdout = check(out, "token init-lab")?;
-        ensure!(stdout.contains("export TLSGATE_PIN=file:"), "{stdout}");
-        Ok(Lab { dir })
-    }
-
-    fn path(&self, p: &str) -> PathBuf {
-        self.dir.path().join(p)
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = tlsgate();
-        c.args(args)
-            .env("SOFTHSM2_CONF", self.path("token/softhsm2.conf"))
-            .env("TLSGATE_TOKEN", "lab")
-            .env(
-                "TLSGATE_PIN",
-                format!("file:{}", self.path("token/user.pin").display()),
-            )
-            .env_remove("TLSGATE_PKCS11_MODULE");
-        c
-    }
-
-    fn run(&self, args: &[&str]) -> Result<String> {
-        check(self.cmd(args).output()?, &args.join(" "))
-    }
-
-    fn list(&self) -> Result<Vec<serde_json::Value>> {
-        let out = self.run(&["token", "list", "--json"])?;
-        Ok(serde_json::from_str(&out).with_context(|| format!("list --json printed {out}"))?)
-    }
-}
+use common::{check, fail, tlsgate, uri, Lab};
 
 fn openssl(args: &[&str]) -> Result<String> {
     let out = Command::new("openssl").args(args).output()?;
     check(out, &format!("openssl {}", args.join(" ")))
-}
-
-fn uri(label: &str) -> String {
-    format!("pkcs11:token=lab;object={label};type=private")
 }
 
 #[test]

@@ -45,7 +45,9 @@ pub fn pki(kind: KeyKind) -> Pki {
     let leaf_key = rcgen::KeyPair::generate_for(alg).expect("leaf key");
     let leaf_params =
         rcgen::CertificateParams::new(vec!["localhost".to_string()]).expect("leaf params");
-    let leaf = leaf_params.signed_by(&leaf_key, &issuer).expect("leaf cert");
+    let leaf = leaf_params
+        .signed_by(&leaf_key, &issuer)
+        .expect("leaf cert");
     Pki {
         ca_der: ca.der().clone(),
         ca_pem: ca.pem(),
@@ -55,7 +57,10 @@ pub fn pki(kind: KeyKind) -> Pki {
 }
 
 /// Server config with the test key, optionally slowed down per signature.
-pub fn server_config(p: &Pki, slow: Option<Duration>) -> (Arc<ServerConfig>, Option<Arc<std::sync::atomic::AtomicU64>>) {
+pub fn server_config(
+    p: &Pki,
+    slow: Option<Duration>,
+) -> (Arc<ServerConfig>, Option<Arc<std::sync::atomic::AtomicU64>>) {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(p.key_der.clone()));
     let signing = provider
@@ -80,7 +85,10 @@ pub fn server_config(p: &Pki, slow: Option<Duration>) -> (Arc<ServerConfig>, Opt
     (Arc::new(cfg), counter)
 }
 
-pub fn client_config(p: &Pki, versions: &[&'static rustls::SupportedProtocolVersion]) -> Arc<ClientConfig> {
+pub fn client_config(
+    p: &Pki,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Arc<ClientConfig> {
     let mut roots = RootCertStore::empty();
     roots.add(p.ca_der.clone()).expect("root");
     let cfg = ClientConfig::builder_with_provider(Arc::new(
@@ -120,7 +128,11 @@ pub fn listener(name: &str, tls: Arc<ServerConfig>, backend: SocketAddr) -> List
 }
 
 /// Starts the data plane; `None` (after printing why) when the driver cannot run here.
-pub fn start_dp(mut cfg: DataplaneConfig, io: IoDriver, listeners: Vec<ListenerSnapshot>) -> Option<Dataplane> {
+pub fn start_dp(
+    mut cfg: DataplaneConfig,
+    io: IoDriver,
+    listeners: Vec<ListenerSnapshot>,
+) -> Option<Dataplane> {
     cfg.io = io;
     match start(cfg, Arc::new(Snapshot { listeners })) {
         Ok(dp) => Some(dp),
@@ -306,7 +318,9 @@ pub fn duplex(t: Tls, n: u64, seed: u64) -> io::Result<(Vec<u8>, Vec<u8>, u64)> 
         }
         break;
     }
-    let sent = writer.join().map_err(|_| io::Error::other("writer panicked"))??;
+    let sent = writer
+        .join()
+        .map_err(|_| io::Error::other("writer panicked"))??;
     Ok((sent, h.finish().as_ref().to_vec(), got))
 }
 

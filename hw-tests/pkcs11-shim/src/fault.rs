@@ -126,14 +126,26 @@ impl Faults {
         if self.log_calls {
             self.log(&format!("{function} call {call}"));
         }
-        if self.should_hang(function, counted) {
-            self.log(&format!("{function} hung"));
-            while self.still_hung(function) {
-                thread::sleep(HANG_POLL);
+        // One look at the control file for the common case (no hang): a stat and a lock.
+        let settled = {
+            let mut state = self.refreshed();
+            if hang_fires(&mut state, function, counted) {
+                None
+            } else {
+                Some(decide(&mut state, function, counted))
             }
-            self.log(&format!("{function} released"));
-        }
-        let decision = self.decide(function, counted);
+        };
+        let decision = match settled {
+            Some(decision) => decision,
+            None => {
+                self.log(&format!("{function} hung"));
+                while self.still_hung(function) {
+                    thread::sleep(HANG_POLL);
+                }
+                self.log(&format!("{function} released"));
+                decide(&mut self.refreshed(), function, counted)
+            }
+        };
         if !decision.delay.is_zero() {
             thread::sleep(decision.delay);
             self.log(&format!(
@@ -151,43 +163,10 @@ impl Faults {
         }
     }
 
-    fn should_hang(&self, function: &'static str, counted: bool) -> bool {
-        let mut state = self.refreshed();
-        let mut hang = false;
-        for d in matching(&mut state, function) {
-            // Every hang directive sees the call, so that each keeps its own count.
-            if d.action == Action::Hang && d.fires(counted) {
-                hang = true;
-            }
-        }
-        hang
-    }
-
     fn still_hung(&self, function: &'static str) -> bool {
         let mut state = self.refreshed();
         let hung = matching(&mut state, function).any(|d| d.action == Action::Hang);
         hung
-    }
-
-    fn decide(&self, function: &'static str, counted: bool) -> Decision {
-        let mut state = self.refreshed();
-        let mut decision = Decision::default();
-        for d in matching(&mut state, function) {
-            match d.action {
-                Action::Delay(amount) => {
-                    if counted && d.fires(true) {
-                        decision.delay = decision.delay.saturating_add(amount);
-                    }
-                }
-                Action::Fail(code) => {
-                    if d.fires(counted) {
-                        decision.fail.get_or_insert(code);
-                    }
-                }
-                Action::Hang => {}
-            }
-        }
-        decision
     }
 
     /// The state, after taking in any change to the control file.
@@ -261,4 +240,37 @@ fn matching<'a>(
         .iter_mut()
         .chain(state.from_file.iter_mut())
         .filter(move |d| d.function == function)
+}
+
+/// Whether a hang directive acts on this call. Every hang directive sees the call, so that each
+/// keeps its own count.
+fn hang_fires(state: &mut State, function: &'static str, counted: bool) -> bool {
+    let mut hang = false;
+    for d in matching(state, function) {
+        if d.action == Action::Hang && d.fires(counted) {
+            hang = true;
+        }
+    }
+    hang
+}
+
+/// The delay and failure for a call, from every delay and fail directive that names it.
+fn decide(state: &mut State, function: &'static str, counted: bool) -> Decision {
+    let mut decision = Decision::default();
+    for d in matching(state, function) {
+        match d.action {
+            Action::Delay(amount) => {
+                if counted && d.fires(true) {
+                    decision.delay = decision.delay.saturating_add(amount);
+                }
+            }
+            Action::Fail(code) => {
+                if d.fires(counted) {
+                    decision.fail.get_or_insert(code);
+                }
+            }
+            Action::Hang => {}
+        }
+    }
+    decision
 }

@@ -6,6 +6,7 @@
 //! operation takes one out, uses it alone, and puts it back. Concurrency therefore opens as many
 //! sessions as there are concurrent signers, and no session is ever shared.
 
+mod init;
 mod objects;
 mod p11;
 mod rcgen_key;
@@ -30,6 +31,7 @@ use crate::pin::PinSource;
 use crate::uri::Pkcs11Uri;
 
 pub use crate::keyinfo::{KeyInfo, KeyKind, KeyOrigin, KeySpec};
+pub use init::init_token;
 pub use rcgen_key::TokenRcgenKey;
 pub use signer::TokenSigningKey;
 
@@ -137,9 +139,12 @@ impl Token {
         for slot in slots {
             let info = match pkcs11.get_token_info(slot) {
                 Ok(info) => info,
-                // A slot whose token vanished between the two calls is simply not ours.
-                Err(CkError::Pkcs11(RvError::TokenNotPresent, _)) => continue,
-                Err(e) => return Err(from_ck(e)),
+                // A token that vanished or broke since the slot list was taken is not the one
+                // asked for; it must not hide the others.
+                Err(e) => {
+                    tracing::debug!(?slot, error = %from_ck(e), "skipping unreadable slot");
+                    continue;
+                }
             };
             let hit = match &selector {
                 TokenSelector::Label(l) => info.label().trim_end() == l,
@@ -196,7 +201,13 @@ impl Token {
     }
 
     fn open_session(&self) -> Result<Session> {
-        let session = self.pkcs11.open_rw_session(self.slot).map_err(from_ck)?;
+        let session = match self.pkcs11.open_rw_session(self.slot) {
+            // Signing needs no write access; a write-protected token still signs.
+            Err(CkError::Pkcs11(RvError::TokenWriteProtected, _)) => {
+                self.pkcs11.open_ro_session(self.slot).map_err(from_ck)?
+            }
+            other => other.map_err(from_ck)?,
+        };
         let pin = AuthPin::from(self.pin.as_str());
         match session.login(UserType::User, Some(&pin)) {
             // Login state is per token and application: a second login is expected.
@@ -233,7 +244,14 @@ impl Token {
         let result = f(&session);
         match &result {
             Err(e) if p11::is_session_fatal(e) => {
-                tracing::warn!(token = %self.label, error = %e, "dropping PKCS#11 session");
+                // What killed this session (logout, removal, device error) killed the idle ones
+                // too: drop them all so each later operation does not fail once more to find out.
+                let idle = std::mem::take(&mut *lock(&self.sessions));
+                tracing::warn!(
+                    token = %self.label, error = %e, dropped_idle = idle.len(),
+                    "dropping PKCS#11 sessions"
+                );
+                drop(idle);
                 drop(session);
             }
             _ => self.put_session(session),

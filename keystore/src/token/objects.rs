@@ -50,6 +50,40 @@ fn bytes_attr(attrs: &[Attribute], want: AttributeType) -> Option<&[u8]> {
     })
 }
 
+/// The public half of a key pair: same type and id (and label when that narrows it down), since
+/// other tools may label the halves differently but always pair them by id.
+fn find_public(
+    s: &Session,
+    key_type: KeyType,
+    label: &[u8],
+    id: &[u8],
+) -> Result<Option<ObjectHandle>> {
+    let base = [
+        Attribute::Class(ObjectClass::PUBLIC_KEY),
+        Attribute::KeyType(key_type),
+    ];
+    let mut attempts: Vec<Vec<Attribute>> = Vec::new();
+    if !id.is_empty() {
+        let mut t = base.to_vec();
+        t.push(Attribute::Id(id.to_vec()));
+        let mut with_label = t.clone();
+        with_label.push(Attribute::Label(label.to_vec()));
+        attempts.push(with_label);
+        attempts.push(t);
+    } else {
+        let mut t = base.to_vec();
+        t.push(Attribute::Label(label.to_vec()));
+        attempts.push(t);
+    }
+    for template in attempts {
+        let found = s.find_objects(&template).map_err(from_ck)?;
+        if let [one] = found.as_slice() {
+            return Ok(Some(*one));
+        }
+    }
+    Ok(None)
+}
+
 fn ec_params_for(kind: KeyKind) -> Vec<u8> {
     match kind {
         KeyKind::EcP384 => der::write_tlv(der::TAG_OID, oid::P384),
@@ -79,13 +113,7 @@ fn spki_of(
         })
         .ok_or_else(|| unsupported("private key without CKA_KEY_TYPE"))?;
 
-    let mut template = vec![Attribute::Class(ObjectClass::PUBLIC_KEY)];
-    if !id.is_empty() {
-        template.push(Attribute::Id(id.to_vec()));
-    } else {
-        template.push(Attribute::Label(label.to_vec()));
-    }
-    let public = s.find_objects(&template).map_err(from_ck)?.first().copied();
+    let public = find_public(s, key_type, label, id)?;
 
     if key_type == KeyType::RSA {
         let from = public.unwrap_or(private);
@@ -233,16 +261,27 @@ fn zeroize_template(template: &mut [Attribute]) {
 }
 
 impl Token {
-    fn ensure_label_free(&self, s: &Session, label: &str) -> Result<()> {
+    /// Labels and ids each name one key: URIs select by either.
+    fn ensure_unused(&self, s: &Session, label: &str, id: &[u8]) -> Result<()> {
         let uri = Pkcs11Uri::private_key(&self.label, label);
-        if find_private(s, &uri)?.is_empty() {
-            Ok(())
-        } else {
-            Err(Error::KeyExists {
+        if !find_private(s, &uri)?.is_empty() {
+            return Err(Error::KeyExists {
                 token: self.label.clone(),
                 label: label.to_owned(),
-            })
+            });
         }
+        let by_id = Pkcs11Uri {
+            object: None,
+            id: Some(id.to_vec()),
+            ..uri
+        };
+        if !find_private(s, &by_id)?.is_empty() {
+            return Err(Error::KeyIdExists {
+                token: self.label.clone(),
+                id_hex: hex::encode(id),
+            });
+        }
+        Ok(())
     }
 
     /// Generates a key pair on the token: sensitive, non-extractable, sign-only.
@@ -278,7 +317,7 @@ impl Token {
             kind => public.push(Attribute::EcParams(ec_params_for(kind))),
         }
         self.with_session(|s| {
-            self.ensure_label_free(s, label)?;
+            self.ensure_unused(s, label, &id)?;
             let (_pub_h, priv_h) = s
                 .generate_key_pair(&mechanism, &public, &private)
                 .map_err(from_ck)?;
@@ -346,7 +385,7 @@ impl Token {
         }
         drop(key);
         let result = self.with_session(|s| {
-            self.ensure_label_free(s, label)?;
+            self.ensure_unused(s, label, &id)?;
             let priv_h = s.create_object(&private).map_err(from_ck)?;
             if let Err(e) = s.create_object(&public) {
                 // Leave no half-imported key behind.

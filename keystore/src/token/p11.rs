@@ -82,6 +82,7 @@ pub(crate) fn is_handle_invalid(e: &Error) -> bool {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

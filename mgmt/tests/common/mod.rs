@@ -1,0 +1,294 @@
+//! Shared harness for the binary-level tests: a lab token of its own per test (its own
+//! SOFTHSM2_CONF), the lab CA, certificate chains, and child processes killed on drop.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+
+pub fn tlsgate() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tlsgate"))
+}
+
+pub fn check(out: Output, what: &str) -> Result<String> {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(
+        out.status.success(),
+        "{what} failed ({}):\nstdout: {stdout}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(stdout)
+}
+
+pub fn fail(out: Output, what: &str) -> Result<String> {
+    ensure!(
+        !out.status.success(),
+        "{what} should have failed but succeeded"
+    );
+    Ok(String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+pub fn uri(label: &str) -> String {
+    format!("pkcs11:token=lab;object={label};type=private")
+}
+
+/// A lab token of its own in a temporary directory.
+pub struct Lab {
+    pub dir: tempfile::TempDir,
+}
+
+impl Lab {
+    pub fn new() -> Result<Lab> {
+        let dir = tempfile::tempdir()?;
+        let out = tlsgate()
+            .args(["token", "init-lab", "--label", "lab", "--dir"])
+            .arg(dir.path().join("token"))
+            .env_remove("SOFTHSM2_CONF")
+            .output()?;
+        let stdout = check(out, "token init-lab")?;
+        ensure!(stdout.contains("export TLSGATE_PIN=file:"), "{stdout}");
+        Ok(Lab { dir })
+    }
+
+    pub fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    pub fn p(&self, p: &str) -> String {
+        self.path(p).display().to_string()
+    }
+
+    pub fn env(&self, c: &mut Command) {
+        c.env("SOFTHSM2_CONF", self.path("token/softhsm2.conf"))
+            .env("TLSGATE_TOKEN", "lab")
+            .env(
+                "TLSGATE_PIN",
+                format!("file:{}", self.path("token/user.pin").display()),
+            )
+            .env_remove("TLSGATE_PKCS11_MODULE");
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = tlsgate();
+        c.args(args);
+        self.env(&mut c);
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Result<String> {
+        check(self.cmd(args).output()?, &args.join(" "))
+    }
+
+    pub fn list(&self) -> Result<Vec<serde_json::Value>> {
+        let out = self.run(&["token", "list", "--json"])?;
+        serde_json::from_str(&out).with_context(|| format!("list --json printed {out}"))
+    }
+
+    /// Lab CA + a token key of `key_type` labelled `label` + its chain in `certs/<label>.pem`.
+    pub fn token_key_with_chain(&self, key_type: &str, label: &str) -> Result<PathBuf> {
+        self.ensure_ca()?;
+        self.run(&["token", "generate", "--type", key_type, "--label", label])?;
+        let chain = self.path(&format!("certs/{label}.pem"));
+        std::fs::create_dir_all(self.path("certs"))?;
+        self.run(&[
+            "token",
+            "issue-cert",
+            "--key",
+            &uri(label),
+            "--ca-dir",
+            &self.p("ca"),
+            "--cn",
+            "localhost",
+            "--san",
+            "localhost",
+            "--san",
+            "127.0.0.1",
+            "--out",
+            &chain.display().to_string(),
+        ])?;
+        Ok(chain)
+    }
+
+    /// A software key (PKCS#8 file) of `algorithm` (`EC` or `RSA`) and its chain from the lab CA.
+    pub fn software_key_with_chain(
+        &self,
+        algorithm: &str,
+        label: &str,
+    ) -> Result<(PathBuf, PathBuf)> {
+        self.ensure_ca()?;
+        std::fs::create_dir_all(self.path("certs"))?;
+        let key = self.path(&format!("certs/{label}.key"));
+        let opt = if algorithm == "EC" {
+            "ec_paramgen_curve:P-256"
+        } else {
+            "rsa_keygen_bits:2048"
+        };
+        check(
+            Command::new("openssl")
+                .args(["genpkey", "-algorithm", algorithm, "-pkeyopt", opt, "-out"])
+                .arg(&key)
+                .output()?,
+            "openssl genpkey",
+        )?;
+        let csr = self.path(&format!("certs/{label}.csr"));
+        check(
+            Command::new("openssl")
+                .args(["req", "-new", "-key"])
+                .arg(&key)
+                .args([
+                    "-subj",
+                    "/CN=localhost",
+                    "-addext",
+                    "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                    "-out",
+                ])
+                .arg(&csr)
+                .output()?,
+            "openssl req",
+        )?;
+        let chain = self.path(&format!("certs/{label}.pem"));
+        self.run(&[
+            "ca",
+            "sign",
+            "--dir",
+            &self.p("ca"),
+            "--csr",
+            &csr.display().to_string(),
+            "--out",
+            &chain.display().to_string(),
+        ])?;
+        Ok((key, chain))
+    }
+
+    fn ensure_ca(&self) -> Result<()> {
+        if !self.path("ca/root.pem").exists() {
+            self.run(&["ca", "init-lab", "--dir", &self.p("ca")])?;
+        }
+        Ok(())
+    }
+}
+
+/// A child process killed (SIGKILL) when dropped unless it already exited.
+pub struct ChildGuard {
+    pub child: Child,
+    pub name: &'static str,
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Waits until `path` exists and is non-empty, failing early if `child` exits.
+pub fn wait_ready(path: &Path, child: &mut ChildGuard, timeout: Duration) -> Result<String> {
+    let start = Instant::now();
+    loop {
+        if let Ok(s) = std::fs::read_to_string(path) {
+            if !s.is_empty() {
+                return Ok(s);
+            }
+        }
+        if let Some(status) = child.child.try_wait()? {
+            let mut err = String::new();
+            if let Some(mut e) = child.child.stderr.take() {
+                use std::io::Read;
+                let _ = e.read_to_string(&mut err);
+            }
+            bail!(
+                "{} exited ({status}) before it was ready:\n{err}",
+                child.name
+            );
+        }
+        if start.elapsed() > timeout {
+            bail!("{} not ready after {timeout:?}", child.name);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Starts the demo backend on port 0 and returns it with its address.
+pub fn demo_backend(dir: &Path) -> Result<(ChildGuard, String)> {
+    let ready = dir.join(format!("backend.{}.ready", std::process::id()));
+    let _ = std::fs::remove_file(&ready);
+    let child = tlsgate()
+        .args(["demo-backend", "--listen", "127.0.0.1:0", "--ready-file"])
+        .arg(&ready)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut guard = ChildGuard {
+        child,
+        name: "demo-backend",
+    };
+    let addr = wait_ready(&ready, &mut guard, Duration::from_secs(20))?;
+    Ok((guard, addr.trim().to_owned()))
+}
+
+/// A running `tlsgate serve` and the address of its first listener.
+pub struct Serve {
+    pub guard: ChildGuard,
+    pub addr: String,
+    pub port: u16,
+}
+
+impl Serve {
+    pub fn start(lab: &Lab, config: &Path) -> Result<Serve> {
+        let ready = config.with_extension("ready");
+        let _ = std::fs::remove_file(&ready);
+        let mut cmd = tlsgate();
+        lab.env(&mut cmd);
+        let child = cmd
+            .args(["serve", "--config"])
+            .arg(config)
+            .arg("--ready-file")
+            .arg(&ready)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let mut guard = ChildGuard {
+            child,
+            name: "tlsgate serve",
+        };
+        let lines = wait_ready(&ready, &mut guard, Duration::from_secs(30))?;
+        let addr = lines
+            .lines()
+            .next()
+            .and_then(|l| l.split_whitespace().nth(1))
+            .context("ready file names a listener")?
+            .to_owned();
+        let port = addr.rsplit(':').next().context("port")?.parse()?;
+        Ok(Serve { guard, addr, port })
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.guard.child.id() as i32
+    }
+
+    /// Sends `signal` (by name, e.g. "TERM") with kill(1).
+    pub fn signal(&self, signal: &str) -> Result<()> {
+        check(
+            Command::new("kill")
+                .arg(format!("-{signal}"))
+                .arg(self.pid().to_string())
+                .output()?,
+            "kill",
+        )?;
+        Ok(())
+    }
+}
+
+/// curl through the appliance, verifying against the lab root.
+pub fn curl(lab: &Lab, port: u16, path: &str, extra: &[&str]) -> Result<Output> {
+    Ok(Command::new("curl")
+        .args(["-sS", "--max-time", "20", "--cacert", &lab.p("ca/root.pem")])
+        .args(extra)
+        .arg(format!("https://localhost:{port}{path}"))
+        .output()?)
+}
