@@ -230,6 +230,85 @@ mod tests {
             .contains("seccomp"));
     }
 
+    /// Installs, on the calling thread only, a seccomp filter that fails `io_uring_setup`
+    /// with `errno` (what Docker's default profile does with EPERM).
+    fn refuse_io_uring_setup_on_this_thread(errno: u32) -> io::Result<()> {
+        const SECCOMP_RET_ALLOW: u32 = 0x7fff_0000;
+        const SECCOMP_RET_ERRNO: u32 = 0x0005_0000;
+        let nr = libc::SYS_io_uring_setup as u32;
+        let filter = [
+            // A = seccomp_data.nr
+            libc::sock_filter {
+                code: (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16,
+                jt: 0,
+                jf: 0,
+                k: 0,
+            },
+            libc::sock_filter {
+                code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+                jt: 0,
+                jf: 1,
+                k: nr,
+            },
+            libc::sock_filter {
+                code: (libc::BPF_RET | libc::BPF_K) as u16,
+                jt: 0,
+                jf: 0,
+                k: SECCOMP_RET_ERRNO | errno,
+            },
+            libc::sock_filter {
+                code: (libc::BPF_RET | libc::BPF_K) as u16,
+                jt: 0,
+                jf: 0,
+                k: SECCOMP_RET_ALLOW,
+            },
+        ];
+        let prog = libc::sock_fprog {
+            len: filter.len() as u16,
+            filter: filter.as_ptr() as *mut libc::sock_filter,
+        };
+        // SAFETY: plain prctl calls; `prog` and `filter` outlive the call, which copies them.
+        // Without SECCOMP_FILTER_FLAG_TSYNC the filter binds this thread (and threads it
+        // spawns) only, so the rest of the test process is untouched.
+        unsafe {
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::prctl(
+                libc::PR_SET_SECCOMP,
+                libc::SECCOMP_MODE_FILTER as libc::c_ulong,
+                &prog as *const libc::sock_fprog,
+            ) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_seccomp_profile_that_refuses_io_uring_is_named() {
+        if read_sysctl().unwrap_or(0) != 0 {
+            eprintln!("skipped: io_uring is already off by sysctl here");
+            return;
+        }
+        for (errno, want) in [
+            (libc::EPERM, Unavailable::PermissionDenied),
+            (libc::ENOSYS, Unavailable::NotImplemented),
+        ] {
+            let got = std::thread::spawn(move || {
+                refuse_io_uring_setup_on_this_thread(errno as u32).map(|()| check_available())
+            })
+            .join()
+            .expect("the filter thread does not panic");
+            match got {
+                Ok(result) => assert_eq!(result, Err(want)),
+                // Seccomp itself refused (an outer sandbox forbids new filters): say so.
+                Err(e) => eprintln!("skipped: cannot install a seccomp filter here: {e}"),
+            }
+        }
+    }
+
     #[test]
     fn this_kernel_agrees_with_its_sysctl() {
         match (read_sysctl(), check_available()) {
