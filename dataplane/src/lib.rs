@@ -50,6 +50,7 @@ mod portable;
 mod snapshot;
 mod stats;
 pub mod testing;
+pub mod uring;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -1,0 +1,490 @@
+//! What a [`Handler`] acts through: sockets, listeners and the submissions they queue.
+
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::time::Duration;
+
+use io_uring::{opcode, squeue, types};
+
+#[cfg(doc)]
+use super::event_loop::Handler;
+use super::event_loop::{ListenerId, LoopStats, SocketId, BUF_GROUP, LISTEN_BACKLOG};
+use super::slab::{Key, Slab};
+use super::sys::{self, RawAddr};
+use super::UringError;
+
+/// One in-flight operation; owns every byte the kernel may read or write for it.
+#[derive(Debug)]
+pub(super) enum Op {
+    Accept { listener: usize },
+    Recv { sock: Key },
+    Send { sock: Key, buf: Vec<u8>, off: usize },
+    Connect { sock: Key, _addr: Box<RawAddr> },
+    LinkTimeout { _ts: Box<types::Timespec> },
+    Shutdown { sock: Key },
+    Close,
+    Tick { ts: Box<types::Timespec> },
+    EventFd { fd: RawFd, buf: Box<[u8; 8]> },
+    Cancel,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum SockState {
+    Connecting,
+    Open,
+}
+
+#[derive(Debug)]
+pub(super) struct Socket {
+    pub(super) fd: OwnedFd,
+    pub(super) state: SockState,
+    pub(super) recv_op: Option<Key>,
+    pub(super) recv_wanted: bool,
+    pub(super) send_op: Option<Key>,
+    pub(super) connect_op: Option<Key>,
+    /// Bytes accepted by `send` while a send was in flight.
+    pub(super) queued: Vec<u8>,
+    /// Set by `close`/`abort`: no more events for this socket; the fd closes once no operation
+    /// names it any more.
+    pub(super) closing: bool,
+    /// Set by `abort`: a short write is not continued.
+    pub(super) aborted: bool,
+    /// `shutdown_write` was asked for; it runs once every queued byte is written.
+    pub(super) shut_wr: ShutWr,
+    pub(super) shutdown_op: Option<Key>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ShutWr {
+    No,
+    Wanted,
+    Submitted,
+}
+
+impl Socket {
+    pub(super) fn new(fd: OwnedFd, state: SockState) -> Socket {
+        Socket {
+            fd,
+            state,
+            recv_op: None,
+            recv_wanted: true,
+            send_op: None,
+            connect_op: None,
+            queued: Vec::new(),
+            closing: false,
+            aborted: false,
+            shut_wr: ShutWr::No,
+            shutdown_op: None,
+        }
+    }
+
+    pub(super) fn idle(&self) -> bool {
+        self.recv_op.is_none()
+            && self.send_op.is_none()
+            && self.connect_op.is_none()
+            && self.shutdown_op.is_none()
+    }
+}
+
+#[derive(Debug)]
+pub(super) struct Listener {
+    /// `None` once closed.
+    pub(super) fd: Option<OwnedFd>,
+    pub(super) addr: SocketAddr,
+    pub(super) accept_op: Option<Key>,
+    /// False while paused or closed: a finished multishot accept is not re-armed.
+    pub(super) accepting: bool,
+    /// Close the fd once the accept operation has completed.
+    pub(super) closing: bool,
+}
+
+/// Submissions not yet in the ring; a linked pair goes in together or not at all.
+#[derive(Debug)]
+pub(super) enum Pending {
+    One(squeue::Entry),
+    Linked([squeue::Entry; 2]),
+}
+
+/// The part of the loop a [`Handler`] acts through.
+#[derive(Debug)]
+pub struct Ctl {
+    pub(super) ops: Slab<Op>,
+    pub(super) socks: Slab<Socket>,
+    pub(super) listeners: Vec<Listener>,
+    pub(super) backlog: Vec<Pending>,
+    /// Listeners whose accept ended with an error, re-armed on the next tick.
+    pub(super) accept_retry: Vec<usize>,
+    pub(super) stats: LoopStats,
+    pub(super) stop: bool,
+}
+
+impl Ctl {
+    /// Binds a `SO_REUSEPORT` listener and arms a multishot accept on it.
+    pub fn listen(&mut self, addr: SocketAddr) -> Result<ListenerId, UringError> {
+        let fd =
+            sys::reuseport_listener(addr, LISTEN_BACKLOG).map_err(|source| UringError::Socket {
+                op: "listen",
+                addr,
+                source,
+            })?;
+        let bound = sys::local_addr(fd.as_raw_fd()).map_err(|source| UringError::Socket {
+            op: "getsockname",
+            addr,
+            source,
+        })?;
+        Ok(self.add_listener(fd, bound))
+    }
+
+    /// Takes over a listening socket made elsewhere (blocking or not) and arms a multishot
+    /// accept on it.
+    pub fn adopt_listener(&mut self, fd: OwnedFd) -> Result<ListenerId, UringError> {
+        let addr = sys::local_addr(fd.as_raw_fd()).map_err(|source| UringError::Socket {
+            op: "getsockname",
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            source,
+        })?;
+        Ok(self.add_listener(fd, addr))
+    }
+
+    pub(super) fn add_listener(&mut self, fd: OwnedFd, addr: SocketAddr) -> ListenerId {
+        let id = self.listeners.len();
+        self.listeners.push(Listener {
+            fd: Some(fd),
+            addr,
+            accept_op: None,
+            accepting: true,
+            closing: false,
+        });
+        self.arm_accept(id);
+        ListenerId(id)
+    }
+
+    /// Pauses (false) or resumes (true) accepting on a listener, for the per-core connection
+    /// and handshake bounds. Connections the kernel completed meanwhile wait in its backlog;
+    /// a few accepted before the cancel lands are still reported.
+    pub fn set_accepting(&mut self, listener: ListenerId, accepting: bool) {
+        let Some(l) = self.listeners.get_mut(listener.0) else {
+            return;
+        };
+        if l.closing || l.accepting == accepting {
+            return;
+        }
+        l.accepting = accepting;
+        match (accepting, l.accept_op) {
+            (false, Some(op)) => self.cancel(op),
+            (true, None) => self.arm_accept(listener.0),
+            _ => {}
+        }
+    }
+
+    /// Stops accepting and closes the listening socket (for drain on shutdown).
+    pub fn close_listener(&mut self, listener: ListenerId) {
+        let Some(l) = self.listeners.get_mut(listener.0) else {
+            return;
+        };
+        l.accepting = false;
+        l.closing = true;
+        match l.accept_op {
+            Some(op) => self.cancel(op),
+            None => l.fd = None,
+        }
+    }
+
+    /// The address a listener is bound to (with the real port when bound to port 0).
+    pub fn listener_addr(&self, listener: ListenerId) -> Option<SocketAddr> {
+        self.listeners.get(listener.0).map(|l| l.addr)
+    }
+
+    /// Starts an outgoing connection; [`Handler::on_connected`] reports the outcome. With a
+    /// timeout, a linked `IORING_OP_LINK_TIMEOUT` cancels the connect at the deadline.
+    pub fn connect(
+        &mut self,
+        addr: SocketAddr,
+        timeout: Option<Duration>,
+    ) -> Result<SocketId, UringError> {
+        let fd = sys::connect_socket(&addr).map_err(|source| UringError::Socket {
+            op: "socket",
+            addr,
+            source,
+        })?;
+        let raw_fd = fd.as_raw_fd();
+        let sock = self.socks.insert(Socket::new(fd, SockState::Connecting));
+        let raw = Box::new(sys::from_socket_addr(addr));
+        let connect = opcode::Connect::new(
+            types::Fd(raw_fd),
+            &raw.storage as *const _ as *const libc::sockaddr,
+            raw.len,
+        )
+        .build();
+        let op = self.ops.insert(Op::Connect { sock, _addr: raw });
+        let connect = connect.user_data(op.to_u64());
+        if let Some(s) = self.socks.get_mut(sock) {
+            s.connect_op = Some(op);
+        }
+        match timeout {
+            Some(timeout) => {
+                let ts = Box::new(types::Timespec::from(timeout));
+                let entry = opcode::LinkTimeout::new(&*ts as *const types::Timespec).build();
+                let tok = self.ops.insert(Op::LinkTimeout { _ts: ts });
+                self.backlog.push(Pending::Linked([
+                    connect.flags(squeue::Flags::IO_LINK),
+                    entry.user_data(tok.to_u64()),
+                ]));
+            }
+            None => self.backlog.push(Pending::One(connect)),
+        }
+        Ok(SocketId(sock))
+    }
+
+    /// Queues bytes for `sock`. One send is in flight per socket at a time so bytes leave in
+    /// order; a short write is resubmitted for the rest before anything queued later.
+    /// Returns false when the socket is closed or closing.
+    pub fn send(&mut self, sock: SocketId, data: &[u8]) -> bool {
+        let Some(s) = self.socks.get_mut(sock.0) else {
+            return false;
+        };
+        if s.closing || s.shut_wr != ShutWr::No {
+            return false;
+        }
+        if data.is_empty() {
+            return true;
+        }
+        if s.send_op.is_some() || s.state == SockState::Connecting {
+            s.queued.extend_from_slice(data);
+            return true;
+        }
+        let fd = s.fd.as_raw_fd();
+        let op = self.ops.insert(Op::Send {
+            sock: sock.0,
+            buf: data.to_vec(),
+            off: 0,
+        });
+        if let Some(s) = self.socks.get_mut(sock.0) {
+            s.send_op = Some(op);
+        }
+        self.submit_send(op, fd);
+        true
+    }
+
+    /// Bytes accepted by [`Ctl::send`] and not yet written; the driver's backpressure signal.
+    pub fn unsent_bytes(&self, sock: SocketId) -> usize {
+        let Some(s) = self.socks.get(sock.0) else {
+            return 0;
+        };
+        let in_flight = s
+            .send_op
+            .and_then(|op| match self.ops.get(op) {
+                Some(Op::Send { buf, off, .. }) => Some(buf.len() - off),
+                _ => None,
+            })
+            .unwrap_or(0);
+        in_flight + s.queued.len()
+    }
+
+    /// Stops delivering data for `sock` (backpressure): the multishot recv is cancelled;
+    /// bytes already received may still arrive in this turn.
+    pub fn pause_recv(&mut self, sock: SocketId) {
+        let Some(s) = self.socks.get_mut(sock.0) else {
+            return;
+        };
+        s.recv_wanted = false;
+        if let Some(op) = s.recv_op {
+            self.cancel(op);
+        }
+    }
+
+    /// Re-arms the multishot recv stopped by [`Ctl::pause_recv`].
+    pub fn resume_recv(&mut self, sock: SocketId) {
+        let Some(s) = self.socks.get_mut(sock.0) else {
+            return;
+        };
+        if s.closing {
+            return;
+        }
+        s.recv_wanted = true;
+        if s.recv_op.is_none() && s.state == SockState::Open {
+            self.arm_recv(sock.0);
+        }
+    }
+
+    /// Closes `sock` after every queued byte is written. No more events arrive for it.
+    pub fn close(&mut self, sock: SocketId) {
+        let Some(s) = self.socks.get_mut(sock.0) else {
+            return;
+        };
+        s.closing = true;
+        s.recv_wanted = false;
+        let (recv, connect) = (s.recv_op, s.connect_op);
+        for op in [recv, connect].into_iter().flatten() {
+            self.cancel(op);
+        }
+        self.maybe_finish_close(sock.0);
+    }
+
+    /// Closes `sock` now, dropping unsent bytes. No more events arrive for it.
+    pub fn abort(&mut self, sock: SocketId) {
+        let Some(s) = self.socks.get_mut(sock.0) else {
+            return;
+        };
+        s.queued = Vec::new();
+        s.aborted = true;
+        let send = s.send_op;
+        if let Some(op) = send {
+            self.cancel(op);
+        }
+        self.close(sock);
+    }
+
+    /// Shuts the write side (FIN) once every byte queued so far is written; later sends are
+    /// refused. Reading goes on.
+    pub fn shutdown_write(&mut self, sock: SocketId) {
+        let Some(s) = self.socks.get_mut(sock.0) else {
+            return;
+        };
+        if s.closing || s.shut_wr != ShutWr::No {
+            return;
+        }
+        s.shut_wr = ShutWr::Wanted;
+        self.maybe_shutdown(sock.0);
+    }
+
+    pub(super) fn maybe_shutdown(&mut self, sock: Key) {
+        let Some(s) = self.socks.get_mut(sock) else {
+            return;
+        };
+        if s.shut_wr != ShutWr::Wanted
+            || s.send_op.is_some()
+            || s.state != SockState::Open
+            || s.closing
+        {
+            return;
+        }
+        s.shut_wr = ShutWr::Submitted;
+        let fd = s.fd.as_raw_fd();
+        let op = self.ops.insert(Op::Shutdown { sock });
+        if let Some(s) = self.socks.get_mut(sock) {
+            s.shutdown_op = Some(op);
+        }
+        let entry = opcode::Shutdown::new(types::Fd(fd), libc::SHUT_WR)
+            .build()
+            .user_data(op.to_u64());
+        self.backlog.push(Pending::One(entry));
+    }
+
+    /// The local address of a socket.
+    pub fn local_addr(&self, sock: SocketId) -> Option<SocketAddr> {
+        self.socks
+            .get(sock.0)
+            .and_then(|s| sys::local_addr(s.fd.as_raw_fd()).ok())
+    }
+
+    /// The peer address of a connected socket.
+    pub fn peer_addr(&self, sock: SocketId) -> Option<SocketAddr> {
+        self.socks
+            .get(sock.0)
+            .and_then(|s| sys::peer_addr(s.fd.as_raw_fd()).ok())
+    }
+
+    /// Number of live sockets, closing ones included.
+    pub fn socket_count(&self) -> usize {
+        self.socks.len()
+    }
+
+    /// Makes [`EventLoop::run`] return after this turn.
+    pub fn stop(&mut self) {
+        self.stop = true;
+    }
+
+    /// The loop's counters.
+    pub fn stats(&self) -> &LoopStats {
+        &self.stats
+    }
+
+    pub(super) fn submit_send(&mut self, op: Key, fd: RawFd) {
+        let Some(Op::Send { buf, off, .. }) = self.ops.get(op) else {
+            return;
+        };
+        let rest = &buf[*off..];
+        let len = rest.len().min(u32::MAX as usize) as u32;
+        // MSG_NOSIGNAL: a peer that went away must be an EPIPE completion, not a SIGPIPE.
+        let entry = opcode::Send::new(types::Fd(fd), rest.as_ptr(), len)
+            .flags(libc::MSG_NOSIGNAL)
+            .build()
+            .user_data(op.to_u64());
+        self.backlog.push(Pending::One(entry));
+    }
+
+    pub(super) fn arm_recv(&mut self, sock: Key) {
+        let Some(s) = self.socks.get(sock) else {
+            return;
+        };
+        let fd = s.fd.as_raw_fd();
+        let op = self.ops.insert(Op::Recv { sock });
+        if let Some(s) = self.socks.get_mut(sock) {
+            s.recv_op = Some(op);
+        }
+        let entry = opcode::RecvMulti::new(types::Fd(fd), BUF_GROUP)
+            .build()
+            .user_data(op.to_u64());
+        self.backlog.push(Pending::One(entry));
+    }
+
+    pub(super) fn arm_accept(&mut self, listener: usize) {
+        let Some(fd) = self
+            .listeners
+            .get(listener)
+            .and_then(|l| l.fd.as_ref())
+            .map(|fd| fd.as_raw_fd())
+        else {
+            return;
+        };
+        let op = self.ops.insert(Op::Accept { listener });
+        if let Some(l) = self.listeners.get_mut(listener) {
+            l.accept_op = Some(op);
+        }
+        let entry = opcode::AcceptMulti::new(types::Fd(fd))
+            .flags(libc::SOCK_CLOEXEC)
+            .build()
+            .user_data(op.to_u64());
+        self.backlog.push(Pending::One(entry));
+    }
+
+    pub(super) fn arm_tick(&mut self, ts: Box<types::Timespec>) {
+        let entry = opcode::Timeout::new(&*ts as *const types::Timespec).build();
+        let op = self.ops.insert(Op::Tick { ts });
+        self.backlog
+            .push(Pending::One(entry.user_data(op.to_u64())));
+    }
+
+    pub(super) fn arm_eventfd(&mut self, fd: RawFd, mut buf: Box<[u8; 8]>) {
+        let entry = opcode::Read::new(types::Fd(fd), buf.as_mut_ptr(), 8).build();
+        let op = self.ops.insert(Op::EventFd { fd, buf });
+        self.backlog
+            .push(Pending::One(entry.user_data(op.to_u64())));
+    }
+
+    pub(super) fn cancel(&mut self, target: Key) {
+        let op = self.ops.insert(Op::Cancel);
+        let entry = opcode::AsyncCancel::new(target.to_u64())
+            .build()
+            .user_data(op.to_u64());
+        self.backlog.push(Pending::One(entry));
+    }
+
+    /// Hands the fd to an `IORING_OP_CLOSE` once no operation names the socket any more.
+    pub(super) fn maybe_finish_close(&mut self, sock: Key) {
+        let ready = self.socks.get(sock).is_some_and(|s| s.closing && s.idle());
+        if !ready {
+            return;
+        }
+        let Some(s) = self.socks.remove(sock) else {
+            return;
+        };
+        let fd = s.fd.into_raw_fd();
+        let op = self.ops.insert(Op::Close);
+        let entry = opcode::Close::new(types::Fd(fd))
+            .build()
+            .user_data(op.to_u64());
+        self.backlog.push(Pending::One(entry));
+    }
+}

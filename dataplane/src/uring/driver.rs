@@ -1,0 +1,618 @@
+//! The io_uring driver of the data plane: the contract of `crate::driver`, the same sans-io
+//! [`Conn`] as the portable driver, one [`EventLoop`] per core.
+//!
+//! Bytes the core hands out (`client_out`/`backend_out`) are copied into the ring's send
+//! operations at once and acknowledged to the core; the ring's unsent bytes per socket then
+//! stand in for the core's output buffer in the backpressure decision (read one side only while
+//! the other side's unsent bytes are under `limits.buffer_bytes`).
+//!
+//! Key operations go to the shared pool; the reply closure queues the result on this core's
+//! channel and signals the loop's eventfd, which the ring reads, so the ring never waits on a
+//! signature.
+// Reached once `crate::driver::choose` returns `IoDriverKind::Uring` and `start` calls
+// `uring::driver::run_core`; until the core wires that in, nothing calls it.
+#![allow(dead_code)]
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{ConnectError, Ctl, EventLoopBuilder, Handler, ListenerId, SocketId, Waker};
+use crate::conn::{CloseReason, Conn, Event, KeyOpFailure, KeyOpResult};
+use crate::driver::{CoreSetup, Shared};
+use crate::keyops::KeyOpRequest;
+use crate::stats::{CoreRecorder, KeyOpOutcome, FLUSH_INTERVAL};
+use crate::Error;
+
+/// Period of the ring's timer: the resolution of handshake, idle and key-op deadlines.
+const TICK: Duration = Duration::from_millis(20);
+
+type ConnId = u64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Timer {
+    Conn,
+    KeyOp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Client,
+    Backend,
+}
+
+struct ConnState {
+    conn: Conn,
+    listener: String,
+    client: SocketId,
+    backend: Option<SocketId>,
+    backend_connected: bool,
+    handshaking: bool,
+    key_op_since: Option<Instant>,
+    key_op_deadline: Option<Instant>,
+    client_reading: bool,
+    backend_reading: bool,
+}
+
+/// One core's state; the loop's handler.
+struct Core {
+    index: usize,
+    shared: Arc<Shared>,
+    recorder: CoreRecorder,
+    listeners: Vec<ListenerId>,
+    conns: HashMap<ConnId, ConnState>,
+    socks: HashMap<SocketId, (ConnId, Side)>,
+    next_id: ConnId,
+    /// One `Conn` entry per connection (its `Conn::deadline`, which only moves later) and one
+    /// `KeyOp` entry per outstanding key op; entries are re-checked when popped, so stale ones
+    /// are harmless.
+    timers: BinaryHeap<Reverse<(Instant, ConnId, Timer)>>,
+    handshaking: usize,
+    key_ops_in_flight: usize,
+    accepting: bool,
+    draining: Option<Instant>,
+    replies_tx: Sender<(ConnId, KeyOpResult)>,
+    replies_rx: Receiver<(ConnId, KeyOpResult)>,
+    waker: Waker,
+    last_flush: Instant,
+}
+
+/// Runs one core until shutdown and drain complete. The thread is already pinned.
+pub(crate) fn run_core(setup: CoreSetup) -> Result<(), Error> {
+    let worker = |why: String| Error::Worker {
+        core: setup.index,
+        why,
+    };
+    let limits = &setup.shared.cfg.limits;
+    let buf_size = u32::try_from(limits.read_chunk_bytes).unwrap_or(u32::MAX);
+    let mut lp = EventLoopBuilder::new()
+        .buf_size(buf_size)
+        .tick(TICK)
+        .build()
+        .map_err(|e| worker(format!("io_uring loop: {e}")))?;
+    let mut listeners = Vec::new();
+    for l in setup.listeners {
+        let id = lp
+            .ctl()
+            .adopt_listener(OwnedFd::from(l))
+            .map_err(|e| worker(format!("adopting listener: {e}")))?;
+        listeners.push(id);
+    }
+    let waker = lp.waker();
+    {
+        let waker = waker.clone();
+        setup.shared.shutdown.register(Box::new(move || {
+            let _ = waker.wake();
+        }));
+    }
+    let (replies_tx, replies_rx) = mpsc::channel();
+    let mut core = Core {
+        index: setup.index,
+        shared: setup.shared,
+        recorder: setup.recorder,
+        listeners,
+        conns: HashMap::new(),
+        socks: HashMap::new(),
+        next_id: 0,
+        timers: BinaryHeap::new(),
+        handshaking: 0,
+        key_ops_in_flight: 0,
+        accepting: true,
+        draining: None,
+        replies_tx,
+        replies_rx,
+        waker,
+        last_flush: Instant::now(),
+    };
+    // Shutdown may have been requested before the waker was registered.
+    core.check_shutdown(lp.ctl(), Instant::now());
+    let result = lp
+        .run(&mut core)
+        .map_err(|e| worker(format!("io_uring loop: {e}")));
+    let now = Instant::now();
+    let left: Vec<ConnId> = core.conns.keys().copied().collect();
+    if !left.is_empty() {
+        tracing::info!(
+            core = core.index,
+            open = left.len(),
+            "drain deadline reached, closing the remaining connections"
+        );
+    }
+    for id in left {
+        core.finish(lp.ctl(), id, CloseReason::Shutdown, now);
+    }
+    core.recorder.maybe_flush(now, true);
+    result
+}
+
+impl Core {
+    fn check_shutdown(&mut self, ctl: &mut Ctl, now: Instant) {
+        if self.draining.is_none() && self.shared.shutdown.is_requested() {
+            self.draining = Some(self.shared.shutdown.deadline());
+            for &l in &self.listeners {
+                ctl.close_listener(l);
+            }
+        }
+        if let Some(deadline) = self.draining {
+            if self.conns.is_empty() || now >= deadline {
+                ctl.stop();
+            }
+        }
+    }
+
+    fn update_accepting(&mut self, ctl: &mut Ctl) {
+        if self.draining.is_some() {
+            return;
+        }
+        let limits = &self.shared.cfg.limits;
+        let full = self.conns.len() >= limits.max_connections_per_core
+            || self.handshaking >= limits.max_handshakes_in_flight;
+        if full == self.accepting {
+            self.accepting = !full;
+            if full {
+                self.recorder.accept_paused();
+            }
+            for &l in &self.listeners {
+                ctl.set_accepting(l, !full);
+            }
+        }
+    }
+
+    fn handshake_done(&mut self, id: ConnId) {
+        if let Some(st) = self.conns.get_mut(&id) {
+            if st.handshaking {
+                st.handshaking = false;
+                self.handshaking -= 1;
+            }
+        }
+    }
+
+    fn key_op_finished(&mut self, id: ConnId, outcome: KeyOpOutcome) {
+        if let Some(st) = self.conns.get_mut(&id) {
+            if let Some(since) = st.key_op_since.take() {
+                st.key_op_deadline = None;
+                self.key_ops_in_flight -= 1;
+                self.recorder.key_op_done(outcome, since.elapsed());
+            }
+        }
+    }
+
+    /// Ends a connection: counts it, writes what the core still has for the client (an alert)
+    /// and closes both sockets.
+    fn finish(&mut self, ctl: &mut Ctl, id: ConnId, reason: CloseReason, now: Instant) {
+        self.key_op_finished(id, KeyOpOutcome::Late);
+        let Some(st) = self.conns.get(&id) else {
+            return;
+        };
+        let handshaking = st.handshaking;
+        self.recorder.closed(&st.listener, reason, handshaking);
+        self.handshake_done(id);
+        let Some(mut st) = self.conns.remove(&id) else {
+            return;
+        };
+        self.socks.remove(&st.client);
+        if let Some(b) = st.backend {
+            self.socks.remove(&b);
+        }
+        let out = st.conn.client_out();
+        if !out.is_empty() && reason != CloseReason::ClientIoError {
+            let n = out.len();
+            if ctl.send(st.client, out) {
+                self.recorder.client_out(n);
+                st.conn.client_written(n, now);
+            }
+        }
+        match reason {
+            CloseReason::ClientIoError | CloseReason::Shutdown => ctl.abort(st.client),
+            _ => ctl.close(st.client),
+        }
+        if let Some(b) = st.backend {
+            match reason {
+                CloseReason::Done => ctl.close(b),
+                _ => ctl.abort(b),
+            }
+        }
+        if reason != CloseReason::Done {
+            tracing::debug!(core = self.index, listener = %st.listener, reason = reason.as_str(), "connection closed");
+        }
+    }
+
+    fn submit_key_op(&mut self, id: ConnId, job: crate::conn::KeyOpJob, now: Instant) {
+        let cfg = &self.shared.cfg;
+        let deadline = now + cfg.key_ops.deadline();
+        if self.key_ops_in_flight >= cfg.key_ops.max_in_flight_per_core {
+            self.recorder.key_op_rejected();
+            if let Some(st) = self.conns.get_mut(&id) {
+                st.conn.on_key_op_done(Err(KeyOpFailure::Rejected), now);
+            }
+            return;
+        }
+        let tx = self.replies_tx.clone();
+        let waker = self.waker.clone();
+        let req = KeyOpRequest {
+            job,
+            deadline,
+            reply: Box::new(move |r| {
+                // The core may have shut down; then nobody waits for this answer.
+                if tx.send((id, r)).is_ok() {
+                    let _ = waker.wake();
+                }
+            }),
+        };
+        match self.shared.key_ops.submit(req) {
+            Ok(()) => {
+                self.key_ops_in_flight += 1;
+                self.recorder.key_op_queued();
+                if let Some(st) = self.conns.get_mut(&id) {
+                    st.key_op_since = Some(now);
+                    st.key_op_deadline = Some(deadline);
+                }
+                self.timers.push(Reverse((deadline, id, Timer::KeyOp)));
+            }
+            Err(_) => {
+                self.recorder.key_op_rejected();
+                if let Some(st) = self.conns.get_mut(&id) {
+                    st.conn.on_key_op_done(Err(KeyOpFailure::Rejected), now);
+                }
+            }
+        }
+    }
+
+    /// Everything the portable driver does between two waits, for one connection.
+    fn progress(&mut self, ctl: &mut Ctl, id: ConnId, now: Instant) {
+        loop {
+            let Some(st) = self.conns.get_mut(&id) else {
+                return;
+            };
+            let Some(ev) = st.conn.take_event() else {
+                break;
+            };
+            match ev {
+                Event::Offload(job) => self.submit_key_op(id, job, now),
+                Event::HandshakeDone(info) => {
+                    self.recorder.handshake_ok(&st.listener, &info);
+                    let addr = st.conn.backend_addr();
+                    self.handshake_done(id);
+                    self.start_backend(ctl, id, addr);
+                }
+            }
+        }
+        let cap = self.shared.cfg.limits.buffer_bytes;
+        let Some(st) = self.conns.get_mut(&id) else {
+            return;
+        };
+        // Hand the core's output to the ring.
+        if st.conn.closed().is_none() {
+            let out = st.conn.client_out();
+            if !out.is_empty() {
+                let n = out.len();
+                if ctl.send(st.client, out) {
+                    self.recorder.client_out(n);
+                    st.conn.client_written(n, now);
+                } else {
+                    st.conn.abort(CloseReason::ClientIoError);
+                }
+            }
+        }
+        if let (Some(b), true, None) = (st.backend, st.backend_connected, st.conn.closed()) {
+            let out = st.conn.backend_out();
+            if !out.is_empty() {
+                let n = out.len();
+                if ctl.send(b, out) {
+                    self.recorder.backend_out(n);
+                    st.conn.backend_written(n, now);
+                } else {
+                    st.conn.abort(CloseReason::BackendIoError);
+                }
+            }
+        }
+        if let Some(reason) = st.conn.closed() {
+            self.finish(ctl, id, reason, now);
+            return;
+        }
+        if st.conn.wants_backend_shutdown() {
+            if let Some(b) = st.backend {
+                ctl.shutdown_write(b);
+            }
+            st.conn.backend_write_shut();
+        }
+        if st.conn.wants_client_shutdown() {
+            ctl.shutdown_write(st.client);
+            st.conn.client_write_shut();
+        }
+        if st.conn.is_finished() {
+            self.finish(ctl, id, CloseReason::Done, now);
+            return;
+        }
+        let backend_unsent = st.backend.map_or(0, |b| ctl.unsent_bytes(b));
+        let want_cr = st.conn.wants_client_read() && backend_unsent < cap;
+        if want_cr != st.client_reading {
+            st.client_reading = want_cr;
+            if want_cr {
+                ctl.resume_recv(st.client);
+            } else {
+                ctl.pause_recv(st.client);
+            }
+        }
+        if let (Some(b), true) = (st.backend, st.backend_connected) {
+            let want_br = st.conn.wants_backend_read() && ctl.unsent_bytes(st.client) < cap;
+            if want_br != st.backend_reading {
+                st.backend_reading = want_br;
+                if want_br {
+                    ctl.resume_recv(b);
+                } else {
+                    ctl.pause_recv(b);
+                }
+            }
+        }
+    }
+
+    fn start_backend(&mut self, ctl: &mut Ctl, id: ConnId, addr: SocketAddr) {
+        let timeout = self.shared.cfg.limits.backend_connect_timeout();
+        let Some(st) = self.conns.get_mut(&id) else {
+            return;
+        };
+        match ctl.connect(addr, Some(timeout)) {
+            Ok(b) => {
+                st.backend = Some(b);
+                // The loop arms the recv on connect; our view must match.
+                st.backend_reading = true;
+                self.socks.insert(b, (id, Side::Backend));
+            }
+            Err(e) => {
+                tracing::debug!(core = self.index, error = %e, "backend socket");
+                st.conn.abort(CloseReason::BackendConnectFailed);
+            }
+        }
+    }
+
+    fn on_timers(&mut self, ctl: &mut Ctl, now: Instant) {
+        while let Some(&Reverse((at, id, kind))) = self.timers.peek() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(st) = self.conns.get_mut(&id) else {
+                continue;
+            };
+            match kind {
+                Timer::KeyOp => {
+                    if st.key_op_deadline != Some(at) {
+                        continue;
+                    }
+                    // The worker may still answer; key_op_finished makes that answer a no-op.
+                    self.key_op_finished(id, KeyOpOutcome::TimedOut);
+                    if let Some(st) = self.conns.get_mut(&id) {
+                        st.conn.on_key_op_done(Err(KeyOpFailure::Deadline), now);
+                    }
+                    self.progress(ctl, id, now);
+                }
+                Timer::Conn => {
+                    if st.conn.deadline() <= now {
+                        st.conn.on_timer(now);
+                        self.progress(ctl, id, now);
+                    }
+                    if let Some(st) = self.conns.get(&id) {
+                        // At least one tick later, so a deadline that did not close the
+                        // connection cannot spin here.
+                        let next = st.conn.deadline().max(now + TICK);
+                        self.timers.push(Reverse((next, id, Timer::Conn)));
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Handler for Core {
+    fn on_accept(&mut self, ctl: &mut Ctl, l: ListenerId, sock: SocketId) {
+        let now = Instant::now();
+        let index = self
+            .listeners
+            .iter()
+            .position(|&x| x == l)
+            .unwrap_or(usize::MAX);
+        let prepared = self.shared.snapshot.load();
+        let listener = prepared.listeners.get(index).cloned().flatten();
+        let name = match &listener {
+            Some(pl) => pl.snap.name.clone(),
+            None => self.shared.names.get(index).cloned().unwrap_or_default(),
+        };
+        self.recorder.accepted();
+        let Some(listener) = listener else {
+            self.recorder.closed(&name, CloseReason::ListenerGone, true);
+            ctl.abort(sock);
+            return;
+        };
+        let bind = listener.snap.bind;
+        let peer = ctl.peer_addr(sock).unwrap_or(bind);
+        let local = ctl.local_addr(sock).unwrap_or(bind);
+        let cfg = &self.shared.cfg;
+        let conn = Conn::new(
+            listener,
+            &cfg.limits,
+            cfg.danger_inline_key_ops,
+            peer,
+            local,
+            now,
+        );
+        let id = self.next_id;
+        self.next_id += 1;
+        self.timers
+            .push(Reverse((conn.deadline(), id, Timer::Conn)));
+        self.conns.insert(
+            id,
+            ConnState {
+                conn,
+                listener: name,
+                client: sock,
+                backend: None,
+                backend_connected: false,
+                handshaking: true,
+                key_op_since: None,
+                key_op_deadline: None,
+                client_reading: true,
+                backend_reading: false,
+            },
+        );
+        self.socks.insert(sock, (id, Side::Client));
+        self.handshaking += 1;
+        self.update_accepting(ctl);
+        self.progress(ctl, id, now);
+    }
+
+    fn on_data(&mut self, ctl: &mut Ctl, sock: SocketId, data: &[u8]) {
+        let Some(&(id, side)) = self.socks.get(&sock) else {
+            return;
+        };
+        let now = Instant::now();
+        let Some(st) = self.conns.get_mut(&id) else {
+            return;
+        };
+        match side {
+            Side::Client => {
+                self.recorder.client_in(data.len());
+                st.conn.on_client_data(data, now);
+            }
+            Side::Backend => {
+                self.recorder.backend_in(data.len());
+                st.conn.on_backend_data(data, now);
+            }
+        }
+        self.progress(ctl, id, now);
+        self.update_accepting(ctl);
+    }
+
+    fn on_eof(&mut self, ctl: &mut Ctl, sock: SocketId) {
+        let Some(&(id, side)) = self.socks.get(&sock) else {
+            return;
+        };
+        let now = Instant::now();
+        let Some(st) = self.conns.get_mut(&id) else {
+            return;
+        };
+        match side {
+            Side::Client => {
+                st.client_reading = false;
+                st.conn.on_client_eof(now);
+            }
+            Side::Backend => {
+                st.backend_reading = false;
+                st.conn.on_backend_eof(now);
+            }
+        }
+        self.progress(ctl, id, now);
+        self.update_accepting(ctl);
+    }
+
+    fn on_error(&mut self, ctl: &mut Ctl, sock: SocketId, _err: std::io::Error) {
+        let Some(&(id, side)) = self.socks.get(&sock) else {
+            return;
+        };
+        let now = Instant::now();
+        let reason = match side {
+            Side::Client => CloseReason::ClientIoError,
+            Side::Backend => CloseReason::BackendIoError,
+        };
+        if let Some(st) = self.conns.get_mut(&id) {
+            st.conn.abort(reason);
+        }
+        self.progress(ctl, id, now);
+        self.update_accepting(ctl);
+    }
+
+    fn on_connected(&mut self, ctl: &mut Ctl, sock: SocketId, r: Result<(), ConnectError>) {
+        let Some(&(id, _)) = self.socks.get(&sock) else {
+            return;
+        };
+        let now = Instant::now();
+        let Some(st) = self.conns.get_mut(&id) else {
+            return;
+        };
+        match r {
+            Ok(()) => {
+                st.backend_connected = true;
+                st.conn.on_backend_connected(now);
+            }
+            Err(e) => {
+                // The loop already closed the socket.
+                self.socks.remove(&sock);
+                st.backend = None;
+                st.conn.abort(match e {
+                    ConnectError::TimedOut => CloseReason::BackendConnectTimeout,
+                    ConnectError::Failed(_) => CloseReason::BackendConnectFailed,
+                });
+            }
+        }
+        self.progress(ctl, id, now);
+        self.update_accepting(ctl);
+    }
+
+    fn on_send_drained(&mut self, ctl: &mut Ctl, sock: SocketId) {
+        // Backpressure released: the other side may be read again.
+        if let Some(&(id, _)) = self.socks.get(&sock) {
+            self.progress(ctl, id, Instant::now());
+        }
+    }
+
+    fn on_tick(&mut self, ctl: &mut Ctl) {
+        let now = Instant::now();
+        self.on_timers(ctl, now);
+        self.update_accepting(ctl);
+        if now.duration_since(self.last_flush) >= FLUSH_INTERVAL {
+            self.last_flush = now;
+            self.recorder.maybe_flush(now, false);
+        }
+        self.check_shutdown(ctl, now);
+    }
+
+    fn on_wake(&mut self, ctl: &mut Ctl) {
+        let now = Instant::now();
+        while let Ok((id, r)) = self.replies_rx.try_recv() {
+            let waiting = self
+                .conns
+                .get(&id)
+                .is_some_and(|st| st.key_op_since.is_some());
+            if !waiting {
+                // Late: the deadline already failed this handshake, or the connection is gone.
+                continue;
+            }
+            let outcome = match &r {
+                Ok(_) => KeyOpOutcome::Ok,
+                Err(KeyOpFailure::Deadline) => KeyOpOutcome::TimedOut,
+                Err(_) => KeyOpOutcome::Failed,
+            };
+            self.key_op_finished(id, outcome);
+            if let Some(st) = self.conns.get_mut(&id) {
+                st.conn.on_key_op_done(r, now);
+            }
+            self.progress(ctl, id, now);
+        }
+        self.update_accepting(ctl);
+        self.check_shutdown(ctl, now);
+    }
+}

@@ -1,0 +1,327 @@
+//! Start-up checks: can this process use io_uring, and which features does the kernel offer.
+
+use std::fmt;
+use std::io;
+
+use io_uring::{opcode, IoUring, Probe};
+
+/// Path of the sysctl that switches io_uring off system-wide (Linux 6.6+).
+const DISABLED_SYSCTL: &str = "/proc/sys/kernel/io_uring_disabled";
+
+/// Why the io_uring driver cannot run here; the portable driver takes over and logs this.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unavailable {
+    /// `kernel.io_uring_disabled = 2`: nobody may create rings.
+    DisabledBySysctl,
+    /// `kernel.io_uring_disabled = 1` and this process is not in `kernel.io_uring_group`.
+    RestrictedBySysctl,
+    /// `io_uring_setup` answered EPERM with the sysctl open: a seccomp profile (Docker's
+    /// default one, for instance) or an LSM refuses the syscall.
+    PermissionDenied,
+    /// `io_uring_setup` answered ENOSYS: the kernel has no io_uring (too old or built without).
+    NotImplemented,
+    /// The kernel has io_uring but lacks a feature this driver requires.
+    MissingFeature(&'static str),
+    /// Ring set-up failed for another reason (memory limits, for instance).
+    SetupFailed(String),
+}
+
+impl fmt::Display for Unavailable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Unavailable::DisabledBySysctl => {
+                write!(f, "io_uring is disabled by sysctl kernel.io_uring_disabled=2")
+            }
+            Unavailable::RestrictedBySysctl => write!(
+                f,
+                "io_uring is restricted by sysctl kernel.io_uring_disabled=1 and this process is not in kernel.io_uring_group"
+            ),
+            Unavailable::PermissionDenied => write!(
+                f,
+                "io_uring_setup returned EPERM (a seccomp profile or security module blocks io_uring)"
+            ),
+            Unavailable::NotImplemented => {
+                write!(f, "io_uring_setup returned ENOSYS (kernel without io_uring)")
+            }
+            Unavailable::MissingFeature(what) => write!(f, "the kernel lacks {what}"),
+            Unavailable::SetupFailed(err) => write!(f, "io_uring set-up failed: {err}"),
+        }
+    }
+}
+
+/// What the kernel offers, logged at start-up so an operator can see what the driver uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Features {
+    /// Required: multishot accept (5.19).
+    pub accept_multishot: bool,
+    /// Required: multishot recv with a provided buffer ring (6.0).
+    pub recv_multishot: bool,
+    /// Required: provided buffer rings (5.19), checked by registering one.
+    pub buf_ring: bool,
+    /// Optional: `IORING_OP_MSG_RING` for cross-ring wake-ups (5.18).
+    pub msg_ring: bool,
+    /// Optional: `IORING_FEAT_FAST_POLL` (5.7): sockets are polled internally, no io-wq thread.
+    pub fast_poll: bool,
+    /// Optional: `IORING_SETUP_SINGLE_ISSUER`/`DEFER_TASKRUN` (6.1).
+    pub defer_taskrun: bool,
+}
+
+impl Features {
+    /// The first required feature that is missing.
+    pub fn missing_required(&self) -> Option<&'static str> {
+        if !self.accept_multishot {
+            Some("multishot accept (Linux 5.19)")
+        } else if !self.buf_ring {
+            Some("provided buffer rings (Linux 5.19)")
+        } else if !self.recv_multishot {
+            Some("multishot recv (Linux 6.0)")
+        } else {
+            None
+        }
+    }
+}
+
+impl fmt::Display for Features {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let yes = |b: bool| if b { "yes" } else { "no" };
+        write!(
+            f,
+            "multishot accept: {}, multishot recv: {}, provided buffer ring: {}, msg_ring: {}, fast poll: {}, defer taskrun: {}",
+            yes(self.accept_multishot),
+            yes(self.recv_multishot),
+            yes(self.buf_ring),
+            yes(self.msg_ring),
+            yes(self.fast_poll),
+            yes(self.defer_taskrun),
+        )
+    }
+}
+
+/// Probes an existing ring. Multishot variants share their opcode with the one-shot ones, so
+/// their presence is inferred from an opcode of the same kernel release: `IORING_OP_SOCKET`
+/// (5.19, with multishot accept) and `IORING_OP_SEND_ZC` (6.0, with multishot recv).
+pub(crate) fn probe_ring(ring: &IoUring) -> io::Result<Features> {
+    let mut probe = Probe::new();
+    ring.submitter().register_probe(&mut probe)?;
+    let params = ring.params();
+    let base = [
+        opcode::Accept::CODE,
+        opcode::Recv::CODE,
+        opcode::Send::CODE,
+        opcode::Connect::CODE,
+        opcode::Close::CODE,
+        opcode::Timeout::CODE,
+        opcode::LinkTimeout::CODE,
+        opcode::Read::CODE,
+        opcode::AsyncCancel::CODE,
+        opcode::Shutdown::CODE,
+    ]
+    .iter()
+    .all(|&op| probe.is_supported(op));
+    Ok(Features {
+        accept_multishot: base && probe.is_supported(opcode::Socket::CODE),
+        recv_multishot: base && probe.is_supported(opcode::SendZc::CODE),
+        // Confirmed by the caller when it registers its buffer ring.
+        buf_ring: probe.is_supported(opcode::Socket::CODE),
+        msg_ring: probe.is_supported(opcode::MsgRingData::CODE),
+        fast_poll: params.is_feature_fast_poll(),
+        defer_taskrun: probe.is_supported(opcode::SendZc::CODE),
+    })
+}
+
+/// Maps the sysctl value and the outcome of `io_uring_setup` to a reason, or `None` when
+/// io_uring can be used. Split out so every branch is testable on a kernel that allows io_uring.
+pub fn classify(sysctl: Option<u8>, setup: Result<(), &io::Error>) -> Option<Unavailable> {
+    let err = match setup {
+        Ok(()) => return None,
+        Err(err) => err,
+    };
+    match (err.raw_os_error(), sysctl) {
+        (Some(libc::EPERM), Some(2)) => Some(Unavailable::DisabledBySysctl),
+        (Some(libc::EPERM), Some(1)) => Some(Unavailable::RestrictedBySysctl),
+        (Some(libc::EPERM), _) => Some(Unavailable::PermissionDenied),
+        (Some(libc::ENOSYS), _) => Some(Unavailable::NotImplemented),
+        _ => Some(Unavailable::SetupFailed(err.to_string())),
+    }
+}
+
+fn read_sysctl() -> Option<u8> {
+    std::fs::read_to_string(DISABLED_SYSCTL)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+}
+
+/// Tries io_uring the way the driver will use it: a ring, the probe and a buffer ring.
+/// `Ok` carries the features to log; `Err` says why the portable driver must run instead.
+///
+/// The trial ring is made on a short-lived thread of its own: a thread that ever created a
+/// ring is sent task work (`TWA_SIGNAL`) when the kernel tears that ring down, which makes a
+/// blocking socket call of that thread with a timeout fail with EINTR much later. The caller
+/// (often the process's main thread) must stay clear of that.
+pub fn check_available() -> Result<Features, Unavailable> {
+    std::thread::Builder::new()
+        .name("tlsgate-uring-probe".into())
+        .spawn(check_available_here)
+        .map_err(|e| Unavailable::SetupFailed(format!("probe thread: {e}")))?
+        .join()
+        .unwrap_or_else(|_| Err(Unavailable::SetupFailed("probe thread panicked".into())))
+}
+
+fn check_available_here() -> Result<Features, Unavailable> {
+    let sysctl = read_sysctl();
+    let ring = match IoUring::new(8) {
+        Ok(ring) => ring,
+        Err(err) => {
+            return Err(classify(sysctl, Err(&err))
+                .unwrap_or_else(|| Unavailable::SetupFailed(err.to_string())))
+        }
+    };
+    let mut features =
+        probe_ring(&ring).map_err(|e| Unavailable::SetupFailed(format!("probe: {e}")))?;
+    features.buf_ring = match super::bufring::BufRing::register(&ring, 0, 2, 64) {
+        Ok(bufs) => {
+            let _ = ring.submitter().unregister_buf_ring(bufs.group);
+            true
+        }
+        Err(_) => false,
+    };
+    match features.missing_required() {
+        Some(what) => Err(Unavailable::MissingFeature(what)),
+        None => Ok(features),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classify_names_every_reason() {
+        let eperm = io::Error::from_raw_os_error(libc::EPERM);
+        let enosys = io::Error::from_raw_os_error(libc::ENOSYS);
+        let enomem = io::Error::from_raw_os_error(libc::ENOMEM);
+        assert_eq!(classify(Some(0), Ok(())), None);
+        assert_eq!(
+            classify(Some(2), Err(&eperm)),
+            Some(Unavailable::DisabledBySysctl)
+        );
+        assert_eq!(
+            classify(Some(1), Err(&eperm)),
+            Some(Unavailable::RestrictedBySysctl)
+        );
+        assert_eq!(
+            classify(Some(0), Err(&eperm)),
+            Some(Unavailable::PermissionDenied)
+        );
+        assert_eq!(
+            classify(None, Err(&eperm)),
+            Some(Unavailable::PermissionDenied)
+        );
+        assert_eq!(
+            classify(None, Err(&enosys)),
+            Some(Unavailable::NotImplemented)
+        );
+        assert!(matches!(
+            classify(Some(0), Err(&enomem)),
+            Some(Unavailable::SetupFailed(_))
+        ));
+        assert!(Unavailable::PermissionDenied
+            .to_string()
+            .contains("seccomp"));
+    }
+
+    /// Installs, on the calling thread only, a seccomp filter that fails `io_uring_setup`
+    /// with `errno` (what Docker's default profile does with EPERM).
+    fn refuse_io_uring_setup_on_this_thread(errno: u32) -> io::Result<()> {
+        const SECCOMP_RET_ALLOW: u32 = 0x7fff_0000;
+        const SECCOMP_RET_ERRNO: u32 = 0x0005_0000;
+        let nr = libc::SYS_io_uring_setup as u32;
+        let filter = [
+            // A = seccomp_data.nr
+            libc::sock_filter {
+                code: (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16,
+                jt: 0,
+                jf: 0,
+                k: 0,
+            },
+            libc::sock_filter {
+                code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+                jt: 0,
+                jf: 1,
+                k: nr,
+            },
+            libc::sock_filter {
+                code: (libc::BPF_RET | libc::BPF_K) as u16,
+                jt: 0,
+                jf: 0,
+                k: SECCOMP_RET_ERRNO | errno,
+            },
+            libc::sock_filter {
+                code: (libc::BPF_RET | libc::BPF_K) as u16,
+                jt: 0,
+                jf: 0,
+                k: SECCOMP_RET_ALLOW,
+            },
+        ];
+        let prog = libc::sock_fprog {
+            len: filter.len() as u16,
+            filter: filter.as_ptr() as *mut libc::sock_filter,
+        };
+        // SAFETY: plain prctl calls; `prog` and `filter` outlive the call, which copies them.
+        // Without SECCOMP_FILTER_FLAG_TSYNC the filter binds this thread (and threads it
+        // spawns) only, so the rest of the test process is untouched.
+        unsafe {
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::prctl(
+                libc::PR_SET_SECCOMP,
+                libc::SECCOMP_MODE_FILTER as libc::c_ulong,
+                &prog as *const libc::sock_fprog,
+            ) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_seccomp_profile_that_refuses_io_uring_is_named() {
+        if read_sysctl().unwrap_or(0) != 0 {
+            eprintln!("skipped: io_uring is already off by sysctl here");
+            return;
+        }
+        for (errno, want) in [
+            (libc::EPERM, Unavailable::PermissionDenied),
+            (libc::ENOSYS, Unavailable::NotImplemented),
+        ] {
+            let got = std::thread::spawn(move || {
+                refuse_io_uring_setup_on_this_thread(errno as u32).map(|()| check_available())
+            })
+            .join()
+            .expect("the filter thread does not panic");
+            match got {
+                Ok(result) => assert_eq!(result, Err(want)),
+                // Seccomp itself refused (an outer sandbox forbids new filters): say so.
+                Err(e) => eprintln!("skipped: cannot install a seccomp filter here: {e}"),
+            }
+        }
+    }
+
+    #[test]
+    fn this_kernel_agrees_with_its_sysctl() {
+        match (read_sysctl(), check_available()) {
+            (Some(0), Ok(features)) => assert_eq!(features.missing_required(), None),
+            (Some(2), Err(reason)) => assert_eq!(reason, Unavailable::DisabledBySysctl),
+            (sysctl, result) => {
+                // Some other environment (seccomp, old kernel): the answer must still name a
+                // reason rather than claim success with a missing feature.
+                if let Ok(f) = &result {
+                    assert_eq!(f.missing_required(), None);
+                }
+                eprintln!("io_uring here: sysctl {sysctl:?}, {result:?}");
+            }
+        }
+    }
+}

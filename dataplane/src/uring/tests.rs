@@ -1,0 +1,635 @@
+//! The ring machinery on plain TCP, against real sockets on 127.0.0.1.
+
+use std::collections::{HashMap, HashSet};
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use super::*;
+
+/// Wraps a handler so the test thread can stop the loop through its waker.
+struct Stoppable<H> {
+    inner: H,
+    stop: Arc<AtomicBool>,
+}
+
+impl<H: Handler> Handler for Stoppable<H> {
+    fn on_accept(&mut self, ctl: &mut Ctl, l: ListenerId, s: SocketId) {
+        self.inner.on_accept(ctl, l, s)
+    }
+    fn on_data(&mut self, ctl: &mut Ctl, s: SocketId, d: &[u8]) {
+        self.inner.on_data(ctl, s, d)
+    }
+    fn on_eof(&mut self, ctl: &mut Ctl, s: SocketId) {
+        self.inner.on_eof(ctl, s)
+    }
+    fn on_error(&mut self, ctl: &mut Ctl, s: SocketId, e: io::Error) {
+        self.inner.on_error(ctl, s, e)
+    }
+    fn on_connected(&mut self, ctl: &mut Ctl, s: SocketId, r: Result<(), ConnectError>) {
+        self.inner.on_connected(ctl, s, r)
+    }
+    fn on_send_drained(&mut self, ctl: &mut Ctl, s: SocketId) {
+        self.inner.on_send_drained(ctl, s)
+    }
+    fn on_tick(&mut self, ctl: &mut Ctl) {
+        self.inner.on_tick(ctl)
+    }
+    fn on_wake(&mut self, ctl: &mut Ctl) {
+        if self.stop.load(Ordering::Acquire) {
+            ctl.stop();
+        }
+        self.inner.on_wake(ctl)
+    }
+}
+
+struct Running<H, T> {
+    thread: JoinHandle<anyhow::Result<(H, LoopStats, usize)>>,
+    waker: Waker,
+    stop: Arc<AtomicBool>,
+    setup: T,
+}
+
+impl<H, T> Running<H, T> {
+    /// Stops the loop; returns the handler, the counters and the sockets still open.
+    fn finish(self) -> anyhow::Result<(H, LoopStats, usize)> {
+        self.stop.store(true, Ordering::Release);
+        self.waker.wake()?;
+        self.thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("loop thread panicked"))?
+    }
+}
+
+/// Builds a loop on its own thread, runs `setup` there, and starts it.
+fn spawn_loop<H, T, F>(builder: EventLoopBuilder, handler: H, setup: F) -> Running<H, T>
+where
+    H: Handler + Send + 'static,
+    T: Send + 'static,
+    F: FnOnce(&mut Ctl, &mut H) -> anyhow::Result<T> + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let thread = std::thread::spawn(move || {
+        let mut handler = handler;
+        let mut lp = match builder.build() {
+            Ok(lp) => lp,
+            Err(e) => {
+                let _ = tx.send(Err(anyhow::anyhow!("build: {e}")));
+                return Err(anyhow::anyhow!("build failed"));
+            }
+        };
+        match setup(lp.ctl(), &mut handler) {
+            Ok(t) => {
+                let _ = tx.send(Ok((t, lp.waker())));
+            }
+            Err(e) => {
+                let _ = tx.send(Err(e));
+                return Err(anyhow::anyhow!("setup failed"));
+            }
+        }
+        let mut h = Stoppable {
+            inner: handler,
+            stop: stop2,
+        };
+        lp.run(&mut h)?;
+        let stats = lp.ctl().stats().clone();
+        let open = lp.ctl().socket_count();
+        Ok((h.inner, stats, open))
+    });
+    let (setup, waker) = rx
+        .recv()
+        .expect("the loop thread sends exactly one set-up result")
+        .expect("loop set-up");
+    Running {
+        thread,
+        waker,
+        stop,
+        setup,
+    }
+}
+
+fn localhost() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// An echo server and an L4 proxy in front of it, both in the same ring.
+#[derive(Default)]
+struct EchoProxy {
+    front: Option<ListenerId>,
+    backend: Option<SocketAddr>,
+    echo: HashSet<SocketId>,
+    peer: HashMap<SocketId, SocketId>,
+    connected: usize,
+}
+
+impl EchoProxy {
+    fn close_pair(&mut self, ctl: &mut Ctl, sock: SocketId) {
+        ctl.close(sock);
+        if let Some(other) = self.peer.remove(&sock) {
+            self.peer.remove(&other);
+            ctl.close(other);
+        }
+    }
+}
+
+impl Handler for EchoProxy {
+    fn on_accept(&mut self, ctl: &mut Ctl, l: ListenerId, s: SocketId) {
+        if Some(l) != self.front {
+            self.echo.insert(s);
+            return;
+        }
+        let Some(backend) = self.backend else {
+            ctl.abort(s);
+            return;
+        };
+        match ctl.connect(backend, Some(Duration::from_secs(5))) {
+            Ok(b) => {
+                self.peer.insert(s, b);
+                self.peer.insert(b, s);
+            }
+            Err(_) => ctl.abort(s),
+        }
+    }
+    fn on_data(&mut self, ctl: &mut Ctl, s: SocketId, d: &[u8]) {
+        if self.echo.contains(&s) {
+            ctl.send(s, d);
+        } else if let Some(&p) = self.peer.get(&s) {
+            // Sent before the backend connect completes: the loop queues it.
+            ctl.send(p, d);
+        }
+    }
+    fn on_eof(&mut self, ctl: &mut Ctl, s: SocketId) {
+        if self.echo.remove(&s) {
+            ctl.close(s);
+        } else {
+            self.close_pair(ctl, s);
+        }
+    }
+    fn on_error(&mut self, ctl: &mut Ctl, s: SocketId, _e: io::Error) {
+        self.echo.remove(&s);
+        if let Some(p) = self.peer.remove(&s) {
+            self.peer.remove(&p);
+            ctl.abort(p);
+        }
+        ctl.abort(s);
+    }
+    fn on_connected(&mut self, ctl: &mut Ctl, s: SocketId, r: Result<(), ConnectError>) {
+        match r {
+            Ok(()) => self.connected += 1,
+            Err(_) => {
+                if let Some(p) = self.peer.remove(&s) {
+                    self.peer.remove(&p);
+                    ctl.abort(p);
+                }
+            }
+        }
+    }
+}
+
+fn start_echo_proxy(builder: EventLoopBuilder) -> Running<EchoProxy, SocketAddr> {
+    spawn_loop(builder, EchoProxy::default(), |ctl, h| {
+        let echo = ctl.listen(localhost())?;
+        let front = ctl.listen(localhost())?;
+        h.front = Some(front);
+        h.backend = ctl.listener_addr(echo);
+        ctl.listener_addr(front)
+            .ok_or_else(|| anyhow::anyhow!("no front address"))
+    })
+}
+
+#[test]
+fn echo_proxy_many_concurrent_connections() -> anyhow::Result<()> {
+    let running = start_echo_proxy(EventLoopBuilder::new().ring_entries(256));
+    let front = running.setup;
+    const THREADS: u64 = 8;
+    const CONNS_PER_THREAD: u64 = 8;
+    const BYTES: usize = 96 * 1024;
+    let clients: Vec<_> = (0..THREADS)
+        .map(|t| {
+            std::thread::spawn(move || -> anyhow::Result<()> {
+                let mut conns = Vec::new();
+                for c in 0..CONNS_PER_THREAD {
+                    let data = pattern(t * 100 + c, BYTES);
+                    let mut s = TcpStream::connect(front)?;
+                    s.set_read_timeout(Some(Duration::from_secs(20)))?;
+                    s.write_all(&data)?;
+                    conns.push((s, data));
+                }
+                for (mut s, data) in conns {
+                    let mut back = vec![0u8; data.len()];
+                    s.read_exact(&mut back)?;
+                    anyhow::ensure!(back == data, "echo differs");
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().map_err(|_| anyhow::anyhow!("client panicked"))??;
+    }
+    let (h, stats, _open) = running.finish()?;
+    let conns = (THREADS * CONNS_PER_THREAD) as usize;
+    assert_eq!(h.connected, conns);
+    assert_eq!(stats.accepted, 2 * conns as u64);
+    // In the ring, each byte is received three times: proxy from client, echo from proxy,
+    // proxy from echo.
+    assert_eq!(stats.bytes_received, 3 * (conns * BYTES) as u64);
+    assert_eq!(stats.bytes_sent, stats.bytes_received);
+    Ok(())
+}
+
+#[test]
+fn sockets_are_closed_after_peers_leave() -> anyhow::Result<()> {
+    let running = start_echo_proxy(EventLoopBuilder::new().ring_entries(64));
+    let front = running.setup;
+    for i in 0..16 {
+        let mut s = TcpStream::connect(front)?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(&[i; 100])?;
+        let mut back = [0u8; 100];
+        s.read_exact(&mut back)?;
+        assert_eq!(back, [i; 100]);
+        s.shutdown(std::net::Shutdown::Write)?;
+        // The proxy closes both sides on EOF: we must see EOF too.
+        assert_eq!(s.read(&mut back)?, 0);
+    }
+    let (h, _stats, open) = running.finish()?;
+    assert!(h.peer.is_empty(), "pairs left: {}", h.peer.len());
+    // The echo side closes on its own EOF, which may still be in flight for the last pair.
+    assert!(open <= 1, "sockets still open: {open}");
+    Ok(())
+}
+
+/// Sends large chunks to every accepted client, then closes gracefully.
+struct Blaster {
+    chunks: Vec<Vec<u8>>,
+    drained: usize,
+}
+
+impl Handler for Blaster {
+    fn on_accept(&mut self, ctl: &mut Ctl, _l: ListenerId, s: SocketId) {
+        for c in &self.chunks {
+            assert!(ctl.send(s, c));
+        }
+        assert_eq!(
+            ctl.unsent_bytes(s),
+            self.chunks.iter().map(Vec::len).sum::<usize>()
+        );
+        ctl.close(s);
+        assert!(!ctl.send(s, b"after close"));
+    }
+    fn on_data(&mut self, _: &mut Ctl, _: SocketId, _: &[u8]) {}
+    fn on_eof(&mut self, _: &mut Ctl, _: SocketId) {}
+    fn on_error(&mut self, _: &mut Ctl, _: SocketId, e: io::Error) {
+        panic!("unexpected socket error {e}");
+    }
+    fn on_connected(&mut self, _: &mut Ctl, _: SocketId, _: Result<(), ConnectError>) {}
+    fn on_send_drained(&mut self, _: &mut Ctl, _: SocketId) {
+        self.drained += 1;
+    }
+}
+
+#[test]
+fn partial_writes_keep_order_to_a_slow_reader() -> anyhow::Result<()> {
+    let chunks: Vec<Vec<u8>> = (0..4).map(|i| pattern(i, 3 * 1024 * 1024)).collect();
+    let expected: Vec<u8> = chunks.concat();
+    let blaster = Blaster { chunks, drained: 0 };
+    let running = spawn_loop(
+        EventLoopBuilder::new().ring_entries(32),
+        blaster,
+        |ctl, _| {
+            let l = ctl.listen(localhost())?;
+            ctl.listener_addr(l)
+                .ok_or_else(|| anyhow::anyhow!("no address"))
+        },
+    );
+    let mut s = TcpStream::connect(running.setup)?;
+    // 12 MiB is more than a loopback socket buffer holds: the kernel takes it in short sends
+    // as the reader drains it.
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut got = Vec::with_capacity(expected.len());
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(got.len(), expected.len());
+    assert!(got == expected, "bytes arrived out of order");
+    let (h, stats, open) = running.finish()?;
+    assert!(stats.partial_sends > 0, "no partial write happened");
+    // Closing sockets get no events, drained included.
+    assert_eq!(h.drained, 0);
+    assert_eq!(open, 0);
+    Ok(())
+}
+
+#[test]
+fn recv_rearms_when_the_buffer_ring_runs_dry() -> anyhow::Result<()> {
+    // Two 64-byte buffers: any burst larger than 128 bytes ends the multishot recv with ENOBUFS.
+    let builder = EventLoopBuilder::new()
+        .ring_entries(32)
+        .buf_count(2)
+        .buf_size(64);
+    let running = start_echo_proxy(builder);
+    let mut s = TcpStream::connect(running.setup)?;
+    s.set_read_timeout(Some(Duration::from_secs(20)))?;
+    let data = pattern(7, 256 * 1024);
+    let mut writer = s.try_clone()?;
+    let to_send = data.clone();
+    let w = std::thread::spawn(move || writer.write_all(&to_send));
+    let mut back = vec![0u8; data.len()];
+    s.read_exact(&mut back)?;
+    w.join().map_err(|_| anyhow::anyhow!("writer panicked"))??;
+    assert!(back == data, "echo differs");
+    let (_h, stats, _) = running.finish()?;
+    assert!(stats.enobufs_rearms > 0, "{stats:?}");
+    assert!(stats.recv_rearms >= stats.enobufs_rearms);
+    Ok(())
+}
+
+#[derive(Default)]
+struct Connector {
+    results: Vec<(SocketId, Result<(), String>, bool)>,
+}
+
+impl Handler for Connector {
+    fn on_accept(&mut self, _: &mut Ctl, _: ListenerId, _: SocketId) {}
+    fn on_data(&mut self, _: &mut Ctl, _: SocketId, _: &[u8]) {}
+    fn on_eof(&mut self, _: &mut Ctl, _: SocketId) {}
+    fn on_error(&mut self, _: &mut Ctl, _: SocketId, _: io::Error) {}
+    fn on_connected(&mut self, ctl: &mut Ctl, s: SocketId, r: Result<(), ConnectError>) {
+        let timed_out = matches!(r, Err(ConnectError::TimedOut));
+        if r.is_err() {
+            // A failed connect's id is dead: calls on it are ignored.
+            assert!(!ctl.send(s, b"x"));
+        }
+        self.results
+            .push((s, r.map_err(|e| e.to_string()), timed_out));
+        if self.results.len() == 2 {
+            ctl.stop();
+        }
+    }
+}
+
+/// A TCP socket bound to a loopback port without listening: connects to it are refused, and
+/// the port stays ours for the test.
+fn refusing_port() -> anyhow::Result<(OwnedFd, SocketAddr)> {
+    let fd = sys::connect_socket(&localhost())?;
+    let raw = sys::from_socket_addr(localhost());
+    // SAFETY: raw holds a valid sockaddr of raw.len bytes; fd is a live socket.
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            &raw.storage as *const _ as *const libc::sockaddr,
+            raw.len,
+        )
+    };
+    anyhow::ensure!(rc == 0, "bind: {}", io::Error::last_os_error());
+    let addr = sys::local_addr(fd.as_raw_fd())?;
+    Ok((fd, addr))
+}
+
+#[test]
+fn connect_times_out_on_a_full_backlog_and_reports_refusal() -> anyhow::Result<()> {
+    // Backlog 0 holds one completed connection; with nobody accepting, later SYNs are dropped,
+    // so a connect there hangs until its deadline.
+    let full = sys::reuseport_listener(localhost(), 0)?;
+    let full_addr = sys::local_addr(full.as_raw_fd())?;
+    let _filler = TcpStream::connect(full_addr)?;
+    let (_refuser, refused_addr) = refusing_port()?;
+
+    let running = spawn_loop(
+        EventLoopBuilder::new().ring_entries(16),
+        Connector::default(),
+        move |ctl, _| {
+            let slow = ctl.connect(full_addr, Some(Duration::from_millis(300)))?;
+            ctl.send(slow, b"queued before connect");
+            let refused = ctl.connect(refused_addr, Some(Duration::from_secs(5)))?;
+            Ok((slow, refused))
+        },
+    );
+    let (slow, refused) = running.setup;
+    let (h, stats, open) = running
+        .thread
+        .join()
+        .map_err(|_| anyhow::anyhow!("loop panicked"))??;
+    let by_id: HashMap<_, _> = h.results.iter().map(|r| (r.0, r)).collect();
+    let slow_r = by_id
+        .get(&slow)
+        .ok_or_else(|| anyhow::anyhow!("no result for slow"))?;
+    assert!(slow_r.2, "expected a timeout, got {:?}", slow_r.1);
+    let refused_r = by_id
+        .get(&refused)
+        .ok_or_else(|| anyhow::anyhow!("no result for refused"))?;
+    let msg = refused_r.1.as_ref().err().cloned().unwrap_or_default();
+    assert!(msg.contains("refused"), "expected refusal, got {msg:?}");
+    assert_eq!(stats.connect_timeouts, 1);
+    assert_eq!(open, 0);
+    drop(full);
+    Ok(())
+}
+
+#[test]
+fn waker_and_tick_reach_the_handler() -> anyhow::Result<()> {
+    #[derive(Default)]
+    struct Counter {
+        wakes: usize,
+        ticks: usize,
+    }
+    impl Handler for Counter {
+        fn on_accept(&mut self, _: &mut Ctl, _: ListenerId, _: SocketId) {}
+        fn on_data(&mut self, _: &mut Ctl, _: SocketId, _: &[u8]) {}
+        fn on_eof(&mut self, _: &mut Ctl, _: SocketId) {}
+        fn on_error(&mut self, _: &mut Ctl, _: SocketId, _: io::Error) {}
+        fn on_connected(&mut self, _: &mut Ctl, _: SocketId, _: Result<(), ConnectError>) {}
+        fn on_tick(&mut self, ctl: &mut Ctl) {
+            self.ticks += 1;
+            if self.ticks == 3 && self.wakes > 0 {
+                ctl.stop();
+            }
+        }
+        fn on_wake(&mut self, _: &mut Ctl) {
+            self.wakes += 1;
+        }
+    }
+    // The external eventfd stands for the key-op pool's per-core completion signal.
+    let external = sys::eventfd()?;
+    let watched = external.try_clone()?;
+    let (tx, rx) = mpsc::channel();
+    let t = std::thread::spawn(move || -> anyhow::Result<Counter> {
+        let mut lp = EventLoopBuilder::new()
+            .ring_entries(8)
+            .tick(Duration::from_millis(10))
+            .build()?;
+        lp.watch_eventfd(watched);
+        tx.send(())?;
+        let mut c = Counter::default();
+        lp.run(&mut c)?;
+        Ok(c)
+    });
+    rx.recv()?;
+    sys::eventfd_signal(external.as_raw_fd())?;
+    let c = t.join().map_err(|_| anyhow::anyhow!("loop panicked"))??;
+    assert!(c.wakes >= 1);
+    assert!(c.ticks >= 3);
+    Ok(())
+}
+
+#[test]
+fn builder_pins_the_thread() -> anyhow::Result<()> {
+    let cores = current_thread_affinity()?;
+    let Some(&core) = cores.last() else {
+        anyhow::bail!("no CPU in our affinity mask");
+    };
+    let pinned = std::thread::spawn(move || -> anyhow::Result<Vec<usize>> {
+        let _lp = EventLoopBuilder::new()
+            .ring_entries(8)
+            .pin_to_core(core)
+            .build()?;
+        Ok(current_thread_affinity()?)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("thread panicked"))??;
+    assert_eq!(pinned, vec![core]);
+    Ok(())
+}
+
+#[test]
+fn bad_buffer_ring_size_is_an_error_not_a_panic() {
+    let err = EventLoopBuilder::new().ring_entries(8).buf_count(3).build();
+    assert!(matches!(
+        err,
+        Err(UringError::Setup {
+            step: "register_buf_ring",
+            ..
+        })
+    ));
+}
+
+#[test]
+fn stale_ids_are_ignored() -> anyhow::Result<()> {
+    let mut lp = EventLoopBuilder::new().ring_entries(8).build()?;
+    let (_refuser, addr) = refusing_port()?;
+    let ctl = lp.ctl();
+    let s = ctl.connect(addr, None)?;
+    ctl.abort(s);
+    assert!(!ctl.send(s, b"x"));
+    ctl.pause_recv(s);
+    ctl.resume_recv(s);
+    ctl.close(s);
+    assert_eq!(ctl.unsent_bytes(s), 0);
+    assert_eq!(ctl.peer_addr(s), None);
+    // Dropping the loop cancels the in-flight connect and waits for it.
+    drop(lp);
+    Ok(())
+}
+
+/// Greets, half-closes, keeps reading until the client's FIN, then closes the listener.
+#[derive(Default)]
+struct HalfCloser {
+    listener: Option<ListenerId>,
+    got: Vec<u8>,
+    eofs: usize,
+}
+
+impl Handler for HalfCloser {
+    fn on_accept(&mut self, ctl: &mut Ctl, _l: ListenerId, s: SocketId) {
+        assert!(ctl.send(s, b"hello"));
+        ctl.shutdown_write(s);
+        assert!(!ctl.send(s, b"too late"), "send after shutdown_write");
+    }
+    fn on_data(&mut self, _: &mut Ctl, _: SocketId, d: &[u8]) {
+        self.got.extend_from_slice(d);
+    }
+    fn on_eof(&mut self, ctl: &mut Ctl, s: SocketId) {
+        self.eofs += 1;
+        ctl.close(s);
+        if let Some(l) = self.listener {
+            ctl.close_listener(l);
+        }
+    }
+    fn on_error(&mut self, _: &mut Ctl, _: SocketId, e: io::Error) {
+        panic!("unexpected socket error {e}");
+    }
+    fn on_connected(&mut self, _: &mut Ctl, _: SocketId, _: Result<(), ConnectError>) {}
+}
+
+#[test]
+fn half_close_then_read_on_an_adopted_nonblocking_listener() -> anyhow::Result<()> {
+    // The data plane core makes its listeners (non-blocking, SO_REUSEPORT) and hands them over.
+    let std_listener = std::net::TcpListener::bind(localhost())?;
+    std_listener.set_nonblocking(true)?;
+    let addr = std_listener.local_addr()?;
+    let running = spawn_loop(
+        EventLoopBuilder::new().ring_entries(16),
+        HalfCloser::default(),
+        move |ctl, h| {
+            let l = ctl.adopt_listener(OwnedFd::from(std_listener))?;
+            h.listener = Some(l);
+            Ok(ctl.listener_addr(l))
+        },
+    );
+    assert_eq!(running.setup, Some(addr));
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut got = Vec::new();
+    s.read_to_end(&mut got)?;
+    assert_eq!(got, b"hello");
+    // Our write side is still open after the server's FIN.
+    s.write_all(b"bye")?;
+    s.shutdown(std::net::Shutdown::Write)?;
+    // The server closes after our FIN; wait for its close to reach us.
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest)?;
+    assert!(rest.is_empty());
+    let (h, _stats, open) = running.finish()?;
+    assert_eq!(h.got, b"bye");
+    assert_eq!(h.eofs, 1);
+    assert_eq!(open, 0);
+    // The listener was closed: nobody listens on that port any more.
+    let refused = TcpStream::connect(addr);
+    assert!(refused.is_err(), "listener still accepting");
+    Ok(())
+}
+
+#[test]
+fn shutdown_gets_back_every_operation() -> anyhow::Result<()> {
+    let mut lp = EventLoopBuilder::new().ring_entries(16).build()?;
+    let (_refuser, refused) = refusing_port()?;
+    let ctl = lp.ctl();
+    let l = ctl.listen(localhost())?;
+    let addr = ctl
+        .listener_addr(l)
+        .ok_or_else(|| anyhow::anyhow!("no address"))?;
+    // Work in every state: a pending accept, a connect in flight, a queued send, a wake-up
+    // signalled but not yet read.
+    let _client = TcpStream::connect(addr)?;
+    let s = ctl.connect(refused, Some(Duration::from_secs(5)))?;
+    ctl.send(s, b"never sent");
+    lp.waker().wake()?;
+    let started = std::time::Instant::now();
+    assert!(lp.drain(), "operations left in flight");
+    assert!(started.elapsed() < Duration::from_secs(1));
+    Ok(())
+}
