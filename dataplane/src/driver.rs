@@ -116,21 +116,30 @@ impl ShutdownSignal {
     }
 }
 
-/// Picks the driver. The io_uring driver is developed on its own branch; until it lands, `auto`
-/// runs the portable driver and says so, and `uring` refuses to start.
+/// Picks the driver. `auto` runs io_uring when the kernel and sandbox allow it, else the
+/// portable driver, and says why.
 pub(crate) fn choose(io: IoDriver) -> Result<IoDriverKind, Error> {
     match io {
         IoDriver::Portable => Ok(IoDriverKind::Portable),
-        IoDriver::Uring => Err(Error::UringUnavailable {
-            why: "this build has no io_uring driver".into(),
-        }),
-        IoDriver::Auto => {
-            tracing::info!(
-                driver = "portable",
-                "io = auto: this build has no io_uring driver, running the portable driver"
-            );
-            Ok(IoDriverKind::Portable)
-        }
+        IoDriver::Uring => match crate::uring::check_available() {
+            Ok(features) => {
+                tracing::info!(driver = "uring", "io = uring; {features}");
+                Ok(IoDriverKind::Uring)
+            }
+            Err(why) => Err(Error::UringUnavailable {
+                why: why.to_string(),
+            }),
+        },
+        IoDriver::Auto => match crate::uring::check_available() {
+            Ok(features) => {
+                tracing::info!(driver = "uring", "io = auto: running io_uring; {features}");
+                Ok(IoDriverKind::Uring)
+            }
+            Err(why) => {
+                tracing::info!(driver = "portable", reason = %why, "io = auto: io_uring unavailable, running the portable driver");
+                Ok(IoDriverKind::Portable)
+            }
+        },
     }
 }
 

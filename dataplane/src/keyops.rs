@@ -19,6 +19,12 @@ use crate::conn::{run_key_op, KeyOpFailure, KeyOpJob, KeyOpResult};
 use crate::metrics as m;
 use crate::Error;
 
+/// Nice value of the key-op worker threads. Besides the token call they run the CPU part of the
+/// handshake (`into_connection()`: key exchange, key schedule) and may share CPUs with the io
+/// threads; a lower scheduling weight lets an io thread that wakes preempt them, so established
+/// connections keep their latency while handshakes queue.
+pub const KEY_OP_WORKER_NICE: i32 = 5;
+
 /// Where a result goes: called exactly once, on a worker thread (or on the submitting thread when
 /// the request is refused).
 pub type KeyOpReply = Box<dyn FnOnce(KeyOpResult) + Send>;
@@ -119,6 +125,11 @@ impl Drop for KeyOpPool {
 }
 
 fn worker(rx: &Mutex<Receiver<KeyOpRequest>>, depth: &AtomicUsize) {
+    // On Linux a nice value set for a thread id applies to that thread only.
+    let tid = rustix::thread::gettid();
+    if let Err(err) = rustix::process::setpriority_process(Some(tid), KEY_OP_WORKER_NICE) {
+        tracing::debug!(error = %err, "cannot lower the key-op worker's priority");
+    }
     loop {
         // The lock is held only while waiting for the next request, never while signing.
         let req = {

@@ -143,7 +143,8 @@ pub fn start(cfg: DataplaneConfig, snapshot: Arc<Snapshot>) -> Result<Dataplane,
                 driver::pin(index, cpu);
                 let _ = ready.send(Ok(()));
                 match kind {
-                    IoDriverKind::Portable | IoDriverKind::Uring => portable::run_core(setup),
+                    IoDriverKind::Portable => portable::run_core(setup),
+                    IoDriverKind::Uring => uring::driver::run_core(setup),
                 }
             });
         match spawned {

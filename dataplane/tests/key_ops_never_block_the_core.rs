@@ -54,10 +54,12 @@ fn measure(io: IoDriver, inline: bool, run_for: Duration) -> Option<Run> {
         .map(|_| {
             let (stop, done, cc) = (stop.clone(), done.clone(), cc.clone());
             thread::spawn(move || {
+                pin_client_thread();
                 while !stop.load(Ordering::Relaxed) {
-                    let mut t = connect(a, &cc);
-                    if handshake(&mut t).is_ok() {
-                        done.fetch_add(1, Ordering::Relaxed);
+                    if let Ok(mut t) = try_connect(a, &cc) {
+                        if handshake(&mut t).is_ok() {
+                            done.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
                 }
             })
@@ -74,10 +76,11 @@ fn measure(io: IoDriver, inline: bool, run_for: Duration) -> Option<Run> {
         let back = echo_once(&mut probe, &msg).expect("probe echo");
         let rtt = t0.elapsed();
         assert_eq!(back, msg);
-        if t0 >= warm_until {
-            if counted_from.is_none() {
-                counted_from = Some((Instant::now(), done.load(Ordering::Relaxed)));
-            }
+        // A probe counts when it completes after the warm-up, so a core stalled for the whole
+        // run still yields its (long) round trips.
+        let now = Instant::now();
+        if now >= warm_until {
+            counted_from.get_or_insert_with(|| (now, done.load(Ordering::Relaxed)));
             rtts.push(rtt);
         }
     }
@@ -105,7 +108,6 @@ fn measure(io: IoDriver, inline: bool, run_for: Duration) -> Option<Run> {
 }
 
 #[test]
-#[ignore = "first run on a loaded shared box measured p99 400 ms / 134 handshakes/s; not yet diagnosed"]
 fn slow_signatures_do_not_stall_established_connections() {
     for io in drivers() {
         let Some(off) = measure(io, false, Duration::from_secs(3)) else {
@@ -133,7 +135,7 @@ fn slow_signatures_do_not_stall_established_connections() {
 }
 
 #[test]
-#[ignore = "TLS 1.2 session-id resumption still costs a signature; TLS 1.3 passes; not yet diagnosed"]
+
 fn resumption_stays_inline_without_a_signature() {
     let p = pki(KeyKind::Ecdsa);
     let (tls, signatures) = server_config(&p, Some(SIGN_DELAY));

@@ -239,7 +239,10 @@ impl Config {
                 if m.listen == l.bind && m.listen.port() != 0 {
                     return Err(self.invalid(
                         "metrics.listen",
-                        format!("{} is also listener[{i}].bind: metrics never share a TLS listener", m.listen),
+                        format!(
+                            "{} is also listener[{i}].bind: metrics never share a TLS listener",
+                            m.listen
+                        ),
                     ));
                 }
             }

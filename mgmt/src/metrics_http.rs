@@ -77,7 +77,10 @@ async fn answer(mut stream: TcpStream, handle: &PrometheusHandle) -> std::io::Re
     let (status, body) = if line.starts_with(b"GET /metrics ") {
         ("200 OK", handle.render())
     } else {
-        ("404 Not Found", "only GET /metrics is served here\n".to_owned())
+        (
+            "404 Not Found",
+            "only GET /metrics is served here\n".to_owned(),
+        )
     };
     let response = format!(
         "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",

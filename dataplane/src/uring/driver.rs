@@ -11,7 +11,6 @@
 //! signature.
 // Reached once `crate::driver::choose` returns `IoDriverKind::Uring` and `start` calls
 // `uring::driver::run_core`; until the core wires that in, nothing calls it.
-#![allow(dead_code)]
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};

@@ -116,6 +116,19 @@ pub fn cores() -> Vec<usize> {
     (0..n.min(2)).collect()
 }
 
+/// Pins the calling (load) thread to the last CPU when there are several, at nice 10, so clients in timing tests
+/// leave CPU 0 to the data-plane core under test (as a benchmark pins server and generator
+/// apart). On one CPU it does nothing.
+pub fn pin_client_thread() {
+    let n = thread::available_parallelism().map_or(1, |n| n.get());
+    if n > 1 {
+        core_affinity::set_for_current(core_affinity::CoreId { id: n - 1 });
+    }
+    // The load is the generator, not what is measured: the probe thread (normal priority)
+    // must not queue behind 64 load threads for its own CPU time.
+    let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 10);
+}
+
 pub fn listener(name: &str, tls: Arc<ServerConfig>, backend: SocketAddr) -> ListenerSnapshot {
     ListenerSnapshot {
         name: name.to_string(),
@@ -200,6 +213,19 @@ pub fn http_backend() -> SocketAddr {
 
 /// A blocking rustls client stream.
 pub type Tls = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+/// Like [`connect`], for load loops that must survive a refused or reset connection.
+pub fn try_connect(addr: SocketAddr, cfg: &Arc<ClientConfig>) -> io::Result<Tls> {
+    let sock = TcpStream::connect(addr)?;
+    sock.set_nodelay(true)?;
+    sock.set_read_timeout(Some(Duration::from_secs(20)))?;
+    let conn = rustls::ClientConnection::new(
+        cfg.clone(),
+        ServerName::try_from("localhost").map_err(io::Error::other)?,
+    )
+    .map_err(io::Error::other)?;
+    Ok(rustls::StreamOwned::new(conn, sock))
+}
 
 pub fn connect(addr: SocketAddr, cfg: &Arc<ClientConfig>) -> Tls {
     let sock = TcpStream::connect(addr).expect("connect");
