@@ -137,7 +137,7 @@ pub fn build_snapshot(config: &Config, token: Option<&Arc<Token>>) -> Result<Sna
             tracing::info!(listener = %l.name, subject = %report.subject, sans = ?report.sans, key = %c.key, "certificate loaded");
             certs.push(
                 tlsgate_keystore::cert::certified_key(&chain, loaded.signing_key.clone())
-                    .with_context(|| format!("{at}"))?,
+                    .with_context(|| at.clone())?,
             );
             offload |= loaded.backend == KeyBackend::Pkcs11;
         }

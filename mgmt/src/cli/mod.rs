@@ -29,6 +29,8 @@ impl Cli {
     }
 }
 
+// The command line is parsed once at start; the size of its largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the appliance: terminate TLS on the configured listeners.
