@@ -135,7 +135,6 @@ fn slow_signatures_do_not_stall_established_connections() {
 }
 
 #[test]
-
 fn resumption_stays_inline_without_a_signature() {
     let p = pki(KeyKind::Ecdsa);
     let (tls, signatures) = server_config(&p, Some(SIGN_DELAY));

@@ -5,23 +5,34 @@
 //! its key exchange is not computed twice. A wrong hint costs CPU, never correctness: the
 //! tripwire catches a full handshake that slipped through. rustls has already parsed and accepted
 //! the same bytes when this runs.
+//!
+//! A non-empty legacy session id alone says nothing: every TLS 1.3-capable client sends a random
+//! one, and rustls clients send `supported_versions` even when they offer only TLS 1.2. So a
+//! session id counts only when the server's own session store knows it, which is the lookup
+//! rustls makes next for a TLS 1.2 resumption anyway.
+
+use rustls::server::StoresServerSessions;
 
 const RECORD_HANDSHAKE: u8 = 22;
 const HS_CLIENT_HELLO: u8 = 1;
 const EXT_SESSION_TICKET: u16 = 35;
 const EXT_PRE_SHARED_KEY: u16 = 41;
-const EXT_SUPPORTED_VERSIONS: u16 = 43;
 
-/// Whether the ClientHello in `flight` (TLS records, possibly fragmented) may resume a session.
-/// Returns `true` when the bytes cannot be read, so the caller takes the safe path.
-pub(crate) fn may_resume(flight: &[u8]) -> bool {
+/// Whether the ClientHello in `flight` (TLS records, possibly fragmented) may resume a session
+/// offered by a PSK, a ticket, or a session id that `sessions` holds. Returns `true` when the
+/// bytes cannot be read, so the caller takes the safe path.
+pub(crate) fn may_resume(flight: &[u8], sessions: &dyn StoresServerSessions) -> bool {
     match scan(flight) {
         Some(Hint {
             psk,
             ticket,
             session_id,
-            tls13,
-        }) => psk || ticket || (session_id && !tls13),
+        }) => {
+            psk || ticket
+                || (!session_id.is_empty()
+                    && sessions.can_cache()
+                    && sessions.get(&session_id).is_some())
+        }
         None => true,
     }
 }
@@ -29,8 +40,7 @@ pub(crate) fn may_resume(flight: &[u8]) -> bool {
 struct Hint {
     psk: bool,
     ticket: bool,
-    session_id: bool,
-    tls13: bool,
+    session_id: Vec<u8>,
 }
 
 struct Reader<'a>(&'a [u8]);
@@ -78,7 +88,7 @@ fn scan(flight: &[u8]) -> Option<Hint> {
     let mut ch = Reader(m.take(len)?);
     ch.take(2 + 32)?;
     let sid_len = usize::from(ch.u8()?);
-    ch.take(sid_len)?;
+    let session_id = ch.take(sid_len)?.to_vec();
     let suites = usize::from(ch.u16()?);
     ch.take(suites)?;
     let comp = usize::from(ch.u8()?);
@@ -86,8 +96,7 @@ fn scan(flight: &[u8]) -> Option<Hint> {
     let mut hint = Hint {
         psk: false,
         ticket: false,
-        session_id: sid_len > 0,
-        tls13: false,
+        session_id,
     };
     if ch.0.is_empty() {
         return Some(hint);
@@ -101,7 +110,6 @@ fn scan(flight: &[u8]) -> Option<Hint> {
         match typ {
             EXT_PRE_SHARED_KEY => hint.psk = true,
             EXT_SESSION_TICKET if len > 0 => hint.ticket = true,
-            EXT_SUPPORTED_VERSIONS => hint.tls13 = true,
             _ => {}
         }
     }
@@ -111,35 +119,59 @@ fn scan(flight: &[u8]) -> Option<Hint> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rustls::server::ServerSessionMemoryCache;
+
+    fn record(session_id: &[u8], exts: &[u8]) -> Vec<u8> {
+        let mut body = vec![3, 3];
+        body.extend_from_slice(&[0; 32]);
+        body.push(session_id.len() as u8);
+        body.extend_from_slice(session_id);
+        body.extend_from_slice(&[0, 2, 0x13, 0x01]);
+        body.extend_from_slice(&[1, 0]);
+        body.extend_from_slice(&(exts.len() as u16).to_be_bytes());
+        body.extend_from_slice(exts);
+        let mut hs = vec![HS_CLIENT_HELLO, 0];
+        hs.extend_from_slice(&(body.len() as u16).to_be_bytes());
+        hs.extend_from_slice(&body);
+        let mut rec = vec![RECORD_HANDSHAKE, 3, 1];
+        rec.extend_from_slice(&(hs.len() as u16).to_be_bytes());
+        rec.extend_from_slice(&hs);
+        rec
+    }
+
+    // supported_versions offering TLS 1.2 only, as a TLS 1.2-only rustls client sends it.
+    const TLS12_ONLY: &[u8] = &[0, 43, 0, 3, 2, 3, 3];
 
     #[test]
     fn garbage_takes_the_safe_path() {
-        assert!(may_resume(b"GET / HTTP/1.1\r\n"));
-        assert!(may_resume(&[]));
+        let cache = ServerSessionMemoryCache::new(4);
+        assert!(may_resume(b"GET / HTTP/1.1\r\n", &*cache));
+        assert!(may_resume(&[], &*cache));
     }
 
     #[test]
-    fn minimal_hello_without_resumption() {
-        let mut body = vec![3, 3];
-        body.extend_from_slice(&[0; 32]);
-        body.push(0); // session id
-        body.extend_from_slice(&[0, 2, 0x13, 0x01]);
-        body.extend_from_slice(&[1, 0]);
-        body.extend_from_slice(&[0, 4, 0, 43, 0, 0]);
-        let mut hs = vec![HS_CLIENT_HELLO, 0, 0, body.len() as u8];
-        hs.extend_from_slice(&body);
-        let mut rec = vec![RECORD_HANDSHAKE, 3, 1, 0, hs.len() as u8];
-        rec.extend_from_slice(&hs);
-        assert!(!may_resume(&rec));
-        // Same hello with a PSK extension appended.
-        let mut body2 = body.clone();
-        let n = body2.len();
-        body2[n - 5] = 8;
-        body2.extend_from_slice(&[0, 41, 0, 0]);
-        let mut hs2 = vec![HS_CLIENT_HELLO, 0, 0, body2.len() as u8];
-        hs2.extend_from_slice(&body2);
-        let mut rec2 = vec![RECORD_HANDSHAKE, 3, 1, 0, hs2.len() as u8];
-        rec2.extend_from_slice(&hs2);
-        assert!(may_resume(&rec2));
+    fn psk_or_ticket_may_resume() {
+        let cache = ServerSessionMemoryCache::new(4);
+        assert!(!may_resume(&record(&[], &[0, 43, 0, 0]), &*cache));
+        assert!(may_resume(
+            &record(&[], &[0, 43, 0, 0, 0, 41, 0, 0]),
+            &*cache
+        ));
+        assert!(may_resume(&record(&[], &[0, 35, 0, 1, 7]), &*cache));
+        // An empty ticket extension only says "I can take a ticket".
+        assert!(!may_resume(&record(&[], &[0, 35, 0, 0]), &*cache));
+    }
+
+    #[test]
+    fn session_id_counts_only_when_the_store_knows_it() {
+        let cache = ServerSessionMemoryCache::new(4);
+        let sid = [9u8; 32];
+        // A TLS 1.3 client's random legacy session id: a full handshake.
+        assert!(!may_resume(&record(&sid, &[0, 43, 0, 3, 2, 3, 4]), &*cache));
+        assert!(!may_resume(&record(&sid, TLS12_ONLY), &*cache));
+        assert!(cache.put(sid.to_vec(), b"session".to_vec()));
+        assert!(may_resume(&record(&sid, TLS12_ONLY), &*cache));
+        // Whatever versions are offered: the server may still pick TLS 1.2.
+        assert!(may_resume(&record(&sid, &[0, 43, 0, 3, 2, 3, 4]), &*cache));
     }
 }

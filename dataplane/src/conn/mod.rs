@@ -599,7 +599,7 @@ impl Conn {
             }
             return;
         };
-        if hello::may_resume(&flight) {
+        if hello::may_resume(&flight, &*self.listener.snap.tls.session_storage) {
             tripwire_reset();
             match accepted.into_connection(tripwire) {
                 Ok(tls) => {
