@@ -144,6 +144,10 @@ async fn accept_loop(core: Rc<Core>, listener_index: usize, listener: TcpListene
                     stream,
                     peer,
                 ));
+                // Let the new connection register itself (open, handshaking) before the limits
+                // are checked for the next accept; otherwise each check would miss the
+                // connection accepted just before it and admit one too many.
+                tokio::task::yield_now().await;
             }
             Err(e) => {
                 tracing::warn!(core = core.index, error = %e, "accept failed");
