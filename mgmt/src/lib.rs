@@ -7,6 +7,7 @@
 pub mod cli;
 pub mod config;
 pub mod files;
+pub mod http_head;
 pub mod logging;
 pub mod metrics_http;
 pub mod serve;

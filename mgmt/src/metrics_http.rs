@@ -8,8 +8,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
+
+use crate::http_head::{read_head, Head};
 
 /// Largest request head read before the connection is dropped.
 const MAX_HEAD_BYTES: usize = 8 * 1024;
@@ -62,18 +64,13 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle) {
 
 async fn answer(mut stream: TcpStream, handle: &PrometheusHandle) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(512);
-    let mut chunk = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        if head.len() > MAX_HEAD_BYTES {
-            return Ok(());
-        }
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            return Ok(());
-        }
-        head.extend_from_slice(&chunk[..n]);
-    }
-    let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
+    let Head::Complete(end) = read_head(&mut stream, &mut head, MAX_HEAD_BYTES).await? else {
+        return Ok(());
+    };
+    let line = head[..end]
+        .split(|&b| b == b'\r')
+        .next()
+        .unwrap_or_default();
     let (status, body) = if line.starts_with(b"GET /metrics ") {
         ("200 OK", handle.render())
     } else {

@@ -7,8 +7,10 @@ use std::net::SocketAddr;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
+
+use crate::http_head::{read_head, Head};
 
 /// Largest request head the demo backend reads before it answers 431.
 const MAX_HEAD_BYTES: usize = 16 * 1024;
@@ -52,22 +54,15 @@ pub fn run(args: DemoBackendArgs) -> Result<()> {
 async fn serve(mut stream: TcpStream) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
     loop {
-        let head_end = loop {
-            if let Some(end) = find_head_end(&buf) {
-                break end;
-            }
-            if buf.len() > MAX_HEAD_BYTES {
+        let head_end = match read_head(&mut stream, &mut buf, MAX_HEAD_BYTES).await? {
+            Head::Complete(end) => end,
+            Head::Closed => return Ok(()),
+            Head::TooLarge => {
                 stream
                     .write_all(b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
                     .await?;
                 return Ok(());
             }
-            let mut chunk = [0u8; 4096];
-            let n = stream.read(&mut chunk).await?;
-            if n == 0 {
-                return Ok(());
-            }
-            buf.extend_from_slice(&chunk[..n]);
         };
         let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
         let request_line = head.lines().next().unwrap_or_default().to_owned();
@@ -82,14 +77,11 @@ async fn serve(mut stream: TcpStream) -> std::io::Result<()> {
             body
         );
         stream.write_all(response.as_bytes()).await?;
-        // Requests with bodies are not part of the demo; drop whatever followed the head.
+        // Requests with bodies are not part of the demo: what follows the head is taken as the
+        // next request (pipelining).
         buf.drain(..head_end);
         if close {
             return stream.shutdown().await;
         }
     }
-}
-
-fn find_head_end(buf: &[u8]) -> Option<usize> {
-    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
 }
