@@ -131,6 +131,10 @@ pub struct ListenerConfig {
     /// algorithms allow, the first listed preferred.
     #[serde(rename = "certificate", default)]
     pub certificates: Vec<CertificateConfig>,
+    /// A ClientHello naming a host no certificate serves: `default` serves the default
+    /// certificate(s), `refuse` ends the handshake.
+    #[serde(default)]
+    pub unknown_sni: crate::tls::UnknownSni,
 }
 
 /// A certificate chain and the key that goes with it.
@@ -141,6 +145,13 @@ pub struct CertificateConfig {
     pub chain: PathBuf,
     /// `pkcs11:` URI of a token key, or `file:PATH` of a PKCS#8 PEM (software key, development).
     pub key: String,
+    /// SNI names this certificate answers for (`*.` wildcards allowed); the leaf's DNS SANs when
+    /// absent.
+    pub names: Option<Vec<String>>,
+    /// Answers clients that send no SNI (or an unknown one, unless `unknown_sni = "refuse"`).
+    /// When no certificate of a listener is marked, all of them are defaults.
+    #[serde(default)]
+    pub default: bool,
 }
 
 impl Config {
@@ -259,6 +270,14 @@ impl Config {
                 ));
             }
             for (j, c) in l.certificates.iter().enumerate() {
+                for name in c.names.iter().flatten() {
+                    crate::tls::normalize_name(name).map_err(|e| {
+                        self.invalid(
+                            format!("listener[{i}].certificate[{j}].names"),
+                            e.to_string(),
+                        )
+                    })?;
+                }
                 let key: KeyRef = c.key.parse().map_err(|e| {
                     self.invalid(
                         format!("listener[{i}].certificate[{j}].key"),

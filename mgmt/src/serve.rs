@@ -135,20 +135,40 @@ pub fn build_snapshot(config: &Config, token: Option<&Arc<Token>>) -> Result<Sna
                 .validate(&loaded.spki_der, now)
                 .with_context(|| format!("{at}.chain: {}", chain_path.display()))?;
             tracing::info!(listener = %l.name, subject = %report.subject, sans = ?report.sans, key = %c.key, "certificate loaded");
-            certs.push(
-                tlsgate_keystore::cert::certified_key(&chain, loaded.signing_key.clone())
+            let names = match &c.names {
+                Some(names) => names.clone(),
+                None => dns_names(&report.sans),
+            };
+            certs.push(crate::tls::ServedCert {
+                key: tlsgate_keystore::cert::certified_key(&chain, loaded.signing_key.clone())
                     .with_context(|| at.clone())?,
-            );
+                names,
+                default: c.default,
+            });
             offload |= loaded.backend == KeyBackend::Pkcs11;
         }
         listeners.push(ListenerSnapshot {
             name: l.name.clone(),
             bind: l.bind,
-            tls: crate::tls::server_config(certs)?,
+            tls: crate::tls::server_config(
+                certs,
+                &crate::tls::ListenerTls {
+                    unknown_sni: l.unknown_sni,
+                },
+            )
+            .with_context(|| format!("listener {:?}", l.name))?,
             offload_key_ops: offload,
             backend: l.backend,
             proxy_protocol: l.proxy_protocol,
         });
     }
     Ok(Snapshot { listeners })
+}
+
+/// The DNS names among a leaf's SANs (IP, e-mail and URI SANs are not SNI names).
+pub fn dns_names(sans: &[String]) -> Vec<String> {
+    sans.iter()
+        .filter(|s| s.parse::<std::net::IpAddr>().is_err())
+        .filter_map(|s| crate::tls::normalize_name(s).ok())
+        .collect()
 }

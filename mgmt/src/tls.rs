@@ -1,6 +1,12 @@
 //! Builds the rustls server configurations. The only place in the process that assembles a
 //! `CryptoProvider`: aws-lc-rs, its AEAD suites and ECDHE groups (X25519MLKEM768 included).
+//!
+//! A listener serves [`ServedCert`]s: each answers for a set of names (exact or `*.` wildcard),
+//! and those marked `default` answer a client that sends no SNI or a name nobody serves. Within
+//! one name, the first certificate whose key can sign with a scheme the client offered wins, so
+//! an ECDSA and an RSA certificate can serve the same name side by side.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -13,6 +19,42 @@ pub enum TlsConfigError {
     /// rustls refused the provider or protocol versions.
     #[error("cannot build the TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
+    /// No certificate can answer a client that sends no (or an unknown) name.
+    #[error("no default certificate: mark one certificate `default = true` or serve only one")]
+    NoDefault,
+    /// A name is not a DNS name or a `*.` wildcard of one.
+    #[error("{0:?} is not a DNS name or a `*.`-prefixed wildcard")]
+    BadName(String),
+}
+
+/// One certificate as a listener serves it.
+#[derive(Debug, Clone)]
+pub struct ServedCert {
+    /// The chain and its (token or software) key.
+    pub key: Arc<CertifiedKey>,
+    /// DNS names (lower case; `*.example.com` matches exactly one more label) this certificate
+    /// answers for. Usually the leaf's DNS SANs.
+    pub names: Vec<String>,
+    /// Answers clients without SNI, and with unknown SNI unless the listener refuses those.
+    pub default: bool,
+}
+
+/// What a listener does with a ClientHello whose SNI no certificate serves.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnknownSni {
+    /// Serve the default certificate(s).
+    #[default]
+    Default,
+    /// End the handshake with an `unrecognized_name` alert.
+    Refuse,
+}
+
+/// Per-listener TLS settings beyond the certificates.
+#[derive(Debug, Clone, Default)]
+pub struct ListenerTls {
+    /// Unknown SNI handling.
+    pub unknown_sni: UnknownSni,
 }
 
 /// The crypto provider for every listener: aws-lc-rs with its default (all AEAD, all ECDHE)
@@ -21,30 +63,140 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
-/// A server configuration serving `certs` (ECDSA and RSA side by side allowed), TLS 1.2 and 1.3.
-pub fn server_config(certs: Vec<Arc<CertifiedKey>>) -> Result<Arc<ServerConfig>, TlsConfigError> {
+/// A server configuration serving `certs`, TLS 1.2 and 1.3. When none is marked default, all
+/// are (the order still sets the preference).
+pub fn server_config(
+    mut certs: Vec<ServedCert>,
+    opts: &ListenerTls,
+) -> Result<Arc<ServerConfig>, TlsConfigError> {
+    if !certs.iter().any(|c| c.default) {
+        for c in &mut certs {
+            c.default = true;
+        }
+    }
+    let resolver = SniResolver::new(certs, opts.unknown_sni)?;
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
-        .with_cert_resolver(Arc::new(SchemeResolver { certs }));
-    // The backend sees plain bytes; ALPN-based routing comes with the policy work.
+        .with_cert_resolver(Arc::new(resolver));
     config.ignore_client_order = false;
     Ok(Arc::new(config))
 }
 
-/// Serves the first certificate whose key can sign with a scheme the client offered, so one
-/// listener can carry an ECDSA and an RSA certificate for the same names.
-#[derive(Debug)]
-struct SchemeResolver {
-    certs: Vec<Arc<CertifiedKey>>,
+/// Normalises a configured name: lower case, no trailing dot; `*.` only as the whole first label.
+pub fn normalize_name(name: &str) -> Result<String, TlsConfigError> {
+    let n = name.trim_end_matches('.').to_ascii_lowercase();
+    let rest = n.strip_prefix("*.").unwrap_or(&n);
+    let ok = !rest.is_empty()
+        && rest.len() <= 253
+        && rest.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        });
+    if ok {
+        Ok(n)
+    } else {
+        Err(TlsConfigError::BadName(name.to_owned()))
+    }
 }
 
-impl ResolvesServerCert for SchemeResolver {
+/// Chooses a certificate by SNI, then by the client's signature schemes.
+#[derive(Debug)]
+pub struct SniResolver {
+    exact: HashMap<String, Vec<Arc<CertifiedKey>>>,
+    /// Keyed by the part after `*.`.
+    wildcard: HashMap<String, Vec<Arc<CertifiedKey>>>,
+    defaults: Vec<Arc<CertifiedKey>>,
+    unknown: UnknownSni,
+}
+
+impl SniResolver {
+    /// Indexes `certs`; at least one must be `default` (see [`server_config`]).
+    pub fn new(certs: Vec<ServedCert>, unknown: UnknownSni) -> Result<Self, TlsConfigError> {
+        let mut exact: HashMap<String, Vec<Arc<CertifiedKey>>> = HashMap::new();
+        let mut wildcard: HashMap<String, Vec<Arc<CertifiedKey>>> = HashMap::new();
+        let mut defaults = Vec::new();
+        for c in certs {
+            for name in &c.names {
+                let n = normalize_name(name)?;
+                match n.strip_prefix("*.") {
+                    Some(base) => wildcard.entry(base.to_owned()).or_default(),
+                    None => exact.entry(n).or_default(),
+                }
+                .push(c.key.clone());
+            }
+            if c.default {
+                defaults.push(c.key);
+            }
+        }
+        if defaults.is_empty() {
+            return Err(TlsConfigError::NoDefault);
+        }
+        Ok(Self {
+            exact,
+            wildcard,
+            defaults,
+            unknown,
+        })
+    }
+
+    /// The certificates that serve `sni`, or `None` when no certificate names it.
+    fn named(&self, sni: &str) -> Option<&[Arc<CertifiedKey>]> {
+        let sni = sni.trim_end_matches('.').to_ascii_lowercase();
+        if let Some(v) = self.exact.get(&sni) {
+            return Some(v);
+        }
+        let (_, parent) = sni.split_once('.')?;
+        self.wildcard.get(parent).map(Vec::as_slice)
+    }
+
+    /// Whether a ClientHello with this SNI gets a certificate (the data plane refuses the others
+    /// with `unrecognized_name` before rustls sees them).
+    pub fn knows(&self, sni: Option<&str>) -> bool {
+        match sni {
+            None => true,
+            Some(name) => self.named(name).is_some() || self.unknown == UnknownSni::Default,
+        }
+    }
+}
+
+impl ResolvesServerCert for SniResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let offered = hello.signature_schemes();
-        self.certs
+        let candidates = match hello.server_name() {
+            None => &self.defaults[..],
+            Some(name) => match (self.named(name), self.unknown) {
+                (Some(c), _) => c,
+                (None, UnknownSni::Default) => &self.defaults[..],
+                (None, UnknownSni::Refuse) => return None,
+            },
+        };
+        candidates
             .iter()
             .find(|c| c.key.choose_scheme(offered).is_some())
             .cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_normalised_and_checked() {
+        assert_eq!(
+            normalize_name("WWW.Example.com.").expect("ok"),
+            "www.example.com"
+        );
+        assert_eq!(
+            normalize_name("*.example.com").expect("ok"),
+            "*.example.com"
+        );
+        for bad in ["", "*.", "a..b", "*.*.x", "a b", "x.*.y"] {
+            assert!(normalize_name(bad).is_err(), "{bad:?} accepted");
+        }
     }
 }
