@@ -154,6 +154,7 @@ pub fn build_snapshot(config: &Config, token: Option<&Arc<Token>>) -> Result<Sna
                 certs,
                 &crate::tls::ListenerTls {
                     unknown_sni: l.unknown_sni,
+                    ..Default::default()
                 },
             )
             .with_context(|| format!("listener {:?}", l.name))?,

@@ -55,6 +55,9 @@ pub enum UnknownSni {
 pub struct ListenerTls {
     /// Unknown SNI handling.
     pub unknown_sni: UnknownSni,
+    /// CRLs uploaded through the management API for this listener, checked (with the config
+    /// file's CRLs) when the listener verifies client certificates.
+    pub extra_crls: Vec<rustls_pki_types::CertificateRevocationListDer<'static>>,
 }
 
 /// The crypto provider for every listener: aws-lc-rs with its default (all AEAD, all ECDHE)
