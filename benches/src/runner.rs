@@ -92,7 +92,7 @@ pub fn run(plan: Arc<Plan>, configs: Vec<Arc<ClientConfig>>) -> Result<Outcome> 
     // Every slot has primed (resume mode) and waits here, so priming stays out of the window.
     shared.start.wait();
     let server_before = sample_server()?;
-    let self_before = procstat::sample(None)?;
+    let self_before = procstat::own_cpu();
     let start = Instant::now();
 
     let mut stats = SlotStats::default();
@@ -103,7 +103,7 @@ pub fn run(plan: Arc<Plan>, configs: Vec<Arc<ClientConfig>>) -> Result<Outcome> 
         held.extend(conns);
     }
     let elapsed = start.elapsed();
-    let self_after = procstat::sample(None)?;
+    let self_after = procstat::own_cpu();
     let server_loaded = sample_server()?;
 
     let (idle_open, server_after) = if plan.mode == Mode::Idle {
@@ -119,7 +119,7 @@ pub fn run(plan: Arc<Plan>, configs: Vec<Arc<ClientConfig>>) -> Result<Outcome> 
     Ok(Outcome {
         stats,
         elapsed,
-        generator_cpu: self_after.cpu.saturating_sub(self_before.cpu),
+        generator_cpu: self_after.saturating_sub(self_before),
         server_before,
         server_loaded,
         server_after,

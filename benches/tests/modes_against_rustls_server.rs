@@ -3,7 +3,7 @@
 
 mod support;
 
-use support::{error_count, load, load_ok, server, u, Resumption};
+use support::{error_count, load, load_ok, server, server_with, u, Resumption};
 
 const BOUND_SECS: &str = "30"; // a safety net; the count bound ends every run first
 
@@ -324,6 +324,47 @@ fn unknown_ca_fails_and_insecure_flag_skips_the_chain_check() {
         BOUND_SECS,
     ]);
     assert_eq!(u(&r, "connections_ok"), 3, "{r:#}");
+}
+
+#[test]
+fn insecure_flag_still_catches_a_signer_that_returns_garbage() {
+    // The generator skips the handshake signature check on all but one handshake in 1024, the
+    // first included: a broken signer must still fail the run, whatever the concurrency.
+    let srv = server_with(Resumption::Off, true);
+    let addr = srv.addr.to_string();
+    for tls in ["1.3", "1.2"] {
+        let (_, report) = load(&[
+            "--target",
+            &addr,
+            "--insecure-skip-verify",
+            "--tls",
+            tls,
+            "--connections",
+            "4",
+            "--duration",
+            BOUND_SECS,
+        ]);
+        let r = report.expect("report");
+        assert!(error_count(&r, "tls") >= 1, "TLS {tls}: {r:#}");
+        let why = r["error_examples"]["tls"].as_str().unwrap_or_default();
+        assert!(
+            why.to_ascii_lowercase().contains("signature"),
+            "TLS {tls}: {r:#}"
+        );
+    }
+    // With the CA, every handshake is checked: all fail.
+    let (out, report) = load(&[
+        "--target",
+        &addr,
+        "--ca",
+        srv.pki.ca_pem.to_str().expect("utf-8"),
+        "--connections",
+        "4",
+        "--duration",
+        BOUND_SECS,
+    ]);
+    assert!(!out.status.success());
+    assert_eq!(error_count(&report.expect("report"), "tls"), 4);
 }
 
 #[test]

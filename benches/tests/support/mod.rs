@@ -13,8 +13,9 @@ use std::thread;
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, PKCS_ECDSA_P256_SHA256};
 use rustls::crypto::aws_lc_rs;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use rustls::server::NoServerSessionStorage;
-use rustls::{HandshakeKind, ServerConfig, ServerConnection};
+use rustls::server::{ClientHello, NoServerSessionStorage, ResolvesServerCert};
+use rustls::sign::{CertifiedKey, Signer, SigningKey};
+use rustls::{HandshakeKind, ServerConfig, ServerConnection, SignatureAlgorithm, SignatureScheme};
 use tempfile::TempDir;
 
 /// A test CA and a leaf for `localhost` signed by it, written as PEM into a temp dir.
@@ -86,14 +87,29 @@ pub struct TestServer {
 /// Starts an HTTPS server on 127.0.0.1:0 with one thread per connection. `GET /bytes/N`
 /// answers N bytes; anything else a short body. It honours `Connection: close`.
 pub fn server(resumption: Resumption) -> TestServer {
+    server_with(resumption, false)
+}
+
+/// Like [`server`]; with `garbage_signatures` every handshake signature has one bit flipped
+/// (a broken signer, e.g. a faulty HSM path).
+pub fn server_with(resumption: Resumption, garbage_signatures: bool) -> TestServer {
     let pki = pki();
     let provider = Arc::new(aws_lc_rs::default_provider());
+    let key = provider
+        .key_provider
+        .load_private_key(PrivateKeyDer::Pkcs8(pki.key.clone_key()))
+        .expect("load key");
+    let key: Arc<dyn SigningKey> = if garbage_signatures {
+        Arc::new(FlippingKey(key))
+    } else {
+        key
+    };
+    let certified = Arc::new(CertifiedKey::new(pki.chain.clone(), key));
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(rustls::ALL_VERSIONS)
         .expect("versions")
         .with_no_client_auth()
-        .with_single_cert(pki.chain.clone(), PrivateKeyDer::Pkcs8(pki.key.clone_key()))
-        .expect("server certificate");
+        .with_cert_resolver(Arc::new(OneCert(certified)));
     match resumption {
         Resumption::Stateful => {}
         Resumption::Tickets => {
@@ -119,6 +135,48 @@ pub fn server(resumption: Resumption) -> TestServer {
         addr,
         counters,
         pki,
+    }
+}
+
+#[derive(Debug)]
+struct OneCert(Arc<CertifiedKey>);
+
+impl ResolvesServerCert for OneCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+/// A signing key whose signatures have their last bit flipped.
+#[derive(Debug)]
+struct FlippingKey(Arc<dyn SigningKey>);
+
+impl SigningKey for FlippingKey {
+    fn choose_scheme(&self, offered: &[SignatureScheme]) -> Option<Box<dyn Signer>> {
+        self.0
+            .choose_scheme(offered)
+            .map(|inner| Box::new(FlippingSigner(inner)) as Box<dyn Signer>)
+    }
+
+    fn algorithm(&self) -> SignatureAlgorithm {
+        self.0.algorithm()
+    }
+}
+
+#[derive(Debug)]
+struct FlippingSigner(Box<dyn Signer>);
+
+impl Signer for FlippingSigner {
+    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, rustls::Error> {
+        let mut sig = self.0.sign(message)?;
+        if let Some(last) = sig.last_mut() {
+            *last ^= 1;
+        }
+        Ok(sig)
+    }
+
+    fn scheme(&self) -> SignatureScheme {
+        self.0.scheme()
     }
 }
 

@@ -1,0 +1,220 @@
+#!/usr/bin/env python3
+"""Turns tlsgate-load JSON reports into the side-by-side tables (used by side-by-side.sh).
+
+    side-by-side-report.py row JSON KEY STORE TEST SERVER RUN   one CSV line for runs.csv
+    side-by-side-report.py table OUT_DIR                        medians and ratios (Markdown),
+                                                                also OUT_DIR/summary.json
+
+Figures per test:
+  full*/resume*  server CPU µs per handshake (lower is better); handshakes/s
+  bulk           server CPU seconds per GB of response body; MB/s of body
+  idle           server RSS growth per idle TLS connection (KiB), i.e. MiB per 10,000
+A crypto floor (OUT_DIR/floor.json from tlsgate-floor --json) adds "x floor" for full rows.
+"""
+import csv
+import json
+import os
+import statistics
+import sys
+
+SERVERS = ["tlsgate-uring", "tlsgate-portable", "haproxy", "nginx"]
+PEERS = ["haproxy", "nginx"]
+TESTS = ["full13", "full12", "resume13", "resume12", "bulk", "idle"]
+FIELDS = [
+    "key", "store", "test", "server", "run", "ok", "errors", "rate", "srv_cpu_us", "gen_cpu_us",
+    "srv_busy", "gen_busy", "p50_us", "p99_us", "mb_s", "srv_s_per_gb", "rss_bytes_per_conn",
+    "file",
+]
+
+
+def row(path, key, store, test, server, run):
+    try:
+        with open(path) as f:
+            r = json.load(f)
+    except (OSError, ValueError):
+        r = {}
+    srv = r.get("server") or {}
+    gen = r.get("generator") or {}
+    lat = r.get("latency_us") or {}
+    body = r.get("body_bytes") or 0
+    srv_cpu_us = srv.get("cpu_us")
+    bulk = test == "bulk"
+    s_per_gb = (srv_cpu_us / 1e6) / (body / 1e9) if (bulk and srv_cpu_us is not None and body) else ""
+    rate = r.get("requests_per_s") if r.get("unit") == "request" else r.get("handshakes_per_s")
+    values = [
+        key, store, test, server, run, r.get("units", 0), r.get("errors_total", ""),
+        fmt(rate), fmt(srv.get("us_per_unit")), fmt(gen.get("us_per_unit")),
+        fmt(srv.get("cores_busy"), 2), fmt(gen.get("cores_busy"), 2),
+        lat.get("p50", ""), lat.get("p99", ""), fmt(r.get("body_bytes_per_s", 0) / 1e6, 1),
+        fmt(s_per_gb, 3), fmt(srv.get("rss_bytes_per_connection")), os.path.basename(path),
+    ]
+    csv.writer(sys.stdout).writerow(values)
+
+
+def fmt(v, digits=0):
+    if v is None or v == "":
+        return ""
+    return f"{v:.{digits}f}"
+
+
+def num(v):
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def table(out):
+    with open(os.path.join(out, "runs.csv")) as f:
+        runs = list(csv.DictReader(f))
+    floor = None
+    try:
+        with open(os.path.join(out, "floor.json")) as f:
+            floor = json.load(f)
+    except (OSError, ValueError):
+        pass
+
+    cells = {}
+    for r in runs:
+        cells.setdefault((r["key"], r["store"], r["test"]), {}).setdefault(r["server"], []).append(r)
+
+    def cost_of(test, r):
+        if test == "bulk":
+            return num(r["srv_s_per_gb"])
+        if test == "idle":
+            v = num(r["rss_bytes_per_conn"])
+            return v / 1024 if v is not None else None
+        return num(r["srv_cpu_us"])
+
+    def rate_of(test, r):
+        return num(r["mb_s"]) if test == "bulk" else num(r["rate"])
+
+    summary = []
+    order = sorted(cells, key=lambda k: (k[0], k[1] != "software", TESTS.index(k[2])))
+    for k in order:
+        per = cells[k]
+        entry = {"key": k[0], "store": k[1], "test": k[2], "servers": {}}
+        for s, rs in per.items():
+            ok = [r for r in rs if num(r["ok"]) and num(r["errors"]) == 0]
+            entry["servers"][s] = {
+                "runs": len(rs),
+                "clean_runs": len(ok),
+                "cost": median(cost_of(k[2], r) for r in ok),
+                "rate": median(rate_of(k[2], r) for r in ok),
+                "gen_cpu_us": median(num(r["gen_cpu_us"]) for r in ok),
+                "srv_busy": median(num(r["srv_busy"]) for r in ok),
+                "gen_busy": median(num(r["gen_busy"]) for r in ok),
+                "p99_us": median(num(r["p99_us"]) for r in ok),
+                "errors": sum(int(num(r["errors"]) or 0) for r in rs),
+            }
+        summary.append(entry)
+
+    present = [s for s in SERVERS if any(s in e["servers"] for e in summary)]
+    ours = [s for s in present if s.startswith("tlsgate")]
+    peers = [s for s in PEERS if s in present]
+    unit = {"bulk": "s/GB", "idle": "KiB/conn"}
+
+    def cell(e, s, what, digits=0):
+        v = e["servers"].get(s, {}).get(what)
+        if v is None:
+            return "-" if s in e["servers"] else "n/a"
+        return f"{v:,.{digits}f}"
+
+    def ratio(e, a, b, what):
+        va = e["servers"].get(a, {}).get(what)
+        vb = e["servers"].get(b, {}).get(what)
+        if va is None or not vb:
+            return "-"
+        return f"{va / vb:.2f}"
+
+    lines = []
+    lines.append("### Server cost (medians; lower is better): CPU µs per handshake, "
+                 "CPU s per GB (bulk), KiB RSS per idle connection (idle)")
+    lines.append("")
+    head = ["key", "store", "test", "unit"] + present
+    head += [f"{o.replace('tlsgate-', '')}÷{p}" for o in ours for p in peers]
+    if floor:
+        head += [f"{o.replace('tlsgate-', '')}÷floor" for o in ours]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "---|" * 4 + "---:|" * (len(head) - 4))
+    for e in summary:
+        t = e["test"]
+        digits = 3 if t == "bulk" else (1 if t == "idle" else 0)
+        cols = [e["key"], e["store"], t, unit.get(t, "µs/hs")]
+        cols += [cell(e, s, "cost", digits) for s in present]
+        cols += [ratio(e, o, p, "cost") for o in ours for p in peers]
+        if floor:
+            f = floor_for(floor, e["key"], t)
+            for o in ours:
+                v = e["servers"].get(o, {}).get("cost")
+                cols.append(f"{v / f:.2f}" if (v is not None and f) else "-")
+        lines.append("| " + " | ".join(cols) + " |")
+
+    lines.append("")
+    lines.append("### Rate (medians; higher is better): handshakes/s, MB/s of body (bulk); "
+                 "and the generator's own CPU µs per handshake / request")
+    lines.append("")
+    head = ["key", "store", "test"] + present
+    head += [f"{o.replace('tlsgate-', '')}÷{p}" for o in ours for p in peers]
+    head += [f"gen µs ({s.replace('tlsgate-', '')})" for s in present]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "---|" * 3 + "---:|" * (len(head) - 3))
+    for e in summary:
+        if e["test"] == "idle":
+            continue
+        digits = 1 if e["test"] == "bulk" else 0
+        cols = [e["key"], e["store"], e["test"]]
+        cols += [cell(e, s, "rate", digits) for s in present]
+        cols += [ratio(e, o, p, "rate") for o in ours for p in peers]
+        cols += [cell(e, s, "gen_cpu_us") for s in present]
+        lines.append("| " + " | ".join(cols) + " |")
+
+    errors = [(e, s, v["errors"], v["runs"], v["clean_runs"]) for e in summary
+              for s, v in e["servers"].items() if v["errors"] or v["clean_runs"] < v["runs"]]
+    if errors:
+        lines.append("")
+        lines.append("Runs with errors (left out of the medians):")
+        for e, s, n, runs_, clean in errors:
+            lines.append(f"- {e['key']} {e['store']} {e['test']} {s}: {n} errors, "
+                         f"{runs_ - clean} of {runs_} runs")
+    skipped = os.path.join(out, "skipped.txt")
+    if os.path.exists(skipped):
+        with open(skipped) as f:
+            text = f.read().strip()
+        if text:
+            lines.append("")
+            lines.append("Skipped:")
+            lines += [f"- {l.strip()}" for l in text.splitlines()]
+    print("\n".join(lines))
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+        f.write("\n")
+
+
+def floor_for(floor, key, test):
+    """The crypto floor in µs for a full handshake of this kind; None for other tests."""
+    if not test.startswith("full"):
+        return None
+    name = f"full_{'tls13' if test == 'full13' else 'tls12'}_{key}"
+    v = floor.get("floors_us", {}).get(name)
+    return v if v else None
+
+
+def main():
+    if len(sys.argv) == 8 and sys.argv[1] == "row":
+        row(*sys.argv[2:8])
+    elif len(sys.argv) == 3 and sys.argv[1] == "table":
+        table(sys.argv[2])
+    else:
+        print(__doc__.strip(), file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
