@@ -12,6 +12,9 @@ source scripts/lib.sh
 
 step "system packages"
 ensure_packages softhsm2 openssl curl ca-certificates gcc make pkg-config
+# The benchmark smoke below: HAProxy and nginx (+ its layer-4 stream module) beside tlsgate,
+# nginx also as the plain-HTTP origin; python3 for the harness's tables.
+ensure_packages haproxy nginx libnginx-mod-stream python3 util-linux
 
 step "Rust tools"
 ensure_rust_components
@@ -34,3 +37,10 @@ cargo build --workspace --all-targets --locked
 
 step "tests"
 cargo test --workspace --locked --no-fail-fast
+
+step "benchmark smoke (side-by-side harness, --quick: one second per cell)"
+target_dir=${CARGO_TARGET_DIR:-target}
+bench_out=$(mktemp -d "${TMPDIR:-/tmp}/tlsgate-bench-smoke.XXXXXX")
+benches/scripts/side-by-side.sh --quick --out "$bench_out" \
+    --tlsgate "$target_dir/debug/tlsgate" --load "$target_dir/debug/tlsgate-load"
+rm -rf "$bench_out"

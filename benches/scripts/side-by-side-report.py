@@ -4,12 +4,14 @@
     side-by-side-report.py row JSON KEY STORE TEST SERVER RUN   one CSV line for runs.csv
     side-by-side-report.py table OUT_DIR                        medians and ratios (Markdown),
                                                                 also OUT_DIR/summary.json
+    side-by-side-report.py check OUT_DIR SERVER...              non-zero unless every run of
+                                                                these servers had no error
 
 Figures per test:
   full*/resume*  server CPU µs per handshake (lower is better); handshakes/s
   bulk           server CPU seconds per GB of response body; MB/s of body
   idle           server RSS growth per idle TLS connection (KiB), i.e. MiB per 10,000
-A crypto floor (OUT_DIR/floor.json from tlsgate-floor --json) adds "x floor" for full rows.
+A crypto floor (OUT_DIR/floor.json from tlsgate-floor --json) adds "÷floor" for handshake rows.
 """
 import csv
 import json
@@ -49,6 +51,28 @@ def row(path, key, store, test, server, run):
         fmt(s_per_gb, 3), fmt(srv.get("rss_bytes_per_connection")), os.path.basename(path),
     ]
     csv.writer(sys.stdout).writerow(values)
+
+
+def clean(r):
+    """A run counts when it succeeded and fewer than 1 % of its attempts failed (a rare reset
+    at close is reported but does not void a run's figures)."""
+    ok, errors = num(r["ok"]) or 0, num(r["errors"])
+    return ok > 0 and errors is not None and errors <= 0.01 * (ok + errors)
+
+
+def check(out, servers):
+    """Exit status for CI: every run of `servers` succeeded without a single error."""
+    with open(os.path.join(out, "runs.csv")) as f:
+        runs = [r for r in csv.DictReader(f) if r["server"] in servers]
+    bad = [r for r in runs if not num(r["ok"]) or num(r["errors"]) != 0]
+    for r in bad:
+        print(f"check: {r['server']} {r['key']} {r['store']} {r['test']} run {r['run']}: "
+              f"ok={r['ok']} errors={r['errors']} ({r['file']})", file=sys.stderr)
+    seen = {r["server"] for r in runs}
+    for s in servers:
+        if s not in seen:
+            print(f"check: no run of {s}", file=sys.stderr)
+    return 1 if bad or not set(servers) <= seen else 0
 
 
 def fmt(v, digits=0):
@@ -100,7 +124,7 @@ def table(out):
         per = cells[k]
         entry = {"key": k[0], "store": k[1], "test": k[2], "servers": {}}
         for s, rs in per.items():
-            ok = [r for r in rs if num(r["ok"]) and num(r["errors"]) == 0]
+            ok = [r for r in rs if clean(r)]
             entry["servers"][s] = {
                 "runs": len(rs),
                 "clean_runs": len(ok),
@@ -139,7 +163,7 @@ def table(out):
     head = ["key", "store", "test", "unit"] + present
     head += [f"{o.replace('tlsgate-', '')}÷{p}" for o in ours for p in peers]
     if floor:
-        head += [f"{o.replace('tlsgate-', '')}÷floor" for o in ours]
+        head += [f"{s.replace('tlsgate-', '')}÷floor" for s in present]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "---|" * 4 + "---:|" * (len(head) - 4))
     for e in summary:
@@ -150,7 +174,7 @@ def table(out):
         cols += [ratio(e, o, p, "cost") for o in ours for p in peers]
         if floor:
             f = floor_for(floor, e["key"], t)
-            for o in ours:
+            for o in present:
                 v = e["servers"].get(o, {}).get("cost")
                 cols.append(f"{v / f:.2f}" if (v is not None and f) else "-")
         lines.append("| " + " | ".join(cols) + " |")
@@ -178,10 +202,10 @@ def table(out):
               for s, v in e["servers"].items() if v["errors"] or v["clean_runs"] < v["runs"]]
     if errors:
         lines.append("")
-        lines.append("Runs with errors (left out of the medians):")
-        for e, s, n, runs_, clean in errors:
-            lines.append(f"- {e['key']} {e['store']} {e['test']} {s}: {n} errors, "
-                         f"{runs_ - clean} of {runs_} runs")
+        lines.append("Errors (a run with 1 % or more failed attempts is left out of the medians):")
+        for e, s, n, runs_, clean_runs in errors:
+            lines.append(f"- {e['key']} {e['store']} {e['test']} {s}: {n} errors in {runs_} runs, "
+                         f"{runs_ - clean_runs} left out")
     skipped = os.path.join(out, "skipped.txt")
     if os.path.exists(skipped):
         with open(skipped) as f:
@@ -197,10 +221,16 @@ def table(out):
 
 
 def floor_for(floor, key, test):
-    """The crypto floor in µs for a full handshake of this kind; None for other tests."""
-    if not test.startswith("full"):
+    """The crypto floor in µs for a handshake of this kind; None for bulk and idle."""
+    names = {
+        "full13": f"full_tls13_{key}",
+        "full12": f"full_tls12_{key}",
+        "resume13": "resume_tls13",
+        "resume12": "resume_tls12",
+    }
+    name = names.get(test)
+    if name is None:
         return None
-    name = f"full_{'tls13' if test == 'full13' else 'tls12'}_{key}"
     v = floor.get("floors_us", {}).get(name)
     return v if v else None
 
@@ -210,6 +240,8 @@ def main():
         row(*sys.argv[2:8])
     elif len(sys.argv) == 3 and sys.argv[1] == "table":
         table(sys.argv[2])
+    elif len(sys.argv) >= 4 and sys.argv[1] == "check":
+        return check(sys.argv[2], sys.argv[3:])
     else:
         print(__doc__.strip(), file=sys.stderr)
         return 2

@@ -11,12 +11,14 @@
 # one worker pinned to CPU 0 (tlsgate with the io_uring driver, tlsgate with the portable driver,
 # HAProxy, nginx; all three terminate TLS and forward the bytes to the origin at layer 4) and runs
 # the tests, alternating the servers (A B C D, B C D A, ...) --runs times, with tlsgate-load
-# pinned to CPU 1. It prints medians and the ratios tlsgate / HAProxy and tlsgate / nginx, and
-# keeps raw JSON, a CSV and the machine description in --out.
+# pinned to CPU 1. It prints medians, the ratios tlsgate / HAProxy and tlsgate / nginx, and each
+# handshake figure as a multiple of the crypto floor (tlsgate-floor, run first on CPU 0), and
+# keeps raw JSON, a CSV, the floor and the machine description in --out.
 #
 # Options (defaults in brackets):
 #   --quick               a CI smoke run: ecdsa, software, tests "full13 resume12 bulk idle",
-#                         1 run of 1 s, 300 idle connections, no package install
+#                         1 run of 1 s, 300 idle connections, no package install; fails
+#                         unless every tlsgate run succeeded without an error
 #   --runs N              alternated runs per cell [3]
 #   --duration SECS       time bound of each run (full/resume/bulk) [3]
 #   --concurrency N       connections in flight in handshake runs [4]
@@ -29,7 +31,8 @@
 #   --idle-connections N  connections held open in idle runs [10000]
 #   --bulk-bytes N        response size in bulk runs [1048576]
 #   --out DIR             where results go [benches/results/DATE-side-by-side]
-#   --tlsgate PATH, --load PATH   use these binaries instead of building
+#   --tlsgate PATH, --load PATH   use these binaries instead of building (tlsgate-floor is
+#                         taken from beside tlsgate-load)
 #   --no-install          never run apt-get (say what is missing instead)
 #   --server-cpu N / --load-cpu N [0 / 1]
 #   --port-base N         first of the six ports used on 127.0.0.1 [18440]
@@ -140,16 +143,21 @@ fd_limit="$(ulimit -n)"
 # Binaries
 # ---------------------------------------------------------------------------------------------
 if [[ -z "$tlsgate_bin" || -z "$load_bin" ]]; then
-    say "build (release): tlsgate, tlsgate-load"
+    say "build (release): tlsgate, tlsgate-load, tlsgate-floor"
     (cd "$repo" && cargo build --release --locked -p tlsgate-mgmt -p tlsgate-benches >&2)
     tdir="${CARGO_TARGET_DIR:-$repo/target}"
     tlsgate_bin="${tlsgate_bin:-$tdir/release/tlsgate}"
     load_bin="${load_bin:-$tdir/release/tlsgate-load}"
 fi
-for b in "$tlsgate_bin" "$load_bin"; do
+floor_bin="$(dirname "$load_bin")/tlsgate-floor"
+for b in "$tlsgate_bin" "$load_bin" "$floor_bin"; do
     [[ -x "$b" ]] || { echo "not an executable: $b" >&2; exit 2; }
 done
 cpus="$(nproc)"
+if ((quick && cpus < 2)); then
+    echo "one CPU here: server and generator share it (the smoke still runs; figures mean little)" >&2
+    server_cpu=0 load_cpu=0
+fi
 if ((server_cpu >= cpus || load_cpu >= cpus)); then
     echo "this machine has $cpus CPUs; --server-cpu $server_cpu / --load-cpu $load_cpu do not exist" >&2
     exit 2
@@ -231,6 +239,11 @@ first_line() { "$@" 2>&1 </dev/null | head -n 1 || true; }
     echo "suites       TLS13_AES_128_GCM_SHA256 / TLS_ECDHE_{ECDSA,RSA}_WITH_AES_128_GCM_SHA256, group x25519"
 } >"$out/machine.txt"
 cat "$out/machine.txt" >&2
+
+say "crypto floor on CPU $server_cpu"
+taskset -c "$server_cpu" "$floor_bin" --pin-cpu "$server_cpu" --seconds "$( ((quick)) && echo 0.1 || echo 1)" \
+    --json "$out/floor.json" >"$out/floor.txt"
+cat "$out/floor.txt" >&2
 
 # ---------------------------------------------------------------------------------------------
 # Servers
@@ -424,6 +437,19 @@ done
 echo "loadavg      $(cut -d' ' -f1-3 /proc/loadavg) (after)" >>"$out/machine.txt"
 
 python3 "$here/side-by-side-report.py" table "$out" | tee "$out/table.md"
+if ((quick)); then
+    # The CI smoke: every tlsgate run must have succeeded without a single error.
+    # A kernel without io_uring (or a seccomp profile that blocks it) is a reason, not a failure.
+    ours=()
+    for s in $servers; do
+        [[ "$s" == tlsgate-* ]] || continue
+        [[ "$s" == tlsgate-uring ]] && grep -q 'skip tlsgate-uring' "$out/skipped.txt" && continue
+        ours+=("$s")
+    done
+    if ((${#ours[@]})) && ! python3 "$here/side-by-side-report.py" check "$out" ${ours[@]+"${ours[@]}"}; then
+        status=1
+    fi
+fi
 echo
 echo "raw results: $out (work files: $work)"
 exit "$status"
