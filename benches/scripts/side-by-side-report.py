@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Turns tlsgate-load JSON reports into the side-by-side tables (used by side-by-side.sh).
 
+    side-by-side-report.py header                               the CSV header of runs.csv
     side-by-side-report.py row JSON KEY STORE TEST SERVER RUN   one CSV line for runs.csv
     side-by-side-report.py table OUT_DIR                        medians and ratios (Markdown),
                                                                 also OUT_DIR/summary.json
@@ -25,7 +26,7 @@ TESTS = ["full13", "full12", "resume13", "resume12", "bulk", "idle"]
 FIELDS = [
     "key", "store", "test", "server", "run", "ok", "errors", "rate", "srv_cpu_us", "gen_cpu_us",
     "srv_busy", "gen_busy", "p50_us", "p99_us", "mb_s", "srv_s_per_gb", "rss_bytes_per_conn",
-    "file",
+    "srv_sys_us", "file",
 ]
 
 
@@ -48,7 +49,8 @@ def row(path, key, store, test, server, run):
         fmt(rate), fmt(srv.get("us_per_unit")), fmt(gen.get("us_per_unit")),
         fmt(srv.get("cores_busy"), 2), fmt(gen.get("cores_busy"), 2),
         lat.get("p50", ""), lat.get("p99", ""), fmt(r.get("body_bytes_per_s", 0) / 1e6, 1),
-        fmt(s_per_gb, 3), fmt(srv.get("rss_bytes_per_connection")), os.path.basename(path),
+        fmt(s_per_gb, 3), fmt(srv.get("rss_bytes_per_connection")),
+        fmt(srv.get("system_us_per_unit")), os.path.basename(path),
     ]
     csv.writer(sys.stdout).writerow(values)
 
@@ -131,6 +133,7 @@ def table(out):
                 "cost": median(cost_of(k[2], r) for r in ok),
                 "rate": median(rate_of(k[2], r) for r in ok),
                 "gen_cpu_us": median(num(r["gen_cpu_us"]) for r in ok),
+                "srv_sys_us": median(num(r.get("srv_sys_us")) for r in ok),
                 "srv_busy": median(num(r["srv_busy"]) for r in ok),
                 "gen_busy": median(num(r["gen_busy"]) for r in ok),
                 "p99_us": median(num(r["p99_us"]) for r in ok),
@@ -198,6 +201,34 @@ def table(out):
         cols += [cell(e, s, "gen_cpu_us") for s in present]
         lines.append("| " + " | ".join(cols) + " |")
 
+    hs = [e for e in summary if e["test"] not in ("bulk", "idle")]
+    if hs:
+        lines.append("")
+        lines.append("### Where the server CPU per handshake goes (medians, µs): user space / "
+                     "kernel (TCP, syscalls); user space as a multiple of the crypto floor")
+        lines.append("")
+        head = ["key", "store", "test"] + [f"{s} user/kernel" for s in present]
+        if floor:
+            head += [f"{s.replace('tlsgate-', '')} user÷floor" for s in present]
+        lines.append("| " + " | ".join(head) + " |")
+        lines.append("|" + "---|" * 3 + "---:|" * (len(head) - 3))
+        for e in hs:
+            cols = [e["key"], e["store"], e["test"]]
+            users = []
+            for s in present:
+                v = e["servers"].get(s, {})
+                cost, sys_ = v.get("cost"), v.get("srv_sys_us")
+                if cost is None or sys_ is None:
+                    cols.append("-")
+                    users.append(None)
+                else:
+                    cols.append(f"{cost - sys_:,.0f} / {sys_:,.0f}")
+                    users.append(cost - sys_)
+            if floor:
+                f = floor_for(floor, e["key"], e["test"])
+                cols += [f"{u / f:.2f}" if (u is not None and f) else "-" for u in users]
+            lines.append("| " + " | ".join(cols) + " |")
+
     errors = [(e, s, v["errors"], v["runs"], v["clean_runs"]) for e in summary
               for s, v in e["servers"].items() if v["errors"] or v["clean_runs"] < v["runs"]]
     if errors:
@@ -240,6 +271,8 @@ def main():
         row(*sys.argv[2:8])
     elif len(sys.argv) == 3 and sys.argv[1] == "table":
         table(sys.argv[2])
+    elif len(sys.argv) == 2 and sys.argv[1] == "header":
+        print(",".join(FIELDS))
     elif len(sys.argv) >= 4 and sys.argv[1] == "check":
         return check(sys.argv[2], sys.argv[3:])
     else:

@@ -380,7 +380,7 @@ load_args() { # TEST -> array load[]
 }
 
 status=0
-printf 'key,store,test,server,run,ok,errors,rate,srv_cpu_us,gen_cpu_us,srv_busy,gen_busy,p50_us,p99_us,mb_s,srv_s_per_gb,rss_bytes_per_conn,file\n' >"$out/runs.csv"
+python3 "$here/side-by-side-report.py" header >"$out/runs.csv"
 : >"$out/skipped.txt"
 for key in $keys; do
     for store in $stores; do

@@ -67,6 +67,10 @@ fn main() -> Result<()> {
     Ok(())
 }
 
+fn micros_u64(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
 fn seconds(what: &str, v: f64) -> Result<Duration> {
     Duration::try_from_secs_f64(v)
         .with_context(|| format!("{what} {v} is not a valid number of seconds"))
@@ -136,6 +140,10 @@ fn report(args: &Args, mut o: Outcome) -> Report {
             Some(ServerSide {
                 pids: args.server_pids.clone(),
                 cpu: Cpu::new(loaded.cpu.saturating_sub(before.cpu), o.elapsed, units),
+                system_cpu_us: micros_u64(loaded.system.saturating_sub(before.system)),
+                system_us_per_unit: (units > 0).then(|| {
+                    micros_u64(loaded.system.saturating_sub(before.system)) as f64 / units as f64
+                }),
                 rss_kib_before: before.rss_kib,
                 rss_kib_after: after.rss_kib,
                 rss_kib_loaded: idle.map(|_| loaded.rss_kib),

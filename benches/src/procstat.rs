@@ -12,6 +12,8 @@ use anyhow::{bail, Context, Result};
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Sample {
     pub cpu: Duration,
+    /// The system (kernel) part of `cpu`: syscalls, TCP, interrupts charged to the process.
+    pub system: Duration,
     pub rss_kib: u64,
 }
 
@@ -25,9 +27,11 @@ pub fn sample(pid: Option<u32>) -> Result<Sample> {
         fs::read_to_string(format!("{dir}/stat")).with_context(|| format!("read {dir}/stat"))?;
     let status = fs::read_to_string(format!("{dir}/status"))
         .with_context(|| format!("read {dir}/status"))?;
+    let (user, system) = cpu_from_stat(&stat, rustix::param::clock_ticks_per_second())
+        .with_context(|| format!("parse {dir}/stat"))?;
     Ok(Sample {
-        cpu: cpu_from_stat(&stat, rustix::param::clock_ticks_per_second())
-            .with_context(|| format!("parse {dir}/stat"))?,
+        cpu: user + system,
+        system,
         rss_kib: rss_from_status(&status).unwrap_or(0),
     })
 }
@@ -48,12 +52,14 @@ pub fn sample_all(pids: &[u32]) -> Result<Sample> {
     for pid in pids {
         let s = sample(Some(*pid))?;
         total.cpu += s.cpu;
+        total.system += s.system;
         total.rss_kib += s.rss_kib;
     }
     Ok(total)
 }
 
-fn cpu_from_stat(stat: &str, ticks_per_second: u64) -> Result<Duration> {
+/// User and system CPU time from a /proc/PID/stat line.
+fn cpu_from_stat(stat: &str, ticks_per_second: u64) -> Result<(Duration, Duration)> {
     // The command name (field 2) may hold spaces and parentheses: fields start after the last ')'.
     let Some(close) = stat.rfind(')') else {
         bail!("no ')' in stat line");
@@ -67,11 +73,11 @@ fn cpu_from_stat(stat: &str, ticks_per_second: u64) -> Result<Duration> {
             .parse::<u64>()
             .context("non-numeric stat field")
     };
-    let ticks = field(14)? + field(15)?;
     if ticks_per_second == 0 {
         bail!("clock tick rate is 0");
     }
-    Ok(Duration::from_micros(ticks * 1_000_000 / ticks_per_second))
+    let time = |ticks: u64| Duration::from_micros(ticks * 1_000_000 / ticks_per_second);
+    Ok((time(field(14)?), time(field(15)?)))
 }
 
 fn rss_from_status(status: &str) -> Option<u64> {
@@ -111,7 +117,7 @@ mod tests {
         let line = "1234 (a b) c) S 1 2 3 4 5 6 7 8 9 10 250 50 0 0 20 0 1 0 100 0 0";
         assert_eq!(
             cpu_from_stat(line, 100).expect("valid"),
-            Duration::from_secs(3)
+            (Duration::from_millis(2500), Duration::from_millis(500))
         );
     }
 

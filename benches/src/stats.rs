@@ -158,6 +158,9 @@ pub struct ServerSide {
     pub pids: Vec<u32>,
     #[serde(flatten)]
     pub cpu: Cpu,
+    /// The kernel's part of `cpu_us` (system time: TCP, syscalls), and per unit.
+    pub system_cpu_us: u64,
+    pub system_us_per_unit: Option<f64>,
     pub rss_kib_before: u64,
     pub rss_kib_after: u64,
     /// Idle mode: resident memory measured while all connections were open, and the growth per
@@ -260,9 +263,10 @@ impl Report {
         );
         if let Some(s) = &self.server {
             println!(
-                "  server       cpu={} µs/{}  busy={:.2} cores  rss={} → {} KiB",
+                "  server       cpu={} µs/{} (kernel {})  busy={:.2} cores  rss={} → {} KiB",
                 opt(s.cpu.us_per_unit),
                 self.unit,
+                opt(s.system_us_per_unit),
                 s.cpu.cores_busy,
                 s.rss_kib_before,
                 s.rss_kib_after
