@@ -25,20 +25,6 @@ impl ByteQueue {
         self.buf.extend_from_slice(data);
     }
 
-    /// Room to append up to `n` bytes; the caller reports how many it wrote with `commit`.
-    pub(crate) fn spare(&mut self, n: usize) -> &mut [u8] {
-        self.compact_if_worth_it(n);
-        let start = self.buf.len();
-        self.buf.resize(start + n, 0);
-        &mut self.buf[start..]
-    }
-
-    /// Keeps `written` of the `n` bytes handed out by the last `spare(n)`.
-    pub(crate) fn commit(&mut self, n: usize, written: usize) {
-        let keep = self.buf.len() - n + written.min(n);
-        self.buf.truncate(keep);
-    }
-
     pub(crate) fn consume(&mut self, n: usize) {
         self.head = (self.head + n).min(self.buf.len());
         if self.head == self.buf.len() {
@@ -82,14 +68,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn push_consume_and_spare() {
+    fn push_and_consume() {
         let mut q = ByteQueue::default();
         q.push(b"hello ");
         q.consume(2);
         assert_eq!(q.as_slice(), b"llo ");
-        let s = q.spare(10);
-        s[..5].copy_from_slice(b"world");
-        q.commit(10, 5);
+        q.push(b"world");
         assert_eq!(q.as_slice(), b"llo world");
         q.consume(100);
         assert!(q.is_empty());

@@ -18,7 +18,7 @@ mod buffer;
 pub(crate) mod hello;
 pub(crate) mod proxy_v2;
 
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, Write};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -648,30 +648,31 @@ impl Conn {
             };
             let mut progressed = false;
             // Drain decrypted bytes first so rustls's own plaintext buffer never overflows.
+            // Copied straight from rustls's buffer (`fill_buf`): reading into `spare(room)`
+            // grew and zero-filled up to `buffer_bytes` (64 KiB) per call, for requests of a
+            // few hundred bytes.
             while self.to_backend.len() < self.cap {
                 let room = self.cap - self.to_backend.len();
-                let spare = self.to_backend.spare(room);
-                match tls.reader().read(spare) {
-                    Ok(0) => {
-                        self.to_backend.commit(room, 0);
+                let mut reader = tls.reader();
+                let taken = match reader.fill_buf() {
+                    Ok([]) => {
                         self.client_read_closed = true;
                         break;
                     }
-                    Ok(n) => {
-                        self.to_backend.commit(room, n);
-                        progressed = true;
+                    Ok(chunk) => {
+                        let n = chunk.len().min(room);
+                        self.to_backend.push(&chunk[..n]);
+                        n
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        self.to_backend.commit(room, 0);
-                        break;
-                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(_) => {
                         // Unexpected EOF: the client closed without close_notify.
-                        self.to_backend.commit(room, 0);
                         self.client_read_closed = true;
                         break;
                     }
-                }
+                };
+                reader.consume(taken);
+                progressed = true;
             }
             if !self.client_in.is_empty() && self.to_backend.len() < self.cap {
                 let mut rd = self.client_in.as_slice();
