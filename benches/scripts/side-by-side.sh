@@ -28,7 +28,9 @@
 #   --tests "..."         any of full13 full12 resume13 resume12 bulk idle [all six]
 #   --hsm-tests "..."     tests for the softhsm store [full13 full12 resume13 resume12]: bulk
 #                         and idle never touch the key after the handshake
-#   --idle-connections N  connections held open in idle runs [10000]
+#   --idle-connections N  connections held open in idle runs [10000; capped to what the file
+#                         limit allows, two sockets per connection in each terminator]
+#   --idle-runs N         alternated idle runs per cell, each on a fresh server process [1]
 #   --bulk-bytes N        response size in bulk runs [1048576]
 #   --out DIR             where results go [benches/results/DATE-side-by-side]
 #   --tlsgate PATH, --load PATH   use these binaries instead of building (tlsgate-floor is
@@ -52,7 +54,7 @@ servers="tlsgate-uring tlsgate-portable haproxy nginx"
 keys="ecdsa rsa" stores="software softhsm"
 tests="full13 full12 resume13 resume12 bulk idle"
 hsm_tests="full13 full12 resume13 resume12"
-idle_conns=10000 bulk_bytes=1048576 out="" tlsgate_bin="" load_bin="" install=1
+idle_conns=10000 idle_runs=1 bulk_bytes=1048576 out="" tlsgate_bin="" load_bin="" install=1
 server_cpu=0 load_cpu=1 port_base=18440
 set_runs="" set_duration="" set_tests="" set_idle="" set_install=""
 while (($#)); do
@@ -67,6 +69,7 @@ while (($#)); do
         --tests) set_tests="$2"; shift 2 ;;
         --hsm-tests) hsm_tests="$2"; shift 2 ;;
         --idle-connections) set_idle="$2"; shift 2 ;;
+        --idle-runs) idle_runs="$2"; shift 2 ;;
         --bulk-bytes) bulk_bytes="$2"; shift 2 ;;
         --out) out="$2"; shift 2 ;;
         --tlsgate) tlsgate_bin="$2"; shift 2 ;;
@@ -235,7 +238,7 @@ first_line() { "$@" 2>&1 </dev/null | head -n 1 || true; }
     echo "softhsm2     $(dpkg-query -W -f '${Version}' softhsm2 2>/dev/null || echo n/a)"
     echo "pkcs11-prov  $(dpkg-query -W -f '${Version}' pkcs11-provider 2>/dev/null || echo n/a)"
     echo "pinning      servers on CPU $server_cpu, generator and origin on CPU $load_cpu"
-    echo "bounds       runs=$runs duration=${duration}s concurrency=$concurrency idle=$idle_conns bulk=${bulk_bytes}B"
+    echo "bounds       runs=$runs duration=${duration}s concurrency=$concurrency idle=$idle_conns x $idle_runs runs bulk=${bulk_bytes}B"
     echo "suites       TLS13_AES_128_GCM_SHA256 / TLS_ECDHE_{ECDSA,RSA}_WITH_AES_128_GCM_SHA256, group x25519"
 } >"$out/machine.txt"
 cat "$out/machine.txt" >&2
@@ -406,7 +409,9 @@ for key in $keys; do
         n=${#avail[@]}
         for t in $cell_tests; do
             load_args "$t"
-            for run in $(seq 1 "$runs"); do
+            cell_runs=$runs
+            [[ "$t" != idle ]] || cell_runs=$idle_runs
+            for run in $(seq 1 "$cell_runs"); do
                 for i in $(seq 0 $((n - 1))); do
                     s="${avail[$(((i + run - 1) % n))]}"
                     if [[ "$t" == idle ]]; then
