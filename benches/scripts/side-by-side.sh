@@ -280,7 +280,7 @@ wait_port() { # PORT PID
 }
 
 render "$configs/origin.conf" "$work/origin.conf" "DIR=$work" "LISTEN=127.0.0.1:$origin_port" "MAXCONN=$((maxconn * 2))" "NOFILE=$fd_limit"
-taskset -c "$load_cpu" nginx -c "$work/origin.conf" >"$work/logs/origin.log" 2>&1 </dev/null &
+taskset -c "$load_cpu" nginx -e "$work/origin-error.log" -c "$work/origin.conf" >"$work/logs/origin.log" 2>&1 </dev/null &
 origin_pid=$!
 
 stop_server() { # NAME
@@ -337,7 +337,8 @@ start_server() { # NAME KEY STORE -> pid[NAME], pids[NAME] or why[NAME]
                     "BACKEND=127.0.0.1:$origin_port" "CERT=$work/$key.pem" "KEY=$keyfile" \
                     "MAXCONN=$((maxconn * 2))" "NOFILE=$fd_limit" \
                     "MASTER=$([[ "$store" == softhsm ]] && echo 'master_process off;' || true)"
-                cmd=(nginx -c "$dir/nginx.conf")
+                # -e: the error log before the configuration is read (not /var/log as non-root).
+                cmd=(nginx -e "$dir/nginx-error.log" -c "$dir/nginx.conf")
             fi
             ;;
     esac
