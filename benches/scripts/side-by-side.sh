@@ -36,6 +36,7 @@
 #   --tlsgate PATH, --load PATH   use these binaries instead of building (tlsgate-floor is
 #                         taken from beside tlsgate-load)
 #   --no-install          never run apt-get (say what is missing instead)
+#   --keep-work           keep the work folder (configs, logs, test keys, token) after the run
 #   --server-cpu N / --load-cpu N [0 / 1]
 #   --port-base N         first of the six ports used on 127.0.0.1 [18440]
 #
@@ -55,7 +56,7 @@ keys="ecdsa rsa" stores="software softhsm"
 tests="full13 full12 resume13 resume12 bulk idle"
 hsm_tests="full13 full12 resume13 resume12"
 idle_conns=10000 idle_runs=1 bulk_bytes=1048576 out="" tlsgate_bin="" load_bin="" install=1
-server_cpu=0 load_cpu=1 port_base=18440
+server_cpu=0 load_cpu=1 port_base=18440 keep_work=0
 set_runs="" set_duration="" set_tests="" set_idle="" set_install=""
 while (($#)); do
     case "$1" in
@@ -75,6 +76,7 @@ while (($#)); do
         --tlsgate) tlsgate_bin="$2"; shift 2 ;;
         --load) load_bin="$2"; shift 2 ;;
         --no-install) set_install=0; shift ;;
+        --keep-work) keep_work=1; shift ;;
         --server-cpu) server_cpu="$2"; shift 2 ;;
         --load-cpu) load_cpu="$2"; shift 2 ;;
         --port-base) port_base="$2"; shift 2 ;;
@@ -170,6 +172,7 @@ fi
 mkdir -p "$out/raw"
 out="$(cd "$out" && pwd)"
 work="$(mktemp -d "${TMPDIR:-/tmp}/side-by-side.XXXXXX")"
+((keep_work)) || trap 'rm -rf "$work"' EXIT
 chmod 755 "$work"
 mkdir -p "$work/tmp" "$work/www/bytes" "$work/logs"
 head -c "$bulk_bytes" /dev/zero | tr '\0' x >"$work/www/bytes/$bulk_bytes"
@@ -297,6 +300,8 @@ stop_server() { # NAME
 cleanup() {
     for s in "${!pid[@]}"; do stop_server "$s"; done
     if kill -0 "$origin_pid" 2>/dev/null; then kill "$origin_pid" 2>/dev/null || true; wait "$origin_pid" 2>/dev/null || true; fi
+    # The work folder holds test keys and a token: gone unless asked for.
+    if ((keep_work)); then echo "work files kept: $work" >&2; else rm -rf "$work"; fi
 }
 trap cleanup EXIT
 
@@ -457,5 +462,5 @@ if ((quick)); then
     fi
 fi
 echo
-echo "raw results: $out (work files: $work)"
+echo "raw results: $out"
 exit "$status"
