@@ -350,7 +350,9 @@ start_server() { # NAME KEY STORE -> pid[NAME], pids[NAME] or why[NAME]
     env "${env[@]}" taskset -c "$server_cpu" "${cmd[@]}" >"$dir/server.log" 2>&1 </dev/null &
     local p=$!
     if ! wait_port "${port[$s]}" "$p"; then
-        why[$s]="did not start: $(grep -v '^\s*$' "$dir/server.log" | tail -n 1 | cut -c1-160)"
+        local last
+        last="$(grep -v '^\s*$' "$dir/server.log" | tail -n 1 | cut -c1-160 || true)"
+        why[$s]="did not start: ${last:-exited without a word, or not listening on ${port[$s]} within 10 s}"
         kill "$p" 2>/dev/null || true
         wait "$p" 2>/dev/null || true
         return 1
