@@ -34,6 +34,10 @@ use buffer::ByteQueue;
 /// has a connection that could write one (key-op queue full or late).
 const ALERT_INTERNAL_ERROR: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 80];
 
+/// A fatal `unrecognized_name` alert (RFC 6066) for a ClientHello whose SNI the listener
+/// refuses; sent in plaintext before any ServerHello.
+const ALERT_UNRECOGNIZED_NAME: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 112];
+
 /// Why a connection ended. Handshake failures and post-handshake ends are both here so drivers
 /// count them with one match.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -44,6 +48,8 @@ pub enum CloseReason {
     ClientHelloTooLarge,
     /// The bytes were not an acceptable ClientHello (peer).
     BadClientHello,
+    /// The SNI names no certificate of a listener that refuses unknown names (peer).
+    UnknownSni,
     /// rustls refused the handshake or a record (peer, or our policy).
     TlsError,
     /// The client closed before the handshake finished (peer).
@@ -79,6 +85,7 @@ impl CloseReason {
             CloseReason::Done => "done",
             CloseReason::ClientHelloTooLarge => "client_hello_too_large",
             CloseReason::BadClientHello => "bad_client_hello",
+            CloseReason::UnknownSni => "unknown_sni",
             CloseReason::TlsError => "tls_error",
             CloseReason::ClientClosedEarly => "client_closed_early",
             CloseReason::HandshakeTimeout => "handshake_timeout",
@@ -583,6 +590,13 @@ impl Conn {
                 return;
             }
         };
+        if let Some(filter) = &self.listener.snap.sni_filter {
+            if !filter.allows(accepted.client_hello().server_name()) {
+                self.to_client.push(&ALERT_UNRECOGNIZED_NAME);
+                self.fail(CloseReason::UnknownSni);
+                return;
+            }
+        }
         let flight = std::mem::take(flight);
         let real = self.listener.snap.tls.clone();
         let tripwire = match (&self.listener.tripwire_tls, self.danger_inline) {
