@@ -106,8 +106,8 @@ pub fn server_config(
             c.default = true;
         }
     }
-    let resolver = SniResolver::new(certs, opts.unknown_sni)?;
     let provider = opts.policy.provider();
+    let resolver = SniResolver::new(certs, opts.unknown_sni)?.with_suites(&provider.cipher_suites);
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(opts.policy.versions())?;
     let builder = match &opts.client_auth {
@@ -147,6 +147,8 @@ pub struct SniResolver {
     wildcard: HashMap<String, Vec<Arc<CertifiedKey>>>,
     defaults: Vec<Arc<CertifiedKey>>,
     unknown: UnknownSni,
+    /// The listener's suites, to tell whether a TLS 1.2 client can use a certificate's key type.
+    suites: Vec<rustls::SupportedCipherSuite>,
 }
 
 impl SniResolver {
@@ -176,7 +178,24 @@ impl SniResolver {
             wildcard,
             defaults,
             unknown,
+            suites: Vec::new(),
         })
+    }
+
+    /// Tells the resolver the listener's cipher suites: a certificate is then preferred only
+    /// when the client also offers a suite that can use its key (a TLS 1.2 client offering
+    /// ECDSA signatures but only ECDHE-RSA suites gets the RSA certificate).
+    pub fn with_suites(mut self, suites: &[rustls::SupportedCipherSuite]) -> Self {
+        self.suites = suites.to_vec();
+        self
+    }
+
+    fn suite_fits(&self, key: &CertifiedKey, client_suites: &[rustls::CipherSuite]) -> bool {
+        let alg = key.key.algorithm();
+        self.suites.is_empty()
+            || self.suites.iter().any(|s| {
+                client_suites.contains(&s.suite()) && s.usable_for_signature_algorithm(alg)
+            })
     }
 
     /// The certificates that serve `sni`, or `None` when no certificate names it.
@@ -210,9 +229,13 @@ impl ResolvesServerCert for SniResolver {
                 (None, UnknownSni::Refuse) => return None,
             },
         };
+        let client_suites = hello.cipher_suites();
+        let signs = |c: &&Arc<CertifiedKey>| c.key.choose_scheme(offered).is_some();
         candidates
             .iter()
-            .find(|c| c.key.choose_scheme(offered).is_some())
+            .filter(signs)
+            .find(|c| self.suite_fits(c, client_suites))
+            .or_else(|| candidates.iter().find(signs))
             .cloned()
     }
 }
