@@ -11,7 +11,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/lib.sh
 
 step "system packages"
-ensure_packages softhsm2 openssl curl ca-certificates gcc make pkg-config
+ensure_packages softhsm2 openssl curl ca-certificates gcc make pkg-config \
+    testssl.sh gnutls-bin python3 python3-venv
+ensure_sslyze
 
 step "Rust tools"
 ensure_rust_components

@@ -236,6 +236,10 @@ impl ResolvesServerCert for SniResolver {
             .filter(signs)
             .find(|c| self.suite_fits(c, client_suites))
             .or_else(|| candidates.iter().find(signs))
+            // Nothing the client can use: hand rustls the first certificate anyway so the
+            // client gets handshake_failure (no common signature scheme or suite), the alert
+            // scanners and clients expect, rather than access_denied for "no certificate".
+            .or_else(|| candidates.first())
             .cloned()
     }
 }
