@@ -11,12 +11,13 @@ use crate::conn::{CloseReason, HandshakeInfo};
 use crate::metrics as m;
 
 /// Every close reason, in counter-array order.
-pub(crate) const REASONS: [CloseReason; 17] = [
+pub(crate) const REASONS: [CloseReason; 18] = [
     CloseReason::Done,
     CloseReason::ClientHelloTooLarge,
     CloseReason::BadClientHello,
     CloseReason::UnknownSni,
     CloseReason::TlsError,
+    CloseReason::ClientCertRejected,
     CloseReason::ClientClosedEarly,
     CloseReason::HandshakeTimeout,
     CloseReason::KeyOpRejected,

@@ -11,7 +11,10 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use common::policy_support::{have, lab_cert, negotiated_cipher, run_cmd, s_client, Run, Zone};
+use common::policy_support::{
+    have, lab_cert, metrics_addr, negotiated_cipher, run_cmd, s_client, wait_closed_reason, Run,
+    Zone,
+};
 use common::{demo_backend, fail, Lab, Serve};
 
 const BODY: &str = "hello from the tlsgate demo backend";
@@ -41,7 +44,9 @@ fn setup() -> Result<Setup> {
     let crl = dir.join("zone-a.crl.pem");
     zone_a.write_crl(&crl, 1, &["mallory"])?;
     let (backend, backend_addr) = demo_backend(lab.dir.path())?;
-    let mut toml = String::from("[dataplane]\ncores = [0]\nio = \"portable\"\n");
+    let mut toml = String::from(
+        "[metrics]\nlisten = \"127.0.0.1:0\"\n\n[dataplane]\ncores = [0]\nio = \"portable\"\n",
+    );
     for mode in ["required", "optional"] {
         toml += &format!(
             "\n[[listener]]\nname = \"{mode}\"\nbind = \"127.0.0.1:0\"\nbackend = \"{backend_addr}\"\n\
@@ -176,6 +181,13 @@ fn client_certificates_are_checked_against_the_listeners_zone_and_crl_with_curl(
         !accepted(&r) && r.text.contains("certificate revoked"),
         "{}",
         r.text
+    );
+
+    // Five refusals so far, each counted as the client's certificate failing.
+    let (seen, last) = wait_closed_reason(&metrics_addr(&s.config)?, "client_cert_rejected", 5.0)?;
+    ensure!(
+        seen,
+        "no client_cert_rejected count of 5 in /metrics:\n{last}"
     );
 
     // A new CRL revoking alice, picked up at run time.

@@ -5,7 +5,6 @@
 mod common;
 
 use std::fmt::Write as _;
-use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -13,7 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use common::policy_support::{eventually, have, lab_cert, negotiated_cipher, run_cmd, s_client};
+use common::policy_support::{
+    have, lab_cert, metrics_addr, negotiated_cipher, run_cmd, s_client, wait_closed_reason,
+};
 use common::{demo_backend, fail, tlsgate, uri, Lab, Serve};
 use rustls::pki_types::pem::PemObject;
 
@@ -644,33 +645,9 @@ fn unknown_sni_is_refused_with_unrecognized_name_and_counted() -> Result<()> {
         r.text
     );
     // The refusals are counted under their own close reason.
-    let metrics_addr = std::fs::read_to_string(config.with_extension("ready"))?
-        .lines()
-        .find_map(|l| l.strip_prefix("metrics ").map(str::to_owned))
-        .context("metrics address in the ready file")?;
-    let mut last = String::new();
-    let seen = eventually(Duration::from_secs(10), || {
-        last = http_get(&metrics_addr, "/metrics")?;
-        Ok(last.lines().any(|l| {
-            l.starts_with("tlsgate_connections_closed_total")
-                && l.contains("reason=\"unknown_sni\"")
-                && l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) >= Some(3.0)
-        }))
-    })?;
+    let (seen, last) = wait_closed_reason(&metrics_addr(&config)?, "unknown_sni", 3.0)?;
     ensure!(seen, "no unknown_sni count of 3 in /metrics:\n{last}");
     Ok(())
-}
-
-fn http_get(addr: &str, path: &str) -> Result<String> {
-    let mut s = TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    Ok(out)
 }
 
 #[test]

@@ -52,6 +52,9 @@ pub enum CloseReason {
     UnknownSni,
     /// rustls refused the handshake or a record (peer, or our policy).
     TlsError,
+    /// The client's certificate was missing (where required), not from the listener's CAs,
+    /// expired or revoked (peer).
+    ClientCertRejected,
     /// The client closed before the handshake finished (peer).
     ClientClosedEarly,
     /// The handshake did not finish in time (peer or us).
@@ -87,6 +90,7 @@ impl CloseReason {
             CloseReason::BadClientHello => "bad_client_hello",
             CloseReason::UnknownSni => "unknown_sni",
             CloseReason::TlsError => "tls_error",
+            CloseReason::ClientCertRejected => "client_cert_rejected",
             CloseReason::ClientClosedEarly => "client_closed_early",
             CloseReason::HandshakeTimeout => "handshake_timeout",
             CloseReason::KeyOpRejected => "key_op_rejected",
@@ -201,6 +205,17 @@ pub fn run_key_op(job: KeyOpJob) -> KeyOpResult {
                 alert: bytes,
             }
         })
+}
+
+/// The close reason for an error from rustls: a server only ever verifies client certificates,
+/// so certificate errors are the client's.
+fn tls_failure(e: &rustls::Error) -> CloseReason {
+    match e {
+        rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented => {
+            CloseReason::ClientCertRejected
+        }
+        _ => CloseReason::TlsError,
+    }
 }
 
 enum Phase {
@@ -645,9 +660,9 @@ impl Conn {
         };
         // Records that arrived with the hello sit in rustls's buffer until processed.
         if let Phase::Tls { tls, .. } = &mut self.phase {
-            if tls.process_new_packets().is_err() {
+            if let Err(e) = tls.process_new_packets() {
                 let _ = tls.write_tls(&mut self.to_client);
-                self.fail(CloseReason::TlsError);
+                self.fail(tls_failure(&e));
                 return;
             }
         }
@@ -697,9 +712,9 @@ impl Conn {
                     }
                 };
                 self.client_in.consume(n);
-                if let Err(_e) = tls.process_new_packets() {
+                if let Err(e) = tls.process_new_packets() {
                     let _ = tls.write_tls(&mut self.to_client);
-                    self.fail(CloseReason::TlsError);
+                    self.fail(tls_failure(&e));
                     return;
                 }
                 progressed |= n > 0;

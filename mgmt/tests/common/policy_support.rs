@@ -219,3 +219,43 @@ pub fn eventually(timeout: Duration, mut f: impl FnMut() -> Result<bool>) -> Res
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// A plain HTTP GET (the metrics endpoint); the whole answer.
+pub fn http_get(addr: &str, path: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+/// The metrics address from a `serve --ready-file` file.
+pub fn metrics_addr(config: &Path) -> Result<String> {
+    std::fs::read_to_string(config.with_extension("ready"))?
+        .lines()
+        .find_map(|l| l.strip_prefix("metrics ").map(str::to_owned))
+        .context("metrics address in the ready file")
+}
+
+/// Waits (up to 10 s: cores flush about once a second) until the sum of
+/// `tlsgate_connections_closed_total{reason=...}` over cores reaches `at_least`; returns the
+/// last scrape on failure.
+pub fn wait_closed_reason(addr: &str, reason: &str, at_least: f64) -> Result<(bool, String)> {
+    let mut last = String::new();
+    let label = format!("reason=\"{reason}\"");
+    let seen = eventually(Duration::from_secs(10), || {
+        last = http_get(addr, "/metrics")?;
+        let sum: f64 = last
+            .lines()
+            .filter(|l| l.starts_with("tlsgate_connections_closed_total") && l.contains(&label))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        Ok(sum >= at_least)
+    })?;
+    Ok((seen, last))
+}
