@@ -203,3 +203,183 @@ pub fn parse_crls(bytes: &[u8]) -> Result<Vec<CertificateRevocationListDer<'stat
         Ok(vec![CertificateRevocationListDer::from(bytes.to_vec())])
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tls::{server_config, ListenerTls, ServedCert};
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertificateRevocationListParams, CertifiedIssuer,
+        DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyIdMethod, KeyPair,
+        KeyUsagePurpose, RevokedCertParams, SerialNumber,
+    };
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+
+    struct Pki {
+        ca: CertifiedIssuer<'static, KeyPair>,
+        client: (CertificateDer<'static>, PrivateKeyDer<'static>),
+        client_serial: u64,
+    }
+
+    fn zone(name: &str) -> Pki {
+        let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, format!("{name} CA"));
+        p.distinguished_name = dn;
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let ca = CertifiedIssuer::self_signed(p, KeyPair::generate().expect("key")).expect("ca");
+        let mut c = CertificateParams::new(vec!["client.test".to_owned()]).expect("params");
+        c.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        c.serial_number = Some(SerialNumber::from(77u64));
+        let key = KeyPair::generate().expect("key");
+        let cert = c.signed_by(&key, &ca).expect("client");
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        Pki {
+            ca,
+            client: (cert.der().clone(), key),
+            client_serial: 77,
+        }
+    }
+
+    fn crl(pki: &Pki, revoke: bool) -> CertificateRevocationListDer<'static> {
+        let now = time::OffsetDateTime::now_utc();
+        CertificateRevocationListParams {
+            this_update: now - time::Duration::minutes(5),
+            next_update: now + time::Duration::days(1),
+            crl_number: SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs: revoke
+                .then(|| RevokedCertParams {
+                    serial_number: SerialNumber::from(pki.client_serial),
+                    revocation_time: now - time::Duration::minutes(1),
+                    reason_code: None,
+                    invalidity_date: None,
+                })
+                .into_iter()
+                .collect(),
+            key_identifier_method: KeyIdMethod::Sha256,
+        }
+        .signed_by(&pki.ca)
+        .expect("crl")
+        .der()
+        .clone()
+    }
+
+    fn auth_for(pki: &Pki, dir: &Path) -> ClientAuth {
+        let ca = dir.join("ca.pem");
+        std::fs::write(&ca, pki.ca.pem()).expect("write");
+        ClientAuth::load(
+            &ClientAuthConfig {
+                mode: ClientAuthMode::Required,
+                ca,
+                crls: Vec::new(),
+            },
+            Path::to_owned,
+        )
+        .expect("load")
+    }
+
+    /// An in-memory handshake of `client` (zone `pki`) against a listener with `auth` and
+    /// `extra` CRLs; the server's error, if any.
+    fn handshake(
+        pki: &Pki,
+        auth: ClientAuth,
+        extra: Vec<CertificateRevocationListDer<'static>>,
+    ) -> Result<(), rustls::Error> {
+        let server_key = KeyPair::generate().expect("key");
+        let server_cert = CertificateParams::new(vec!["server.test".to_owned()])
+            .expect("params")
+            .self_signed(&server_key)
+            .expect("cert");
+        let signing = rustls::crypto::aws_lc_rs::sign::any_supported_type(&PrivateKeyDer::Pkcs8(
+            PrivatePkcs8KeyDer::from(server_key.serialize_der()),
+        ))
+        .expect("signing key");
+        let served = ServedCert {
+            key: Arc::new(rustls::sign::CertifiedKey::new(
+                vec![server_cert.der().clone()],
+                signing,
+            )),
+            names: vec!["server.test".into()],
+            default: true,
+        };
+        let opts = ListenerTls {
+            client_auth: Some(auth),
+            extra_crls: extra,
+            ..Default::default()
+        };
+        let config = server_config(vec![served], &opts).expect("server config");
+        let mut roots = RootCertStore::empty();
+        roots.add(server_cert.der().clone()).expect("root");
+        let client_config = rustls::ClientConfig::builder_with_provider(
+            crate::policy::TlsPolicy::default().provider(),
+        )
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_client_auth_cert(vec![pki.client.0.clone()], pki.client.1.clone_key())
+        .expect("client auth");
+        let mut client = rustls::ClientConnection::new(
+            Arc::new(client_config),
+            ServerName::try_from("server.test").expect("name"),
+        )
+        .expect("client");
+        let mut server = rustls::ServerConnection::new(config).expect("server");
+        for _ in 0..10 {
+            let mut buf = Vec::new();
+            client.write_tls(&mut buf).expect("client write");
+            server.read_tls(&mut &buf[..]).expect("server read");
+            server.process_new_packets()?;
+            let mut buf = Vec::new();
+            server.write_tls(&mut buf).expect("server write");
+            client.read_tls(&mut &buf[..]).expect("client read");
+            let _ = client.process_new_packets();
+            if !server.is_handshaking() {
+                return Ok(());
+            }
+        }
+        Err(rustls::Error::General("handshake did not finish".into()))
+    }
+
+    #[test]
+    fn crls_uploaded_at_run_time_revoke_and_must_come_from_the_listeners_ca() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let a = zone("zone-a");
+        let b = zone("zone-b");
+        handshake(&a, auth_for(&a, dir.path()), Vec::new()).expect("zone A client accepted");
+        handshake(&a, auth_for(&a, dir.path()), vec![crl(&a, false)])
+            .expect("an empty CRL revokes nothing");
+        let err = handshake(&a, auth_for(&a, dir.path()), vec![crl(&a, true)])
+            .expect_err("revoked by an uploaded CRL");
+        assert_eq!(
+            err,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked)
+        );
+        let err = handshake(&b, auth_for(&a, dir.path()), Vec::new()).expect_err("zone B");
+        assert!(
+            matches!(
+                err,
+                rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)
+            ),
+            "{err:?}"
+        );
+        // A CRL from zone B cannot be attached to a zone A listener.
+        let auth = auth_for(&a, dir.path());
+        let err = auth
+            .verifier(
+                crate::policy::TlsPolicy::default().provider(),
+                &[crl(&b, true)],
+            )
+            .err()
+            .expect("foreign CRL");
+        assert!(
+            err.to_string().contains("not a CA of this listener"),
+            "{err}"
+        );
+        assert!(parse_crls(b"").is_err());
+        assert!(
+            parse_crls(b"-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n").is_err()
+        );
+    }
+}

@@ -28,7 +28,8 @@ struct Setup {
     _backend: common::ChildGuard,
 }
 
-/// Zone A issues alice, carol and mallory (revoked from the start); zone B issues bob.
+/// Zone A issues alice, carol, mallory (revoked from the start) and eve (expired); zone B
+/// issues bob.
 /// Listeners: `required` and `optional`, both trusting zone A only, with zone A's CRL.
 fn setup() -> Result<Setup> {
     let lab = Lab::new()?;
@@ -40,6 +41,7 @@ fn setup() -> Result<Setup> {
     for cn in ["alice", "carol", "mallory"] {
         zone_a.client(cn)?;
     }
+    zone_a.client_valid("eve", false)?;
     zone_b.client("bob")?;
     let crl = dir.join("zone-a.crl.pem");
     zone_a.write_crl(&crl, 1, &["mallory"])?;
@@ -156,6 +158,12 @@ fn client_certificates_are_checked_against_the_listeners_zone_and_crl_with_curl(
     ensure!(
         !accepted(&r) && r.text.contains("certificate revoked"),
         "mallory (revoked) must be refused as revoked:\n{}",
+        r.text
+    );
+    let r = curl(&s, required, Some("zone-a-eve"))?;
+    ensure!(
+        !accepted(&r) && r.text.contains("certificate expired"),
+        "eve (expired) must be refused as expired:\n{}",
         r.text
     );
     let r = curl(&s, required, None)?;

@@ -108,12 +108,22 @@ impl Zone {
 
     /// A client certificate `cn` (clientAuth); returns (cert file, key file).
     pub fn client(&mut self, cn: &str) -> Result<(PathBuf, PathBuf)> {
+        self.client_valid(cn, true)
+    }
+
+    /// Like [`Zone::client`]; `current = false` makes one that expired yesterday.
+    pub fn client_valid(&mut self, cn: &str, current: bool) -> Result<(PathBuf, PathBuf)> {
         let mut params = CertificateParams::new(vec![format!("{cn}.clients.test")])?;
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, cn);
         params.distinguished_name = dn;
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        if !current {
+            let now = time::OffsetDateTime::now_utc();
+            params.not_before = now - time::Duration::days(30);
+            params.not_after = now - time::Duration::days(1);
+        }
         self.next_serial += 1;
         params.serial_number = Some(SerialNumber::from(self.next_serial));
         let key = KeyPair::generate()?;
