@@ -371,8 +371,7 @@ mod tests {
                 crate::policy::TlsPolicy::default().provider(),
                 &[crl(&b, true)],
             )
-            .err()
-            .expect("foreign CRL");
+            .expect_err("foreign CRL");
         assert!(
             err.to_string().contains("not a CA of this listener"),
             "{err}"
