@@ -134,6 +134,13 @@ impl ClientAuth {
                 why,
             })?;
             for crl in crls {
+                if let Some(next) = crl_next_update(&crl) {
+                    if next < time::OffsetDateTime::now_utc() {
+                        // Still used (revocations in it stay true), but the CA has published or
+                        // should have published a newer one.
+                        tracing::warn!(crl = %path.display(), next_update = %next, "CRL is past its nextUpdate: fetch a current one");
+                    }
+                }
                 auth.check_crl(&crl)
                     .map_err(|why| ClientAuthError::BadCrl {
                         what: path.display().to_string(),
@@ -185,6 +192,13 @@ impl ClientAuth {
             .build()
             .map_err(|e| ClientAuthError::Verifier(e.to_string()))
     }
+}
+
+/// A CRL's `nextUpdate`, when it parses and has one.
+pub fn crl_next_update(crl: &CertificateRevocationListDer<'_>) -> Option<time::OffsetDateTime> {
+    let (_, parsed) =
+        x509_parser::revocation_list::CertificateRevocationList::from_der(crl).ok()?;
+    Some(parsed.next_update()?.to_datetime())
 }
 
 /// CRLs from PEM (`-----BEGIN X509 CRL-----` blocks) or a single DER CRL.
@@ -376,6 +390,8 @@ mod tests {
             err.to_string().contains("not a CA of this listener"),
             "{err}"
         );
+        let next = crl_next_update(&crl(&a, false)).expect("nextUpdate");
+        assert!(next > time::OffsetDateTime::now_utc());
         assert!(parse_crls(b"").is_err());
         assert!(
             parse_crls(b"-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n").is_err()

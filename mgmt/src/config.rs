@@ -23,10 +23,21 @@
 //! backend = "127.0.0.1:8080"
 //! proxy_protocol = false
 //!
+//! policy = "intermediate"                  # intermediate | modern | strict | custom
+//! unknown_sni = "default"                   # default | refuse
+//!
 //! [[listener.certificate]]
 //! chain = "certs/web-ecdsa.pem"
 //! key = "pkcs11:token=lab;object=web-ecdsa;type=private"
+//!
+//! [listener.client_auth]                    # optional mTLS
+//! mode = "required"                         # required | optional
+//! ca = "zones/partners-ca.pem"
+//! crls = ["zones/partners.crl.pem"]
 //! ```
+//!
+//! With `policy = "custom"`, `[listener.custom_policy]` holds `versions`, `suites`, `groups`
+//! (see [`crate::policy`]).
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
