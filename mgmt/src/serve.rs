@@ -168,6 +168,8 @@ pub fn build_snapshot(config: &Config, token: Option<&Arc<Token>>) -> Result<Sna
         };
         let sni_filter = crate::tls::sni_filter(&certs, &opts)
             .with_context(|| format!("listener {:?}", l.name))?;
+        let client_cert_check = crate::tls::client_cert_check(&opts)
+            .with_context(|| format!("listener {:?}", l.name))?;
         listeners.push(ListenerSnapshot {
             name: l.name.clone(),
             bind: l.bind,
@@ -177,6 +179,7 @@ pub fn build_snapshot(config: &Config, token: Option<&Arc<Token>>) -> Result<Sna
             backend: l.backend,
             proxy_protocol: l.proxy_protocol,
             sni_filter,
+            client_cert_check,
         });
     }
     Ok(Snapshot { listeners })

@@ -95,6 +95,32 @@ pub fn sni_filter(
     })))
 }
 
+/// The data plane's re-check of a resumed session's client certificate against this
+/// listener's current CA bundle and CRLs (`None` without client authentication).
+pub fn client_cert_check(
+    opts: &ListenerTls,
+) -> Result<Option<tlsgate_dataplane::ClientCertCheck>, TlsConfigError> {
+    let Some(auth) = &opts.client_auth else {
+        return Ok(None);
+    };
+    let verifier = auth.verifier(opts.policy.provider(), &opts.extra_crls)?;
+    Ok(Some(tlsgate_dataplane::ClientCertCheck::new(
+        move |chain| {
+            chain
+                .split_first()
+                .is_some_and(|(end_entity, intermediates)| {
+                    verifier
+                        .verify_client_cert(
+                            end_entity,
+                            intermediates,
+                            rustls_pki_types::UnixTime::now(),
+                        )
+                        .is_ok()
+                })
+        },
+    )))
+}
+
 /// A server configuration serving `certs` under `opts.policy`. When none is marked default, all
 /// are (the order still sets the preference).
 pub fn server_config(

@@ -268,6 +268,28 @@ fn openssl_and_gnutls_clients_are_accepted_or_refused_as_configured() -> Result<
             r.text
         );
     }
+    // A resumed session's certificate is checked again by the listener's current verifier: a
+    // current certificate resumes.
+    let sess = s.lab.path("alice.sess");
+    let sess = sess.display().to_string();
+    let (c, k) = (cert("zone-a-alice"), key("zone-a-alice"));
+    let base = [
+        "-servername",
+        "localhost",
+        "-tls1_2",
+        "-cert",
+        &c,
+        "-key",
+        &k,
+    ];
+    let r = s_client(required, &[&base[..], &["-sess_out", &sess]].concat())?;
+    ensure!(r.text.contains("New, TLSv1.2"), "{}", r.text);
+    let r = s_client(required, &[&base[..], &["-sess_in", &sess]].concat())?;
+    ensure!(
+        r.text.contains("Reused, TLSv1.2") && !r.text.contains("SSL alert number"),
+        "alice's session should resume:\n{}",
+        r.text
+    );
     if !have("gnutls-cli") {
         println!("skipped: gnutls-cli part: not installed (Debian package gnutls-bin)");
         return Ok(());

@@ -747,6 +747,19 @@ impl Conn {
             return;
         }
         *established = true;
+        // A resumed session carries the client certificate it was made with; the listener's
+        // trust (CRLs) may have changed since, so check it again before any byte moves on.
+        if matches!(tls.handshake_kind(), Some(HandshakeKind::Resumed)) {
+            if let (Some(check), Some(chain)) = (
+                &self.listener.snap.client_cert_check,
+                tls.peer_certificates(),
+            ) {
+                if !check.allows(chain) {
+                    self.fail(CloseReason::ClientCertRejected);
+                    return;
+                }
+            }
+        }
         let version = match tls.protocol_version() {
             Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1_3",
             Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1_2",

@@ -138,6 +138,7 @@ pub fn listener(name: &str, tls: Arc<ServerConfig>, backend: SocketAddr) -> List
         backend,
         proxy_protocol: false,
         sni_filter: None,
+        client_cert_check: None,
     }
 }
 
