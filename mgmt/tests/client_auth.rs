@@ -4,16 +4,13 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::mpsc;
-use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use common::policy_support::{
-    have, lab_cert, metrics_addr, negotiated_cipher, run_cmd, s_client, wait_closed_reason, Run,
-    Zone,
+    have, lab_cert, log_lines, metrics_addr, negotiated_cipher, run_cmd, s_client,
+    wait_closed_reason, wait_log, Run, Zone,
 };
 use common::{demo_backend, fail, Lab, Serve};
 
@@ -109,33 +106,6 @@ fn curl(s: &Setup, port: u16, client: Option<&str>) -> Result<Run> {
 
 fn accepted(r: &Run) -> bool {
     r.ok && r.text.contains(BODY)
-}
-
-/// Forwards the server's log lines so a test can wait for "reloaded".
-fn log_lines(serve: &mut Serve) -> Result<mpsc::Receiver<String>> {
-    let stderr = serve.guard.child.stderr.take().context("stderr piped")?;
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    Ok(rx)
-}
-
-fn wait_log(rx: &mpsc::Receiver<String>, needle: &str) -> Result<String> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        let line = rx
-            .recv_timeout(left)
-            .with_context(|| format!("no log line with {needle:?} in 20 s"))?;
-        if line.contains(needle) {
-            return Ok(line);
-        }
-    }
 }
 
 #[test]

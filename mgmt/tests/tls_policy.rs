@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use common::policy_support::{
-    have, lab_cert, metrics_addr, negotiated_cipher, run_cmd, s_client, wait_closed_reason,
+    have, lab_cert, log_lines, metrics_addr, negotiated_cipher, run_cmd, s_client,
+    wait_closed_reason, wait_log,
 };
 use common::{demo_backend, fail, tlsgate, uri, Lab, Serve};
 use rustls::pki_types::pem::PemObject;
@@ -703,5 +704,52 @@ fn ecdsa_and_rsa_certificates_for_one_name_are_chosen_by_client_capability() -> 
             subject_cn(&r.text)
         );
     }
+    Ok(())
+}
+
+#[test]
+fn a_policy_change_applies_on_reload_and_a_refused_one_keeps_the_running_policy() -> Result<()> {
+    let lab = Lab::new()?;
+    let (ec_key, ec_chain) = lab_cert(&lab, "EC", "ec", "localhost", &["localhost"])?;
+    let (rsa_key, rsa_chain) = lab_cert(&lab, "RSA", "rsa", "localhost", &["localhost"])?;
+    let (_backend, backend_addr) = demo_backend(lab.dir.path())?;
+    let config = lab.path("reload.toml");
+    let write = |policy: &str, chain: &Path, key: &Path| {
+        std::fs::write(
+            &config,
+            format!(
+                "[dataplane]\ncores = [0]\nio = \"portable\"\n\n[[listener]]\nname = \"r\"\nbind = \"127.0.0.1:0\"\nbackend = \"{backend_addr}\"\npolicy = \"{policy}\"\n[[listener.certificate]]\nchain = \"{}\"\nkey = \"file:{}\"\n",
+                chain.display(),
+                key.display()
+            ),
+        )
+    };
+    write("intermediate", &ec_chain, &ec_key)?;
+    let mut serve = Serve::start(&lab, &config)?;
+    let logs = log_lines(&mut serve)?;
+    let tls12 = |port: u16| -> Result<bool> {
+        Ok(
+            negotiated_cipher(&s_client(port, &["-servername", "localhost", "-tls1_2"])?.text)
+                .is_some(),
+        )
+    };
+    ensure!(tls12(serve.port)?, "intermediate serves TLS 1.2");
+
+    write("modern", &ec_chain, &ec_key)?;
+    serve.signal("HUP")?;
+    wait_log(&logs, "reloaded")?;
+    ensure!(
+        !tls12(serve.port)?,
+        "modern (after reload) must refuse TLS 1.2"
+    );
+
+    // strict with an RSA certificate is refused; the running (modern) policy stays.
+    write("strict", &rsa_chain, &rsa_key)?;
+    serve.signal("HUP")?;
+    let line = wait_log(&logs, "reload refused")?;
+    ensure!(line.contains("ECDSA certificates only"), "{line}");
+    ensure!(!tls12(serve.port)?, "still modern");
+    let r = s_client(serve.port, &["-servername", "localhost", "-tls1_3"])?;
+    ensure!(negotiated_cipher(&r.text).is_some(), "{}", r.text);
     Ok(())
 }

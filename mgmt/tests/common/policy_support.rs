@@ -2,8 +2,10 @@
 //! the lab CA, client trust zones (CA, client certificates, CRLs) made with rcgen, and the real
 //! clients (openssl s_client, gnutls-cli, curl) as one-shot commands.
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -268,4 +270,31 @@ pub fn wait_closed_reason(addr: &str, reason: &str, at_least: f64) -> Result<(bo
         Ok(sum >= at_least)
     })?;
     Ok((seen, last))
+}
+
+/// Forwards the server's log lines so a test can wait for "reloaded".
+pub fn log_lines(serve: &mut super::Serve) -> Result<mpsc::Receiver<String>> {
+    let stderr = serve.guard.child.stderr.take().context("stderr piped")?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    Ok(rx)
+}
+
+pub fn wait_log(rx: &mpsc::Receiver<String>, needle: &str) -> Result<String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = rx
+            .recv_timeout(left)
+            .with_context(|| format!("no log line with {needle:?} in 20 s"))?;
+        if line.contains(needle) {
+            return Ok(line);
+        }
+    }
 }
