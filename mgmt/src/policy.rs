@@ -785,6 +785,39 @@ mod tests {
         ));
     }
 
+    /// The README's profile table says exactly what each built-in profile allows.
+    #[test]
+    fn the_readme_profile_table_matches_the_profiles() {
+        let readme = include_str!("../../README.md");
+        for profile in [Profile::Intermediate, Profile::Modern, Profile::Strict] {
+            let p = TlsPolicy::new(profile, None).expect("builtin");
+            let row = readme
+                .lines()
+                .find(|l| l.starts_with(&format!("| `{}`", profile.as_str())))
+                .unwrap_or_else(|| panic!("README has no row for {profile:?}"));
+            for s in SUITES {
+                let listed = row.contains(&format!("`{}`", s.iana));
+                assert_eq!(
+                    listed,
+                    p.suite_names().contains(&s.iana),
+                    "{profile:?}: README row and profile disagree on {}",
+                    s.iana
+                );
+            }
+            for g in p.group_names() {
+                assert!(row.contains(g), "{profile:?}: {g} missing in README");
+            }
+            for v in ["TLS 1.2", "TLS 1.3"] {
+                let name = v.replace(' ', "v");
+                assert_eq!(
+                    row.split('|').nth(2).unwrap_or("").contains(v),
+                    p.version_names().contains(&name.as_str()),
+                    "{profile:?}: README and profile disagree on {v}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn a_tls12_only_policy_needs_a_suite_for_the_key_type() {
         let p = build(&custom(
