@@ -52,3 +52,19 @@ check_no_ring() {
     fi
     echo "ring: not in the dependency graph"
 }
+
+# sslyze (PyPI) for the TLS-policy scanner tests, pinned, in a virtual environment under the
+# user's cache (never the source tree). Exports TLSGATE_SSLYZE for the tests.
+SSLYZE_VERSION=6.3.1
+ensure_sslyze() {
+    local venv="${XDG_CACHE_HOME:-$HOME/.cache}/tlsgate/sslyze-${SSLYZE_VERSION}"
+    if [[ ! -x "$venv/bin/sslyze" ]]; then
+        echo "installing sslyze ${SSLYZE_VERSION} into $venv"
+        rm -rf "$venv"
+        python3 -m venv "$venv"
+        "$venv/bin/pip" install --quiet --disable-pip-version-check "sslyze==${SSLYZE_VERSION}"
+    else
+        echo "sslyze ${SSLYZE_VERSION} present"
+    fi
+    export TLSGATE_SSLYZE="$venv/bin/sslyze"
+}

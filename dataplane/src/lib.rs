@@ -62,7 +62,7 @@ use arc_swap::ArcSwap;
 pub use config::{DataplaneConfig, IoDriver, IoDriverKind, KeyOpConfig, Limits};
 pub use conn::CloseReason;
 pub use error::Error;
-pub use snapshot::{ListenerSnapshot, Snapshot};
+pub use snapshot::{ClientCertCheck, ListenerSnapshot, Snapshot, SniFilter};
 pub use stats::StatsSnapshot;
 
 use driver::{CoreSetup, Shared, ShutdownSignal};

@@ -32,6 +32,66 @@ pub struct ListenerSnapshot {
     pub backend: SocketAddr,
     /// Send a PROXY protocol v2 header to the backend first.
     pub proxy_protocol: bool,
+    /// Refuses ClientHellos by SNI with an `unrecognized_name` alert before rustls sees them;
+    /// `None` lets every name through.
+    pub sni_filter: Option<SniFilter>,
+    /// Re-checks the client certificate chain of a *resumed* session against the listener's
+    /// current trust (a CRL may have revoked it since the session was made); `None` when the
+    /// listener does not authenticate clients.
+    pub client_cert_check: Option<ClientCertCheck>,
+}
+
+/// Answers whether a client certificate chain (end entity first) is still acceptable.
+#[derive(Clone)]
+pub struct ClientCertCheck(Arc<CertCheck>);
+
+/// The check inside a [`ClientCertCheck`].
+type CertCheck = dyn Fn(&[rustls_pki_types::CertificateDer<'_>]) -> bool + Send + Sync;
+
+impl ClientCertCheck {
+    /// Wraps the check.
+    pub fn new(
+        f: impl Fn(&[rustls_pki_types::CertificateDer<'_>]) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        Self(Arc::new(f))
+    }
+
+    /// Whether `chain` passes.
+    pub fn allows(&self, chain: &[rustls_pki_types::CertificateDer<'_>]) -> bool {
+        (self.0)(chain)
+    }
+}
+
+impl fmt::Debug for ClientCertCheck {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ClientCertCheck")
+    }
+}
+
+/// Answers whether a listener serves a ClientHello's SNI (`None`: no SNI sent). A `false` ends
+/// the handshake with a fatal `unrecognized_name` alert.
+#[derive(Clone)]
+pub struct SniFilter(Arc<SniCheck>);
+
+/// The check inside a [`SniFilter`].
+type SniCheck = dyn Fn(Option<&str>) -> bool + Send + Sync;
+
+impl SniFilter {
+    /// Wraps the check.
+    pub fn new(f: impl Fn(Option<&str>) -> bool + Send + Sync + 'static) -> Self {
+        Self(Arc::new(f))
+    }
+
+    /// Whether `sni` is served.
+    pub fn allows(&self, sni: Option<&str>) -> bool {
+        (self.0)(sni)
+    }
+}
+
+impl fmt::Debug for SniFilter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SniFilter")
+    }
 }
 
 /// A listener prepared for the io threads: the caller's config plus, for offloaded listeners, a

@@ -11,11 +11,13 @@ use crate::conn::{CloseReason, HandshakeInfo};
 use crate::metrics as m;
 
 /// Every close reason, in counter-array order.
-pub(crate) const REASONS: [CloseReason; 16] = [
+pub(crate) const REASONS: [CloseReason; 18] = [
     CloseReason::Done,
     CloseReason::ClientHelloTooLarge,
     CloseReason::BadClientHello,
+    CloseReason::UnknownSni,
     CloseReason::TlsError,
+    CloseReason::ClientCertRejected,
     CloseReason::ClientClosedEarly,
     CloseReason::HandshakeTimeout,
     CloseReason::KeyOpRejected,
@@ -38,7 +40,7 @@ fn reason_index(r: CloseReason) -> usize {
 #[derive(Debug, Default)]
 pub(crate) struct CoreStats {
     pub accepted: AtomicU64,
-    pub closed: [AtomicU64; 16],
+    pub closed: [AtomicU64; REASONS.len()],
     pub handshakes_in_flight: AtomicU64,
     pub handshakes_full: AtomicU64,
     pub handshakes_resumed: AtomicU64,
@@ -116,7 +118,7 @@ impl StatsSnapshot {
 
     pub(crate) fn sum(cores: &[Arc<CoreStats>]) -> Self {
         let mut s = StatsSnapshot::default();
-        let mut closed = [0u64; 16];
+        let mut closed = [0u64; REASONS.len()];
         let mut total_closed = 0;
         for c in cores {
             s.connections_accepted += c.accepted.load(Relaxed);
@@ -184,7 +186,7 @@ pub(crate) struct CoreRecorder {
 #[derive(Debug, Default)]
 struct Flushed {
     accepted: u64,
-    closed: [u64; 16],
+    closed: [u64; REASONS.len()],
     key_ops: [u64; 6],
     bytes: [u64; 4],
     accept_paused: u64,

@@ -23,10 +23,21 @@
 //! backend = "127.0.0.1:8080"
 //! proxy_protocol = false
 //!
+//! policy = "intermediate"                  # intermediate | modern | strict | custom
+//! unknown_sni = "default"                   # default | refuse
+//!
 //! [[listener.certificate]]
 //! chain = "certs/web-ecdsa.pem"
 //! key = "pkcs11:token=lab;object=web-ecdsa;type=private"
+//!
+//! [listener.client_auth]                    # optional mTLS
+//! mode = "required"                         # required | optional
+//! ca = "zones/partners-ca.pem"
+//! crls = ["zones/partners.crl.pem"]
 //! ```
+//!
+//! With `policy = "custom"`, `[listener.custom_policy]` holds `versions`, `suites`, `groups`
+//! (see [`crate::policy`]).
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -135,6 +146,20 @@ pub struct ListenerConfig {
     /// certificate(s), `refuse` ends the handshake.
     #[serde(default)]
     pub unknown_sni: crate::tls::UnknownSni,
+    /// TLS policy profile: `intermediate` (default), `modern`, `strict` or `custom`.
+    #[serde(default)]
+    pub policy: crate::policy::Profile,
+    /// The lists of the `custom` profile.
+    pub custom_policy: Option<crate::policy::CustomPolicy>,
+    /// Client-certificate authentication; none when absent.
+    pub client_auth: Option<crate::client_auth::ClientAuthConfig>,
+}
+
+impl ListenerConfig {
+    /// The listener's resolved TLS policy.
+    pub fn tls_policy(&self) -> Result<crate::policy::TlsPolicy, crate::policy::PolicyError> {
+        crate::policy::TlsPolicy::new(self.policy, self.custom_policy.as_ref())
+    }
 }
 
 /// A certificate chain and the key that goes with it.
@@ -263,6 +288,14 @@ impl Config {
                     format!("{} is used twice", l.bind),
                 ));
             }
+            l.tls_policy().map_err(|e| {
+                let key = if self.listeners[i].custom_policy.is_some() {
+                    "custom_policy"
+                } else {
+                    "policy"
+                };
+                self.invalid(format!("listener[{i}].{key}"), e.to_string())
+            })?;
             if l.certificates.is_empty() {
                 return Err(self.invalid(
                     format!("listener[{i}].certificate"),
@@ -374,6 +407,81 @@ mod tests {
             matches!(err, ConfigError::Invalid { ref key, .. } if key == "listener[0].certificate[0].key"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn policy_profiles_parse_and_default_to_intermediate() {
+        let c = parse(GOOD).expect("valid");
+        assert_eq!(c.listeners[0].policy, crate::policy::Profile::Intermediate);
+        for p in ["modern", "strict", "intermediate"] {
+            let text = GOOD.replace(
+                "backend = \"127.0.0.1:8080\"",
+                &format!("backend = \"127.0.0.1:8080\"\npolicy = \"{p}\""),
+            );
+            let c = parse(&text).expect(p);
+            assert_eq!(c.listeners[0].policy.as_str(), p);
+        }
+        let err = parse(&GOOD.replace(
+            "backend = \"127.0.0.1:8080\"",
+            "backend = \"127.0.0.1:8080\"\npolicy = \"old\"",
+        ))
+        .expect_err("unknown profile");
+        assert!(err.to_string().contains("intermediate"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_custom_policy_names_its_key_and_the_allowed_values() {
+        let with = |table: &str| {
+            format!(
+                "{}\n[listener.custom_policy]\n{table}\n",
+                GOOD.replace(
+                    "backend = \"127.0.0.1:8080\"",
+                    "backend = \"127.0.0.1:8080\"\npolicy = \"custom\"",
+                )
+            )
+        };
+        let c = parse(&with("versions = [\"TLSv1.3\"]\ngroups = [\"X25519\"]")).expect("valid");
+        assert_eq!(
+            c.listeners[0].tls_policy().expect("policy").group_names(),
+            ["X25519"]
+        );
+        let err = parse(&with("versions = [\"TLSv1.1\", \"TLSv1.2\"]")).expect_err("tls 1.1");
+        assert!(
+            matches!(err, ConfigError::Invalid { ref key, .. } if key == "listener[0].custom_policy"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("RFC 8996"), "{err}");
+        let err =
+            parse(&with("versions = [\"TLSv1.2\"]\nsuites = [\"AES128-SHA\"]")).expect_err("cbc");
+        assert!(
+            err.to_string().contains("allowed: TLS_AES_128_GCM_SHA256"),
+            "{err}"
+        );
+        let err = parse(&with("versions = [\"TLSv1.3\"]\nciphers = []")).expect_err("typo");
+        assert!(err.to_string().contains("ciphers"), "{err}");
+        let err = parse(&GOOD.replace(
+            "backend = \"127.0.0.1:8080\"",
+            "backend = \"127.0.0.1:8080\"\npolicy = \"custom\"",
+        ))
+        .expect_err("custom without table");
+        assert!(
+            matches!(err, ConfigError::Invalid { ref key, .. } if key == "listener[0].policy"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn client_auth_modes_parse_and_bad_ones_are_refused() {
+        let with = |mode: &str| {
+            format!("{GOOD}\n[listener.client_auth]\nmode = \"{mode}\"\nca = \"zone-a.pem\"\ncrls = [\"zone-a.crl\"]\n")
+        };
+        let c = parse(&with("required")).expect("valid");
+        let ca = c.listeners[0].client_auth.as_ref().expect("client_auth");
+        assert_eq!(ca.mode, crate::client_auth::ClientAuthMode::Required);
+        assert_eq!(ca.crls.len(), 1);
+        assert!(parse(&with("optional")).is_ok());
+        let err = parse(&with("sometimes")).expect_err("bad mode");
+        assert!(err.to_string().contains("required"), "{err}");
     }
 
     #[test]

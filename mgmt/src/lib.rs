@@ -5,10 +5,12 @@
 #![forbid(unsafe_code)]
 
 pub mod cli;
+pub mod client_auth;
 pub mod config;
 pub mod files;
 pub mod http_head;
 pub mod logging;
 pub mod metrics_http;
+pub mod policy;
 pub mod serve;
 pub mod tls;

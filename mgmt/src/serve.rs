@@ -117,6 +117,9 @@ pub fn build_snapshot(config: &Config, token: Option<&Arc<Token>>) -> Result<Sna
     let now = SystemTime::now();
     let mut listeners = Vec::with_capacity(config.listeners.len());
     for (i, l) in config.listeners.iter().enumerate() {
+        let policy = l
+            .tls_policy()
+            .with_context(|| format!("listener[{i}] ({}).policy", l.name))?;
         let mut certs = Vec::with_capacity(l.certificates.len());
         let mut offload = false;
         for (j, c) in l.certificates.iter().enumerate() {
@@ -134,6 +137,9 @@ pub fn build_snapshot(config: &Config, token: Option<&Arc<Token>>) -> Result<Sna
             let report = chain
                 .validate(&loaded.spki_der, now)
                 .with_context(|| format!("{at}.chain: {}", chain_path.display()))?;
+            policy
+                .check_key(loaded.signing_key.algorithm())
+                .with_context(|| format!("{at}.key: {}", c.key))?;
             tracing::info!(listener = %l.name, subject = %report.subject, sans = ?report.sans, key = %c.key, "certificate loaded");
             let names = match &c.names {
                 Some(names) => names.clone(),
@@ -147,20 +153,33 @@ pub fn build_snapshot(config: &Config, token: Option<&Arc<Token>>) -> Result<Sna
             });
             offload |= loaded.backend == KeyBackend::Pkcs11;
         }
+        let client_auth = match &l.client_auth {
+            Some(c) => Some(
+                crate::client_auth::ClientAuth::load(c, |p| config.resolve(p))
+                    .with_context(|| format!("listener[{i}] ({}).client_auth", l.name))?,
+            ),
+            None => None,
+        };
+        let opts = crate::tls::ListenerTls {
+            unknown_sni: l.unknown_sni,
+            policy,
+            client_auth,
+            ..Default::default()
+        };
+        let sni_filter = crate::tls::sni_filter(&certs, &opts)
+            .with_context(|| format!("listener {:?}", l.name))?;
+        let client_cert_check = crate::tls::client_cert_check(&opts)
+            .with_context(|| format!("listener {:?}", l.name))?;
         listeners.push(ListenerSnapshot {
             name: l.name.clone(),
             bind: l.bind,
-            tls: crate::tls::server_config(
-                certs,
-                &crate::tls::ListenerTls {
-                    unknown_sni: l.unknown_sni,
-                    ..Default::default()
-                },
-            )
-            .with_context(|| format!("listener {:?}", l.name))?,
+            tls: crate::tls::server_config(certs, &opts)
+                .with_context(|| format!("listener {:?}", l.name))?,
             offload_key_ops: offload,
             backend: l.backend,
             proxy_protocol: l.proxy_protocol,
+            sni_filter,
+            client_cert_check,
         });
     }
     Ok(Snapshot { listeners })

@@ -1,5 +1,6 @@
-//! Builds the rustls server configurations. The only place in the process that assembles a
-//! `CryptoProvider`: aws-lc-rs, its AEAD suites and ECDHE groups (X25519MLKEM768 included).
+//! Builds the rustls server configurations from a listener's policy profile
+//! ([`crate::policy`], the one place that assembles a `CryptoProvider`), certificates and
+//! client-certificate settings ([`crate::client_auth`]).
 //!
 //! A listener serves [`ServedCert`]s: each answers for a set of names (exact or `*.` wildcard),
 //! and those marked `default` answer a client that sends no SNI or a name nobody serves. Within
@@ -19,6 +20,9 @@ pub enum TlsConfigError {
     /// rustls refused the provider or protocol versions.
     #[error("cannot build the TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
+    /// The client-certificate settings cannot be used.
+    #[error(transparent)]
+    ClientAuth(#[from] crate::client_auth::ClientAuthError),
     /// No certificate can answer a client that sends no (or an unknown) name.
     #[error("no default certificate: mark one certificate `default = true` or serve only one")]
     NoDefault,
@@ -58,15 +62,66 @@ pub struct ListenerTls {
     /// CRLs uploaded through the management API for this listener, checked (with the config
     /// file's CRLs) when the listener verifies client certificates.
     pub extra_crls: Vec<rustls_pki_types::CertificateRevocationListDer<'static>>,
+    /// Versions, suites and groups (`intermediate` by default).
+    pub policy: crate::policy::TlsPolicy,
+    /// Client-certificate authentication; none when absent.
+    pub client_auth: Option<crate::client_auth::ClientAuth>,
 }
 
-/// The crypto provider for every listener: aws-lc-rs with its default (all AEAD, all ECDHE)
-/// suites and groups.
+/// The crypto provider of the default (`intermediate`) policy.
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+    crate::policy::TlsPolicy::default().provider()
 }
 
-/// A server configuration serving `certs`, TLS 1.2 and 1.3. When none is marked default, all
+/// The data plane's check for `unknown_sni = "refuse"`: answers whether a ClientHello's SNI is
+/// served, so the handshake of an unknown name ends with `unrecognized_name`. `None` when the
+/// listener serves every name (with its defaults).
+pub fn sni_filter(
+    certs: &[ServedCert],
+    opts: &ListenerTls,
+) -> Result<Option<tlsgate_dataplane::SniFilter>, TlsConfigError> {
+    if opts.unknown_sni == UnknownSni::Default {
+        return Ok(None);
+    }
+    let mut certs = certs.to_vec();
+    if !certs.iter().any(|c| c.default) {
+        for c in &mut certs {
+            c.default = true;
+        }
+    }
+    let resolver = SniResolver::new(certs, opts.unknown_sni)?;
+    Ok(Some(tlsgate_dataplane::SniFilter::new(move |sni| {
+        resolver.knows(sni)
+    })))
+}
+
+/// The data plane's re-check of a resumed session's client certificate against this
+/// listener's current CA bundle and CRLs (`None` without client authentication).
+pub fn client_cert_check(
+    opts: &ListenerTls,
+) -> Result<Option<tlsgate_dataplane::ClientCertCheck>, TlsConfigError> {
+    let Some(auth) = &opts.client_auth else {
+        return Ok(None);
+    };
+    let verifier = auth.verifier(opts.policy.provider(), &opts.extra_crls)?;
+    Ok(Some(tlsgate_dataplane::ClientCertCheck::new(
+        move |chain| {
+            chain
+                .split_first()
+                .is_some_and(|(end_entity, intermediates)| {
+                    verifier
+                        .verify_client_cert(
+                            end_entity,
+                            intermediates,
+                            rustls_pki_types::UnixTime::now(),
+                        )
+                        .is_ok()
+                })
+        },
+    )))
+}
+
+/// A server configuration serving `certs` under `opts.policy`. When none is marked default, all
 /// are (the order still sets the preference).
 pub fn server_config(
     mut certs: Vec<ServedCert>,
@@ -77,11 +132,15 @@ pub fn server_config(
             c.default = true;
         }
     }
-    let resolver = SniResolver::new(certs, opts.unknown_sni)?;
-    let mut config = ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_cert_resolver(Arc::new(resolver));
+    let provider = opts.policy.provider();
+    let resolver = SniResolver::new(certs, opts.unknown_sni)?.with_suites(&provider.cipher_suites);
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(opts.policy.versions())?;
+    let builder = match &opts.client_auth {
+        None => builder.with_no_client_auth(),
+        Some(auth) => builder.with_client_cert_verifier(auth.verifier(provider, &opts.extra_crls)?),
+    };
+    let mut config = builder.with_cert_resolver(Arc::new(resolver));
     config.ignore_client_order = false;
     Ok(Arc::new(config))
 }
@@ -114,6 +173,8 @@ pub struct SniResolver {
     wildcard: HashMap<String, Vec<Arc<CertifiedKey>>>,
     defaults: Vec<Arc<CertifiedKey>>,
     unknown: UnknownSni,
+    /// The listener's suites, to tell whether a TLS 1.2 client can use a certificate's key type.
+    suites: Vec<rustls::SupportedCipherSuite>,
 }
 
 impl SniResolver {
@@ -143,7 +204,24 @@ impl SniResolver {
             wildcard,
             defaults,
             unknown,
+            suites: Vec::new(),
         })
+    }
+
+    /// Tells the resolver the listener's cipher suites: a certificate is then preferred only
+    /// when the client also offers a suite that can use its key (a TLS 1.2 client offering
+    /// ECDSA signatures but only ECDHE-RSA suites gets the RSA certificate).
+    pub fn with_suites(mut self, suites: &[rustls::SupportedCipherSuite]) -> Self {
+        self.suites = suites.to_vec();
+        self
+    }
+
+    fn suite_fits(&self, key: &CertifiedKey, client_suites: &[rustls::CipherSuite]) -> bool {
+        let alg = key.key.algorithm();
+        self.suites.is_empty()
+            || self.suites.iter().any(|s| {
+                client_suites.contains(&s.suite()) && s.usable_for_signature_algorithm(alg)
+            })
     }
 
     /// The certificates that serve `sni`, or `None` when no certificate names it.
@@ -177,9 +255,17 @@ impl ResolvesServerCert for SniResolver {
                 (None, UnknownSni::Refuse) => return None,
             },
         };
+        let client_suites = hello.cipher_suites();
+        let signs = |c: &&Arc<CertifiedKey>| c.key.choose_scheme(offered).is_some();
         candidates
             .iter()
-            .find(|c| c.key.choose_scheme(offered).is_some())
+            .filter(signs)
+            .find(|c| self.suite_fits(c, client_suites))
+            .or_else(|| candidates.iter().find(signs))
+            // Nothing the client can use: hand rustls the first certificate anyway so the
+            // client gets handshake_failure (no common signature scheme or suite), the alert
+            // scanners and clients expect, rather than access_denied for "no certificate".
+            .or_else(|| candidates.first())
             .cloned()
     }
 }

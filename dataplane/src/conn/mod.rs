@@ -34,6 +34,10 @@ use buffer::ByteQueue;
 /// has a connection that could write one (key-op queue full or late).
 const ALERT_INTERNAL_ERROR: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 80];
 
+/// A fatal `unrecognized_name` alert (RFC 6066) for a ClientHello whose SNI the listener
+/// refuses; sent in plaintext before any ServerHello.
+const ALERT_UNRECOGNIZED_NAME: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 112];
+
 /// Why a connection ended. Handshake failures and post-handshake ends are both here so drivers
 /// count them with one match.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -44,8 +48,13 @@ pub enum CloseReason {
     ClientHelloTooLarge,
     /// The bytes were not an acceptable ClientHello (peer).
     BadClientHello,
+    /// The SNI names no certificate of a listener that refuses unknown names (peer).
+    UnknownSni,
     /// rustls refused the handshake or a record (peer, or our policy).
     TlsError,
+    /// The client's certificate was missing (where required), not from the listener's CAs,
+    /// expired or revoked (peer).
+    ClientCertRejected,
     /// The client closed before the handshake finished (peer).
     ClientClosedEarly,
     /// The handshake did not finish in time (peer or us).
@@ -79,7 +88,9 @@ impl CloseReason {
             CloseReason::Done => "done",
             CloseReason::ClientHelloTooLarge => "client_hello_too_large",
             CloseReason::BadClientHello => "bad_client_hello",
+            CloseReason::UnknownSni => "unknown_sni",
             CloseReason::TlsError => "tls_error",
+            CloseReason::ClientCertRejected => "client_cert_rejected",
             CloseReason::ClientClosedEarly => "client_closed_early",
             CloseReason::HandshakeTimeout => "handshake_timeout",
             CloseReason::KeyOpRejected => "key_op_rejected",
@@ -194,6 +205,17 @@ pub fn run_key_op(job: KeyOpJob) -> KeyOpResult {
                 alert: bytes,
             }
         })
+}
+
+/// The close reason for an error from rustls: a server only ever verifies client certificates,
+/// so certificate errors are the client's.
+fn tls_failure(e: &rustls::Error) -> CloseReason {
+    match e {
+        rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented => {
+            CloseReason::ClientCertRejected
+        }
+        _ => CloseReason::TlsError,
+    }
 }
 
 enum Phase {
@@ -583,6 +605,13 @@ impl Conn {
                 return;
             }
         };
+        if let Some(filter) = &self.listener.snap.sni_filter {
+            if !filter.allows(accepted.client_hello().server_name()) {
+                self.to_client.push(&ALERT_UNRECOGNIZED_NAME);
+                self.fail(CloseReason::UnknownSni);
+                return;
+            }
+        }
         let flight = std::mem::take(flight);
         let real = self.listener.snap.tls.clone();
         let tripwire = match (&self.listener.tripwire_tls, self.danger_inline) {
@@ -631,9 +660,9 @@ impl Conn {
         };
         // Records that arrived with the hello sit in rustls's buffer until processed.
         if let Phase::Tls { tls, .. } = &mut self.phase {
-            if tls.process_new_packets().is_err() {
+            if let Err(e) = tls.process_new_packets() {
                 let _ = tls.write_tls(&mut self.to_client);
-                self.fail(CloseReason::TlsError);
+                self.fail(tls_failure(&e));
                 return;
             }
         }
@@ -684,9 +713,9 @@ impl Conn {
                     }
                 };
                 self.client_in.consume(n);
-                if let Err(_e) = tls.process_new_packets() {
+                if let Err(e) = tls.process_new_packets() {
                     let _ = tls.write_tls(&mut self.to_client);
-                    self.fail(CloseReason::TlsError);
+                    self.fail(tls_failure(&e));
                     return;
                 }
                 progressed |= n > 0;
@@ -719,6 +748,19 @@ impl Conn {
             return;
         }
         *established = true;
+        // A resumed session carries the client certificate it was made with; the listener's
+        // trust (CRLs) may have changed since, so check it again before any byte moves on.
+        if matches!(tls.handshake_kind(), Some(HandshakeKind::Resumed)) {
+            if let (Some(check), Some(chain)) = (
+                &self.listener.snap.client_cert_check,
+                tls.peer_certificates(),
+            ) {
+                if !check.allows(chain) {
+                    self.fail(CloseReason::ClientCertRejected);
+                    return;
+                }
+            }
+        }
         let version = match tls.protocol_version() {
             Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1_3",
             Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1_2",

@@ -137,6 +137,8 @@ pub fn listener(name: &str, tls: Arc<ServerConfig>, backend: SocketAddr) -> List
         offload_key_ops: false,
         backend,
         proxy_protocol: false,
+        sni_filter: None,
+        client_cert_check: None,
     }
 }
 

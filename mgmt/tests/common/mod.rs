@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod policy_support;
+
 use anyhow::{bail, ensure, Context, Result};
 
 pub fn tlsgate() -> Command {
