@@ -135,6 +135,10 @@ pub struct ListenerConfig {
     /// certificate(s), `refuse` ends the handshake.
     #[serde(default)]
     pub unknown_sni: crate::tls::UnknownSni,
+    /// Session resumption: tickets, their rotation and lifetime, the session cache, fleet
+    /// tickets (`[listener.session]`; defaults in `crate::session`).
+    #[serde(default)]
+    pub session: crate::session::SessionConfig,
 }
 
 /// A certificate chain and the key that goes with it.
@@ -263,6 +267,12 @@ impl Config {
                     format!("{} is used twice", l.bind),
                 ));
             }
+            l.session
+                .check()
+                .map_err(|(key, why)| self.invalid(format!("listener[{i}].session.{key}"), why))?;
+            if l.session.fleet_secret.is_some() {
+                needs_token = true;
+            }
             if l.certificates.is_empty() {
                 return Err(self.invalid(
                     format!("listener[{i}].certificate"),
@@ -292,7 +302,7 @@ impl Config {
         if needs_token && self.pkcs11.is_none() {
             return Err(self.invalid(
                 "pkcs11",
-                "a certificate key is a pkcs11: URI, so a [pkcs11] section with module, token and pin is needed",
+                "a certificate key or a session.fleet_secret is a pkcs11: URI, so a [pkcs11] section with module, token and pin is needed",
             ));
         }
         Ok(())

@@ -11,4 +11,5 @@ pub mod http_head;
 pub mod logging;
 pub mod metrics_http;
 pub mod serve;
+pub mod session;
 pub mod tls;

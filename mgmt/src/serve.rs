@@ -154,6 +154,9 @@ pub fn build_snapshot(config: &Config, token: Option<&Arc<Token>>) -> Result<Sna
                 certs,
                 &crate::tls::ListenerTls {
                     unknown_sni: l.unknown_sni,
+                    session: Some(crate::session::ListenerSessions::for_listener(
+                        &l.name, &l.session, token,
+                    )?),
                     ..Default::default()
                 },
             )

@@ -58,6 +58,8 @@ pub struct ListenerTls {
     /// CRLs uploaded through the management API for this listener, checked (with the config
     /// file's CRLs) when the listener verifies client certificates.
     pub extra_crls: Vec<rustls_pki_types::CertificateRevocationListDer<'static>>,
+    /// Session tickets and cache (`crate::session`); `None` leaves rustls's defaults.
+    pub session: Option<Arc<crate::session::ListenerSessions>>,
 }
 
 /// The crypto provider for every listener: aws-lc-rs with its default (all AEAD, all ECDHE)
@@ -83,6 +85,9 @@ pub fn server_config(
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(resolver));
     config.ignore_client_order = false;
+    if let Some(s) = &opts.session {
+        s.apply(&mut config);
+    }
     Ok(Arc::new(config))
 }
 

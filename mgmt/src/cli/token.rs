@@ -73,7 +73,7 @@ pub enum TokenCommand {
     Csr(CsrArgs),
     /// Issue a certificate chain for a token key from the lab CA (`tlsgate ca init-lab`).
     IssueCert(IssueArgs),
-    /// Delete a key pair from the token.
+    /// Delete a key pair (or, with type=secret-key in the URI, a ticket secret) from the token.
     Delete(DeleteArgs),
 }
 
@@ -91,15 +91,37 @@ pub struct InitLabArgs {
 pub struct GenerateArgs {
     #[command(flatten)]
     pub token: TokenArgs,
-    /// Key type: ec-p256, ec-p384, rsa-2048, rsa-3072, rsa-4096, ed25519.
+    /// Key type: ec-p256, ec-p384, rsa-2048, rsa-3072, rsa-4096, ed25519, or ticket-secret (a
+    /// 32-byte HMAC secret from which fleet session-ticket keys are derived).
     #[arg(long = "type")]
-    pub key_type: KeySpec,
+    pub key_type: GenerateType,
     /// Label (CKA_LABEL) of the new key pair.
     #[arg(long)]
     pub label: String,
     /// Id (CKA_ID) in hex; random when omitted.
     #[arg(long)]
     pub id: Option<String>,
+}
+
+/// What `token generate` makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GenerateType {
+    /// A signing key pair.
+    Key(KeySpec),
+    /// A generic secret for HMAC-SHA256 (sensitive, non-extractable, CKA_SIGN only).
+    TicketSecret,
+}
+
+impl std::str::FromStr for GenerateType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "ticket-secret" {
+            return Ok(GenerateType::TicketSecret);
+        }
+        s.parse::<KeySpec>()
+            .map(GenerateType::Key)
+            .map_err(|e| format!("{e}, or ticket-secret"))
+    }
 }
 
 #[derive(Debug, Args)]
@@ -199,10 +221,31 @@ pub fn run(cmd: TokenCommand) -> Result<()> {
         TokenCommand::Generate(args) => {
             let token = args.token.open()?;
             let id = parse_id(args.id.as_deref())?;
-            let info = token
-                .generate(args.key_type, &args.label, id.as_deref())
-                .with_context(|| format!("cannot generate key {:?}", args.label))?;
-            print_key_made("generated", &info, token.label());
+            match args.key_type {
+                GenerateType::Key(spec) => {
+                    let info = token
+                        .generate(spec, &args.label, id.as_deref())
+                        .with_context(|| format!("cannot generate key {:?}", args.label))?;
+                    print_key_made("generated", &info, token.label());
+                }
+                GenerateType::TicketSecret => {
+                    let info = token
+                        .generate_hmac_secret(&args.label, id.as_deref())
+                        .with_context(|| {
+                            format!("cannot generate ticket secret {:?}", args.label)
+                        })?;
+                    println!(
+                        "generated ticket secret {:?} id {} on token {:?} ({}, {} bytes, \
+                         sensitive, non-extractable, sign-only)\n  uri: {}",
+                        info.label,
+                        hex::encode(&info.id),
+                        token.label(),
+                        info.key_type,
+                        info.value_len.unwrap_or_default(),
+                        info.uri(token.label())
+                    );
+                }
+            }
             Ok(())
         }
         TokenCommand::Import(args) => {
@@ -254,7 +297,11 @@ pub fn run(cmd: TokenCommand) -> Result<()> {
         }
         TokenCommand::Delete(args) => {
             let token = args.token.open()?;
-            token.delete(&args.key)?;
+            if args.key.object_type == Some(tlsgate_keystore::ObjectType::SecretKey) {
+                token.delete_secret(&args.key)?;
+            } else {
+                token.delete(&args.key)?;
+            }
             println!("deleted {}", args.key);
             Ok(())
         }

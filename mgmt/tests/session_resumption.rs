@@ -1,0 +1,405 @@
+//! Session resumption through the real binary: fleet tickets shared by two appliance processes
+//! on one SoftHSM2 token, ticket lifetime and rotation, and tickets / the session cache turned
+//! off. A rustls client reports whether each handshake resumed (`handshake_kind()`), for
+//! listeners whose key is on the token (resumptions run inline under the data plane's tripwire
+//! configuration) and in software.
+
+mod common;
+
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{ensure, Context, Result};
+use common::{uri, Lab, Serve};
+use rustls::client::Tls13ClientSessionValue;
+use rustls::client::{ClientSessionMemoryCache, ClientSessionStore, Tls12ClientSessionValue};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::time_provider::TimeProvider;
+use rustls::{ClientConfig, HandshakeKind, NamedGroup, RootCertStore, SupportedProtocolVersion};
+
+const SECRET: &str = "pkcs11:token=lab;object=tickets;type=secret-key";
+
+/// Counts what the server gave the client to resume with.
+#[derive(Debug)]
+struct CountingStore {
+    inner: Arc<ClientSessionMemoryCache>,
+    tls13_tickets: AtomicUsize,
+    tls12_sessions: AtomicUsize,
+}
+
+impl ClientSessionStore for CountingStore {
+    fn set_kx_hint(&self, server_name: ServerName<'static>, group: NamedGroup) {
+        self.inner.set_kx_hint(server_name, group)
+    }
+    fn kx_hint(&self, server_name: &ServerName<'_>) -> Option<NamedGroup> {
+        self.inner.kx_hint(server_name)
+    }
+    fn set_tls12_session(&self, server_name: ServerName<'static>, value: Tls12ClientSessionValue) {
+        self.tls12_sessions.fetch_add(1, Ordering::Relaxed);
+        self.inner.set_tls12_session(server_name, value)
+    }
+    fn tls12_session(&self, server_name: &ServerName<'_>) -> Option<Tls12ClientSessionValue> {
+        self.inner.tls12_session(server_name)
+    }
+    fn remove_tls12_session(&self, server_name: &ServerName<'static>) {
+        self.inner.remove_tls12_session(server_name)
+    }
+    fn insert_tls13_ticket(
+        &self,
+        server_name: ServerName<'static>,
+        value: Tls13ClientSessionValue,
+    ) {
+        self.tls13_tickets.fetch_add(1, Ordering::Relaxed);
+        self.inner.insert_tls13_ticket(server_name, value)
+    }
+    fn take_tls13_ticket(
+        &self,
+        server_name: &ServerName<'static>,
+    ) -> Option<Tls13ClientSessionValue> {
+        self.inner.take_tls13_ticket(server_name)
+    }
+}
+
+/// A clock stopped at a given time: the client keeps offering a ticket the server has long
+/// expired (rustls clients drop tickets past the lifetime the server announced).
+#[derive(Debug)]
+struct Frozen(UnixTime);
+
+impl TimeProvider for Frozen {
+    fn current_time(&self) -> Option<UnixTime> {
+        Some(self.0)
+    }
+}
+
+struct Client {
+    config: Arc<ClientConfig>,
+    store: Arc<CountingStore>,
+}
+
+fn client(lab: &Lab, version: &'static SupportedProtocolVersion, frozen: bool) -> Result<Client> {
+    let mut roots = RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(lab.path("ca/root.pem"))? {
+        roots.add(c?)?;
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = if frozen {
+        ClientConfig::builder_with_details(provider, Arc::new(Frozen(UnixTime::now())))
+    } else {
+        ClientConfig::builder_with_provider(provider)
+    };
+    let mut config = builder
+        .with_protocol_versions(&[version])?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let store = Arc::new(CountingStore {
+        inner: Arc::new(ClientSessionMemoryCache::new(32)),
+        tls13_tickets: AtomicUsize::new(0),
+        tls12_sessions: AtomicUsize::new(0),
+    });
+    config.resumption = rustls::client::Resumption::store(store.clone());
+    Ok(Client {
+        config: Arc::new(config),
+        store,
+    })
+}
+
+/// One request through the appliance; returns how the handshake went.
+fn connect(c: &Client, port: u16) -> Result<HandshakeKind> {
+    let tcp = TcpStream::connect(("127.0.0.1", port))?;
+    tcp.set_read_timeout(Some(Duration::from_secs(20)))?;
+    let conn = rustls::ClientConnection::new(c.config.clone(), ServerName::try_from("localhost")?)?;
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    tls.write_all(b"GET /resume HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+    let mut body = Vec::new();
+    // Reading the answer also reads the TLS 1.3 tickets sent after the handshake. The demo
+    // backend closes after answering.
+    let read = tls.read_to_end(&mut body);
+    ensure!(
+        String::from_utf8_lossy(&body).contains("GET /resume"),
+        "no answer from the backend ({read:?}): {:?}",
+        String::from_utf8_lossy(&body)
+    );
+    tls.conn.handshake_kind().context("handshake finished")
+}
+
+/// Listeners: (name, key reference, chain).
+fn listeners(lab: &Lab) -> Result<Vec<(&'static str, String, PathBuf)>> {
+    let tok = lab.token_key_with_chain("ec-p256", "tok")?;
+    let (sw_key, sw) = lab.software_key_with_chain("EC", "sw")?;
+    Ok(vec![
+        ("tok", uri("tok"), tok),
+        ("sw", format!("file:{}", sw_key.display()), sw),
+    ])
+}
+
+fn write_config(
+    lab: &Lab,
+    file: &str,
+    backend: &str,
+    listeners: &[(&str, String, PathBuf, String)],
+) -> Result<PathBuf> {
+    let mut toml = format!(
+        "[pkcs11]\ntoken = \"lab\"\npin = \"file:{}\"\n\n[dataplane]\ncores = [0, 1]\nio = \"portable\"\n",
+        lab.p("token/user.pin")
+    );
+    for (name, key, chain, session) in listeners {
+        write!(
+            toml,
+            "\n[[listener]]\nname = \"{name}\"\nbind = \"127.0.0.1:0\"\nbackend = \"{backend}\"\n\
+             [listener.session]\n{session}\n\
+             [[listener.certificate]]\nchain = \"{}\"\nkey = \"{key}\"\n",
+            chain.display()
+        )?;
+    }
+    let path = lab.path(file);
+    std::fs::write(&path, toml)?;
+    Ok(path)
+}
+
+fn ports(config: &Path) -> Result<Vec<(String, u16)>> {
+    let text = std::fs::read_to_string(config.with_extension("ready"))?;
+    text.lines()
+        .filter(|l| !l.starts_with("metrics "))
+        .map(|l| {
+            let mut it = l.split_whitespace();
+            let name = it.next().context("name")?.to_owned();
+            let port = it
+                .next()
+                .and_then(|a| a.rsplit(':').next())
+                .context("addr")?
+                .parse()?;
+            Ok((name, port))
+        })
+        .collect()
+}
+
+fn port_of(ports: &[(String, u16)], name: &str) -> Result<u16> {
+    ports
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, p)| *p)
+        .with_context(|| format!("no listener {name}"))
+}
+
+fn versions() -> [(&'static str, &'static SupportedProtocolVersion); 2] {
+    [
+        ("TLS 1.3", &rustls::version::TLS13),
+        ("TLS 1.2", &rustls::version::TLS12),
+    ]
+}
+
+fn lab_with_secret() -> Result<Lab> {
+    let lab = Lab::new()?;
+    let out = lab.run(&[
+        "token",
+        "generate",
+        "--type",
+        "ticket-secret",
+        "--label",
+        "tickets",
+    ])?;
+    ensure!(out.contains("type=secret-key"), "{out}");
+    Ok(lab)
+}
+
+#[test]
+fn fleet_tickets_resume_on_a_second_process_sharing_the_token() -> Result<()> {
+    let lab = lab_with_secret()?;
+    let (_backend, backend) = common::demo_backend(lab.dir.path())?;
+    let fleet = format!("fleet_secret = \"{SECRET}\"");
+    let mut ls: Vec<(&str, String, PathBuf, String)> = listeners(&lab)?
+        .into_iter()
+        .map(|(n, k, c)| (n, k, c, fleet.clone()))
+        .collect();
+    // Same software key, tickets from this process only.
+    let (_, sw_key, sw_chain) = listeners_sw(&ls)?;
+    ls.push(("local", sw_key, sw_chain, String::new()));
+    let a_cfg = write_config(&lab, "a.toml", &backend, &ls)?;
+    let b_cfg = write_config(&lab, "b.toml", &backend, &ls)?;
+    let _a = Serve::start(&lab, &a_cfg)?;
+    let _b = Serve::start(&lab, &b_cfg)?;
+    let (a, b) = (ports(&a_cfg)?, ports(&b_cfg)?);
+
+    for (vname, version) in versions() {
+        for name in ["tok", "sw"] {
+            let c = client(&lab, version, false)?;
+            let what = format!("{name} {vname}");
+            assert_eq!(
+                connect(&c, port_of(&a, name)?)?,
+                HandshakeKind::Full,
+                "{what}: first"
+            );
+            assert_eq!(
+                connect(&c, port_of(&b, name)?)?,
+                HandshakeKind::Resumed,
+                "{what}: a ticket from process A resumes on process B"
+            );
+            assert_eq!(
+                connect(&c, port_of(&a, name)?)?,
+                HandshakeKind::Resumed,
+                "{what}: and one from B on A"
+            );
+        }
+        // Zones stay apart: the derivation label is the listener name.
+        let c = client(&lab, version, false)?;
+        connect(&c, port_of(&a, "sw")?)?;
+        assert_eq!(
+            connect(&c, port_of(&b, "tok")?)?,
+            HandshakeKind::Full,
+            "{vname}: a ticket of listener sw does not resume on listener tok"
+        );
+        // Without a fleet secret, tickets are the process's own.
+        let c = client(&lab, version, false)?;
+        connect(&c, port_of(&a, "local")?)?;
+        assert_eq!(
+            connect(&c, port_of(&b, "local")?)?,
+            HandshakeKind::Full,
+            "{vname}: local tickets do not cross processes"
+        );
+        assert_eq!(
+            connect(&c, port_of(&b, "local")?)?,
+            HandshakeKind::Resumed,
+            "{vname}: local tickets resume on their own process"
+        );
+    }
+    Ok(())
+}
+
+fn listeners_sw(
+    ls: &[(&'static str, String, PathBuf, String)],
+) -> Result<(&'static str, String, PathBuf)> {
+    ls.iter()
+        .find(|l| l.0 == "sw")
+        .map(|l| (l.0, l.1.clone(), l.2.clone()))
+        .context("sw listener")
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+#[test]
+fn a_previous_epochs_ticket_resumes_and_an_expired_one_is_refused() -> Result<()> {
+    const ROTATION: u64 = 2;
+    const LIFETIME: u64 = 4;
+    let lab = lab_with_secret()?;
+    let (_backend, backend) = common::demo_backend(lab.dir.path())?;
+    let session = format!(
+        "fleet_secret = \"{SECRET}\"\nticket_rotation_secs = {ROTATION}\nlifetime_secs = {LIFETIME}"
+    );
+    let ls: Vec<(&str, String, PathBuf, String)> = listeners(&lab)?
+        .into_iter()
+        .map(|(n, k, c)| (n, k, c, session.clone()))
+        .collect();
+    let a_cfg = write_config(&lab, "a.toml", &backend, &ls)?;
+    let b_cfg = write_config(&lab, "b.toml", &backend, &ls)?;
+    let _a = Serve::start(&lab, &a_cfg)?;
+    let _b = Serve::start(&lab, &b_cfg)?;
+    let (a, b) = (ports(&a_cfg)?, ports(&b_cfg)?);
+
+    // Issue early in an epoch so the next step lands in the next epoch well within the lifetime.
+    let now = unix_now();
+    let into_epoch = now % ROTATION as f64;
+    if into_epoch > 0.3 {
+        std::thread::sleep(Duration::from_secs_f64(ROTATION as f64 - into_epoch + 0.05));
+    }
+    let issued = unix_now();
+    let mut cases = Vec::new();
+    for (vname, version) in versions() {
+        for (name, _, _, _) in &ls {
+            let rot = client(&lab, version, false)?;
+            let exp = client(&lab, version, true)?;
+            for c in [&rot, &exp] {
+                assert_eq!(connect(c, port_of(&a, name)?)?, HandshakeKind::Full);
+            }
+            cases.push((format!("{name} {vname}"), *name, rot, exp));
+        }
+    }
+    let setup = unix_now() - issued;
+    ensure!(
+        setup < (ROTATION as f64) - 0.2,
+        "issuing took {setup:.1} s, longer than one rotation: the machine is too slow for this test"
+    );
+
+    // The next epoch: the tickets' key is now the previous one.
+    let next_epoch = ((issued as u64) / ROTATION + 1) * ROTATION;
+    std::thread::sleep(Duration::from_secs_f64(
+        (next_epoch as f64 + 0.3 - unix_now()).max(0.0),
+    ));
+    for (what, name, rot, _) in &cases {
+        let age = unix_now() - issued;
+        assert!(age < LIFETIME as f64, "{what}: too slow ({age:.1} s)");
+        assert_eq!(
+            connect(rot, port_of(&b, name)?)?,
+            HandshakeKind::Resumed,
+            "{what}: a ticket of the previous epoch, {age:.1} s old, resumes on the other process"
+        );
+    }
+
+    // Past the lifetime: the server refuses, although the (frozen-clock) client still offers it.
+    std::thread::sleep(Duration::from_secs_f64(
+        (issued + LIFETIME as f64 + 1.5 - unix_now()).max(0.0),
+    ));
+    for (what, name, _, exp) in &cases {
+        assert_eq!(
+            connect(exp, port_of(&b, name)?)?,
+            HandshakeKind::Full,
+            "{what}: a ticket older than lifetime_secs = {LIFETIME} is refused"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn tickets_and_the_session_cache_can_be_turned_off() -> Result<()> {
+    let lab = Lab::new()?;
+    let (_backend, backend) = common::demo_backend(lab.dir.path())?;
+    let base = listeners(&lab)?;
+    let mut ls = Vec::new();
+    let modes = [
+        ("off", "tickets = false\ncache_size = 0"),
+        ("cache", "tickets = false\ncache_size = 64"),
+        ("tickets", "tickets = true\ncache_size = 0"),
+        ("default", ""),
+    ];
+    for (key_name, key, chain) in &base {
+        for (mode, session) in modes {
+            let name: &'static str = Box::leak(format!("{key_name}-{mode}").into_boxed_str());
+            ls.push((name, key.clone(), chain.clone(), session.to_owned()));
+        }
+    }
+    let cfg = write_config(&lab, "one.toml", &backend, &ls)?;
+    let _s = Serve::start(&lab, &cfg)?;
+    let p = ports(&cfg)?;
+
+    for (key_name, _, _) in &base {
+        for (mode, _) in modes {
+            let name = format!("{key_name}-{mode}");
+            let port = port_of(&p, &name)?;
+            for (vname, version) in versions() {
+                let what = format!("{name} {vname}");
+                let c = client(&lab, version, false)?;
+                assert_eq!(connect(&c, port)?, HandshakeKind::Full, "{what}");
+                let second = connect(&c, port)?;
+                let tls13_tickets = c.store.tls13_tickets.load(Ordering::Relaxed);
+                if mode == "off" {
+                    assert_eq!(second, HandshakeKind::Full, "{what}: nothing resumes");
+                    if vname == "TLS 1.3" {
+                        assert_eq!(tls13_tickets, 0, "{what}: no NewSessionTicket at all");
+                    }
+                } else {
+                    assert_eq!(second, HandshakeKind::Resumed, "{what}");
+                }
+            }
+        }
+    }
+    Ok(())
+}
