@@ -144,8 +144,18 @@ fn write_config(
     backend: &str,
     listeners: &[(&str, String, PathBuf, String)],
 ) -> Result<PathBuf> {
+    write_config_with(lab, file, backend, listeners, "")
+}
+
+fn write_config_with(
+    lab: &Lab,
+    file: &str,
+    backend: &str,
+    listeners: &[(&str, String, PathBuf, String)],
+    extra: &str,
+) -> Result<PathBuf> {
     let mut toml = format!(
-        "[pkcs11]\ntoken = \"lab\"\npin = \"file:{}\"\n\n[dataplane]\ncores = [0, 1]\nio = \"portable\"\n",
+        "[pkcs11]\ntoken = \"lab\"\npin = \"file:{}\"\n\n[dataplane]\ncores = [0, 1]\nio = \"portable\"\n{extra}\n",
         lab.p("token/user.pin")
     );
     for (name, key, chain, session) in listeners {
@@ -220,7 +230,8 @@ fn fleet_tickets_resume_on_a_second_process_sharing_the_token() -> Result<()> {
     // Same software key, tickets from this process only.
     let (_, sw_key, sw_chain) = listeners_sw(&ls)?;
     ls.push(("local", sw_key, sw_chain, String::new()));
-    let a_cfg = write_config(&lab, "a.toml", &backend, &ls)?;
+    let metrics = "[metrics]\nlisten = \"127.0.0.1:0\"\n";
+    let a_cfg = write_config_with(&lab, "a.toml", &backend, &ls, metrics)?;
     let b_cfg = write_config(&lab, "b.toml", &backend, &ls)?;
     let _a = Serve::start(&lab, &a_cfg)?;
     let _b = Serve::start(&lab, &b_cfg)?;
@@ -268,6 +279,92 @@ fn fleet_tickets_resume_on_a_second_process_sharing_the_token() -> Result<()> {
             "{vname}: local tickets resume on their own process"
         );
     }
+
+    // The counters: keys derived through the token, tickets issued and accepted, the zone-
+    // crossing and foreign tickets rejected. Cores publish them about once a second.
+    let metrics_addr = std::fs::read_to_string(a_cfg.with_extension("ready"))?
+        .lines()
+        .find_map(|l| l.strip_prefix("metrics ").map(str::to_owned))
+        .context("metrics address in the ready file")?;
+    let wanted = [
+        (
+            "tlsgate_ticket_keys_total{",
+            "listener=\"tok\"",
+            "source=\"fleet\"",
+            "result=\"ok\"",
+        ),
+        (
+            "tlsgate_ticket_keys_total{",
+            "listener=\"local\"",
+            "source=\"local\"",
+            "result=\"ok\"",
+        ),
+        (
+            "tlsgate_session_tickets_total{",
+            "listener=\"tok\"",
+            "result=\"issued\"",
+            "",
+        ),
+        (
+            "tlsgate_session_tickets_total{",
+            "listener=\"sw\"",
+            "result=\"accepted\"",
+            "",
+        ),
+        ("tlsgate_ticket_keys_held{", "listener=\"tok\"", "", ""),
+    ];
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = std::process::Command::new("curl")
+            .args(["-sS", "--max-time", "5"])
+            .arg(format!("http://{metrics_addr}/metrics"))
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let missing: Vec<_> = wanted
+            .iter()
+            .filter(|(name, a, b, c)| {
+                !text
+                    .lines()
+                    .any(|l| l.starts_with(name) && l.contains(a) && l.contains(b) && l.contains(c))
+            })
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "metrics missing {missing:?} in:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
+}
+
+#[test]
+fn a_missing_fleet_secret_stops_the_start_with_a_clear_error() -> Result<()> {
+    let lab = Lab::new()?;
+    let (_backend, backend) = common::demo_backend(lab.dir.path())?;
+    let ls: Vec<(&str, String, PathBuf, String)> = listeners(&lab)?
+        .into_iter()
+        .map(|(n, k, c)| (n, k, c, format!("fleet_secret = \"{SECRET}\"")))
+        .collect();
+    let cfg = write_config(&lab, "bad.toml", &backend, &ls)?;
+    let out = lab
+        .cmd(&["serve", "--config", &cfg.display().to_string()])
+        .output()?;
+    let err = common::fail(out, "serve with a missing fleet secret")?;
+    ensure!(
+        err.contains("cannot make ticket keys") && err.contains("object=tickets"),
+        "{err}"
+    );
+    // And a fleet secret that names a private key is refused when the file is read.
+    let wrong = std::fs::read_to_string(&cfg)?.replace("type=secret-key", "type=private");
+    std::fs::write(&cfg, wrong)?;
+    let out = lab
+        .cmd(&["serve", "--config", &cfg.display().to_string()])
+        .output()?;
+    let err = common::fail(out, "serve with a private key as fleet secret")?;
+    ensure!(err.contains("session.fleet_secret"), "{err}");
     Ok(())
 }
 

@@ -1,0 +1,494 @@
+//! Stateless session tickets under a key per epoch: local random keys, or keys derived through
+//! the token from a fleet secret (see the module above for the reasoning and the format).
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::Duration;
+
+use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
+use aws_lc_rs::rand::{SecureRandom, SystemRandom};
+use rustls::server::ProducesTickets;
+use tlsgate_keystore::token::Token;
+use tlsgate_keystore::uri::Pkcs11Uri;
+use zeroize::Zeroizing;
+
+use super::{lock, now_secs, MAX_CLOCK_SKEW_SECS};
+
+const TICKET_VERSION: u8 = 1;
+const HEADER_LEN: usize = 1 + 8 + 8;
+const TAG_LEN: usize = 16;
+const DERIVATION_LABEL: &[u8] = b"tlsgate ticket key v1";
+
+/// Counter: ticket keys made, by listener, `source` (`fleet`: derived through the token;
+/// `local`: random) and `result` (`ok`, `failed`).
+pub const METRIC_TICKET_KEYS: &str = "tlsgate_ticket_keys_total";
+/// Counter: session tickets by listener and `result`: `issued`, `accepted`, `expired` (older
+/// than the lifetime), `rejected` (unknown key, damaged, or another listener's).
+pub const METRIC_TICKETS: &str = "tlsgate_session_tickets_total";
+/// Gauge: ticket keys held in memory, by listener.
+pub const METRIC_TICKET_KEYS_HELD: &str = "tlsgate_ticket_keys_held";
+
+/// Where epoch keys come from.
+enum KeySource {
+    /// Random per process: tickets resume only on this appliance.
+    Local,
+    /// Derived through the token from a secret key there: the same on every appliance.
+    Fleet {
+        token: Arc<Token>,
+        secret: Box<Pkcs11Uri>,
+        label: String,
+    },
+}
+
+impl KeySource {
+    fn name(&self) -> &'static str {
+        match self {
+            KeySource::Local => "local",
+            KeySource::Fleet { .. } => "fleet",
+        }
+    }
+}
+
+/// The derivation input for one epoch (public; the secret stays on the token).
+pub fn derivation_input(label: &str, rotation_secs: u64, epoch: u64) -> Vec<u8> {
+    let mut msg = Vec::with_capacity(DERIVATION_LABEL.len() + 3 + label.len() + 16);
+    msg.extend_from_slice(DERIVATION_LABEL);
+    msg.push(0);
+    // Labels are at most 255 bytes (checked at load); longer ones are cut, never wrapped.
+    let len = u16::try_from(label.len()).unwrap_or(u16::MAX);
+    msg.extend_from_slice(&len.to_be_bytes());
+    msg.extend_from_slice(&label.as_bytes()[..usize::from(len).min(label.len())]);
+    msg.extend_from_slice(&rotation_secs.to_be_bytes());
+    msg.extend_from_slice(&epoch.to_be_bytes());
+    msg
+}
+
+/// One epoch's key. The raw bytes are never kept: aws-lc holds the AES key schedule and wipes
+/// it (`OPENSSL_free` cleanses) when the key is dropped.
+struct EpochKey {
+    epoch: u64,
+    key: LessSafeKey,
+}
+
+#[derive(Default)]
+struct Counters {
+    issued: AtomicU64,
+    accepted: AtomicU64,
+    expired: AtomicU64,
+    rejected: AtomicU64,
+}
+
+/// Stateless tickets under a key per epoch of `rotation` seconds; accepts tickets of any held
+/// epoch that are younger than `lifetime`. Shared by every core of a listener and by the
+/// data plane's tripwire configuration, which clones the same `Arc`.
+pub struct EpochTicketer {
+    listener: String,
+    rotation: u64,
+    lifetime: u64,
+    source: KeySource,
+    keys: RwLock<Vec<EpochKey>>,
+    rng: SystemRandom,
+    counters: Counters,
+    flushed: Mutex<[u64; 4]>,
+}
+
+impl fmt::Debug for EpochTicketer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EpochTicketer")
+            .field("listener", &self.listener)
+            .field("source", &self.source.name())
+            .field("rotation", &self.rotation)
+            .field("lifetime", &self.lifetime)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EpochTicketer {
+    fn new(listener: &str, rotation: u64, lifetime: u64, source: KeySource) -> Self {
+        Self {
+            listener: listener.to_owned(),
+            rotation: rotation.max(1),
+            lifetime,
+            source,
+            keys: RwLock::new(Vec::new()),
+            rng: SystemRandom::new(),
+            counters: Counters::default(),
+            flushed: Mutex::new([0; 4]),
+        }
+    }
+
+    /// Tickets from this process only; keys are random.
+    pub fn local(listener: &str, rotation_secs: u64, lifetime_secs: u64) -> Self {
+        Self::new(listener, rotation_secs, lifetime_secs, KeySource::Local)
+    }
+
+    /// Tickets shared by every appliance that reaches `secret` on its token.
+    pub fn fleet(
+        listener: &str,
+        rotation_secs: u64,
+        lifetime_secs: u64,
+        token: Arc<Token>,
+        secret: Pkcs11Uri,
+        label: &str,
+    ) -> Self {
+        Self::new(
+            listener,
+            rotation_secs,
+            lifetime_secs,
+            KeySource::Fleet {
+                token,
+                secret: Box::new(secret),
+                label: label.to_owned(),
+            },
+        )
+    }
+
+    /// The token a fleet ticketer derives through.
+    pub(super) fn fleet_token(&self) -> Option<&Arc<Token>> {
+        match &self.source {
+            KeySource::Fleet { token, .. } => Some(token),
+            KeySource::Local => None,
+        }
+    }
+
+    fn epoch_of(&self, t: u64) -> u64 {
+        t / self.rotation
+    }
+
+    /// The epochs whose keys must be held at `now`: every one a ticket younger than the lifetime
+    /// may come from (fleet peers issued them even if we did not), the current, and the next.
+    fn wanted(&self, now: u64) -> std::ops::RangeInclusive<u64> {
+        let oldest = self.epoch_of(now.saturating_sub(self.lifetime));
+        oldest..=self.epoch_of(now).saturating_add(1)
+    }
+
+    fn make_key(&self, epoch: u64) -> Result<LessSafeKey, String> {
+        let bytes: Zeroizing<[u8; 32]> = match &self.source {
+            KeySource::Local => {
+                let mut b = Zeroizing::new([0u8; 32]);
+                self.rng
+                    .fill(&mut b[..])
+                    .map_err(|_| "the system random generator failed".to_owned())?;
+                b
+            }
+            KeySource::Fleet {
+                token,
+                secret,
+                label,
+            } => token
+                .hmac_sha256(secret, &derivation_input(label, self.rotation, epoch))
+                .map_err(|e| format!("deriving from {secret}: {e}"))?,
+        };
+        let unbound = UnboundKey::new(&AES_256_GCM, &bytes[..])
+            .map_err(|_| "AES-256-GCM refused the key".to_owned())?;
+        Ok(LessSafeKey::new(unbound))
+    }
+
+    /// Makes the keys the clock asks for and erases the expired ones. Runs at start and on the
+    /// maintenance thread, never on a handshake. Returns how many keys could not be made.
+    pub fn maintain_at(&self, now: u64) -> Result<(), String> {
+        let wanted = self.wanted(now);
+        let current = self.epoch_of(now);
+        let held: Vec<u64> = self
+            .keys
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|k| k.epoch)
+            .collect();
+        let mut made = Vec::new();
+        let mut first_err = None;
+        for epoch in wanted.clone() {
+            // Random keys for past epochs would decrypt nothing.
+            if matches!(self.source, KeySource::Local) && epoch < current {
+                continue;
+            }
+            if held.contains(&epoch) {
+                continue;
+            }
+            match self.make_key(epoch) {
+                Ok(key) => {
+                    metrics::counter!(METRIC_TICKET_KEYS, "listener" => self.listener.clone(), "source" => self.source.name(), "result" => "ok").increment(1);
+                    made.push(EpochKey { epoch, key });
+                }
+                Err(reason) => {
+                    metrics::counter!(METRIC_TICKET_KEYS, "listener" => self.listener.clone(), "source" => self.source.name(), "result" => "failed").increment(1);
+                    tracing::warn!(listener = %self.listener, epoch, %reason, "cannot make a ticket key");
+                    first_err.get_or_insert(reason);
+                }
+            }
+        }
+        let mut keys = self.keys.write().unwrap_or_else(|e| e.into_inner());
+        keys.retain(|k| wanted.contains(&k.epoch));
+        for k in made {
+            if !keys.iter().any(|h| h.epoch == k.epoch) {
+                keys.push(k);
+            }
+        }
+        metrics::gauge!(METRIC_TICKET_KEYS_HELD, "listener" => self.listener.clone())
+            .set(keys.len() as f64);
+        drop(keys);
+        match first_err {
+            None => Ok(()),
+            Some(e) => Err(e),
+        }
+    }
+
+    /// The epochs whose keys are held now (for tests and logs).
+    pub fn held_epochs(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self
+            .keys
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|k| k.epoch)
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Encrypts a ticket at time `now` under the current epoch's key.
+    pub fn encrypt_at(&self, now: u64, plain: &[u8]) -> Option<Vec<u8>> {
+        let epoch = self.epoch_of(now);
+        let mut nonce = [0u8; NONCE_LEN];
+        self.rng.fill(&mut nonce).ok()?;
+        let mut out = Vec::with_capacity(HEADER_LEN + NONCE_LEN + plain.len() + TAG_LEN);
+        out.push(TICKET_VERSION);
+        out.extend_from_slice(&epoch.to_be_bytes());
+        out.extend_from_slice(&now.to_be_bytes());
+        let aad: [u8; HEADER_LEN] = out[..HEADER_LEN].try_into().ok()?;
+        out.extend_from_slice(&nonce);
+        let mut body = plain.to_vec();
+        let sealed = {
+            let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
+            match keys.iter().find(|k| k.epoch == epoch) {
+                Some(k) => k
+                    .key
+                    .seal_in_place_append_tag(
+                        Nonce::assume_unique_for_key(nonce),
+                        Aad::from(aad),
+                        &mut body,
+                    )
+                    .is_ok(),
+                None => false,
+            }
+        };
+        if !sealed {
+            // The maintenance thread makes the next key ahead of time, so this means the token
+            // has failed for a whole rotation (fleet) or the clock jumped: no ticket, the
+            // client simply does a full handshake next time.
+            if matches!(self.source, KeySource::Local) && self.maintain_at(now).is_ok() {
+                return self.encrypt_at_once(now, plain);
+            }
+            tracing::debug!(listener = %self.listener, epoch, "no ticket key for the current epoch");
+            return None;
+        }
+        out.extend_from_slice(&body);
+        self.counters.issued.fetch_add(1, Ordering::Relaxed);
+        Some(out)
+    }
+
+    fn encrypt_at_once(&self, now: u64, plain: &[u8]) -> Option<Vec<u8>> {
+        let held = self.held_epochs().contains(&self.epoch_of(now));
+        if held {
+            self.encrypt_at(now, plain)
+        } else {
+            None
+        }
+    }
+
+    /// Decrypts a ticket at time `now`: its epoch's key must be held and it must be younger
+    /// than the lifetime.
+    pub fn decrypt_at(&self, now: u64, ticket: &[u8]) -> Option<Vec<u8>> {
+        let reject = |c: &AtomicU64| {
+            c.fetch_add(1, Ordering::Relaxed);
+            None
+        };
+        if ticket.len() < HEADER_LEN + NONCE_LEN + TAG_LEN || ticket[0] != TICKET_VERSION {
+            return reject(&self.counters.rejected);
+        }
+        let (header, rest) = ticket.split_at(HEADER_LEN);
+        let epoch = u64::from_be_bytes(header[1..9].try_into().ok()?);
+        let issued = u64::from_be_bytes(header[9..17].try_into().ok()?);
+        let (nonce, sealed) = rest.split_at(NONCE_LEN);
+        // Checked before decryption and again after (the header is authenticated): an
+        // over-age ticket is refused even while its key is still held.
+        if issued > now.saturating_add(MAX_CLOCK_SKEW_SECS) || self.epoch_of(issued) != epoch {
+            return reject(&self.counters.rejected);
+        }
+        if now.saturating_sub(issued) > self.lifetime {
+            return reject(&self.counters.expired);
+        }
+        let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
+        let aad: [u8; HEADER_LEN] = header.try_into().ok()?;
+        let mut body = sealed.to_vec();
+        let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
+        let Some(k) = keys.iter().find(|k| k.epoch == epoch) else {
+            drop(keys);
+            return reject(&self.counters.rejected);
+        };
+        let opened = k
+            .key
+            .open_in_place(nonce, Aad::from(aad), &mut body)
+            .ok()
+            .map(|p| p.len());
+        drop(keys);
+        match opened {
+            Some(len) => {
+                body.truncate(len);
+                self.counters.accepted.fetch_add(1, Ordering::Relaxed);
+                Some(body)
+            }
+            None => reject(&self.counters.rejected),
+        }
+    }
+
+    /// Publishes the ticket counters to the metrics facade (from the maintenance thread, so
+    /// handshakes pay one relaxed atomic add).
+    fn flush_counters(&self) {
+        let now = [
+            self.counters.issued.load(Ordering::Relaxed),
+            self.counters.accepted.load(Ordering::Relaxed),
+            self.counters.expired.load(Ordering::Relaxed),
+            self.counters.rejected.load(Ordering::Relaxed),
+        ];
+        let mut last = lock(&self.flushed);
+        for (i, result) in ["issued", "accepted", "expired", "rejected"]
+            .into_iter()
+            .enumerate()
+        {
+            let delta = now[i].saturating_sub(last[i]);
+            if delta > 0 {
+                metrics::counter!(METRIC_TICKETS, "listener" => self.listener.clone(), "result" => result)
+                    .increment(delta);
+            }
+        }
+        *last = now;
+    }
+
+    /// How often the maintenance thread looks at the clock.
+    fn tick(&self) -> Duration {
+        Duration::from_millis((self.rotation * 1000 / 4).clamp(250, 1000))
+    }
+
+    /// Starts the thread that makes keys ahead of time, erases expired ones and publishes the
+    /// counters. It ends once the ticketer is dropped (a reload that changed the settings).
+    pub(super) fn spawn_maintenance(self: &Arc<Self>) {
+        let weak: Weak<Self> = Arc::downgrade(self);
+        let tick = self.tick();
+        let name = format!("tickets-{}", self.listener);
+        let spawned = std::thread::Builder::new().name(name).spawn(move || loop {
+            std::thread::sleep(tick);
+            let Some(t) = weak.upgrade() else { return };
+            // Failures are logged and counted inside; the held keys keep working.
+            let _ = t.maintain_at(now_secs());
+            t.flush_counters();
+        });
+        if let Err(e) = spawned {
+            tracing::error!(listener = %self.listener, error = %e, "cannot start the ticket-key thread; keys rotate on use only");
+        }
+    }
+}
+
+impl ProducesTickets for EpochTicketer {
+    fn enabled(&self) -> bool {
+        true
+    }
+
+    fn lifetime(&self) -> u32 {
+        u32::try_from(self.lifetime).unwrap_or(u32::MAX)
+    }
+
+    fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {
+        self.encrypt_at(now_secs(), plain)
+    }
+
+    fn decrypt(&self, cipher: &[u8]) -> Option<Vec<u8>> {
+        self.decrypt_at(now_secs(), cipher)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0: u64 = 1_800_000_000;
+
+    fn ready(rotation: u64, lifetime: u64, now: u64) -> EpochTicketer {
+        let t = EpochTicketer::local("t", rotation, lifetime);
+        t.maintain_at(now).expect("keys");
+        t
+    }
+
+    #[test]
+    fn a_ticket_round_trips_and_is_bound_to_its_ticketer() {
+        let t = ready(3600, 7200, T0);
+        let ticket = t.encrypt_at(T0, b"session state").expect("ticket");
+        assert!(!ticket.windows(13).any(|w| w == b"session state"));
+        assert_eq!(
+            t.decrypt_at(T0 + 10, &ticket).as_deref(),
+            Some(&b"session state"[..])
+        );
+        let other = ready(3600, 7200, T0);
+        assert_eq!(other.decrypt_at(T0, &ticket), None);
+    }
+
+    #[test]
+    fn a_ticket_older_than_its_lifetime_is_refused_even_with_its_key_held() {
+        // Lifetime shorter than the rotation: the key is still held, the age check refuses.
+        let t = ready(3600, 60, T0);
+        let ticket = t.encrypt_at(T0, b"x").expect("ticket");
+        assert!(t.decrypt_at(T0 + 60, &ticket).is_some());
+        assert_eq!(t.decrypt_at(T0 + 61, &ticket), None);
+        assert_eq!(t.counters.expired.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn rotation_keeps_the_previous_epoch_within_the_lifetime_and_erases_it_after() {
+        let start = T0 - T0 % 100;
+        let t = ready(100, 150, start);
+        assert_eq!(t.held_epochs(), vec![start / 100, start / 100 + 1]);
+        let old = t.encrypt_at(start + 99, b"old").expect("ticket");
+        // Next epoch: a new key issues, the previous one still decrypts.
+        t.maintain_at(start + 120).expect("keys");
+        let new = t.encrypt_at(start + 120, b"new").expect("ticket");
+        assert_ne!(old[1..9], new[1..9], "epoch in the header");
+        assert_eq!(
+            t.decrypt_at(start + 200, &old).as_deref(),
+            Some(&b"old"[..])
+        );
+        // Past the lifetime of everything issued in the first epoch: its key is gone.
+        t.maintain_at(start + 250).expect("keys");
+        assert!(!t.held_epochs().contains(&(start / 100)));
+        assert!(t.decrypt_at(start + 250, &new).is_some());
+    }
+
+    #[test]
+    fn damaged_or_forged_tickets_are_refused() {
+        let t = ready(3600, 7200, T0);
+        let ticket = t.encrypt_at(T0, b"state").expect("ticket");
+        for i in [0, 3, 12, 20, ticket.len() - 1] {
+            let mut bad = ticket.clone();
+            bad[i] ^= 1;
+            assert_eq!(t.decrypt_at(T0, &bad), None, "byte {i} flipped");
+        }
+        assert_eq!(t.decrypt_at(T0, &[]), None);
+        assert_eq!(t.decrypt_at(T0, &ticket[..20]), None);
+        // A ticket claiming to be issued in the future is refused.
+        let later = t
+            .encrypt_at(T0 + 3600, b"x")
+            .expect("next epoch's key is held");
+        assert_eq!(t.decrypt_at(T0 - 3600, &later), None);
+        assert!(t.decrypt_at(T0 + 3600, &later).is_some());
+    }
+
+    #[test]
+    fn the_derivation_input_separates_labels_rotations_and_epochs() {
+        let a = derivation_input("web", 3600, 7);
+        assert_ne!(a, derivation_input("api", 3600, 7));
+        assert_ne!(a, derivation_input("web", 60, 7));
+        assert_ne!(a, derivation_input("web", 3600, 8));
+        assert!(a.starts_with(b"tlsgate ticket key v1\0\0\x03web"));
+    }
+}
