@@ -500,3 +500,70 @@ fn tickets_and_the_session_cache_can_be_turned_off() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn a_reload_keeps_ticket_keys_unless_the_session_settings_change() -> Result<()> {
+    use std::io::BufRead;
+    let lab = Lab::new()?;
+    let (_backend, backend) = common::demo_backend(lab.dir.path())?;
+    let (_, sw_key, sw_chain) = listeners(&lab)?
+        .into_iter()
+        .find(|l| l.0 == "sw")
+        .context("sw")?;
+    let ls = vec![("sw", sw_key, sw_chain, "lifetime_secs = 7200".to_owned())];
+    let cfg = write_config(&lab, "reload.toml", &backend, &ls)?;
+    let mut serve = Serve::start(&lab, &cfg)?;
+    let port = serve.port;
+    let stderr = serve.guard.child.stderr.take().context("stderr")?;
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(|l| l.ok())
+        {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let reload = |serve: &Serve| -> Result<()> {
+        serve.signal("HUP")?;
+        loop {
+            let line = rx
+                .recv_timeout(Duration::from_secs(20))
+                .context("no reload line in the log")?;
+            if line.contains("reload") {
+                ensure!(line.contains("reloaded"), "reload failed: {line}");
+                return Ok(());
+            }
+        }
+    };
+    let clients = versions()
+        .into_iter()
+        .map(|(v, version)| Ok((v, client(&lab, version, false)?)))
+        .collect::<Result<Vec<_>>>()?;
+    for (v, c) in &clients {
+        assert_eq!(connect(c, port)?, HandshakeKind::Full, "{v}");
+    }
+    reload(&serve)?;
+    for (v, c) in &clients {
+        assert_eq!(
+            connect(c, port)?,
+            HandshakeKind::Resumed,
+            "{v}: a reload with the same settings keeps the ticket keys and the cache"
+        );
+    }
+    std::fs::write(
+        &cfg,
+        std::fs::read_to_string(&cfg)?.replace("lifetime_secs = 7200", "lifetime_secs = 3600"),
+    )?;
+    reload(&serve)?;
+    for (v, c) in &clients {
+        assert_eq!(
+            connect(c, port)?,
+            HandshakeKind::Full,
+            "{v}: new session settings start with new keys"
+        );
+    }
+    Ok(())
+}
