@@ -567,3 +567,144 @@ fn a_reload_keeps_ticket_keys_unless_the_session_settings_change() -> Result<()>
     }
     Ok(())
 }
+
+/// The fault-injecting PKCS#11 shim, built beside the binary (scripts/test.sh builds the
+/// workspace before testing).
+fn shim_path() -> Result<PathBuf> {
+    let bin = Path::new(env!("CARGO_BIN_EXE_tlsgate"));
+    let shim = bin
+        .parent()
+        .context("binary dir")?
+        .join("libtlsgate_pkcs11_shim.so");
+    ensure!(
+        shim.exists(),
+        "{} is missing: run `cargo build -p tlsgate-pkcs11-shim` first",
+        shim.display()
+    );
+    Ok(shim)
+}
+
+fn metric_sum(metrics_addr: &str, name: &str, label: &str) -> Result<f64> {
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "5"])
+        .arg(format!("http://{metrics_addr}/metrics"))
+        .output()?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with(name) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}
+
+#[test]
+fn when_the_token_fails_held_ticket_keys_keep_resuming_and_derivation_recovers() -> Result<()> {
+    const ROTATION: u64 = 2;
+    const LIFETIME: u64 = 8;
+    let lab = lab_with_secret()?;
+    let (_backend, backend) = common::demo_backend(lab.dir.path())?;
+    let (_, sw_key, sw_chain) = listeners(&lab)?
+        .into_iter()
+        .find(|l| l.0 == "sw")
+        .context("sw")?;
+    let control = lab.path("shim.control");
+    std::fs::write(&control, "")?;
+    let session = format!(
+        "fleet_secret = \"{SECRET}\"\nticket_rotation_secs = {ROTATION}\nlifetime_secs = {LIFETIME}"
+    );
+    let extra = "[metrics]\nlisten = \"127.0.0.1:0\"\n";
+    let cfg = write_config_with(
+        &lab,
+        "faults.toml",
+        &backend,
+        &[("sw", sw_key, sw_chain, session)],
+        extra,
+    )?;
+    // Through the shim: C_Sign (here only the HMAC derivations; the certificate key is in
+    // software) fails while the control file says so.
+    let text = std::fs::read_to_string(&cfg)?.replacen(
+        "[pkcs11]\n",
+        &format!("[pkcs11]\nmodule = \"{}\"\n", shim_path()?.display()),
+        1,
+    );
+    std::fs::write(&cfg, text)?;
+    let _serve = Serve::start_with_env(
+        &lab,
+        &cfg,
+        &[
+            ("TLSGATE_SHIM_CONTROL", control.display().to_string()),
+            (
+                "TLSGATE_SHIM_MODULE",
+                "/usr/lib/softhsm/libsofthsm2.so".to_owned(),
+            ),
+        ],
+    )?;
+    let p = ports(&cfg)?;
+    let port = port_of(&p, "sw")?;
+    let metrics_addr = std::fs::read_to_string(cfg.with_extension("ready"))?
+        .lines()
+        .find_map(|l| l.strip_prefix("metrics ").map(str::to_owned))
+        .context("metrics address")?;
+
+    let early = client(&lab, &rustls::version::TLS13, false)?;
+    assert_eq!(connect(&early, port)?, HandshakeKind::Full);
+    let issued = unix_now();
+    ensure!(
+        early.store.tls13_tickets.load(Ordering::Relaxed) > 0,
+        "tickets issued"
+    );
+
+    // The token fails. Two epochs later the current key could not be derived ahead.
+    let tmp = control.with_extension("tmp");
+    std::fs::write(&tmp, "fail C_Sign CKR_DEVICE_ERROR\n")?;
+    std::fs::rename(&tmp, &control)?;
+    let two_epochs_on = ((issued as u64) / ROTATION + 2) * ROTATION;
+    std::thread::sleep(Duration::from_secs_f64(
+        (two_epochs_on as f64 + 0.5 - unix_now()).max(0.0),
+    ));
+    ensure!(unix_now() - issued < LIFETIME as f64 - 1.0, "too slow");
+    let before = early.store.tls13_tickets.load(Ordering::Relaxed);
+    assert_eq!(
+        connect(&early, port)?,
+        HandshakeKind::Resumed,
+        "a ticket under a key already held resumes while the token fails"
+    );
+    assert_eq!(
+        early.store.tls13_tickets.load(Ordering::Relaxed),
+        before,
+        "no new ticket without a key for the current epoch"
+    );
+    let fresh = client(&lab, &rustls::version::TLS13, false)?;
+    assert_eq!(
+        connect(&fresh, port)?,
+        HandshakeKind::Full,
+        "handshakes go on"
+    );
+    assert_eq!(fresh.store.tls13_tickets.load(Ordering::Relaxed), 0);
+    ensure!(
+        metric_sum(
+            &metrics_addr,
+            "tlsgate_ticket_keys_total{",
+            "result=\"failed\""
+        )? > 0.0,
+        "derivation failures are counted"
+    );
+
+    // The token is back: the maintenance thread derives the current key within a tick.
+    std::fs::write(&tmp, "")?;
+    std::fs::rename(&tmp, &control)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let c = client(&lab, &rustls::version::TLS13, false)?;
+        connect(&c, port)?;
+        if c.store.tls13_tickets.load(Ordering::Relaxed) > 0 {
+            assert_eq!(connect(&c, port)?, HandshakeKind::Resumed, "after recovery");
+            break;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "no tickets 10 s after the token came back"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
+}
