@@ -387,6 +387,66 @@ mod tests {
     }
 
     #[test]
+    fn session_settings_have_defaults_and_bad_ones_name_their_key() {
+        let c = parse(GOOD).expect("valid");
+        assert_eq!(
+            c.listeners[0].session,
+            crate::session::SessionConfig::default()
+        );
+        let with = |session: &str| {
+            parse(&GOOD.replace(
+                "[[listener.certificate]]",
+                &format!("[listener.session]\n{session}\n[[listener.certificate]]"),
+            ))
+        };
+        let c = with("tickets = false\ncache_size = 0").expect("valid");
+        assert!(!c.listeners[0].session.tickets);
+        for (session, key) in [
+            ("lifetime_secs = 0", "listener[0].session.lifetime_secs"),
+            (
+                "lifetime_secs = 604801",
+                "listener[0].session.lifetime_secs",
+            ),
+            (
+                "ticket_rotation_secs = 1",
+                "listener[0].session.ticket_rotation_secs",
+            ),
+            (
+                "fleet_secret = \"pkcs11:token=lab;object=t;type=private\"",
+                "listener[0].session.fleet_secret",
+            ),
+            (
+                "fleet_secret = \"file:x\"",
+                "listener[0].session.fleet_secret",
+            ),
+        ] {
+            let err = with(session).expect_err(session);
+            assert!(
+                matches!(err, ConfigError::Invalid { key: ref k, .. } if k == key),
+                "{session}: {err}"
+            );
+        }
+        let err = with("tikets = true").expect_err("typo");
+        assert!(err.to_string().contains("tikets"), "{err}");
+        // A fleet secret needs the token even when every key is in software.
+        let text = GOOD
+            .replace(
+                "[pkcs11]\n        token = \"lab\"\n        pin = \"env:TLSGATE_PIN\"",
+                "",
+            )
+            .replace("pkcs11:token=lab;object=web-ecdsa;type=private", "file:k.pem")
+            .replace(
+                "[[listener.certificate]]",
+                "[listener.session]\nfleet_secret = \"pkcs11:token=lab;object=t\"\n[[listener.certificate]]",
+            );
+        let err = parse(&text).expect_err("needs [pkcs11]");
+        assert!(
+            matches!(err, ConfigError::Invalid { ref key, .. } if key == "pkcs11"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn duplicate_listener_names_are_refused() {
         let twice = format!("{GOOD}\n[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:9443\"\nbackend = \"127.0.0.1:8080\"\n[[listener.certificate]]\nchain = \"a\"\nkey = \"file:k.pem\"\n");
         let err = parse(&twice).expect_err("duplicate");

@@ -144,7 +144,7 @@ fn write_config(
     backend: &str,
     listeners: &[(&str, String, PathBuf, String)],
 ) -> Result<PathBuf> {
-    write_config_with(lab, file, backend, listeners, "")
+    write_config_with(lab, file, backend, listeners, "", "portable")
 }
 
 fn write_config_with(
@@ -153,9 +153,10 @@ fn write_config_with(
     backend: &str,
     listeners: &[(&str, String, PathBuf, String)],
     extra: &str,
+    io: &str,
 ) -> Result<PathBuf> {
     let mut toml = format!(
-        "[pkcs11]\ntoken = \"lab\"\npin = \"file:{}\"\n\n[dataplane]\ncores = [0, 1]\nio = \"portable\"\n{extra}\n",
+        "[pkcs11]\ntoken = \"lab\"\npin = \"file:{}\"\n\n[dataplane]\ncores = [0, 1]\nio = \"{io}\"\n{extra}\n",
         lab.p("token/user.pin")
     );
     for (name, key, chain, session) in listeners {
@@ -231,8 +232,10 @@ fn fleet_tickets_resume_on_a_second_process_sharing_the_token() -> Result<()> {
     let (_, sw_key, sw_chain) = listeners_sw(&ls)?;
     ls.push(("local", sw_key, sw_chain, String::new()));
     let metrics = "[metrics]\nlisten = \"127.0.0.1:0\"\n";
-    let a_cfg = write_config_with(&lab, "a.toml", &backend, &ls, metrics)?;
-    let b_cfg = write_config(&lab, "b.toml", &backend, &ls)?;
+    // A on the portable driver, B on io_uring where the kernel allows it: the tickets are the
+    // same whichever driver carries the handshake.
+    let a_cfg = write_config_with(&lab, "a.toml", &backend, &ls, metrics, "portable")?;
+    let b_cfg = write_config_with(&lab, "b.toml", &backend, &ls, "", uring_or_portable())?;
     let _a = Serve::start(&lab, &a_cfg)?;
     let _b = Serve::start(&lab, &b_cfg)?;
     let (a, b) = (ports(&a_cfg)?, ports(&b_cfg)?);
@@ -366,6 +369,17 @@ fn a_missing_fleet_secret_stops_the_start_with_a_clear_error() -> Result<()> {
     let err = common::fail(out, "serve with a private key as fleet secret")?;
     ensure!(err.contains("session.fleet_secret"), "{err}");
     Ok(())
+}
+
+/// `uring` when the kernel allows io_uring, else `portable` (and says so).
+fn uring_or_portable() -> &'static str {
+    match std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled") {
+        Ok(v) if v.trim() != "0" => {
+            println!("io_uring disabled (kernel.io_uring_disabled = {}): process B runs the portable driver", v.trim());
+            "portable"
+        }
+        _ => "uring",
+    }
 }
 
 fn listeners_sw(
@@ -618,6 +632,7 @@ fn when_the_token_fails_held_ticket_keys_keep_resuming_and_derivation_recovers()
         &backend,
         &[("sw", sw_key, sw_chain, session)],
         extra,
+        "portable",
     )?;
     // Through the shim: C_Sign (here only the HMAC derivations; the certificate key is in
     // software) fails while the control file says so.
