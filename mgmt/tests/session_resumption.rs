@@ -283,6 +283,28 @@ fn fleet_tickets_resume_on_a_second_process_sharing_the_token() -> Result<()> {
         );
     }
 
+    // OpenSSL as the client: a session saved from A resumes on B.
+    for v in ["-tls1_3", "-tls1_2"] {
+        let sess = lab.path(&format!("sess{v}.pem"));
+        let first = s_client(
+            &lab,
+            port_of(&a, "tok")?,
+            v,
+            &["-sess_out", &sess.display().to_string()],
+        )?;
+        assert!(first.contains("\nNew, TLS"), "{v} first: {first}");
+        let again = s_client(
+            &lab,
+            port_of(&b, "tok")?,
+            v,
+            &["-sess_in", &sess.display().to_string()],
+        )?;
+        assert!(
+            again.contains("\nReused, TLS"),
+            "{v}: an OpenSSL session from process A resumes on process B: {again}"
+        );
+    }
+
     // The counters: keys derived through the token, tickets issued and accepted, the zone-
     // crossing and foreign tickets rejected. Cores publish them about once a second.
     let metrics_addr = std::fs::read_to_string(a_cfg.with_extension("ready"))?
@@ -369,6 +391,43 @@ fn a_missing_fleet_secret_stops_the_start_with_a_clear_error() -> Result<()> {
     let err = common::fail(out, "serve with a private key as fleet secret")?;
     ensure!(err.contains("session.fleet_secret"), "{err}");
     Ok(())
+}
+
+/// One request through `openssl s_client`; `-ign_eof` keeps it reading until the appliance
+/// closes, so TLS 1.3 tickets (sent after the handshake) are in a saved session.
+fn s_client(lab: &Lab, port: u16, version: &str, extra: &[&str]) -> Result<String> {
+    use std::process::{Command, Stdio};
+    let mut child = Command::new("openssl")
+        .args(["s_client", "-connect", &format!("127.0.0.1:{port}")])
+        .args(["-servername", "localhost", "-CAfile", &lab.p("ca/root.pem")])
+        .args([version, "-verify_return_error", "-ign_eof"])
+        .args(extra)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(b"GET /resume HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+    // Never hang the suite on a client that does not finish.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while child.try_wait()?.is_none() {
+        if std::time::Instant::now() > deadline {
+            child.kill()?;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output()?;
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        text.contains("GET /resume"),
+        "no answer through s_client: {text}"
+    );
+    Ok(text)
 }
 
 /// `uring` when the kernel allows io_uring, else `portable` (and says so).
