@@ -165,6 +165,13 @@ impl SessionConfig {
             if label.is_empty() || label.len() > 255 {
                 return Err(("fleet_label", "must be 1 to 255 bytes".into()));
             }
+            if self.fleet_secret.is_none() {
+                return Err((
+                    "fleet_label",
+                    "has no effect without fleet_secret: add fleet_secret or remove fleet_label"
+                        .into(),
+                ));
+            }
         }
         if let Some(secret) = &self.fleet_secret {
             if !self.tickets {
@@ -404,6 +411,7 @@ mod tests {
         );
         assert_eq!(bad(|c| c.ticket_rotation_secs = 0), "ticket_rotation_secs");
         assert_eq!(bad(|c| c.ticket_rotation_secs = 1), "ticket_rotation_secs");
+        assert_eq!(bad(|c| c.fleet_label = Some("web".into())), "fleet_label");
         assert_eq!(
             bad(|c| c.fleet_secret = Some("pkcs11:token=a;object=k;type=private".into())),
             "fleet_secret"

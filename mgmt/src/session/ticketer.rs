@@ -4,7 +4,7 @@
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 use aws_lc_rs::rand::{SecureRandom, SystemRandom};
@@ -16,6 +16,7 @@ use zeroize::Zeroizing;
 use super::{lock, now_secs, MAX_CLOCK_SKEW_SECS};
 
 const TICKET_VERSION: u8 = 1;
+const WARNING_INTERVAL: Duration = Duration::from_secs(60);
 const HEADER_LEN: usize = 1 + 8 + 8;
 const TAG_LEN: usize = 16;
 const DERIVATION_LABEL: &[u8] = b"tlsgate ticket key v1";
@@ -91,6 +92,9 @@ pub struct EpochTicketer {
     rng: SystemRandom,
     counters: Counters,
     flushed: Mutex<[u64; 4]>,
+    /// When a failed derivation was last logged: while the token is down the maintenance
+    /// thread retries every tick, and says so at most once a minute (each failure is counted).
+    last_warning: Mutex<Option<Instant>>,
 }
 
 impl fmt::Debug for EpochTicketer {
@@ -115,6 +119,7 @@ impl EpochTicketer {
             rng: SystemRandom::new(),
             counters: Counters::default(),
             flushed: Mutex::new([0; 4]),
+            last_warning: Mutex::new(None),
         }
     }
 
@@ -214,7 +219,11 @@ impl EpochTicketer {
                 }
                 Err(reason) => {
                     metrics::counter!(METRIC_TICKET_KEYS, "listener" => self.listener.clone(), "source" => self.source.name(), "result" => "failed").increment(1);
-                    tracing::warn!(listener = %self.listener, epoch, %reason, "cannot make a ticket key");
+                    let mut last = lock(&self.last_warning);
+                    if last.is_none_or(|t| t.elapsed() >= WARNING_INTERVAL) {
+                        *last = Some(Instant::now());
+                        tracing::warn!(listener = %self.listener, epoch, %reason, "cannot make a ticket key; the keys held keep working, retrying every tick");
+                    }
                     first_err.get_or_insert(reason);
                 }
             }
