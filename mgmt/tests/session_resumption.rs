@@ -782,3 +782,53 @@ fn when_the_token_fails_held_ticket_keys_keep_resuming_and_derivation_recovers()
     }
     Ok(())
 }
+
+#[test]
+fn the_ticket_secret_is_generated_listed_and_deleted_by_the_cli() -> Result<()> {
+    let lab = lab_with_secret()?;
+    let list = lab.run(&["token", "list"])?;
+    let row = list
+        .lines()
+        .find(|l| l.starts_with("tickets "))
+        .with_context(|| format!("no secret row in:\n{list}"))?;
+    let cols: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(
+        cols[2..7],
+        ["generic-secret", "32", "true", "false", "true"],
+        "type, bytes, sensitive, extractable, sign-only: {row}"
+    );
+    // The JSON form lists key pairs only, as before.
+    assert!(!lab.run(&["token", "list", "--json"])?.contains("tickets"));
+    let again = common::fail(
+        lab.cmd(&[
+            "token",
+            "generate",
+            "--type",
+            "ticket-secret",
+            "--label",
+            "tickets",
+        ])
+        .output()?,
+        "a second secret with the same label",
+    )?;
+    assert!(again.contains("already holds"), "{again}");
+    let bad = common::fail(
+        lab.cmd(&[
+            "token",
+            "generate",
+            "--type",
+            "ticket-secrets",
+            "--label",
+            "x",
+        ])
+        .output()?,
+        "an unknown type",
+    )?;
+    assert!(
+        bad.contains("ticket-secret"),
+        "the error lists the types: {bad}"
+    );
+    lab.run(&["token", "delete", "--key", SECRET])?;
+    assert!(!lab.run(&["token", "list"])?.contains("secret keys"));
+    Ok(())
+}

@@ -65,7 +65,7 @@ pub enum TokenCommand {
     Generate(GenerateArgs),
     /// Import a PKCS#8 private key into the token as sensitive and non-extractable.
     Import(ImportArgs),
-    /// List the private keys on the token.
+    /// List the private keys on the token (and, in the table form, its secret keys).
     List(ListArgs),
     /// Export a key's public half as SPKI (PEM or DER).
     ExportPubkey(ExportArgs),
@@ -261,7 +261,12 @@ pub fn run(cmd: TokenCommand) -> Result<()> {
         TokenCommand::List(args) => {
             let token = args.token.open()?;
             let keys = token.list().context("cannot list keys")?;
-            print_keys(&keys, token.label(), args.json)
+            print_keys(&keys, token.label(), args.json)?;
+            if !args.json {
+                let secrets = token.list_secrets().context("cannot list secret keys")?;
+                print_secrets(&secrets, token.label())?;
+            }
+            Ok(())
         }
         TokenCommand::ExportPubkey(args) => {
             let token = args.token.open()?;
@@ -306,6 +311,36 @@ pub fn run(cmd: TokenCommand) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Secret keys (ticket secrets) in the table form of `token list`; never their values.
+fn print_secrets(secrets: &[tlsgate_keystore::token::SecretInfo], token: &str) -> Result<()> {
+    if secrets.is_empty() {
+        return Ok(());
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "\nsecret keys:")?;
+    writeln!(
+        out,
+        "{:<16} {:<16} {:<15} {:<5} {:<9} {:<11} {:<9} URI",
+        "LABEL", "ID", "TYPE", "BYTES", "SENSITIVE", "EXTRACTABLE", "SIGN-ONLY"
+    )?;
+    for s in secrets {
+        writeln!(
+            out,
+            "{:<16} {:<16} {:<15} {:<5} {:<9} {:<11} {:<9} {}",
+            s.label,
+            hex::encode(&s.id),
+            s.key_type,
+            s.value_len
+                .map_or_else(|| "?".to_owned(), |n| n.to_string()),
+            s.sensitive,
+            s.extractable,
+            s.sign && !s.other_uses,
+            s.uri(token)
+        )?;
+    }
+    Ok(())
 }
 
 fn parse_id(id: Option<&str>) -> Result<Option<Vec<u8>>> {
