@@ -459,7 +459,7 @@ fn unix_now() -> f64 {
 #[test]
 fn a_previous_epochs_ticket_resumes_and_an_expired_one_is_refused() -> Result<()> {
     const ROTATION: u64 = 2;
-    const LIFETIME: u64 = 4;
+    const LIFETIME: u64 = 5;
     let lab = lab_with_secret()?;
     let (_backend, backend) = common::demo_backend(lab.dir.path())?;
     let session = format!(

@@ -65,6 +65,15 @@ impl SessionCache {
         self.shards.iter().map(|s| lock(s).map.len()).sum()
     }
 
+    /// Drops (and wipes) every entry.
+    pub fn clear(&self) {
+        for s in self.shards.iter() {
+            let mut s = lock(s);
+            s.map.clear();
+            s.order.clear();
+        }
+    }
+
     /// Whether the cache holds nothing.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -163,5 +172,8 @@ mod tests {
         c.put_at(k.clone(), b"v".to_vec(), t);
         assert_eq!(c.get_at(&k, t, true), Some(b"v".to_vec()));
         assert_eq!(c.get_at(&k, t, true), None, "take is single use");
+        c.put_at(k.clone(), b"v".to_vec(), t);
+        c.clear();
+        assert!(c.is_empty());
     }
 }

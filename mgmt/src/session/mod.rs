@@ -236,6 +236,14 @@ pub enum SessionError {
     },
 }
 
+type Registry = Mutex<HashMap<String, Arc<ListenerSessions>>>;
+
+/// Session state by listener name, for the life of the process.
+fn registry() -> &'static Registry {
+    static REGISTRY: OnceLock<Registry> = OnceLock::new();
+    REGISTRY.get_or_init(Default::default)
+}
+
 fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -347,9 +355,7 @@ impl ListenerSessions {
         config: &SessionConfig,
         token: Option<&Arc<Token>>,
     ) -> Result<Arc<Self>, SessionError> {
-        type Registry = Mutex<HashMap<String, Arc<ListenerSessions>>>;
-        static REGISTRY: OnceLock<Registry> = OnceLock::new();
-        let registry = REGISTRY.get_or_init(Default::default);
+        let registry = registry();
         if let Some(s) = lock(registry).get(listener) {
             if s.config == *config && s.same_token(token) {
                 return Ok(s.clone());
@@ -359,6 +365,26 @@ impl ListenerSessions {
         let made = Arc::new(Self::new(listener, config, token)?);
         lock(registry).insert(listener.to_owned(), made.clone());
         Ok(made)
+    }
+
+    /// The state of `listener` in this process, if one was made (for the management plane).
+    pub fn find(listener: &str) -> Option<Arc<Self>> {
+        lock(registry()).get(listener).cloned()
+    }
+
+    /// Erases this listener's ticket keys and cached sessions now, so nothing issued so far
+    /// resumes (see [`EpochTicketer::rotate_now`]; refused for fleet tickets).
+    pub fn rotate_ticket_keys(&self, listener: &str) -> Result<(), SessionError> {
+        if let Some(t) = &self.ticketer {
+            t.rotate_now().map_err(|reason| SessionError::Keys {
+                listener: listener.to_owned(),
+                reason,
+            })?;
+        }
+        if let Some(c) = &self.cache {
+            c.clear();
+        }
+        Ok(())
     }
 
     fn same_token(&self, token: Option<&Arc<Token>>) -> bool {

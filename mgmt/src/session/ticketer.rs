@@ -244,6 +244,21 @@ impl EpochTicketer {
         }
     }
 
+    /// Erases every key now and makes fresh ones, so no ticket issued so far resumes (the
+    /// response to a suspected key compromise). Local keys only: fleet keys are a function of
+    /// the token's secret, so rotating them means a new secret (`tlsgate token generate --type
+    /// ticket-secret`, then point `fleet_secret` at it on every appliance).
+    pub fn rotate_now(&self) -> Result<(), String> {
+        if let KeySource::Fleet { secret, .. } = &self.source {
+            return Err(format!(
+                "fleet ticket keys are derived from {secret}: generate a new ticket secret and \
+                 point fleet_secret at it on every appliance"
+            ));
+        }
+        self.keys.write().unwrap_or_else(|e| e.into_inner()).clear();
+        self.maintain_at(now_secs())
+    }
+
     /// The epochs whose keys are held now (for tests and logs).
     pub fn held_epochs(&self) -> Vec<u64> {
         let mut v: Vec<u64> = self
@@ -471,6 +486,19 @@ mod tests {
         t.maintain_at(start + 250).expect("keys");
         assert!(!t.held_epochs().contains(&(start / 100)));
         assert!(t.decrypt_at(start + 250, &new).is_some());
+    }
+
+    #[test]
+    fn rotating_now_invalidates_every_ticket_issued_so_far() {
+        let t = EpochTicketer::local("t", 3600, 7200);
+        let now = now_secs();
+        t.maintain_at(now).expect("keys");
+        let ticket = t.encrypt_at(now, b"x").expect("ticket");
+        assert!(t.decrypt_at(now, &ticket).is_some());
+        t.rotate_now().expect("local keys rotate");
+        assert_eq!(t.decrypt_at(now, &ticket), None);
+        let fresh = t.encrypt_at(now, b"y").expect("a new key issues");
+        assert!(t.decrypt_at(now, &fresh).is_some());
     }
 
     #[test]
