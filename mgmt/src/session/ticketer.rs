@@ -1,5 +1,7 @@
 //! Stateless session tickets under a key per epoch: local random keys, or keys derived through
-//! the token from a fleet secret (see the module above for the reasoning and the format).
+//! the token from a fleet secret. The parent module explains the reasoning. A ticket is
+//! `version ‖ epoch ‖ issued-at ‖ nonce ‖ AES-256-GCM(state)`, the first three authenticated as
+//! associated data.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -191,7 +193,8 @@ impl EpochTicketer {
     }
 
     /// Makes the keys the clock asks for and erases the expired ones. Runs at start and on the
-    /// maintenance thread, never on a handshake. Returns how many keys could not be made.
+    /// maintenance thread, never on a handshake (local keys also on a handshake that finds
+    /// none, which costs only the RNG). Fails with the first key that could not be made.
     pub fn maintain_at(&self, now: u64) -> Result<(), String> {
         let wanted = self.wanted(now);
         let current = self.epoch_of(now);
