@@ -450,6 +450,13 @@ fn listeners_sw(
         .context("sw listener")
 }
 
+fn sleep_until(t: f64) {
+    let wait = t - unix_now();
+    if wait > 0.0 {
+        std::thread::sleep(Duration::from_secs_f64(wait));
+    }
+}
+
 fn unix_now() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -475,50 +482,49 @@ fn a_previous_epochs_ticket_resumes_and_an_expired_one_is_refused() -> Result<()
     let _b = Serve::start(&lab, &b_cfg)?;
     let (a, b) = (ports(&a_cfg)?, ports(&b_cfg)?);
 
-    // Issue early in an epoch so the next step lands in the next epoch well within the lifetime.
-    let now = unix_now();
-    let into_epoch = now % ROTATION as f64;
-    if into_epoch > 0.3 {
-        std::thread::sleep(Duration::from_secs_f64(ROTATION as f64 - into_epoch + 0.05));
-    }
-    let issued = unix_now();
+    // Each case: one client to resume in a later epoch, one (frozen clock) to offer its ticket
+    // past the lifetime. The server stamps a ticket between the times taken around `connect`.
     let mut cases = Vec::new();
     for (vname, version) in versions() {
         for (name, _, _, _) in &ls {
             let rot = client(&lab, version, false)?;
             let exp = client(&lab, version, true)?;
-            for c in [&rot, &exp] {
-                assert_eq!(connect(c, port_of(&a, name)?)?, HandshakeKind::Full);
-            }
-            cases.push((format!("{name} {vname}"), *name, rot, exp));
+            let rot_start = unix_now();
+            assert_eq!(connect(&rot, port_of(&a, name)?)?, HandshakeKind::Full);
+            let rot_end = unix_now();
+            assert_eq!(connect(&exp, port_of(&a, name)?)?, HandshakeKind::Full);
+            let exp_end = unix_now();
+            cases.push((
+                format!("{name} {vname}"),
+                *name,
+                rot,
+                exp,
+                rot_start,
+                rot_end,
+                exp_end,
+            ));
         }
     }
-    let setup = unix_now() - issued;
-    ensure!(
-        setup < (ROTATION as f64) - 0.2,
-        "issuing took {setup:.1} s, longer than one rotation: the machine is too slow for this test"
-    );
 
-    // The next epoch: the tickets' key is now the previous one.
-    let next_epoch = ((issued as u64) / ROTATION + 1) * ROTATION;
-    std::thread::sleep(Duration::from_secs_f64(
-        (next_epoch as f64 + 0.3 - unix_now()).max(0.0),
-    ));
-    for (what, name, rot, _) in &cases {
-        let age = unix_now() - issued;
-        assert!(age < LIFETIME as f64, "{what}: too slow ({age:.1} s)");
+    // A later epoch: the ticket's key is no longer the one that issues.
+    for (what, name, rot, _, rot_start, rot_end, _) in &cases {
+        let later_epoch = ((*rot_end as u64) / ROTATION + 1) * ROTATION;
+        sleep_until(later_epoch as f64 + 0.1);
+        let age = unix_now() - rot_start;
+        ensure!(
+            age < LIFETIME as f64 - 0.3,
+            "{what}: the machine is too slow for this test (ticket {age:.1} s old already)"
+        );
         assert_eq!(
             connect(rot, port_of(&b, name)?)?,
             HandshakeKind::Resumed,
-            "{what}: a ticket of the previous epoch, {age:.1} s old, resumes on the other process"
+            "{what}: a ticket of an earlier epoch, at most {age:.1} s old, resumes on the other process"
         );
     }
 
     // Past the lifetime: the server refuses, although the (frozen-clock) client still offers it.
-    std::thread::sleep(Duration::from_secs_f64(
-        (issued + LIFETIME as f64 + 1.5 - unix_now()).max(0.0),
-    ));
-    for (what, name, _, exp) in &cases {
+    for (what, name, _, exp, _, _, exp_end) in &cases {
+        sleep_until(exp_end + LIFETIME as f64 + 1.2);
         assert_eq!(
             connect(exp, port_of(&b, name)?)?,
             HandshakeKind::Full,
