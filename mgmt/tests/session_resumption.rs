@@ -575,6 +575,23 @@ fn tickets_and_the_session_cache_can_be_turned_off() -> Result<()> {
                     assert_eq!(second, HandshakeKind::Resumed, "{what}");
                 }
             }
+            // A TLS 1.2 client without ticket support resumes by session id: only from the
+            // cache.
+            let mut c = client(&lab, &rustls::version::TLS12, false)?;
+            let mut cfg = (*c.config).clone();
+            cfg.resumption = rustls::client::Resumption::store(c.store.clone())
+                .tls12_resumption(rustls::client::Tls12Resumption::SessionIdOnly);
+            c.config = Arc::new(cfg);
+            assert_eq!(connect(&c, port)?, HandshakeKind::Full);
+            let expected = match mode {
+                "off" | "tickets" => HandshakeKind::Full,
+                _ => HandshakeKind::Resumed,
+            };
+            assert_eq!(
+                connect(&c, port)?,
+                expected,
+                "{name} TLS 1.2 session id (cache_size = 0 means no session-id resumption)"
+            );
         }
     }
     Ok(())
