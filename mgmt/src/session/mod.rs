@@ -8,7 +8,7 @@
 //! the ticket key and a recording of the traffic decrypts that session and every resumption of
 //! it. A TLS 1.3 ticket holds a resumption secret; rustls resumes TLS 1.3 only with a fresh
 //! ECDHE exchange (`psk_dhe_ke`) and we never enable 0-RTT, so a stolen ticket key lets an
-//! attacker impersonate a client's resumption but not read recorded TLS 1.3 traffic. So the
+//! attacker impersonate either side of a resumption but not read recorded TLS 1.3 traffic. So the
 //! quantity to bound is how long a ticket key (and a cached secret) exists.
 //!
 //! The key of epoch `e` encrypts tickets during `[e·R, (e+1)·R)` (`R` = `ticket_rotation_secs`)
