@@ -505,6 +505,33 @@ mod tests {
     }
 
     #[test]
+    fn arbitrary_bytes_never_panic_and_never_decrypt() {
+        let t = ready(3600, 7200, T0);
+        let ticket = t.encrypt_at(T0, b"state").expect("ticket");
+        let rng = SystemRandom::new();
+        let mut buf = [0u8; 256];
+        for i in 0..20_000usize {
+            rng.fill(&mut buf).expect("rng");
+            let len = usize::from(buf[0]) % 200;
+            let mut input = buf[1..=len].to_vec();
+            // Half of them look like ours: right version, a held epoch, a plausible time.
+            if i % 2 == 0 && input.len() >= HEADER_LEN {
+                input[..HEADER_LEN].copy_from_slice(&ticket[..HEADER_LEN]);
+            }
+            assert_eq!(t.decrypt_at(T0, &input), None, "input {i}");
+        }
+        for cut in 0..ticket.len() {
+            assert_eq!(t.decrypt_at(T0, &ticket[..cut]), None, "cut at {cut}");
+        }
+        for i in 0..ticket.len() * 8 {
+            let mut bad = ticket.clone();
+            bad[i / 8] ^= 1 << (i % 8);
+            assert_eq!(t.decrypt_at(T0, &bad), None, "bit {i} flipped");
+        }
+        assert!(t.decrypt_at(T0, &ticket).is_some());
+    }
+
+    #[test]
     fn damaged_or_forged_tickets_are_refused() {
         let t = ready(3600, 7200, T0);
         let ticket = t.encrypt_at(T0, b"state").expect("ticket");
