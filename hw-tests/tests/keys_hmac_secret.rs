@@ -222,3 +222,78 @@ fn hmac_outputs_are_deterministic_and_separate_inputs_and_secrets() -> Result<()
     ensure!(*again.hmac_sha256(&a, b"epoch 1")? == *first);
     Ok(())
 }
+
+/// Set in the child processes of the cross-process test: they open the token named by the
+/// environment, compute one HMAC, print it and exit.
+const CHILD: &str = "TLSGATE_TEST_HMAC_CHILD";
+const CHILD_TOKEN: &str = "TLSGATE_TEST_HMAC_TOKEN";
+const CHILD_PIN: &str = "TLSGATE_TEST_HMAC_PIN";
+const CHILD_GENERATE: &str = "TLSGATE_TEST_HMAC_GENERATE";
+const CROSS_PROCESS_TEST: &str = "the_same_secret_gives_the_same_hmac_in_separate_processes";
+
+fn child() -> Result<()> {
+    let label = std::env::var(CHILD_TOKEN)?;
+    let token = tlsgate_keystore::Token::open(
+        &softhsm::module_path(),
+        tlsgate_keystore::TokenSelector::Label(label.clone()),
+        &tlsgate_keystore::PinSource::Env(CHILD_PIN.into()),
+    )?;
+    if std::env::var_os(CHILD_GENERATE).is_some() {
+        token.generate_hmac_secret("fleet", None)?;
+    }
+    let uri: Pkcs11Uri = format!("pkcs11:token={label};object=fleet;type=secret-key").parse()?;
+    let mac = token.hmac_sha256(&uri, b"tlsgate ticket key v1\0\0\x03web")?;
+    println!("HMAC={}", hex::encode(&mac[..]));
+    Ok(())
+}
+
+#[test]
+fn the_same_secret_gives_the_same_hmac_in_separate_processes() -> Result<()> {
+    if std::env::var_os(CHILD).is_some() {
+        return child();
+    }
+    if skip() {
+        return Ok(());
+    }
+    // A token of its own configuration: only the child processes open it.
+    let token = TestToken::new_isolated()?;
+    let run = |generate: bool| -> Result<String> {
+        let mut cmd = std::process::Command::new(std::env::current_exe()?);
+        cmd.args([
+            "--exact",
+            CROSS_PROCESS_TEST,
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .envs(token.env())
+        .env(CHILD, "1")
+        .env(CHILD_TOKEN, token.label())
+        .env(CHILD_PIN, token.pin());
+        if generate {
+            cmd.env(CHILD_GENERATE, "1");
+        }
+        let out = cmd.output()?;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        ensure!(
+            out.status.success(),
+            "child failed: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // The harness prints its own words on the same line.
+        stdout
+            .split("HMAC=")
+            .nth(1)
+            .map(|rest| rest.chars().take_while(char::is_ascii_hexdigit).collect())
+            .with_context(|| format!("no HMAC in: {stdout}"))
+    };
+    let first = run(true)?;
+    ensure!(first.len() == 64, "{first}");
+    for _ in 0..2 {
+        let again = run(false)?;
+        ensure!(
+            again == first,
+            "another process derived {again}, the first {first}"
+        );
+    }
+    Ok(())
+}
