@@ -855,3 +855,56 @@ fn the_ticket_secret_is_generated_listed_and_deleted_by_the_cli() -> Result<()> 
     assert!(!lab.run(&["token", "list"])?.contains("secret keys"));
     Ok(())
 }
+
+#[test]
+fn a_tls12_session_resumed_again_and_again_still_ends_a_lifetime_after_its_full_handshake(
+) -> Result<()> {
+    // rustls gives a TLS 1.2 client that resumes with a ticket a new ticket for the same master
+    // secret; without care each one would restart the clock and the secret would live forever.
+    const LIFETIME: u64 = 4;
+    let lab = Lab::new()?;
+    let (_backend, backend) = common::demo_backend(lab.dir.path())?;
+    let base = listeners(&lab)?;
+    let ls: Vec<(&str, String, PathBuf, String)> = base
+        .into_iter()
+        .map(|(n, k, c)| {
+            (
+                n,
+                k,
+                c,
+                format!("ticket_rotation_secs = 1\nlifetime_secs = {LIFETIME}\ncache_size = 0"),
+            )
+        })
+        .collect();
+    let cfg = write_config(&lab, "chain.toml", &backend, &ls)?;
+    let _s = Serve::start(&lab, &cfg)?;
+    let p = ports(&cfg)?;
+    let mut cases = Vec::new();
+    for (name, _, _, _) in &ls {
+        let port = port_of(&p, name)?;
+        // Frozen clock: the client keeps offering what it holds; the server decides.
+        let c = client(&lab, &rustls::version::TLS12, true)?;
+        let start = unix_now();
+        assert_eq!(connect(&c, port)?, HandshakeKind::Full, "{name}");
+        cases.push((*name, port, c, start));
+    }
+    for (name, port, c, start) in &cases {
+        sleep_until(start + 2.0);
+        let sessions = c.store.tls12_sessions.load(Ordering::Relaxed);
+        assert_eq!(connect(c, *port)?, HandshakeKind::Resumed, "{name}");
+        assert!(
+            c.store.tls12_sessions.load(Ordering::Relaxed) > sessions,
+            "{name}: the resumption brought a new ticket"
+        );
+    }
+    for (name, port, c, start) in &cases {
+        // The new ticket is about 2 s old, the session more than its lifetime.
+        sleep_until(start + LIFETIME as f64 + 1.2);
+        assert_eq!(
+            connect(c, *port)?,
+            HandshakeKind::Full,
+            "{name}: a ticket re-issued on resumption ends with the session's first lifetime"
+        );
+    }
+    Ok(())
+}

@@ -20,9 +20,11 @@
 //! A ticket carries its epoch and issue time (authenticated), and a ticket older than `L` is
 //! refused even while its key is still held. Cache entries expire after `L` as well.
 //!
-//! Caveat: a TLS 1.2 client resuming with a ticket gets a fresh ticket for the same master
-//! secret, so `L` bounds each ticket, not the chain of resumptions (TLS 1.3 derives a new secret
-//! on every resumption). Turn tickets and the cache off for listeners where that matters.
+//! A TLS 1.2 client resuming with a ticket gets a new ticket for the same master secret. That
+//! ticket keeps the issue time of the first (rustls decrypts the old ticket and encrypts the
+//! new one in one call on one thread; see `ticketer`), so the whole chain of TLS 1.2
+//! resumptions ends `L` after the full handshake. TLS 1.3 derives a new secret on every
+//! resumption, so its new tickets start a new lifetime.
 //!
 //! # Fleet tickets
 //!

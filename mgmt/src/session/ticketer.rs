@@ -3,6 +3,7 @@
 //! `version ‖ epoch ‖ issued-at ‖ nonce ‖ AES-256-GCM(state)`, the first three authenticated as
 //! associated data.
 
+use std::cell::Cell;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
@@ -31,6 +32,34 @@ pub const METRIC_TICKET_KEYS: &str = "tlsgate_ticket_keys_total";
 pub const METRIC_TICKETS: &str = "tlsgate_session_tickets_total";
 /// Gauge: ticket keys held in memory, by listener.
 pub const METRIC_TICKET_KEYS_HELD: &str = "tlsgate_ticket_keys_held";
+
+thread_local! {
+    /// The issue time of the TLS 1.2 ticket this thread decrypted last, and when. rustls
+    /// resumes a TLS 1.2 session and re-issues its ticket in one call on one thread (decrypt,
+    /// then encrypt), so the new ticket inherits the first one's issue time. A value left by a
+    /// resumption that fell back to a full handshake can only shorten another ticket's life,
+    /// and only within `ORIGIN_WINDOW`.
+    static TLS12_ORIGIN: Cell<Option<(u64, Instant)>> = const { Cell::new(None) };
+}
+
+/// How long a decrypted TLS 1.2 ticket's issue time waits for its re-issue (microseconds in
+/// practice: no signature or key exchange happens in between).
+const ORIGIN_WINDOW: Duration = Duration::from_millis(500);
+
+/// Whether a session state rustls hands us is a TLS 1.2 one. rustls encodes a server session
+/// as `has_sni: u8`, `[sni: u8 length + bytes]`, `version: u16`, ...; anything else reads as
+/// "not TLS 1.2", which only means the re-issue keeps a fresh issue time.
+fn is_tls12_state(plain: &[u8]) -> bool {
+    let at = match plain.first() {
+        Some(0) => 1,
+        Some(1) => match plain.get(1) {
+            Some(len) => 2 + usize::from(*len),
+            None => return false,
+        },
+        _ => return false,
+    };
+    plain.get(at..at + 2) == Some(&[3, 3][..])
+}
 
 /// Where epoch keys come from.
 enum KeySource {
@@ -277,57 +306,64 @@ impl EpochTicketer {
 
     /// Encrypts a ticket at time `now` under the current epoch's key.
     pub fn encrypt_at(&self, now: u64, plain: &[u8]) -> Option<Vec<u8>> {
+        // A TLS 1.2 ticket re-issued while resuming keeps the issue time of the session's full
+        // handshake: its master secret is the same, so its lifetime must not restart.
+        let origin = TLS12_ORIGIN
+            .take()
+            .filter(|(_, at)| at.elapsed() < ORIGIN_WINDOW)
+            .map(|(issued, _)| issued);
+        let issued = match origin {
+            Some(t) if is_tls12_state(plain) => t.min(now),
+            _ => now,
+        };
+        match self.seal(now, issued, plain) {
+            Some(t) => Some(t),
+            // The maintenance thread makes the next key ahead of time, so this means the token
+            // has failed for a whole rotation (fleet) or the clock jumped: no ticket, the
+            // client simply does a full handshake next time. Local keys are made on the spot.
+            None if matches!(self.source, KeySource::Local) && self.maintain_at(now).is_ok() => {
+                self.seal(now, issued, plain)
+            }
+            None => {
+                tracing::debug!(listener = %self.listener, "no ticket key for the current epoch");
+                None
+            }
+        }
+    }
+
+    /// Encrypts under the current epoch's key, if held.
+    fn seal(&self, now: u64, issued: u64, plain: &[u8]) -> Option<Vec<u8>> {
         let epoch = self.epoch_of(now);
         let mut nonce = [0u8; NONCE_LEN];
         self.rng.fill(&mut nonce).ok()?;
         let mut out = Vec::with_capacity(HEADER_LEN + NONCE_LEN + plain.len() + TAG_LEN);
         out.push(TICKET_VERSION);
         out.extend_from_slice(&epoch.to_be_bytes());
-        out.extend_from_slice(&now.to_be_bytes());
+        out.extend_from_slice(&issued.to_be_bytes());
         let aad: [u8; HEADER_LEN] = out[..HEADER_LEN].try_into().ok()?;
         out.extend_from_slice(&nonce);
         let mut body = plain.to_vec();
-        let sealed = {
+        {
             let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
-            match keys.iter().find(|k| k.epoch == epoch) {
-                Some(k) => k
-                    .key
-                    .seal_in_place_append_tag(
-                        Nonce::assume_unique_for_key(nonce),
-                        Aad::from(aad),
-                        &mut body,
-                    )
-                    .is_ok(),
-                None => false,
-            }
-        };
-        if !sealed {
-            // The maintenance thread makes the next key ahead of time, so this means the token
-            // has failed for a whole rotation (fleet) or the clock jumped: no ticket, the
-            // client simply does a full handshake next time.
-            if matches!(self.source, KeySource::Local) && self.maintain_at(now).is_ok() {
-                return self.encrypt_at_once(now, plain);
-            }
-            tracing::debug!(listener = %self.listener, epoch, "no ticket key for the current epoch");
-            return None;
+            let k = keys.iter().find(|k| k.epoch == epoch)?;
+            k.key
+                .seal_in_place_append_tag(
+                    Nonce::assume_unique_for_key(nonce),
+                    Aad::from(aad),
+                    &mut body,
+                )
+                .ok()?;
         }
         out.extend_from_slice(&body);
         self.counters.issued.fetch_add(1, Ordering::Relaxed);
         Some(out)
     }
 
-    fn encrypt_at_once(&self, now: u64, plain: &[u8]) -> Option<Vec<u8>> {
-        let held = self.held_epochs().contains(&self.epoch_of(now));
-        if held {
-            self.encrypt_at(now, plain)
-        } else {
-            None
-        }
-    }
-
     /// Decrypts a ticket at time `now`: its epoch's key must be held and it must be younger
     /// than the lifetime.
     pub fn decrypt_at(&self, now: u64, ticket: &[u8]) -> Option<Vec<u8>> {
+        // Only the last decryption on this thread may pass its issue time on.
+        TLS12_ORIGIN.set(None);
         let reject = |c: &AtomicU64| {
             c.fetch_add(1, Ordering::Relaxed);
             None
@@ -341,7 +377,9 @@ impl EpochTicketer {
         let (nonce, sealed) = rest.split_at(NONCE_LEN);
         // Checked before decryption and again after (the header is authenticated): an
         // over-age ticket is refused even while its key is still held.
-        if issued > now.saturating_add(MAX_CLOCK_SKEW_SECS) || self.epoch_of(issued) != epoch {
+        // A key never encrypts a ticket issued after its epoch (re-issued TLS 1.2 tickets carry
+        // an earlier issue time, under a later key).
+        if issued > now.saturating_add(MAX_CLOCK_SKEW_SECS) || self.epoch_of(issued) > epoch {
             return reject(&self.counters.rejected);
         }
         if now.saturating_sub(issued) > self.lifetime {
@@ -364,6 +402,7 @@ impl EpochTicketer {
         match opened {
             Some(len) => {
                 body.truncate(len);
+                TLS12_ORIGIN.set(is_tls12_state(&body).then(|| (issued, Instant::now())));
                 self.counters.accepted.fetch_add(1, Ordering::Relaxed);
                 Some(body)
             }
@@ -502,6 +541,64 @@ mod tests {
         assert_eq!(t.decrypt_at(now, &ticket), None);
         let fresh = t.encrypt_at(now, b"y").expect("a new key issues");
         assert!(t.decrypt_at(now, &fresh).is_some());
+    }
+
+    /// The start of a rustls session state: no SNI or SNI "abc", then the version.
+    const TLS12_STATE: &[u8] = &[0, 3, 3, 0x13, 0x01, 48];
+    const TLS12_STATE_SNI: &[u8] = &[1, 3, b'a', b'b', b'c', 3, 3, 0xc0, 0x2b];
+    const TLS13_STATE: &[u8] = &[0, 3, 4, 0x13, 0x01, 48];
+
+    #[test]
+    fn session_states_are_told_apart_by_version() {
+        assert!(is_tls12_state(TLS12_STATE));
+        assert!(is_tls12_state(TLS12_STATE_SNI));
+        assert!(!is_tls12_state(TLS13_STATE));
+        for odd in [&[][..], &[1], &[1, 9, 3, 3], &[2, 3, 3], b"state"] {
+            assert!(!is_tls12_state(odd), "{odd:?}");
+        }
+    }
+
+    #[test]
+    fn a_tls12_ticket_reissued_on_resumption_keeps_the_first_issue_time() {
+        let t = ready(3600, 100, T0);
+        let first = t.encrypt_at(T0, TLS12_STATE_SNI).expect("ticket");
+        // Resumption at T0 + 60: decrypt, then rustls re-issues in the same call.
+        assert!(t.decrypt_at(T0 + 60, &first).is_some());
+        let reissued = t.encrypt_at(T0 + 60, TLS12_STATE_SNI).expect("ticket");
+        assert_eq!(reissued[9..17], T0.to_be_bytes(), "issue time carried over");
+        assert!(t.decrypt_at(T0 + 100, &reissued).is_some());
+        assert_eq!(
+            t.decrypt_at(T0 + 101, &reissued),
+            None,
+            "the chain ends a lifetime after the full handshake"
+        );
+        // The carried time is used once.
+        let next = t.encrypt_at(T0 + 60, TLS12_STATE_SNI).expect("ticket");
+        assert_eq!(next[9..17], (T0 + 60).to_be_bytes());
+    }
+
+    #[test]
+    fn tls13_tickets_start_a_fresh_lifetime_on_resumption() {
+        // TLS 1.3 resumption mixes in a new ECDHE secret: the new ticket is a new secret.
+        let t = ready(3600, 100, T0);
+        let first = t.encrypt_at(T0, TLS13_STATE).expect("ticket");
+        assert!(t.decrypt_at(T0 + 60, &first).is_some());
+        let next = t.encrypt_at(T0 + 60, TLS13_STATE).expect("ticket");
+        assert_eq!(next[9..17], (T0 + 60).to_be_bytes());
+        // And a TLS 1.2 state never inherits from a TLS 1.3 decryption.
+        assert!(t.decrypt_at(T0 + 60, &first).is_some());
+        let other = t.encrypt_at(T0 + 60, TLS12_STATE).expect("ticket");
+        assert_eq!(other[9..17], (T0 + 60).to_be_bytes());
+    }
+
+    #[test]
+    fn a_key_never_takes_a_ticket_issued_after_its_epoch() {
+        let t = ready(100, 300, T0);
+        let ticket = t.encrypt_at(T0, b"x").expect("ticket");
+        let mut forged = ticket.clone();
+        // Claim an earlier epoch than the issue time: refused before any decryption.
+        forged[1..9].copy_from_slice(&(T0 / 100 - 1).to_be_bytes());
+        assert_eq!(t.decrypt_at(T0, &forged), None);
     }
 
     #[test]
