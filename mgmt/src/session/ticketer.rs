@@ -375,10 +375,10 @@ impl EpochTicketer {
         let epoch = u64::from_be_bytes(header[1..9].try_into().ok()?);
         let issued = u64::from_be_bytes(header[9..17].try_into().ok()?);
         let (nonce, sealed) = rest.split_at(NONCE_LEN);
-        // Checked before decryption and again after (the header is authenticated): an
-        // over-age ticket is refused even while its key is still held.
-        // A key never encrypts a ticket issued after its epoch (re-issued TLS 1.2 tickets carry
-        // an earlier issue time, under a later key).
+        // Checked before decryption; the header is associated data, so a changed issue time
+        // or epoch fails the decryption. An over-age ticket is refused even while its key is
+        // still held. A key never encrypts a ticket issued after its epoch (re-issued TLS 1.2
+        // tickets carry an earlier issue time, under a later key).
         if issued > now.saturating_add(MAX_CLOCK_SKEW_SECS) || self.epoch_of(issued) > epoch {
             return reject(&self.counters.rejected);
         }
