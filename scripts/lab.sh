@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Sets up and runs a tlsgate lab: a SoftHSM2 token with an ECDSA P-256 and an RSA-2048 key,
-# certificate chains for both from a lab CA, a demo HTTP backend, and the appliance in front of
+# Sets up and runs a tlsgate lab: a SoftHSM2 token with an ECDSA P-256 and an RSA-2048 key
+# and a session-ticket secret, certificate chains for both from a lab CA, a demo HTTP backend, and the appliance in front of
 # it. Prints how to reach it; Ctrl-C stops everything.
 #
 # Usage: scripts/lab.sh
@@ -40,6 +40,7 @@ export TLSGATE_TOKEN=lab
 export TLSGATE_PIN=file:$LAB_DIR/token/user.pin
 "$BIN" token generate --type ec-p256 --label web-ecdsa
 "$BIN" token generate --type rsa-2048 --label web-rsa
+"$BIN" token generate --type ticket-secret --label tickets
 
 step "lab CA and certificate chains (leaf CSRs signed by the token keys)"
 "$BIN" ca init-lab --dir "$LAB_DIR/ca"
@@ -67,6 +68,9 @@ io = "auto"
 name = "lab"
 bind = "127.0.0.1:$PORT"
 backend = "127.0.0.1:$BACKEND_PORT"
+
+[listener.session]                # session-ticket keys derived from the token's secret
+fleet_secret = "pkcs11:token=lab;object=tickets;type=secret-key"
 
 [[listener.certificate]]
 chain = "certs/web-ecdsa.pem"

@@ -153,6 +153,10 @@ pub struct ListenerConfig {
     pub custom_policy: Option<crate::policy::CustomPolicy>,
     /// Client-certificate authentication; none when absent.
     pub client_auth: Option<crate::client_auth::ClientAuthConfig>,
+    /// Session resumption: tickets, their rotation and lifetime, the session cache, fleet
+    /// tickets (`[listener.session]`; defaults in `crate::session`).
+    #[serde(default)]
+    pub session: crate::session::SessionConfig,
 }
 
 impl ListenerConfig {
@@ -296,6 +300,12 @@ impl Config {
                 };
                 self.invalid(format!("listener[{i}].{key}"), e.to_string())
             })?;
+            l.session
+                .check()
+                .map_err(|(key, why)| self.invalid(format!("listener[{i}].session.{key}"), why))?;
+            if l.session.fleet_secret.is_some() {
+                needs_token = true;
+            }
             if l.certificates.is_empty() {
                 return Err(self.invalid(
                     format!("listener[{i}].certificate"),
@@ -325,7 +335,7 @@ impl Config {
         if needs_token && self.pkcs11.is_none() {
             return Err(self.invalid(
                 "pkcs11",
-                "a certificate key is a pkcs11: URI, so a [pkcs11] section with module, token and pin is needed",
+                "a certificate key or a session.fleet_secret is a pkcs11: URI, so a [pkcs11] section with module, token and pin is needed",
             ));
         }
         Ok(())
@@ -482,6 +492,66 @@ mod tests {
         assert!(parse(&with("optional")).is_ok());
         let err = parse(&with("sometimes")).expect_err("bad mode");
         assert!(err.to_string().contains("required"), "{err}");
+    }
+
+    #[test]
+    fn session_settings_have_defaults_and_bad_ones_name_their_key() {
+        let c = parse(GOOD).expect("valid");
+        assert_eq!(
+            c.listeners[0].session,
+            crate::session::SessionConfig::default()
+        );
+        let with = |session: &str| {
+            parse(&GOOD.replace(
+                "[[listener.certificate]]",
+                &format!("[listener.session]\n{session}\n[[listener.certificate]]"),
+            ))
+        };
+        let c = with("tickets = false\ncache_size = 0").expect("valid");
+        assert!(!c.listeners[0].session.tickets);
+        for (session, key) in [
+            ("lifetime_secs = 0", "listener[0].session.lifetime_secs"),
+            (
+                "lifetime_secs = 604801",
+                "listener[0].session.lifetime_secs",
+            ),
+            (
+                "ticket_rotation_secs = 1",
+                "listener[0].session.ticket_rotation_secs",
+            ),
+            (
+                "fleet_secret = \"pkcs11:token=lab;object=t;type=private\"",
+                "listener[0].session.fleet_secret",
+            ),
+            (
+                "fleet_secret = \"file:x\"",
+                "listener[0].session.fleet_secret",
+            ),
+        ] {
+            let err = with(session).expect_err(session);
+            assert!(
+                matches!(err, ConfigError::Invalid { key: ref k, .. } if k == key),
+                "{session}: {err}"
+            );
+        }
+        let err = with("tikets = true").expect_err("typo");
+        assert!(err.to_string().contains("tikets"), "{err}");
+        // A fleet secret needs the token even when every key is in software.
+        let text = GOOD
+            .replace(
+                "[pkcs11]\n        token = \"lab\"\n        pin = \"env:TLSGATE_PIN\"",
+                "",
+            )
+            .replace("pkcs11:token=lab;object=web-ecdsa;type=private", "file:k.pem")
+            .replace(
+                "[[listener.certificate]]",
+                "[listener.session]\nfleet_secret = \"pkcs11:token=lab;object=t\"\n[[listener.certificate]]",
+            );
+        let err = parse(&text).expect_err("needs [pkcs11]");
+        assert!(
+            matches!(err, ConfigError::Invalid { ref key, .. } if key == "pkcs11"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -13,4 +13,5 @@ pub mod logging;
 pub mod metrics_http;
 pub mod policy;
 pub mod serve;
+pub mod session;
 pub mod tls;

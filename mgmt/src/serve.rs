@@ -164,6 +164,9 @@ pub fn build_snapshot(config: &Config, token: Option<&Arc<Token>>) -> Result<Sna
             unknown_sni: l.unknown_sni,
             policy,
             client_auth,
+            session: Some(crate::session::ListenerSessions::for_listener(
+                &l.name, &l.session, token,
+            )?),
             ..Default::default()
         };
         let sni_filter = crate::tls::sni_filter(&certs, &opts)

@@ -66,6 +66,8 @@ pub struct ListenerTls {
     pub policy: crate::policy::TlsPolicy,
     /// Client-certificate authentication; none when absent.
     pub client_auth: Option<crate::client_auth::ClientAuth>,
+    /// Session tickets and cache (`crate::session`); `None` leaves rustls's defaults.
+    pub session: Option<Arc<crate::session::ListenerSessions>>,
 }
 
 /// The crypto provider of the default (`intermediate`) policy.
@@ -142,6 +144,9 @@ pub fn server_config(
     };
     let mut config = builder.with_cert_resolver(Arc::new(resolver));
     config.ignore_client_order = false;
+    if let Some(s) = &opts.session {
+        s.apply(&mut config);
+    }
     Ok(Arc::new(config))
 }
 

@@ -10,6 +10,7 @@ mod init;
 mod objects;
 mod p11;
 mod rcgen_key;
+mod secret;
 mod signer;
 
 use std::collections::HashMap;
@@ -33,6 +34,7 @@ use crate::uri::Pkcs11Uri;
 pub use crate::keyinfo::{KeyInfo, KeyKind, KeyOrigin, KeySpec};
 pub use init::init_token;
 pub use rcgen_key::TokenRcgenKey;
+pub use secret::{SecretInfo, HMAC_SHA256_BYTES, SECRET_KEY_BYTES};
 pub use signer::TokenSigningKey;
 
 pub(crate) use p11::from_ck;

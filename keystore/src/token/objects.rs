@@ -231,7 +231,7 @@ fn public_template(label: &str, id: &[u8]) -> Vec<Attribute> {
     ]
 }
 
-fn new_id(id: Option<&[u8]>) -> Result<Vec<u8>> {
+pub(super) fn new_id(id: Option<&[u8]>) -> Result<Vec<u8>> {
     match id {
         Some(id) if !id.is_empty() => Ok(id.to_vec()),
         _ => {

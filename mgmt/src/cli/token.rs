@@ -65,7 +65,7 @@ pub enum TokenCommand {
     Generate(GenerateArgs),
     /// Import a PKCS#8 private key into the token as sensitive and non-extractable.
     Import(ImportArgs),
-    /// List the private keys on the token.
+    /// List the private keys on the token (and, in the table form, its secret keys).
     List(ListArgs),
     /// Export a key's public half as SPKI (PEM or DER).
     ExportPubkey(ExportArgs),
@@ -73,7 +73,7 @@ pub enum TokenCommand {
     Csr(CsrArgs),
     /// Issue a certificate chain for a token key from the lab CA (`tlsgate ca init-lab`).
     IssueCert(IssueArgs),
-    /// Delete a key pair from the token.
+    /// Delete a key pair (or, with type=secret-key in the URI, a ticket secret) from the token.
     Delete(DeleteArgs),
 }
 
@@ -91,15 +91,37 @@ pub struct InitLabArgs {
 pub struct GenerateArgs {
     #[command(flatten)]
     pub token: TokenArgs,
-    /// Key type: ec-p256, ec-p384, rsa-2048, rsa-3072, rsa-4096, ed25519.
+    /// Key type: ec-p256, ec-p384, rsa-2048, rsa-3072, rsa-4096, ed25519, or ticket-secret (a
+    /// 32-byte HMAC secret from which fleet session-ticket keys are derived).
     #[arg(long = "type")]
-    pub key_type: KeySpec,
+    pub key_type: GenerateType,
     /// Label (CKA_LABEL) of the new key pair.
     #[arg(long)]
     pub label: String,
     /// Id (CKA_ID) in hex; random when omitted.
     #[arg(long)]
     pub id: Option<String>,
+}
+
+/// What `token generate` makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GenerateType {
+    /// A signing key pair.
+    Key(KeySpec),
+    /// A generic secret for HMAC-SHA256 (sensitive, non-extractable, CKA_SIGN only).
+    TicketSecret,
+}
+
+impl std::str::FromStr for GenerateType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "ticket-secret" {
+            return Ok(GenerateType::TicketSecret);
+        }
+        s.parse::<KeySpec>()
+            .map(GenerateType::Key)
+            .map_err(|e| format!("{e}, or ticket-secret"))
+    }
 }
 
 #[derive(Debug, Args)]
@@ -199,10 +221,31 @@ pub fn run(cmd: TokenCommand) -> Result<()> {
         TokenCommand::Generate(args) => {
             let token = args.token.open()?;
             let id = parse_id(args.id.as_deref())?;
-            let info = token
-                .generate(args.key_type, &args.label, id.as_deref())
-                .with_context(|| format!("cannot generate key {:?}", args.label))?;
-            print_key_made("generated", &info, token.label());
+            match args.key_type {
+                GenerateType::Key(spec) => {
+                    let info = token
+                        .generate(spec, &args.label, id.as_deref())
+                        .with_context(|| format!("cannot generate key {:?}", args.label))?;
+                    print_key_made("generated", &info, token.label());
+                }
+                GenerateType::TicketSecret => {
+                    let info = token
+                        .generate_hmac_secret(&args.label, id.as_deref())
+                        .with_context(|| {
+                            format!("cannot generate ticket secret {:?}", args.label)
+                        })?;
+                    println!(
+                        "generated ticket secret {:?} id {} on token {:?} ({}, {} bytes, \
+                         sensitive, non-extractable, sign-only)\n  uri: {}",
+                        info.label,
+                        hex::encode(&info.id),
+                        token.label(),
+                        info.key_type,
+                        info.value_len.unwrap_or_default(),
+                        info.uri(token.label())
+                    );
+                }
+            }
             Ok(())
         }
         TokenCommand::Import(args) => {
@@ -218,7 +261,12 @@ pub fn run(cmd: TokenCommand) -> Result<()> {
         TokenCommand::List(args) => {
             let token = args.token.open()?;
             let keys = token.list().context("cannot list keys")?;
-            print_keys(&keys, token.label(), args.json)
+            print_keys(&keys, token.label(), args.json)?;
+            if !args.json {
+                let secrets = token.list_secrets().context("cannot list secret keys")?;
+                print_secrets(&secrets, token.label())?;
+            }
+            Ok(())
         }
         TokenCommand::ExportPubkey(args) => {
             let token = args.token.open()?;
@@ -254,11 +302,45 @@ pub fn run(cmd: TokenCommand) -> Result<()> {
         }
         TokenCommand::Delete(args) => {
             let token = args.token.open()?;
-            token.delete(&args.key)?;
+            if args.key.object_type == Some(tlsgate_keystore::ObjectType::SecretKey) {
+                token.delete_secret(&args.key)?;
+            } else {
+                token.delete(&args.key)?;
+            }
             println!("deleted {}", args.key);
             Ok(())
         }
     }
+}
+
+/// Secret keys (ticket secrets) in the table form of `token list`; never their values.
+fn print_secrets(secrets: &[tlsgate_keystore::token::SecretInfo], token: &str) -> Result<()> {
+    if secrets.is_empty() {
+        return Ok(());
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "\nsecret keys:")?;
+    writeln!(
+        out,
+        "{:<16} {:<16} {:<15} {:<5} {:<9} {:<11} {:<9} URI",
+        "LABEL", "ID", "TYPE", "BYTES", "SENSITIVE", "EXTRACTABLE", "SIGN-ONLY"
+    )?;
+    for s in secrets {
+        writeln!(
+            out,
+            "{:<16} {:<16} {:<15} {:<5} {:<9} {:<11} {:<9} {}",
+            s.label,
+            hex::encode(&s.id),
+            s.key_type,
+            s.value_len
+                .map_or_else(|| "?".to_owned(), |n| n.to_string()),
+            s.sensitive,
+            s.extractable,
+            s.sign && !s.other_uses,
+            s.uri(token)
+        )?;
+    }
+    Ok(())
 }
 
 fn parse_id(id: Option<&str>) -> Result<Option<Vec<u8>>> {
