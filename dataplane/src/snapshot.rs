@@ -30,8 +30,11 @@ pub struct ListenerSnapshot {
     pub offload_key_ops: bool,
     /// Where decrypted bytes go.
     pub backend: SocketAddr,
-    /// Send a PROXY protocol v2 header to the backend first.
+    /// Send a PROXY protocol v2 header to the backend first (with the client-certificate
+    /// TLVs of [`crate::conn::identity`] when the client presented one).
     pub proxy_protocol: bool,
+    /// Speak TLS to the backend (after the PROXY header, when that is on).
+    pub backend_tls: Option<crate::conn::BackendTls>,
 }
 
 /// A listener prepared for the io threads: the caller's config plus, for offloaded listeners, a

@@ -135,6 +135,8 @@ pub struct ListenerConfig {
     /// certificate(s), `refuse` ends the handshake.
     #[serde(default)]
     pub unknown_sni: crate::tls::UnknownSni,
+    /// TLS to the backend (its CA, expected name, optional client certificate).
+    pub backend_tls: Option<crate::backend_tls::BackendTlsConfig>,
 }
 
 /// A certificate chain and the key that goes with it.
@@ -287,6 +289,11 @@ impl Config {
                 if matches!(key, KeyRef::Pkcs11(_)) {
                     needs_token = true;
                 }
+            }
+            if let Some(bt) = &l.backend_tls {
+                needs_token |= bt.check().map_err(|(field, why)| {
+                    self.invalid(format!("listener[{i}].backend_tls.{field}"), why)
+                })?;
             }
         }
         if needs_token && self.pkcs11.is_none() {

@@ -4,6 +4,7 @@
 //! lives here so integration tests can reach it.
 #![forbid(unsafe_code)]
 
+pub mod backend_tls;
 pub mod cli;
 pub mod config;
 pub mod files;

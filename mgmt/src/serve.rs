@@ -161,6 +161,7 @@ pub fn build_snapshot(config: &Config, token: Option<&Arc<Token>>) -> Result<Sna
             offload_key_ops: offload,
             backend: l.backend,
             proxy_protocol: l.proxy_protocol,
+            backend_tls: crate::backend_tls::build(config, i, token)?,
         });
     }
     Ok(Snapshot { listeners })

@@ -137,6 +137,7 @@ pub fn listener(name: &str, tls: Arc<ServerConfig>, backend: SocketAddr) -> List
         offload_key_ops: false,
         backend,
         proxy_protocol: false,
+        backend_tls: None,
     }
 }
 
