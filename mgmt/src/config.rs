@@ -150,6 +150,9 @@ pub struct CertificateConfig {
     /// SNI names this certificate answers for (`*.` wildcards allowed); the leaf's DNS SANs when
     /// absent.
     pub names: Option<Vec<String>>,
+    /// DER OCSP response to staple (checked first: see `ocsp.rs`); re-read on reload and when
+    /// the current one nears its nextUpdate.
+    pub ocsp: Option<PathBuf>,
     /// Answers clients that send no SNI (or an unknown one, unless `unknown_sni = "refuse"`).
     /// When no certificate of a listener is marked, all of them are defaults.
     #[serde(default)]

@@ -11,5 +11,6 @@ pub mod files;
 pub mod http_head;
 pub mod logging;
 pub mod metrics_http;
+pub mod ocsp;
 pub mod serve;
 pub mod tls;

@@ -1,0 +1,255 @@
+//! OCSP stapling through the real binary with responses made by `openssl ocsp` (a real
+//! responder's signing code) from an index file: a good response is stapled and seen by
+//! `openssl s_client -status`; a revoked one and one signed by the wrong CA are not stapled,
+//! and the refusals are counted; the checks themselves refuse stale and future responses and a
+//! response for another certificate.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, Result};
+use common::{check, uri, Lab, Serve};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+use tlsgate_mgmt::ocsp::{self, OcspError};
+
+fn openssl(args: &[&str]) -> Result<String> {
+    check(
+        Command::new("openssl").args(args).output()?,
+        &format!("openssl {}", args.join(" ")),
+    )
+}
+
+fn openssl_available() -> bool {
+    let ok = Command::new("openssl")
+        .arg("version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        println!("SKIP: `openssl` is not installed");
+    }
+    ok
+}
+
+/// An OCSP response for `leaf` with `status_line` in the responder's index, signed by
+/// `signer` (cert, key). `status_line` is the index line without the serial part.
+fn response(
+    lab: &Lab,
+    name: &str,
+    leaf: &Path,
+    revoked: bool,
+    signer: (&str, &str),
+) -> Result<PathBuf> {
+    let serial = openssl(&[
+        "x509",
+        "-in",
+        &leaf.display().to_string(),
+        "-noout",
+        "-serial",
+    ])?;
+    let serial = serial.trim().trim_start_matches("serial=").to_owned();
+    let index = lab.path(&format!("{name}.index"));
+    let line = if revoked {
+        format!("R\t491231235959Z\t200101000000Z\t{serial}\tunknown\t/CN=localhost\n")
+    } else {
+        format!("V\t491231235959Z\t\t{serial}\tunknown\t/CN=localhost\n")
+    };
+    std::fs::write(&index, line)?;
+    let req = lab.path(&format!("{name}.req"));
+    openssl(&[
+        "ocsp",
+        "-issuer",
+        &lab.p("ca/intermediate.pem"),
+        "-cert",
+        &leaf.display().to_string(),
+        "-no_nonce",
+        "-reqout",
+        &req.display().to_string(),
+    ])?;
+    let out = lab.path(&format!("{name}.der"));
+    openssl(&[
+        "ocsp",
+        "-index",
+        &index.display().to_string(),
+        "-rsigner",
+        &lab.p(signer.0),
+        "-rkey",
+        &lab.p(signer.1),
+        "-CA",
+        &lab.p("ca/intermediate.pem"),
+        "-reqin",
+        &req.display().to_string(),
+        "-respout",
+        &out.display().to_string(),
+        "-ndays",
+        "1",
+    ])?;
+    Ok(out)
+}
+
+fn s_client_status(addr: &str) -> Result<String> {
+    let out = Command::new("openssl")
+        .args([
+            "s_client",
+            "-status",
+            "-servername",
+            "localhost",
+            "-connect",
+            addr,
+        ])
+        .stdin(Stdio::null())
+        .output()?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn scrape(addr: &str) -> Result<String> {
+    let mut s = TcpStream::connect(addr)?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+#[test]
+fn good_responses_are_stapled_and_bad_ones_refused_and_counted() -> Result<()> {
+    if !openssl_available() {
+        return Ok(());
+    }
+    let lab = Lab::new()?;
+    let chain = lab.token_key_with_chain("ec-p256", "web")?;
+    let leaf = lab.path("leaf.pem");
+    openssl(&[
+        "x509",
+        "-in",
+        &chain.display().to_string(),
+        "-out",
+        &leaf.display().to_string(),
+    ])?;
+    let by_issuer = ("ca/intermediate.pem", "ca/intermediate.key");
+    let good = response(&lab, "good", &leaf, false, by_issuer)?;
+    let revoked = response(&lab, "revoked", &leaf, true, by_issuer)?;
+    let wrong_signer = response(&lab, "wrong", &leaf, false, ("ca/root.pem", "ca/root.key"))?;
+
+    // The checks, straight.
+    let certs: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(&chain)?.collect::<Result<_, _>>()?;
+    let good_der = std::fs::read(&good)?;
+    let now = SystemTime::now();
+    let status = ocsp::check(&good_der, &certs, now).expect("good response");
+    assert!(status.this_update <= now && now < status.next_update);
+    assert_eq!(
+        ocsp::check(&good_der, &certs, now + Duration::from_secs(3 * 86400)),
+        Err(OcspError::Stale)
+    );
+    assert_eq!(
+        ocsp::check(&good_der, &certs, now - Duration::from_secs(86400)),
+        Err(OcspError::NotYetValid)
+    );
+    assert_eq!(
+        ocsp::check(&std::fs::read(&revoked)?, &certs, now),
+        Err(OcspError::Revoked)
+    );
+    assert_eq!(
+        ocsp::check(&std::fs::read(&wrong_signer)?, &certs, now),
+        Err(OcspError::BadSignature)
+    );
+    // The same response for another certificate (the intermediate, issued by the root) is not
+    // for it.
+    let other_chain = vec![certs[1].clone(), root_of(&lab)?];
+    assert!(matches!(
+        ocsp::check(&good_der, &other_chain, now),
+        Err(OcspError::BadSignature | OcspError::WrongCertificate { .. })
+    ));
+
+    // Through the appliance.
+    let config = lab.path("ocsp.toml");
+    let listener = |name: &str, resp: &Path| {
+        format!(
+            "\n[[listener]]\nname = \"{name}\"\nbind = \"127.0.0.1:0\"\nbackend = \"127.0.0.1:9\"\n\
+             [[listener.certificate]]\nchain = \"{}\"\nkey = \"{}\"\nocsp = \"{}\"\n",
+            chain.display(),
+            uri("web"),
+            resp.display()
+        )
+    };
+    std::fs::write(
+        &config,
+        format!(
+            "[pkcs11]\ntoken = \"lab\"\npin = \"file:{}\"\n\n[metrics]\nlisten = \"127.0.0.1:0\"\n\n\
+             [dataplane]\ncores = [0]\n{}{}{}",
+            lab.p("token/user.pin"),
+            listener("good", &good),
+            listener("revoked", &revoked),
+            listener("wrong", &wrong_signer),
+        ),
+    )?;
+    let serve = Serve::start(&lab, &config)?;
+    let ready = std::fs::read_to_string(config.with_extension("ready"))?;
+    let addr_of = |name: &str| -> Result<String> {
+        ready
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .map(|s| s.trim().to_owned())
+            .with_context(|| format!("{name} in {ready}"))
+    };
+
+    let out = s_client_status(&addr_of("good")?)?;
+    assert!(
+        out.contains("OCSP Response Status: successful") && out.contains("Cert Status: good"),
+        "good: {out}"
+    );
+    for name in ["revoked", "wrong"] {
+        let out = s_client_status(&addr_of(name)?)?;
+        assert!(
+            out.contains("OCSP response: no response sent"),
+            "{name}: nothing stapled: {out}"
+        );
+    }
+    let text = scrape(&addr_of("metrics")?)?;
+    let has = |needle: &[&str]| {
+        text.lines()
+            .any(|l| !l.starts_with('#') && needle.iter().all(|n| l.contains(n)))
+    };
+    assert!(
+        has(&[
+            "tlsgate_ocsp_responses_refused_total{",
+            "listener=\"revoked\"",
+            "reason=\"revoked\""
+        ]),
+        "{text}"
+    );
+    assert!(
+        has(&[
+            "tlsgate_ocsp_responses_refused_total{",
+            "listener=\"wrong\"",
+            "reason=\"bad_signature\""
+        ]),
+        "{text}"
+    );
+    let next = text
+        .lines()
+        .find(|l| {
+            l.starts_with("tlsgate_ocsp_response_next_update_timestamp_seconds{")
+                && l.contains("listener=\"good\"")
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .context("next-update gauge for the good listener")?;
+    let expect = status
+        .next_update
+        .duration_since(SystemTime::UNIX_EPOCH)?
+        .as_secs() as f64;
+    assert!((next - expect).abs() < 2.0, "gauge {next} vs {expect}");
+    serve.signal("TERM")?;
+    Ok(())
+}
+
+fn root_of(lab: &Lab) -> Result<CertificateDer<'static>> {
+    Ok(CertificateDer::from_pem_file(lab.path("ca/root.pem"))?)
+}
