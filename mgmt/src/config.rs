@@ -153,6 +153,10 @@ pub struct CertificateConfig {
     /// DER OCSP response to staple (checked first: see `ocsp.rs`); re-read on reload and when
     /// the current one nears its nextUpdate.
     pub ocsp: Option<PathBuf>,
+    /// Fetch the OCSP response from the responder named in the leaf (AIA, http://) instead of
+    /// a file; refreshed like a file. Not with `ocsp`.
+    #[serde(default)]
+    pub ocsp_fetch: bool,
     /// Answers clients that send no SNI (or an unknown one, unless `unknown_sni = "refuse"`).
     /// When no certificate of a listener is marked, all of them are defaults.
     #[serde(default)]
@@ -282,6 +286,12 @@ impl Config {
                             e.to_string(),
                         )
                     })?;
+                }
+                if c.ocsp_fetch && c.ocsp.is_some() {
+                    return Err(self.invalid(
+                        format!("listener[{i}].certificate[{j}].ocsp_fetch"),
+                        "`ocsp` (a file) and `ocsp_fetch = true` (the responder) exclude each other: keep one",
+                    ));
                 }
                 let key: KeyRef = c.key.parse().map_err(|e| {
                     self.invalid(

@@ -15,8 +15,10 @@
 //! serves the certificate without a staple. Signatures are verified with aws-lc-rs; the response
 //! is parsed with RustCrypto's `x509-ocsp`, the certificates with x509-parser.
 
+use std::io::{Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use der::{Decode, Encode};
 use rustls::pki_types::CertificateDer;
@@ -223,27 +225,65 @@ pub fn wake_at(status: &OcspStatus, now: SystemTime) -> SystemTime {
     }
 }
 
-/// Staples the response in `path` (when configured) to `key`. A file that cannot be read is an
-/// error (like a missing chain); a response that fails [`check`] is logged, counted and left
-/// off, and the certificate is served without a staple. `wake` collects the earliest
-/// [`wake_at`].
+/// Where a certificate's OCSP response comes from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// A DER file.
+    File(std::path::PathBuf),
+    /// The responder named in the leaf's Authority Information Access (HTTP), within `timeout`.
+    Fetch {
+        /// Connect + request + answer.
+        timeout: Duration,
+    },
+}
+
+impl Source {
+    fn describe(&self) -> String {
+        match self {
+            Source::File(p) => p.display().to_string(),
+            Source::Fetch { .. } => "responder (AIA)".into(),
+        }
+    }
+}
+
+/// Staples the response from `source` (when configured) to `key`. A file that cannot be read
+/// is an error (like a missing chain); a responder that cannot be reached, and a response that
+/// fails [`check`], are logged, counted and left off, and the certificate is served without a
+/// staple. `wake` collects the earliest [`wake_at`].
 pub fn attach(
     listener: &str,
     certificate: &str,
-    path: Option<&std::path::Path>,
+    source: Option<&Source>,
     key: Arc<CertifiedKey>,
     now: SystemTime,
     wake: &mut Option<SystemTime>,
 ) -> anyhow::Result<Arc<CertifiedKey>> {
     use anyhow::Context;
-    let Some(path) = path else {
+    let Some(source) = source else {
         return Ok(key);
     };
-    let der = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let from = source.describe();
+    let der = match source {
+        Source::File(path) => {
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?
+        }
+        Source::Fetch { timeout } => match fetch(&key.cert, *timeout) {
+            Ok(der) => der,
+            Err(e) => {
+                tracing::warn!(%listener, %certificate, reason = "fetch_failed", error = %format!("{e:#}"), "OCSP response NOT stapled: fetch failed");
+                metrics::counter!(OCSP_RESPONSES_REFUSED_TOTAL, "listener" => listener.to_owned(), "certificate" => certificate.to_owned(), "reason" => "fetch_failed")
+                    .increment(1);
+                // Try again in a minute rather than never.
+                let w = now + Duration::from_secs(60);
+                *wake = Some(wake.map_or(w, |cur| cur.min(w)));
+                return Ok(key);
+            }
+        },
+    };
     match staple(&key, der, now) {
         Ok((stapled, status)) => {
             let next = unix_secs(status.next_update);
-            tracing::info!(%listener, %certificate, file = %path.display(), next_update = next, "OCSP response stapled");
+            tracing::info!(%listener, %certificate, from = %from, next_update = next, "OCSP response stapled");
             metrics::gauge!(OCSP_NEXT_UPDATE_TIMESTAMP_SECONDS, "listener" => listener.to_owned(), "certificate" => certificate.to_owned())
                 .set(next as f64);
             let w = wake_at(&status, now);
@@ -251,7 +291,7 @@ pub fn attach(
             Ok(stapled)
         }
         Err(e) => {
-            tracing::warn!(%listener, %certificate, file = %path.display(), reason = e.reason(), error = %e, "OCSP response NOT stapled");
+            tracing::warn!(%listener, %certificate, from = %from, reason = e.reason(), error = %e, "OCSP response NOT stapled");
             metrics::counter!(OCSP_RESPONSES_REFUSED_TOTAL, "listener" => listener.to_owned(), "certificate" => certificate.to_owned(), "reason" => e.reason())
                 .increment(1);
             metrics::gauge!(OCSP_NEXT_UPDATE_TIMESTAMP_SECONDS, "listener" => listener.to_owned(), "certificate" => certificate.to_owned())
@@ -259,6 +299,137 @@ pub fn attach(
             Ok(key)
         }
     }
+}
+
+/// How long a fetch from a responder may take (connect, request, answer).
+pub const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Largest OCSP answer accepted from a responder.
+const MAX_RESPONSE_BYTES: usize = 1 << 20;
+const OID_AD_OCSP: &str = "1.3.6.1.5.5.7.48.1";
+
+/// The leaf's OCSP responder URL (Authority Information Access, `id-ad-ocsp`).
+pub fn responder_url(leaf: &CertificateDer<'_>) -> Option<String> {
+    use x509_parser::extensions::{GeneralName, ParsedExtension};
+    let (_, cert) = X509Certificate::from_der(leaf.as_ref()).ok()?;
+    cert.extensions()
+        .iter()
+        .find_map(|e| match e.parsed_extension() {
+            ParsedExtension::AuthorityInfoAccess(aia) => {
+                aia.accessdescs.iter().find_map(|d| {
+                    match (&d.access_method.to_id_string(), &d.access_location) {
+                        (m, GeneralName::URI(u)) if m == OID_AD_OCSP => Some((*u).to_owned()),
+                        _ => None,
+                    }
+                })
+            }
+            _ => None,
+        })
+}
+
+/// DER OCSPRequest for `chain[0]` issued by `chain[1]` (SHA-1 CertID, what responders expect;
+/// no nonce, so responses can be cached and stapled).
+pub fn request(chain: &[CertificateDer<'_>]) -> Result<Vec<u8>, OcspError> {
+    let leaf = parse_cert(chain.first().ok_or(OcspError::NoIssuer)?)?;
+    let issuer = parse_cert(chain.get(1).ok_or(OcspError::NoIssuer)?)?;
+    let alg = &aws_lc_rs::digest::SHA1_FOR_LEGACY_USE_ONLY;
+    let name_hash = aws_lc_rs::digest::digest(alg, issuer.subject().as_raw());
+    let key_hash = aws_lc_rs::digest::digest(alg, &issuer.public_key().subject_public_key.data);
+    // AlgorithmIdentifier { id-sha1, NULL }
+    let sha1 = [
+        0x30, 0x09, 0x06, 0x05, 0x2b, 0x0e, 0x03, 0x02, 0x1a, 0x05, 0x00,
+    ];
+    let mut cert_id = sha1.to_vec();
+    cert_id.extend(tlv(0x04, name_hash.as_ref()));
+    cert_id.extend(tlv(0x04, key_hash.as_ref()));
+    cert_id.extend(tlv(0x02, leaf.tbs_certificate.raw_serial()));
+    let request = tlv(0x30, &tlv(0x30, &cert_id));
+    let request_list = tlv(0x30, &request);
+    let tbs = tlv(0x30, &request_list);
+    Ok(tlv(0x30, &tbs))
+}
+
+fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
+    let mut out = vec![tag];
+    let n = content.len();
+    if n < 0x80 {
+        out.push(n as u8);
+    } else {
+        let bytes = (n as u64).to_be_bytes();
+        let skip = bytes.iter().take_while(|b| **b == 0).count();
+        out.push(0x80 | (8 - skip) as u8);
+        out.extend_from_slice(&bytes[skip..]);
+    }
+    out.extend_from_slice(content);
+    out
+}
+
+/// Asks the leaf's responder (HTTP POST, RFC 6960 appendix A) for a response, within `timeout`.
+/// Only `http://` URLs: OCSP responses are signed, the transport needs no TLS.
+pub fn fetch(chain: &[CertificateDer<'_>], timeout: Duration) -> anyhow::Result<Vec<u8>> {
+    use anyhow::{bail, Context};
+    let leaf = chain.first().context("empty chain")?;
+    let url = responder_url(leaf).context("the certificate names no OCSP responder (AIA)")?;
+    let rest = url
+        .strip_prefix("http://")
+        .with_context(|| format!("{url}: only http:// responders are supported"))?;
+    let (hostport, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let target = if hostport.contains(':') {
+        hostport.to_owned()
+    } else {
+        format!("{hostport}:80")
+    };
+    let body = request(chain)?;
+    let deadline = std::time::Instant::now() + timeout;
+    let addr = target
+        .to_socket_addrs()
+        .with_context(|| format!("{url}: cannot resolve {target}"))?
+        .next()
+        .with_context(|| format!("{url}: {target} has no address"))?;
+    let mut s = TcpStream::connect_timeout(&addr, timeout)
+        .with_context(|| format!("{url}: cannot connect"))?;
+    let left = || {
+        deadline
+            .saturating_duration_since(std::time::Instant::now())
+            .max(Duration::from_millis(1))
+    };
+    s.set_write_timeout(Some(left()))?;
+    let host = hostport;
+    write!(
+        s,
+        "POST {path} HTTP/1.0\r\nHost: {host}\r\nContent-Type: application/ocsp-request\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .and_then(|()| s.write_all(&body))
+    .with_context(|| format!("{url}: sending the request"))?;
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 16384];
+    loop {
+        s.set_read_timeout(Some(left()))?;
+        let n = s
+            .read(&mut buf)
+            .with_context(|| format!("{url}: no complete answer within {timeout:?}"))?;
+        if n == 0 {
+            break;
+        }
+        answer.extend_from_slice(&buf[..n]);
+        if answer.len() > MAX_RESPONSE_BYTES {
+            bail!("{url}: answer larger than {MAX_RESPONSE_BYTES} bytes");
+        }
+    }
+    let split = answer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .with_context(|| format!("{url}: not an HTTP answer"))?;
+    let head = String::from_utf8_lossy(&answer[..split]);
+    let status = head.lines().next().unwrap_or_default();
+    if status.split_whitespace().nth(1) != Some("200") {
+        bail!("{url}: responder answered {status:?}");
+    }
+    Ok(answer[split + 4..].to_vec())
 }
 
 fn unix_secs(t: SystemTime) -> u64 {

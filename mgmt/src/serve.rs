@@ -175,7 +175,7 @@ pub fn build_snapshot_scheduled(
             let key = crate::ocsp::attach(
                 &l.name,
                 &report.subject,
-                c.ocsp.as_ref().map(|p| config.resolve(p)).as_deref(),
+                ocsp_source(config, c).as_ref(),
                 key,
                 now,
                 &mut ocsp_wake,
@@ -206,6 +206,20 @@ pub fn build_snapshot_scheduled(
         });
     }
     Ok((Snapshot { listeners }, ocsp_wake))
+}
+
+/// Where a certificate's OCSP response comes from, if anywhere.
+fn ocsp_source(
+    config: &Config,
+    c: &crate::config::CertificateConfig,
+) -> Option<crate::ocsp::Source> {
+    match (&c.ocsp, c.ocsp_fetch) {
+        (Some(p), _) => Some(crate::ocsp::Source::File(config.resolve(p))),
+        (None, true) => Some(crate::ocsp::Source::Fetch {
+            timeout: crate::ocsp::FETCH_TIMEOUT,
+        }),
+        (None, false) => None,
+    }
 }
 
 /// The DNS names among a leaf's SANs (IP, e-mail and URI SANs are not SNI names).

@@ -253,3 +253,141 @@ fn good_responses_are_stapled_and_bad_ones_refused_and_counted() -> Result<()> {
 fn root_of(lab: &Lab) -> Result<CertificateDer<'static>> {
     Ok(CertificateDer::from_pem_file(lab.path("ca/root.pem"))?)
 }
+
+#[test]
+fn a_response_fetched_from_the_responder_in_the_certificate_is_stapled() -> Result<()> {
+    if !openssl_available() {
+        return Ok(());
+    }
+    let lab = Lab::new()?;
+    // The lab CA (made by the key ceremony), then a leaf whose AIA names our responder.
+    let _ = lab.token_key_with_chain("ec-p256", "unused")?;
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        l.local_addr()?.port()
+    };
+    let key = lab.path("aia.key");
+    let csr = lab.path("aia.csr");
+    let leaf = lab.path("aia-leaf.pem");
+    let ext = lab.path("aia.ext");
+    openssl(&[
+        "genpkey",
+        "-algorithm",
+        "EC",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-out",
+        &key.display().to_string(),
+    ])?;
+    openssl(&[
+        "req",
+        "-new",
+        "-key",
+        &key.display().to_string(),
+        "-subj",
+        "/CN=localhost",
+        "-out",
+        &csr.display().to_string(),
+    ])?;
+    std::fs::write(
+        &ext,
+        format!(
+            "subjectAltName=DNS:localhost\nauthorityInfoAccess=OCSP;URI:http://127.0.0.1:{port}/\n"
+        ),
+    )?;
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &csr.display().to_string(),
+        "-CA",
+        &lab.p("ca/intermediate.pem"),
+        "-CAkey",
+        &lab.p("ca/intermediate.key"),
+        "-set_serial",
+        "4242",
+        "-days",
+        "30",
+        "-extfile",
+        &ext.display().to_string(),
+        "-out",
+        &leaf.display().to_string(),
+    ])?;
+    let chain = lab.path("aia-chain.pem");
+    std::fs::write(
+        &chain,
+        format!(
+            "{}{}",
+            std::fs::read_to_string(&leaf)?,
+            std::fs::read_to_string(lab.path("ca/intermediate.pem"))?
+        ),
+    )?;
+    let certs: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(&chain)?.collect::<Result<_, _>>()?;
+    assert_eq!(
+        ocsp::responder_url(&certs[0]).as_deref(),
+        Some(format!("http://127.0.0.1:{port}/").as_str())
+    );
+
+    // openssl ocsp as the responder on 127.0.0.1.
+    let index = lab.path("aia.index");
+    std::fs::write(&index, "V\t491231235959Z\t\t1092\tunknown\t/CN=localhost\n")?;
+    // It says "ACCEPT" once listening; a bare probe connection would block it (it
+    // serves one connection at a time and waits on a silent one).
+    let log = lab.path("responder.log");
+    let log_file = std::fs::File::create(&log)?;
+    let child = Command::new("openssl")
+        .args(["ocsp", "-index"])
+        .arg(&index)
+        .args(["-port", &port.to_string(), "-rsigner"])
+        .arg(lab.path("ca/intermediate.pem"))
+        .arg("-rkey")
+        .arg(lab.path("ca/intermediate.key"))
+        .arg("-CA")
+        .arg(lab.path("ca/intermediate.pem"))
+        .args(["-ndays", "1"])
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone()?)
+        .stderr(log_file)
+        .spawn()?;
+    let mut responder = common::ChildGuard {
+        child,
+        name: "openssl ocsp",
+    };
+    let start = std::time::Instant::now();
+    while !std::fs::read_to_string(&log)?.contains("ACCEPT") {
+        if let Some(status) = responder.child.try_wait()? {
+            anyhow::bail!(
+                "openssl ocsp exited: {status}: {}",
+                std::fs::read_to_string(&log)?
+            );
+        }
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(20),
+            "responder not listening"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let fetched = ocsp::fetch(&certs, Duration::from_secs(5))?;
+    ocsp::check(&fetched, &certs, SystemTime::now()).expect("the fetched response checks");
+
+    let config = lab.path("aia.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[dataplane]\ncores = [0]\n\n[[listener]]\nname = \"aia\"\nbind = \"127.0.0.1:0\"\nbackend = \"127.0.0.1:9\"\n\
+             [[listener.certificate]]\nchain = \"{}\"\nkey = \"file:{}\"\nocsp_fetch = true\n",
+            chain.display(),
+            key.display()
+        ),
+    )?;
+    let serve = Serve::start(&lab, &config)?;
+    let out = s_client_status(&serve.addr)?;
+    assert!(
+        out.contains("OCSP Response Status: successful") && out.contains("Cert Status: good"),
+        "fetched and stapled: {out}"
+    );
+    serve.signal("TERM")?;
+    Ok(())
+}
