@@ -391,3 +391,93 @@ fn a_response_fetched_from_the_responder_in_the_certificate_is_stapled() -> Resu
     serve.signal("TERM")?;
     Ok(())
 }
+
+/// A responder certificate issued by `ca/intermediate` with (or without) id-kp-OCSPSigning.
+fn delegate(lab: &Lab, name: &str, ocsp_signing: bool) -> Result<(String, String)> {
+    let key = format!("{name}.key");
+    let csr = lab.path(&format!("{name}.csr"));
+    let ext = lab.path(&format!("{name}.ext"));
+    let cert = format!("{name}.pem");
+    openssl(&[
+        "genpkey",
+        "-algorithm",
+        "EC",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-out",
+        &lab.p(&key),
+    ])?;
+    openssl(&[
+        "req",
+        "-new",
+        "-key",
+        &lab.p(&key),
+        "-subj",
+        &format!("/CN={name}"),
+        "-out",
+        &csr.display().to_string(),
+    ])?;
+    let eku = if ocsp_signing {
+        "extendedKeyUsage=OCSPSigning\n"
+    } else {
+        "extendedKeyUsage=serverAuth\n"
+    };
+    std::fs::write(&ext, eku)?;
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &csr.display().to_string(),
+        "-CA",
+        &lab.p("ca/intermediate.pem"),
+        "-CAkey",
+        &lab.p("ca/intermediate.key"),
+        "-set_serial",
+        "77",
+        "-days",
+        "2",
+        "-extfile",
+        &ext.display().to_string(),
+        "-out",
+        &lab.p(&cert),
+    ])?;
+    Ok((cert, key))
+}
+
+#[test]
+fn a_delegated_responder_needs_the_ocsp_signing_usage() -> Result<()> {
+    if !openssl_available() {
+        return Ok(());
+    }
+    let lab = Lab::new()?;
+    let chain = lab.token_key_with_chain("ec-p256", "web")?;
+    let leaf = lab.path("leaf.pem");
+    openssl(&[
+        "x509",
+        "-in",
+        &chain.display().to_string(),
+        "-out",
+        &leaf.display().to_string(),
+    ])?;
+    let certs: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(&chain)?.collect::<Result<_, _>>()?;
+    let now = SystemTime::now();
+
+    let (cert, key) = delegate(&lab, "responder", true)?;
+    let good = response(&lab, "delegated", &leaf, false, (&cert, &key))?;
+    let status = ocsp::check(&std::fs::read(&good)?, &certs, now)
+        .expect("signed by a delegated responder of the issuer");
+    assert!(ocsp::wake_at(&status, now) < status.next_update);
+    assert!(
+        ocsp::wake_at(&status, status.next_update - Duration::from_secs(1)) == status.next_update
+    );
+
+    let (cert, key) = delegate(&lab, "not-a-responder", false)?;
+    let bad = response(&lab, "undelegated", &leaf, false, (&cert, &key))?;
+    assert_eq!(
+        ocsp::check(&std::fs::read(&bad)?, &certs, now),
+        Err(OcspError::BadSignature),
+        "a certificate without id-kp-OCSPSigning may not answer for its issuer"
+    );
+    Ok(())
+}
