@@ -87,6 +87,35 @@ mod tests {
     }
 
     #[test]
+    fn tlvs_follow_the_addresses_and_count_in_the_length() {
+        let mut tlvs = Vec::new();
+        push_tlv(&mut tlvs, 0x02, b"example.com");
+        push_tlv(&mut tlvs, 0xE1, &[7u8; 32]);
+        let h = header_with_tlvs(
+            "10.1.2.3:40000".parse().expect("literal"),
+            "192.0.2.1:443".parse().expect("literal"),
+            &tlvs,
+        );
+        assert_eq!(h.len(), 28 + tlvs.len());
+        assert_eq!(u16::from_be_bytes([h[14], h[15]]) as usize, 12 + tlvs.len());
+        assert_eq!(&h[28..31], &[0x02, 0, 11]);
+        assert_eq!(&h[31..42], b"example.com");
+        assert_eq!(&h[42..45], &[0xE1, 0, 32]);
+        // A value too long for a TLV is cut, never wrapped into a wrong length.
+        let mut big = Vec::new();
+        push_tlv(&mut big, 0xE0, &vec![0u8; 70_000]);
+        assert_eq!(&big[..3], &[0xE0, 0xFF, 0xFF]);
+        assert_eq!(big.len(), 3 + 65_535);
+        // TLVs that cannot fit the 16-bit header length are left off.
+        let h = header_with_tlvs(
+            "10.1.2.3:1".parse().expect("literal"),
+            "192.0.2.1:2".parse().expect("literal"),
+            &big,
+        );
+        assert_eq!(h.len(), 28);
+    }
+
+    #[test]
     fn tcp6_header_layout() {
         let h = header(
             "[2001:db8::1]:1234".parse().expect("literal"),
