@@ -562,3 +562,55 @@ fn no_client_certificate_means_the_plain_proxy_header() {
         dp.shutdown(Duration::from_secs(1)).expect("shutdown");
     }
 }
+
+#[test]
+fn a_backend_that_never_answers_the_tls_handshake_times_out() {
+    // Accepts TCP and holds the connection without a word.
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let backend = l.local_addr().expect("addr");
+    thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in l.incoming().flatten() {
+            held.push(s);
+        }
+    });
+    let zone = ca("backend zone CA");
+    let p = pki(KeyKind::Ecdsa);
+    let (tls, _) = server_config(&p, None);
+    for io in drivers() {
+        let mut cfg = DataplaneConfig::new(cores());
+        cfg.limits.backend_connect_timeout_ms = 300;
+        cfg.limits.handshake_timeout_ms = 1000;
+        let Some(dp) = start_dp(
+            cfg,
+            io,
+            vec![tls_listener(
+                tls.clone(),
+                backend,
+                false,
+                Some(backend_tls(&zone, "backend.internal", None)),
+            )],
+        ) else {
+            continue;
+        };
+        let started = std::time::Instant::now();
+        let mut t = connect(addr(&dp), &client_config(&p, all_versions()));
+        handshake(&mut t).expect("client handshake");
+        let mut got = Vec::new();
+        let _ = t.read_to_end(&mut got);
+        assert!(got.is_empty(), "{io:?}");
+        eventually("timeout counted", || {
+            dp.stats()
+                .backend_tls_errors(BackendTlsCause::HandshakeTimeout)
+                == 1
+        });
+        // The connect timeout bounds it (the io_uring driver's timer may first wake at the
+        // client handshake deadline).
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{io:?}: {:?}",
+            started.elapsed()
+        );
+        dp.shutdown(Duration::from_secs(1)).expect("shutdown");
+    }
+}
