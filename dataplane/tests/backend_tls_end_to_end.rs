@@ -614,3 +614,47 @@ fn a_backend_that_never_answers_the_tls_handshake_times_out() {
         dp.shutdown(Duration::from_secs(1)).expect("shutdown");
     }
 }
+
+/// Measurement aid, not a check: `cargo test -p tlsgate-dataplane --test
+/// backend_tls_end_to_end -- --ignored --nocapture` prints MiB/s of a full-duplex transfer
+/// through a plain and a TLS backend (same echo, same sizes).
+#[test]
+#[ignore]
+fn measure_plain_vs_tls_backend_throughput() {
+    let zone = ca("backend zone CA");
+    let leaf = zone.leaf("backend.internal", &["backend.internal"], false);
+    let (tls_backend, _seen) = tls_echo_backend(backend_server_config(&leaf, None), false);
+    let plain_backend = echo_backend();
+    let p = pki(KeyKind::Ecdsa);
+    let (tls, _) = server_config(&p, None);
+    let n: u64 = 64 << 20;
+    for io in drivers() {
+        for (what, backend, bt) in [
+            ("plain", plain_backend, None),
+            (
+                "tls",
+                tls_backend,
+                Some(backend_tls(&zone, "backend.internal", None)),
+            ),
+        ] {
+            let Some(dp) = start_dp(
+                DataplaneConfig::new(vec![0]),
+                io,
+                vec![tls_listener(tls.clone(), backend, false, bt)],
+            ) else {
+                break;
+            };
+            let mut t = connect(addr(&dp), &client_config(&p, all_versions()));
+            handshake(&mut t).expect("handshake");
+            let started = std::time::Instant::now();
+            let (a, b, got) = duplex(t, n, 3).expect("duplex");
+            let secs = started.elapsed().as_secs_f64();
+            assert_eq!((a, got), (b, n));
+            println!(
+                "{io:?} {what} backend: {n} bytes each way in {secs:.2} s = {:.0} MiB/s",
+                n as f64 / secs / (1 << 20) as f64
+            );
+            dp.shutdown(Duration::from_secs(1)).expect("shutdown");
+        }
+    }
+}
