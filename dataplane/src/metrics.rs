@@ -28,5 +28,9 @@ pub const KEY_OP_QUEUE_DEPTH: &str = "tlsgate_key_op_queue_depth";
 pub const TRANSFERRED_BYTES_TOTAL: &str = "tlsgate_transferred_bytes_total";
 /// Times a core stopped accepting because a per-core limit was reached. Labels: `core`.
 pub const ACCEPT_PAUSED_TOTAL: &str = "tlsgate_accept_paused_total";
+/// Backend TLS sessions that failed. Labels: `listener`, `reason`
+/// ([`crate::conn::BackendTlsCause::as_str`]: `certificate_expired`, `name_mismatch`,
+/// `unknown_issuer`, ...). Each is also closed with reason `backend_tls_error`.
+pub const BACKEND_TLS_ERRORS_TOTAL: &str = "tlsgate_backend_tls_errors_total";
 /// 1 for the io driver that runs. Labels: `driver` (`uring`|`portable`).
 pub const IO_DRIVER: &str = "tlsgate_io_driver";

@@ -30,7 +30,8 @@ pub struct ListenerSnapshot {
     pub offload_key_ops: bool,
     /// Where decrypted bytes go.
     pub backend: SocketAddr,
-    /// Send a PROXY protocol v2 header to the backend first.
+    /// Send a PROXY protocol v2 header to the backend first (with the client-certificate
+    /// TLVs of [`crate::conn::identity`] when the client presented one).
     pub proxy_protocol: bool,
     /// Refuses ClientHellos by SNI with an `unrecognized_name` alert before rustls sees them;
     /// `None` lets every name through.
@@ -39,6 +40,8 @@ pub struct ListenerSnapshot {
     /// current trust (a CRL may have revoked it since the session was made); `None` when the
     /// listener does not authenticate clients.
     pub client_cert_check: Option<ClientCertCheck>,
+    /// Speak TLS to the backend (after the PROXY header, when that is on).
+    pub backend_tls: Option<crate::conn::BackendTls>,
 }
 
 /// Answers whether a client certificate chain (end entity first) is still acceptable.

@@ -7,11 +7,11 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::conn::{CloseReason, HandshakeInfo};
+use crate::conn::{BackendTlsCause, CloseReason, HandshakeInfo};
 use crate::metrics as m;
 
 /// Every close reason, in counter-array order.
-pub(crate) const REASONS: [CloseReason; 18] = [
+pub(crate) const REASONS: [CloseReason; N_REASONS] = [
     CloseReason::Done,
     CloseReason::ClientHelloTooLarge,
     CloseReason::BadClientHello,
@@ -28,19 +28,36 @@ pub(crate) const REASONS: [CloseReason; 18] = [
     CloseReason::BackendConnectTimeout,
     CloseReason::ClientIoError,
     CloseReason::BackendIoError,
+    // Stands for every cause; the causes have their own counters.
+    CloseReason::BackendTlsError(BackendTlsCause::ProtocolError),
     CloseReason::ListenerGone,
     CloseReason::Shutdown,
 ];
 
+const N_REASONS: usize = 19;
+const N_CAUSES: usize = BackendTlsCause::ALL.len();
+
 fn reason_index(r: CloseReason) -> usize {
-    REASONS.iter().position(|x| *x == r).unwrap_or(0)
+    let d = std::mem::discriminant(&r);
+    REASONS
+        .iter()
+        .position(|x| std::mem::discriminant(x) == d)
+        .unwrap_or(0)
+}
+
+fn cause_index(c: BackendTlsCause) -> usize {
+    BackendTlsCause::ALL
+        .iter()
+        .position(|x| *x == c)
+        .unwrap_or(0)
 }
 
 /// Counters of one core. Only the owning core writes them.
 #[derive(Debug, Default)]
 pub(crate) struct CoreStats {
     pub accepted: AtomicU64,
-    pub closed: [AtomicU64; REASONS.len()],
+    pub closed: [AtomicU64; N_REASONS],
+    pub backend_tls_errors: [AtomicU64; N_CAUSES],
     pub handshakes_in_flight: AtomicU64,
     pub handshakes_full: AtomicU64,
     pub handshakes_resumed: AtomicU64,
@@ -73,6 +90,8 @@ pub struct StatsSnapshot {
     pub connections_open: u64,
     /// Connections closed, by reason (`CloseReason::as_str`); reasons never seen are absent.
     pub closed_by_reason: Vec<(&'static str, u64)>,
+    /// Backend TLS failures by cause (`BackendTlsCause::as_str`); causes never seen are absent.
+    pub backend_tls_errors: Vec<(&'static str, u64)>,
     /// Handshakes in flight now.
     pub handshakes_in_flight: u64,
     /// Full handshakes completed.
@@ -116,9 +135,18 @@ impl StatsSnapshot {
             .map_or(0, |(_, n)| *n)
     }
 
+    /// Backend TLS failures for one cause.
+    pub fn backend_tls_errors(&self, cause: BackendTlsCause) -> u64 {
+        self.backend_tls_errors
+            .iter()
+            .find(|(r, _)| *r == cause.as_str())
+            .map_or(0, |(_, n)| *n)
+    }
+
     pub(crate) fn sum(cores: &[Arc<CoreStats>]) -> Self {
         let mut s = StatsSnapshot::default();
-        let mut closed = [0u64; REASONS.len()];
+        let mut closed = [0u64; N_REASONS];
+        let mut causes = [0u64; N_CAUSES];
         let mut total_closed = 0;
         for c in cores {
             s.connections_accepted += c.accepted.load(Relaxed);
@@ -126,6 +154,9 @@ impl StatsSnapshot {
                 let n = c.closed[i].load(Relaxed);
                 *slot += n;
                 total_closed += n;
+            }
+            for (i, slot) in causes.iter_mut().enumerate() {
+                *slot += c.backend_tls_errors[i].load(Relaxed);
             }
             s.handshakes_in_flight += c.handshakes_in_flight.load(Relaxed);
             s.handshakes_full += c.handshakes_full.load(Relaxed);
@@ -150,6 +181,12 @@ impl StatsSnapshot {
             .zip(closed)
             .filter(|(_, n)| *n > 0)
             .map(|(r, n)| (r.as_str(), n))
+            .collect();
+        s.backend_tls_errors = BackendTlsCause::ALL
+            .iter()
+            .zip(causes)
+            .filter(|(_, n)| *n > 0)
+            .map(|(c, n)| (c.as_str(), n))
             .collect();
         s
     }
@@ -177,6 +214,8 @@ pub(crate) struct CoreRecorder {
     core: String,
     pub stats: Arc<CoreStats>,
     handshakes: HashMap<HsKey, u64>,
+    /// Backend TLS failures by (listener, cause) since the last flush.
+    backend_tls_errors: HashMap<(String, &'static str), u64>,
     hs_samples: Vec<(String, &'static str, f64)>,
     key_op_samples: Vec<f64>,
     flushed: Flushed,
@@ -186,7 +225,7 @@ pub(crate) struct CoreRecorder {
 #[derive(Debug, Default)]
 struct Flushed {
     accepted: u64,
-    closed: [u64; REASONS.len()],
+    closed: [u64; N_REASONS],
     key_ops: [u64; 6],
     bytes: [u64; 4],
     accept_paused: u64,
@@ -198,6 +237,7 @@ impl CoreRecorder {
             core: core.to_string(),
             stats,
             handshakes: HashMap::new(),
+            backend_tls_errors: HashMap::new(),
             hs_samples: Vec::new(),
             key_op_samples: Vec::new(),
             flushed: Flushed::default(),
@@ -242,6 +282,13 @@ impl CoreRecorder {
     /// A connection ended; `handshaking` says whether it ended before its handshake completed.
     pub(crate) fn closed(&mut self, listener: &str, reason: CloseReason, handshaking: bool) {
         add(&self.stats.closed[reason_index(reason)], 1);
+        if let CloseReason::BackendTlsError(cause) = reason {
+            add(&self.stats.backend_tls_errors[cause_index(cause)], 1);
+            *self
+                .backend_tls_errors
+                .entry((listener.to_owned(), cause.as_str()))
+                .or_default() += 1;
+        }
         if handshaking {
             self.stats.handshakes_in_flight.fetch_sub(1, Relaxed);
             add(&self.stats.handshakes_failed, 1);
@@ -364,6 +411,10 @@ impl CoreRecorder {
                 "listener" => k.listener, "version" => k.version, "suite" => k.suite,
                 "group" => k.group, "kind" => k.kind, "result" => k.result)
             .increment(n);
+        }
+        for ((listener, reason), n) in self.backend_tls_errors.drain() {
+            metrics::counter!(m::BACKEND_TLS_ERRORS_TOTAL, "listener" => listener, "reason" => reason)
+                .increment(n);
         }
         for (listener, kind, secs) in self.hs_samples.drain(..) {
             metrics::histogram!(m::HANDSHAKE_DURATION_SECONDS, "listener" => listener, "kind" => kind)

@@ -157,6 +157,8 @@ pub struct ListenerConfig {
     /// tickets (`[listener.session]`; defaults in `crate::session`).
     #[serde(default)]
     pub session: crate::session::SessionConfig,
+    /// TLS to the backend (its CA, expected name, optional client certificate).
+    pub backend_tls: Option<crate::backend_tls::BackendTlsConfig>,
 }
 
 impl ListenerConfig {
@@ -177,6 +179,13 @@ pub struct CertificateConfig {
     /// SNI names this certificate answers for (`*.` wildcards allowed); the leaf's DNS SANs when
     /// absent.
     pub names: Option<Vec<String>>,
+    /// DER OCSP response to staple (checked first: see `ocsp.rs`); re-read on reload and when
+    /// the current one nears its nextUpdate.
+    pub ocsp: Option<PathBuf>,
+    /// Fetch the OCSP response from the responder named in the leaf (AIA, http://) instead of
+    /// a file; refreshed like a file. Not with `ocsp`.
+    #[serde(default)]
+    pub ocsp_fetch: bool,
     /// Answers clients that send no SNI (or an unknown one, unless `unknown_sni = "refuse"`).
     /// When no certificate of a listener is marked, all of them are defaults.
     #[serde(default)]
@@ -321,6 +330,12 @@ impl Config {
                         )
                     })?;
                 }
+                if c.ocsp_fetch && c.ocsp.is_some() {
+                    return Err(self.invalid(
+                        format!("listener[{i}].certificate[{j}].ocsp_fetch"),
+                        "`ocsp` (a file) and `ocsp_fetch = true` (the responder) exclude each other: keep one",
+                    ));
+                }
                 let key: KeyRef = c.key.parse().map_err(|e| {
                     self.invalid(
                         format!("listener[{i}].certificate[{j}].key"),
@@ -330,6 +345,11 @@ impl Config {
                 if matches!(key, KeyRef::Pkcs11(_)) {
                     needs_token = true;
                 }
+            }
+            if let Some(bt) = &l.backend_tls {
+                needs_token |= bt.check().map_err(|(field, why)| {
+                    self.invalid(format!("listener[{i}].backend_tls.{field}"), why)
+                })?;
             }
         }
         if needs_token && self.pkcs11.is_none() {

@@ -4,6 +4,7 @@
 //! lives here so integration tests can reach it.
 #![forbid(unsafe_code)]
 
+pub mod backend_tls;
 pub mod cli;
 pub mod client_auth;
 pub mod config;
@@ -11,6 +12,7 @@ pub mod files;
 pub mod http_head;
 pub mod logging;
 pub mod metrics_http;
+pub mod ocsp;
 pub mod policy;
 pub mod serve;
 pub mod session;

@@ -42,7 +42,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         None => None,
     };
     let token = open_token(&config)?;
-    let snapshot = build_snapshot(&config, token.as_ref())?;
+    let (snapshot, ocsp_wake) = build_snapshot_scheduled(&config, token.as_ref())?;
     let dp_config = config.dataplane();
     let drain = dp_config.limits.drain_timeout();
     let dataplane = tlsgate_dataplane::start(dp_config, Arc::new(snapshot))
@@ -62,7 +62,12 @@ pub fn run(args: ServeArgs) -> Result<()> {
         crate::files::write_atomic(path, ready.as_bytes(), 0o644)?;
     }
 
-    rt.block_on(wait_for_signals(&args.config, &dataplane, token.as_ref()))?;
+    rt.block_on(wait_for_signals(
+        &args.config,
+        &dataplane,
+        token.as_ref(),
+        ocsp_wake,
+    ))?;
     tracing::info!(drain_secs = drain.as_secs_f64(), "draining");
     dataplane.shutdown(drain).context("shutdown")?;
     tracing::info!("stopped");
@@ -73,32 +78,49 @@ async fn wait_for_signals(
     config_path: &Path,
     dataplane: &tlsgate_dataplane::Dataplane,
     token: Option<&Arc<Token>>,
+    mut ocsp_wake: Option<SystemTime>,
 ) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
     loop {
-        tokio::select! {
+        // OCSP responses near their nextUpdate: reload (re-reads and re-checks them) then.
+        let ocsp_sleep = ocsp_wake.map(|at| {
+            at.duration_since(SystemTime::now())
+                .unwrap_or_default()
+                .max(std::time::Duration::from_secs(1))
+        });
+        let why = tokio::select! {
             _ = term.recv() => return Ok(()),
             _ = int.recv() => return Ok(()),
-            _ = hup.recv() => {
-                match reload(config_path, token) {
-                    Ok(snapshot) => {
-                        dataplane.update(Arc::new(snapshot));
-                        tracing::info!("reloaded certificates for new handshakes");
-                    }
-                    Err(err) => tracing::error!(error = %format!("{err:#}"), "reload refused; the running configuration stays"),
+            _ = hup.recv() => "SIGHUP",
+            _ = async { match ocsp_sleep { Some(d) => tokio::time::sleep(d).await, None => std::future::pending().await } } => "OCSP refresh",
+        };
+        match reload(config_path, token) {
+            Ok((snapshot, wake)) => {
+                dataplane.update(Arc::new(snapshot));
+                ocsp_wake = wake;
+                tracing::info!(trigger = why, "reloaded certificates for new handshakes");
+            }
+            Err(err) => {
+                // Keep the old schedule only for a signal; a failing timed reload must not spin.
+                if why != "SIGHUP" {
+                    ocsp_wake = None;
                 }
+                tracing::error!(trigger = why, error = %format!("{err:#}"), "reload refused; the running configuration stays")
             }
         }
     }
 }
 
 /// Re-reads certificates and keys. Listener addresses, cores and the token are fixed at start.
-fn reload(config_path: &Path, token: Option<&Arc<Token>>) -> Result<Snapshot> {
+fn reload(
+    config_path: &Path,
+    token: Option<&Arc<Token>>,
+) -> Result<(Snapshot, Option<SystemTime>)> {
     let config = Config::load(config_path)?;
-    build_snapshot(&config, token)
+    build_snapshot_scheduled(&config, token)
 }
 
 /// Opens the token named by `[pkcs11]`, if any.
@@ -114,7 +136,16 @@ pub fn open_token(config: &Config) -> Result<Option<Arc<Token>>> {
 /// Loads every listener's certificates and keys into a snapshot, checking each chain (order,
 /// validity, key match) so a bad file fails here and not in a handshake.
 pub fn build_snapshot(config: &Config, token: Option<&Arc<Token>>) -> Result<Snapshot> {
+    Ok(build_snapshot_scheduled(config, token)?.0)
+}
+
+/// [`build_snapshot`], and when the OCSP responses want a fresh look (see `ocsp::wake_at`).
+pub fn build_snapshot_scheduled(
+    config: &Config,
+    token: Option<&Arc<Token>>,
+) -> Result<(Snapshot, Option<SystemTime>)> {
     let now = SystemTime::now();
+    let mut ocsp_wake = None;
     let mut listeners = Vec::with_capacity(config.listeners.len());
     for (i, l) in config.listeners.iter().enumerate() {
         let policy = l
@@ -145,9 +176,19 @@ pub fn build_snapshot(config: &Config, token: Option<&Arc<Token>>) -> Result<Sna
                 Some(names) => names.clone(),
                 None => dns_names(&report.sans),
             };
+            let key = tlsgate_keystore::cert::certified_key(&chain, loaded.signing_key.clone())
+                .with_context(|| at.clone())?;
+            let key = crate::ocsp::attach(
+                &l.name,
+                &report.subject,
+                ocsp_source(config, c).as_ref(),
+                key,
+                now,
+                &mut ocsp_wake,
+            )
+            .with_context(|| format!("{at}.ocsp"))?;
             certs.push(crate::tls::ServedCert {
-                key: tlsgate_keystore::cert::certified_key(&chain, loaded.signing_key.clone())
-                    .with_context(|| at.clone())?,
+                key,
                 names,
                 default: c.default,
             });
@@ -183,9 +224,24 @@ pub fn build_snapshot(config: &Config, token: Option<&Arc<Token>>) -> Result<Sna
             proxy_protocol: l.proxy_protocol,
             sni_filter,
             client_cert_check,
+            backend_tls: crate::backend_tls::build(config, i, token)?,
         });
     }
-    Ok(Snapshot { listeners })
+    Ok((Snapshot { listeners }, ocsp_wake))
+}
+
+/// Where a certificate's OCSP response comes from, if anywhere.
+fn ocsp_source(
+    config: &Config,
+    c: &crate::config::CertificateConfig,
+) -> Option<crate::ocsp::Source> {
+    match (&c.ocsp, c.ocsp_fetch) {
+        (Some(p), _) => Some(crate::ocsp::Source::File(config.resolve(p))),
+        (None, true) => Some(crate::ocsp::Source::Fetch {
+            timeout: crate::ocsp::FETCH_TIMEOUT,
+        }),
+        (None, false) => None,
+    }
 }
 
 /// The DNS names among a leaf's SANs (IP, e-mail and URI SANs are not SNI names).

@@ -25,6 +25,15 @@ impl ByteQueue {
         self.buf.extend_from_slice(data);
     }
 
+    /// Puts `data` in front of what is queued (a header decided after bytes arrived).
+    pub(crate) fn prepend(&mut self, data: &[u8]) {
+        let mut buf = Vec::with_capacity(data.len() + self.len());
+        buf.extend_from_slice(data);
+        buf.extend_from_slice(self.as_slice());
+        self.buf = buf;
+        self.head = 0;
+    }
+
     pub(crate) fn consume(&mut self, n: usize) {
         self.head = (self.head + n).min(self.buf.len());
         if self.head == self.buf.len() {

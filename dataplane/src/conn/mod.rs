@@ -14,17 +14,22 @@
 //!                                                                           finished
 //! ```
 
+pub mod backend_tls;
 mod buffer;
 pub(crate) mod hello;
+pub mod identity;
 pub(crate) mod proxy_v2;
 
-use std::io::{self, BufRead, Write};
+use std::io::{self, BufRead, Read, Write};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rustls::client::ClientConnection;
 use rustls::server::{Acceptor, ServerConnection};
 use rustls::{HandshakeKind, ServerConfig};
+
+pub use backend_tls::{BackendTls, BackendTlsCause};
 
 use crate::config::Limits;
 use crate::snapshot::{tripwire_reset, tripwire_tripped, PreparedListener};
@@ -75,6 +80,8 @@ pub enum CloseReason {
     ClientIoError,
     /// A socket error on the backend side (backend).
     BackendIoError,
+    /// TLS to the backend failed: its certificate, its alerts, or its handshake (backend).
+    BackendTlsError(BackendTlsCause),
     /// The current snapshot has no such listener (configuration).
     ListenerGone,
     /// The data plane shut down before the connection finished (us).
@@ -101,6 +108,7 @@ impl CloseReason {
             CloseReason::BackendConnectTimeout => "backend_connect_timeout",
             CloseReason::ClientIoError => "client_io_error",
             CloseReason::BackendIoError => "backend_io_error",
+            CloseReason::BackendTlsError(_) => "backend_tls_error",
             CloseReason::ListenerGone => "listener_gone",
             CloseReason::Shutdown => "shutdown",
         }
@@ -240,11 +248,21 @@ pub struct Conn {
     cap: usize,
     handshake_timeout: Duration,
     idle_timeout: Duration,
+    backend_connect_timeout: Duration,
+    peer: SocketAddr,
+    local: SocketAddr,
     accepted_at: Instant,
     last_activity: Instant,
     client_in: ByteQueue,
     to_client: ByteQueue,
+    /// Plaintext for the backend (before encryption when the backend speaks TLS).
     to_backend: ByteQueue,
+    /// TLS backends only: what goes on the backend socket (PROXY header, then TLS records).
+    backend_wire: ByteQueue,
+    backend_tls: Option<Box<ClientConnection>>,
+    /// When the backend TLS handshake started (backend connected); bounds it.
+    backend_tls_since: Option<Instant>,
+    backend_close_notify_sent: bool,
     backend_connected: bool,
     client_eof: bool,
     eof_signaled: bool,
@@ -276,10 +294,6 @@ impl Conn {
         local: SocketAddr,
         now: Instant,
     ) -> Self {
-        let mut to_backend = ByteQueue::default();
-        if listener.snap.proxy_protocol {
-            to_backend.push(&proxy_v2::header(peer, local));
-        }
         Self {
             phase: Phase::Hello {
                 acceptor: Box::default(),
@@ -291,11 +305,18 @@ impl Conn {
             cap: limits.buffer_bytes,
             handshake_timeout: limits.handshake_timeout(),
             idle_timeout: limits.idle_timeout(),
+            backend_connect_timeout: limits.backend_connect_timeout(),
+            peer,
+            local,
             accepted_at: now,
             last_activity: now,
             client_in: ByteQueue::default(),
             to_client: ByteQueue::default(),
-            to_backend,
+            to_backend: ByteQueue::default(),
+            backend_wire: ByteQueue::default(),
+            backend_tls: None,
+            backend_tls_since: None,
+            backend_close_notify_sent: false,
             backend_connected: false,
             client_eof: false,
             eof_signaled: false,
@@ -386,19 +407,35 @@ impl Conn {
     }
 
     /// Plaintext to write to the backend (empty until connected).
+    /// TLS records instead when the listener's backend speaks TLS.
     pub fn backend_out(&self) -> &[u8] {
-        if self.backend_connected {
-            self.to_backend.as_slice()
-        } else {
+        if !self.backend_connected {
             &[]
+        } else if self.backend_tls.is_some() {
+            self.backend_wire.as_slice()
+        } else {
+            self.to_backend.as_slice()
         }
     }
 
     /// `n` bytes of [`Conn::backend_out`] were written.
     pub fn backend_written(&mut self, n: usize, now: Instant) {
-        self.to_backend.consume(n);
+        if self.backend_tls.is_some() {
+            self.backend_wire.consume(n);
+            // Room on the wire: encrypt more of the plaintext queue.
+            self.pump_backend_tls();
+        } else {
+            self.to_backend.consume(n);
+        }
         if n > 0 {
             self.last_activity = now;
+            // Room in the plaintext queue: client records (or plaintext rustls already holds)
+            // that waited for it move on now; nothing else would wake them once the client has
+            // sent its last byte.
+            if matches!(self.phase, Phase::Tls { .. }) {
+                self.pump_client(now);
+                return;
+            }
         }
         self.after_progress();
     }
@@ -411,6 +448,8 @@ impl Conn {
             && self.client_read_closed
             && !self.backend_write_shut
             && self.to_backend.is_empty()
+            && self.backend_wire.is_empty()
+            && (self.backend_tls.is_none() || self.backend_close_notify_sent)
     }
 
     /// The backend socket's write side is shut.
@@ -439,9 +478,20 @@ impl Conn {
         let idle = self.last_activity + self.idle_timeout;
         if self.is_handshaking() {
             idle.min(self.accepted_at + self.handshake_timeout)
+        } else if let Some(at) = self.backend_tls_deadline() {
+            idle.min(at)
         } else {
             idle
         }
+    }
+
+    /// While the backend TLS handshake runs: when it must be done (the backend connect timeout
+    /// covers connect and handshake alike).
+    fn backend_tls_deadline(&self) -> Option<Instant> {
+        let since = self.backend_tls_since?;
+        let tls = self.backend_tls.as_ref()?;
+        tls.is_handshaking()
+            .then(|| since + self.backend_connect_timeout)
     }
 
     /// Fires the handshake or idle timeout if due.
@@ -451,6 +501,8 @@ impl Conn {
         }
         if self.is_handshaking() && now >= self.accepted_at + self.handshake_timeout {
             self.fail(CloseReason::HandshakeTimeout);
+        } else if self.backend_tls_deadline().is_some_and(|at| now >= at) {
+            self.fail_backend_tls(BackendTlsCause::HandshakeTimeout, None);
         } else if now >= self.last_activity + self.idle_timeout {
             self.fail(CloseReason::IdleTimeout);
         }
@@ -468,6 +520,9 @@ impl Conn {
     pub fn on_backend_connected(&mut self, now: Instant) {
         self.backend_connected = true;
         self.last_activity = now;
+        if self.backend_tls.is_some() {
+            self.backend_tls_since = Some(now);
+        }
     }
 
     /// Bytes read from the client.
@@ -529,6 +584,10 @@ impl Conn {
             return;
         }
         self.last_activity = now;
+        if self.backend_tls.is_some() {
+            self.on_backend_tls_data(data);
+            return;
+        }
         if let Phase::Tls { tls, .. } = &mut self.phase {
             if tls.writer().write_all(data).is_err() {
                 self.fail(CloseReason::TlsError);
@@ -542,6 +601,23 @@ impl Conn {
     pub fn on_backend_eof(&mut self, _now: Instant) {
         if self.closed.is_some() {
             return;
+        }
+        if let Some(bt) = self.backend_tls.as_mut() {
+            let _ = bt.read_tls(&mut io::empty());
+            if let Err(e) = bt.process_new_packets() {
+                self.fail_backend_tls(BackendTlsCause::of(&e), Some(&e));
+                return;
+            }
+            if bt.is_handshaking() {
+                self.fail_backend_tls(BackendTlsCause::ClosedDuringHandshake, None);
+                return;
+            }
+            // Whatever plaintext came before the FIN goes to the client first; a FIN without
+            // close_notify is a truncation the client sees as an ordinary close_notify.
+            self.drain_backend_plaintext();
+            if self.closed.is_some() || self.backend_read_closed {
+                return;
+            }
         }
         self.backend_read_closed = true;
         if let Phase::Tls { tls, .. } = &mut self.phase {
@@ -581,6 +657,7 @@ impl Conn {
             && self.backend_read_closed
             && self.to_client.is_empty()
             && self.to_backend.is_empty()
+            && self.backend_wire.is_empty()
             && self.backend_write_shut
             && self.client_write_shut
     }
@@ -589,6 +666,8 @@ impl Conn {
         self.closed = Some(reason);
         self.phase = Phase::Closed;
         self.to_backend = ByteQueue::default();
+        self.backend_wire = ByteQueue::default();
+        self.backend_tls = None;
         self.client_in = ByteQueue::default();
     }
 
@@ -736,6 +815,7 @@ impl Conn {
             }
         }
         self.check_established(now);
+        self.pump_backend_tls();
         self.flush_tls();
         self.after_progress();
     }
@@ -782,6 +862,178 @@ impl Conn {
             resumed,
             duration: now.saturating_duration_since(self.accepted_at),
         }));
+        // The backend connect starts now, so the PROXY header (and the client identity in it)
+        // is built here, when the identity is known.
+        let header = self.listener.snap.proxy_protocol.then(|| {
+            let facts = identity::Facts {
+                version: tls.protocol_version(),
+                suite: tls.negotiated_cipher_suite(),
+                sni: tls.server_name(),
+                alpn: tls.alpn_protocol(),
+                peer_certs: tls.peer_certificates(),
+                resumed,
+            };
+            match identity::tlvs(&facts) {
+                Some(tlvs) => proxy_v2::header_with_tlvs(self.peer, self.local, &tlvs),
+                None => proxy_v2::header(self.peer, self.local),
+            }
+        });
+        self.start_backend_stream(header);
+    }
+
+    /// Queues what the backend must see first: the PROXY header in clear, then (TLS backends)
+    /// the ClientHello.
+    fn start_backend_stream(&mut self, header: Option<Vec<u8>>) {
+        let Some(bt) = self.listener.snap.backend_tls.clone() else {
+            if let Some(h) = header {
+                self.to_backend.prepend(&h);
+            }
+            return;
+        };
+        if let Some(h) = header {
+            self.backend_wire.push(&h);
+        }
+        match ClientConnection::new(bt.config, bt.server_name) {
+            Ok(mut c) => {
+                // Bounded by our own queues, as on the client side.
+                c.set_buffer_limit(None);
+                self.backend_tls = Some(Box::new(c));
+                self.pump_backend_tls();
+            }
+            Err(e) => self.fail_backend_tls(BackendTlsCause::of(&e), Some(&e)),
+        }
+    }
+
+    /// Encrypts queued client plaintext for the backend (once its handshake is done, as far as
+    /// the wire queue's bound allows), sends close_notify after the client's last byte, and
+    /// moves rustls's records to the wire queue.
+    fn pump_backend_tls(&mut self) {
+        let Some(bt) = self.backend_tls.as_mut() else {
+            return;
+        };
+        if !bt.is_handshaking() {
+            while !self.to_backend.is_empty() && self.backend_wire.len() < self.cap {
+                let room = self.cap - self.backend_wire.len();
+                let chunk = &self.to_backend.as_slice()[..self.to_backend.len().min(room)];
+                match bt.writer().write(chunk) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => self.to_backend.consume(n),
+                }
+                while bt.wants_write() {
+                    match bt.write_tls(&mut self.backend_wire) {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {}
+                    }
+                }
+            }
+            if self.client_read_closed
+                && self.to_backend.is_empty()
+                && !self.backend_close_notify_sent
+            {
+                bt.send_close_notify();
+                self.backend_close_notify_sent = true;
+            }
+        }
+        while bt.wants_write() {
+            match bt.write_tls(&mut self.backend_wire) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// TLS records from the backend: through rustls, plaintext on to the client.
+    fn on_backend_tls_data(&mut self, data: &[u8]) {
+        let mut rd = data;
+        while !rd.is_empty() && self.closed.is_none() {
+            let Some(bt) = self.backend_tls.as_mut() else {
+                return;
+            };
+            match bt.read_tls(&mut rd) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) => {
+                    let err = rustls::Error::General(format!("reading backend records: {e}"));
+                    self.fail_backend_tls(BackendTlsCause::ProtocolError, Some(&err));
+                    return;
+                }
+            }
+            if let Err(e) = bt.process_new_packets() {
+                self.fail_backend_tls(BackendTlsCause::of(&e), Some(&e));
+                return;
+            }
+            // Drained after every record batch so rustls's own plaintext buffer stays small.
+            self.drain_backend_plaintext();
+        }
+        if self.closed.is_none() {
+            self.pump_backend_tls();
+            self.flush_tls();
+            self.after_progress();
+        }
+    }
+
+    /// Moves decrypted backend bytes into the client's TLS session; the backend's close_notify
+    /// becomes ours to the client.
+    fn drain_backend_plaintext(&mut self) {
+        let (Some(bt), Phase::Tls { tls, .. }) = (self.backend_tls.as_mut(), &mut self.phase)
+        else {
+            return;
+        };
+        let mut buf = [0u8; 8192];
+        let mut finished = false;
+        loop {
+            match bt.reader().read(&mut buf) {
+                Ok(0) => {
+                    finished = true;
+                    break;
+                }
+                Ok(n) => {
+                    if tls.writer().write_all(&buf[..n]).is_err() {
+                        self.fail(CloseReason::TlsError);
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    // The backend closed without close_notify.
+                    finished = true;
+                    break;
+                }
+            }
+        }
+        if finished && !self.backend_read_closed {
+            self.backend_read_closed = true;
+            tls.send_close_notify();
+            self.close_notify_sent = true;
+        }
+        self.flush_tls();
+    }
+
+    /// Ends the connection for a backend TLS failure: log line naming the cause, counted by
+    /// the driver under `backend_tls_error` and per cause.
+    fn fail_backend_tls(&mut self, cause: BackendTlsCause, error: Option<&rustls::Error>) {
+        let backend = self.listener.snap.backend;
+        let server_name = self
+            .listener
+            .snap
+            .backend_tls
+            .as_ref()
+            .map(|b| b.server_name.to_str().into_owned())
+            .unwrap_or_default();
+        match error {
+            Some(e) => {
+                tracing::warn!(listener = %self.listener.snap.name, %backend, %server_name, reason = cause.as_str(), error = %e, "backend TLS failed: {}", cause.describe())
+            }
+            None => {
+                tracing::warn!(listener = %self.listener.snap.name, %backend, %server_name, reason = cause.as_str(), "backend TLS failed: {}", cause.describe())
+            }
+        }
+        // The client's session ends cleanly: it learns the backend is gone, not why.
+        if let Phase::Tls { tls, .. } = &mut self.phase {
+            tls.send_close_notify();
+        }
+        self.flush_tls();
+        self.fail(CloseReason::BackendTlsError(cause));
     }
 
     fn flush_tls(&mut self) {

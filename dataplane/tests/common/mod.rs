@@ -139,6 +139,7 @@ pub fn listener(name: &str, tls: Arc<ServerConfig>, backend: SocketAddr) -> List
         proxy_protocol: false,
         sni_filter: None,
         client_cert_check: None,
+        backend_tls: None,
     }
 }
 

@@ -1,0 +1,660 @@
+//! TLS to the backend and the client identity in the PROXY v2 header, on every io driver:
+//! a real rustls backend on 127.0.0.1 reached through the data plane; certificate errors fail the
+//! connection with a named cause; a backend that requires a client certificate gets ours; the
+//! PROXY header goes in clear before the backend handshake and carries the client's CN, SANs and
+//! fingerprint.
+
+mod common;
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use common::*;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use tlsgate_dataplane::conn::{BackendTls, BackendTlsCause};
+use tlsgate_dataplane::{CloseReason, DataplaneConfig, ListenerSnapshot};
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// A CA able to issue leaves (server or client) with chosen names and validity.
+struct Ca {
+    der: CertificateDer<'static>,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+struct Leaf {
+    der: CertificateDer<'static>,
+    key: Vec<u8>,
+}
+
+impl Leaf {
+    fn key(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key.clone()))
+    }
+}
+
+fn ca(name: &str) -> Ca {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("ca key");
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    let cert = params.self_signed(&key).expect("ca");
+    Ca {
+        der: cert.der().clone(),
+        issuer: rcgen::Issuer::new(params, key),
+    }
+}
+
+impl Ca {
+    fn leaf(&self, cn: &str, sans: &[&str], expired: bool) -> Leaf {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        let mut params = rcgen::CertificateParams::default();
+        for s in sans {
+            params.subject_alt_names.push(if s.contains('@') {
+                rcgen::SanType::Rfc822Name(s.to_string().try_into().expect("email"))
+            } else {
+                rcgen::SanType::DnsName(s.to_string().try_into().expect("dns"))
+            });
+        }
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        if expired {
+            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        }
+        let cert = params.signed_by(&key, &self.issuer).expect("leaf");
+        Leaf {
+            der: cert.der().clone(),
+            key: key.serialize_der(),
+        }
+    }
+
+    fn roots(&self) -> Arc<RootCertStore> {
+        let mut r = RootCertStore::empty();
+        r.add(self.der.clone()).expect("root");
+        Arc::new(r)
+    }
+}
+
+/// What a test backend saw on one connection.
+#[derive(Debug, Default)]
+struct Seen {
+    proxy_tlvs: Option<Vec<(u8, Vec<u8>)>>,
+    client_cert: Option<CertificateDer<'static>>,
+    clean_close: bool,
+    error: Option<String>,
+}
+
+/// A TLS echo backend: optional PROXY v2 header in clear first, then TLS with `cfg`; echoes to
+/// close_notify, answers with close_notify, reports what it saw.
+fn tls_echo_backend(cfg: Arc<ServerConfig>, proxy: bool) -> (SocketAddr, mpsc::Receiver<Seen>) {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let a = l.local_addr().expect("addr");
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            let cfg = cfg.clone();
+            let tx = tx.clone();
+            thread::spawn(move || {
+                let mut seen = Seen::default();
+                let _ = s.set_read_timeout(Some(Duration::from_secs(20)));
+                if proxy {
+                    match read_proxy_v2(&mut s) {
+                        Ok(t) => seen.proxy_tlvs = Some(t),
+                        Err(e) => {
+                            seen.error = Some(format!("PROXY header: {e}"));
+                            let _ = tx.send(seen);
+                            return;
+                        }
+                    }
+                }
+                let conn = rustls::ServerConnection::new(cfg).expect("server conn");
+                let mut t = rustls::StreamOwned::new(conn, s);
+                let mut buf = [0u8; 16384];
+                loop {
+                    match t.read(&mut buf) {
+                        Ok(0) => {
+                            seen.clean_close = true;
+                            break;
+                        }
+                        Ok(n) => {
+                            if seen.client_cert.is_none() {
+                                seen.client_cert =
+                                    t.conn.peer_certificates().and_then(|c| c.first().cloned());
+                            }
+                            if t.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        Err(e) => {
+                            seen.error = Some(e.to_string());
+                            break;
+                        }
+                    }
+                }
+                t.conn.send_close_notify();
+                let _ = t.flush();
+                let _ = t.conn.complete_io(&mut t.sock);
+                let _ = t.sock.shutdown(std::net::Shutdown::Write);
+                let _ = tx.send(seen);
+            });
+        }
+    });
+    (a, rx)
+}
+
+/// A plain echo backend behind a PROXY v2 header.
+fn proxy_echo_backend() -> (SocketAddr, mpsc::Receiver<Seen>) {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let a = l.local_addr().expect("addr");
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            let tx = tx.clone();
+            thread::spawn(move || {
+                let mut seen = Seen::default();
+                match read_proxy_v2(&mut s) {
+                    Ok(t) => seen.proxy_tlvs = Some(t),
+                    Err(e) => seen.error = Some(e.to_string()),
+                }
+                let Ok(mut w) = s.try_clone() else { return };
+                let _ = io::copy(&mut s, &mut w);
+                let _ = w.shutdown(std::net::Shutdown::Write);
+                seen.clean_close = true;
+                let _ = tx.send(seen);
+            });
+        }
+    });
+    (a, rx)
+}
+
+/// Reads a PROXY v2 header and returns its TLVs (the addresses are checked by other tests).
+fn read_proxy_v2(s: &mut TcpStream) -> io::Result<Vec<(u8, Vec<u8>)>> {
+    let mut fixed = [0u8; 16];
+    s.read_exact(&mut fixed)?;
+    if fixed[..12] != *b"\r\n\r\n\0\r\nQUIT\n" || fixed[12] != 0x21 {
+        return Err(io::Error::other("not a PROXY v2 header"));
+    }
+    let len = usize::from(u16::from_be_bytes([fixed[14], fixed[15]]));
+    let mut rest = vec![0u8; len];
+    s.read_exact(&mut rest)?;
+    let addr_len = match fixed[13] {
+        0x11 => 12,
+        0x21 => 36,
+        f => return Err(io::Error::other(format!("family {f:#x}"))),
+    };
+    parse_tlvs(&rest[addr_len..])
+}
+
+fn parse_tlvs(mut b: &[u8]) -> io::Result<Vec<(u8, Vec<u8>)>> {
+    let mut out = Vec::new();
+    while !b.is_empty() {
+        if b.len() < 3 {
+            return Err(io::Error::other("truncated TLV"));
+        }
+        let len = usize::from(u16::from_be_bytes([b[1], b[2]]));
+        if b.len() < 3 + len {
+            return Err(io::Error::other("TLV longer than the header"));
+        }
+        out.push((b[0], b[3..3 + len].to_vec()));
+        b = &b[3 + len..];
+    }
+    Ok(out)
+}
+
+fn backend_server_config(leaf: &Leaf, client_ca: Option<&Ca>) -> Arc<ServerConfig> {
+    let b = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .expect("versions");
+    let b = match client_ca {
+        Some(ca) => b.with_client_cert_verifier(
+            WebPkiClientVerifier::builder_with_provider(ca.roots(), provider())
+                .build()
+                .expect("verifier"),
+        ),
+        None => b.with_no_client_auth(),
+    };
+    Arc::new(
+        b.with_single_cert(vec![leaf.der.clone()], leaf.key())
+            .expect("backend cert"),
+    )
+}
+
+fn backend_tls(ca: &Ca, name: &str, client: Option<&Leaf>) -> BackendTls {
+    let b = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(ca.roots());
+    let cfg = match client {
+        Some(c) => b
+            .with_client_auth_cert(vec![c.der.clone()], c.key())
+            .expect("client cert"),
+        None => b.with_no_client_auth(),
+    };
+    BackendTls {
+        config: Arc::new(cfg),
+        server_name: ServerName::try_from(name.to_owned()).expect("name"),
+    }
+}
+
+fn tls_listener(
+    tls: Arc<ServerConfig>,
+    backend: SocketAddr,
+    proxy: bool,
+    bt: Option<BackendTls>,
+) -> ListenerSnapshot {
+    let mut l = listener("web", tls, backend);
+    l.proxy_protocol = proxy;
+    l.backend_tls = bt;
+    l
+}
+
+#[test]
+fn tls_backend_carries_bytes_both_ways_with_close_notify() {
+    let zone = ca("backend zone CA");
+    let leaf = zone.leaf("backend.internal", &["backend.internal"], false);
+    let (backend, seen) = tls_echo_backend(backend_server_config(&leaf, None), false);
+    let p = pki(KeyKind::Ecdsa);
+    let (tls, _) = server_config(&p, None);
+    for io in drivers() {
+        let Some(dp) = start_dp(
+            DataplaneConfig::new(cores()),
+            io,
+            vec![tls_listener(
+                tls.clone(),
+                backend,
+                false,
+                Some(backend_tls(&zone, "backend.internal", None)),
+            )],
+        ) else {
+            continue;
+        };
+        for v in [&rustls::version::TLS12, &rustls::version::TLS13] {
+            let mut t = connect(addr(&dp), &client_config(&p, &[v]));
+            handshake(&mut t).expect("handshake");
+            // Larger than every buffer on the way, so backpressure and the wire bound take part.
+            let (sent, got, n) = duplex(t, 1 << 20, 7).expect("duplex through a TLS backend");
+            assert_eq!(n, 1 << 20, "{io:?}: all bytes echoed");
+            assert_eq!(sent, got, "{io:?}: same bytes back");
+            let s = seen
+                .recv_timeout(Duration::from_secs(20))
+                .expect("backend report");
+            assert!(
+                s.clean_close,
+                "{io:?} {v:?}: backend got close_notify: {s:?} {:?}",
+                dp.stats()
+            );
+            assert!(s.error.is_none(), "{io:?}: {s:?}");
+        }
+        eventually("both connections done", || {
+            dp.stats().closed(CloseReason::Done) == 2
+        });
+        let s = dp.stats();
+        assert!(s.backend_tls_errors.is_empty(), "{s:?}");
+        dp.shutdown(Duration::from_secs(1)).expect("shutdown");
+    }
+}
+
+#[test]
+fn backend_certificate_errors_fail_the_connection_with_a_named_cause() {
+    let zone = ca("backend zone CA");
+    let other_zone = ca("another zone CA");
+    let good = zone.leaf("backend.internal", &["backend.internal"], false);
+    let foreign = other_zone.leaf("backend.internal", &["backend.internal"], false);
+    let expired = zone.leaf("backend.internal", &["backend.internal"], true);
+    let p = pki(KeyKind::Ecdsa);
+    let (tls, _) = server_config(&p, None);
+    let cases = [
+        (&foreign, "backend.internal", BackendTlsCause::UnknownIssuer),
+        (&good, "other.internal", BackendTlsCause::NameMismatch),
+        (
+            &expired,
+            "backend.internal",
+            BackendTlsCause::CertificateExpired,
+        ),
+    ];
+    for io in drivers() {
+        for (leaf, name, cause) in &cases {
+            let (backend, _seen) = tls_echo_backend(backend_server_config(leaf, None), false);
+            let Some(dp) = start_dp(
+                DataplaneConfig::new(cores()),
+                io,
+                vec![tls_listener(
+                    tls.clone(),
+                    backend,
+                    false,
+                    Some(backend_tls(&zone, name, None)),
+                )],
+            ) else {
+                break;
+            };
+            let mut t = connect(addr(&dp), &client_config(&p, all_versions()));
+            handshake(&mut t).expect("the client handshake itself succeeds");
+            let _ = t.write_all(b"hello?");
+            let _ = t.flush();
+            let mut got = Vec::new();
+            let _ = t.read_to_end(&mut got);
+            assert!(got.is_empty(), "{io:?} {cause:?}: nothing may come back");
+            eventually("the failure counted", || {
+                dp.stats().backend_tls_errors(*cause) == 1
+            });
+            let s = dp.stats();
+            assert_eq!(
+                s.closed(CloseReason::BackendTlsError(*cause)),
+                1,
+                "{io:?}: {s:?}"
+            );
+            assert_eq!(s.closed(CloseReason::Done), 0, "{io:?}: {s:?}");
+            assert_eq!(s.backend_tls_errors.len(), 1, "only {cause:?}: {s:?}");
+            dp.shutdown(Duration::from_secs(1)).expect("shutdown");
+        }
+    }
+}
+
+#[test]
+fn backend_requiring_a_client_certificate_gets_ours_and_refuses_none() {
+    let zone = ca("backend zone CA");
+    let leaf = zone.leaf("backend.internal", &["backend.internal"], false);
+    let client_zone = ca("tlsgate client CA");
+    let ours = client_zone.leaf("tlsgate-appliance", &["tlsgate.internal"], false);
+    let (backend, seen) = tls_echo_backend(backend_server_config(&leaf, Some(&client_zone)), false);
+    let p = pki(KeyKind::Ecdsa);
+    let (tls, _) = server_config(&p, None);
+    for io in drivers() {
+        let Some(dp) = start_dp(
+            DataplaneConfig::new(cores()),
+            io,
+            vec![tls_listener(
+                tls.clone(),
+                backend,
+                false,
+                Some(backend_tls(&zone, "backend.internal", Some(&ours))),
+            )],
+        ) else {
+            continue;
+        };
+        let mut t = connect(addr(&dp), &client_config(&p, all_versions()));
+        assert_eq!(echo_once(&mut t, b"ping").expect("echo"), b"ping");
+        drop(t);
+        let s = seen.recv_timeout(Duration::from_secs(20)).expect("report");
+        assert_eq!(
+            s.client_cert.as_ref(),
+            Some(&ours.der),
+            "{io:?}: the backend saw our client certificate"
+        );
+        dp.shutdown(Duration::from_secs(1)).expect("shutdown");
+
+        // Without a client certificate the backend refuses, and that is a backend TLS error.
+        let Some(dp) = start_dp(
+            DataplaneConfig::new(cores()),
+            io,
+            vec![tls_listener(
+                tls.clone(),
+                backend,
+                false,
+                Some(backend_tls(&zone, "backend.internal", None)),
+            )],
+        ) else {
+            continue;
+        };
+        let mut t = connect(addr(&dp), &client_config(&p, all_versions()));
+        let _ = t.write_all(b"ping");
+        let _ = t.flush();
+        let mut got = Vec::new();
+        let _ = t.read_to_end(&mut got);
+        assert!(got.is_empty(), "{io:?}: {got:?}");
+        eventually("refusal counted", || {
+            dp.stats()
+                .backend_tls_errors(BackendTlsCause::AlertReceived)
+                == 1
+        });
+        let _ = seen.recv_timeout(Duration::from_secs(20));
+        dp.shutdown(Duration::from_secs(1)).expect("shutdown");
+    }
+}
+
+fn tlv(tlvs: &[(u8, Vec<u8>)], kind: u8) -> Vec<&[u8]> {
+    tlvs.iter()
+        .filter(|(k, _)| *k == kind)
+        .map(|(_, v)| v.as_slice())
+        .collect()
+}
+
+#[test]
+fn client_identity_reaches_the_backend_in_proxy_v2_tlvs_before_backend_tls() {
+    let client_ca = ca("client zone CA");
+    let client = client_ca.leaf(
+        "alice",
+        &["alice.clients.example", "alice@example.com"],
+        false,
+    );
+    let fingerprint = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, client.der.as_ref())
+        .as_ref()
+        .to_vec();
+    // The listener verifies client certificates against its own CA (what the policy module
+    // builds in production).
+    let p = pki(KeyKind::Ecdsa);
+    let verifier = WebPkiClientVerifier::builder_with_provider(client_ca.roots(), provider())
+        .build()
+        .expect("verifier");
+    let (base, _) = server_config(&p, None);
+    let mut mtls = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(base.cert_resolver.clone());
+    mtls.session_storage = rustls::server::ServerSessionMemoryCache::new(64);
+    let mtls = Arc::new(mtls);
+
+    let mut roots = RootCertStore::empty();
+    roots.add(p.ca_der.clone()).expect("root");
+    let client_cfg = Arc::new(
+        ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_client_auth_cert(vec![client.der.clone()], client.key())
+            .expect("client cert"),
+    );
+
+    let zone = ca("backend zone CA");
+    let leaf = zone.leaf("backend.internal", &["backend.internal"], false);
+    let (tls_backend, tls_seen) = tls_echo_backend(backend_server_config(&leaf, None), true);
+    let (plain_backend, plain_seen) = proxy_echo_backend();
+
+    for io in drivers() {
+        for backend_is_tls in [true, false] {
+            let (backend, seen, bt) = if backend_is_tls {
+                (
+                    tls_backend,
+                    &tls_seen,
+                    Some(backend_tls(&zone, "backend.internal", None)),
+                )
+            } else {
+                (plain_backend, &plain_seen, None)
+            };
+            let Some(dp) = start_dp(
+                DataplaneConfig::new(cores()),
+                io,
+                vec![tls_listener(mtls.clone(), backend, true, bt)],
+            ) else {
+                break;
+            };
+            let mut t = connect(addr(&dp), &client_cfg);
+            assert_eq!(echo_once(&mut t, b"who am i").expect("echo"), b"who am i");
+            let resumed = t.conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+            t.conn.send_close_notify();
+            let _ = t.flush();
+            drop(t);
+            let s = seen.recv_timeout(Duration::from_secs(20)).expect("report");
+            assert!(s.error.is_none(), "{io:?} tls={backend_is_tls}: {s:?}");
+            let tlvs = s.proxy_tlvs.expect("PROXY header with TLVs");
+            let ctx = format!("{io:?} tls={backend_is_tls}: {tlvs:?}");
+
+            assert_eq!(tlv(&tlvs, 0x02), vec![b"localhost".as_slice()], "{ctx}");
+            let ssl = tlv(&tlvs, 0x20);
+            assert_eq!(ssl.len(), 1, "{ctx}");
+            let ssl = ssl[0];
+            // A resumed session's certificate is flagged as such (HAProxy's CERT_SESS).
+            let cert_flag = if resumed { 0x04 } else { 0x02 };
+            assert_eq!(ssl[0], 0x01 | cert_flag, "SSL + client certificate: {ctx}");
+            assert_eq!(&ssl[1..5], &[0, 0, 0, 0], "verified: {ctx}");
+            let subs = parse_tlvs(&ssl[5..]).expect("sub-TLVs");
+            let version = tlv(&subs, 0x21);
+            assert!(
+                version == vec![b"TLSv1.3".as_slice()] || version == vec![b"TLSv1.2".as_slice()],
+                "{ctx}"
+            );
+            assert_eq!(tlv(&subs, 0x22), vec![b"alice".as_slice()], "{ctx}");
+            assert_eq!(
+                tlv(&subs, 0x24),
+                vec![b"ecdsa-with-SHA256".as_slice()],
+                "{ctx}"
+            );
+            assert_eq!(tlv(&subs, 0x25), vec![b"EC256".as_slice()], "{ctx}");
+            assert_eq!(tlv(&subs, 0x23).len(), 1, "{ctx}");
+            assert_eq!(
+                tlv(&tlvs, 0xE0),
+                vec![
+                    b"DNS:alice.clients.example".as_slice(),
+                    b"email:alice@example.com".as_slice()
+                ],
+                "{ctx}"
+            );
+            assert_eq!(tlv(&tlvs, 0xE1), vec![fingerprint.as_slice()], "{ctx}");
+            assert_eq!(tlv(&tlvs, 0xE2), vec![b"CN=alice".as_slice()], "{ctx}");
+            dp.shutdown(Duration::from_secs(1)).expect("shutdown");
+        }
+    }
+}
+
+#[test]
+fn no_client_certificate_means_the_plain_proxy_header() {
+    let (backend, seen) = proxy_echo_backend();
+    let p = pki(KeyKind::Ecdsa);
+    let (tls, _) = server_config(&p, None);
+    for io in drivers() {
+        let Some(dp) = start_dp(
+            DataplaneConfig::new(cores()),
+            io,
+            vec![tls_listener(tls.clone(), backend, true, None)],
+        ) else {
+            continue;
+        };
+        let mut t = connect(addr(&dp), &client_config(&p, all_versions()));
+        assert_eq!(echo_once(&mut t, b"x").expect("echo"), b"x");
+        drop(t);
+        let s = seen.recv_timeout(Duration::from_secs(20)).expect("report");
+        assert_eq!(s.proxy_tlvs, Some(Vec::new()), "{io:?}: {s:?}");
+        dp.shutdown(Duration::from_secs(1)).expect("shutdown");
+    }
+}
+
+#[test]
+fn a_backend_that_never_answers_the_tls_handshake_times_out() {
+    // Accepts TCP and holds the connection without a word.
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let backend = l.local_addr().expect("addr");
+    thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in l.incoming().flatten() {
+            held.push(s);
+        }
+    });
+    let zone = ca("backend zone CA");
+    let p = pki(KeyKind::Ecdsa);
+    let (tls, _) = server_config(&p, None);
+    for io in drivers() {
+        let mut cfg = DataplaneConfig::new(cores());
+        cfg.limits.backend_connect_timeout_ms = 300;
+        cfg.limits.handshake_timeout_ms = 1000;
+        let Some(dp) = start_dp(
+            cfg,
+            io,
+            vec![tls_listener(
+                tls.clone(),
+                backend,
+                false,
+                Some(backend_tls(&zone, "backend.internal", None)),
+            )],
+        ) else {
+            continue;
+        };
+        let started = std::time::Instant::now();
+        let mut t = connect(addr(&dp), &client_config(&p, all_versions()));
+        handshake(&mut t).expect("client handshake");
+        let mut got = Vec::new();
+        let _ = t.read_to_end(&mut got);
+        assert!(got.is_empty(), "{io:?}");
+        eventually("timeout counted", || {
+            dp.stats()
+                .backend_tls_errors(BackendTlsCause::HandshakeTimeout)
+                == 1
+        });
+        // The connect timeout bounds it (the io_uring driver's timer may first wake at the
+        // client handshake deadline).
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{io:?}: {:?}",
+            started.elapsed()
+        );
+        dp.shutdown(Duration::from_secs(1)).expect("shutdown");
+    }
+}
+
+/// Measurement aid, not a check: `cargo test -p tlsgate-dataplane --test
+/// backend_tls_end_to_end -- --ignored --nocapture` prints MiB/s of a full-duplex transfer
+/// through a plain and a TLS backend (same echo, same sizes).
+#[test]
+#[ignore]
+fn measure_plain_vs_tls_backend_throughput() {
+    let zone = ca("backend zone CA");
+    let leaf = zone.leaf("backend.internal", &["backend.internal"], false);
+    let (tls_backend, _seen) = tls_echo_backend(backend_server_config(&leaf, None), false);
+    let plain_backend = echo_backend();
+    let p = pki(KeyKind::Ecdsa);
+    let (tls, _) = server_config(&p, None);
+    let n: u64 = 64 << 20;
+    for io in drivers() {
+        for (what, backend, bt) in [
+            ("plain", plain_backend, None),
+            (
+                "tls",
+                tls_backend,
+                Some(backend_tls(&zone, "backend.internal", None)),
+            ),
+        ] {
+            let Some(dp) = start_dp(
+                DataplaneConfig::new(vec![0]),
+                io,
+                vec![tls_listener(tls.clone(), backend, false, bt)],
+            ) else {
+                break;
+            };
+            let mut t = connect(addr(&dp), &client_config(&p, all_versions()));
+            handshake(&mut t).expect("handshake");
+            let started = std::time::Instant::now();
+            let (a, b, got) = duplex(t, n, 3).expect("duplex");
+            let secs = started.elapsed().as_secs_f64();
+            assert_eq!((a, got), (b, n));
+            println!(
+                "{io:?} {what} backend: {n} bytes each way in {secs:.2} s = {:.0} MiB/s",
+                n as f64 / secs / (1 << 20) as f64
+            );
+            dp.shutdown(Duration::from_secs(1)).expect("shutdown");
+        }
+    }
+}
