@@ -78,6 +78,10 @@ pub struct Config {
     pub dataplane: Option<DataplaneConfig>,
     /// The Prometheus endpoint.
     pub metrics: Option<MetricsConfig>,
+    /// The management API (see [`crate::api`]).
+    pub api: Option<crate::api::ApiConfig>,
+    /// The management plane's state directory (see [`crate::state`]).
+    pub state: Option<crate::api::StateConfig>,
     /// TLS listeners.
     #[serde(rename = "listener", default)]
     pub listeners: Vec<ListenerConfig>,
@@ -295,6 +299,7 @@ impl Config {
                 "a certificate key is a pkcs11: URI, so a [pkcs11] section with module, token and pin is needed",
             ));
         }
+        crate::api::validate(self)?;
         Ok(())
     }
 }

@@ -4,6 +4,8 @@
 //! lives here so integration tests can reach it.
 #![forbid(unsafe_code)]
 
+pub mod api;
+pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod files;
@@ -11,4 +13,5 @@ pub mod http_head;
 pub mod logging;
 pub mod metrics_http;
 pub mod serve;
+pub mod state;
 pub mod tls;

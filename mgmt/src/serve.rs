@@ -42,7 +42,22 @@ pub fn run(args: ServeArgs) -> Result<()> {
         None => None,
     };
     let token = open_token(&config)?;
-    let snapshot = build_snapshot(&config, token.as_ref())?;
+    let (manager, publish_rx, snapshot) = if crate::api::state_dir(&config).is_some() {
+        // The management plane owns the authoritative state; it publishes through the signal
+        // loop, which owns the data plane.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Published>(1);
+        let publisher: crate::api::Publisher = Box::new(move |snapshot| {
+            let (ack, done) = tokio::sync::oneshot::channel();
+            if tx.blocking_send((snapshot, ack)).is_ok() {
+                let _ = done.blocking_recv();
+            }
+        });
+        let (manager, snapshot) =
+            crate::api::start_manager(Config::load(&args.config)?, token.clone(), publisher)?;
+        (Some(Arc::new(manager)), Some(rx), snapshot)
+    } else {
+        (None, None, build_snapshot(&config, token.as_ref())?)
+    };
     let dp_config = config.dataplane();
     let drain = dp_config.limits.drain_timeout();
     let dataplane = tlsgate_dataplane::start(dp_config, Arc::new(snapshot))
@@ -58,31 +73,84 @@ pub fn run(args: ServeArgs) -> Result<()> {
         ready.push_str(&format!("metrics {addr}\n"));
         rt.spawn(crate::metrics_http::serve(listener, handle));
     }
+    if let (Some(api), Some(manager)) = (&config.api, &manager) {
+        let app = crate::api::routes::router(manager.clone());
+        if let Some(path) = &api.socket {
+            let path = config.resolve(path);
+            let listener = rt.block_on(async { crate::api::bind_unix(&path, api.socket_mode) })?;
+            tracing::info!(socket = %path.display(), mode = format!("{:#o}", api.socket_mode), "management API on the unix socket");
+            ready.push_str(&format!("api-socket {}\n", path.display()));
+            rt.spawn(crate::api::server::serve_unix(listener, app.clone()));
+        }
+        if let Some(listen) = api.listen {
+            let tls = crate::api::server::tls_config(api, &config, token.as_ref())?;
+            let listener = rt
+                .block_on(tokio::net::TcpListener::bind(listen))
+                .with_context(|| format!("[api] listen: cannot listen on {listen}"))?;
+            let addr = listener.local_addr()?;
+            tracing::info!(%addr, "management API on HTTPS (client certificates required)");
+            ready.push_str(&format!("api {addr}\n"));
+            rt.spawn(crate::api::server::serve_https(listener, tls, app));
+        }
+    }
     if let Some(path) = &args.ready_file {
         crate::files::write_atomic(path, ready.as_bytes(), 0o644)?;
     }
 
-    rt.block_on(wait_for_signals(&args.config, &dataplane, token.as_ref()))?;
+    rt.block_on(wait_for_signals(
+        &args.config,
+        &dataplane,
+        token.as_ref(),
+        manager,
+        publish_rx,
+    ))?;
+    if let Some(path) = config.api.as_ref().and_then(|a| a.socket.as_ref()) {
+        let _ = std::fs::remove_file(config.resolve(path));
+    }
     tracing::info!(drain_secs = drain.as_secs_f64(), "draining");
     dataplane.shutdown(drain).context("shutdown")?;
     tracing::info!("stopped");
     Ok(())
 }
 
+/// A snapshot from the management plane and the sender to tell it the snapshot is live.
+type Published = (Arc<Snapshot>, tokio::sync::oneshot::Sender<()>);
+
 async fn wait_for_signals(
     config_path: &Path,
     dataplane: &tlsgate_dataplane::Dataplane,
     token: Option<&Arc<Token>>,
+    manager: Option<Arc<crate::api::Manager>>,
+    mut published: Option<tokio::sync::mpsc::Receiver<Published>>,
 ) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
     loop {
+        let next_published = async {
+            match published.as_mut() {
+                Some(rx) => rx.recv().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = term.recv() => return Ok(()),
             _ = int.recv() => return Ok(()),
+            Some((snapshot, ack)) = next_published => {
+                // `update` stores the snapshot before it returns: every connection accepted
+                // after the API answers uses it.
+                dataplane.update(snapshot);
+                let _ = ack.send(());
+            }
             _ = hup.recv() => {
+                if let Some(m) = manager.clone() {
+                    // Off this loop: the reload publishes through it.
+                    tokio::task::spawn_blocking(move || {
+                        m.audited(&crate::audit::ClientIdentity::Signal("SIGHUP"), "reload", "config", |m| m.reload())
+                    });
+                    continue;
+                }
                 match reload(config_path, token) {
                     Ok(snapshot) => {
                         dataplane.update(Arc::new(snapshot));
@@ -114,12 +182,31 @@ pub fn open_token(config: &Config) -> Result<Option<Arc<Token>>> {
 /// Loads every listener's certificates and keys into a snapshot, checking each chain (order,
 /// validity, key match) so a bad file fails here and not in a handshake.
 pub fn build_snapshot(config: &Config, token: Option<&Arc<Token>>) -> Result<Snapshot> {
+    build_snapshot_with(config, token, &crate::api::manager::Overlay::default())
+}
+
+/// [`build_snapshot`] with the management API's state on top: a listener bound through the API
+/// serves the bound certificates instead of the file's, and gets the CRLs uploaded for it.
+pub fn build_snapshot_with(
+    config: &Config,
+    token: Option<&Arc<Token>>,
+    overlay: &crate::api::manager::Overlay,
+) -> Result<Snapshot> {
     let now = SystemTime::now();
     let mut listeners = Vec::with_capacity(config.listeners.len());
     for (i, l) in config.listeners.iter().enumerate() {
+        let api = overlay.listeners.get(&l.name);
         let mut certs = Vec::with_capacity(l.certificates.len());
         let mut offload = false;
-        for (j, c) in l.certificates.iter().enumerate() {
+        let file_certs = match api.and_then(|o| o.certs.as_ref()) {
+            Some(bound) => {
+                certs.clone_from(bound);
+                offload = api.is_some_and(|o| o.offload);
+                &[][..]
+            }
+            None => &l.certificates[..],
+        };
+        for (j, c) in file_certs.iter().enumerate() {
             let at = format!("listener[{i}].certificate[{j}] ({})", l.name);
             let key_ref: KeyRef = c.key.parse().with_context(|| format!("{at}.key"))?;
             let key_ref = match key_ref {
@@ -154,7 +241,7 @@ pub fn build_snapshot(config: &Config, token: Option<&Arc<Token>>) -> Result<Sna
                 certs,
                 &crate::tls::ListenerTls {
                     unknown_sni: l.unknown_sni,
-                    ..Default::default()
+                    extra_crls: api.map(|o| o.crls.clone()).unwrap_or_default(),
                 },
             )
             .with_context(|| format!("listener {:?}", l.name))?,
