@@ -172,7 +172,8 @@ impl StateStore {
     fn objects(&self, sub: &str) -> Result<Vec<(String, PathBuf)>> {
         let dir = self.dir.join(sub);
         let mut out = Vec::new();
-        let entries = fs::read_dir(&dir).with_context(|| format!("cannot read {}", dir.display()))?;
+        let entries =
+            fs::read_dir(&dir).with_context(|| format!("cannot read {}", dir.display()))?;
         for entry in entries {
             let entry = entry.with_context(|| format!("cannot read {}", dir.display()))?;
             let name = entry.file_name().to_string_lossy().into_owned();

@@ -265,7 +265,10 @@ impl Manager {
         }
         for (listener, binding) in &state.bindings {
             if !config.listeners.iter().any(|l| &l.name == listener) {
-                tracing::warn!(listener, "binding for a listener the configuration file does not have; ignored");
+                tracing::warn!(
+                    listener,
+                    "binding for a listener the configuration file does not have; ignored"
+                );
                 continue;
             }
             let mut served = Vec::with_capacity(binding.certificates.len());
@@ -274,7 +277,10 @@ impl Manager {
                 let stored = state.certs.get(&bc.cert).ok_or_else(|| {
                     ApiError::not_found(
                         "certificate_not_found",
-                        format!("listener {listener:?} binds unknown certificate {:?}", bc.cert),
+                        format!(
+                            "listener {listener:?} binds unknown certificate {:?}",
+                            bc.cert
+                        ),
                     )
                 })?;
                 let (loaded, chain, report) = self.check_cert(config, stored, now)?;
@@ -282,9 +288,8 @@ impl Manager {
                     Some(names) => {
                         let mut out = Vec::with_capacity(names.len());
                         for n in names {
-                            let n = crate::tls::normalize_name(n).map_err(|e| {
-                                ApiError::invalid("name_invalid", e.to_string())
-                            })?;
+                            let n = crate::tls::normalize_name(n)
+                                .map_err(|e| ApiError::invalid("name_invalid", e.to_string()))?;
                             if !covered(&n, &report.sans) {
                                 return Err(ApiError::invalid(
                                     "name_not_in_certificate",
@@ -341,7 +346,8 @@ impl Manager {
 
     /// A key label on the configured token, a `pkcs11:` URI or `file:PATH`.
     fn key_ref(&self, config: &Config, key: &str) -> Result<KeyRef, ApiError> {
-        let bad = |e: &dyn std::fmt::Display| ApiError::invalid("key_reference_invalid", e.to_string());
+        let bad =
+            |e: &dyn std::fmt::Display| ApiError::invalid("key_reference_invalid", e.to_string());
         if key.contains(':') {
             let r: KeyRef = key.parse().map_err(|e| bad(&e))?;
             Ok(match r {
@@ -437,10 +443,9 @@ impl Manager {
 
     pub fn generate_key(&self, req: &GenerateKey) -> Result<KeyView, ApiError> {
         let token = self.token()?;
-        let spec: KeySpec = req
-            .kind
-            .parse()
-            .map_err(|e: tlsgate_keystore::Error| ApiError::invalid("key_type_invalid", e.to_string()))?;
+        let spec: KeySpec = req.kind.parse().map_err(|e: tlsgate_keystore::Error| {
+            ApiError::invalid("key_type_invalid", e.to_string())
+        })?;
         check_label(&req.label)?;
         let id = parse_id(req.id.as_deref())?;
         let info = token
@@ -461,15 +466,14 @@ impl Manager {
         let token = self.token()?;
         check_label(label)?;
         let id = parse_id(id)?;
-        let der = match rustls_pki_types::PrivatePkcs8KeyDer::from_pem_slice(pkcs8_pem.as_bytes()) {
-            Ok(k) => Zeroizing::new(k.secret_pkcs8_der().to_vec()),
-            Err(_) => {
-                return Err(ApiError::invalid(
+        let der =
+            match rustls_pki_types::PrivatePkcs8KeyDer::from_pem_slice(pkcs8_pem.as_bytes()) {
+                Ok(k) => Zeroizing::new(k.secret_pkcs8_der().to_vec()),
+                Err(_) => return Err(ApiError::invalid(
                     "key_pem_invalid",
                     "pkcs8_pem holds no PKCS#8 private key (a `-----BEGIN PRIVATE KEY-----` block)",
-                ))
-            }
-        };
+                )),
+            };
         let info = token
             .import_pkcs8(der, label, id.as_deref())
             .map_err(|e| key_error(&e))?;
@@ -515,24 +519,42 @@ impl Manager {
             .state
             .certs
             .values()
-            .map(|c| self.cert_view(&inner, c, now).map_err(|e| (c.id.clone(), e)))
+            .map(|c| {
+                self.cert_view(&inner, c, now)
+                    .map_err(|e| (c.id.clone(), e))
+            })
             .collect()
     }
 
     pub fn get_cert(&self, id: &str) -> Result<CertView, ApiError> {
         let inner = self.lock();
-        let c = inner.state.certs.get(id).ok_or_else(|| cert_not_found(id))?;
+        let c = inner
+            .state
+            .certs
+            .get(id)
+            .ok_or_else(|| cert_not_found(id))?;
         self.cert_view(&inner, c, SystemTime::now())
     }
 
-    fn cert_view(&self, inner: &Inner, c: &StoredCert, now: SystemTime) -> Result<CertView, ApiError> {
+    fn cert_view(
+        &self,
+        inner: &Inner,
+        c: &StoredCert,
+        now: SystemTime,
+    ) -> Result<CertView, ApiError> {
         let (_, chain, r) = self.check_cert(&inner.config, c, now)?;
-        Ok(cert_view(c, &r, chain.certs.len(), inner.state.listeners_using(&c.id)))
+        Ok(cert_view(
+            c,
+            &r,
+            chain.certs.len(),
+            inner.state.listeners_using(&c.id),
+        ))
     }
 
     /// Stores (or replaces: a rotation when bound) a certificate chain.
     pub fn put_cert(&self, id: &str, req: PutCert) -> Result<CertView, ApiError> {
-        check_name("certificate", id).map_err(|e| ApiError::invalid("name_invalid", format!("{e:#}")))?;
+        check_name("certificate", id)
+            .map_err(|e| ApiError::invalid("name_invalid", format!("{e:#}")))?;
         let mut inner = self.lock();
         let stored = StoredCert {
             id: id.to_owned(),
@@ -568,7 +590,10 @@ impl Manager {
         if !users.is_empty() {
             return Err(ApiError::conflict(
                 "certificate_in_use",
-                format!("certificate {id:?} is bound to listeners {}; change their bindings first", users.join(", ")),
+                format!(
+                    "certificate {id:?} is bound to listeners {}; change their bindings first",
+                    users.join(", ")
+                ),
             ));
         }
         let mut new_state = inner.state.clone();
@@ -596,7 +621,11 @@ impl Manager {
             .listeners
             .iter()
             .map(|l| {
-                let binding = inner.state.bindings.get(&l.name).map(|b| b.certificates.clone());
+                let binding = inner
+                    .state
+                    .bindings
+                    .get(&l.name)
+                    .map(|b| b.certificates.clone());
                 ListenerView {
                     name: l.name.clone(),
                     bind: l.bind.to_string(),
@@ -632,7 +661,9 @@ impl Manager {
             certificates: req.certificates,
         };
         let mut new_state = inner.state.clone();
-        new_state.bindings.insert(listener.to_owned(), binding.clone());
+        new_state
+            .bindings
+            .insert(listener.to_owned(), binding.clone());
         self.change(&mut inner, new_state, |s| s.put_binding(&binding))
     }
 
@@ -696,7 +727,8 @@ impl Manager {
     pub fn reload(&self) -> Result<(), ApiError> {
         let mut inner = self.lock();
         let path = inner.config.path.clone();
-        let config = Config::load(&path).map_err(|e| ApiError::invalid("config_invalid", e.to_string()))?;
+        let config =
+            Config::load(&path).map_err(|e| ApiError::invalid("config_invalid", e.to_string()))?;
         let snapshot = self.build(&config, &inner.state)?;
         inner.config = config;
         (self.publish)(Arc::new(snapshot));
@@ -782,8 +814,14 @@ fn crl_der(pem: &str) -> Result<CertificateRevocationListDer<'static>, ApiError>
     use x509_parser::prelude::FromDer;
     match x509_parser::revocation_list::CertificateRevocationList::from_der(der.as_ref()) {
         Ok(([], _)) => Ok(der),
-        Ok(_) => Err(ApiError::invalid("crl_invalid", "trailing bytes after the CRL")),
-        Err(e) => Err(ApiError::invalid("crl_invalid", format!("the CRL does not parse: {e}"))),
+        Ok(_) => Err(ApiError::invalid(
+            "crl_invalid",
+            "trailing bytes after the CRL",
+        )),
+        Err(e) => Err(ApiError::invalid(
+            "crl_invalid",
+            format!("the CRL does not parse: {e}"),
+        )),
     }
 }
 
@@ -792,7 +830,11 @@ fn crl_view(c: &StoredCrl) -> Result<CrlView, ApiError> {
     let der = crl_der(&c.pem)?;
     let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(der.as_ref())
         .map_err(|e| ApiError::invalid("crl_invalid", e.to_string()))?;
-    let t = |t: x509_parser::time::ASN1Time| fmt_time(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(t.timestamp().max(0) as u64));
+    let t = |t: x509_parser::time::ASN1Time| {
+        fmt_time(
+            SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(t.timestamp().max(0) as u64),
+        )
+    };
     Ok(CrlView {
         id: c.id.clone(),
         issuer: crl.issuer().to_string(),

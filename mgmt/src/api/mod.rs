@@ -126,7 +126,9 @@ pub fn validate(config: &Config) -> Result<(), ConfigError> {
             if l.bind == listen && listen.port() != 0 {
                 return Err(invalid(
                     "api.listen",
-                    format!("{listen} is also listener[{i}].bind: the API never shares a TLS listener"),
+                    format!(
+                        "{listen} is also listener[{i}].bind: the API never shares a TLS listener"
+                    ),
                 ));
             }
         }
@@ -182,7 +184,11 @@ pub fn bind_unix(path: &Path, mode: u32) -> Result<tokio::net::UnixListener> {
     let name = path
         .file_name()
         .with_context(|| format!("[api] socket: {} is not a file path", path.display()))?;
-    let tmp = dir.join(format!(".{}.{}", name.to_string_lossy(), std::process::id()));
+    let tmp = dir.join(format!(
+        ".{}.{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
     let _ = std::fs::remove_file(&tmp);
     let listener = tokio::net::UnixListener::bind(&tmp)
         .with_context(|| format!("[api] socket: cannot bind {}", tmp.display()))?;

@@ -123,7 +123,10 @@ async fn list_keys(State(m): Mgr, Extension(who): Who) -> Result<Response, ApiEr
 async fn generate_key(State(m): Mgr, Extension(who): Who, b: Bytes) -> Result<Response, ApiError> {
     let req: Result<GenerateKey, _> = body(&b);
     let target = req.as_ref().map(|r| r.label.clone()).unwrap_or_default();
-    let key = run(m, who, "key.generate", target, move |m| m.generate_key(&req?)).await?;
+    let key = run(m, who, "key.generate", target, move |m| {
+        m.generate_key(&req?)
+    })
+    .await?;
     Ok(created(json!(key)))
 }
 
@@ -145,9 +148,11 @@ async fn import_key(State(m): Mgr, Extension(who): Who, b: Bytes) -> Result<Resp
     let (label, id, pem) = match parsed {
         Ok(r) => (r.label, r.id, Zeroizing::new(r.pkcs8_pem)),
         Err(e) => {
-            return run(m, who, "key.import", String::new(), move |_| Err::<(), _>(e))
-                .await
-                .map(|()| no_content())
+            return run(m, who, "key.import", String::new(), move |_| {
+                Err::<(), _>(e)
+            })
+            .await
+            .map(|()| no_content())
         }
     };
     let target = label.clone();
@@ -163,7 +168,10 @@ async fn delete_key(
     Extension(who): Who,
     Path(label): Path<String>,
 ) -> Result<Response, ApiError> {
-    run(m, who, "key.delete", label.clone(), move |m| m.delete_key(&label)).await?;
+    run(m, who, "key.delete", label.clone(), move |m| {
+        m.delete_key(&label)
+    })
+    .await?;
     Ok(no_content())
 }
 
@@ -174,7 +182,10 @@ async fn csr(
     b: Bytes,
 ) -> Result<Response, ApiError> {
     let req: Result<CsrRequest, _> = body(&b);
-    let pem = run(m, who, "key.csr", label.clone(), move |m| m.csr(&label, &req?)).await?;
+    let pem = run(m, who, "key.csr", label.clone(), move |m| {
+        m.csr(&label, &req?)
+    })
+    .await?;
     Ok(ok(json!({ "csr_pem": pem })))
 }
 
@@ -200,7 +211,10 @@ async fn get_cert(
     Extension(who): Who,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let v = run(m, who, "certificate.get", id.clone(), move |m| m.get_cert(&id)).await?;
+    let v = run(m, who, "certificate.get", id.clone(), move |m| {
+        m.get_cert(&id)
+    })
+    .await?;
     Ok(ok(json!(v)))
 }
 
@@ -211,7 +225,10 @@ async fn put_cert(
     b: Bytes,
 ) -> Result<Response, ApiError> {
     let req: Result<PutCert, _> = body(&b);
-    let v = run(m, who, "certificate.put", id.clone(), move |m| m.put_cert(&id, req?)).await?;
+    let v = run(m, who, "certificate.put", id.clone(), move |m| {
+        m.put_cert(&id, req?)
+    })
+    .await?;
     Ok(ok(json!(v)))
 }
 
@@ -220,12 +237,18 @@ async fn delete_cert(
     Extension(who): Who,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    run(m, who, "certificate.delete", id.clone(), move |m| m.delete_cert(&id)).await?;
+    run(m, who, "certificate.delete", id.clone(), move |m| {
+        m.delete_cert(&id)
+    })
+    .await?;
     Ok(no_content())
 }
 
 async fn list_listeners(State(m): Mgr, Extension(who): Who) -> Result<Response, ApiError> {
-    let v = run(m, who, "listener.list", "*".into(), |m| Ok(m.list_listeners())).await?;
+    let v = run(m, who, "listener.list", "*".into(), |m| {
+        Ok(m.list_listeners())
+    })
+    .await?;
     Ok(ok(json!({ "items": v })))
 }
 
@@ -236,7 +259,10 @@ async fn put_binding(
     b: Bytes,
 ) -> Result<Response, ApiError> {
     let req: Result<PutBinding, _> = body(&b);
-    run(m, who, "binding.put", name.clone(), move |m| m.put_binding(&name, req?)).await?;
+    run(m, who, "binding.put", name.clone(), move |m| {
+        m.put_binding(&name, req?)
+    })
+    .await?;
     Ok(no_content())
 }
 
@@ -245,7 +271,10 @@ async fn delete_binding(
     Extension(who): Who,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    run(m, who, "binding.delete", name.clone(), move |m| m.delete_binding(&name)).await?;
+    run(m, who, "binding.delete", name.clone(), move |m| {
+        m.delete_binding(&name)
+    })
+    .await?;
     Ok(no_content())
 }
 
@@ -274,7 +303,10 @@ async fn post_crl(
     b: Bytes,
 ) -> Result<Response, ApiError> {
     let req: Result<PutCrl, _> = body(&b);
-    let v = run(m, who, "crl.put", name.clone(), move |m| m.put_crl(&name, &req?)).await?;
+    let v = run(m, who, "crl.put", name.clone(), move |m| {
+        m.put_crl(&name, &req?)
+    })
+    .await?;
     Ok(created(json!(v)))
 }
 
@@ -284,7 +316,10 @@ async fn delete_crl(
     Path((name, id)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     let target = format!("{name}/{id}");
-    run(m, who, "crl.delete", target, move |m| m.delete_crl(&name, &id)).await?;
+    run(m, who, "crl.delete", target, move |m| {
+        m.delete_crl(&name, &id)
+    })
+    .await?;
     Ok(no_content())
 }
 

@@ -88,8 +88,7 @@ pub async fn serve_https(listener: TcpListener, tls: Arc<ServerConfig>, app: Rou
         let acceptor = acceptor.clone();
         let app = app.clone();
         tokio::spawn(async move {
-            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
-            {
+            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(err)) => {
                     tracing::info!(%peer, error = %err, "management API handshake refused");
@@ -121,10 +120,7 @@ pub fn cert_identity(der: &[u8]) -> ClientIdentity {
     };
     ClientIdentity::Cert {
         subject,
-        fingerprint_sha256: hex::encode(aws_lc_rs::digest::digest(
-            &aws_lc_rs::digest::SHA256,
-            der,
-        )),
+        fingerprint_sha256: hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der)),
     }
 }
 
@@ -142,13 +138,14 @@ pub fn tls_config(
     let mut roots = RootCertStore::empty();
     let ca_certs = read_certs(&ca_path).context("[api] client_ca")?;
     for c in ca_certs {
-        roots
-            .add(c)
-            .with_context(|| format!("[api] client_ca: {} is not a usable CA", ca_path.display()))?;
+        roots.add(c).with_context(|| {
+            format!("[api] client_ca: {} is not a usable CA", ca_path.display())
+        })?;
     }
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), crate::tls::provider())
-        .build()
-        .context("[api] client_ca: cannot build the client verifier")?;
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), crate::tls::provider())
+            .build()
+            .context("[api] client_ca: cannot build the client verifier")?;
     let key_ref: KeyRef = key.parse().context("[api] key")?;
     let key_ref = match key_ref {
         KeyRef::File(p) => KeyRef::File(config.resolve(&p)),
@@ -161,8 +158,8 @@ pub fn tls_config(
     chain
         .validate(&loaded.spki_der, std::time::SystemTime::now())
         .with_context(|| format!("[api] cert: {}", chain_path.display()))?;
-    let certified = tlsgate_keystore::cert::certified_key(&chain, loaded.signing_key)
-        .context("[api] cert")?;
+    let certified =
+        tlsgate_keystore::cert::certified_key(&chain, loaded.signing_key).context("[api] cert")?;
     let resolver = SniResolver::new(
         vec![ServedCert {
             key: certified,
