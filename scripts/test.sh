@@ -11,7 +11,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/lib.sh
 
 step "system packages"
-ensure_packages softhsm2 openssl curl ca-certificates gcc make pkg-config
+ensure_packages softhsm2 openssl curl ca-certificates gcc make pkg-config prometheus
 
 step "Rust tools"
 ensure_rust_components

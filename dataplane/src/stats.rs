@@ -30,6 +30,27 @@ pub(crate) const REASONS: [CloseReason; 16] = [
     CloseReason::Shutdown,
 ];
 
+/// Who caused a connection to end in error (`None`: it ended normally): the `source` label of
+/// [`m::ERRORS_TOTAL`].
+pub(crate) fn error_source(r: CloseReason) -> Option<&'static str> {
+    match r {
+        CloseReason::Done | CloseReason::Shutdown | CloseReason::IdleTimeout => None,
+        CloseReason::ClientHelloTooLarge
+        | CloseReason::BadClientHello
+        | CloseReason::TlsError
+        | CloseReason::ClientClosedEarly
+        | CloseReason::HandshakeTimeout
+        | CloseReason::ClientIoError => Some("peer"),
+        CloseReason::BackendConnectFailed
+        | CloseReason::BackendConnectTimeout
+        | CloseReason::BackendIoError => Some("backend"),
+        CloseReason::KeyOpRejected | CloseReason::KeyOpTimeout | CloseReason::KeyOpFailed => {
+            Some("hsm")
+        }
+        CloseReason::ListenerGone => Some("internal"),
+    }
+}
+
 fn reason_index(r: CloseReason) -> usize {
     REASONS.iter().position(|x| *x == r).unwrap_or(0)
 }
@@ -315,6 +336,9 @@ impl CoreRecorder {
             if d > 0 {
                 metrics::counter!(m::CONNECTIONS_CLOSED_TOTAL, "core" => core.clone(), "reason" => r.as_str())
                     .increment(d);
+                if let Some(source) = error_source(*r) {
+                    metrics::counter!(m::ERRORS_TOTAL, "source" => source).increment(d);
+                }
             }
         }
         let open = s

@@ -12,6 +12,7 @@ pub mod files;
 pub mod http_head;
 pub mod logging;
 pub mod metrics_http;
+pub mod mgmt_metrics;
 pub mod serve;
 pub mod state;
 pub mod tls;

@@ -56,7 +56,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
             crate::api::start_manager(Config::load(&args.config)?, token.clone(), publisher)?;
         (Some(Arc::new(manager)), Some(rx), snapshot)
     } else {
-        (None, None, build_snapshot(&config, token.as_ref())?)
+        let mut expiry = Vec::new();
+        let overlay = crate::api::manager::Overlay::default();
+        let snapshot = build_snapshot_with(&config, token.as_ref(), &overlay, &mut expiry)?;
+        crate::mgmt_metrics::publish_expiry(&expiry);
+        (None, None, snapshot)
     };
     let dp_config = config.dataplane();
     let drain = dp_config.limits.drain_timeout();
@@ -166,7 +170,11 @@ async fn wait_for_signals(
 /// Re-reads certificates and keys. Listener addresses, cores and the token are fixed at start.
 fn reload(config_path: &Path, token: Option<&Arc<Token>>) -> Result<Snapshot> {
     let config = Config::load(config_path)?;
-    build_snapshot(&config, token)
+    let mut expiry = Vec::new();
+    let overlay = crate::api::manager::Overlay::default();
+    let snapshot = build_snapshot_with(&config, token, &overlay, &mut expiry)?;
+    crate::mgmt_metrics::publish_expiry(&expiry);
+    Ok(snapshot)
 }
 
 /// Opens the token named by `[pkcs11]`, if any.
@@ -182,7 +190,12 @@ pub fn open_token(config: &Config) -> Result<Option<Arc<Token>>> {
 /// Loads every listener's certificates and keys into a snapshot, checking each chain (order,
 /// validity, key match) so a bad file fails here and not in a handshake.
 pub fn build_snapshot(config: &Config, token: Option<&Arc<Token>>) -> Result<Snapshot> {
-    build_snapshot_with(config, token, &crate::api::manager::Overlay::default())
+    build_snapshot_with(
+        config,
+        token,
+        &crate::api::manager::Overlay::default(),
+        &mut Vec::new(),
+    )
 }
 
 /// [`build_snapshot`] with the management API's state on top: a listener bound through the API
@@ -191,6 +204,7 @@ pub fn build_snapshot_with(
     config: &Config,
     token: Option<&Arc<Token>>,
     overlay: &crate::api::manager::Overlay,
+    expiry: &mut Vec<crate::mgmt_metrics::Expiry>,
 ) -> Result<Snapshot> {
     let now = SystemTime::now();
     let mut listeners = Vec::with_capacity(config.listeners.len());
@@ -201,6 +215,7 @@ pub fn build_snapshot_with(
         let file_certs = match api.and_then(|o| o.certs.as_ref()) {
             Some(bound) => {
                 certs.clone_from(bound);
+                expiry.extend(api.iter().flat_map(|o| o.expiry.iter().cloned()));
                 offload = api.is_some_and(|o| o.offload);
                 &[][..]
             }
@@ -226,9 +241,18 @@ pub fn build_snapshot_with(
                 Some(names) => names.clone(),
                 None => dns_names(&report.sans),
             };
+            expiry.push(crate::mgmt_metrics::Expiry {
+                listener: l.name.clone(),
+                certificate: format!("config:{j}"),
+                names: names.clone(),
+                not_after: report.not_after,
+            });
             certs.push(crate::tls::ServedCert {
-                key: tlsgate_keystore::cert::certified_key(&chain, loaded.signing_key.clone())
-                    .with_context(|| at.clone())?,
+                key: tlsgate_keystore::cert::certified_key(
+                    &chain,
+                    crate::mgmt_metrics::timed(loaded.signing_key.clone(), loaded.backend),
+                )
+                .with_context(|| at.clone())?,
                 names,
                 default: c.default,
             });

@@ -39,6 +39,8 @@ pub struct ListenerOverlay {
     /// Some bound key is on a token (full handshakes sign on the key-op workers).
     pub offload: bool,
     pub crls: Vec<CertificateRevocationListDer<'static>>,
+    /// Expiry of the bound certificates, for the gauges.
+    pub expiry: Vec<crate::mgmt_metrics::Expiry>,
 }
 
 /// A certificate as the API lists it.
@@ -149,6 +151,9 @@ struct Inner {
     state: StateData,
 }
 
+/// A snapshot and the expiry of every certificate it serves.
+type Built = (Snapshot, Vec<crate::mgmt_metrics::Expiry>);
+
 /// The management plane's state and every operation on it.
 pub struct Manager {
     inner: Mutex<Inner>,
@@ -203,10 +208,11 @@ impl Manager {
         };
         let snapshot = {
             let mut inner = mgr.lock();
-            let snapshot = mgr
+            let (snapshot, expiry) = mgr
                 .build(&inner.config, &state)
                 .map_err(|e| anyhow::anyhow!("the state directory does not load: {e}"))?;
             inner.state = state;
+            crate::mgmt_metrics::publish_expiry(&expiry);
             snapshot
         };
         Ok((mgr, snapshot))
@@ -254,7 +260,7 @@ impl Manager {
     }
 
     /// Builds the snapshot `config` + `state` would give, checking everything.
-    fn build(&self, config: &Config, state: &StateData) -> Result<Snapshot, ApiError> {
+    fn build(&self, config: &Config, state: &StateData) -> Result<Built, ApiError> {
         let now = SystemTime::now();
         let mut overlay = Overlay::default();
         for (listener, crls) in &state.crls {
@@ -272,6 +278,7 @@ impl Manager {
                 continue;
             }
             let mut served = Vec::with_capacity(binding.certificates.len());
+            let mut expiry = Vec::new();
             let mut offload = false;
             for bc in &binding.certificates {
                 let stored = state.certs.get(&bc.cert).ok_or_else(|| {
@@ -306,9 +313,18 @@ impl Manager {
                     }
                     None => crate::serve::dns_names(&report.sans),
                 };
+                expiry.push(crate::mgmt_metrics::Expiry {
+                    listener: listener.clone(),
+                    certificate: bc.cert.clone(),
+                    names: names.clone(),
+                    not_after: report.not_after,
+                });
                 served.push(ServedCert {
-                    key: tlsgate_keystore::cert::certified_key(&chain, loaded.signing_key.clone())
-                        .map_err(|e| key_error(&e))?,
+                    key: tlsgate_keystore::cert::certified_key(
+                        &chain,
+                        crate::mgmt_metrics::timed(loaded.signing_key.clone(), loaded.backend),
+                    )
+                    .map_err(|e| key_error(&e))?,
                     names,
                     default: bc.default,
                 });
@@ -323,9 +339,13 @@ impl Manager {
             let entry = overlay.listeners.entry(listener.clone()).or_default();
             entry.certs = Some(served);
             entry.offload = offload;
+            entry.expiry = expiry;
         }
-        crate::serve::build_snapshot_with(config, self.token.as_ref(), &overlay)
-            .map_err(|e| ApiError::invalid("snapshot_invalid", format!("{e:#}")))
+        let mut expiry = Vec::new();
+        let snapshot =
+            crate::serve::build_snapshot_with(config, self.token.as_ref(), &overlay, &mut expiry)
+                .map_err(|e| ApiError::invalid("snapshot_invalid", format!("{e:#}")))?;
+        Ok((snapshot, expiry))
     }
 
     /// Loads a stored certificate's key and checks its chain against it.
@@ -378,10 +398,11 @@ impl Manager {
         new_state: StateData,
         persist: impl FnOnce(&StateStore) -> anyhow::Result<()>,
     ) -> Result<(), ApiError> {
-        let snapshot = self.build(&inner.config, &new_state)?;
+        let (snapshot, expiry) = self.build(&inner.config, &new_state)?;
         persist(&self.store).map_err(|e| ApiError::state_write(&e))?;
         inner.state = new_state;
         (self.publish)(Arc::new(snapshot));
+        crate::mgmt_metrics::publish_expiry(&expiry);
         Ok(())
     }
 
@@ -729,9 +750,10 @@ impl Manager {
         let path = inner.config.path.clone();
         let config =
             Config::load(&path).map_err(|e| ApiError::invalid("config_invalid", e.to_string()))?;
-        let snapshot = self.build(&config, &inner.state)?;
+        let (snapshot, expiry) = self.build(&config, &inner.state)?;
         inner.config = config;
         (self.publish)(Arc::new(snapshot));
+        crate::mgmt_metrics::publish_expiry(&expiry);
         Ok(())
     }
 }
