@@ -157,7 +157,9 @@ fn ten_rotations_under_a_live_connection() -> Result<()> {
         }
     };
     let mut seen = wait_moving(0)?;
+    let mut took = Vec::new();
     for (i, (label, chain)) in chains.iter().enumerate().skip(1) {
+        let t = std::time::Instant::now();
         ctl_ok(
             &lab,
             &[
@@ -171,6 +173,7 @@ fn ten_rotations_under_a_live_connection() -> Result<()> {
                 &chain.display().to_string(),
             ],
         )?;
+        took.push(t.elapsed());
         // Right after the call returns, a new connection gets the new certificate.
         ensure!(
             served_fingerprint(serve.port)? == file_fingerprint(chain)?,
@@ -201,6 +204,13 @@ fn ten_rotations_under_a_live_connection() -> Result<()> {
         seen = wait_moving(seen)?;
     }
     stop.store(true, Ordering::Relaxed);
+    took.sort();
+    eprintln!(
+        "rotation through `tlsgate ctl` (process start, validate, persist, publish): median {:?}, max {:?}; {} answers on the live connection",
+        took[took.len() / 2],
+        took[took.len() - 1],
+        answers.load(Ordering::Relaxed)
+    );
     let first = live
         .join()
         .map_err(|_| anyhow::anyhow!("live connection thread panicked"))??;
