@@ -906,6 +906,65 @@ mod tests {
         assert!(!covered("other.example.com", &sans));
     }
 
+    /// Uploaded PEM/DER is attacker-controlled as far as the parser is concerned: truncations
+    /// and bit flips of a real certificate and CRL must give errors, never panics.
+    #[test]
+    fn mangled_uploads_are_errors_not_panics() -> Result<(), Box<dyn std::error::Error>> {
+        use rcgen::{CertificateParams, CertificateRevocationListParams, IsCa, Issuer, KeyPair};
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(vec!["a.example".to_owned()])?;
+        params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let cert = params.clone().self_signed(&key)?;
+        let spki = rcgen::PublicKeyData::subject_public_key_info(&key);
+        let now = time::OffsetDateTime::now_utc();
+        let crl = CertificateRevocationListParams {
+            this_update: now,
+            next_update: now + time::Duration::days(1),
+            crl_number: rcgen::SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs: Vec::new(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        }
+        .signed_by(&Issuer::new(params, &key))?;
+        let cert_der = cert.der().to_vec();
+        let crl_der_bytes = crl.der().to_vec();
+        assert!(CertChain::from_der(vec![cert_der.clone().into()])
+            .and_then(|c| c.validate(&spki, SystemTime::now()))
+            .is_ok());
+        assert!(crl_der(&pem_encode_crl(&crl_der_bytes)).is_ok());
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for round in 0..3000 {
+            for original in [&cert_der, &crl_der_bytes] {
+                let mut bytes = original.clone();
+                if round % 3 == 0 {
+                    bytes.truncate((next() as usize) % bytes.len());
+                } else {
+                    for _ in 0..1 + round % 4 {
+                        let i = (next() as usize) % bytes.len();
+                        bytes[i] ^= 1 << (next() % 8);
+                    }
+                }
+                if let Ok(chain) = CertChain::from_der(vec![bytes.clone().into()]) {
+                    let _ = chain.validate(&spki, SystemTime::now());
+                }
+                let _ = crl_der(&pem_encode_crl(&bytes));
+                let _ = crl_view(&StoredCrl {
+                    id: "x".into(),
+                    pem: pem_encode_crl(&bytes),
+                });
+                let text = String::from_utf8_lossy(&bytes);
+                let _ = CertChain::from_pem(text.as_bytes());
+            }
+        }
+        Ok(())
+    }
+
     #[test]
     fn crl_ids_are_sha256_prefixes() {
         // SHA-256("") = e3b0c442...
