@@ -267,10 +267,12 @@ impl Config {
                     format!("{} is used twice", l.bind),
                 ));
             }
-            if l.certificates.is_empty() {
+            // With the management API, a listener may start without certificates and get
+            // them through a binding (it refuses handshakes until then).
+            if l.certificates.is_empty() && self.api.is_none() && self.state.is_none() {
                 return Err(self.invalid(
                     format!("listener[{i}].certificate"),
-                    "no certificate: add a [[listener.certificate]] with chain and key",
+                    "no certificate: add a [[listener.certificate]] with chain and key, or bind one through the management API ([api])",
                 ));
             }
             for (j, c) in l.certificates.iter().enumerate() {

@@ -261,14 +261,19 @@ pub fn build_snapshot_with(
         listeners.push(ListenerSnapshot {
             name: l.name.clone(),
             bind: l.bind,
-            tls: crate::tls::server_config(
-                certs,
-                &crate::tls::ListenerTls {
-                    unknown_sni: l.unknown_sni,
-                    extra_crls: api.map(|o| o.crls.clone()).unwrap_or_default(),
-                },
-            )
-            .with_context(|| format!("listener {:?}", l.name))?,
+            tls: if certs.is_empty() {
+                tracing::warn!(listener = %l.name, "no certificate yet: handshakes are refused until one is bound through the management API");
+                crate::api::no_certificate_config()?
+            } else {
+                crate::tls::server_config(
+                    certs,
+                    &crate::tls::ListenerTls {
+                        unknown_sni: l.unknown_sni,
+                        extra_crls: api.map(|o| o.crls.clone()).unwrap_or_default(),
+                    },
+                )
+                .with_context(|| format!("listener {:?}", l.name))?
+            },
             offload_key_ops: offload,
             backend: l.backend,
             proxy_protocol: l.proxy_protocol,

@@ -377,3 +377,47 @@ fn walk(dir: &std::path::Path) -> Result<Vec<std::path::PathBuf>> {
     }
     Ok(out)
 }
+
+#[test]
+fn a_listener_without_certificates_serves_once_bound() -> Result<()> {
+    let lab = Lab::new()?;
+    let pki = MgmtPki::new(&lab)?;
+    let boot = lab.token_key_with_chain("ec-p256", "boot")?;
+    let (_backend, backend) = demo_backend(lab.dir.path())?;
+    let config = write_config(&lab, &pki, &backend, &boot, &common::uri("boot"), "empty")?;
+    let text = std::fs::read_to_string(&config)?;
+    let without = text
+        .split("[[listener.certificate]]")
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    std::fs::write(&config, without)?;
+    let serve = Serve::start(&lab, &config)?;
+    // No certificate yet: the handshake fails.
+    ensure!(
+        served_fingerprint(serve.port).is_err(),
+        "a listener without certificates completed a handshake"
+    );
+    let chain = key_csr_chain(&lab, "first")?;
+    ctl_ok(
+        &lab,
+        &[
+            "certs",
+            "upload",
+            "--id",
+            "first",
+            "--key",
+            "first",
+            "--chain",
+            &chain.display().to_string(),
+        ],
+    )?;
+    ctl_ok(
+        &lab,
+        &["listeners", "bind", "--listener", "web", "--cert", "first"],
+    )?;
+    ensure!(served_fingerprint(serve.port)? == file_fingerprint(&chain)?);
+    let out = common::check(common::curl(&lab, serve.port, "/first", &[])?, "curl")?;
+    ensure!(out.contains("hello from the tlsgate demo backend"), "{out}");
+    Ok(())
+}

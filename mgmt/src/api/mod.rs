@@ -198,3 +198,23 @@ pub fn bind_unix(path: &Path, mode: u32) -> Result<tokio::net::UnixListener> {
         .with_context(|| format!("[api] socket: cannot move it to {}", path.display()))?;
     Ok(listener)
 }
+
+/// The configuration of a listener with no certificate yet (no `[[listener.certificate]]` and no
+/// binding): every handshake ends with a `handshake_failure` alert.
+pub fn no_certificate_config() -> Result<Arc<rustls::ServerConfig>> {
+    #[derive(Debug)]
+    struct NoCertificate;
+    impl rustls::server::ResolvesServerCert for NoCertificate {
+        fn resolve(
+            &self,
+            _: rustls::server::ClientHello<'_>,
+        ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+            None
+        }
+    }
+    let config = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(NoCertificate));
+    Ok(Arc::new(config))
+}
