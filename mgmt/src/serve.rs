@@ -68,6 +68,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
         .context("cannot start the data plane")?;
 
     let addrs = dataplane.local_addrs();
+    if let Some(m) = &manager {
+        m.set_bound(&addrs);
+    }
     for (name, addr) in &addrs {
         tracing::info!(listener = %name, %addr, driver = dataplane.driver().as_str(), "listening");
     }

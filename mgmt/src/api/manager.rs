@@ -86,7 +86,10 @@ pub struct KeyView {
 #[derive(Debug, Clone, Serialize)]
 pub struct ListenerView {
     pub name: String,
+    /// The address it listens on (the configured one until the data plane has bound it).
     pub bind: String,
+    /// How many `[[listener.certificate]]` entries the configuration file gives it.
+    pub config_certificates: usize,
     /// `api` when a binding replaces the configuration file's certificates, else `config`.
     pub source: &'static str,
     pub binding: Option<Vec<BoundCert>>,
@@ -157,6 +160,8 @@ type Built = (Snapshot, Vec<crate::mgmt_metrics::Expiry>);
 /// The management plane's state and every operation on it.
 pub struct Manager {
     inner: Mutex<Inner>,
+    /// Listener addresses as bound (port 0 resolved).
+    bound: Mutex<HashMap<String, std::net::SocketAddr>>,
     token: Option<Arc<Token>>,
     store: StateStore,
     audit: AuditLog,
@@ -201,6 +206,7 @@ impl Manager {
                 config,
                 state: StateData::default(),
             }),
+            bound: Mutex::new(HashMap::new()),
             token,
             store,
             audit,
@@ -216,6 +222,15 @@ impl Manager {
             snapshot
         };
         Ok((mgr, snapshot))
+    }
+
+    /// Records the addresses the data plane bound, for listings.
+    pub fn set_bound(&self, addrs: &[(String, std::net::SocketAddr)]) {
+        let mut bound = match self.bound.lock() {
+            Ok(b) => b,
+            Err(p) => p.into_inner(),
+        };
+        bound.extend(addrs.iter().cloned());
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -636,6 +651,10 @@ impl Manager {
     }
 
     pub fn list_listeners(&self) -> Vec<ListenerView> {
+        let bound = match self.bound.lock() {
+            Ok(b) => b.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
         let inner = self.lock();
         inner
             .config
@@ -649,7 +668,8 @@ impl Manager {
                     .map(|b| b.certificates.clone());
                 ListenerView {
                     name: l.name.clone(),
-                    bind: l.bind.to_string(),
+                    bind: bound.get(&l.name).unwrap_or(&l.bind).to_string(),
+                    config_certificates: l.certificates.len(),
                     source: if binding.is_some() { "api" } else { "config" },
                     binding,
                     crls: inner

@@ -455,7 +455,12 @@ fn print_text(c: &Call, status: StatusCode, v: &Value) {
                             .collect::<Vec<_>>()
                             .join(",")
                     })
-                    .unwrap_or_else(|| "-".into());
+                    .unwrap_or_else(|| {
+                        format!(
+                            "{} from the configuration file",
+                            s(&item["config_certificates"])
+                        )
+                    });
                 format!(
                     "{:<16} {:<22} source={} certs={} crls={}",
                     s(&item["name"]),
