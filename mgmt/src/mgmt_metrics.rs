@@ -229,3 +229,33 @@ fn start_flusher() {
         tracing::warn!(error = %err, "cannot start the signature-metrics thread; signature durations are not exported");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// Every metric name defined in code has a row in the README's metrics table.
+    #[test]
+    fn every_metric_is_documented() {
+        let readme = include_str!("../../README.md");
+        let sources = [
+            include_str!("../../dataplane/src/metrics.rs"),
+            include_str!("mgmt_metrics.rs"),
+        ];
+        let mut names = 0;
+        for src in sources {
+            for line in src.lines().filter(|l| l.starts_with("pub const ")) {
+                let Some(name) = line.split('"').nth(1) else {
+                    continue;
+                };
+                if !name.starts_with("tlsgate_") {
+                    continue;
+                }
+                names += 1;
+                assert!(
+                    readme.contains(&format!("| `{name}` |")),
+                    "{name} is not in the README metrics table"
+                );
+            }
+        }
+        assert!(names >= 15, "found only {names} metric names");
+    }
+}
