@@ -147,6 +147,34 @@ fn crls_upload_list_restart_delete_and_ctl_over_https() -> Result<()> {
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // Exit codes: 2 for local input that cannot be used, 3 when there is no API to reach.
+    let out = ctl(
+        &lab,
+        &[
+            "certs",
+            "upload",
+            "--id",
+            "x",
+            "--key",
+            "k",
+            "--chain",
+            &lab.p("missing.pem"),
+        ],
+    )?;
+    ensure!(
+        out.status.code() == Some(2),
+        "missing file: {:?}",
+        out.status
+    );
+    let out = common::tlsgate()
+        .args(["ctl", "--socket", &lab.p("no.sock"), "keys", "list"])
+        .output()?;
+    ensure!(out.status.code() == Some(3), "no socket: {:?}", out.status);
+    let out = common::tlsgate()
+        .args(["ctl", "keys", "generate", "--label", "x"])
+        .output()?;
+    ensure!(out.status.code() == Some(2), "usage: {:?}", out.status);
+
     // Restart keeps it; delete removes it.
     drop(serve);
     let _serve = Serve::start(&lab, &config)?;

@@ -2,7 +2,8 @@
 //! HTTPS with a client certificate (`--url`, `--cert`, `--key`, `--cacert`).
 //!
 //! Exit codes: 0 done; 1 the API refused (its error code and message on stderr); 2 bad command
-//! line; 3 the API could not be reached or answered something that is not the API.
+//! line or local input (a file that cannot be read); 3 the API could not be reached or answered
+//! something that is not the API.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -20,6 +21,8 @@ pub const DEFAULT_SOCKET: &str = "/run/tlsgate/api.sock";
 
 /// Exit code: the API answered with an error.
 pub const EXIT_REFUSED: i32 = 1;
+/// Exit code: bad command line or local input (as clap's own usage errors).
+pub const EXIT_USAGE: i32 = 2;
 /// Exit code: the API could not be reached.
 pub const EXIT_UNREACHABLE: i32 = 3;
 
@@ -223,6 +226,20 @@ fn seg(s: &str) -> String {
 
 /// Runs one `ctl` command; exits the process with the codes in the module docs.
 pub fn run(args: CtlArgs) -> Result<()> {
+    let (c, csr_out) = match request(&args) {
+        Ok(x) => x,
+        Err(err) => {
+            // Local input (a file to send, an option) is wrong: nothing was sent.
+            eprintln!("error: {err:#}");
+            std::process::exit(EXIT_USAGE);
+        }
+    };
+    send_and_print(&args, &c, csr_out)
+}
+
+/// The request a command sends, and where a CSR goes.
+#[allow(clippy::type_complexity)]
+fn request(args: &CtlArgs) -> Result<(Call, Option<Option<PathBuf>>)> {
     let mut csr_out = None;
     let c = match &args.command {
         CtlCommand::Keys(k) => match k {
@@ -342,12 +359,15 @@ pub fn run(args: CtlArgs) -> Result<()> {
         CtlCommand::Reload => call(Method::POST, "/v1/reload", None),
         CtlCommand::Openapi => call(Method::GET, "/v1/openapi.json", None),
     };
+    Ok((c, csr_out))
+}
 
+fn send_and_print(args: &CtlArgs, c: &Call, csr_out: Option<Option<PathBuf>>) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start a runtime")?;
-    let (status, body) = match rt.block_on(send(&args, &c)) {
+    let (status, body) = match rt.block_on(send(args, c)) {
         Ok(x) => x,
         Err(err) => {
             eprintln!("error: cannot reach the management API: {err:#}");
@@ -393,7 +413,7 @@ pub fn run(args: CtlArgs) -> Result<()> {
     if args.json || matches!(args.command, CtlCommand::Openapi) {
         println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
-        print_text(&c, status, &value);
+        print_text(c, status, &value);
     }
     Ok(())
 }
