@@ -64,6 +64,12 @@ pin = "file:$LAB_DIR/token/user.pin"
 cores = [0]
 io = "auto"
 
+[api]                                   # tlsgate ctl talks to this socket (owner only)
+socket = "$LAB_DIR/api.sock"
+
+[state]                                 # certificates, bindings, CRLs uploaded through the API
+dir = "$LAB_DIR/state"
+
 [[listener]]
 name = "lab"
 bind = "127.0.0.1:$PORT"
@@ -110,6 +116,7 @@ forwarding to the demo backend on 127.0.0.1:$BACKEND_PORT. Try:
 
   curl --cacert $LAB_DIR/ca/root.pem https://localhost:$PORT/
   openssl s_client -connect 127.0.0.1:$PORT -servername localhost -CAfile $LAB_DIR/ca/root.pem </dev/null
+  $BIN ctl --socket $LAB_DIR/api.sock listeners list      # the management API (README)
 
 Ctrl-C stops the appliance and the backend.
 MSG

@@ -11,7 +11,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/lib.sh
 
 step "system packages"
-ensure_packages softhsm2 openssl curl ca-certificates gcc make pkg-config \
+ensure_packages softhsm2 openssl curl ca-certificates gcc make pkg-config prometheus \
     testssl.sh gnutls-bin python3 python3-venv
 ensure_sslyze
 # The benchmark smoke below: HAProxy and nginx (+ its layer-4 stream module) beside tlsgate,

@@ -8,6 +8,9 @@
 pub const CONNECTIONS_ACCEPTED_TOTAL: &str = "tlsgate_connections_accepted_total";
 /// Connections closed. Labels: `core`, `reason` ([`crate::CloseReason::as_str`]).
 pub const CONNECTIONS_CLOSED_TOTAL: &str = "tlsgate_connections_closed_total";
+/// Connections that ended in error, by who caused it. Labels: `source` (`peer`|`backend`|`hsm`|
+/// `internal`); derived from the close reasons, so it adds no recording of its own.
+pub const ERRORS_TOTAL: &str = "tlsgate_errors_total";
 /// Connections open now. Labels: `core`.
 pub const CONNECTIONS_OPEN: &str = "tlsgate_connections_open";
 /// Handshakes in flight now. Labels: `core`.
@@ -34,3 +37,49 @@ pub const ACCEPT_PAUSED_TOTAL: &str = "tlsgate_accept_paused_total";
 pub const BACKEND_TLS_ERRORS_TOTAL: &str = "tlsgate_backend_tls_errors_total";
 /// 1 for the io driver that runs. Labels: `driver` (`uring`|`portable`).
 pub const IO_DRIVER: &str = "tlsgate_io_driver";
+
+/// Registers the help text and unit of every metric above with the installed recorder, so the
+/// exposition carries `# HELP` lines (`promtool check metrics` wants them).
+pub fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(CONNECTIONS_ACCEPTED_TOTAL, "Connections accepted, by core.");
+    describe_counter!(
+        CONNECTIONS_CLOSED_TOTAL,
+        "Connections closed, by core and reason."
+    );
+    describe_counter!(
+        ERRORS_TOTAL,
+        "Connections that ended in error, by source (peer, backend, hsm, internal)."
+    );
+    describe_gauge!(CONNECTIONS_OPEN, "Connections open now, by core.");
+    describe_gauge!(HANDSHAKES_IN_FLIGHT, "Handshakes in flight now, by core.");
+    describe_counter!(
+        HANDSHAKES_TOTAL,
+        "Handshakes ended, by listener, version, suite, group, kind and result."
+    );
+    describe_histogram!(
+        HANDSHAKE_DURATION_SECONDS,
+        Unit::Seconds,
+        "Accept to handshake complete, by listener and kind."
+    );
+    describe_histogram!(
+        KEY_OP_DURATION_SECONDS,
+        Unit::Seconds,
+        "Offloaded key operation, enqueue to result on the home core."
+    );
+    describe_counter!(KEY_OPS_TOTAL, "Offloaded key operations, by result.");
+    describe_gauge!(KEY_OP_QUEUE_DEPTH, "Key operations queued or running now.");
+    describe_counter!(
+        TRANSFERRED_BYTES_TOTAL,
+        Unit::Bytes,
+        "Bytes moved, by direction."
+    );
+    describe_counter!(
+        ACCEPT_PAUSED_TOTAL,
+        "Times a core stopped accepting at a per-core limit."
+    );
+    describe_gauge!(
+        IO_DRIVER,
+        "1 for the io driver that runs (uring or portable)."
+    );
+}

@@ -37,6 +37,30 @@ pub(crate) const REASONS: [CloseReason; N_REASONS] = [
 const N_REASONS: usize = 19;
 const N_CAUSES: usize = BackendTlsCause::ALL.len();
 
+/// Who caused a connection to end in error (`None`: it ended normally): the `source` label of
+/// [`m::ERRORS_TOTAL`].
+pub(crate) fn error_source(r: CloseReason) -> Option<&'static str> {
+    match r {
+        CloseReason::Done | CloseReason::Shutdown | CloseReason::IdleTimeout => None,
+        CloseReason::ClientHelloTooLarge
+        | CloseReason::BadClientHello
+        | CloseReason::UnknownSni
+        | CloseReason::ClientCertRejected
+        | CloseReason::TlsError
+        | CloseReason::ClientClosedEarly
+        | CloseReason::HandshakeTimeout
+        | CloseReason::ClientIoError => Some("peer"),
+        CloseReason::BackendConnectFailed
+        | CloseReason::BackendConnectTimeout
+        | CloseReason::BackendIoError
+        | CloseReason::BackendTlsError(_) => Some("backend"),
+        CloseReason::KeyOpRejected | CloseReason::KeyOpTimeout | CloseReason::KeyOpFailed => {
+            Some("hsm")
+        }
+        CloseReason::ListenerGone => Some("internal"),
+    }
+}
+
 fn reason_index(r: CloseReason) -> usize {
     let d = std::mem::discriminant(&r);
     REASONS
@@ -364,6 +388,9 @@ impl CoreRecorder {
             if d > 0 {
                 metrics::counter!(m::CONNECTIONS_CLOSED_TOTAL, "core" => core.clone(), "reason" => r.as_str())
                     .increment(d);
+                if let Some(source) = error_source(*r) {
+                    metrics::counter!(m::ERRORS_TOTAL, "source" => source).increment(d);
+                }
             }
         }
         let open = s

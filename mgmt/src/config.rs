@@ -89,6 +89,10 @@ pub struct Config {
     pub dataplane: Option<DataplaneConfig>,
     /// The Prometheus endpoint.
     pub metrics: Option<MetricsConfig>,
+    /// The management API (see [`crate::api`]).
+    pub api: Option<crate::api::ApiConfig>,
+    /// The management plane's state directory (see [`crate::state`]).
+    pub state: Option<crate::api::StateConfig>,
     /// TLS listeners.
     #[serde(rename = "listener", default)]
     pub listeners: Vec<ListenerConfig>,
@@ -315,10 +319,12 @@ impl Config {
             if l.session.fleet_secret.is_some() {
                 needs_token = true;
             }
-            if l.certificates.is_empty() {
+            // With the management API, a listener may start without certificates and get
+            // them through a binding (it refuses handshakes until then).
+            if l.certificates.is_empty() && self.api.is_none() && self.state.is_none() {
                 return Err(self.invalid(
                     format!("listener[{i}].certificate"),
-                    "no certificate: add a [[listener.certificate]] with chain and key",
+                    "no certificate: add a [[listener.certificate]] with chain and key, or bind one through the management API ([api])",
                 ));
             }
             for (j, c) in l.certificates.iter().enumerate() {
@@ -358,6 +364,7 @@ impl Config {
                 "a certificate key or a session.fleet_secret is a pkcs11: URI, so a [pkcs11] section with module, token and pin is needed",
             ));
         }
+        crate::api::validate(self)?;
         Ok(())
     }
 }

@@ -4,6 +4,8 @@
 //! lives here so integration tests can reach it.
 #![forbid(unsafe_code)]
 
+pub mod api;
+pub mod audit;
 pub mod backend_tls;
 pub mod cli;
 pub mod client_auth;
@@ -12,8 +14,10 @@ pub mod files;
 pub mod http_head;
 pub mod logging;
 pub mod metrics_http;
+pub mod mgmt_metrics;
 pub mod ocsp;
 pub mod policy;
 pub mod serve;
 pub mod session;
+pub mod state;
 pub mod tls;

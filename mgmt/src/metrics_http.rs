@@ -22,9 +22,13 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Installs the process-wide recorder. Call once, before the data plane starts.
 pub fn install() -> Result<PrometheusHandle> {
-    PrometheusBuilder::new()
+    let handle = PrometheusBuilder::new()
+        .set_buckets(crate::mgmt_metrics::DURATION_BUCKETS)
+        .context("histogram buckets")?
         .install_recorder()
-        .context("cannot install the Prometheus recorder")
+        .context("cannot install the Prometheus recorder")?;
+    crate::mgmt_metrics::describe();
+    Ok(handle)
 }
 
 /// Binds the endpoint; returns the listener and its address (port 0 allowed).

@@ -42,13 +42,35 @@ pub fn run(args: ServeArgs) -> Result<()> {
         None => None,
     };
     let token = open_token(&config)?;
-    let (snapshot, ocsp_wake) = build_snapshot_scheduled(&config, token.as_ref())?;
+    let (manager, publish_rx, snapshot) = if crate::api::state_dir(&config).is_some() {
+        // The management plane owns the authoritative state; it publishes through the signal
+        // loop, which owns the data plane.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Published>(1);
+        let publisher: crate::api::Publisher = Box::new(move |snapshot| {
+            let (ack, done) = tokio::sync::oneshot::channel();
+            if tx.blocking_send((snapshot, ack)).is_ok() {
+                let _ = done.blocking_recv();
+            }
+        });
+        let (manager, snapshot) =
+            crate::api::start_manager(Config::load(&args.config)?, token.clone(), publisher)?;
+        (Some(Arc::new(manager)), Some(rx), snapshot)
+    } else {
+        let mut expiry = Vec::new();
+        let overlay = crate::api::manager::Overlay::default();
+        let snapshot = build_snapshot_with(&config, token.as_ref(), &overlay, &mut expiry)?;
+        crate::mgmt_metrics::publish_expiry(&expiry);
+        (None, None, snapshot)
+    };
     let dp_config = config.dataplane();
     let drain = dp_config.limits.drain_timeout();
     let dataplane = tlsgate_dataplane::start(dp_config, Arc::new(snapshot))
         .context("cannot start the data plane")?;
 
     let addrs = dataplane.local_addrs();
+    if let Some(m) = &manager {
+        m.set_bound(&addrs);
+    }
     for (name, addr) in &addrs {
         tracing::info!(listener = %name, %addr, driver = dataplane.driver().as_str(), "listening");
     }
@@ -58,6 +80,26 @@ pub fn run(args: ServeArgs) -> Result<()> {
         ready.push_str(&format!("metrics {addr}\n"));
         rt.spawn(crate::metrics_http::serve(listener, handle));
     }
+    if let (Some(api), Some(manager)) = (&config.api, &manager) {
+        let app = crate::api::routes::router(manager.clone());
+        if let Some(path) = &api.socket {
+            let path = config.resolve(path);
+            let listener = rt.block_on(async { crate::api::bind_unix(&path, api.socket_mode) })?;
+            tracing::info!(socket = %path.display(), mode = format!("{:#o}", api.socket_mode), "management API on the unix socket");
+            ready.push_str(&format!("api-socket {}\n", path.display()));
+            rt.spawn(crate::api::server::serve_unix(listener, app.clone()));
+        }
+        if let Some(listen) = api.listen {
+            let tls = crate::api::server::tls_config(api, &config, token.as_ref())?;
+            let listener = rt
+                .block_on(tokio::net::TcpListener::bind(listen))
+                .with_context(|| format!("[api] listen: cannot listen on {listen}"))?;
+            let addr = listener.local_addr()?;
+            tracing::info!(%addr, "management API on HTTPS (client certificates required)");
+            ready.push_str(&format!("api {addr}\n"));
+            rt.spawn(crate::api::server::serve_https(listener, tls, app));
+        }
+    }
     if let Some(path) = &args.ready_file {
         crate::files::write_atomic(path, ready.as_bytes(), 0o644)?;
     }
@@ -66,19 +108,27 @@ pub fn run(args: ServeArgs) -> Result<()> {
         &args.config,
         &dataplane,
         token.as_ref(),
-        ocsp_wake,
+        manager,
+        publish_rx,
     ))?;
+    if let Some(path) = config.api.as_ref().and_then(|a| a.socket.as_ref()) {
+        let _ = std::fs::remove_file(config.resolve(path));
+    }
     tracing::info!(drain_secs = drain.as_secs_f64(), "draining");
     dataplane.shutdown(drain).context("shutdown")?;
     tracing::info!("stopped");
     Ok(())
 }
 
+/// A snapshot from the management plane and the sender to tell it the snapshot is live.
+type Published = (Arc<Snapshot>, tokio::sync::oneshot::Sender<()>);
+
 async fn wait_for_signals(
     config_path: &Path,
     dataplane: &tlsgate_dataplane::Dataplane,
     token: Option<&Arc<Token>>,
-    mut ocsp_wake: Option<SystemTime>,
+    manager: Option<Arc<crate::api::Manager>>,
+    mut published: Option<tokio::sync::mpsc::Receiver<Published>>,
 ) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
@@ -86,41 +136,96 @@ async fn wait_for_signals(
     let mut hup = signal(SignalKind::hangup())?;
     loop {
         // OCSP responses near their nextUpdate: reload (re-reads and re-checks them) then.
-        let ocsp_sleep = ocsp_wake.map(|at| {
+        let ocsp_sleep = ocsp_wake().map(|at| {
             at.duration_since(SystemTime::now())
                 .unwrap_or_default()
                 .max(std::time::Duration::from_secs(1))
         });
-        let why = tokio::select! {
+        let ocsp_due = async {
+            match ocsp_sleep {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        let next_published = async {
+            match published.as_mut() {
+                Some(rx) => rx.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
             _ = term.recv() => return Ok(()),
             _ = int.recv() => return Ok(()),
-            _ = hup.recv() => "SIGHUP",
-            _ = async { match ocsp_sleep { Some(d) => tokio::time::sleep(d).await, None => std::future::pending().await } } => "OCSP refresh",
-        };
-        match reload(config_path, token) {
-            Ok((snapshot, wake)) => {
-                dataplane.update(Arc::new(snapshot));
-                ocsp_wake = wake;
-                tracing::info!(trigger = why, "reloaded certificates for new handshakes");
+            Some((snapshot, ack)) = next_published => {
+                // `update` stores the snapshot before it returns: every connection accepted
+                // after the API answers uses it.
+                dataplane.update(snapshot);
+                let _ = ack.send(());
             }
-            Err(err) => {
-                // Keep the old schedule only for a signal; a failing timed reload must not spin.
-                if why != "SIGHUP" {
-                    ocsp_wake = None;
-                }
-                tracing::error!(trigger = why, error = %format!("{err:#}"), "reload refused; the running configuration stays")
+            _ = hup.recv() => reload_now(config_path, dataplane, token, manager.as_ref(), "SIGHUP"),
+            _ = ocsp_due => {
+                // A failing timed reload must not spin: the schedule comes back with the next
+                // snapshot that builds.
+                set_ocsp_wake(None);
+                reload_now(config_path, dataplane, token, manager.as_ref(), "OCSP refresh");
             }
         }
     }
 }
 
-/// Re-reads certificates and keys. Listener addresses, cores and the token are fixed at start.
-fn reload(
+/// Reloads for `why`: through the management plane when there is one (it owns the state and
+/// publishes through the signal loop), else straight from the file.
+fn reload_now(
     config_path: &Path,
+    dataplane: &tlsgate_dataplane::Dataplane,
     token: Option<&Arc<Token>>,
-) -> Result<(Snapshot, Option<SystemTime>)> {
+    manager: Option<&Arc<crate::api::Manager>>,
+    why: &'static str,
+) {
+    if let Some(m) = manager.cloned() {
+        // Off this loop: the reload publishes through it.
+        tokio::task::spawn_blocking(move || {
+            m.audited(
+                &crate::audit::ClientIdentity::Signal(why),
+                "reload",
+                "config",
+                |m| m.reload(),
+            )
+        });
+        return;
+    }
+    match reload(config_path, token) {
+        Ok(snapshot) => {
+            dataplane.update(Arc::new(snapshot));
+            tracing::info!(trigger = why, "reloaded certificates for new handshakes");
+        }
+        Err(err) => {
+            tracing::error!(trigger = why, error = %format!("{err:#}"), "reload refused; the running configuration stays")
+        }
+    }
+}
+
+/// When the OCSP responses of the last snapshot built want a fresh look (see `ocsp::wake_at`).
+static OCSP_WAKE: std::sync::Mutex<Option<SystemTime>> = std::sync::Mutex::new(None);
+
+fn ocsp_wake() -> Option<SystemTime> {
+    OCSP_WAKE.lock().map(|w| *w).unwrap_or(None)
+}
+
+fn set_ocsp_wake(at: Option<SystemTime>) {
+    if let Ok(mut w) = OCSP_WAKE.lock() {
+        *w = at;
+    }
+}
+
+/// Re-reads certificates and keys. Listener addresses, cores and the token are fixed at start.
+fn reload(config_path: &Path, token: Option<&Arc<Token>>) -> Result<Snapshot> {
     let config = Config::load(config_path)?;
-    build_snapshot_scheduled(&config, token)
+    let mut expiry = Vec::new();
+    let overlay = crate::api::manager::Overlay::default();
+    let snapshot = build_snapshot_with(&config, token, &overlay, &mut expiry)?;
+    crate::mgmt_metrics::publish_expiry(&expiry);
+    Ok(snapshot)
 }
 
 /// Opens the token named by `[pkcs11]`, if any.
@@ -136,14 +241,22 @@ pub fn open_token(config: &Config) -> Result<Option<Arc<Token>>> {
 /// Loads every listener's certificates and keys into a snapshot, checking each chain (order,
 /// validity, key match) so a bad file fails here and not in a handshake.
 pub fn build_snapshot(config: &Config, token: Option<&Arc<Token>>) -> Result<Snapshot> {
-    Ok(build_snapshot_scheduled(config, token)?.0)
+    build_snapshot_with(
+        config,
+        token,
+        &crate::api::manager::Overlay::default(),
+        &mut Vec::new(),
+    )
 }
 
-/// [`build_snapshot`], and when the OCSP responses want a fresh look (see `ocsp::wake_at`).
-pub fn build_snapshot_scheduled(
+/// [`build_snapshot`] with the management API's state on top: a listener bound through the API
+/// serves the bound certificates instead of the file's, and gets the CRLs uploaded for it.
+pub fn build_snapshot_with(
     config: &Config,
     token: Option<&Arc<Token>>,
-) -> Result<(Snapshot, Option<SystemTime>)> {
+    overlay: &crate::api::manager::Overlay,
+    expiry: &mut Vec<crate::mgmt_metrics::Expiry>,
+) -> Result<Snapshot> {
     let now = SystemTime::now();
     let mut ocsp_wake = None;
     let mut listeners = Vec::with_capacity(config.listeners.len());
@@ -151,9 +264,24 @@ pub fn build_snapshot_scheduled(
         let policy = l
             .tls_policy()
             .with_context(|| format!("listener[{i}] ({}).policy", l.name))?;
+        let api = overlay.listeners.get(&l.name);
         let mut certs = Vec::with_capacity(l.certificates.len());
         let mut offload = false;
-        for (j, c) in l.certificates.iter().enumerate() {
+        let file_certs = match api.and_then(|o| o.certs.as_ref()) {
+            Some(bound) => {
+                certs.clone_from(bound);
+                expiry.extend(api.iter().flat_map(|o| o.expiry.iter().cloned()));
+                offload = api.is_some_and(|o| o.offload);
+                for c in bound {
+                    policy
+                        .check_key(c.key.key.algorithm())
+                        .with_context(|| format!("listener {:?}: bound certificate", l.name))?;
+                }
+                &[][..]
+            }
+            None => &l.certificates[..],
+        };
+        for (j, c) in file_certs.iter().enumerate() {
             let at = format!("listener[{i}].certificate[{j}] ({})", l.name);
             let key_ref: KeyRef = c.key.parse().with_context(|| format!("{at}.key"))?;
             let key_ref = match key_ref {
@@ -176,8 +304,17 @@ pub fn build_snapshot_scheduled(
                 Some(names) => names.clone(),
                 None => dns_names(&report.sans),
             };
-            let key = tlsgate_keystore::cert::certified_key(&chain, loaded.signing_key.clone())
-                .with_context(|| at.clone())?;
+            expiry.push(crate::mgmt_metrics::Expiry {
+                listener: l.name.clone(),
+                certificate: format!("config:{j}"),
+                names: names.clone(),
+                not_after: report.not_after,
+            });
+            let key = tlsgate_keystore::cert::certified_key(
+                &chain,
+                crate::mgmt_metrics::timed(loaded.signing_key.clone(), loaded.backend),
+            )
+            .with_context(|| at.clone())?;
             let key = crate::ocsp::attach(
                 &l.name,
                 &report.subject,
@@ -208,17 +345,24 @@ pub fn build_snapshot_scheduled(
             session: Some(crate::session::ListenerSessions::for_listener(
                 &l.name, &l.session, token,
             )?),
-            ..Default::default()
+            extra_crls: api.map(|o| o.crls.clone()).unwrap_or_default(),
         };
-        let sni_filter = crate::tls::sni_filter(&certs, &opts)
-            .with_context(|| format!("listener {:?}", l.name))?;
-        let client_cert_check = crate::tls::client_cert_check(&opts)
-            .with_context(|| format!("listener {:?}", l.name))?;
+        let (tls, sni_filter, client_cert_check) = if certs.is_empty() {
+            tracing::warn!(listener = %l.name, "no certificate yet: handshakes are refused until one is bound through the management API");
+            (crate::api::no_certificate_config()?, None, None)
+        } else {
+            let sni_filter = crate::tls::sni_filter(&certs, &opts)
+                .with_context(|| format!("listener {:?}", l.name))?;
+            let client_cert_check = crate::tls::client_cert_check(&opts)
+                .with_context(|| format!("listener {:?}", l.name))?;
+            let tls = crate::tls::server_config(certs, &opts)
+                .with_context(|| format!("listener {:?}", l.name))?;
+            (tls, sni_filter, client_cert_check)
+        };
         listeners.push(ListenerSnapshot {
             name: l.name.clone(),
             bind: l.bind,
-            tls: crate::tls::server_config(certs, &opts)
-                .with_context(|| format!("listener {:?}", l.name))?,
+            tls,
             offload_key_ops: offload,
             backend: l.backend,
             proxy_protocol: l.proxy_protocol,
@@ -227,7 +371,8 @@ pub fn build_snapshot_scheduled(
             backend_tls: crate::backend_tls::build(config, i, token)?,
         });
     }
-    Ok((Snapshot { listeners }, ocsp_wake))
+    set_ocsp_wake(ocsp_wake);
+    Ok(Snapshot { listeners })
 }
 
 /// Where a certificate's OCSP response comes from, if anywhere.

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use crate::logging::LogFormat;
 
 pub mod ca;
+pub mod ctl;
 pub mod demo_backend;
 pub mod token;
 
@@ -41,6 +42,8 @@ enum Command {
     /// The lab's internal certificate authority (software keys; for labs and tests only).
     #[command(subcommand)]
     Ca(ca::CaCommand),
+    /// Client of a running appliance's management API (unix socket or HTTPS).
+    Ctl(ctl::CtlArgs),
     /// A small HTTP backend for the lab: answers every request with a short page.
     DemoBackend(demo_backend::DemoBackendArgs),
 }
@@ -51,6 +54,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Serve(args) => crate::serve::run(args),
         Command::Token(cmd) => token::run(cmd),
         Command::Ca(cmd) => ca::run(cmd),
+        Command::Ctl(args) => ctl::run(args),
         Command::DemoBackend(args) => demo_backend::run(args),
     }
 }

@@ -1,0 +1,220 @@
+//! The management API: keys, CSRs, certificates, bindings, CRLs and reload over JSON/HTTP
+//! (`/v1/…`), on a unix socket (client = peer uid) and/or HTTPS with client certificates from
+//! the management CA. Never on a data-plane listener.
+//!
+//! ```toml
+//! [api]
+//! socket = "/run/tlsgate/api.sock"    # unix socket; mode below, client identity = peer uid
+//! socket_mode = 0o600                 # 0o600 or 0o660 (group operators); never for others
+//! listen = "10.0.0.5:9443"            # HTTPS; needs cert, key and client_ca
+//! cert = "mgmt/api-chain.pem"         # the API's own chain (leaf first)
+//! key = "file:mgmt/api-key.pem"       # or a pkcs11: URI
+//! client_ca = "mgmt/ops-ca.pem"       # clients must present a certificate issued by this CA
+//! audit_log = "/var/log/tlsgate/audit.log"   # default: <state dir>/audit.log
+//!
+//! [state]
+//! dir = "/var/lib/tlsgate"            # default
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use serde::Deserialize;
+use tlsgate_dataplane::Snapshot;
+use tlsgate_keystore::Token;
+
+use crate::config::{Config, ConfigError};
+
+pub mod error;
+pub mod manager;
+pub mod routes;
+pub mod server;
+
+pub use manager::{Manager, Publisher};
+
+/// Default state directory.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/tlsgate";
+/// Default unix socket mode: the owner only.
+pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
+/// The OpenAPI document served at `/v1/openapi.json`.
+pub const OPENAPI_JSON: &str = include_str!("../../openapi.json");
+
+/// `[api]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Unix socket path.
+    pub socket: Option<PathBuf>,
+    /// Unix socket permissions (0o600 or 0o660).
+    #[serde(default = "default_socket_mode")]
+    pub socket_mode: u32,
+    /// HTTPS address.
+    pub listen: Option<SocketAddr>,
+    /// The HTTPS server's chain (PEM, leaf first).
+    pub cert: Option<PathBuf>,
+    /// The HTTPS server's key: `file:PATH` or `pkcs11:` URI.
+    pub key: Option<String>,
+    /// The management CA (PEM): HTTPS clients need a certificate it issued.
+    pub client_ca: Option<PathBuf>,
+    /// Audit log path (default: `audit.log` in the state directory).
+    pub audit_log: Option<PathBuf>,
+}
+
+fn default_socket_mode() -> u32 {
+    DEFAULT_SOCKET_MODE
+}
+
+/// `[state]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    /// Directory of certificates, bindings and CRLs (created 0700).
+    #[serde(default = "default_state_dir")]
+    pub dir: PathBuf,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_STATE_DIR)
+}
+
+/// Cross-field checks of `[api]` and `[state]`, run by [`Config::parse`].
+pub fn validate(config: &Config) -> Result<(), ConfigError> {
+    let invalid = |key: &str, why: String| ConfigError::Invalid {
+        path: config.path.clone(),
+        key: key.to_owned(),
+        why,
+    };
+    let Some(api) = &config.api else {
+        return Ok(());
+    };
+    if api.socket.is_none() && api.listen.is_none() {
+        return Err(invalid(
+            "api",
+            "set `socket` (unix socket) and/or `listen` (HTTPS with client certificates)".into(),
+        ));
+    }
+    if api.socket_mode & !0o660 != 0 || api.socket_mode & 0o600 != 0o600 {
+        return Err(invalid(
+            "api.socket_mode",
+            format!(
+                "{:#o}: use 0o600 (owner) or 0o660 (owner and group); others never get access",
+                api.socket_mode
+            ),
+        ));
+    }
+    if let Some(listen) = api.listen {
+        for (k, v) in [
+            ("api.cert", api.cert.is_some()),
+            ("api.key", api.key.is_some()),
+            ("api.client_ca", api.client_ca.is_some()),
+        ] {
+            if !v {
+                return Err(invalid(
+                    k,
+                    "needed with api.listen: HTTPS always authenticates clients by certificate"
+                        .into(),
+                ));
+            }
+        }
+        if let Some(key) = &api.key {
+            key.parse::<tlsgate_keystore::KeyRef>()
+                .map_err(|e| invalid("api.key", format!("{e}; use a pkcs11: URI or file:PATH")))?;
+        }
+        for (i, l) in config.listeners.iter().enumerate() {
+            if l.bind == listen && listen.port() != 0 {
+                return Err(invalid(
+                    "api.listen",
+                    format!(
+                        "{listen} is also listener[{i}].bind: the API never shares a TLS listener"
+                    ),
+                ));
+            }
+        }
+        if let Some(m) = &config.metrics {
+            if m.listen == listen && listen.port() != 0 {
+                return Err(invalid(
+                    "api.listen",
+                    format!("{listen} is also metrics.listen"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The state directory this configuration uses, if the management plane is on.
+pub fn state_dir(config: &Config) -> Option<PathBuf> {
+    match (&config.state, &config.api) {
+        (Some(s), _) => Some(config.resolve(&s.dir)),
+        (None, Some(_)) => Some(PathBuf::from(DEFAULT_STATE_DIR)),
+        (None, None) => None,
+    }
+}
+
+/// Opens the state directory and the audit log and builds the first snapshot.
+pub fn start_manager(
+    config: Config,
+    token: Option<Arc<Token>>,
+    publish: Publisher,
+) -> Result<(Manager, Snapshot)> {
+    let dir = state_dir(&config).context("no [state] or [api] section")?;
+    let store = crate::state::StateStore::open(&dir)?;
+    let audit_path = config
+        .api
+        .as_ref()
+        .and_then(|a| a.audit_log.as_deref())
+        .map(|p| config.resolve(p))
+        .unwrap_or_else(|| dir.join("audit.log"));
+    let audit = crate::audit::AuditLog::open(&audit_path)?;
+    tracing::info!(state_dir = %dir.display(), audit_log = %audit_path.display(), "management state");
+    Manager::start(config, token, store, audit, publish)
+}
+
+/// Removes a stale socket file, binds, and sets the mode before anyone can connect: the socket
+/// is bound under a temporary name and renamed into place once its mode is set.
+pub fn bind_unix(path: &Path, mode: u32) -> Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let name = path
+        .file_name()
+        .with_context(|| format!("[api] socket: {} is not a file path", path.display()))?;
+    let tmp = dir.join(format!(
+        ".{}.{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&tmp);
+    let listener = tokio::net::UnixListener::bind(&tmp)
+        .with_context(|| format!("[api] socket: cannot bind {}", tmp.display()))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("[api] socket: cannot set the mode of {}", tmp.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("[api] socket: cannot move it to {}", path.display()))?;
+    Ok(listener)
+}
+
+/// The configuration of a listener with no certificate yet (no `[[listener.certificate]]` and no
+/// binding): every handshake ends with a `handshake_failure` alert.
+pub fn no_certificate_config() -> Result<Arc<rustls::ServerConfig>> {
+    #[derive(Debug)]
+    struct NoCertificate;
+    impl rustls::server::ResolvesServerCert for NoCertificate {
+        fn resolve(
+            &self,
+            _: rustls::server::ClientHello<'_>,
+        ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+            None
+        }
+    }
+    let config = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(NoCertificate));
+    Ok(Arc::new(config))
+}

@@ -1,0 +1,188 @@
+//! Serving the API: a unix socket whose clients are named by their uid (SO_PEERCRED), and HTTPS
+//! whose clients must present a certificate from the management CA. A TLS client without a
+//! valid certificate gets the handshake alert and nothing else: no HTTP byte is ever read from
+//! an unauthenticated connection.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use axum::Router;
+use hyper::body::Incoming;
+use hyper::Request;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
+use tlsgate_keystore::cert::CertChain;
+use tlsgate_keystore::keyref::{self, KeyRef};
+use tlsgate_keystore::Token;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
+use tower_service::Service;
+
+use super::ApiConfig;
+use crate::audit::ClientIdentity;
+use crate::config::Config;
+use crate::tls::{ServedCert, SniResolver, UnknownSni};
+
+/// How long a client may take to finish its TLS handshake or send a request head.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves one connection with `identity` attached to each request.
+async fn serve_conn<I>(io: I, identity: ClientIdentity, app: Router)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+        req.extensions_mut().insert(identity.clone());
+        let mut app = app.clone();
+        async move { app.call(req).await }
+    });
+    let result = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HANDSHAKE_TIMEOUT)
+        .serve_connection(TokioIo::new(io), svc)
+        .await;
+    if let Err(err) = result {
+        tracing::debug!(error = %err, "management API connection ended with an error");
+    }
+}
+
+/// Accepts on the unix socket until the runtime stops.
+pub async fn serve_unix(listener: UnixListener, app: Router) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let uid = match stream.peer_cred() {
+                    Ok(cred) => cred.uid(),
+                    Err(err) => {
+                        tracing::warn!(error = %err, "management socket: no peer credentials; connection dropped");
+                        continue;
+                    }
+                };
+                tokio::spawn(serve_conn(stream, ClientIdentity::Uid(uid), app.clone()));
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "management socket accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Accepts HTTPS connections until the runtime stops.
+pub async fn serve_https(listener: TcpListener, tls: Arc<ServerConfig>, app: Router) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(err) => {
+                tracing::warn!(error = %err, "management API accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        tokio::spawn(async move {
+            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(err)) => {
+                    tracing::info!(%peer, error = %err, "management API handshake refused");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let identity = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|leaf| cert_identity(leaf.as_ref()));
+            match identity {
+                Some(id) => serve_conn(stream, id, app).await,
+                // The verifier requires a certificate, so this does not happen; refuse anyway.
+                None => tracing::warn!(%peer, "management API client without a certificate"),
+            }
+        });
+    }
+}
+
+/// A client certificate's subject and SHA-256 fingerprint.
+pub fn cert_identity(der: &[u8]) -> ClientIdentity {
+    use x509_parser::prelude::FromDer;
+    let subject = match x509_parser::certificate::X509Certificate::from_der(der) {
+        Ok((_, c)) => c.subject().to_string(),
+        Err(_) => "unparsable".to_owned(),
+    };
+    ClientIdentity::Cert {
+        subject,
+        fingerprint_sha256: hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der)),
+    }
+}
+
+/// The HTTPS server configuration: the API's own certificate, and client certificates required
+/// and verified against `client_ca`.
+pub fn tls_config(
+    api: &ApiConfig,
+    config: &Config,
+    token: Option<&Arc<Token>>,
+) -> Result<Arc<ServerConfig>> {
+    let (Some(cert), Some(key), Some(ca)) = (&api.cert, &api.key, &api.client_ca) else {
+        anyhow::bail!("[api]: listen needs cert, key and client_ca");
+    };
+    let ca_path = config.resolve(ca);
+    let mut roots = RootCertStore::empty();
+    let ca_certs = read_certs(&ca_path).context("[api] client_ca")?;
+    for c in ca_certs {
+        roots.add(c).with_context(|| {
+            format!("[api] client_ca: {} is not a usable CA", ca_path.display())
+        })?;
+    }
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), crate::tls::provider())
+            .build()
+            .context("[api] client_ca: cannot build the client verifier")?;
+    let key_ref: KeyRef = key.parse().context("[api] key")?;
+    let key_ref = match key_ref {
+        KeyRef::File(p) => KeyRef::File(config.resolve(&p)),
+        other => other,
+    };
+    let loaded = keyref::load(&key_ref, token).with_context(|| format!("[api] key: {key}"))?;
+    let chain_path = config.resolve(cert);
+    let chain = CertChain::from_pem_file(&chain_path)
+        .with_context(|| format!("[api] cert: {}", chain_path.display()))?;
+    chain
+        .validate(&loaded.spki_der, std::time::SystemTime::now())
+        .with_context(|| format!("[api] cert: {}", chain_path.display()))?;
+    let certified =
+        tlsgate_keystore::cert::certified_key(&chain, loaded.signing_key).context("[api] cert")?;
+    let resolver = SniResolver::new(
+        vec![ServedCert {
+            key: certified,
+            names: Vec::new(),
+            default: true,
+        }],
+        UnknownSni::Default,
+    )?;
+    let mut tls = ServerConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(Arc::new(resolver));
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(tls))
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let certs = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("{} is not PEM", path.display()))?;
+    if certs.is_empty() {
+        anyhow::bail!("{} holds no certificate", path.display());
+    }
+    Ok(certs)
+}

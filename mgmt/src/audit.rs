@@ -1,0 +1,146 @@
+//! The audit log of the management API: one JSON object per line, appended and flushed to disk
+//! for every operation, successful or not.
+//!
+//! A line holds the time, the client's identity (`uid:N` on the unix socket, the certificate's
+//! subject and SHA-256 fingerprint over HTTPS), the operation, its target and the result (`ok`
+//! or the error code). It never holds a request body: no PIN, key or secret can reach it.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+/// Who called the API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientIdentity {
+    /// A local process on the unix socket (SO_PEERCRED).
+    Uid(u32),
+    /// An HTTPS client, by its certificate.
+    Cert {
+        subject: String,
+        fingerprint_sha256: String,
+    },
+    /// The process itself, on a signal (`SIGHUP` reload).
+    Signal(&'static str),
+}
+
+impl std::fmt::Display for ClientIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientIdentity::Uid(uid) => write!(f, "uid:{uid}"),
+            ClientIdentity::Cert {
+                subject,
+                fingerprint_sha256,
+            } => write!(f, "cert:{subject} sha256:{fingerprint_sha256}"),
+            ClientIdentity::Signal(name) => write!(f, "signal:{name}"),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct Line<'a> {
+    time: String,
+    client: String,
+    operation: &'a str,
+    target: &'a str,
+    result: &'a str,
+}
+
+/// The audit log file.
+#[derive(Debug)]
+pub struct AuditLog {
+    path: PathBuf,
+    file: Mutex<File>,
+}
+
+impl AuditLog {
+    /// Opens `path` for appending (created 0600).
+    pub fn open(path: &Path) -> Result<AuditLog> {
+        if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(path)
+            .with_context(|| format!("[api] audit_log: cannot open {}", path.display()))?;
+        Ok(AuditLog {
+            path: path.to_owned(),
+            file: Mutex::new(file),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends one line. A failure to write is logged, never hidden.
+    pub fn record(&self, client: &ClientIdentity, operation: &str, target: &str, result: &str) {
+        let line = Line {
+            time: now_rfc3339(),
+            client: client.to_string(),
+            operation,
+            target,
+            result,
+        };
+        let mut bytes = match serde_json::to_vec(&line) {
+            Ok(b) => b,
+            Err(err) => {
+                tracing::error!(error = %err, "cannot encode an audit line");
+                return;
+            }
+        };
+        bytes.push(b'\n');
+        let mut file = match self.file.lock() {
+            Ok(f) => f,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Err(err) = file.write_all(&bytes).and_then(|()| file.sync_data()) {
+            tracing::error!(error = %err, path = %self.path.display(), "cannot write the audit log");
+        }
+    }
+}
+
+fn now_rfc3339() -> String {
+    let now = time::OffsetDateTime::now_utc();
+    now.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| now.unix_timestamp().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_are_json_with_every_field() -> Result<()> {
+        let tmp = tempfile::tempdir()?;
+        let log = AuditLog::open(&tmp.path().join("audit.log"))?;
+        log.record(&ClientIdentity::Uid(7), "certificate.put", "web", "ok");
+        log.record(
+            &ClientIdentity::Cert {
+                subject: "CN=ops".into(),
+                fingerprint_sha256: "ab".into(),
+            },
+            "key.delete",
+            "web",
+            "key_in_use",
+        );
+        let text = std::fs::read_to_string(log.path())?;
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(serde_json::from_str)
+            .collect::<Result<_, _>>()?;
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0]["client"], "uid:7");
+        assert_eq!(lines[1]["client"], "cert:CN=ops sha256:ab");
+        assert_eq!(lines[1]["result"], "key_in_use");
+        assert!(lines[0]["time"].as_str().is_some_and(|t| t.contains('T')));
+        Ok(())
+    }
+}

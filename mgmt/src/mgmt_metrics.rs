@@ -1,0 +1,261 @@
+//! The metric names the management plane emits (the data plane's are in
+//! `tlsgate_dataplane::metrics`), and how they are recorded.
+//!
+//! - Certificate expiry: a gauge per listener, certificate and SNI name, set whenever a snapshot
+//!   is published. A certificate no longer served keeps its series at NaN (the exporter cannot
+//!   drop a series), which never satisfies an expiry alert such as
+//!   `tlsgate_certificate_not_after_seconds - time() < 14 * 86400`.
+//! - Signature duration by backend and scheme, measured around each `Signer::sign`. Samples go
+//!   into a buffer of the signing thread and reach the shared recorder at most once a second per
+//!   thread, so software keys signing inline on the cores add no cross-core contention.
+
+use std::cell::RefCell;
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rustls::sign::{Signer, SigningKey};
+use rustls::{SignatureAlgorithm, SignatureScheme};
+use rustls_pki_types::SubjectPublicKeyInfoDer;
+use tlsgate_keystore::keyref::KeyBackend;
+
+/// Gauge: the leaf's not-after as a Unix timestamp. Labels: `listener`, `certificate` (state id,
+/// or `config:<index>` for the configuration file's), `name` (SNI name, `*` for a default without
+/// names).
+pub const CERTIFICATE_NOT_AFTER_SECONDS: &str = "tlsgate_certificate_not_after_seconds";
+/// Histogram: one private-key signature. Labels: `backend` (`pkcs11`|`software`), `mechanism`
+/// (the signature scheme, e.g. `ecdsa_nistp256_sha256`, `rsa_pss_sha256`).
+pub const KEY_SIGN_DURATION_SECONDS: &str = "tlsgate_key_sign_duration_seconds";
+
+/// Registers help texts (with the data plane's).
+pub fn describe() {
+    tlsgate_dataplane::metrics::describe();
+    metrics::describe_gauge!(
+        CERTIFICATE_NOT_AFTER_SECONDS,
+        metrics::Unit::Seconds,
+        "Not-after of each served certificate as a Unix timestamp, by listener, certificate and SNI name; NaN once no longer served."
+    );
+    metrics::describe_histogram!(
+        KEY_SIGN_DURATION_SECONDS,
+        metrics::Unit::Seconds,
+        "One private-key signature, by backend (pkcs11, software) and signature scheme."
+    );
+}
+
+/// Histogram buckets (seconds) for every `_seconds` histogram: 50 µs to 10 s.
+pub const DURATION_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0,
+];
+
+/// Most samples a thread buffers between flushes.
+const MAX_BUFFERED: usize = 4096;
+/// How often a signing thread hands its samples to the recorder.
+const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// One certificate's expiry as served.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Expiry {
+    pub listener: String,
+    pub certificate: String,
+    pub names: Vec<String>,
+    pub not_after: SystemTime,
+}
+
+fn unix(t: SystemTime) -> f64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_secs() as f64,
+        Err(e) => -(e.duration().as_secs() as f64),
+    }
+}
+
+static SERIES: Mutex<BTreeSet<(String, String, String)>> = Mutex::new(BTreeSet::new());
+
+/// Sets the expiry gauges to what is served now; series no longer served go to NaN.
+pub fn publish_expiry(entries: &[Expiry]) {
+    let mut now = BTreeSet::new();
+    for e in entries {
+        let names: Vec<String> = if e.names.is_empty() {
+            vec!["*".to_owned()]
+        } else {
+            e.names.clone()
+        };
+        for n in names {
+            metrics::gauge!(CERTIFICATE_NOT_AFTER_SECONDS,
+                "listener" => e.listener.clone(), "certificate" => e.certificate.clone(), "name" => n.clone())
+            .set(unix(e.not_after));
+            now.insert((e.listener.clone(), e.certificate.clone(), n));
+        }
+    }
+    let mut series = match SERIES.lock() {
+        Ok(s) => s,
+        Err(p) => p.into_inner(),
+    };
+    for (l, c, n) in series.difference(&now) {
+        metrics::gauge!(CERTIFICATE_NOT_AFTER_SECONDS,
+            "listener" => l.clone(), "certificate" => c.clone(), "name" => n.clone())
+        .set(f64::NAN);
+    }
+    *series = now;
+}
+
+/// Wraps a signing key so each signature's duration is recorded.
+pub fn timed(key: Arc<dyn SigningKey>, backend: KeyBackend) -> Arc<dyn SigningKey> {
+    Arc::new(TimedKey {
+        inner: key,
+        backend: match backend {
+            KeyBackend::Pkcs11 => "pkcs11",
+            KeyBackend::Software => "software",
+        },
+    })
+}
+
+#[derive(Debug)]
+struct TimedKey {
+    inner: Arc<dyn SigningKey>,
+    backend: &'static str,
+}
+
+impl SigningKey for TimedKey {
+    fn choose_scheme(&self, offered: &[SignatureScheme]) -> Option<Box<dyn Signer>> {
+        let inner = self.inner.choose_scheme(offered)?;
+        Some(Box::new(TimedSigner {
+            mechanism: scheme_name(inner.scheme()),
+            inner,
+            backend: self.backend,
+        }))
+    }
+
+    fn public_key(&self) -> Option<SubjectPublicKeyInfoDer<'_>> {
+        self.inner.public_key()
+    }
+
+    fn algorithm(&self) -> SignatureAlgorithm {
+        self.inner.algorithm()
+    }
+}
+
+#[derive(Debug)]
+struct TimedSigner {
+    inner: Box<dyn Signer>,
+    backend: &'static str,
+    mechanism: &'static str,
+}
+
+impl Signer for TimedSigner {
+    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, rustls::Error> {
+        let start = Instant::now();
+        let result = self.inner.sign(message);
+        if result.is_ok() {
+            record(self.backend, self.mechanism, start.elapsed());
+        }
+        result
+    }
+
+    fn scheme(&self) -> SignatureScheme {
+        self.inner.scheme()
+    }
+}
+
+fn scheme_name(s: SignatureScheme) -> &'static str {
+    match s {
+        SignatureScheme::ECDSA_NISTP256_SHA256 => "ecdsa_nistp256_sha256",
+        SignatureScheme::ECDSA_NISTP384_SHA384 => "ecdsa_nistp384_sha384",
+        SignatureScheme::ECDSA_NISTP521_SHA512 => "ecdsa_nistp521_sha512",
+        SignatureScheme::RSA_PSS_SHA256 => "rsa_pss_sha256",
+        SignatureScheme::RSA_PSS_SHA384 => "rsa_pss_sha384",
+        SignatureScheme::RSA_PSS_SHA512 => "rsa_pss_sha512",
+        SignatureScheme::RSA_PKCS1_SHA256 => "rsa_pkcs1_sha256",
+        SignatureScheme::RSA_PKCS1_SHA384 => "rsa_pkcs1_sha384",
+        SignatureScheme::RSA_PKCS1_SHA512 => "rsa_pkcs1_sha512",
+        SignatureScheme::ED25519 => "ed25519",
+        _ => "other",
+    }
+}
+
+type Samples = Mutex<Vec<(&'static str, &'static str, f64)>>;
+
+/// Every signing thread's buffer. A thread locks only its own buffer (uncontended but for the
+/// flusher's visit once a second).
+static BUFFERS: Mutex<Vec<std::sync::Weak<Samples>>> = Mutex::new(Vec::new());
+static FLUSHER: std::sync::Once = std::sync::Once::new();
+
+thread_local! {
+    static BUFFER: RefCell<Option<Arc<Samples>>> = const { RefCell::new(None) };
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+fn record(backend: &'static str, mechanism: &'static str, elapsed: Duration) {
+    BUFFER.with(|b| {
+        let mut b = b.borrow_mut();
+        let buf = b.get_or_insert_with(|| {
+            let buf = Arc::new(Samples::default());
+            lock(&BUFFERS).push(Arc::downgrade(&buf));
+            FLUSHER.call_once(start_flusher);
+            buf
+        });
+        let mut samples = lock(buf);
+        if samples.len() < MAX_BUFFERED {
+            samples.push((backend, mechanism, elapsed.as_secs_f64()));
+        }
+    });
+}
+
+fn start_flusher() {
+    let spawned = std::thread::Builder::new()
+        .name("tlsgate-sign-metrics".into())
+        .spawn(|| loop {
+            std::thread::sleep(FLUSH_INTERVAL);
+            let buffers: Vec<Arc<Samples>> = {
+                let mut all = lock(&BUFFERS);
+                all.retain(|w| w.strong_count() > 0);
+                all.iter().filter_map(std::sync::Weak::upgrade).collect()
+            };
+            for buf in buffers {
+                let samples = std::mem::take(&mut *lock(&buf));
+                for (backend, mechanism, secs) in samples {
+                    metrics::histogram!(KEY_SIGN_DURATION_SECONDS, "backend" => backend, "mechanism" => mechanism)
+                        .record(secs);
+                }
+            }
+        });
+    if let Err(err) = spawned {
+        tracing::warn!(error = %err, "cannot start the signature-metrics thread; signature durations are not exported");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every metric name defined in code has a row in the README's metrics table.
+    #[test]
+    fn every_metric_is_documented() {
+        let readme = include_str!("../../README.md");
+        let sources = [
+            include_str!("../../dataplane/src/metrics.rs"),
+            include_str!("mgmt_metrics.rs"),
+        ];
+        let mut names = 0;
+        for src in sources {
+            for line in src.lines().filter(|l| l.starts_with("pub const ")) {
+                let Some(name) = line.split('"').nth(1) else {
+                    continue;
+                };
+                if !name.starts_with("tlsgate_") {
+                    continue;
+                }
+                names += 1;
+                assert!(
+                    readme.contains(&format!("| `{name}` |")),
+                    "{name} is not in the README metrics table"
+                );
+            }
+        }
+        assert!(names >= 15, "found only {names} metric names");
+    }
+}

@@ -1,0 +1,323 @@
+//! The durable state of the management plane: certificates (PEM chain + key reference),
+//! bindings (which certificates a listener serves) and CRLs per listener. Keys stay in the
+//! token; nothing here is secret.
+//!
+//! One JSON file per object, each replaced with [`crate::files::write_atomic`] (temporary file,
+//! fsync, rename, fsync of the directory), so a crash at any point leaves every object either at
+//! its old or at its new version and the directory always loads:
+//!
+//! ```text
+//! <dir>/certs/<id>.json        {"id", "key", "chain_pem", "updated_unix"}
+//! <dir>/bindings/<listener>.json {"listener", "certificates": [{"cert", "names", "default"}]}
+//! <dir>/crls/<listener>.json   {"listener", "crls": [{"id", "pem"}]}
+//! ```
+//!
+//! Names starting with `.` are temporary files of an interrupted write: ignored and removed.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// A certificate chain uploaded through the API, for a key reference.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoredCert {
+    /// Name chosen by the operator (letters, digits, `-`, `_`, `.`).
+    pub id: String,
+    /// `pkcs11:` URI (or `file:` path of a software key).
+    pub key: String,
+    /// Leaf first, then intermediates.
+    pub chain_pem: String,
+    /// When this version was stored (Unix seconds).
+    pub updated_unix: u64,
+}
+
+/// One certificate a listener serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BoundCert {
+    /// A [`StoredCert`] id.
+    pub cert: String,
+    /// SNI names; the leaf's DNS SANs when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub names: Option<Vec<String>>,
+    /// Answers clients without (or with an unknown) SNI.
+    #[serde(default)]
+    pub default: bool,
+}
+
+/// The certificates a listener serves; replaces the configuration file's certificates of that
+/// listener while it exists.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Binding {
+    pub listener: String,
+    pub certificates: Vec<BoundCert>,
+}
+
+/// A CRL uploaded for a listener.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoredCrl {
+    /// Hex SHA-256 of the DER (first 16 digits).
+    pub id: String,
+    pub pem: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CrlFile {
+    listener: String,
+    crls: Vec<StoredCrl>,
+}
+
+/// Everything the state directory holds, in memory.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StateData {
+    pub certs: BTreeMap<String, StoredCert>,
+    pub bindings: BTreeMap<String, Binding>,
+    pub crls: BTreeMap<String, Vec<StoredCrl>>,
+}
+
+impl StateData {
+    /// Listeners whose binding names certificate `id`.
+    pub fn listeners_using(&self, id: &str) -> Vec<String> {
+        self.bindings
+            .values()
+            .filter(|b| b.certificates.iter().any(|c| c.cert == id))
+            .map(|b| b.listener.clone())
+            .collect()
+    }
+}
+
+/// Checks an object name used as a file name: 1–64 of letters, digits, `-`, `_`, `.`, not
+/// starting with `.`.
+pub fn check_name(what: &str, name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    if !ok {
+        bail!("{what} {name:?}: use 1 to 64 letters, digits, '-', '_' or '.' (not first)");
+    }
+    Ok(())
+}
+
+/// The state directory.
+#[derive(Debug, Clone)]
+pub struct StateStore {
+    dir: PathBuf,
+}
+
+const CERTS: &str = "certs";
+const BINDINGS: &str = "bindings";
+const CRLS: &str = "crls";
+/// State files hold no secret, but nobody else needs to read them.
+const FILE_MODE: u32 = 0o600;
+
+impl StateStore {
+    /// Opens (creating when missing, mode 0700) the state directory.
+    pub fn open(dir: &Path) -> Result<StateStore> {
+        for sub in [CERTS, BINDINGS, CRLS] {
+            let d = dir.join(sub);
+            fs::create_dir_all(&d)
+                .with_context(|| format!("[state] dir: cannot create {}", d.display()))?;
+        }
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("[state] dir: cannot set the mode of {}", dir.display()))?;
+        Ok(StateStore {
+            dir: dir.to_owned(),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Reads every object. A file that does not parse is an error naming it (a crash never
+    /// produces one: see the module docs).
+    pub fn load(&self) -> Result<StateData> {
+        let mut data = StateData::default();
+        for (id, path) in self.objects(CERTS)? {
+            let c: StoredCert = read_json(&path)?;
+            if c.id != id {
+                bail!("{}: names certificate {:?}", path.display(), c.id);
+            }
+            data.certs.insert(id, c);
+        }
+        for (name, path) in self.objects(BINDINGS)? {
+            let b: Binding = read_json(&path)?;
+            if b.listener != name {
+                bail!("{}: names listener {:?}", path.display(), b.listener);
+            }
+            data.bindings.insert(name, b);
+        }
+        for (name, path) in self.objects(CRLS)? {
+            let f: CrlFile = read_json(&path)?;
+            if f.listener != name {
+                bail!("{}: names listener {:?}", path.display(), f.listener);
+            }
+            data.crls.insert(name, f.crls);
+        }
+        Ok(data)
+    }
+
+    /// `(name, path)` of each `*.json` in `sub`; removes leftovers of interrupted writes.
+    fn objects(&self, sub: &str) -> Result<Vec<(String, PathBuf)>> {
+        let dir = self.dir.join(sub);
+        let mut out = Vec::new();
+        let entries =
+            fs::read_dir(&dir).with_context(|| format!("cannot read {}", dir.display()))?;
+        for entry in entries {
+            let entry = entry.with_context(|| format!("cannot read {}", dir.display()))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') {
+                // A temporary file of a write that never reached its rename.
+                let _ = fs::remove_file(entry.path());
+                continue;
+            }
+            if let Some(stem) = name.strip_suffix(".json") {
+                out.push((stem.to_owned(), entry.path()));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    fn path(&self, sub: &str, name: &str) -> Result<PathBuf> {
+        check_name("object", name)?;
+        Ok(self.dir.join(sub).join(format!("{name}.json")))
+    }
+
+    pub fn put_cert(&self, cert: &StoredCert) -> Result<()> {
+        write_json(&self.path(CERTS, &cert.id)?, cert)
+    }
+
+    pub fn delete_cert(&self, id: &str) -> Result<()> {
+        remove(&self.path(CERTS, id)?)
+    }
+
+    pub fn put_binding(&self, binding: &Binding) -> Result<()> {
+        write_json(&self.path(BINDINGS, &binding.listener)?, binding)
+    }
+
+    pub fn delete_binding(&self, listener: &str) -> Result<()> {
+        remove(&self.path(BINDINGS, listener)?)
+    }
+
+    /// Replaces the CRL list of `listener` (an empty list removes the file).
+    pub fn put_crls(&self, listener: &str, crls: &[StoredCrl]) -> Result<()> {
+        let path = self.path(CRLS, listener)?;
+        if crls.is_empty() {
+            return remove(&path);
+        }
+        write_json(
+            &path,
+            &CrlFile {
+                listener: listener.to_owned(),
+                crls: crls.to_vec(),
+            },
+        )
+    }
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let bytes = fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_slice(&bytes).with_context(|| format!("{} does not parse", path.display()))
+}
+
+fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    let mut bytes = serde_json::to_vec_pretty(value)?;
+    bytes.push(b'\n');
+    crate::files::write_atomic(path, &bytes, FILE_MODE)
+}
+
+/// Removes a file and makes the removal durable (fsync of the directory).
+fn remove(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("cannot remove {}", path.display())),
+    }
+    if let Some(dir) = path.parent() {
+        fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("cannot sync directory {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cert(id: &str, v: u64) -> StoredCert {
+        StoredCert {
+            id: id.into(),
+            key: "pkcs11:token=lab;object=web;type=private".into(),
+            chain_pem: format!("chain v{v}"),
+            updated_unix: v,
+        }
+    }
+
+    #[test]
+    fn objects_round_trip_and_leftovers_are_removed() -> Result<()> {
+        let tmp = tempfile::tempdir()?;
+        let store = StateStore::open(&tmp.path().join("state"))?;
+        store.put_cert(&cert("web", 1))?;
+        store.put_cert(&cert("web", 2))?;
+        store.put_cert(&cert("api", 1))?;
+        store.delete_cert("api")?;
+        let binding = Binding {
+            listener: "web".into(),
+            certificates: vec![BoundCert {
+                cert: "web".into(),
+                names: None,
+                default: true,
+            }],
+        };
+        store.put_binding(&binding)?;
+        store.put_crls(
+            "web",
+            &[StoredCrl {
+                id: "ab".into(),
+                pem: "x".into(),
+            }],
+        )?;
+        fs::write(tmp.path().join("state/certs/.web.json.tmp.1"), b"half")?;
+        let data = StateStore::open(&tmp.path().join("state"))?.load()?;
+        assert_eq!(data.certs.len(), 1);
+        assert_eq!(data.certs["web"], cert("web", 2));
+        assert_eq!(data.bindings["web"], binding);
+        assert_eq!(data.crls["web"].len(), 1);
+        assert_eq!(data.listeners_using("web"), vec!["web".to_owned()]);
+        assert!(!tmp.path().join("state/certs/.web.json.tmp.1").exists());
+        store.put_crls("web", &[])?;
+        assert!(store.load()?.crls.is_empty());
+        Ok(())
+    }
+
+    #[test]
+    fn names_that_are_not_file_names_are_refused() {
+        for bad in ["", "../x", ".hidden", "a/b", &"x".repeat(65)] {
+            assert!(check_name("certificate", bad).is_err(), "{bad:?}");
+        }
+        assert!(check_name("certificate", "web-2026.v1").is_ok());
+    }
+
+    #[test]
+    fn a_corrupt_file_is_named() -> Result<()> {
+        let tmp = tempfile::tempdir()?;
+        let store = StateStore::open(tmp.path())?;
+        fs::write(tmp.path().join("certs/web.json"), b"{")?;
+        let err = store.load().expect_err("corrupt");
+        assert!(format!("{err:#}").contains("web.json"), "{err:#}");
+        Ok(())
+    }
+}
