@@ -8,22 +8,16 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
-use common::{check, uri, Lab, Serve};
+use common::ocsp_support::{openssl, response};
+use common::{uri, Lab, Serve};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use tlsgate_mgmt::ocsp::{self, OcspError};
-
-fn openssl(args: &[&str]) -> Result<String> {
-    check(
-        Command::new("openssl").args(args).output()?,
-        &format!("openssl {}", args.join(" ")),
-    )
-}
 
 fn openssl_available() -> bool {
     let ok = Command::new("openssl")
@@ -36,62 +30,6 @@ fn openssl_available() -> bool {
         println!("SKIP: `openssl` is not installed");
     }
     ok
-}
-
-/// An OCSP response for `leaf` with `status_line` in the responder's index, signed by
-/// `signer` (cert, key). `status_line` is the index line without the serial part.
-fn response(
-    lab: &Lab,
-    name: &str,
-    leaf: &Path,
-    revoked: bool,
-    signer: (&str, &str),
-) -> Result<PathBuf> {
-    let serial = openssl(&[
-        "x509",
-        "-in",
-        &leaf.display().to_string(),
-        "-noout",
-        "-serial",
-    ])?;
-    let serial = serial.trim().trim_start_matches("serial=").to_owned();
-    let index = lab.path(&format!("{name}.index"));
-    let line = if revoked {
-        format!("R\t491231235959Z\t200101000000Z\t{serial}\tunknown\t/CN=localhost\n")
-    } else {
-        format!("V\t491231235959Z\t\t{serial}\tunknown\t/CN=localhost\n")
-    };
-    std::fs::write(&index, line)?;
-    let req = lab.path(&format!("{name}.req"));
-    openssl(&[
-        "ocsp",
-        "-issuer",
-        &lab.p("ca/intermediate.pem"),
-        "-cert",
-        &leaf.display().to_string(),
-        "-no_nonce",
-        "-reqout",
-        &req.display().to_string(),
-    ])?;
-    let out = lab.path(&format!("{name}.der"));
-    openssl(&[
-        "ocsp",
-        "-index",
-        &index.display().to_string(),
-        "-rsigner",
-        &lab.p(signer.0),
-        "-rkey",
-        &lab.p(signer.1),
-        "-CA",
-        &lab.p("ca/intermediate.pem"),
-        "-reqin",
-        &req.display().to_string(),
-        "-respout",
-        &out.display().to_string(),
-        "-ndays",
-        "1",
-    ])?;
-    Ok(out)
 }
 
 fn s_client_status(addr: &str) -> Result<String> {

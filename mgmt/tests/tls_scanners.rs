@@ -1,7 +1,8 @@
 //! External scanners against the real `tlsgate` binary, one listener per built-in profile:
 //! testssl.sh (Debian package; its JSON output parsed and asserted) and sslyze's Mozilla
-//! compliance check (PyPI, pinned in scripts/lib.sh). A scanner that is not installed makes its
-//! test print why and skip; `scripts/test.sh` installs both.
+//! compliance check (PyPI, pinned in scripts/lib.sh); and testssl's OCSP stapling check on a
+//! listener with a response made by `openssl ocsp` and on one without. A scanner that is not
+//! installed makes its test print why and skip; `scripts/test.sh` installs both.
 
 mod common;
 
@@ -11,6 +12,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
+use common::ocsp_support::{openssl, response};
 use common::policy_support::{have, lab_cert, run_cmd};
 use common::{demo_backend, uri, Lab, Serve};
 
@@ -54,9 +56,8 @@ fn server() -> Result<Server> {
     let head = |name: &str| {
         format!("\n[[listener]]\nname = \"{name}\"\nbind = \"127.0.0.1:0\"\nbackend = \"{backend_addr}\"\npolicy = \"{name}\"\n")
     };
-    let toml = format!(
-        "[pkcs11]\ntoken = \"lab\"\npin = \"file:{}\"\n\n[dataplane]\ncores = [0]\nio = \"portable\"\n{}{}{}{}{}{}{}",
-        lab.p("token/user.pin"),
+    let listeners = format!(
+        "{}{}{}{}{}{}{}",
         head("intermediate"),
         tok,
         sw(&rsa_chain, &rsa_key),
@@ -64,6 +65,15 @@ fn server() -> Result<Server> {
         sw(&ec_chain, &ec_key),
         head("strict"),
         tok,
+    );
+    start(lab, backend, &listeners)
+}
+
+/// Starts the binary with the lab token, one portable dataplane core and `listeners` (TOML).
+fn start(lab: Lab, backend: common::ChildGuard, listeners: &str) -> Result<Server> {
+    let toml = format!(
+        "[pkcs11]\ntoken = \"lab\"\npin = \"file:{}\"\n\n[dataplane]\ncores = [0]\nio = \"portable\"\n{listeners}",
+        lab.p("token/user.pin"),
     );
     let config = lab.path("scan.toml");
     std::fs::write(&config, toml)?;
@@ -120,12 +130,15 @@ const PROFILES: &[(&str, bool, &[&str])] = &[
     ),
 ];
 
-fn testssl_one(srv: &Server, profile: &str, tls12: bool, suites: &[&str]) -> Result<()> {
-    let port = srv.port(profile)?;
-    let json = srv.lab.path(&format!("testssl-{profile}.json"));
+/// Runs testssl with `checks` against `listener`; returns its JSON findings and its output.
+fn testssl(
+    srv: &Server,
+    listener: &str,
+    checks: &[&str],
+) -> Result<(Vec<serde_json::Value>, String)> {
+    let port = srv.port(listener)?;
+    let json = srv.lab.path(&format!("testssl-{listener}.json"));
     let started = Instant::now();
-    // -p protocols, -s cipher categories, -E every cipher per protocol, -f forward secrecy,
-    // -U every vulnerability check.
     let r = run_cmd(
         Command::new("testssl")
             .args([
@@ -140,24 +153,36 @@ fn testssl_one(srv: &Server, profile: &str, tls12: bool, suites: &[&str]) -> Res
             .args(["--connect-timeout", "10", "--openssl-timeout", "10"])
             .arg("--jsonfile")
             .arg(&json)
-            .args(["-p", "-s", "-E", "-f", "-U"])
+            .args(checks)
             .arg(format!("127.0.0.1:{port}")),
     )?;
     println!(
-        "testssl {profile}: {:.1} s",
+        "testssl {} on {listener}: {:.1} s",
+        checks.join(" "),
         started.elapsed().as_secs_f64()
     );
     let text = std::fs::read_to_string(&json)
-        .with_context(|| format!("testssl wrote no JSON for {profile}:\n{}", r.text))?;
-    let findings: Vec<serde_json::Value> = serde_json::from_str(&text)?;
-    let get = |id: &str| -> String {
-        findings
-            .iter()
-            .find(|f| f["id"] == id)
-            .and_then(|f| f["finding"].as_str())
-            .unwrap_or("<missing>")
-            .to_owned()
-    };
+        .with_context(|| format!("testssl wrote no JSON for {listener}:\n{}", r.text))?;
+    let findings: Vec<serde_json::Value> = serde_json::from_str(&text)
+        .with_context(|| format!("testssl JSON for {listener}: {text}"))?;
+    Ok((findings, r.text))
+}
+
+/// The finding of the first JSON entry whose id is `id`, or "<missing>".
+fn finding(findings: &[serde_json::Value], id: &str) -> String {
+    findings
+        .iter()
+        .find(|f| f["id"] == id)
+        .and_then(|f| f["finding"].as_str())
+        .unwrap_or("<missing>")
+        .to_owned()
+}
+
+fn testssl_one(srv: &Server, profile: &str, tls12: bool, suites: &[&str]) -> Result<()> {
+    // -p protocols, -s cipher categories, -E every cipher per protocol, -f forward secrecy,
+    // -U every vulnerability check.
+    let (findings, output) = testssl(srv, profile, &["-p", "-s", "-E", "-f", "-U"])?;
+    let get = |id: &str| finding(&findings, id);
     let mut problems = Vec::new();
     for id in ["SSLv2", "SSLv3", "TLS1", "TLS1_1"] {
         if !get(id).starts_with("not offered") {
@@ -219,7 +244,7 @@ fn testssl_one(srv: &Server, profile: &str, tls12: bool, suites: &[&str]) -> Res
         problems.is_empty(),
         "testssl on {profile}:\n  {}\n(full output:\n{})",
         problems.join("\n  "),
-        r.text
+        output
     );
     Ok(())
 }
@@ -250,6 +275,71 @@ fn testssl_finds_only_tls13_on_the_modern_profile_and_no_vulnerability() -> Resu
 #[test]
 fn testssl_finds_exactly_one_tls12_suite_on_the_strict_profile() -> Result<()> {
     testssl_profile("strict")
+}
+
+/// Issue 5: testssl reports OCSP stapling where a response is configured, and not where the same
+/// certificate is served without one.
+#[test]
+fn testssl_reports_ocsp_stapling_only_where_a_response_is_configured() -> Result<()> {
+    if !have("testssl") || !have("openssl") {
+        println!("skipped: testssl or openssl is not installed (scripts/test.sh installs both)");
+        return Ok(());
+    }
+    let started = Instant::now();
+    let lab = Lab::new()?;
+    let chain = lab.token_key_with_chain("ec-p256", "tok-ecdsa")?;
+    let leaf = lab.path("leaf.pem");
+    openssl(&[
+        "x509",
+        "-in",
+        &chain.display().to_string(),
+        "-out",
+        &leaf.display().to_string(),
+    ])?;
+    let good = response(
+        &lab,
+        "good",
+        &leaf,
+        false,
+        ("ca/intermediate.pem", "ca/intermediate.key"),
+    )?;
+    let (backend, backend_addr) = demo_backend(lab.dir.path())?;
+    let listener = |name: &str, ocsp: Option<&Path>| {
+        format!(
+            "\n[[listener]]\nname = \"{name}\"\nbind = \"127.0.0.1:0\"\nbackend = \"{backend_addr}\"\n\
+             [[listener.certificate]]\nchain = \"{}\"\nkey = \"{}\"\n{}",
+            chain.display(),
+            uri("tok-ecdsa"),
+            ocsp.map(|p| format!("ocsp = \"{}\"\n", p.display()))
+                .unwrap_or_default()
+        )
+    };
+    let listeners = format!(
+        "{}{}",
+        listener("stapled", Some(&good)),
+        listener("plain", None)
+    );
+    let srv = start(lab, backend, &listeners)?;
+    // -S: server defaults, which include the certificate's revocation info and stapling;
+    // --add-ca: the lab root, so that testssl also verifies the stapled response it gets.
+    let root = srv.lab.p("ca/root.pem");
+    for (name, want) in [("stapled", "offered"), ("plain", "not offered")] {
+        let (findings, output) = testssl(&srv, name, &["--add-ca", &root, "-S"])?;
+        let got = finding(&findings, "OCSP_stapling");
+        ensure!(
+            got == want,
+            "testssl OCSP_stapling on {name}: {got:?}, want {want:?}\n(full output:\n{output})"
+        );
+        if name == "stapled" {
+            let status = finding(&findings, "cert_ocspRevoked");
+            ensure!(
+                status == "not revoked",
+                "testssl's check of the stapled response on {name}: {status:?}\n(full output:\n{output})"
+            );
+        }
+    }
+    println!("stapling scan: {:.1} s", started.elapsed().as_secs_f64());
+    Ok(())
 }
 
 fn sslyze() -> Option<PathBuf> {
