@@ -44,6 +44,10 @@ pub fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!(CONNECTIONS_ACCEPTED_TOTAL, "Connections accepted, by core.");
     describe_counter!(
+        BACKEND_TLS_ERRORS_TOTAL,
+        "TLS handshakes to backends that failed, by listener and cause."
+    );
+    describe_counter!(
         CONNECTIONS_CLOSED_TOTAL,
         "Connections closed, by core and reason."
     );

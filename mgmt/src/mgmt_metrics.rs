@@ -40,6 +40,27 @@ pub fn describe() {
         metrics::Unit::Seconds,
         "One private-key signature, by backend (pkcs11, software) and signature scheme."
     );
+    metrics::describe_counter!(
+        crate::session::METRIC_TICKETS,
+        "Session tickets by listener and result (issued, accepted, expired, rejected)."
+    );
+    metrics::describe_counter!(
+        crate::session::METRIC_TICKET_KEYS,
+        "Ticket-key derivations by listener, source (fleet, local) and result (ok, failed)."
+    );
+    metrics::describe_gauge!(
+        crate::session::METRIC_TICKET_KEYS_HELD,
+        "Ticket keys held now, by listener."
+    );
+    metrics::describe_gauge!(
+        crate::ocsp::OCSP_NEXT_UPDATE_TIMESTAMP_SECONDS,
+        metrics::Unit::Seconds,
+        "nextUpdate of the stapled OCSP response as a Unix timestamp, by listener and certificate; 0 when nothing is stapled."
+    );
+    metrics::describe_counter!(
+        crate::ocsp::OCSP_RESPONSES_REFUSED_TOTAL,
+        "OCSP responses not stapled, by listener, certificate and reason."
+    );
 }
 
 /// Histogram buckets (seconds) for every `_seconds` histogram: 50 µs to 10 s.
