@@ -56,11 +56,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
             crate::api::start_manager(Config::load(&args.config)?, token.clone(), publisher)?;
         (Some(Arc::new(manager)), Some(rx), snapshot)
     } else {
-        let mut expiry = Vec::new();
-        let overlay = crate::api::manager::Overlay::default();
-        let snapshot = build_snapshot_with(&config, token.as_ref(), &overlay, &mut expiry)?;
-        crate::mgmt_metrics::publish_expiry(&expiry);
-        (None, None, snapshot)
+        (None, None, build_from_file(&config, token.as_ref())?)
     };
     let dp_config = config.dataplane();
     let drain = dp_config.limits.drain_timeout();
@@ -220,10 +216,19 @@ fn set_ocsp_wake(at: Option<SystemTime>) {
 
 /// Re-reads certificates and keys. Listener addresses, cores and the token are fixed at start.
 fn reload(config_path: &Path, token: Option<&Arc<Token>>) -> Result<Snapshot> {
-    let config = Config::load(config_path)?;
+    build_from_file(&Config::load(config_path)?, token)
+}
+
+/// The snapshot of the configuration file alone (no management state), with its certificates'
+/// expiry published as metrics.
+fn build_from_file(config: &Config, token: Option<&Arc<Token>>) -> Result<Snapshot> {
     let mut expiry = Vec::new();
-    let overlay = crate::api::manager::Overlay::default();
-    let snapshot = build_snapshot_with(&config, token, &overlay, &mut expiry)?;
+    let snapshot = build_snapshot_with(
+        config,
+        token,
+        &crate::api::manager::Overlay::default(),
+        &mut expiry,
+    )?;
     crate::mgmt_metrics::publish_expiry(&expiry);
     Ok(snapshot)
 }

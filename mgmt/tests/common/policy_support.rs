@@ -15,7 +15,7 @@ use rcgen::{
     KeyUsagePurpose, RevokedCertParams, SerialNumber,
 };
 
-use super::{check, Lab};
+use super::Lab;
 
 /// A software key (`EC` P-256 or `RSA` 2048) with a chain from the lab CA for `cn` and `sans`
 /// (DNS names); returns (key file, chain file).
@@ -26,48 +26,8 @@ pub fn lab_cert(
     cn: &str,
     sans: &[&str],
 ) -> Result<(PathBuf, PathBuf)> {
-    if !lab.path("ca/root.pem").exists() {
-        lab.run(&["ca", "init-lab", "--dir", &lab.p("ca")])?;
-    }
-    std::fs::create_dir_all(lab.path("certs"))?;
-    let key = lab.path(&format!("certs/{label}.key"));
-    let opt = if algorithm == "EC" {
-        "ec_paramgen_curve:P-256"
-    } else {
-        "rsa_keygen_bits:2048"
-    };
-    check(
-        Command::new("openssl")
-            .args(["genpkey", "-algorithm", algorithm, "-pkeyopt", opt, "-out"])
-            .arg(&key)
-            .output()?,
-        "openssl genpkey",
-    )?;
-    let csr = lab.path(&format!("certs/{label}.csr"));
     let san: Vec<String> = sans.iter().map(|s| format!("DNS:{s}")).collect();
-    check(
-        Command::new("openssl")
-            .args(["req", "-new", "-key"])
-            .arg(&key)
-            .args(["-subj", &format!("/CN={cn}")])
-            .args(["-addext", &format!("subjectAltName={}", san.join(","))])
-            .arg("-out")
-            .arg(&csr)
-            .output()?,
-        "openssl req",
-    )?;
-    let chain = lab.path(&format!("certs/{label}.pem"));
-    lab.run(&[
-        "ca",
-        "sign",
-        "--dir",
-        &lab.p("ca"),
-        "--csr",
-        &csr.display().to_string(),
-        "--out",
-        &chain.display().to_string(),
-    ])?;
-    Ok((key, chain))
+    lab.software_cert(algorithm, label, cn, &san.join(","))
 }
 
 /// A client trust zone: its own CA, client certificates it issued, CRLs it signs.
