@@ -27,6 +27,11 @@ use tlsgate_keystore::keyinfo::KeyKind;
 use x509_ocsp::{BasicOcspResponse, CertStatus, OcspResponse, OcspResponseStatus};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
+/// How far a response's `thisUpdate` may lie ahead of our clock and still be used: responders'
+/// clocks drift, and `thisUpdate` has whole seconds. Five minutes, the leeway OpenSSL's
+/// `OCSP_check_validity` is commonly given.
+pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(300);
+
 const OID_OCSP_BASIC: &str = "1.3.6.1.5.5.7.48.1.1";
 const OID_SHA1: &str = "1.3.14.3.2.26";
 const OID_SHA256: &str = "2.16.840.1.101.3.4.2.1";
@@ -58,7 +63,7 @@ pub enum OcspError {
     /// The responder does not know the certificate.
     #[error("the responder says the certificate's status is unknown")]
     Unknown,
-    /// `thisUpdate` is in the future.
+    /// `thisUpdate` is further in the future than [`MAX_CLOCK_SKEW`].
     #[error("not yet valid: thisUpdate is in the future")]
     NotYetValid,
     /// `nextUpdate` has passed, or is absent.
@@ -177,7 +182,9 @@ pub fn check(
         .next_update
         .map(|t| t.0.to_system_time())
         .ok_or(OcspError::Stale)?;
-    if this_update > now {
+    // A responder's clock a little ahead of ours (or a response made within the second we read
+    // the clock in: thisUpdate has whole seconds) is not a reason to drop a good staple.
+    if this_update > now + MAX_CLOCK_SKEW {
         return Err(OcspError::NotYetValid);
     }
     if now >= next_update {

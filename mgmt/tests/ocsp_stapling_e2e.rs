@@ -20,16 +20,7 @@ use rustls::pki_types::CertificateDer;
 use tlsgate_mgmt::ocsp::{self, OcspError};
 
 fn openssl_available() -> bool {
-    let ok = Command::new("openssl")
-        .arg("version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        println!("SKIP: `openssl` is not installed");
-    }
-    ok
+    common::require("openssl", "openssl")
 }
 
 fn s_client_status(addr: &str) -> Result<String> {
@@ -88,6 +79,23 @@ fn good_responses_are_stapled_and_bad_ones_refused_and_counted() -> Result<()> {
     );
     assert_eq!(
         ocsp::check(&good_der, &certs, now - Duration::from_secs(86400)),
+        Err(OcspError::NotYetValid)
+    );
+    // A responder clock slightly ahead of ours (or a response made in the second after we read
+    // the clock) is tolerated up to the bound, and not past it.
+    assert!(ocsp::check(
+        &good_der,
+        &certs,
+        status.this_update - Duration::from_secs(2)
+    )
+    .is_ok());
+    assert!(ocsp::check(&good_der, &certs, status.this_update - ocsp::MAX_CLOCK_SKEW).is_ok());
+    assert_eq!(
+        ocsp::check(
+            &good_der,
+            &certs,
+            status.this_update - ocsp::MAX_CLOCK_SKEW - Duration::from_secs(1)
+        ),
         Err(OcspError::NotYetValid)
     );
     assert_eq!(
