@@ -51,6 +51,38 @@ pub(crate) struct CoreSetup {
     pub listeners: Vec<TcpListener>,
     pub shared: Arc<Shared>,
     pub recorder: CoreRecorder,
+    pub ready: ReadySignal,
+}
+
+/// A core's word to [`crate::start`] that it serves: sent with [`ReadySignal::ready`] once its
+/// event loop (ring or runtime) and every listening socket are set up. Dropped unsent — the core
+/// failed or panicked before that — it tells `start` that this core never became ready, and
+/// `start` then fails with that core's error instead of reporting a data plane that is not there.
+#[derive(Debug)]
+pub(crate) struct ReadySignal {
+    core: usize,
+    tx: Option<std::sync::mpsc::Sender<(usize, bool)>>,
+}
+
+impl ReadySignal {
+    pub(crate) fn new(core: usize, tx: std::sync::mpsc::Sender<(usize, bool)>) -> Self {
+        Self { core, tx: Some(tx) }
+    }
+
+    /// This core accepts connections from now on.
+    pub(crate) fn ready(mut self) {
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send((self.core, true));
+        }
+    }
+}
+
+impl Drop for ReadySignal {
+    fn drop(&mut self) {
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send((self.core, false));
+        }
+    }
 }
 
 type Waker = Box<dyn Fn() + Send + Sync>;

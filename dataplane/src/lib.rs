@@ -80,7 +80,10 @@ pub struct Dataplane {
 }
 
 /// Binds every listener on every core, starts the key-op pool and the pinned core threads.
-/// Returns once every core is accepting (connections made before that wait in the backlog).
+/// Returns once every core has its event loop and listening sockets set up and is accepting
+/// (connections made before that wait in the backlog). A core that fails to set up makes the
+/// whole start fail with that core's error (`Error::Worker { core, .. }`); the other cores are
+/// stopped first.
 pub fn start(cfg: DataplaneConfig, snapshot: Arc<Snapshot>) -> Result<Dataplane, Error> {
     cfg.validate()?;
     let kind = driver::choose(cfg.io)?;
@@ -125,7 +128,7 @@ pub fn start(cfg: DataplaneConfig, snapshot: Arc<Snapshot>) -> Result<Dataplane,
 
     let mut cores = Vec::new();
     let mut threads = Vec::new();
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), Error>>();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<(usize, bool)>();
     for (index, (cpu, listeners)) in cfg.cores.iter().copied().zip(per_core).enumerate() {
         let stats = Arc::new(CoreStats::default());
         cores.push(stats.clone());
@@ -134,14 +137,13 @@ pub fn start(cfg: DataplaneConfig, snapshot: Arc<Snapshot>) -> Result<Dataplane,
             listeners,
             shared: shared.clone(),
             recorder: CoreRecorder::new(index, stats),
+            ready: driver::ReadySignal::new(index, ready_tx.clone()),
         };
         let name = format!("tlsgate-core-{index}");
-        let ready = ready_tx.clone();
         let spawned = std::thread::Builder::new()
             .name(name.clone())
             .spawn(move || {
                 driver::pin(index, cpu);
-                let _ = ready.send(Ok(()));
                 match kind {
                     IoDriverKind::Portable => portable::run_core(setup),
                     IoDriverKind::Uring => uring::driver::run_core(setup),
@@ -163,18 +165,37 @@ pub fn start(cfg: DataplaneConfig, snapshot: Arc<Snapshot>) -> Result<Dataplane,
         }
     }
     drop(ready_tx);
+    let mut not_ready = None;
     for _ in 0..threads.len() {
-        if let Ok(Err(e)) = ready_rx.recv() {
-            return Err(e);
+        match ready_rx.recv() {
+            Ok((_, true)) => {}
+            Ok((core, false)) => {
+                not_ready = Some(core);
+                break;
+            }
+            // Every core's signal sends on drop, so this means every sender is gone.
+            Err(_) => {
+                not_ready = Some(usize::MAX);
+                break;
+            }
         }
     }
-    Ok(Dataplane {
+    let mut dp = Dataplane {
         shared,
         kind,
         addrs,
         cores,
         threads,
-    })
+    };
+    if let Some(core) = not_ready {
+        // Joining the cores yields the failed core's own error (the others stop cleanly).
+        let err = dp.stop(Duration::ZERO).err().unwrap_or(Error::Worker {
+            core,
+            why: "stopped before it was ready".into(),
+        });
+        return Err(err);
+    }
+    Ok(dp)
 }
 
 impl Dataplane {

@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use common::{check, curl, demo_backend, fail, tlsgate, uri, Lab, Serve};
+use common::{check, curl, demo_backend, drivers, fail, tlsgate, uri, Lab, Serve};
 
 /// Four listeners: ECDSA and RSA keys, each on the token and in software.
 struct Keys {
@@ -95,20 +95,6 @@ fn s_client(lab: &Lab, port: u16, version: &str) -> Result<String> {
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     Ok(text)
-}
-
-/// Whether the io_uring driver can run here; when not, the uring cases print why and skip.
-fn drivers() -> Vec<&'static str> {
-    match std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled") {
-        Ok(v) if v.trim() != "0" => {
-            println!(
-                "skipped: io = \"uring\" cases: kernel.io_uring_disabled = {}",
-                v.trim()
-            );
-            vec!["portable"]
-        }
-        _ => vec!["portable", "uring"],
-    }
 }
 
 #[test]
@@ -316,6 +302,40 @@ fn start_up_errors_name_their_cause() -> Result<()> {
     std::fs::write(&c, text)?;
     let err = serve_fails(c)?;
     assert!(err.contains("CKR_PIN_INCORRECT"), "{err}");
+
+    // A port another process holds (bound without SO_REUSEPORT): a start error naming the
+    // listener, the address and the cause, on both drivers, and no ready file.
+    let holder = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let taken = holder.local_addr()?;
+    for io in drivers() {
+        let c = write_config(
+            &lab,
+            &format!("taken-{io}.toml"),
+            io,
+            "127.0.0.1:9",
+            &keys(&uri("web"), &chain),
+        )?;
+        let text = std::fs::read_to_string(&c)?
+            .replace("bind = \"127.0.0.1:0\"", &format!("bind = \"{taken}\""));
+        std::fs::write(&c, text)?;
+        let ready = c.with_extension("ready");
+        let mut cmd = tlsgate();
+        lab.env(&mut cmd);
+        let err = fail(
+            cmd.args(["serve", "--config"])
+                .arg(&c)
+                .arg("--ready-file")
+                .arg(&ready)
+                .output()?,
+            "serve on a port in use",
+        )?;
+        assert!(
+            err.contains("web") && err.contains(&taken.to_string()) && err.contains("in use"),
+            "{io}: {err}"
+        );
+        assert!(!ready.exists(), "{io}: a ready file was written");
+    }
+    drop(holder);
     Ok(())
 }
 

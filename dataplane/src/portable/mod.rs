@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio::task::LocalSet;
 
-use crate::driver::{CoreSetup, Shared};
+use crate::driver::{CoreSetup, ReadySignal, Shared};
 use crate::stats::{CoreRecorder, FLUSH_INTERVAL};
 use crate::Error;
 
@@ -65,7 +65,7 @@ pub(crate) fn run_core(setup: CoreSetup) -> Result<(), Error> {
             .register(Box::new(move || stop.notify_one()));
     }
     let local = LocalSet::new();
-    let result = local.block_on(&rt, serve(core.clone(), setup.listeners, stop));
+    let result = local.block_on(&rt, serve(core.clone(), setup.listeners, stop, setup.ready));
     // Tasks still alive (past the drain deadline) are dropped here, inside the runtime, so their
     // sockets deregister cleanly; their guards count them as `Shutdown`.
     drop(local);
@@ -77,6 +77,7 @@ async fn serve(
     core: Rc<Core>,
     listeners: Vec<std::net::TcpListener>,
     stop: Arc<Notify>,
+    ready: ReadySignal,
 ) -> Result<(), Error> {
     let mut accepting = Vec::new();
     for (i, l) in listeners.into_iter().enumerate() {
@@ -86,6 +87,8 @@ async fn serve(
         })?;
         accepting.push(tokio::task::spawn_local(accept_loop(core.clone(), i, l)));
     }
+    // The runtime and every listening socket (registered with epoll) are in place.
+    ready.ready();
     let flusher = {
         let core = core.clone();
         tokio::task::spawn_local(async move {

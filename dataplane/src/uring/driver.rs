@@ -82,6 +82,7 @@ struct Core {
 
 /// Runs one core until shutdown and drain complete. The thread is already pinned.
 pub(crate) fn run_core(setup: CoreSetup) -> Result<(), Error> {
+    let ready = setup.ready;
     let worker = |why: String| Error::Worker {
         core: setup.index,
         why,
@@ -129,6 +130,9 @@ pub(crate) fn run_core(setup: CoreSetup) -> Result<(), Error> {
     };
     // Shutdown may have been requested before the waker was registered.
     core.check_shutdown(lp.ctl(), Instant::now());
+    // The ring, its buffers and every listening socket are in place: accepts are armed on the
+    // loop's first submission.
+    ready.ready();
     let result = lp
         .run(&mut core)
         .map_err(|e| worker(format!("io_uring loop: {e}")));

@@ -192,7 +192,7 @@ fn check_available_here() -> Result<Features, Unavailable> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -230,12 +230,13 @@ mod tests {
             .contains("seccomp"));
     }
 
-    /// Installs, on the calling thread only, a seccomp filter that fails `io_uring_setup`
-    /// with `errno` (what Docker's default profile does with EPERM).
-    fn refuse_io_uring_setup_on_this_thread(errno: u32) -> io::Result<()> {
+    /// Installs, on the calling thread only, a seccomp filter that fails syscall `nr` with
+    /// `errno` (what Docker's default profile does to `io_uring_setup` with EPERM). Threads the
+    /// caller spawns afterwards inherit it; the rest of the test process is untouched.
+    pub(crate) fn refuse_syscall_on_this_thread(nr: libc::c_long, errno: u32) -> io::Result<()> {
         const SECCOMP_RET_ALLOW: u32 = 0x7fff_0000;
         const SECCOMP_RET_ERRNO: u32 = 0x0005_0000;
-        let nr = libc::SYS_io_uring_setup as u32;
+        let nr = nr as u32;
         let filter = [
             // A = seccomp_data.nr
             libc::sock_filter {
@@ -286,27 +287,77 @@ mod tests {
         Ok(())
     }
 
+    /// Runs `f` on a fresh thread whose `io_uring_setup` fails with `errno`; `None` (a skip, or
+    /// a failure under CI) when this sandbox refuses new seccomp filters.
+    fn with_io_uring_refused<T: Send + 'static>(
+        errno: i32,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Option<T> {
+        let got = std::thread::spawn(move || {
+            refuse_syscall_on_this_thread(libc::SYS_io_uring_setup, errno as u32).map(|()| f())
+        })
+        .join()
+        .expect("the filter thread does not panic");
+        match got {
+            Ok(v) => Some(v),
+            Err(e) => {
+                tlsgate_hw_tests::skip::missing(format!("cannot install a seccomp filter: {e}"));
+                None
+            }
+        }
+    }
+
+    fn empty_snapshot() -> std::sync::Arc<crate::Snapshot> {
+        std::sync::Arc::new(crate::Snapshot {
+            listeners: Vec::new(),
+        })
+    }
+
+    /// A sandbox that refuses io_uring (Docker's default seccomp profile answers EPERM, older
+    /// ones ENOSYS): the probe names the cause, `io = "uring"` refuses to start with that reason,
+    /// and `io = "auto"` runs the portable driver instead.
     #[test]
-    fn a_seccomp_profile_that_refuses_io_uring_is_named() {
-        if read_sysctl().unwrap_or(0) != 0 {
-            eprintln!("skipped: io_uring is already off by sysctl here");
+    fn a_seccomp_profile_that_refuses_io_uring_is_named_and_auto_falls_back() {
+        if !tlsgate_hw_tests::skip::unless(tlsgate_hw_tests::skip::io_uring_sysctl_off()) {
             return;
         }
         for (errno, want) in [
             (libc::EPERM, Unavailable::PermissionDenied),
             (libc::ENOSYS, Unavailable::NotImplemented),
         ] {
-            let got = std::thread::spawn(move || {
-                refuse_io_uring_setup_on_this_thread(errno as u32).map(|()| check_available())
-            })
-            .join()
-            .expect("the filter thread does not panic");
-            match got {
-                Ok(result) => assert_eq!(result, Err(want)),
-                // Seccomp itself refused (an outer sandbox forbids new filters): say so.
-                Err(e) => eprintln!("skipped: cannot install a seccomp filter here: {e}"),
+            let Some((probe, uring, auto)) = with_io_uring_refused(errno, || {
+                let mut cfg = crate::DataplaneConfig::new(vec![0]);
+                cfg.io = crate::IoDriver::Uring;
+                let uring = crate::start(cfg.clone(), empty_snapshot()).map(|dp| dp.driver());
+                cfg.io = crate::IoDriver::Auto;
+                let auto = crate::start(cfg, empty_snapshot()).map(|dp| {
+                    let kind = dp.driver();
+                    let _ = dp.shutdown(std::time::Duration::ZERO);
+                    kind
+                });
+                (check_available(), uring, auto)
+            }) else {
+                return;
+            };
+            assert_eq!(probe, Err(want.clone()), "errno {errno}");
+            match uring {
+                Err(crate::Error::UringUnavailable { why }) => {
+                    assert_eq!(why, want.to_string(), "errno {errno}")
+                }
+                other => panic!("io = uring under a refusing sandbox started: {other:?}"),
             }
+            assert_eq!(
+                auto.expect("auto starts"),
+                crate::IoDriverKind::Portable,
+                "errno {errno}"
+            );
         }
+        // The same configuration without the filter runs io_uring: the filter made the difference.
+        let mut cfg = crate::DataplaneConfig::new(vec![0]);
+        cfg.io = crate::IoDriver::Auto;
+        let dp = crate::start(cfg, empty_snapshot()).expect("start");
+        assert_eq!(dp.driver(), crate::IoDriverKind::Uring);
+        dp.shutdown(std::time::Duration::ZERO).expect("shutdown");
     }
 
     #[test]
