@@ -40,9 +40,9 @@ fn s_server(extra: &[&str]) -> Option<(SServer, String)> {
     let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {
-            eprintln!(
-                "SKIP: cannot run `openssl s_server` ({e}); install openssl to run this test"
-            );
+            tlsgate_hw_tests::skip::missing(format!(
+                "cannot run `openssl s_server` ({e}); Debian package openssl"
+            ));
             return None;
         }
     };

@@ -11,14 +11,13 @@ use std::process::Command;
 fn bench_script_prints_the_machine_and_one_row_per_run() {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     if cpus < 2 {
-        eprintln!(
-            "SKIP: the script pins server and generator to two CPUs; this machine has {cpus}"
-        );
+        tlsgate_hw_tests::skip::missing(format!(
+            "the script pins server and generator to two CPUs; this machine has {cpus}"
+        ));
         return;
     }
-    for tool in ["openssl", "taskset"] {
-        if Command::new(tool).arg("--help").output().is_err() {
-            eprintln!("SKIP: `{tool}` is not installed");
+    for (tool, package) in [("openssl", "openssl"), ("taskset", "util-linux")] {
+        if !tlsgate_hw_tests::skip::unless(tlsgate_hw_tests::skip::tool_missing(tool, package)) {
             return;
         }
     }

@@ -1,6 +1,8 @@
 //! A 20 ms "HSM" signature must not stall the core: with one worker core, an established
-//! connection keeps echoing fast while 64 handshakes wait on the key-op workers, and the
-//! handshake rate stays high. The same run with inline signing forced shows the difference.
+//! connection keeps echoing while 64 handshakes wait on the key-op workers, about as fast as in
+//! the same test with a signer that takes no time, and the handshake rate stays high. The same run
+//! with inline signing forced shows the difference. Every bound is a relation between runs of this
+//! test on this machine, never a figure in milliseconds: absolute figures are the benchmarks'.
 //! Also: resumptions stay inline (no signature), and a full key-op queue fails cleanly.
 
 mod common;
@@ -23,9 +25,9 @@ struct Run {
     echoes: usize,
 }
 
-fn measure(io: IoDriver, inline: bool, run_for: Duration) -> Option<Run> {
+fn measure(io: IoDriver, inline: bool, sign_delay: Duration, run_for: Duration) -> Option<Run> {
     let p = pki(KeyKind::Ecdsa);
-    let (tls, signatures) = server_config(&p, Some(SIGN_DELAY));
+    let (tls, signatures) = server_config(&p, Some(sign_delay));
     let signatures = signatures.expect("slow key counter");
     let backend = echo_backend();
     let mut cfg = DataplaneConfig::new(vec![0]);
@@ -50,6 +52,7 @@ fn measure(io: IoDriver, inline: bool, run_for: Duration) -> Option<Run> {
 
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
+    let load_start = Instant::now();
     let load: Vec<_> = (0..IN_FLIGHT)
         .map(|_| {
             let (stop, done, cc) = (stop.clone(), done.clone(), cc.clone());
@@ -80,14 +83,16 @@ fn measure(io: IoDriver, inline: bool, run_for: Duration) -> Option<Run> {
         // run still yields its (long) round trips.
         let now = Instant::now();
         if now >= warm_until {
-            counted_from.get_or_insert_with(|| (now, done.load(Ordering::Relaxed)));
+            counted_from.get_or_insert(now);
             rtts.push(rtt);
         }
     }
-    let Some((from, base)) = counted_from else {
+    if counted_from.is_none() {
         panic!("no probe echo completed after warm-up (core stalled)");
-    };
-    let rate = (done.load(Ordering::Relaxed) - base) as f64 / from.elapsed().as_secs_f64();
+    }
+    // Over the whole run: an inline core completes its handshakes in bursts (one flush after a
+    // queue of serial signatures), so a short window could catch one burst.
+    let rate = done.load(Ordering::Relaxed) as f64 / load_start.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
     for t in load {
         t.join().expect("load thread");
@@ -110,27 +115,50 @@ fn measure(io: IoDriver, inline: bool, run_for: Duration) -> Option<Run> {
 #[test]
 fn slow_signatures_do_not_stall_established_connections() {
     for io in drivers() {
-        let Some(off) = measure(io, false, Duration::from_secs(3)) else {
+        // The same load against a signer that takes no time: what the machine gives today.
+        let Some(base) = measure(io, false, Duration::ZERO, Duration::from_secs(2)) else {
             continue;
         };
-        println!(
-            "{io:?} offloaded: probe p99 {:?} over {} echoes, {:.0} handshakes/s with {IN_FLIGHT} in flight",
-            off.p99, off.echoes, off.rate
-        );
-        let Some(inl) = measure(io, true, Duration::from_millis(1500)) else {
+        let Some(off) = measure(io, false, SIGN_DELAY, Duration::from_secs(3)) else {
             continue;
         };
-        println!(
-            "{io:?} danger_inline_key_ops: probe p99 {:?} over {} echoes, {:.0} handshakes/s",
-            inl.p99, inl.echoes, inl.rate
-        );
+        let Some(inl) = measure(io, true, SIGN_DELAY, Duration::from_millis(1500)) else {
+            continue;
+        };
+        for (what, r) in [
+            ("baseline (no HSM latency)", &base),
+            ("offloaded, 20 ms HSM", &off),
+            ("danger_inline_key_ops, 20 ms HSM", &inl),
+        ] {
+            println!(
+                "{io:?} {what}: probe p99 {:?} over {} echoes, {:.0} handshakes/s with {IN_FLIGHT} in flight",
+                r.p99, r.echoes, r.rate
+            );
+        }
+        // Offloaded, a 20 ms signer costs the established connection about nothing: its p99 stays
+        // within 3x of the no-latency baseline's (both measured under the same 64-client load;
+        // a run is 1 ms coarser at worst because the probe is scheduled with the load).
         assert!(
-            off.p99 < Duration::from_millis(5),
-            "offloaded p99 {:?}",
+            off.p99 <= 3 * base.p99.max(Duration::from_millis(1)),
+            "{io:?}: offloaded probe p99 {:?} vs baseline {:?}",
+            off.p99,
+            base.p99
+        );
+        // Inline, every signature stalls the core: the probe waits behind them (at least one
+        // 20 ms signature by construction) and one core completes at most 1 / 20 ms = 50
+        // handshakes/s, while the offloaded core keeps 64 in flight.
+        assert!(
+            inl.p99 >= 4 * off.p99,
+            "{io:?}: inline probe p99 {:?} vs offloaded {:?}",
+            inl.p99,
             off.p99
         );
-        assert!(off.rate >= 500.0, "offloaded rate {:.0}/s", off.rate);
-        assert!(inl.p99 > 2 * off.p99 && inl.rate < off.rate / 3.0);
+        assert!(
+            inl.rate * 3.0 < off.rate,
+            "{io:?}: inline {:.0}/s vs offloaded {:.0}/s",
+            inl.rate,
+            off.rate
+        );
     }
 }
 

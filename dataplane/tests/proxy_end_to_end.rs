@@ -56,21 +56,10 @@ fn rustls_client_all_versions_and_key_types() {
     }
 }
 
+/// Whether `name` (shipped by the Debian package of the same name) can run; a skip, or a failure
+/// under `CI=true`, when not.
 fn tool(name: &str) -> bool {
-    let ok = Command::new(name)
-        .arg(if name == "openssl" {
-            "version"
-        } else {
-            "--version"
-        })
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        println!("SKIP: `{name}` is not installed");
-    }
-    ok
+    tlsgate_hw_tests::skip::unless(tlsgate_hw_tests::skip::tool_missing(name, name))
 }
 
 #[test]

@@ -49,10 +49,11 @@ pub fn backends() -> Result<Vec<Backend>> {
             let opened = token.open()?;
             out.push(Backend::SoftHsm { token, opened });
         }
-        Some(why) => eprintln!("skipped: SoftHSM2 backend: {why}"),
+        Some(why) => crate::skip::missing(format!("SoftHSM2 backend: {why}")),
     }
     match std::env::var_os(ENV_MODULE) {
-        None => eprintln!("skipped: external PKCS#11 backend: {ENV_MODULE} unset"),
+        // An optional extra backend, not a missing component: nothing to count.
+        None => {}
         Some(module) => {
             let module = PathBuf::from(module);
             let label = std::env::var(ENV_TOKEN)
@@ -195,10 +196,10 @@ impl Backend {
                 let info = match token.generate(spec, &label, None) {
                     Ok(info) => info,
                     Err(tlsgate_keystore::Error::MechanismUnavailable { mechanism, .. }) => {
-                        eprintln!(
-                            "skipped: {spec} on {}: token lacks {mechanism}",
+                        crate::skip::missing(format!(
+                            "{spec} on {}: token lacks {mechanism}",
                             self.name()
-                        );
+                        ));
                         return Ok(None);
                     }
                     Err(e) => return Err(e).with_context(|| format!("generating {spec}")),

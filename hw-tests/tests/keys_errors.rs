@@ -9,7 +9,7 @@ use tlsgate_keystore::{Error, KeySpec, PinSource, Pkcs11Uri, Token, TokenSelecto
 fn skip() -> bool {
     match softhsm::unavailable() {
         Some(why) => {
-            eprintln!("skipped: {why}");
+            tlsgate_hw_tests::skip::missing(why);
             true
         }
         None => false,

@@ -46,7 +46,7 @@ fn secret_uri(token: &TestToken, label: &str) -> Result<Pkcs11Uri> {
 
 fn skip() -> bool {
     if let Some(why) = softhsm::unavailable() {
-        eprintln!("skipped: {why}");
+        tlsgate_hw_tests::skip::missing(why);
         return true;
     }
     false

@@ -8,7 +8,7 @@ use tlsgate_hw_tests::softhsm::{self, TestToken};
 #[test]
 fn a_child_process_sees_its_isolated_token() -> Result<()> {
     if let Some(why) = softhsm::unavailable() {
-        eprintln!("skipped: {why}");
+        tlsgate_hw_tests::skip::missing(why);
         return Ok(());
     }
     let token = TestToken::new_isolated()?;

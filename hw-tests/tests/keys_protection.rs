@@ -109,7 +109,7 @@ fn assert_protected(session: &Session, label: &str, kind: KeyKind) -> Result<()>
 #[test]
 fn generated_keys_cannot_leave_the_token() -> Result<()> {
     if let Some(why) = softhsm::unavailable() {
-        eprintln!("skipped: {why}");
+        tlsgate_hw_tests::skip::missing(why);
         return Ok(());
     }
     let test_token = TestToken::new()?;
@@ -132,7 +132,7 @@ fn generated_keys_cannot_leave_the_token() -> Result<()> {
 #[test]
 fn imported_keys_are_protected_marked_imported_and_sign() -> Result<()> {
     if let Some(why) = softhsm::unavailable() {
-        eprintln!("skipped: {why}");
+        tlsgate_hw_tests::skip::missing(why);
         return Ok(());
     }
     let test_token = TestToken::new()?;

@@ -201,9 +201,11 @@ fn delay_is_seen_by_the_signer() -> Result<()> {
         .into_iter()
         .min()
         .unwrap_or(Duration::MAX);
+    // The delay left with its directive: the fastest of five undelayed signatures takes a
+    // fraction of the delayed one (SoftHSM signs in well under a millisecond).
     ensure!(
-        fastest < Duration::from_millis(10),
-        "undelayed signature took {fastest:?}"
+        fastest * 2 < took,
+        "undelayed signature took {fastest:?}, delayed {took:?}"
     );
     Ok(())
 }

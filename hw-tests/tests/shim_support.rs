@@ -101,7 +101,7 @@ impl Lab {
     /// saying why, where SoftHSM2 is not installed.
     pub fn lock(env_faults: &str) -> Result<Option<Turn>> {
         if let Some(why) = softhsm::unavailable() {
-            eprintln!("skipped: {why}");
+            tlsgate_hw_tests::skip::missing(why);
             return Ok(None);
         }
         static LAB: OnceLock<std::result::Result<Lab, String>> = OnceLock::new();

@@ -42,7 +42,7 @@ fn serve_one(listener: TcpListener, config: Arc<rustls::ServerConfig>) -> Result
 #[test]
 fn openssl_s_client_verifies_a_token_key_server() -> Result<()> {
     if !openssl_available() {
-        eprintln!("skipped: openssl not on PATH");
+        tlsgate_hw_tests::skip::missing("`openssl` is not installed (Debian package openssl)");
         return Ok(());
     }
     let ca = TestCa::new()?;

@@ -13,16 +13,7 @@ use anyhow::{bail, Context, Result};
 use common::{curl, uri, ChildGuard, Lab, Serve};
 
 fn openssl_available() -> bool {
-    let ok = Command::new("openssl")
-        .arg("version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        println!("SKIP: `openssl` is not installed");
-    }
-    ok
+    common::require("openssl", "openssl")
 }
 
 /// `openssl s_server -www` on a free 127.0.0.1 port, requiring a client certificate from the
@@ -131,8 +122,8 @@ fn token_client_key_reaches_a_backend_that_requires_it() -> Result<()> {
         std::fs::write(&config, toml)?;
         let serve = match Serve::start(&lab, &config) {
             Ok(s) => s,
-            Err(e) if io == "uring" && format!("{e:#}").contains("io_uring") => {
-                println!("SKIP io = uring: {e:#}");
+            Err(e) if io == "uring" && format!("{e:#}").contains("io_uring unavailable") => {
+                tlsgate_hw_tests::skip::missing(format!("io = uring: {e:#}"));
                 continue;
             }
             Err(e) => return Err(e),

@@ -9,8 +9,8 @@ use std::process::Command;
 
 use anyhow::{ensure, Context, Result};
 use common::policy_support::{
-    have, lab_cert, log_lines, metrics_addr, negotiated_cipher, run_cmd, s_client,
-    wait_closed_reason, wait_log, Run, Zone,
+    lab_cert, log_lines, metrics_addr, negotiated_cipher, run_cmd, s_client, wait_closed_reason,
+    wait_log, Run, Zone,
 };
 use common::{demo_backend, fail, Lab, Serve};
 
@@ -260,8 +260,7 @@ fn openssl_and_gnutls_clients_are_accepted_or_refused_as_configured() -> Result<
         "alice's session should resume:\n{}",
         r.text
     );
-    if !have("gnutls-cli") {
-        println!("skipped: gnutls-cli part: not installed (Debian package gnutls-bin)");
+    if !common::require("gnutls-cli", "gnutls-bin") {
         return Ok(());
     }
     for (client, ok) in [

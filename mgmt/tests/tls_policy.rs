@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use common::policy_support::{
-    have, lab_cert, log_lines, metrics_addr, negotiated_cipher, run_cmd, s_client,
-    wait_closed_reason, wait_log,
+    lab_cert, log_lines, metrics_addr, negotiated_cipher, run_cmd, s_client, wait_closed_reason,
+    wait_log,
 };
 use common::{demo_backend, fail, tlsgate, uri, Lab, Serve};
 use rustls::pki_types::pem::PemObject;
@@ -390,8 +390,7 @@ fn gnutls(port: u16, ca: &Path, priority: &str) -> Result<common::policy_support
 /// out does not.
 #[test]
 fn gnutls_cli_negotiates_each_profile_suite_and_group() -> Result<()> {
-    if !have("gnutls-cli") {
-        println!("skipped: gnutls-cli is not installed (Debian package gnutls-bin)");
+    if !common::require("gnutls-cli", "gnutls-bin") {
         return Ok(());
     }
     let srv = profile_server()?;

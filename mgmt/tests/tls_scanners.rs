@@ -250,8 +250,7 @@ fn testssl_one(srv: &Server, profile: &str, tls12: bool, suites: &[&str]) -> Res
 }
 
 fn testssl_profile(profile: &str) -> Result<()> {
-    if !have("testssl") {
-        println!("skipped: testssl is not installed (Debian package testssl.sh; scripts/test.sh installs it)");
+    if !common::require("testssl", "testssl.sh") {
         return Ok(());
     }
     let srv = server()?;
@@ -281,8 +280,7 @@ fn testssl_finds_exactly_one_tls12_suite_on_the_strict_profile() -> Result<()> {
 /// certificate is served without one.
 #[test]
 fn testssl_reports_ocsp_stapling_only_where_a_response_is_configured() -> Result<()> {
-    if !have("testssl") || !have("openssl") {
-        println!("skipped: testssl or openssl is not installed (scripts/test.sh installs both)");
+    if !common::require("testssl", "testssl.sh") || !common::require("openssl", "openssl") {
         return Ok(());
     }
     let started = Instant::now();
@@ -355,7 +353,9 @@ fn sslyze() -> Option<PathBuf> {
 #[test]
 fn sslyze_finds_the_intermediate_and_modern_profiles_mozilla_compliant() -> Result<()> {
     let Some(sslyze) = sslyze() else {
-        println!("skipped: sslyze not found (TLSGATE_SSLYZE unset and none on PATH; scripts/test.sh installs it)");
+        tlsgate_hw_tests::skip::missing(
+            "sslyze not found (TLSGATE_SSLYZE unset and none on PATH; scripts/test.sh installs it)",
+        );
         return Ok(());
     };
     let srv = server()?;

@@ -143,7 +143,8 @@ pub fn listener(name: &str, tls: Arc<ServerConfig>, backend: SocketAddr) -> List
     }
 }
 
-/// Starts the data plane; `None` (after printing why) when the driver cannot run here.
+/// Starts the data plane; `None` when the driver cannot run here (a skip outside CI, a failure
+/// under `CI=true`: see `tlsgate_hw_tests::skip`).
 pub fn start_dp(
     mut cfg: DataplaneConfig,
     io: IoDriver,
@@ -153,7 +154,7 @@ pub fn start_dp(
     match start(cfg, Arc::new(Snapshot { listeners })) {
         Ok(dp) => Some(dp),
         Err(Error::UringUnavailable { why }) => {
-            println!("SKIP driver {io:?}: io_uring unavailable: {why}");
+            tlsgate_hw_tests::skip::missing(format!("driver {io:?}: io_uring unavailable: {why}"));
             None
         }
         Err(e) => panic!("start failed: {e}"),

@@ -11,6 +11,24 @@ pub mod policy_support;
 
 use anyhow::{bail, ensure, Context, Result};
 
+/// The io drivers to run a binary-level test with: both, or only the portable one where io_uring
+/// is off (a skip outside CI, a failure under `CI=true`).
+pub fn drivers() -> Vec<&'static str> {
+    match tlsgate_hw_tests::skip::io_uring_sysctl_off() {
+        Some(why) => {
+            tlsgate_hw_tests::skip::missing(format!("io = \"uring\" cases: {why}"));
+            vec!["portable"]
+        }
+        None => vec!["portable", "uring"],
+    }
+}
+
+/// Whether `program` (from the Debian package `package`) is here; a skip outside CI and a failure
+/// under `CI=true` when not. The caller returns when this is false.
+pub fn require(program: &str, package: &str) -> bool {
+    tlsgate_hw_tests::skip::unless(tlsgate_hw_tests::skip::tool_missing(program, package))
+}
+
 pub fn tlsgate() -> Command {
     Command::new(env!("CARGO_BIN_EXE_tlsgate"))
 }
@@ -121,6 +139,18 @@ impl Lab {
         algorithm: &str,
         label: &str,
     ) -> Result<(PathBuf, PathBuf)> {
+        self.software_cert(algorithm, label, "localhost", "DNS:localhost,IP:127.0.0.1")
+    }
+
+    /// A software key (`EC` P-256 or `RSA` 2048) and its chain from the lab CA for `cn` with the
+    /// given subjectAltName value (e.g. `DNS:a,IP:127.0.0.1`); returns (key file, chain file).
+    pub fn software_cert(
+        &self,
+        algorithm: &str,
+        label: &str,
+        cn: &str,
+        subject_alt_name: &str,
+    ) -> Result<(PathBuf, PathBuf)> {
         self.ensure_ca()?;
         std::fs::create_dir_all(self.path("certs"))?;
         let key = self.path(&format!("certs/{label}.key"));
@@ -141,13 +171,9 @@ impl Lab {
             Command::new("openssl")
                 .args(["req", "-new", "-key"])
                 .arg(&key)
-                .args([
-                    "-subj",
-                    "/CN=localhost",
-                    "-addext",
-                    "subjectAltName=DNS:localhost,IP:127.0.0.1",
-                    "-out",
-                ])
+                .args(["-subj", &format!("/CN={cn}")])
+                .args(["-addext", &format!("subjectAltName={subject_alt_name}")])
+                .arg("-out")
                 .arg(&csr)
                 .output()?,
             "openssl req",
