@@ -195,6 +195,36 @@ pub(crate) fn listen(name: &str, addr: SocketAddr) -> Result<TcpListener, Error>
     Ok(s.into())
 }
 
+/// Proves that no other socket listens on `addr` before this process binds it with
+/// `SO_REUSEPORT`, which would otherwise quietly join that socket's group (of another process,
+/// with whatever configuration and keys it has) and take part of its connections. A trial socket
+/// without `SO_REUSEPORT` (with `SO_REUSEADDR`, so connections in TIME_WAIT do not count) binds the
+/// address and is closed again; `EADDRINUSE` means someone listens there. Port 0 is always free.
+pub(crate) fn ensure_unowned(name: &str, addr: SocketAddr) -> Result<(), Error> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    let err = |op: &'static str| {
+        move |source| Error::Listen {
+            listener: name.to_owned(),
+            addr,
+            op,
+            source,
+        }
+    };
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+        .map_err(err("socket"))?;
+    s.set_reuse_address(true).map_err(err("SO_REUSEADDR"))?;
+    match s.bind(&addr.into()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(Error::AddressInUse {
+            listener: name.to_owned(),
+            addr,
+        }),
+        Err(e) => Err(err("bind")(e)),
+    }
+}
+
 /// Pins the calling thread; a CPU the process may not use is logged, not fatal (containers
 /// often restrict the CPU set after the configuration was written).
 pub(crate) fn pin(core: usize, cpu: usize) {

@@ -26,6 +26,18 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// Another socket (another process, or another tlsgate) already listens on the address.
+    /// `SO_REUSEPORT` would let us join its group and share its traffic; we refuse instead.
+    #[error(
+        "listener `{listener}` on {addr}: the address is in use by another socket (another \
+         process, or another tlsgate); refusing to share it through SO_REUSEPORT"
+    )]
+    AddressInUse {
+        /// Listener name.
+        listener: String,
+        /// Bind address.
+        addr: SocketAddr,
+    },
     /// io_uring was demanded (`io = "uring"`) but cannot run here.
     #[error("io_uring unavailable: {why}")]
     UringUnavailable {

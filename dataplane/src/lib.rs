@@ -101,6 +101,7 @@ pub fn start(cfg: DataplaneConfig, snapshot: Arc<Snapshot>) -> Result<Dataplane,
         cfg.cores.iter().map(|_| Vec::new()).collect();
     let mut addrs = Vec::new();
     for l in &snapshot.listeners {
+        driver::ensure_unowned(&l.name, l.bind)?;
         let first = driver::listen(&l.name, l.bind)?;
         let bound = first.local_addr().map_err(|source| Error::Listen {
             listener: l.name.clone(),

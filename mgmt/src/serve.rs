@@ -28,6 +28,11 @@ pub struct ServeArgs {
 /// Runs the appliance until SIGTERM or SIGINT.
 pub fn run(args: ServeArgs) -> Result<()> {
     let config = Config::load(&args.config)?;
+    // First of all: a second process on the same state directory stops here, before it binds
+    // or changes anything. Held until this function returns (the process ends).
+    let _state_lock = crate::api::state_dir(&config)
+        .map(|dir| crate::state::lock(&dir))
+        .transpose()?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

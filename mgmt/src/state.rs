@@ -108,6 +108,59 @@ pub fn check_name(what: &str, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// The exclusive lock on a state directory (`flock` on `<dir>/lock`), held for the life of the
+/// `tlsgate serve` that owns the directory; the kernel releases it when the process ends, however
+/// it ends. The file holds the owner's pid, for the message a second process gets.
+#[derive(Debug)]
+pub struct StateLock {
+    _file: fs::File,
+}
+
+/// Name of the lock file inside the state directory.
+pub const LOCK_FILE: &str = "lock";
+
+/// Takes the state directory's lock, creating the directory when missing. Fails, naming the
+/// owner's pid, when another process holds it: two appliances writing one state directory (or
+/// one serving stale keys beside the other) is never what an operator meant.
+pub fn lock(dir: &Path) -> Result<StateLock> {
+    use std::io::{Read, Seek, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::create_dir_all(dir)
+        .with_context(|| format!("[state] dir: cannot create {}", dir.display()))?;
+    let path = dir.join(LOCK_FILE);
+    let mut file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(FILE_MODE)
+        .open(&path)
+        .with_context(|| format!("[state] dir: cannot open {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = holder.trim();
+            bail!(
+                "[state] dir {} is in use by another tlsgate process (pid {}): one process per \
+                 state directory",
+                dir.display(),
+                if holder.is_empty() { "unknown" } else { holder }
+            );
+        }
+        Err(fs::TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("[state] dir: cannot lock {}", path.display()))
+        }
+    }
+    file.set_len(0)
+        .and_then(|()| file.rewind())
+        .and_then(|()| writeln!(file, "{}", std::process::id()))
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("[state] dir: cannot write {}", path.display()))?;
+    Ok(StateLock { _file: file })
+}
+
 /// The state directory.
 #[derive(Debug, Clone)]
 pub struct StateStore {

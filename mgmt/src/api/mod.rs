@@ -20,7 +20,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use tlsgate_dataplane::Snapshot;
 use tlsgate_keystore::Token;
@@ -172,10 +172,33 @@ pub fn start_manager(
     Manager::start(config, token, store, audit, publish)
 }
 
-/// Removes a stale socket file, binds, and sets the mode before anyone can connect: the socket
-/// is bound under a temporary name and renamed into place once its mode is set.
+/// Binds the API socket, setting its mode before anyone can connect: the socket is bound under a
+/// temporary name and renamed into place once its mode is set. What is at `path` already is
+/// replaced only when it is a stale socket (nobody answers a connect); a live socket (another
+/// process serves it) or anything that is not a socket is a start error, and stays as it is.
 pub fn bind_unix(path: &Path, mode: u32) -> Result<tokio::net::UnixListener> {
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("[api] socket: cannot inspect {}", path.display()))
+        }
+        Ok(m) if !m.file_type().is_socket() => bail!(
+            "[api] socket: {} exists and is not a socket; refusing to replace it",
+            path.display()
+        ),
+        Ok(_) => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                bail!(
+                    "[api] socket: another process answers on {}; refusing to take it over",
+                    path.display()
+                );
+            }
+            // A socket nobody answers on: left by a process that ended. The rename below
+            // replaces it.
+        }
+    }
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
