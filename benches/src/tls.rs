@@ -160,7 +160,9 @@ struct InsecureVerifier {
 
 impl InsecureVerifier {
     fn spot_check(&self) -> bool {
-        self.seen.fetch_add(1, Ordering::Relaxed) % SIGNATURE_SPOT_CHECK_EVERY == 0
+        self.seen
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(SIGNATURE_SPOT_CHECK_EVERY)
     }
 }
 

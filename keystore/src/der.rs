@@ -147,7 +147,7 @@ pub(crate) fn unwrap_ec_point_any(value: &[u8]) -> Option<&[u8]> {
 
 /// Raw `r || s` (what CKM_ECDSA returns) to the DER `Ecdsa-Sig-Value` TLS and X.509 use.
 pub(crate) fn ecdsa_raw_to_der(raw: &[u8]) -> Option<Vec<u8>> {
-    if raw.is_empty() || raw.len() % 2 != 0 {
+    if raw.is_empty() || !raw.len().is_multiple_of(2) {
         return None;
     }
     let (r, s) = raw.split_at(raw.len() / 2);

@@ -61,7 +61,7 @@ impl Directive {
         let fires = match self.trigger {
             Trigger::Always => true,
             Trigger::After(first) => n > first,
-            Trigger::Every(period) => n % period == 0,
+            Trigger::Every(period) => n.is_multiple_of(period),
         };
         if counted || fires {
             self.seen = n;
@@ -207,9 +207,9 @@ fn parse_duration(text: &str) -> Option<Duration> {
 /// The shortest exact spelling of a duration, in the units directives accept.
 pub fn format_duration(amount: Duration) -> String {
     let micros = amount.as_micros();
-    if micros % 1_000_000 == 0 && micros > 0 {
+    if micros.is_multiple_of(1_000_000) && micros > 0 {
         format!("{}s", micros / 1_000_000)
-    } else if micros % 1_000 == 0 {
+    } else if micros.is_multiple_of(1_000) {
         format!("{}ms", micros / 1_000)
     } else {
         format!("{micros}us")
