@@ -342,9 +342,8 @@ impl EpochTicketer {
         let epoch = self.epoch_of(now);
         let mut nonce = [0u8; NONCE_LEN];
         self.rng.fill(&mut nonce).ok()?;
-        let mut out = Vec::with_capacity(
-            HEADER_LEN + NONCE_LEN + PolicyDigest::LEN + plain.len() + TAG_LEN,
-        );
+        let mut out =
+            Vec::with_capacity(HEADER_LEN + NONCE_LEN + PolicyDigest::LEN + plain.len() + TAG_LEN);
         out.push(TICKET_VERSION);
         out.extend_from_slice(&epoch.to_be_bytes());
         out.extend_from_slice(&issued.to_be_bytes());
@@ -628,7 +627,9 @@ mod tests {
         let first = t.encrypt_at(T0, &p(), TLS12_STATE_SNI).expect("ticket");
         // Resumption at T0 + 60: decrypt, then rustls re-issues in the same call.
         assert!(t.decrypt_at(T0 + 60, &p(), &first).is_some());
-        let reissued = t.encrypt_at(T0 + 60, &p(), TLS12_STATE_SNI).expect("ticket");
+        let reissued = t
+            .encrypt_at(T0 + 60, &p(), TLS12_STATE_SNI)
+            .expect("ticket");
         assert_eq!(reissued[9..17], T0.to_be_bytes(), "issue time carried over");
         assert!(t.decrypt_at(T0 + 100, &p(), &reissued).is_some());
         assert_eq!(
@@ -637,7 +638,9 @@ mod tests {
             "the chain ends a lifetime after the full handshake"
         );
         // The carried time is used once.
-        let next = t.encrypt_at(T0 + 60, &p(), TLS12_STATE_SNI).expect("ticket");
+        let next = t
+            .encrypt_at(T0 + 60, &p(), TLS12_STATE_SNI)
+            .expect("ticket");
         assert_eq!(next[9..17], (T0 + 60).to_be_bytes());
     }
 
