@@ -201,7 +201,7 @@ mod tests {
         );
         assert_ne!(
             req,
-            PolicyDigest::client_auth(ClientAuthMode::Required, &[a.clone()])
+            PolicyDigest::client_auth(ClientAuthMode::Required, std::slice::from_ref(&a))
         );
         assert_ne!(req, PolicyDigest::no_client_auth());
         assert_ne!(

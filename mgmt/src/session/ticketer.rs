@@ -544,7 +544,8 @@ mod tests {
         use crate::client_auth::ClientAuthMode;
         let t = ready(3600, 7200, T0);
         let ca = rustls_pki_types::CertificateDer::from(vec![0x30, 0x03, 1, 2, 3]);
-        let required = PolicyDigest::client_auth(ClientAuthMode::Required, &[ca.clone()]);
+        let required =
+            PolicyDigest::client_auth(ClientAuthMode::Required, std::slice::from_ref(&ca));
         let optional = PolicyDigest::client_auth(ClientAuthMode::Optional, &[ca]);
         for made_under in [p(), optional] {
             let ticket = t.encrypt_at(T0, &made_under, TLS12_STATE).expect("ticket");
