@@ -707,11 +707,13 @@ impl Conn {
             }
             return;
         };
+        // What the session store and ticketer see from here on, the replay sees again.
         let attempt = InlineAttempt::begin();
         if hello::may_resume(&flight, &*self.listener.snap.tls.session_storage) {
             tripwire_reset();
             match accepted.into_connection(tripwire) {
                 Ok(tls) => {
+                    drop(attempt);
                     self.enter_tls(Box::new(tls), now);
                     return;
                 }
