@@ -4,7 +4,8 @@
 //! and to a restarted one) and every change an operator makes to a listener's client auth
 //! (none → required, optional without a certificate → required, a CA removed, a certificate
 //! revoked by a new CRL), the old session's request never reaches the backend, each refusal is
-//! counted by reason, and a client with a valid certificate still gets a session and resumes it.
+//! counted once by reason and logged, and a client with a valid certificate still gets a session
+//! and resumes it (where only a CRL changed, its session from before the change resumes too).
 //!
 //! Two appliances share a fleet ticket secret on one SoftHSM2 token: P2 is reloaded (SIGHUP)
 //! for every change and carries the local sessions; P1 issues the fleet tickets and is
@@ -314,6 +315,11 @@ impl Logs {
     }
 }
 
+/// Whether the change alters the recorded policy (mode or CAs), not only the CRLs.
+fn policy_changes(c: &Change) -> bool {
+    c.reason == "policy_changed"
+}
+
 /// `uring` when the kernel allows io_uring, else `portable`.
 fn uring_or_portable() -> &'static str {
     match std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled") {
@@ -462,6 +468,12 @@ fn an_old_session_never_outlives_a_stricter_client_auth_policy() -> Result<()> {
                 file,
                 &format!("{what}, before the change"),
             )?;
+            // Where only a CRL changes, the recorded policy stays: a certificate that is not
+            // revoked keeps its session (kept in `<file>.alice`).
+            if !policy_changes(c) {
+                let alice = file.with_extension("alice");
+                new_session(&s, from, v, Some("zone-a-alice"), &alice, &what)?;
+            }
         }
 
         // The change: P2 reloads, P1 restarts with the new file.
@@ -475,9 +487,32 @@ fn an_old_session_never_outlives_a_stricter_client_auth_policy() -> Result<()> {
 
         // A policy change is refused before resumption (full handshake, which then fails for
         // the old client); a revoked certificate is refused by the data plane's re-check.
-        let fallback = c.reason == "policy_changed";
+        let fallback = policy_changes(c);
         for (what, listener, v, file) in &held {
             let what = format!("{}: {what}", c.name);
+            if !fallback {
+                let alice = file.with_extension("alice");
+                let what = format!("{what}, alice's session from before the new CRL");
+                resumes(
+                    &s,
+                    port(&p2_ports, listener)?,
+                    v,
+                    Some("zone-a-alice"),
+                    &alice,
+                    &what,
+                )?;
+                if *listener == "fleet" {
+                    let what = format!("{what}, on a restarted appliance");
+                    resumes(
+                        &s,
+                        port(&p1_ports, listener)?,
+                        v,
+                        Some("zone-a-alice"),
+                        &alice,
+                        &what,
+                    )?;
+                }
+            }
             refused(
                 &s,
                 port(&p2_ports, listener)?,
