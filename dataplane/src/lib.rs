@@ -62,7 +62,9 @@ use arc_swap::ArcSwap;
 pub use config::{DataplaneConfig, IoDriver, IoDriverKind, KeyOpConfig, Limits};
 pub use conn::CloseReason;
 pub use error::Error;
-pub use snapshot::{ClientCertCheck, ListenerSnapshot, Snapshot, SniFilter};
+pub use snapshot::{
+    inline_resumption_attempt, ClientCertCheck, ListenerSnapshot, Snapshot, SniFilter,
+};
 pub use stats::StatsSnapshot;
 
 use driver::{CoreSetup, Shared, ShutdownSignal};

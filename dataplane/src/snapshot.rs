@@ -36,31 +36,48 @@ pub struct ListenerSnapshot {
     /// Refuses ClientHellos by SNI with an `unrecognized_name` alert before rustls sees them;
     /// `None` lets every name through.
     pub sni_filter: Option<SniFilter>,
-    /// Re-checks the client certificate chain of a *resumed* session against the listener's
-    /// current trust (a CRL may have revoked it since the session was made); `None` when the
-    /// listener does not authenticate clients.
+    /// Re-checks a *resumed* session against the listener's current client authentication: its
+    /// client chain against the current trust (a CRL may have revoked it since the session was
+    /// made), and a session without a chain against a policy that now requires one; `None` when
+    /// the listener does not authenticate clients.
     pub client_cert_check: Option<ClientCertCheck>,
     /// Speak TLS to the backend (after the PROXY header, when that is on).
     pub backend_tls: Option<crate::conn::BackendTls>,
 }
 
-/// Answers whether a client certificate chain (end entity first) is still acceptable.
+/// Answers whether a resumed session's client certificate chain (end entity first) is still
+/// acceptable, and whether a session resumed *without* one may go on.
 #[derive(Clone)]
 pub struct ClientCertCheck(Arc<CertCheck>);
 
-/// The check inside a [`ClientCertCheck`].
-type CertCheck = dyn Fn(&[rustls_pki_types::CertificateDer<'_>]) -> bool + Send + Sync;
+/// The check inside a [`ClientCertCheck`]: `None` is a session that carries no client chain.
+type CertCheck = dyn Fn(Option<&[rustls_pki_types::CertificateDer<'_>]>) -> bool + Send + Sync;
 
 impl ClientCertCheck {
-    /// Wraps the check.
+    /// Wraps a check of presented chains; a session without a chain passes (optional client
+    /// authentication).
     pub fn new(
         f: impl Fn(&[rustls_pki_types::CertificateDer<'_>]) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        Self::of_sessions(move |chain| chain.is_none_or(&f))
+    }
+
+    /// Wraps a check that also decides on sessions without a chain (`None`): a listener that
+    /// requires a client certificate refuses them, since such a session was made under an
+    /// earlier, weaker policy.
+    pub fn of_sessions(
+        f: impl Fn(Option<&[rustls_pki_types::CertificateDer<'_>]>) -> bool + Send + Sync + 'static,
     ) -> Self {
         Self(Arc::new(f))
     }
 
     /// Whether `chain` passes.
     pub fn allows(&self, chain: &[rustls_pki_types::CertificateDer<'_>]) -> bool {
+        (self.0)(Some(chain))
+    }
+
+    /// Whether a resumed session with this chain (or none) may go on.
+    pub fn allows_resumed(&self, chain: Option<&[rustls_pki_types::CertificateDer<'_>]>) -> bool {
         (self.0)(chain)
     }
 }
@@ -139,6 +156,30 @@ fn tripwire_config(tls: &Arc<ServerConfig>) -> Arc<ServerConfig> {
 
 thread_local! {
     static TRIPPED: Cell<bool> = const { Cell::new(false) };
+    static INLINE_ATTEMPT: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether this thread is running the inline resumption attempt of an offloaded listener (the
+/// tripwire configuration). Whatever a session store or ticketer sees then, it sees again when
+/// a full handshake is replayed on a key-op worker: count and log refusals only outside it.
+pub fn inline_resumption_attempt() -> bool {
+    INLINE_ATTEMPT.with(|a| a.get())
+}
+
+/// Marks this thread as in an inline resumption attempt until dropped.
+pub(crate) struct InlineAttempt(());
+
+impl InlineAttempt {
+    pub(crate) fn begin() -> Self {
+        INLINE_ATTEMPT.with(|a| a.set(true));
+        Self(())
+    }
+}
+
+impl Drop for InlineAttempt {
+    fn drop(&mut self) {
+        INLINE_ATTEMPT.with(|a| a.set(false));
+    }
 }
 
 /// Clears the tripwire flag of this thread before an inline attempt.

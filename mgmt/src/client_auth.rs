@@ -18,6 +18,8 @@ use rustls::RootCertStore;
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer};
 use x509_parser::prelude::FromDer;
 
+use crate::session::PolicyDigest;
+
 /// Whether a client must present a certificate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -84,6 +86,8 @@ pub struct ClientAuth {
     ca_subjects: Vec<Vec<u8>>,
     /// CRLs from the configuration file.
     pub crls: Vec<CertificateRevocationListDer<'static>>,
+    /// The mode and CAs as sessions record them (not the CRLs: see [`crate::session::policy`]).
+    policy: PolicyDigest,
 }
 
 impl ClientAuth {
@@ -103,11 +107,13 @@ impl ClientAuth {
         };
         let mut roots = RootCertStore::empty();
         let mut ca_subjects = Vec::new();
+        let mut anchors = Vec::new();
         for (i, cert) in CertificateDer::pem_slice_iter(&bytes).enumerate() {
             let cert = cert.map_err(|e| bad_ca(format!("certificate {i}: {e}")))?;
             let (_, parsed) = x509_parser::parse_x509_certificate(&cert)
                 .map_err(|e| bad_ca(format!("certificate {i}: {e}")))?;
             ca_subjects.push(parsed.subject().as_raw().to_vec());
+            anchors.push(cert.clone());
             roots.add(cert.clone()).map_err(|e| {
                 bad_ca(format!("certificate {i} is not a usable trust anchor: {e}"))
             })?;
@@ -122,6 +128,7 @@ impl ClientAuth {
             roots: Arc::new(roots),
             ca_subjects,
             crls: Vec::new(),
+            policy: PolicyDigest::client_auth(cfg.mode, &anchors),
         };
         for p in &cfg.crls {
             let path = resolve(p);
@@ -150,6 +157,16 @@ impl ClientAuth {
             }
         }
         Ok(auth)
+    }
+
+    /// The client-auth policy sessions made under these settings carry.
+    pub fn policy_digest(&self) -> PolicyDigest {
+        self.policy
+    }
+
+    /// The policy digest of a listener with these settings, or without client auth.
+    pub fn policy_of(auth: Option<&ClientAuth>) -> PolicyDigest {
+        auth.map_or_else(PolicyDigest::no_client_auth, ClientAuth::policy_digest)
     }
 
     /// Whether `crl` parses and is issued by one of this listener's CAs.

@@ -48,6 +48,10 @@ pub fn describe() {
         crate::session::METRIC_TICKET_KEYS,
         "Ticket-key derivations by listener, source (fleet, local) and result (ok, failed)."
     );
+    metrics::describe_counter!(
+        crate::session::METRIC_RESUMPTION_REFUSED,
+        "Session resumptions refused by listener and reason (policy_changed, no_client_certificate, client_certificate_rejected)."
+    );
     metrics::describe_gauge!(
         crate::session::METRIC_TICKET_KEYS_HELD,
         "Ticket keys held now, by listener."
@@ -260,6 +264,9 @@ mod tests {
         let sources = [
             include_str!("../../dataplane/src/metrics.rs"),
             include_str!("mgmt_metrics.rs"),
+            include_str!("session/ticketer.rs"),
+            include_str!("session/policy.rs"),
+            include_str!("ocsp.rs"),
         ];
         let mut names = 0;
         for src in sources {

@@ -363,7 +363,7 @@ pub fn build_snapshot_with(
         } else {
             let sni_filter = crate::tls::sni_filter(&certs, &opts)
                 .with_context(|| format!("listener {:?}", l.name))?;
-            let client_cert_check = crate::tls::client_cert_check(&opts)
+            let client_cert_check = crate::tls::client_cert_check(&l.name, &opts)
                 .with_context(|| format!("listener {:?}", l.name))?;
             let tls = crate::tls::server_config(certs, &opts)
                 .with_context(|| format!("listener {:?}", l.name))?;

@@ -97,28 +97,44 @@ pub fn sni_filter(
     })))
 }
 
-/// The data plane's re-check of a resumed session's client certificate against this
-/// listener's current CA bundle and CRLs (`None` without client authentication).
+/// The data plane's re-check of a resumed session of `listener`: its client certificate
+/// against the current CA bundle and CRLs, and a session without one against a `required` mode
+/// (`None` without client authentication). Each refusal is counted and logged
+/// ([`crate::session::policy::refused`]).
 pub fn client_cert_check(
+    listener: &str,
     opts: &ListenerTls,
 ) -> Result<Option<tlsgate_dataplane::ClientCertCheck>, TlsConfigError> {
+    use crate::session::policy::{refused, Refusal};
     let Some(auth) = &opts.client_auth else {
         return Ok(None);
     };
     let verifier = auth.verifier(opts.policy.provider(), &opts.extra_crls)?;
-    Ok(Some(tlsgate_dataplane::ClientCertCheck::new(
+    let required = auth.mode == crate::client_auth::ClientAuthMode::Required;
+    let listener = listener.to_owned();
+    Ok(Some(tlsgate_dataplane::ClientCertCheck::of_sessions(
         move |chain| {
-            chain
-                .split_first()
-                .is_some_and(|(end_entity, intermediates)| {
-                    verifier
-                        .verify_client_cert(
-                            end_entity,
-                            intermediates,
-                            rustls_pki_types::UnixTime::now(),
-                        )
-                        .is_ok()
-                })
+            let (ok, reason) = match chain {
+                None => (!required, Refusal::NoClientCertificate),
+                Some(chain) => (
+                    chain
+                        .split_first()
+                        .is_some_and(|(end_entity, intermediates)| {
+                            verifier
+                                .verify_client_cert(
+                                    end_entity,
+                                    intermediates,
+                                    rustls_pki_types::UnixTime::now(),
+                                )
+                                .is_ok()
+                        }),
+                    Refusal::ClientCertificateRejected,
+                ),
+            };
+            if !ok {
+                refused(&listener, reason);
+            }
+            ok
         },
     )))
 }
@@ -145,7 +161,10 @@ pub fn server_config(
     let mut config = builder.with_cert_resolver(Arc::new(resolver));
     config.ignore_client_order = false;
     if let Some(s) = &opts.session {
-        s.apply(&mut config);
+        s.apply(
+            &mut config,
+            crate::client_auth::ClientAuth::policy_of(opts.client_auth.as_ref()),
+        );
     }
     Ok(Arc::new(config))
 }

@@ -32,7 +32,7 @@ use rustls::{HandshakeKind, ServerConfig};
 pub use backend_tls::{BackendTls, BackendTlsCause};
 
 use crate::config::Limits;
-use crate::snapshot::{tripwire_reset, tripwire_tripped, PreparedListener};
+use crate::snapshot::{tripwire_reset, tripwire_tripped, InlineAttempt, PreparedListener};
 use buffer::ByteQueue;
 
 /// A fatal `internal_error` alert in a plaintext record, for failures that happen before rustls
@@ -707,10 +707,13 @@ impl Conn {
             }
             return;
         };
+        // What the session store and ticketer see from here on, the replay sees again.
+        let attempt = InlineAttempt::begin();
         if hello::may_resume(&flight, &*self.listener.snap.tls.session_storage) {
             tripwire_reset();
             match accepted.into_connection(tripwire) {
                 Ok(tls) => {
+                    drop(attempt);
                     self.enter_tls(Box::new(tls), now);
                     return;
                 }
@@ -723,6 +726,7 @@ impl Conn {
                 }
             }
         }
+        drop(attempt);
         self.phase = Phase::KeyOp;
         self.events.push(Event::Offload(KeyOpJob {
             flight,
@@ -828,14 +832,12 @@ impl Conn {
             return;
         }
         *established = true;
-        // A resumed session carries the client certificate it was made with; the listener's
-        // trust (CRLs) may have changed since, so check it again before any byte moves on.
+        // A resumed session carries the client certificate it was made with (or none); the
+        // listener's trust (CRLs) or mode may have changed since, so check it again before any
+        // byte moves on.
         if matches!(tls.handshake_kind(), Some(HandshakeKind::Resumed)) {
-            if let (Some(check), Some(chain)) = (
-                &self.listener.snap.client_cert_check,
-                tls.peer_certificates(),
-            ) {
-                if !check.allows(chain) {
+            if let Some(check) = &self.listener.snap.client_cert_check {
+                if !check.allows_resumed(tls.peer_certificates()) {
                     self.fail(CloseReason::ClientCertRejected);
                     return;
                 }

@@ -1,22 +1,25 @@
 //! The session cache: bounded, sharded by a keyed hash of the session id, entries expiring after
-//! the lifetime and wiped when they go.
+//! the lifetime and wiped when they go. Each entry records the client-auth policy its session
+//! was made under ([`super::policy`]); a lookup under another policy finds nothing.
 
 use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::hash::BuildHasher;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use rustls::server::StoresServerSessions;
 use zeroize::Zeroizing;
 
 use super::lock;
+use super::policy::{refused, PolicyDigest, Refusal};
 
 const SHARDS: usize = 16;
 
 struct Entry {
     value: Zeroizing<Vec<u8>>,
+    policy: PolicyDigest,
     born: Instant,
     seq: u64,
 }
@@ -85,7 +88,7 @@ impl SessionCache {
         lock(&self.shards[i])
     }
 
-    fn put_at(&self, key: Vec<u8>, value: Vec<u8>, now: Instant) -> bool {
+    fn put_at(&self, key: Vec<u8>, policy: PolicyDigest, value: Vec<u8>, now: Instant) -> bool {
         let mut s = self.shard(&key);
         s.seq += 1;
         let seq = s.seq;
@@ -94,6 +97,7 @@ impl SessionCache {
             key,
             Entry {
                 value: Zeroizing::new(value),
+                policy,
                 born: now,
                 seq,
             },
@@ -120,28 +124,73 @@ impl SessionCache {
         true
     }
 
-    fn get_at(&self, key: &[u8], now: Instant, take: bool) -> Option<Vec<u8>> {
+    /// The entry for `key` if it is live; `Err` when it was made under another policy than
+    /// `policy` (left in place: it is not this lookup's to take, and it expires as usual).
+    fn get_at(
+        &self,
+        key: &[u8],
+        policy: &PolicyDigest,
+        now: Instant,
+        take: bool,
+    ) -> Result<Option<Vec<u8>>, Refusal> {
         let mut s = self.shard(key);
-        let expired = now.duration_since(s.map.get(key)?.born) > self.lifetime;
-        if expired || take {
-            let e = s.map.remove(key)?;
-            return (!expired).then(|| e.value.to_vec());
+        let Some(entry) = s.map.get(key) else {
+            return Ok(None);
+        };
+        let expired = now.duration_since(entry.born) > self.lifetime;
+        if !expired && entry.policy != *policy {
+            return Err(Refusal::PolicyChanged);
         }
-        s.map.get(key).map(|e| e.value.to_vec())
+        if expired || take {
+            let e = s.map.remove(key);
+            return Ok(e.filter(|_| !expired).map(|e| e.value.to_vec()));
+        }
+        Ok(s.map.get(key).map(|e| e.value.to_vec()))
     }
 }
 
-impl StoresServerSessions for SessionCache {
+/// A listener's session cache as one snapshot's rustls configuration uses it: entries are stored
+/// with that snapshot's client-auth policy, and only entries made under it are found. The
+/// [`SessionCache`] is shared by every snapshot of the listener.
+#[derive(Debug)]
+pub struct BoundCache {
+    inner: Arc<SessionCache>,
+    policy: PolicyDigest,
+    listener: String,
+}
+
+impl BoundCache {
+    /// `inner`, for sessions of `listener` under `policy`.
+    pub fn new(inner: Arc<SessionCache>, policy: PolicyDigest, listener: &str) -> Self {
+        Self {
+            inner,
+            policy,
+            listener: listener.to_owned(),
+        }
+    }
+
+    fn lookup(&self, key: &[u8], take: bool) -> Option<Vec<u8>> {
+        match self.inner.get_at(key, &self.policy, Instant::now(), take) {
+            Ok(v) => v,
+            Err(reason) => {
+                refused(&self.listener, reason);
+                None
+            }
+        }
+    }
+}
+
+impl StoresServerSessions for BoundCache {
     fn put(&self, key: Vec<u8>, value: Vec<u8>) -> bool {
-        self.put_at(key, value, Instant::now())
+        self.inner.put_at(key, self.policy, value, Instant::now())
     }
 
     fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
-        self.get_at(key, Instant::now(), false)
+        self.lookup(key, false)
     }
 
     fn take(&self, key: &[u8]) -> Option<Vec<u8>> {
-        self.get_at(key, Instant::now(), true)
+        self.lookup(key, true)
     }
 
     fn can_cache(&self) -> bool {
@@ -153,27 +202,48 @@ impl StoresServerSessions for SessionCache {
 mod tests {
     use super::*;
 
+    fn p() -> PolicyDigest {
+        PolicyDigest::no_client_auth()
+    }
+
     #[test]
     fn the_cache_is_bounded_and_expires() {
         let c = SessionCache::new(32, Duration::from_secs(10));
         let t = Instant::now();
         for i in 0..1000u32 {
-            c.put_at(i.to_be_bytes().to_vec(), vec![1; 8], t);
+            c.put_at(i.to_be_bytes().to_vec(), p(), vec![1; 8], t);
         }
         assert!(c.len() <= 32, "{} entries", c.len());
         let k = b"fresh".to_vec();
-        c.put_at(k.clone(), b"v".to_vec(), t);
-        assert_eq!(
-            c.get_at(&k, t + Duration::from_secs(10), false),
-            Some(b"v".to_vec())
-        );
-        assert_eq!(c.get_at(&k, t + Duration::from_secs(11), false), None);
-        assert_eq!(c.get_at(&k, t, false), None, "expired entries are removed");
-        c.put_at(k.clone(), b"v".to_vec(), t);
-        assert_eq!(c.get_at(&k, t, true), Some(b"v".to_vec()));
-        assert_eq!(c.get_at(&k, t, true), None, "take is single use");
-        c.put_at(k.clone(), b"v".to_vec(), t);
+        let get = |at: Instant, take: bool| c.get_at(&k, &p(), at, take).expect("same policy");
+        c.put_at(k.clone(), p(), b"v".to_vec(), t);
+        assert_eq!(get(t + Duration::from_secs(10), false), Some(b"v".to_vec()));
+        assert_eq!(get(t + Duration::from_secs(11), false), None);
+        assert_eq!(get(t, false), None, "expired entries are removed");
+        c.put_at(k.clone(), p(), b"v".to_vec(), t);
+        assert_eq!(get(t, true), Some(b"v".to_vec()));
+        assert_eq!(get(t, true), None, "take is single use");
+        c.put_at(k.clone(), p(), b"v".to_vec(), t);
         c.clear();
         assert!(c.is_empty());
+    }
+
+    #[test]
+    fn an_entry_made_under_another_client_auth_policy_is_not_found() {
+        use crate::client_auth::ClientAuthMode;
+        let c = Arc::new(SessionCache::new(32, Duration::from_secs(10)));
+        let required = PolicyDigest::client_auth(
+            ClientAuthMode::Required,
+            &[rustls_pki_types::CertificateDer::from(vec![1u8])],
+        );
+        let before = BoundCache::new(c.clone(), p(), "l");
+        let after = BoundCache::new(c.clone(), required, "l");
+        assert!(before.put(b"id".to_vec(), b"state".to_vec()));
+        assert_eq!(after.get(b"id"), None);
+        assert_eq!(after.take(b"id"), None);
+        // Refused, not consumed: the entry is still the old policy's.
+        assert_eq!(before.get(b"id"), Some(b"state".to_vec()));
+        assert!(after.put(b"id2".to_vec(), b"new".to_vec()));
+        assert_eq!(after.take(b"id2"), Some(b"new".to_vec()));
     }
 }

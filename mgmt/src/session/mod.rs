@@ -47,8 +47,18 @@
 //! into shards by a keyed hash of the session id, each a small mutex-protected map with FIFO
 //! eviction: lookups happen only on handshakes (never on the data path), hold the lock for a
 //! hash-map operation, and land on different shards. Its size is the whole listener's bound.
+//!
+//! # Sessions and client authentication
+//!
+//! A session is only as strong as the client authentication it was made under. Every ticket and
+//! cache entry carries the digest of that policy (the listener's client-auth mode and trust
+//! anchors, [`PolicyDigest`]), besides the client chain rustls keeps in the session; a session
+//! made under another policy does not resume (the client gets a full handshake under the
+//! current one), and the data plane re-checks the chain of a resumed session against the current
+//! CAs and CRLs. Each refusal is counted in `tlsgate_resumption_refused_total` ([`policy`]).
 
 mod cache;
+pub mod policy;
 mod ticketer;
 
 use std::collections::HashMap;
@@ -61,9 +71,11 @@ use serde::Deserialize;
 use tlsgate_keystore::token::Token;
 use tlsgate_keystore::uri::{ObjectType, Pkcs11Uri};
 
-pub use cache::SessionCache;
+pub use cache::{BoundCache, SessionCache};
+pub use policy::{PolicyDigest, Refusal, METRIC_RESUMPTION_REFUSED};
 pub use ticketer::{
-    derivation_input, EpochTicketer, METRIC_TICKETS, METRIC_TICKET_KEYS, METRIC_TICKET_KEYS_HELD,
+    derivation_input, BoundTicketer, EpochTicketer, METRIC_TICKETS, METRIC_TICKET_KEYS,
+    METRIC_TICKET_KEYS_HELD,
 };
 
 /// Default `ticket_rotation_secs`: a new ticket key every hour.
@@ -280,6 +292,7 @@ impl ProducesTickets for NoTickets {
 /// tickets and cached sessions issued before a reload still resume after it.
 #[derive(Debug)]
 pub struct ListenerSessions {
+    listener: String,
     config: SessionConfig,
     /// Stateless tickets, when on.
     pub ticketer: Option<Arc<EpochTicketer>>,
@@ -344,6 +357,7 @@ impl ListenerSessions {
             ))
         });
         Ok(Self {
+            listener: listener.to_owned(),
             config: config.clone(),
             ticketer,
             cache,
@@ -400,15 +414,17 @@ impl ListenerSessions {
         }
     }
 
-    /// Puts this state into a server configuration. With tickets and the cache both off, no
-    /// NewSessionTicket is sent at all; with only the cache, TLS 1.3 tickets are cache ids.
-    pub fn apply(&self, config: &mut ServerConfig) {
+    /// Puts this state into a server configuration whose client authentication is `policy`:
+    /// its sessions carry that policy, and only sessions made under it resume. With tickets and
+    /// the cache both off, no NewSessionTicket is sent at all; with only the cache, TLS 1.3
+    /// tickets are cache ids.
+    pub fn apply(&self, config: &mut ServerConfig, policy: PolicyDigest) {
         config.ticketer = match &self.ticketer {
-            Some(t) => t.clone(),
+            Some(t) => Arc::new(BoundTicketer::new(t.clone(), policy)),
             None => Arc::new(NoTickets),
         };
         config.session_storage = match &self.cache {
-            Some(c) => c.clone(),
+            Some(c) => Arc::new(BoundCache::new(c.clone(), policy, &self.listener)),
             None => Arc::new(NoServerSessionStorage {}),
         };
         config.send_tls13_tickets = if self.ticketer.is_none() && self.cache.is_none() {
@@ -472,13 +488,13 @@ mod tests {
         };
         ListenerSessions::new("off", &off, None)
             .expect("state")
-            .apply(&mut cfg);
+            .apply(&mut cfg, PolicyDigest::no_client_auth());
         assert!(!cfg.ticketer.enabled());
         assert!(!cfg.session_storage.can_cache());
         assert_eq!(cfg.send_tls13_tickets, 0);
         ListenerSessions::new("on", &SessionConfig::default(), None)
             .expect("state")
-            .apply(&mut cfg);
+            .apply(&mut cfg, PolicyDigest::no_client_auth());
         assert!(cfg.ticketer.enabled());
         assert!(cfg.session_storage.can_cache());
         assert_eq!(cfg.ticketer.lifetime(), 7200);

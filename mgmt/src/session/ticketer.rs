@@ -1,7 +1,8 @@
 //! Stateless session tickets under a key per epoch: local random keys, or keys derived through
 //! the token from a fleet secret. The parent module explains the reasoning. A ticket is
-//! `version ‖ epoch ‖ issued-at ‖ nonce ‖ AES-256-GCM(state)`, the first three authenticated as
-//! associated data.
+//! `version ‖ epoch ‖ issued-at ‖ nonce ‖ AES-256-GCM(policy digest ‖ state)`, the first three
+//! authenticated as associated data; the digest is the client-auth policy the session was made
+//! under ([`super::policy`]), and a ticket made under another one is refused.
 
 use std::cell::Cell;
 use std::fmt;
@@ -16,9 +17,12 @@ use tlsgate_keystore::token::Token;
 use tlsgate_keystore::uri::Pkcs11Uri;
 use zeroize::Zeroizing;
 
+use super::policy::{refused, PolicyDigest, Refusal};
 use super::{lock, now_secs, MAX_CLOCK_SKEW_SECS};
 
-const TICKET_VERSION: u8 = 1;
+/// 2: the sealed state starts with the policy digest (version 1 tickets, which carry none, are
+/// refused).
+const TICKET_VERSION: u8 = 2;
 const WARNING_INTERVAL: Duration = Duration::from_secs(60);
 const HEADER_LEN: usize = 1 + 8 + 8;
 const TAG_LEN: usize = 16;
@@ -28,7 +32,8 @@ const DERIVATION_LABEL: &[u8] = b"tlsgate ticket key v1";
 /// `local`: random) and `result` (`ok`, `failed`).
 pub const METRIC_TICKET_KEYS: &str = "tlsgate_ticket_keys_total";
 /// Counter: session tickets by listener and `result`: `issued`, `accepted`, `expired` (older
-/// than the lifetime), `rejected` (unknown key, damaged, or another listener's).
+/// than the lifetime), `rejected` (unknown key, damaged, another listener's, or made under
+/// another client-auth policy).
 pub const METRIC_TICKETS: &str = "tlsgate_session_tickets_total";
 /// Gauge: ticket keys held in memory, by listener.
 pub const METRIC_TICKET_KEYS_HELD: &str = "tlsgate_ticket_keys_held";
@@ -304,8 +309,9 @@ impl EpochTicketer {
         v
     }
 
-    /// Encrypts a ticket at time `now` under the current epoch's key.
-    pub fn encrypt_at(&self, now: u64, plain: &[u8]) -> Option<Vec<u8>> {
+    /// Encrypts a ticket at time `now` under the current epoch's key, for a session made under
+    /// `policy`.
+    pub fn encrypt_at(&self, now: u64, policy: &PolicyDigest, plain: &[u8]) -> Option<Vec<u8>> {
         // A TLS 1.2 ticket re-issued while resuming keeps the issue time of the session's full
         // handshake: its master secret is the same, so its lifetime must not restart.
         let origin = TLS12_ORIGIN
@@ -316,13 +322,13 @@ impl EpochTicketer {
             Some(t) if is_tls12_state(plain) => t.min(now),
             _ => now,
         };
-        match self.seal(now, issued, plain) {
+        match self.seal(now, issued, policy, plain) {
             Some(t) => Some(t),
             // The maintenance thread makes the next key ahead of time, so this means the token
             // has failed for a whole rotation (fleet) or the clock jumped: no ticket, the
             // client simply does a full handshake next time. Local keys are made on the spot.
             None if matches!(self.source, KeySource::Local) && self.maintain_at(now).is_ok() => {
-                self.seal(now, issued, plain)
+                self.seal(now, issued, policy, plain)
             }
             None => {
                 tracing::debug!(listener = %self.listener, "no ticket key for the current epoch");
@@ -332,17 +338,20 @@ impl EpochTicketer {
     }
 
     /// Encrypts under the current epoch's key, if held.
-    fn seal(&self, now: u64, issued: u64, plain: &[u8]) -> Option<Vec<u8>> {
+    fn seal(&self, now: u64, issued: u64, policy: &PolicyDigest, plain: &[u8]) -> Option<Vec<u8>> {
         let epoch = self.epoch_of(now);
         let mut nonce = [0u8; NONCE_LEN];
         self.rng.fill(&mut nonce).ok()?;
-        let mut out = Vec::with_capacity(HEADER_LEN + NONCE_LEN + plain.len() + TAG_LEN);
+        let mut out =
+            Vec::with_capacity(HEADER_LEN + NONCE_LEN + PolicyDigest::LEN + plain.len() + TAG_LEN);
         out.push(TICKET_VERSION);
         out.extend_from_slice(&epoch.to_be_bytes());
         out.extend_from_slice(&issued.to_be_bytes());
         let aad: [u8; HEADER_LEN] = out[..HEADER_LEN].try_into().ok()?;
         out.extend_from_slice(&nonce);
-        let mut body = plain.to_vec();
+        let mut body = Vec::with_capacity(PolicyDigest::LEN + plain.len() + TAG_LEN);
+        body.extend_from_slice(policy.as_bytes());
+        body.extend_from_slice(plain);
         {
             let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
             let k = keys.iter().find(|k| k.epoch == epoch)?;
@@ -359,16 +368,19 @@ impl EpochTicketer {
         Some(out)
     }
 
-    /// Decrypts a ticket at time `now`: its epoch's key must be held and it must be younger
-    /// than the lifetime.
-    pub fn decrypt_at(&self, now: u64, ticket: &[u8]) -> Option<Vec<u8>> {
+    /// Decrypts a ticket at time `now`: its epoch's key must be held, it must be younger than
+    /// the lifetime, and it must have been made under `policy` (else it is refused, counted and
+    /// logged: the client gets a full handshake under the current policy).
+    pub fn decrypt_at(&self, now: u64, policy: &PolicyDigest, ticket: &[u8]) -> Option<Vec<u8>> {
         // Only the last decryption on this thread may pass its issue time on.
         TLS12_ORIGIN.set(None);
         let reject = |c: &AtomicU64| {
             c.fetch_add(1, Ordering::Relaxed);
             None
         };
-        if ticket.len() < HEADER_LEN + NONCE_LEN + TAG_LEN || ticket[0] != TICKET_VERSION {
+        if ticket.len() < HEADER_LEN + NONCE_LEN + PolicyDigest::LEN + TAG_LEN
+            || ticket[0] != TICKET_VERSION
+        {
             return reject(&self.counters.rejected);
         }
         let (header, rest) = ticket.split_at(HEADER_LEN);
@@ -399,15 +411,21 @@ impl EpochTicketer {
             .ok()
             .map(|p| p.len());
         drop(keys);
-        match opened {
-            Some(len) => {
-                body.truncate(len);
-                TLS12_ORIGIN.set(is_tls12_state(&body).then(|| (issued, Instant::now())));
-                self.counters.accepted.fetch_add(1, Ordering::Relaxed);
-                Some(body)
-            }
-            None => reject(&self.counters.rejected),
+        let Some(len) = opened else {
+            return reject(&self.counters.rejected);
+        };
+        body.truncate(len);
+        let body = Zeroizing::new(body);
+        let Some((made_under, state)) = PolicyDigest::read(&body) else {
+            return reject(&self.counters.rejected);
+        };
+        if made_under != *policy {
+            refused(&self.listener, Refusal::PolicyChanged);
+            return reject(&self.counters.rejected);
         }
+        TLS12_ORIGIN.set(is_tls12_state(state).then(|| (issued, Instant::now())));
+        self.counters.accepted.fetch_add(1, Ordering::Relaxed);
+        Some(state.to_vec())
     }
 
     /// Publishes the ticket counters to the metrics facade (from the maintenance thread, so
@@ -457,21 +475,37 @@ impl EpochTicketer {
     }
 }
 
-impl ProducesTickets for EpochTicketer {
+/// A listener's ticketer as one snapshot's rustls configuration uses it: tickets are sealed with
+/// the client-auth policy of that snapshot, and only tickets made under it decrypt. The
+/// [`EpochTicketer`] (keys, counters) is shared by every snapshot of the listener.
+#[derive(Debug)]
+pub struct BoundTicketer {
+    inner: Arc<EpochTicketer>,
+    policy: PolicyDigest,
+}
+
+impl BoundTicketer {
+    /// `inner`, for sessions under `policy`.
+    pub fn new(inner: Arc<EpochTicketer>, policy: PolicyDigest) -> Self {
+        Self { inner, policy }
+    }
+}
+
+impl ProducesTickets for BoundTicketer {
     fn enabled(&self) -> bool {
         true
     }
 
     fn lifetime(&self) -> u32 {
-        u32::try_from(self.lifetime).unwrap_or(u32::MAX)
+        u32::try_from(self.inner.lifetime).unwrap_or(u32::MAX)
     }
 
     fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {
-        self.encrypt_at(now_secs(), plain)
+        self.inner.encrypt_at(now_secs(), &self.policy, plain)
     }
 
     fn decrypt(&self, cipher: &[u8]) -> Option<Vec<u8>> {
-        self.decrypt_at(now_secs(), cipher)
+        self.inner.decrypt_at(now_secs(), &self.policy, cipher)
     }
 }
 
@@ -480,6 +514,11 @@ mod tests {
     use super::*;
 
     const T0: u64 = 1_800_000_000;
+
+    /// The policy of a listener without client auth.
+    fn p() -> PolicyDigest {
+        PolicyDigest::no_client_auth()
+    }
 
     fn ready(rotation: u64, lifetime: u64, now: u64) -> EpochTicketer {
         let t = EpochTicketer::local("t", rotation, lifetime);
@@ -490,23 +529,48 @@ mod tests {
     #[test]
     fn a_ticket_round_trips_and_is_bound_to_its_ticketer() {
         let t = ready(3600, 7200, T0);
-        let ticket = t.encrypt_at(T0, b"session state").expect("ticket");
+        let ticket = t.encrypt_at(T0, &p(), b"session state").expect("ticket");
         assert!(!ticket.windows(13).any(|w| w == b"session state"));
         assert_eq!(
-            t.decrypt_at(T0 + 10, &ticket).as_deref(),
+            t.decrypt_at(T0 + 10, &p(), &ticket).as_deref(),
             Some(&b"session state"[..])
         );
         let other = ready(3600, 7200, T0);
-        assert_eq!(other.decrypt_at(T0, &ticket), None);
+        assert_eq!(other.decrypt_at(T0, &p(), &ticket), None);
+    }
+
+    #[test]
+    fn a_ticket_made_under_another_client_auth_policy_is_refused() {
+        use crate::client_auth::ClientAuthMode;
+        let t = ready(3600, 7200, T0);
+        let ca = rustls_pki_types::CertificateDer::from(vec![0x30, 0x03, 1, 2, 3]);
+        let required =
+            PolicyDigest::client_auth(ClientAuthMode::Required, std::slice::from_ref(&ca));
+        let optional = PolicyDigest::client_auth(ClientAuthMode::Optional, &[ca]);
+        for made_under in [p(), optional] {
+            let ticket = t.encrypt_at(T0, &made_under, TLS12_STATE).expect("ticket");
+            assert!(t.decrypt_at(T0, &made_under, &ticket).is_some());
+            assert_eq!(
+                t.decrypt_at(T0, &required, &ticket),
+                None,
+                "{made_under:?} ticket resumed under `required`"
+            );
+        }
+        let rejected = t.counters.rejected.load(Ordering::Relaxed);
+        assert_eq!(rejected, 2);
+        // A version 1 ticket (no digest inside) is never read as one.
+        let mut v1 = t.encrypt_at(T0, &required, TLS12_STATE).expect("ticket");
+        v1[0] = 1;
+        assert_eq!(t.decrypt_at(T0, &required, &v1), None);
     }
 
     #[test]
     fn a_ticket_older_than_its_lifetime_is_refused_even_with_its_key_held() {
         // Lifetime shorter than the rotation: the key is still held, the age check refuses.
         let t = ready(3600, 60, T0);
-        let ticket = t.encrypt_at(T0, b"x").expect("ticket");
-        assert!(t.decrypt_at(T0 + 60, &ticket).is_some());
-        assert_eq!(t.decrypt_at(T0 + 61, &ticket), None);
+        let ticket = t.encrypt_at(T0, &p(), b"x").expect("ticket");
+        assert!(t.decrypt_at(T0 + 60, &p(), &ticket).is_some());
+        assert_eq!(t.decrypt_at(T0 + 61, &p(), &ticket), None);
         assert_eq!(t.counters.expired.load(Ordering::Relaxed), 1);
     }
 
@@ -515,19 +579,19 @@ mod tests {
         let start = T0 - T0 % 100;
         let t = ready(100, 150, start);
         assert_eq!(t.held_epochs(), vec![start / 100, start / 100 + 1]);
-        let old = t.encrypt_at(start + 99, b"old").expect("ticket");
+        let old = t.encrypt_at(start + 99, &p(), b"old").expect("ticket");
         // Next epoch: a new key issues, the previous one still decrypts.
         t.maintain_at(start + 120).expect("keys");
-        let new = t.encrypt_at(start + 120, b"new").expect("ticket");
+        let new = t.encrypt_at(start + 120, &p(), b"new").expect("ticket");
         assert_ne!(old[1..9], new[1..9], "epoch in the header");
         assert_eq!(
-            t.decrypt_at(start + 200, &old).as_deref(),
+            t.decrypt_at(start + 200, &p(), &old).as_deref(),
             Some(&b"old"[..])
         );
         // Past the lifetime of everything issued in the first epoch: its key is gone.
         t.maintain_at(start + 250).expect("keys");
         assert!(!t.held_epochs().contains(&(start / 100)));
-        assert!(t.decrypt_at(start + 250, &new).is_some());
+        assert!(t.decrypt_at(start + 250, &p(), &new).is_some());
     }
 
     #[test]
@@ -535,12 +599,12 @@ mod tests {
         let t = EpochTicketer::local("t", 3600, 7200);
         let now = now_secs();
         t.maintain_at(now).expect("keys");
-        let ticket = t.encrypt_at(now, b"x").expect("ticket");
-        assert!(t.decrypt_at(now, &ticket).is_some());
+        let ticket = t.encrypt_at(now, &p(), b"x").expect("ticket");
+        assert!(t.decrypt_at(now, &p(), &ticket).is_some());
         t.rotate_now().expect("local keys rotate");
-        assert_eq!(t.decrypt_at(now, &ticket), None);
-        let fresh = t.encrypt_at(now, b"y").expect("a new key issues");
-        assert!(t.decrypt_at(now, &fresh).is_some());
+        assert_eq!(t.decrypt_at(now, &p(), &ticket), None);
+        let fresh = t.encrypt_at(now, &p(), b"y").expect("a new key issues");
+        assert!(t.decrypt_at(now, &p(), &fresh).is_some());
     }
 
     /// The start of a rustls session state: no SNI or SNI "abc", then the version.
@@ -561,19 +625,23 @@ mod tests {
     #[test]
     fn a_tls12_ticket_reissued_on_resumption_keeps_the_first_issue_time() {
         let t = ready(3600, 100, T0);
-        let first = t.encrypt_at(T0, TLS12_STATE_SNI).expect("ticket");
+        let first = t.encrypt_at(T0, &p(), TLS12_STATE_SNI).expect("ticket");
         // Resumption at T0 + 60: decrypt, then rustls re-issues in the same call.
-        assert!(t.decrypt_at(T0 + 60, &first).is_some());
-        let reissued = t.encrypt_at(T0 + 60, TLS12_STATE_SNI).expect("ticket");
+        assert!(t.decrypt_at(T0 + 60, &p(), &first).is_some());
+        let reissued = t
+            .encrypt_at(T0 + 60, &p(), TLS12_STATE_SNI)
+            .expect("ticket");
         assert_eq!(reissued[9..17], T0.to_be_bytes(), "issue time carried over");
-        assert!(t.decrypt_at(T0 + 100, &reissued).is_some());
+        assert!(t.decrypt_at(T0 + 100, &p(), &reissued).is_some());
         assert_eq!(
-            t.decrypt_at(T0 + 101, &reissued),
+            t.decrypt_at(T0 + 101, &p(), &reissued),
             None,
             "the chain ends a lifetime after the full handshake"
         );
         // The carried time is used once.
-        let next = t.encrypt_at(T0 + 60, TLS12_STATE_SNI).expect("ticket");
+        let next = t
+            .encrypt_at(T0 + 60, &p(), TLS12_STATE_SNI)
+            .expect("ticket");
         assert_eq!(next[9..17], (T0 + 60).to_be_bytes());
     }
 
@@ -581,30 +649,30 @@ mod tests {
     fn tls13_tickets_start_a_fresh_lifetime_on_resumption() {
         // TLS 1.3 resumption mixes in a new ECDHE secret: the new ticket is a new secret.
         let t = ready(3600, 100, T0);
-        let first = t.encrypt_at(T0, TLS13_STATE).expect("ticket");
-        assert!(t.decrypt_at(T0 + 60, &first).is_some());
-        let next = t.encrypt_at(T0 + 60, TLS13_STATE).expect("ticket");
+        let first = t.encrypt_at(T0, &p(), TLS13_STATE).expect("ticket");
+        assert!(t.decrypt_at(T0 + 60, &p(), &first).is_some());
+        let next = t.encrypt_at(T0 + 60, &p(), TLS13_STATE).expect("ticket");
         assert_eq!(next[9..17], (T0 + 60).to_be_bytes());
         // And a TLS 1.2 state never inherits from a TLS 1.3 decryption.
-        assert!(t.decrypt_at(T0 + 60, &first).is_some());
-        let other = t.encrypt_at(T0 + 60, TLS12_STATE).expect("ticket");
+        assert!(t.decrypt_at(T0 + 60, &p(), &first).is_some());
+        let other = t.encrypt_at(T0 + 60, &p(), TLS12_STATE).expect("ticket");
         assert_eq!(other[9..17], (T0 + 60).to_be_bytes());
     }
 
     #[test]
     fn a_key_never_takes_a_ticket_issued_after_its_epoch() {
         let t = ready(100, 300, T0);
-        let ticket = t.encrypt_at(T0, b"x").expect("ticket");
+        let ticket = t.encrypt_at(T0, &p(), b"x").expect("ticket");
         let mut forged = ticket.clone();
         // Claim an earlier epoch than the issue time: refused before any decryption.
         forged[1..9].copy_from_slice(&(T0 / 100 - 1).to_be_bytes());
-        assert_eq!(t.decrypt_at(T0, &forged), None);
+        assert_eq!(t.decrypt_at(T0, &p(), &forged), None);
     }
 
     #[test]
     fn arbitrary_bytes_never_panic_and_never_decrypt() {
         let t = ready(3600, 7200, T0);
-        let ticket = t.encrypt_at(T0, b"state").expect("ticket");
+        let ticket = t.encrypt_at(T0, &p(), b"state").expect("ticket");
         let rng = SystemRandom::new();
         let mut buf = [0u8; 256];
         for i in 0..20_000usize {
@@ -615,36 +683,36 @@ mod tests {
             if i % 2 == 0 && input.len() >= HEADER_LEN {
                 input[..HEADER_LEN].copy_from_slice(&ticket[..HEADER_LEN]);
             }
-            assert_eq!(t.decrypt_at(T0, &input), None, "input {i}");
+            assert_eq!(t.decrypt_at(T0, &p(), &input), None, "input {i}");
         }
         for cut in 0..ticket.len() {
-            assert_eq!(t.decrypt_at(T0, &ticket[..cut]), None, "cut at {cut}");
+            assert_eq!(t.decrypt_at(T0, &p(), &ticket[..cut]), None, "cut at {cut}");
         }
         for i in 0..ticket.len() * 8 {
             let mut bad = ticket.clone();
             bad[i / 8] ^= 1 << (i % 8);
-            assert_eq!(t.decrypt_at(T0, &bad), None, "bit {i} flipped");
+            assert_eq!(t.decrypt_at(T0, &p(), &bad), None, "bit {i} flipped");
         }
-        assert!(t.decrypt_at(T0, &ticket).is_some());
+        assert!(t.decrypt_at(T0, &p(), &ticket).is_some());
     }
 
     #[test]
     fn damaged_or_forged_tickets_are_refused() {
         let t = ready(3600, 7200, T0);
-        let ticket = t.encrypt_at(T0, b"state").expect("ticket");
+        let ticket = t.encrypt_at(T0, &p(), b"state").expect("ticket");
         for i in [0, 3, 12, 20, ticket.len() - 1] {
             let mut bad = ticket.clone();
             bad[i] ^= 1;
-            assert_eq!(t.decrypt_at(T0, &bad), None, "byte {i} flipped");
+            assert_eq!(t.decrypt_at(T0, &p(), &bad), None, "byte {i} flipped");
         }
-        assert_eq!(t.decrypt_at(T0, &[]), None);
-        assert_eq!(t.decrypt_at(T0, &ticket[..20]), None);
+        assert_eq!(t.decrypt_at(T0, &p(), &[]), None);
+        assert_eq!(t.decrypt_at(T0, &p(), &ticket[..20]), None);
         // A ticket claiming to be issued in the future is refused.
         let later = t
-            .encrypt_at(T0 + 3600, b"x")
+            .encrypt_at(T0 + 3600, &p(), b"x")
             .expect("next epoch's key is held");
-        assert_eq!(t.decrypt_at(T0 - 3600, &later), None);
-        assert!(t.decrypt_at(T0 + 3600, &later).is_some());
+        assert_eq!(t.decrypt_at(T0 - 3600, &p(), &later), None);
+        assert!(t.decrypt_at(T0 + 3600, &p(), &later).is_some());
     }
 
     #[test]
