@@ -19,6 +19,8 @@ mod buffer;
 pub(crate) mod hello;
 pub mod identity;
 pub(crate) mod proxy_v2;
+#[cfg(test)]
+mod tests;
 
 use std::io::{self, BufRead, Read, Write};
 use std::net::SocketAddr;
@@ -171,40 +173,37 @@ pub enum Event {
 
 /// Runs on a key-op worker: the same bytes, a fresh `Acceptor`, the real config.
 pub fn run_key_op(job: KeyOpJob) -> KeyOpResult {
+    let replay_failed = |e: String| KeyOpFailure::Tls {
+        error: rustls::Error::General(format!("replaying ClientHello: {e}")),
+        alert: Vec::new(),
+    };
     let mut acceptor = Acceptor::default();
     let mut rd = &job.flight[..];
-    while !rd.is_empty() {
+    // Read and accept in turns, as the io thread did (see `Conn::on_client_data`).
+    let accepted = loop {
+        if rd.is_empty() {
+            return Err(replay_failed("incomplete".into()));
+        }
         match acceptor.read_tls(&mut rd) {
-            Ok(0) => break,
-            Ok(_) => {}
-            Err(e) => {
+            Ok(n) if n > 0 => {}
+            Ok(_) => return Err(replay_failed("bytes refused".into())),
+            Err(e) => return Err(replay_failed(e.to_string())),
+        }
+        match acceptor.accept() {
+            Ok(Some(a)) => break a,
+            Ok(None) => {}
+            Err((error, mut alert)) => {
+                let mut bytes = Vec::new();
+                let _ = alert.write_all(&mut bytes);
                 return Err(KeyOpFailure::Tls {
-                    error: rustls::Error::General(format!("replaying ClientHello: {e}")),
-                    alert: Vec::new(),
-                })
+                    error,
+                    alert: bytes,
+                });
             }
         }
-    }
-    let accepted = match acceptor.accept() {
-        Ok(Some(a)) => a,
-        Ok(None) => {
-            return Err(KeyOpFailure::Tls {
-                error: rustls::Error::General("replayed ClientHello incomplete".into()),
-                alert: Vec::new(),
-            })
-        }
-        Err((error, mut alert)) => {
-            let mut bytes = Vec::new();
-            let _ = alert.write_all(&mut bytes);
-            return Err(KeyOpFailure::Tls {
-                error,
-                alert: bytes,
-            });
-        }
     };
-    accepted
+    let mut tls = accepted
         .into_connection(job.config)
-        .map(Box::new)
         .map_err(|(error, mut alert)| {
             let mut bytes = Vec::new();
             let _ = alert.write_all(&mut bytes);
@@ -212,7 +211,36 @@ pub fn run_key_op(job: KeyOpJob) -> KeyOpResult {
                 error,
                 alert: bytes,
             }
-        })
+        })?;
+    // What followed the hello in the flight; the io thread processes it with the connection.
+    while !rd.is_empty() {
+        match tls.read_tls(&mut rd) {
+            Ok(n) if n > 0 => {}
+            Ok(_) => return Err(replay_failed("bytes after the hello refused".into())),
+            Err(e) => return Err(replay_failed(e.to_string())),
+        }
+    }
+    Ok(Box::new(tls))
+}
+
+/// What the client gets when a handshake fails before the io thread has a connection: the bytes
+/// rustls queued when they are alerts only, else `internal_error`. A failed `into_connection()`
+/// hands back everything it queued: after a signing failure that is the start of the server's
+/// flight (ServerHello...) with no alert, which would leave the client with half a handshake
+/// and a bare close.
+fn failure_bytes(queued: &[u8]) -> &[u8] {
+    let mut rest = queued;
+    while let [typ, _, _, hi, lo, tail @ ..] = rest {
+        let len = usize::from(u16::from_be_bytes([*hi, *lo]));
+        if *typ != 0x15 || tail.len() < len {
+            return &ALERT_INTERNAL_ERROR;
+        }
+        rest = &tail[len..];
+    }
+    if queued.is_empty() || !rest.is_empty() {
+        return &ALERT_INTERNAL_ERROR;
+    }
+    queued
 }
 
 /// The close reason for an error from rustls: a server only ever verifies client certificates,
@@ -532,24 +560,37 @@ impl Conn {
         }
         self.last_activity = now;
         match &mut self.phase {
-            Phase::Hello { acceptor, flight } => {
+            Phase::Hello { flight, .. } => {
                 if flight.len() + data.len() > self.max_hello {
                     self.fail(CloseReason::ClientHelloTooLarge);
                     return;
                 }
                 flight.extend_from_slice(data);
                 let mut rd = data;
-                while !rd.is_empty() {
+                // An accept attempt after every read: rustls buffers one record's worth until
+                // processing has seen the start of a handshake message, so a ClientHello that
+                // spans records is refused ("message buffer full") if it is read in one go.
+                loop {
+                    let Phase::Hello { acceptor, .. } = &mut self.phase else {
+                        // Bytes that followed the hello in this read; in the key-op phase they
+                        // are already part of the flight the worker replays.
+                        if matches!(self.phase, Phase::Tls { .. }) && !rd.is_empty() {
+                            self.client_in.push(rd);
+                            self.pump_client(now);
+                        }
+                        return;
+                    };
+                    if rd.is_empty() {
+                        return;
+                    }
                     match acceptor.read_tls(&mut rd) {
-                        Ok(0) => break,
-                        Ok(_) => {}
-                        Err(_) => {
+                        Ok(n) if n > 0 => self.try_accept(now),
+                        _ => {
                             self.fail(CloseReason::BadClientHello);
                             return;
                         }
                     }
                 }
-                self.try_accept(now);
             }
             Phase::KeyOp | Phase::Tls { .. } => {
                 self.client_in.push(data);
@@ -636,7 +677,7 @@ impl Conn {
         match result {
             Ok(tls) => self.enter_tls(tls, now),
             Err(KeyOpFailure::Tls { alert, .. }) => {
-                self.to_client.push(&alert);
+                self.to_client.push(failure_bytes(&alert));
                 self.fail(CloseReason::KeyOpFailed);
             }
             Err(KeyOpFailure::Rejected) => {
@@ -701,7 +742,9 @@ impl Conn {
             match accepted.into_connection(real) {
                 Ok(tls) => self.enter_tls(Box::new(tls), now),
                 Err((_, mut alert)) => {
-                    let _ = alert.write_all(&mut self.to_client);
+                    let mut queued = Vec::new();
+                    let _ = alert.write_all(&mut queued);
+                    self.to_client.push(failure_bytes(&queued));
                     self.fail(CloseReason::TlsError);
                 }
             }
@@ -716,7 +759,9 @@ impl Conn {
                 }
                 Err((_, mut alert)) => {
                     if !tripwire_tripped() {
-                        let _ = alert.write_all(&mut self.to_client);
+                        let mut queued = Vec::new();
+                        let _ = alert.write_all(&mut queued);
+                        self.to_client.push(failure_bytes(&queued));
                         self.fail(CloseReason::TlsError);
                         return;
                     }
