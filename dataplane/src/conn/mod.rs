@@ -133,13 +133,18 @@ pub struct HandshakeInfo {
 }
 
 /// Work for a key-operation worker: replay the ClientHello flight through a fresh `Acceptor` and
-/// run `into_connection()` (which signs) off the io thread.
+/// run `into_connection()` (which signs) off the io thread; or, after a HelloRetryRequest,
+/// process the second ClientHello (where a full handshake signs) on the connection itself.
 #[derive(Debug)]
 pub struct KeyOpJob {
-    /// Every byte the client sent so far (the ClientHello records, and anything after them).
+    /// Every byte the client sent so far (the ClientHello records, and anything after them);
+    /// empty when `connection` is set.
     pub flight: Vec<u8>,
     /// The real (signing) configuration.
     pub config: Arc<ServerConfig>,
+    /// A connection that answered with a HelloRetryRequest and has read, not processed, the
+    /// client's next records.
+    pub connection: Option<Box<ServerConnection>>,
 }
 
 /// How a key operation ended.
@@ -171,8 +176,12 @@ pub enum Event {
     HandshakeDone(HandshakeInfo),
 }
 
-/// Runs on a key-op worker: the same bytes, a fresh `Acceptor`, the real config.
+/// Runs on a key-op worker: the same bytes, a fresh `Acceptor`, the real config; or the
+/// connection a job carries, processing what it has read.
 pub fn run_key_op(job: KeyOpJob) -> KeyOpResult {
+    if let Some(tls) = job.connection {
+        return process_on_worker(tls);
+    }
     let replay_failed = |e: String| KeyOpFailure::Tls {
         error: rustls::Error::General(format!("replaying ClientHello: {e}")),
         alert: Vec::new(),
@@ -212,7 +221,8 @@ pub fn run_key_op(job: KeyOpJob) -> KeyOpResult {
                 alert: bytes,
             }
         })?;
-    // What followed the hello in the flight; the io thread processes it with the connection.
+    // What followed the hello in the flight, processed here: after a HelloRetryRequest a client
+    // that guessed it may already have sent the second hello, and that one signs.
     while !rd.is_empty() {
         match tls.read_tls(&mut rd) {
             Ok(n) if n > 0 => {}
@@ -220,7 +230,29 @@ pub fn run_key_op(job: KeyOpJob) -> KeyOpResult {
             Err(e) => return Err(replay_failed(e.to_string())),
         }
     }
-    Ok(Box::new(tls))
+    process_on_worker(Box::new(tls))
+}
+
+/// Processing is where rustls signs (a second ClientHello), so it happens here, off the io
+/// thread; a failure hands back what rustls queued for the client.
+fn process_on_worker(mut tls: Box<ServerConnection>) -> KeyOpResult {
+    match tls.process_new_packets() {
+        Ok(_) => Ok(tls),
+        Err(error) => {
+            let mut alert = Vec::new();
+            let _ = tls.write_tls(&mut alert);
+            Err(KeyOpFailure::Tls { error, alert })
+        }
+    }
+}
+
+/// A TLS 1.3 connection that sent a HelloRetryRequest and has not answered the second
+/// ClientHello yet (no key exchange done): processing that hello may sign.
+fn awaiting_second_hello(tls: &ServerConnection) -> bool {
+    matches!(
+        tls.handshake_kind(),
+        Some(HandshakeKind::FullWithHelloRetryRequest)
+    ) && tls.negotiated_key_exchange_group().is_none()
 }
 
 /// What the client gets when a handshake fails before the io thread has a connection: the bytes
@@ -753,6 +785,9 @@ impl Conn {
         if hello::may_resume(&flight, &*self.listener.snap.tls.session_storage) {
             tripwire_reset();
             match accepted.into_connection(tripwire) {
+                // A HelloRetryRequest decides nothing: the second hello may still need a
+                // signature the tripwire cannot give. Discarded unsent; a worker answers both.
+                Ok(tls) if awaiting_second_hello(&tls) => {}
                 Ok(tls) => {
                     self.enter_tls(Box::new(tls), now);
                     return;
@@ -772,6 +807,26 @@ impl Conn {
         self.events.push(Event::Offload(KeyOpJob {
             flight,
             config: real,
+            connection: None,
+        }));
+    }
+
+    /// Key operations of this connection run on workers (see [`KeyOpJob`]).
+    fn offloads(&self) -> bool {
+        self.listener.tripwire_tls.is_some() && !self.danger_inline
+    }
+
+    /// Hands the connection to a worker to process what it has read: the second ClientHello
+    /// after a HelloRetryRequest, on an offloaded listener.
+    fn offload_second_hello(&mut self) {
+        self.flush_tls();
+        let Phase::Tls { tls, .. } = std::mem::replace(&mut self.phase, Phase::KeyOp) else {
+            return;
+        };
+        self.events.push(Event::Offload(KeyOpJob {
+            flight: Vec::new(),
+            config: self.listener.snap.tls.clone(),
+            connection: Some(tls),
         }));
     }
 
@@ -795,6 +850,7 @@ impl Conn {
 
     /// Moves client bytes through rustls into the backend queue, as far as the bounds allow.
     fn pump_client(&mut self, now: Instant) {
+        let offloads = self.offloads();
         loop {
             let Phase::Tls { tls, .. } = &mut self.phase else {
                 return;
@@ -837,6 +893,10 @@ impl Conn {
                     }
                 };
                 self.client_in.consume(n);
+                if n > 0 && offloads && awaiting_second_hello(tls) {
+                    self.offload_second_hello();
+                    return;
+                }
                 if let Err(e) = tls.process_new_packets() {
                     let _ = tls.write_tls(&mut self.to_client);
                     self.fail(tls_failure(&e));

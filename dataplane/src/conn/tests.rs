@@ -8,5 +8,6 @@
 mod backend;
 mod handshake;
 mod harness;
+mod hello_retry;
 mod key_ops;
 mod proxying;
