@@ -207,3 +207,24 @@ fn client_reset_drops_what_was_queued_for_the_backend() {
     assert!(!l.conn.wants_backend_read());
     assert!(!l.conn.wants_backend_shutdown());
 }
+
+#[test]
+fn client_finishing_before_the_backend_connects_is_delivered_then_shut() {
+    let mut l = Link::new(
+        inline_listener(),
+        &Limits::default(),
+        super::harness::pki().client_config(TLS13),
+    );
+    l.pump();
+    l.assert_handshake_done();
+    l.client_send(b"early");
+    l.client_close_notify();
+    assert!(
+        !l.conn.wants_backend_shutdown(),
+        "no shutdown of a socket not yet connected"
+    );
+    l.connect_backend();
+    assert!(!l.conn.wants_backend_shutdown(), "bytes first");
+    assert_eq!(l.backend_take(), b"early");
+    assert!(l.conn.wants_backend_shutdown());
+}
