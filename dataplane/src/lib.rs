@@ -27,6 +27,10 @@
 //!     `into_connection()` there; the `ServerConnection` comes back through the driver's reply
 //!     closure (a oneshot into the core's runtime; an eventfd/`MSG_RING` for io_uring).
 //!
+//!   After a TLS 1.3 HelloRetryRequest the second ClientHello is where a full handshake signs:
+//!   the connection itself goes to a worker to process it (an inline tripwire attempt that ends
+//!   in a retry is discarded unsent).
+//!
 //!   Replaying the flight rather than sending `Accepted` across lets the tripwire attempt consume
 //!   `Accepted` inline and keeps the job a plain byte vector. Software-key listeners sign inline.
 //!   `danger_inline_key_ops` forces inline signing for comparisons.

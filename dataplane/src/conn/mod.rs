@@ -19,6 +19,8 @@ mod buffer;
 pub(crate) mod hello;
 pub mod identity;
 pub(crate) mod proxy_v2;
+#[cfg(test)]
+mod tests;
 
 use std::io::{self, BufRead, Read, Write};
 use std::net::SocketAddr;
@@ -131,13 +133,18 @@ pub struct HandshakeInfo {
 }
 
 /// Work for a key-operation worker: replay the ClientHello flight through a fresh `Acceptor` and
-/// run `into_connection()` (which signs) off the io thread.
+/// run `into_connection()` (which signs) off the io thread; or, after a HelloRetryRequest,
+/// process the second ClientHello (where a full handshake signs) on the connection itself.
 #[derive(Debug)]
 pub struct KeyOpJob {
-    /// Every byte the client sent so far (the ClientHello records, and anything after them).
+    /// Every byte the client sent so far (the ClientHello records, and anything after them);
+    /// empty when `connection` is set.
     pub flight: Vec<u8>,
     /// The real (signing) configuration.
     pub config: Arc<ServerConfig>,
+    /// A connection that answered with a HelloRetryRequest and has read, not processed, the
+    /// client's next records.
+    pub connection: Option<Box<ServerConnection>>,
 }
 
 /// How a key operation ended.
@@ -169,42 +176,43 @@ pub enum Event {
     HandshakeDone(HandshakeInfo),
 }
 
-/// Runs on a key-op worker: the same bytes, a fresh `Acceptor`, the real config.
+/// Runs on a key-op worker: the same bytes, a fresh `Acceptor`, the real config; or the
+/// connection a job carries, processing what it has read.
 pub fn run_key_op(job: KeyOpJob) -> KeyOpResult {
+    if let Some(tls) = job.connection {
+        return process_on_worker(tls);
+    }
+    let replay_failed = |e: String| KeyOpFailure::Tls {
+        error: rustls::Error::General(format!("replaying ClientHello: {e}")),
+        alert: Vec::new(),
+    };
     let mut acceptor = Acceptor::default();
     let mut rd = &job.flight[..];
-    while !rd.is_empty() {
+    // Read and accept in turns, as the io thread did (see `Conn::on_client_data`).
+    let accepted = loop {
+        if rd.is_empty() {
+            return Err(replay_failed("incomplete".into()));
+        }
         match acceptor.read_tls(&mut rd) {
-            Ok(0) => break,
-            Ok(_) => {}
-            Err(e) => {
+            Ok(n) if n > 0 => {}
+            Ok(_) => return Err(replay_failed("bytes refused".into())),
+            Err(e) => return Err(replay_failed(e.to_string())),
+        }
+        match acceptor.accept() {
+            Ok(Some(a)) => break a,
+            Ok(None) => {}
+            Err((error, mut alert)) => {
+                let mut bytes = Vec::new();
+                let _ = alert.write_all(&mut bytes);
                 return Err(KeyOpFailure::Tls {
-                    error: rustls::Error::General(format!("replaying ClientHello: {e}")),
-                    alert: Vec::new(),
-                })
+                    error,
+                    alert: bytes,
+                });
             }
         }
-    }
-    let accepted = match acceptor.accept() {
-        Ok(Some(a)) => a,
-        Ok(None) => {
-            return Err(KeyOpFailure::Tls {
-                error: rustls::Error::General("replayed ClientHello incomplete".into()),
-                alert: Vec::new(),
-            })
-        }
-        Err((error, mut alert)) => {
-            let mut bytes = Vec::new();
-            let _ = alert.write_all(&mut bytes);
-            return Err(KeyOpFailure::Tls {
-                error,
-                alert: bytes,
-            });
-        }
     };
-    accepted
+    let mut tls = accepted
         .into_connection(job.config)
-        .map(Box::new)
         .map_err(|(error, mut alert)| {
             let mut bytes = Vec::new();
             let _ = alert.write_all(&mut bytes);
@@ -212,7 +220,59 @@ pub fn run_key_op(job: KeyOpJob) -> KeyOpResult {
                 error,
                 alert: bytes,
             }
-        })
+        })?;
+    // What followed the hello in the flight, processed here: after a HelloRetryRequest a client
+    // that guessed it may already have sent the second hello, and that one signs.
+    while !rd.is_empty() {
+        match tls.read_tls(&mut rd) {
+            Ok(n) if n > 0 => {}
+            Ok(_) => return Err(replay_failed("bytes after the hello refused".into())),
+            Err(e) => return Err(replay_failed(e.to_string())),
+        }
+    }
+    process_on_worker(Box::new(tls))
+}
+
+/// Processing is where rustls signs (a second ClientHello), so it happens here, off the io
+/// thread; a failure hands back what rustls queued for the client.
+fn process_on_worker(mut tls: Box<ServerConnection>) -> KeyOpResult {
+    match tls.process_new_packets() {
+        Ok(_) => Ok(tls),
+        Err(error) => {
+            let mut alert = Vec::new();
+            let _ = tls.write_tls(&mut alert);
+            Err(KeyOpFailure::Tls { error, alert })
+        }
+    }
+}
+
+/// A TLS 1.3 connection that sent a HelloRetryRequest and has not answered the second
+/// ClientHello yet (no key exchange done): processing that hello may sign.
+fn awaiting_second_hello(tls: &ServerConnection) -> bool {
+    matches!(
+        tls.handshake_kind(),
+        Some(HandshakeKind::FullWithHelloRetryRequest)
+    ) && tls.negotiated_key_exchange_group().is_none()
+}
+
+/// What the client gets when a handshake fails before the io thread has a connection: the bytes
+/// rustls queued when they are alerts only, else `internal_error`. A failed `into_connection()`
+/// hands back everything it queued: after a signing failure that is the start of the server's
+/// flight (ServerHello...) with no alert, which would leave the client with half a handshake
+/// and a bare close.
+fn failure_bytes(queued: &[u8]) -> &[u8] {
+    let mut rest = queued;
+    while let [typ, _, _, hi, lo, tail @ ..] = rest {
+        let len = usize::from(u16::from_be_bytes([*hi, *lo]));
+        if *typ != 0x15 || tail.len() < len {
+            return &ALERT_INTERNAL_ERROR;
+        }
+        rest = &tail[len..];
+    }
+    if queued.is_empty() || !rest.is_empty() {
+        return &ALERT_INTERNAL_ERROR;
+    }
+    queued
 }
 
 /// The close reason for an error from rustls: a server only ever verifies client certificates,
@@ -532,24 +592,37 @@ impl Conn {
         }
         self.last_activity = now;
         match &mut self.phase {
-            Phase::Hello { acceptor, flight } => {
+            Phase::Hello { flight, .. } => {
                 if flight.len() + data.len() > self.max_hello {
                     self.fail(CloseReason::ClientHelloTooLarge);
                     return;
                 }
                 flight.extend_from_slice(data);
                 let mut rd = data;
-                while !rd.is_empty() {
+                // An accept attempt after every read: rustls buffers one record's worth until
+                // processing has seen the start of a handshake message, so a ClientHello that
+                // spans records is refused ("message buffer full") if it is read in one go.
+                loop {
+                    let Phase::Hello { acceptor, .. } = &mut self.phase else {
+                        // Bytes that followed the hello in this read; in the key-op phase they
+                        // are already part of the flight the worker replays.
+                        if matches!(self.phase, Phase::Tls { .. }) && !rd.is_empty() {
+                            self.client_in.push(rd);
+                            self.pump_client(now);
+                        }
+                        return;
+                    };
+                    if rd.is_empty() {
+                        return;
+                    }
                     match acceptor.read_tls(&mut rd) {
-                        Ok(0) => break,
-                        Ok(_) => {}
-                        Err(_) => {
+                        Ok(n) if n > 0 => self.try_accept(now),
+                        _ => {
                             self.fail(CloseReason::BadClientHello);
                             return;
                         }
                     }
                 }
-                self.try_accept(now);
             }
             Phase::KeyOp | Phase::Tls { .. } => {
                 self.client_in.push(data);
@@ -636,7 +709,7 @@ impl Conn {
         match result {
             Ok(tls) => self.enter_tls(tls, now),
             Err(KeyOpFailure::Tls { alert, .. }) => {
-                self.to_client.push(&alert);
+                self.to_client.push(failure_bytes(&alert));
                 self.fail(CloseReason::KeyOpFailed);
             }
             Err(KeyOpFailure::Rejected) => {
@@ -701,7 +774,9 @@ impl Conn {
             match accepted.into_connection(real) {
                 Ok(tls) => self.enter_tls(Box::new(tls), now),
                 Err((_, mut alert)) => {
-                    let _ = alert.write_all(&mut self.to_client);
+                    let mut queued = Vec::new();
+                    let _ = alert.write_all(&mut queued);
+                    self.to_client.push(failure_bytes(&queued));
                     self.fail(CloseReason::TlsError);
                 }
             }
@@ -712,6 +787,9 @@ impl Conn {
         if hello::may_resume(&flight, &*self.listener.snap.tls.session_storage) {
             tripwire_reset();
             match accepted.into_connection(tripwire) {
+                // A HelloRetryRequest decides nothing: the second hello may still need a
+                // signature the tripwire cannot give. Discarded unsent; a worker answers both.
+                Ok(tls) if awaiting_second_hello(&tls) => {}
                 Ok(tls) => {
                     drop(attempt);
                     self.enter_tls(Box::new(tls), now);
@@ -719,7 +797,9 @@ impl Conn {
                 }
                 Err((_, mut alert)) => {
                     if !tripwire_tripped() {
-                        let _ = alert.write_all(&mut self.to_client);
+                        let mut queued = Vec::new();
+                        let _ = alert.write_all(&mut queued);
+                        self.to_client.push(failure_bytes(&queued));
                         self.fail(CloseReason::TlsError);
                         return;
                     }
@@ -731,6 +811,26 @@ impl Conn {
         self.events.push(Event::Offload(KeyOpJob {
             flight,
             config: real,
+            connection: None,
+        }));
+    }
+
+    /// Key operations of this connection run on workers (see [`KeyOpJob`]).
+    fn offloads(&self) -> bool {
+        self.listener.tripwire_tls.is_some() && !self.danger_inline
+    }
+
+    /// Hands the connection to a worker to process what it has read: the second ClientHello
+    /// after a HelloRetryRequest, on an offloaded listener.
+    fn offload_second_hello(&mut self) {
+        self.flush_tls();
+        let Phase::Tls { tls, .. } = std::mem::replace(&mut self.phase, Phase::KeyOp) else {
+            return;
+        };
+        self.events.push(Event::Offload(KeyOpJob {
+            flight: Vec::new(),
+            config: self.listener.snap.tls.clone(),
+            connection: Some(tls),
         }));
     }
 
@@ -754,6 +854,7 @@ impl Conn {
 
     /// Moves client bytes through rustls into the backend queue, as far as the bounds allow.
     fn pump_client(&mut self, now: Instant) {
+        let offloads = self.offloads();
         loop {
             let Phase::Tls { tls, .. } = &mut self.phase else {
                 return;
@@ -796,6 +897,10 @@ impl Conn {
                     }
                 };
                 self.client_in.consume(n);
+                if n > 0 && offloads && awaiting_second_hello(tls) {
+                    self.offload_second_hello();
+                    return;
+                }
                 if let Err(e) = tls.process_new_packets() {
                     let _ = tls.write_tls(&mut self.to_client);
                     self.fail(tls_failure(&e));
