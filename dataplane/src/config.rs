@@ -163,7 +163,9 @@ impl KeyOpConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataplaneConfig {
-    /// CPU ids; one pinned worker thread each. Must not be empty.
+    /// CPU ids; one pinned worker thread each. Must not be empty. Default: every CPU this process
+    /// may use ([`all_cores`]).
+    #[serde(default = "all_cores")]
     pub cores: Vec<usize>,
     /// Which io driver to run.
     #[serde(default)]
@@ -178,6 +180,12 @@ pub struct DataplaneConfig {
     /// connection of that core for the length of each signature.
     #[serde(default)]
     pub danger_inline_key_ops: bool,
+}
+
+/// Every CPU the process may run on, as ids `0..n` (the default of `cores`).
+pub fn all_cores() -> Vec<usize> {
+    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (0..n).collect()
 }
 
 impl DataplaneConfig {

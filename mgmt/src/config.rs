@@ -224,10 +224,9 @@ impl Config {
 
     /// The data-plane settings, with every core of the machine when `[dataplane]` is absent.
     pub fn dataplane(&self) -> DataplaneConfig {
-        self.dataplane.clone().unwrap_or_else(|| {
-            let n = std::thread::available_parallelism().map_or(1, |n| n.get());
-            DataplaneConfig::new((0..n).collect())
-        })
+        self.dataplane
+            .clone()
+            .unwrap_or_else(|| DataplaneConfig::new(tlsgate_dataplane::config::all_cores()))
     }
 
     /// Resolves a path from the file against the file's directory.
@@ -402,6 +401,55 @@ mod tests {
             Path::new("/etc/tlsgate/web.pem")
         );
         assert!(!c.dataplane().cores.is_empty());
+    }
+
+    /// A `[dataplane.*]` table without `cores` (TOML makes `[dataplane]` for it) gets every core,
+    /// as documented, instead of "missing field cores".
+    #[test]
+    fn dataplane_sections_without_cores_get_every_core() {
+        for extra in [
+            "[dataplane.key_ops]\nworkers = 2\n",
+            "[dataplane]\nio = \"portable\"\n",
+            "[dataplane.limits]\nidle_timeout_ms = 1000\n",
+        ] {
+            let c = parse(&format!("{GOOD}\n{extra}")).unwrap_or_else(|e| panic!("{extra}: {e}"));
+            assert_eq!(
+                c.dataplane().cores,
+                tlsgate_dataplane::config::all_cores(),
+                "{extra}"
+            );
+        }
+    }
+
+    /// Every default the README's configuration block shows for `[dataplane]`,
+    /// `[dataplane.limits]` and `[dataplane.key_ops]` is what a file that omits the key gets.
+    #[test]
+    fn the_readme_shows_the_true_dataplane_defaults() {
+        let readme = include_str!("../../README.md");
+        let start = readme
+            .find("\n[dataplane]")
+            .expect("README shows [dataplane]");
+        let end = start
+            + readme[start..]
+                .find("\n[[listener]]")
+                .expect("the block goes on to [[listener]]");
+        let mut shown = String::new();
+        for line in readme[start..end].lines() {
+            let line = line.split('#').next().unwrap_or("").trim();
+            // `cores` defaults to every core of the machine the test runs on (tested above).
+            if line.is_empty() || line.starts_with("cores") {
+                continue;
+            }
+            shown.push_str(&line.replace("[dataplane.", "[").replace("[dataplane]", ""));
+            shown.push('\n');
+        }
+        assert!(
+            shown.lines().count() >= 15,
+            "the README block was found:\n{shown}"
+        );
+        let documented: DataplaneConfig = toml::from_str(&shown).expect("the README block parses");
+        let omitted: DataplaneConfig = toml::from_str("").expect("an empty table parses");
+        assert_eq!(format!("{documented:?}"), format!("{omitted:?}"));
     }
 
     #[test]
