@@ -8,6 +8,22 @@ use tracing_subscriber::EnvFilter;
 /// name for, which it logs at error level on every token open (SoftHSM2 lists 40 of them).
 pub const DEFAULT_FILTER: &str = "info,cryptoki::mechanism=off";
 
+/// Added to a `TLSGATE_LOG` that does not name cryptoki itself, so `TLSGATE_LOG=debug` does not
+/// bring the 30-odd ERROR lines back (the token's mechanisms are logged once, at info).
+const QUIET_MECHANISM_PROBE: &str = "cryptoki::mechanism=off";
+
+/// The filter for a `TLSGATE_LOG` value (or the default when unset or invalid).
+fn filter(env: Option<&str>) -> EnvFilter {
+    match env.map(|v| (v, EnvFilter::try_new(v))) {
+        Some((v, Ok(f))) if v.contains("cryptoki") => f,
+        Some((_, Ok(f))) => match QUIET_MECHANISM_PROBE.parse() {
+            Ok(d) => f.add_directive(d),
+            Err(_) => f,
+        },
+        _ => EnvFilter::new(DEFAULT_FILTER),
+    }
+}
+
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -19,8 +35,7 @@ pub enum LogFormat {
 
 /// Installs the global subscriber. Safe to call once per process.
 pub fn init(format: LogFormat) {
-    let filter =
-        EnvFilter::try_from_env("TLSGATE_LOG").unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
+    let filter = filter(std::env::var("TLSGATE_LOG").ok().as_deref());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
@@ -31,4 +46,24 @@ pub fn init(format: LogFormat) {
     };
     // A second initialisation (tests calling into the library twice) keeps the first subscriber.
     drop(result);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_mechanism_probe_stays_quiet_unless_cryptoki_is_named() {
+        for env in [
+            None,
+            Some("debug"),
+            Some("info,tlsgate=trace"),
+            Some("not a filter (("),
+        ] {
+            let f = filter(env).to_string();
+            assert!(f.contains("cryptoki::mechanism=off"), "{env:?}: {f}");
+        }
+        let f = filter(Some("cryptoki=debug")).to_string();
+        assert!(!f.contains("cryptoki::mechanism=off"), "{f}");
+    }
 }

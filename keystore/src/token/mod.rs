@@ -167,6 +167,35 @@ impl Token {
         })?;
         // Modules without a mechanism list still sign; the list only narrows what we offer.
         let mechanisms = pkcs11.get_mechanism_list(slot).unwrap_or_default();
+        {
+            use cryptoki::mechanism::MechanismType as M;
+            // The mechanisms tlsgate uses, and which of them this token has: one line at start.
+            let used = [
+                M::ECDSA,
+                M::EDDSA,
+                M::RSA_PKCS,
+                M::RSA_PKCS_PSS,
+                M::ECC_KEY_PAIR_GEN,
+                M::ECC_EDWARDS_KEY_PAIR_GEN,
+                M::RSA_PKCS_KEY_PAIR_GEN,
+                M::GENERIC_SECRET_KEY_GEN,
+                M::SHA256_HMAC,
+            ];
+            let (has, lacks): (Vec<M>, Vec<M>) =
+                used.into_iter().partition(|m| mechanisms.contains(m));
+            let names = |v: &[M]| {
+                v.iter()
+                    .map(|m| m.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
+            tracing::info!(
+                token = %label,
+                offers = %names(&has),
+                lacks = %names(&lacks),
+                "PKCS#11 mechanisms tlsgate uses"
+            );
+        }
         let token = Token {
             module_path: module_path.to_owned(),
             pkcs11,
