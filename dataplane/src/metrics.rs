@@ -31,6 +31,10 @@ pub const KEY_OP_QUEUE_DEPTH: &str = "tlsgate_key_op_queue_depth";
 pub const TRANSFERRED_BYTES_TOTAL: &str = "tlsgate_transferred_bytes_total";
 /// Times a core stopped accepting because a per-core limit was reached. Labels: `core`.
 pub const ACCEPT_PAUSED_TOTAL: &str = "tlsgate_accept_paused_total";
+/// Counter, labels `core`, `errno` (`EMFILE`, `ENFILE`, `ENOBUFS`, `ENOMEM`, `other`): accept
+/// failed in the kernel (out of file descriptors or memory); the core stopped accepting for a
+/// back-off period.
+pub const ACCEPT_ERRORS_TOTAL: &str = "tlsgate_accept_errors_total";
 /// Backend TLS sessions that failed. Labels: `listener`, `reason`
 /// ([`crate::conn::BackendTlsCause::as_str`]: `certificate_expired`, `name_mismatch`,
 /// `unknown_issuer`, ...). Each is also closed with reason `backend_tls_error`.

@@ -98,6 +98,7 @@ pub(crate) struct CoreStats {
     pub backend_in: AtomicU64,
     pub backend_out: AtomicU64,
     pub accept_paused: AtomicU64,
+    pub accept_errors: AtomicU64,
 }
 
 fn add(c: &AtomicU64, n: u64) {
@@ -148,6 +149,8 @@ pub struct StatsSnapshot {
     pub backend_out_bytes: u64,
     /// Times accept paused on a per-core limit.
     pub accept_paused: u64,
+    /// Accepts that failed in the kernel (EMFILE, ENFILE, ENOBUFS, ENOMEM).
+    pub accept_errors: u64,
 }
 
 impl StatsSnapshot {
@@ -198,6 +201,7 @@ impl StatsSnapshot {
             s.backend_in_bytes += c.backend_in.load(Relaxed);
             s.backend_out_bytes += c.backend_out.load(Relaxed);
             s.accept_paused += c.accept_paused.load(Relaxed);
+            s.accept_errors += c.accept_errors.load(Relaxed);
         }
         s.connections_open = s.connections_accepted.saturating_sub(total_closed);
         s.closed_by_reason = REASONS
@@ -244,7 +248,13 @@ pub(crate) struct CoreRecorder {
     key_op_samples: Vec<f64>,
     flushed: Flushed,
     last_flush: Instant,
+    accept_errors: HashMap<&'static str, u64>,
+    accept_errors_unlogged: u64,
+    accept_error_logged: Option<Instant>,
 }
+
+/// At most one log line per core this often about failing accepts; it carries the count.
+const ACCEPT_ERROR_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[derive(Debug, Default)]
 struct Flushed {
@@ -266,6 +276,39 @@ impl CoreRecorder {
             key_op_samples: Vec::new(),
             flushed: Flushed::default(),
             last_flush: Instant::now(),
+            accept_errors: HashMap::new(),
+            accept_errors_unlogged: 0,
+            accept_error_logged: None,
+        }
+    }
+
+    /// An accept failed in the kernel with `errno` (the caller backs off before accepting again).
+    /// Counted by errno; logged at most once per [`ACCEPT_ERROR_LOG_INTERVAL`] with the count, so
+    /// a flood of connections at the fd limit is one line, not hundreds a second.
+    pub(crate) fn accept_error(&mut self, errno: Option<i32>, now: Instant) {
+        let name = match errno {
+            Some(libc::EMFILE) => "EMFILE",
+            Some(libc::ENFILE) => "ENFILE",
+            Some(libc::ENOBUFS) => "ENOBUFS",
+            Some(libc::ENOMEM) => "ENOMEM",
+            _ => "other",
+        };
+        add(&self.stats.accept_errors, 1);
+        *self.accept_errors.entry(name).or_default() += 1;
+        self.accept_errors_unlogged += 1;
+        let due = self
+            .accept_error_logged
+            .is_none_or(|t| now.duration_since(t) >= ACCEPT_ERROR_LOG_INTERVAL);
+        if due {
+            tracing::warn!(
+                core = %self.core,
+                errno = name,
+                failures = self.accept_errors_unlogged,
+                "accept failing (out of file descriptors or memory?): backing off; the count \
+                 covers the failures since the last such line"
+            );
+            self.accept_errors_unlogged = 0;
+            self.accept_error_logged = Some(now);
         }
     }
 
@@ -438,6 +481,10 @@ impl CoreRecorder {
                 "listener" => k.listener, "version" => k.version, "suite" => k.suite,
                 "group" => k.group, "kind" => k.kind, "result" => k.result)
             .increment(n);
+        }
+        for (errno, n) in self.accept_errors.drain() {
+            metrics::counter!(m::ACCEPT_ERRORS_TOTAL, "core" => self.core.clone(), "errno" => errno)
+                .increment(n);
         }
         for ((listener, reason), n) in self.backend_tls_errors.drain() {
             metrics::counter!(m::BACKEND_TLS_ERRORS_TOTAL, "listener" => listener, "reason" => reason)

@@ -93,15 +93,33 @@ pub struct Config {
     pub api: Option<crate::api::ApiConfig>,
     /// The management plane's state directory (see [`crate::state`]).
     pub state: Option<crate::api::StateConfig>,
+    /// Process resources (see [`crate::fdlimit`]).
+    #[serde(default)]
+    pub process: ProcessConfig,
     /// TLS listeners.
     #[serde(rename = "listener", default)]
     pub listeners: Vec<ListenerConfig>,
+    /// Whether the file sets `[dataplane.limits] max_connections_per_core` itself (a default is
+    /// fitted to the file-descriptor limit; a value the operator chose is not lowered silently).
+    #[serde(skip)]
+    pub max_connections_set: bool,
     /// Directory of the configuration file; relative paths are resolved against it.
     #[serde(skip)]
     pub base_dir: PathBuf,
     /// The file this was read from.
     #[serde(skip)]
     pub path: PathBuf,
+}
+
+/// `[process]`: what the process may use.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessConfig {
+    /// When `[dataplane.limits] max_connections_per_core` (set in the file) needs more file
+    /// descriptors than the process may open, lower it to fit with a warning instead of refusing
+    /// to start. Default false.
+    #[serde(default)]
+    pub fit_connections_to_fd_limit: bool,
 }
 
 /// Where the token is and how to log in.
@@ -213,6 +231,16 @@ impl Config {
             message: e.to_string().trim_end().to_owned(),
         })?;
         config.path = path.to_owned();
+        config.max_connections_set = text
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|t| {
+                t.get("dataplane")?
+                    .get("limits")?
+                    .get("max_connections_per_core")
+                    .cloned()
+            })
+            .is_some();
         config.base_dir = path
             .parent()
             .filter(|p| !p.as_os_str().is_empty())

@@ -10,6 +10,7 @@ pub mod backend_tls;
 pub mod cli;
 pub mod client_auth;
 pub mod config;
+pub mod fdlimit;
 pub mod files;
 pub mod http_head;
 pub mod logging;

@@ -33,6 +33,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let _state_lock = crate::api::state_dir(&config)
         .map(|dir| crate::state::lock(&dir))
         .transpose()?;
+    // Before the token opens: a PKCS#11 module may open files per session.
+    let fd_limit = crate::fdlimit::raise_soft_limit()?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -63,7 +65,20 @@ pub fn run(args: ServeArgs) -> Result<()> {
     } else {
         (None, None, build_from_file(&config, token.as_ref())?)
     };
-    let dp_config = config.dataplane();
+    let mut dp_config = config.dataplane();
+    if let Some(note) = crate::fdlimit::fit(
+        &mut dp_config,
+        config.listeners.len(),
+        fd_limit,
+        config.max_connections_set,
+        config.process.fit_connections_to_fd_limit,
+    )? {
+        if config.max_connections_set {
+            tracing::warn!("{note}");
+        } else {
+            tracing::info!("{note}");
+        }
+    }
     let drain = dp_config.limits.drain_timeout();
     let dataplane = tlsgate_dataplane::start(dp_config, Arc::new(snapshot))
         .context("cannot start the data plane")?;

@@ -153,7 +153,9 @@ async fn accept_loop(core: Rc<Core>, listener_index: usize, listener: TcpListene
                 tokio::task::yield_now().await;
             }
             Err(e) => {
-                tracing::warn!(core = core.index, error = %e, "accept failed");
+                core.recorder
+                    .borrow_mut()
+                    .accept_error(e.raw_os_error(), Instant::now());
                 tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
             }
         }

@@ -432,6 +432,10 @@ impl Core {
 }
 
 impl Handler for Core {
+    fn on_accept_error(&mut self, _ctl: &mut Ctl, _l: ListenerId, errno: i32) {
+        self.recorder.accept_error(Some(errno), Instant::now());
+    }
+
     fn on_accept(&mut self, ctl: &mut Ctl, l: ListenerId, sock: SocketId) {
         let now = Instant::now();
         let index = self

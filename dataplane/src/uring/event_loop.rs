@@ -231,6 +231,9 @@ pub trait Handler {
     fn on_send_drained(&mut self, _ctl: &mut Ctl, _sock: SocketId) {}
     /// The periodic tick.
     fn on_tick(&mut self, _ctl: &mut Ctl) {}
+    /// Accepting on `listener` failed in the kernel with `errno` (EMFILE, ENFILE, ...); the loop
+    /// re-arms it only at the next tick.
+    fn on_accept_error(&mut self, _ctl: &mut Ctl, _listener: ListenerId, _errno: i32) {}
     /// A [`Waker`] or a watched eventfd fired.
     fn on_wake(&mut self, _ctl: &mut Ctl) {}
 }
@@ -384,10 +387,7 @@ impl EventLoop {
                 }
                 if res < 0 {
                     if res != -libc::ECANCELED {
-                        tracing::warn!(
-                            error = %io::Error::from_raw_os_error(-res),
-                            "accept failed"
-                        );
+                        handler.on_accept_error(&mut self.ctl, ListenerId(listener), -res);
                     }
                     return;
                 }

@@ -274,9 +274,29 @@ impl Serve {
 
     /// Like `start`, with extra environment variables for the child.
     pub fn start_with_env(lab: &Lab, config: &Path, env: &[(&str, String)]) -> Result<Serve> {
+        Self::start_limited(lab, config, env, None)
+    }
+
+    /// Like `start_with_env`, with the child's file-descriptor limit (soft and hard) set to
+    /// `nofile` first (`ulimit -n` in a shell that then execs the binary).
+    pub fn start_limited(
+        lab: &Lab,
+        config: &Path,
+        env: &[(&str, String)],
+        nofile: Option<u64>,
+    ) -> Result<Serve> {
         let ready = config.with_extension("ready");
         let _ = std::fs::remove_file(&ready);
-        let mut cmd = tlsgate();
+        let mut cmd = match nofile {
+            None => tlsgate(),
+            Some(n) => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg(format!("ulimit -n {n} && exec \"$0\" \"$@\""))
+                    .arg(env!("CARGO_BIN_EXE_tlsgate"));
+                c
+            }
+        };
         lab.env(&mut cmd);
         cmd.envs(env.iter().map(|(k, v)| (*k, v.as_str())));
         let child = cmd
