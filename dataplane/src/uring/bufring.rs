@@ -5,12 +5,33 @@
 //! copied the bytes out, so the ring only runs dry when a burst outruns one loop turn (the
 //! recv then ends with `ENOBUFS` and is re-armed).
 
+//!
+//! Both the descriptor ring and the buffers are memory the kernel reads or writes behind our
+//! back, so neither is ever behind a Rust reference that claims exclusive access (`Box`, `&mut`):
+//! both are raw mappings, descriptors are written field by field through raw pointers (descriptor
+//! 0's last field is the ring's tail, which the kernel reads concurrently), and a buffer is read
+//! through a shared slice only between the completion that hands it to us and `push`.
+
 use std::io;
-use std::ptr::NonNull;
+use std::ptr::{self, NonNull};
 use std::sync::atomic::{AtomicU16, Ordering};
 
 use io_uring::types::BufRingEntry;
 use io_uring::IoUring;
+
+/// The kernel's `struct io_uring_buf` (include/uapi/linux/io_uring.h): the layout of one
+/// descriptor, whose fields the `io-uring` crate keeps private. In descriptor 0, `resv` (`_resv` here) is the
+/// ring's tail (`struct io_uring_buf_ring`), written only by [`BufRing::publish`].
+#[repr(C)]
+struct RawBuf {
+    addr: u64,
+    len: u32,
+    bid: u16,
+    _resv: u16,
+}
+
+const _: () = assert!(std::mem::size_of::<RawBuf>() == std::mem::size_of::<BufRingEntry>());
+const _: () = assert!(std::mem::size_of::<RawBuf>() == 16);
 
 #[derive(Debug)]
 pub(crate) struct BufRing {
@@ -19,11 +40,32 @@ pub(crate) struct BufRing {
     ring_bytes: usize,
     entries: u16,
     buf_size: u32,
-    /// Backing memory of every buffer; never reallocated while registered.
-    memory: Box<[u8]>,
+    /// Backing memory of every buffer (`entries × buf_size` bytes, an anonymous mapping); never
+    /// moved while registered; the kernel writes into it.
+    memory: NonNull<u8>,
+    memory_bytes: usize,
     /// Our copy of the tail; published to the kernel with a release store.
     tail: u16,
     pub(crate) group: u16,
+}
+
+/// An anonymous private read-write mapping of `bytes` bytes (page-aligned, zeroed).
+fn map(bytes: usize) -> io::Result<NonNull<u8>> {
+    // SAFETY: anonymous private mapping, no fd; the result is checked below.
+    let ptr = unsafe {
+        libc::mmap(
+            ptr::null_mut(),
+            bytes,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_ANONYMOUS | libc::MAP_PRIVATE,
+            -1,
+            0,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::from(io::ErrorKind::OutOfMemory))
 }
 
 impl BufRing {
@@ -39,31 +81,26 @@ impl BufRing {
             return Err(io::Error::from(io::ErrorKind::InvalidInput));
         }
         let ring_bytes = usize::from(entries) * std::mem::size_of::<BufRingEntry>();
-        // SAFETY: anonymous private mapping, no fd; the result is checked below. mmap gives the
-        // page alignment the kernel requires of a buffer ring.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                ring_bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_ANONYMOUS | libc::MAP_PRIVATE,
-                -1,
-                0,
-            )
+        let memory_bytes = usize::from(entries)
+            .checked_mul(buf_size as usize)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // mmap gives the page alignment the kernel requires of a buffer ring.
+        let ring_ptr = map(ring_bytes)?.cast::<BufRingEntry>();
+        let memory = match map(memory_bytes) {
+            Ok(m) => m,
+            Err(e) => {
+                // SAFETY: mapped just above with this length; nothing else refers to it.
+                unsafe { libc::munmap(ring_ptr.as_ptr().cast(), ring_bytes) };
+                return Err(e);
+            }
         };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let Some(ring_ptr) = NonNull::new(ptr.cast::<BufRingEntry>()) else {
-            return Err(io::Error::from(io::ErrorKind::OutOfMemory));
-        };
-        let memory = vec![0u8; usize::from(entries) * buf_size as usize].into_boxed_slice();
         let mut this = BufRing {
             ring: ring_ptr,
             ring_bytes,
             entries,
             buf_size,
             memory,
+            memory_bytes,
             tail: 0,
             group,
         };
@@ -85,11 +122,20 @@ impl BufRing {
         Ok(this)
     }
 
-    /// The first `len` bytes of buffer `bid`, as filled by the kernel.
+    /// The first `len` bytes of buffer `bid`, as filled by the kernel. Call it only for a `bid`
+    /// a completion named and before that buffer is [`push`](Self::push)ed back: in between,
+    /// the buffer is ours and the kernel does not write it.
     pub(crate) fn get(&self, bid: u16, len: usize) -> &[u8] {
+        if bid >= self.entries {
+            return &[];
+        }
         let start = usize::from(bid) * self.buf_size as usize;
         let len = len.min(self.buf_size as usize);
-        self.memory.get(start..start + len).unwrap_or(&[])
+        // SAFETY: `start + len` ≤ `entries × buf_size` = the mapping's length (bid < entries,
+        // len ≤ buf_size). The kernel wrote these bytes before posting the completion that named
+        // `bid`, and does not write buffer `bid` again until we push it back, which needs
+        // `&mut self` and so ends this borrow.
+        unsafe { std::slice::from_raw_parts(self.memory.as_ptr().add(start), len) }
     }
 
     /// Puts buffer `bid` back; visible to the kernel after `publish`.
@@ -101,12 +147,14 @@ impl BufRing {
         let idx = usize::from(self.tail & mask);
         let addr = self.memory.as_ptr() as u64 + u64::from(bid) * u64::from(self.buf_size);
         // SAFETY: idx < entries, inside the mapping; the kernel only reads descriptors between
-        // head and the published tail, and this slot is past the published tail.
+        // head and the published tail, and this slot is past the published tail. The fields are
+        // written through raw pointers, never a `&mut` to the descriptor: descriptor 0's `resv`
+        // is the tail the kernel reads concurrently, and it is not touched here.
         unsafe {
-            let entry = &mut *self.ring.as_ptr().add(idx);
-            entry.set_addr(addr);
-            entry.set_len(self.buf_size);
-            entry.set_bid(bid);
+            let entry = self.ring.as_ptr().cast::<RawBuf>().add(idx);
+            ptr::addr_of_mut!((*entry).addr).write(addr);
+            ptr::addr_of_mut!((*entry).len).write(self.buf_size);
+            ptr::addr_of_mut!((*entry).bid).write(bid);
         }
         self.tail = self.tail.wrapping_add(1);
     }
@@ -124,10 +172,11 @@ impl BufRing {
 
 impl Drop for BufRing {
     fn drop(&mut self) {
-        // SAFETY: the mapping came from mmap with this length and nothing uses it any more:
-        // the owning EventLoop dropped (and so closed) the ring before its buffer ring.
+        // SAFETY: both mappings came from mmap with these lengths and nothing uses them any
+        // more: the owning EventLoop dropped (and so closed) the ring before its buffer ring.
         unsafe {
             libc::munmap(self.ring.as_ptr().cast(), self.ring_bytes);
+            libc::munmap(self.memory.as_ptr().cast(), self.memory_bytes);
         }
     }
 }
