@@ -89,6 +89,9 @@ pub struct Config {
     pub dataplane: Option<DataplaneConfig>,
     /// The Prometheus endpoint.
     pub metrics: Option<MetricsConfig>,
+    /// Process hardening (core dumps; see [`crate::hardening`]).
+    #[serde(default)]
+    pub process: crate::hardening::ProcessConfig,
     /// The management API (see [`crate::api`]).
     pub api: Option<crate::api::ApiConfig>,
     /// The management plane's state directory (see [`crate::state`]).

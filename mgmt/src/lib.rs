@@ -11,6 +11,7 @@ pub mod cli;
 pub mod client_auth;
 pub mod config;
 pub mod files;
+pub mod hardening;
 pub mod http_head;
 pub mod logging;
 pub mod metrics_http;

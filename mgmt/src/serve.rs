@@ -28,6 +28,8 @@ pub struct ServeArgs {
 /// Runs the appliance until SIGTERM or SIGINT.
 pub fn run(args: ServeArgs) -> Result<()> {
     let config = Config::load(&args.config)?;
+    // Before the PIN is read or any key reaches this process.
+    crate::hardening::apply(&config.process)?;
     // First of all: a second process on the same state directory stops here, before it binds
     // or changes anything. Held until this function returns (the process ends).
     let _state_lock = crate::api::state_dir(&config)

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use tlsgate_dataplane::Snapshot;
 use tlsgate_keystore::cert::{fmt_time, CertChain, ChainReport};
 use tlsgate_keystore::keyref::{self, KeyBackend, KeyRef};
+use tlsgate_keystore::secret::SecretBuf;
 use tlsgate_keystore::{KeyInfo, KeySpec, Pkcs11Uri, Token};
 use zeroize::Zeroizing;
 
@@ -491,25 +492,25 @@ impl Manager {
         Ok(self.key_view(&inner, &info, token.label()))
     }
 
-    /// Imports a PKCS#8 key (PEM). The bytes are wiped after the import and never stored.
+    /// Imports a PKCS#8 key (PEM). The PEM and the DER decoded from it live only in secret
+    /// memory (wiped, out of core dumps) and are never stored or echoed.
     pub fn import_key(
         &self,
         label: &str,
         id: Option<&str>,
-        pkcs8_pem: &Zeroizing<String>,
+        pkcs8_pem: &SecretBuf,
     ) -> Result<KeyView, ApiError> {
-        use rustls_pki_types::pem::PemObject;
         let token = self.token()?;
         check_label(label)?;
         let id = parse_id(id)?;
-        let der =
-            match rustls_pki_types::PrivatePkcs8KeyDer::from_pem_slice(pkcs8_pem.as_bytes()) {
-                Ok(k) => Zeroizing::new(k.secret_pkcs8_der().to_vec()),
-                Err(_) => return Err(ApiError::invalid(
+        let der = tlsgate_keystore::secret::pkcs8_der_from_pem(pkcs8_pem.as_bytes())
+            .map(|d| Zeroizing::new(d.as_bytes().to_vec()))
+            .ok_or_else(|| {
+                ApiError::invalid(
                     "key_pem_invalid",
                     "pkcs8_pem holds no PKCS#8 private key (a `-----BEGIN PRIVATE KEY-----` block)",
-                )),
-            };
+                )
+            })?;
         let info = token
             .import_pkcs8(der, label, id.as_deref())
             .map_err(|e| key_error(&e))?;

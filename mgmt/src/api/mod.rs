@@ -30,6 +30,7 @@ use crate::config::{Config, ConfigError};
 pub mod error;
 pub mod manager;
 pub mod routes;
+pub mod secret_body;
 pub mod server;
 
 pub use manager::{Manager, Publisher};
