@@ -15,6 +15,7 @@ pub(crate) const REASONS: [CloseReason; N_REASONS] = [
     CloseReason::Done,
     CloseReason::ClientHelloTooLarge,
     CloseReason::BadClientHello,
+    CloseReason::NegotiationFailed,
     CloseReason::UnknownSni,
     CloseReason::TlsError,
     CloseReason::ClientCertRejected,
@@ -34,7 +35,7 @@ pub(crate) const REASONS: [CloseReason; N_REASONS] = [
     CloseReason::Shutdown,
 ];
 
-const N_REASONS: usize = 19;
+const N_REASONS: usize = 20;
 const N_CAUSES: usize = BackendTlsCause::ALL.len();
 
 /// Who caused a connection to end in error (`None`: it ended normally): the `source` label of
@@ -44,6 +45,7 @@ pub(crate) fn error_source(r: CloseReason) -> Option<&'static str> {
         CloseReason::Done | CloseReason::Shutdown | CloseReason::IdleTimeout => None,
         CloseReason::ClientHelloTooLarge
         | CloseReason::BadClientHello
+        | CloseReason::NegotiationFailed
         | CloseReason::UnknownSni
         | CloseReason::ClientCertRejected
         | CloseReason::TlsError
@@ -91,6 +93,7 @@ pub(crate) struct CoreStats {
     pub key_ops_rejected: AtomicU64,
     pub key_ops_timed_out: AtomicU64,
     pub key_ops_failed: AtomicU64,
+    pub key_ops_peer_refused: AtomicU64,
     pub key_ops_late: AtomicU64,
     pub key_ops_in_flight: AtomicU64,
     pub client_in: AtomicU64,
@@ -132,8 +135,11 @@ pub struct StatsSnapshot {
     pub key_ops_rejected: u64,
     /// Key operations past their deadline.
     pub key_ops_timed_out: u64,
-    /// Key operations that failed (token or TLS error).
+    /// Key operations that failed in the token (a PKCS#11 call).
     pub key_ops_failed: u64,
+    /// Key operations whose handshake the peer's hello failed (nothing in common, a bad hello):
+    /// no token call failed.
+    pub key_ops_peer_refused: u64,
     /// Results that arrived for connections already gone.
     pub key_ops_late: u64,
     /// Key operations in flight now.
@@ -191,6 +197,7 @@ impl StatsSnapshot {
             s.key_ops_rejected += c.key_ops_rejected.load(Relaxed);
             s.key_ops_timed_out += c.key_ops_timed_out.load(Relaxed);
             s.key_ops_failed += c.key_ops_failed.load(Relaxed);
+            s.key_ops_peer_refused += c.key_ops_peer_refused.load(Relaxed);
             s.key_ops_late += c.key_ops_late.load(Relaxed);
             s.key_ops_in_flight += c.key_ops_in_flight.load(Relaxed);
             s.client_in_bytes += c.client_in.load(Relaxed);
@@ -250,7 +257,7 @@ pub(crate) struct CoreRecorder {
 struct Flushed {
     accepted: u64,
     closed: [u64; N_REASONS],
-    key_ops: [u64; 6],
+    key_ops: [u64; 7],
     bytes: [u64; 4],
     accept_paused: u64,
 }
@@ -346,6 +353,7 @@ impl CoreRecorder {
         let c = match outcome {
             KeyOpOutcome::Ok => &self.stats.key_ops_ok,
             KeyOpOutcome::Failed => &self.stats.key_ops_failed,
+            KeyOpOutcome::PeerRefused => &self.stats.key_ops_peer_refused,
             KeyOpOutcome::TimedOut => &self.stats.key_ops_timed_out,
             KeyOpOutcome::Late => &self.stats.key_ops_late,
         };
@@ -406,6 +414,7 @@ impl CoreRecorder {
             ("rejected", &s.key_ops_rejected),
             ("timed_out", &s.key_ops_timed_out),
             ("failed", &s.key_ops_failed),
+            ("peer_refused", &s.key_ops_peer_refused),
             ("late", &s.key_ops_late),
         ];
         for (i, (label, c)) in key_ops.iter().enumerate() {
@@ -458,7 +467,10 @@ impl CoreRecorder {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum KeyOpOutcome {
     Ok,
+    /// The token failed (a PKCS#11 call), or the pool refused the job.
     Failed,
+    /// The peer's hello failed the handshake on the worker; the token was not at fault.
+    PeerRefused,
     TimedOut,
     Late,
 }

@@ -55,6 +55,9 @@ pub enum CloseReason {
     ClientHelloTooLarge,
     /// The bytes were not an acceptable ClientHello (peer).
     BadClientHello,
+    /// The client and the listener share no version, cipher suite, group or signature scheme
+    /// (peer: a client or a scanner offering what the policy does not allow).
+    NegotiationFailed,
     /// The SNI names no certificate of a listener that refuses unknown names (peer).
     UnknownSni,
     /// rustls refused the handshake or a record (peer, or our policy).
@@ -70,7 +73,8 @@ pub enum CloseReason {
     KeyOpRejected,
     /// The key operation missed its deadline (us or the token).
     KeyOpTimeout,
-    /// The key operation failed (token error) (us or the token).
+    /// The key operation failed: a PKCS#11 call (the signature) failed (the token). Nothing the
+    /// peer sends is counted here.
     KeyOpFailed,
     /// No traffic for `idle_timeout` (peer or backend).
     IdleTimeout,
@@ -97,6 +101,7 @@ impl CloseReason {
             CloseReason::Done => "done",
             CloseReason::ClientHelloTooLarge => "client_hello_too_large",
             CloseReason::BadClientHello => "bad_client_hello",
+            CloseReason::NegotiationFailed => "negotiation_failed",
             CloseReason::UnknownSni => "unknown_sni",
             CloseReason::TlsError => "tls_error",
             CloseReason::ClientCertRejected => "client_cert_rejected",
@@ -276,13 +281,38 @@ fn failure_bytes(queued: &[u8]) -> &[u8] {
 }
 
 /// The close reason for an error from rustls: a server only ever verifies client certificates,
-/// so certificate errors are the client's.
+/// so certificate errors are the client's; nothing in common is a negotiation failure, a hello
+/// rustls cannot parse or that breaks the protocol is a bad hello.
 fn tls_failure(e: &rustls::Error) -> CloseReason {
     match e {
         rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented => {
             CloseReason::ClientCertRejected
         }
+        rustls::Error::PeerIncompatible(_) => CloseReason::NegotiationFailed,
+        rustls::Error::InvalidMessage(_) | rustls::Error::PeerMisbehaved(_) => {
+            CloseReason::BadClientHello
+        }
         _ => CloseReason::TlsError,
+    }
+}
+
+/// Whether a failed key-op step failed in the key rather than in the peer's handshake. A
+/// `SigningKey` reports a failed PKCS#11 call as `rustls::Error::Other` (rustls passes a
+/// signer's error through unchanged); everything else rustls decides about the peer's hello.
+pub fn is_key_failure(e: &rustls::Error) -> bool {
+    matches!(e, rustls::Error::Other(_))
+}
+
+impl KeyOpFailure {
+    /// The key-op outcome this failure counts as: only a key failure is `failed`.
+    pub(crate) fn outcome(&self) -> crate::stats::KeyOpOutcome {
+        use crate::stats::KeyOpOutcome;
+        match self {
+            KeyOpFailure::Tls { error, .. } if is_key_failure(error) => KeyOpOutcome::Failed,
+            KeyOpFailure::Tls { .. } => KeyOpOutcome::PeerRefused,
+            KeyOpFailure::Rejected => KeyOpOutcome::Failed,
+            KeyOpFailure::Deadline => KeyOpOutcome::TimedOut,
+        }
     }
 }
 
@@ -708,9 +738,14 @@ impl Conn {
         }
         match result {
             Ok(tls) => self.enter_tls(tls, now),
-            Err(KeyOpFailure::Tls { alert, .. }) => {
+            Err(KeyOpFailure::Tls { error, alert }) => {
                 self.to_client.push(failure_bytes(&alert));
-                self.fail(CloseReason::KeyOpFailed);
+                let reason = if is_key_failure(&error) {
+                    CloseReason::KeyOpFailed
+                } else {
+                    tls_failure(&error)
+                };
+                self.fail(reason);
             }
             Err(KeyOpFailure::Rejected) => {
                 self.to_client.push(&ALERT_INTERNAL_ERROR);

@@ -243,8 +243,7 @@ async fn drive(core: &Core, conn: &mut Conn, client: &TcpStream, guard: &mut Gua
                 let r = r.unwrap_or(Err(KeyOpFailure::Deadline));
                 let outcome = match &r {
                     Ok(_) => KeyOpOutcome::Ok,
-                    Err(KeyOpFailure::Deadline) => KeyOpOutcome::TimedOut,
-                    Err(_) => KeyOpOutcome::Failed,
+                    Err(f) => f.outcome(),
                 };
                 guard.key_op_finished(outcome);
                 conn.on_key_op_done(r, now);

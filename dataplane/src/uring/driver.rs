@@ -606,8 +606,7 @@ impl Handler for Core {
             }
             let outcome = match &r {
                 Ok(_) => KeyOpOutcome::Ok,
-                Err(KeyOpFailure::Deadline) => KeyOpOutcome::TimedOut,
-                Err(_) => KeyOpOutcome::Failed,
+                Err(f) => f.outcome(),
             };
             self.key_op_finished(id, outcome);
             if let Some(st) = self.conns.get_mut(&id) {
