@@ -130,6 +130,16 @@ fn default_module() -> PathBuf {
 pub struct MetricsConfig {
     /// Address of the endpoint, e.g. `127.0.0.1:9100`.
     pub listen: SocketAddr,
+    /// Connections held at most; past it a new one replaces the oldest idle one.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+}
+
+/// Default connection bound of the metrics endpoint and the management API.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 64;
+
+pub fn default_max_connections() -> usize {
+    DEFAULT_MAX_CONNECTIONS
 }
 
 /// One TLS listener.

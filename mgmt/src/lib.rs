@@ -10,6 +10,7 @@ pub mod backend_tls;
 pub mod cli;
 pub mod client_auth;
 pub mod config;
+pub mod conn_limit;
 pub mod files;
 pub mod hardening;
 pub mod http_head;

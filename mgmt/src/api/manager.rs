@@ -243,7 +243,7 @@ impl Manager {
         }
     }
 
-    /// Runs `op` and writes its audit line.
+    /// Runs `op` and writes its audit line (for changes that are not API requests: a signal).
     pub fn audited<T>(
         &self,
         client: &ClientIdentity,
@@ -251,12 +251,29 @@ impl Manager {
         target: &str,
         op: impl FnOnce(&Manager) -> Result<T, ApiError>,
     ) -> Result<T, ApiError> {
-        let result = op(self);
+        let result = self.perform(client, operation, target, op);
         let outcome = match &result {
             Ok(_) => "ok",
             Err(e) => e.code,
         };
         self.audit.record(client, operation, target, outcome);
+        result
+    }
+
+    /// The audit log (API requests write their line in `api::access`).
+    pub fn audit_log(&self) -> &AuditLog {
+        &self.audit
+    }
+
+    /// Runs `op` and logs it; the API request around it writes the audit line.
+    pub fn perform<T>(
+        &self,
+        client: &ClientIdentity,
+        operation: &str,
+        target: &str,
+        op: impl FnOnce(&Manager) -> Result<T, ApiError>,
+    ) -> Result<T, ApiError> {
+        let result = op(self);
         if let Err(e) = &result {
             tracing::warn!(client = %client, operation, target, code = e.code, message = %e.message, "management operation refused");
         } else {

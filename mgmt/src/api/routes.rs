@@ -107,10 +107,15 @@ pub fn router(manager: Arc<Manager>) -> Router {
                 "this route does not take that method; see GET /v1/openapi.json",
             )
         })
+        .layer(axum::middleware::from_fn_with_state(
+            manager.clone(),
+            super::access::layer,
+        ))
         .with_state(manager)
 }
 
-/// Runs `op` on a blocking thread with its audit line.
+/// Runs `op` on a blocking thread; names the operation and target for the request's audit
+/// line (written by [`super::access`]).
 async fn run<T: Send + 'static>(
     m: Arc<Manager>,
     who: ClientIdentity,
@@ -118,7 +123,8 @@ async fn run<T: Send + 'static>(
     target: String,
     op: impl FnOnce(&Manager) -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(move || m.audited(&who, operation, &target, op))
+    super::access::note_operation(operation, &target);
+    tokio::task::spawn_blocking(move || m.perform(&who, operation, &target, op))
         .await
         .map_err(|e| ApiError::internal(format!("the operation did not finish: {e}")))?
 }
@@ -140,6 +146,7 @@ fn no_content() -> Response {
 }
 
 async fn openapi() -> Response {
+    super::access::note_operation("openapi.get", "-");
     (
         [(header::CONTENT_TYPE, "application/json")],
         super::OPENAPI_JSON,
