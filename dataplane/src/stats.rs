@@ -63,6 +63,58 @@ pub(crate) fn error_source(r: CloseReason) -> Option<&'static str> {
     }
 }
 
+/// At most one log line per peer-caused close reason in this interval, process-wide.
+const PEER_LOG_INTERVAL_MS: u64 = 10_000;
+
+/// Logs a connection that ended in error, at debug. What a peer does wrong (a scanner's probes, a
+/// client without a shared suite) is counted per reason in the close counters and logged at
+/// most once per reason every 10 s with the number of lines left out, so a scan cannot flood
+/// the log; WARN is kept for what an operator must act on.
+pub(crate) fn log_closed(
+    core: usize,
+    listener: &str,
+    peer: Option<std::net::SocketAddr>,
+    reason: CloseReason,
+) {
+    use std::sync::OnceLock;
+    static START: OnceLock<Instant> = OnceLock::new();
+    static LAST: [AtomicU64; N_REASONS] = [const { AtomicU64::new(0) }; N_REASONS];
+    static LEFT_OUT: [AtomicU64; N_REASONS] = [const { AtomicU64::new(0) }; N_REASONS];
+    if error_source(reason) != Some("peer") {
+        tracing::debug!(
+            core,
+            listener,
+            ?peer,
+            reason = reason.as_str(),
+            "connection closed"
+        );
+        return;
+    }
+    let i = reason_index(reason);
+    let now_ms = u64::try_from(START.get_or_init(Instant::now).elapsed().as_millis())
+        .unwrap_or(u64::MAX)
+        .saturating_add(1);
+    let last = LAST[i].load(Relaxed);
+    let due = last == 0 || now_ms.saturating_sub(last) >= PEER_LOG_INTERVAL_MS;
+    if !due
+        || LAST[i]
+            .compare_exchange(last, now_ms, Relaxed, Relaxed)
+            .is_err()
+    {
+        LEFT_OUT[i].fetch_add(1, Relaxed);
+        return;
+    }
+    let left_out = LEFT_OUT[i].swap(0, Relaxed);
+    tracing::debug!(
+        core,
+        listener,
+        ?peer,
+        reason = reason.as_str(),
+        left_out,
+        "connection closed by the peer's error (one line per reason every 10 s; all are counted)"
+    );
+}
+
 fn reason_index(r: CloseReason) -> usize {
     let d = std::mem::discriminant(&r);
     REASONS

@@ -41,6 +41,11 @@ use buffer::ByteQueue;
 /// has a connection that could write one (key-op queue full or late).
 const ALERT_INTERNAL_ERROR: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 80];
 
+/// A fatal `decode_error` alert for a ClientHello larger than `max_client_hello_bytes` (what
+/// rustls answers to a handshake message over its own size bound); RFC 8446 asks for an alert
+/// rather than a bare close.
+const ALERT_DECODE_ERROR: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 50];
+
 /// A fatal `unrecognized_name` alert (RFC 6066) for a ClientHello whose SNI the listener
 /// refuses; sent in plaintext before any ServerHello.
 const ALERT_UNRECOGNIZED_NAME: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 112];
@@ -294,6 +299,25 @@ fn tls_failure(e: &rustls::Error) -> CloseReason {
         }
         _ => CloseReason::TlsError,
     }
+}
+
+/// Queues what rustls has for the client after `e`. One correction: a TLS 1.2 client that sent
+/// no certificate where one is required gets `handshake_failure` (40), the alert TLS 1.2 defines
+/// for it (RFC 5246 §7.4.6), not rustls's `certificate_required` (116), which only TLS 1.3 has.
+/// The alert is still in plaintext then (the server has not sent ChangeCipherSpec).
+fn write_failure(tls: &mut ServerConnection, e: &rustls::Error, out: &mut ByteQueue) {
+    let mut bytes = Vec::new();
+    let _ = tls.write_tls(&mut bytes);
+    if matches!(e, rustls::Error::NoCertificatesPresented)
+        && tls.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_2)
+    {
+        const CERTIFICATE_REQUIRED: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 116];
+        if bytes.ends_with(&CERTIFICATE_REQUIRED) {
+            let last = bytes.len() - 1;
+            bytes[last] = 40;
+        }
+    }
+    out.push(&bytes);
 }
 
 /// Whether a failed key-op step failed in the key rather than in the peer's handshake. A
@@ -624,6 +648,7 @@ impl Conn {
         match &mut self.phase {
             Phase::Hello { flight, .. } => {
                 if flight.len() + data.len() > self.max_hello {
+                    self.to_client.push(&ALERT_DECODE_ERROR);
                     self.fail(CloseReason::ClientHelloTooLarge);
                     return;
                 }
@@ -808,11 +833,11 @@ impl Conn {
         let Some(tripwire) = tripwire else {
             match accepted.into_connection(real) {
                 Ok(tls) => self.enter_tls(Box::new(tls), now),
-                Err((_, mut alert)) => {
+                Err((e, mut alert)) => {
                     let mut queued = Vec::new();
                     let _ = alert.write_all(&mut queued);
                     self.to_client.push(failure_bytes(&queued));
-                    self.fail(CloseReason::TlsError);
+                    self.fail(tls_failure(&e));
                 }
             }
             return;
@@ -830,12 +855,12 @@ impl Conn {
                     self.enter_tls(Box::new(tls), now);
                     return;
                 }
-                Err((_, mut alert)) => {
+                Err((e, mut alert)) => {
                     if !tripwire_tripped() {
                         let mut queued = Vec::new();
                         let _ = alert.write_all(&mut queued);
                         self.to_client.push(failure_bytes(&queued));
-                        self.fail(CloseReason::TlsError);
+                        self.fail(tls_failure(&e));
                         return;
                     }
                 }
@@ -879,7 +904,7 @@ impl Conn {
         // Records that arrived with the hello sit in rustls's buffer until processed.
         if let Phase::Tls { tls, .. } = &mut self.phase {
             if let Err(e) = tls.process_new_packets() {
-                let _ = tls.write_tls(&mut self.to_client);
+                write_failure(tls, &e, &mut self.to_client);
                 self.fail(tls_failure(&e));
                 return;
             }
@@ -937,7 +962,7 @@ impl Conn {
                     return;
                 }
                 if let Err(e) = tls.process_new_packets() {
-                    let _ = tls.write_tls(&mut self.to_client);
+                    write_failure(tls, &e, &mut self.to_client);
                     self.fail(tls_failure(&e));
                     return;
                 }

@@ -142,7 +142,7 @@ pub(super) async fn run(
                 core.recorder.borrow().client_out(n);
             }
         }
-        tracing::debug!(core = core.index, listener = %guard.listener, %peer, reason = reason.as_str(), "connection closed");
+        crate::stats::log_closed(core.index, &guard.listener, Some(peer), reason);
     }
     guard.finish(reason);
 }

@@ -240,7 +240,7 @@ impl Core {
             }
         }
         if reason != CloseReason::Done {
-            tracing::debug!(core = self.index, listener = %st.listener, reason = reason.as_str(), "connection closed");
+            crate::stats::log_closed(self.index, &st.listener, None, reason);
         }
     }
 
