@@ -17,7 +17,7 @@ source scripts/lib.sh
 
 step "system packages"
 ensure_packages softhsm2 openssl curl ca-certificates gcc make pkg-config prometheus \
-    testssl.sh gnutls-bin python3 python3-venv opensc
+    testssl.sh gnutls-bin python3 python3-venv opensc gdb
 ensure_sslyze
 # The benchmark smoke below: HAProxy and nginx (+ its layer-4 stream module) beside tlsgate,
 # nginx also as the plain-HTTP origin; python3 for the harness's tables.

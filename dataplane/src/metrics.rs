@@ -23,7 +23,8 @@ pub const HANDSHAKE_DURATION_SECONDS: &str = "tlsgate_handshake_duration_seconds
 /// Key operation, enqueue to result on the home core.
 pub const KEY_OP_DURATION_SECONDS: &str = "tlsgate_key_op_duration_seconds";
 /// Key operations by outcome. Labels: `result` (`queued`|`ok`|`rejected`|`timed_out`|`failed`|
-/// `late`).
+/// `peer_refused`|`late`). `failed` is a failed PKCS#11 call only; `peer_refused` is a handshake
+/// the client's hello failed on the worker (nothing in common, a bad hello).
 pub const KEY_OPS_TOTAL: &str = "tlsgate_key_ops_total";
 /// Key operations queued or running now, all cores.
 pub const KEY_OP_QUEUE_DEPTH: &str = "tlsgate_key_op_queue_depth";

@@ -15,6 +15,7 @@ pub(crate) const REASONS: [CloseReason; N_REASONS] = [
     CloseReason::Done,
     CloseReason::ClientHelloTooLarge,
     CloseReason::BadClientHello,
+    CloseReason::NegotiationFailed,
     CloseReason::UnknownSni,
     CloseReason::TlsError,
     CloseReason::ClientCertRejected,
@@ -34,7 +35,7 @@ pub(crate) const REASONS: [CloseReason; N_REASONS] = [
     CloseReason::Shutdown,
 ];
 
-const N_REASONS: usize = 19;
+const N_REASONS: usize = 20;
 const N_CAUSES: usize = BackendTlsCause::ALL.len();
 
 /// Who caused a connection to end in error (`None`: it ended normally): the `source` label of
@@ -44,6 +45,7 @@ pub(crate) fn error_source(r: CloseReason) -> Option<&'static str> {
         CloseReason::Done | CloseReason::Shutdown | CloseReason::IdleTimeout => None,
         CloseReason::ClientHelloTooLarge
         | CloseReason::BadClientHello
+        | CloseReason::NegotiationFailed
         | CloseReason::UnknownSni
         | CloseReason::ClientCertRejected
         | CloseReason::TlsError
@@ -59,6 +61,58 @@ pub(crate) fn error_source(r: CloseReason) -> Option<&'static str> {
         }
         CloseReason::ListenerGone => Some("internal"),
     }
+}
+
+/// At most one log line per peer-caused close reason in this interval, process-wide.
+const PEER_LOG_INTERVAL_MS: u64 = 10_000;
+
+/// Logs a connection that ended in error, at debug. What a peer does wrong (a scanner's probes, a
+/// client without a shared suite) is counted per reason in the close counters and logged at
+/// most once per reason every 10 s with the number of lines left out, so a scan cannot flood
+/// the log; WARN is kept for what an operator must act on.
+pub(crate) fn log_closed(
+    core: usize,
+    listener: &str,
+    peer: Option<std::net::SocketAddr>,
+    reason: CloseReason,
+) {
+    use std::sync::OnceLock;
+    static START: OnceLock<Instant> = OnceLock::new();
+    static LAST: [AtomicU64; N_REASONS] = [const { AtomicU64::new(0) }; N_REASONS];
+    static LEFT_OUT: [AtomicU64; N_REASONS] = [const { AtomicU64::new(0) }; N_REASONS];
+    if error_source(reason) != Some("peer") {
+        tracing::debug!(
+            core,
+            listener,
+            ?peer,
+            reason = reason.as_str(),
+            "connection closed"
+        );
+        return;
+    }
+    let i = reason_index(reason);
+    let now_ms = u64::try_from(START.get_or_init(Instant::now).elapsed().as_millis())
+        .unwrap_or(u64::MAX)
+        .saturating_add(1);
+    let last = LAST[i].load(Relaxed);
+    let due = last == 0 || now_ms.saturating_sub(last) >= PEER_LOG_INTERVAL_MS;
+    if !due
+        || LAST[i]
+            .compare_exchange(last, now_ms, Relaxed, Relaxed)
+            .is_err()
+    {
+        LEFT_OUT[i].fetch_add(1, Relaxed);
+        return;
+    }
+    let left_out = LEFT_OUT[i].swap(0, Relaxed);
+    tracing::debug!(
+        core,
+        listener,
+        ?peer,
+        reason = reason.as_str(),
+        left_out,
+        "connection closed by the peer's error (one line per reason every 10 s; all are counted)"
+    );
 }
 
 fn reason_index(r: CloseReason) -> usize {
@@ -91,6 +145,7 @@ pub(crate) struct CoreStats {
     pub key_ops_rejected: AtomicU64,
     pub key_ops_timed_out: AtomicU64,
     pub key_ops_failed: AtomicU64,
+    pub key_ops_peer_refused: AtomicU64,
     pub key_ops_late: AtomicU64,
     pub key_ops_in_flight: AtomicU64,
     pub client_in: AtomicU64,
@@ -133,8 +188,11 @@ pub struct StatsSnapshot {
     pub key_ops_rejected: u64,
     /// Key operations past their deadline.
     pub key_ops_timed_out: u64,
-    /// Key operations that failed (token or TLS error).
+    /// Key operations that failed in the token (a PKCS#11 call).
     pub key_ops_failed: u64,
+    /// Key operations whose handshake the peer's hello failed (nothing in common, a bad hello):
+    /// no token call failed.
+    pub key_ops_peer_refused: u64,
     /// Results that arrived for connections already gone.
     pub key_ops_late: u64,
     /// Key operations in flight now.
@@ -194,6 +252,7 @@ impl StatsSnapshot {
             s.key_ops_rejected += c.key_ops_rejected.load(Relaxed);
             s.key_ops_timed_out += c.key_ops_timed_out.load(Relaxed);
             s.key_ops_failed += c.key_ops_failed.load(Relaxed);
+            s.key_ops_peer_refused += c.key_ops_peer_refused.load(Relaxed);
             s.key_ops_late += c.key_ops_late.load(Relaxed);
             s.key_ops_in_flight += c.key_ops_in_flight.load(Relaxed);
             s.client_in_bytes += c.client_in.load(Relaxed);
@@ -260,7 +319,7 @@ const ACCEPT_ERROR_LOG_INTERVAL: std::time::Duration = std::time::Duration::from
 struct Flushed {
     accepted: u64,
     closed: [u64; N_REASONS],
-    key_ops: [u64; 6],
+    key_ops: [u64; 7],
     bytes: [u64; 4],
     accept_paused: u64,
 }
@@ -389,6 +448,7 @@ impl CoreRecorder {
         let c = match outcome {
             KeyOpOutcome::Ok => &self.stats.key_ops_ok,
             KeyOpOutcome::Failed => &self.stats.key_ops_failed,
+            KeyOpOutcome::PeerRefused => &self.stats.key_ops_peer_refused,
             KeyOpOutcome::TimedOut => &self.stats.key_ops_timed_out,
             KeyOpOutcome::Late => &self.stats.key_ops_late,
         };
@@ -449,6 +509,7 @@ impl CoreRecorder {
             ("rejected", &s.key_ops_rejected),
             ("timed_out", &s.key_ops_timed_out),
             ("failed", &s.key_ops_failed),
+            ("peer_refused", &s.key_ops_peer_refused),
             ("late", &s.key_ops_late),
         ];
         for (i, (label, c)) in key_ops.iter().enumerate() {
@@ -505,7 +566,10 @@ impl CoreRecorder {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum KeyOpOutcome {
     Ok,
+    /// The token failed (a PKCS#11 call), or the pool refused the job.
     Failed,
+    /// The peer's hello failed the handshake on the worker; the token was not at fault.
+    PeerRefused,
     TimedOut,
     Late,
 }

@@ -99,12 +99,13 @@ fn sign_faults_fail_the_signature_and_clear_without_restart() -> Result<()> {
         ),
     ] {
         lab.set_faults(directive)?;
-        // rustls's `Signer` carries the keystore error as text; the function and code must
-        // survive into it for the data plane's logs and counters.
+        // rustls's `Signer` carries the keystore error as `Error::Other` (which tells the data
+        // plane the key failed, not the peer); the function and code must survive into it for
+        // the data plane's logs and counters.
         match sign(keys.key.as_ref()) {
-            Err(rustls::Error::General(message)) => ensure!(
-                message.contains(function) && message.contains(rv),
-                "`{directive}` gave {message:?}"
+            Err(rustls::Error::Other(e)) => ensure!(
+                e.to_string().contains(function) && e.to_string().contains(rv),
+                "`{directive}` gave {e:?}"
             ),
             other => anyhow::bail!("`{directive}` gave {other:?}"),
         }

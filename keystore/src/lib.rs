@@ -14,6 +14,7 @@ pub mod keyinfo;
 pub mod keyref;
 pub mod labca;
 pub mod pin;
+pub mod secret;
 pub mod software;
 pub mod token;
 pub mod uri;

@@ -88,7 +88,8 @@ impl PinSource {
                 if !meta.is_file() {
                     return Err(err("not a regular file".into()));
                 }
-                let mut bytes = Zeroizing::new(Vec::new());
+                // Sized once: a growing Vec would leave unwiped copies of the PIN behind.
+                let mut bytes = Zeroizing::new(Vec::with_capacity(MAX_PIN_FILE_BYTES as usize + 1));
                 file.take(MAX_PIN_FILE_BYTES + 1)
                     .read_to_end(&mut bytes)
                     .map_err(|e| Error::io(path, e))?;

@@ -3,7 +3,10 @@
 //!
 //! A line holds the time, the client's identity (`uid:N` on the unix socket, the certificate's
 //! subject and SHA-256 fingerprint over HTTPS), the operation, its target and the result (`ok`
-//! or the error code). It never holds a request body: no PIN, key or secret can reach it.
+//! or the error code); for an API request also the method, the path, the HTTP status and the
+//! bytes of the request and answer bodies. Every API request gets exactly one line, whatever its
+//! status (an unknown route, a refused peer, a body too large included). It never holds a
+//! request body: no PIN, key or secret can reach it.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -19,6 +22,9 @@ use serde::Serialize;
 pub enum ClientIdentity {
     /// A local process on the unix socket (SO_PEERCRED).
     Uid(u32),
+    /// A local process on the unix socket refused by the allowlist (`[api] socket_uids` /
+    /// `socket_gids`).
+    Peer { uid: u32, gid: u32 },
     /// An HTTPS client, by its certificate.
     Cert {
         subject: String,
@@ -32,6 +38,7 @@ impl std::fmt::Display for ClientIdentity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ClientIdentity::Uid(uid) => write!(f, "uid:{uid}"),
+            ClientIdentity::Peer { uid, gid } => write!(f, "uid:{uid} gid:{gid}"),
             ClientIdentity::Cert {
                 subject,
                 fingerprint_sha256,
@@ -48,6 +55,20 @@ struct Line<'a> {
     operation: &'a str,
     target: &'a str,
     result: &'a str,
+    #[serde(flatten)]
+    http: Option<&'a HttpRequest>,
+}
+
+/// The HTTP side of an API request's audit line.
+#[derive(Debug, Clone, Serialize)]
+pub struct HttpRequest {
+    pub method: String,
+    pub path: String,
+    pub status: u16,
+    /// Request body bytes (as announced by `content-length`; 0 without one).
+    pub bytes_in: u64,
+    /// Answer body bytes.
+    pub bytes_out: u64,
 }
 
 /// The audit log file.
@@ -82,13 +103,36 @@ impl AuditLog {
 
     /// Appends one line. A failure to write is logged, never hidden.
     pub fn record(&self, client: &ClientIdentity, operation: &str, target: &str, result: &str) {
-        let line = Line {
+        self.write(Line {
             time: now_rfc3339(),
             client: client.to_string(),
             operation,
             target,
             result,
-        };
+            http: None,
+        });
+    }
+
+    /// Appends the one line of an API request.
+    pub fn record_request(
+        &self,
+        client: &ClientIdentity,
+        operation: &str,
+        target: &str,
+        result: &str,
+        http: &HttpRequest,
+    ) {
+        self.write(Line {
+            time: now_rfc3339(),
+            client: client.to_string(),
+            operation,
+            target,
+            result,
+            http: Some(http),
+        });
+    }
+
+    fn write(&self, line: Line<'_>) {
         let mut bytes = match serde_json::to_vec(&line) {
             Ok(b) => b,
             Err(err) => {

@@ -89,13 +89,14 @@ pub struct Config {
     pub dataplane: Option<DataplaneConfig>,
     /// The Prometheus endpoint.
     pub metrics: Option<MetricsConfig>,
+    /// Process hardening and resources (core dumps, see [`crate::hardening`]; the
+    /// file-descriptor budget, see [`crate::fdlimit`]).
+    #[serde(default)]
+    pub process: crate::hardening::ProcessConfig,
     /// The management API (see [`crate::api`]).
     pub api: Option<crate::api::ApiConfig>,
     /// The management plane's state directory (see [`crate::state`]).
     pub state: Option<crate::api::StateConfig>,
-    /// Process resources (see [`crate::fdlimit`]).
-    #[serde(default)]
-    pub process: ProcessConfig,
     /// TLS listeners.
     #[serde(rename = "listener", default)]
     pub listeners: Vec<ListenerConfig>,
@@ -109,17 +110,6 @@ pub struct Config {
     /// The file this was read from.
     #[serde(skip)]
     pub path: PathBuf,
-}
-
-/// `[process]`: what the process may use.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ProcessConfig {
-    /// When `[dataplane.limits] max_connections_per_core` (set in the file) needs more file
-    /// descriptors than the process may open, lower it to fit with a warning instead of refusing
-    /// to start. Default false.
-    #[serde(default)]
-    pub fit_connections_to_fd_limit: bool,
 }
 
 /// Where the token is and how to log in.
@@ -145,6 +135,16 @@ fn default_module() -> PathBuf {
 pub struct MetricsConfig {
     /// Address of the endpoint, e.g. `127.0.0.1:9100`.
     pub listen: SocketAddr,
+    /// Connections held at most; past it a new one replaces the oldest idle one.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+}
+
+/// Default connection bound of the metrics endpoint and the management API.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 64;
+
+pub fn default_max_connections() -> usize {
+    DEFAULT_MAX_CONNECTIONS
 }
 
 /// One TLS listener.

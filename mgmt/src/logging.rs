@@ -5,8 +5,11 @@ use std::io::IsTerminal;
 use tracing_subscriber::EnvFilter;
 
 /// `info` for everything, except cryptoki's complaint about each mechanism number it has no
-/// name for, which it logs at error level on every token open (SoftHSM2 lists 40 of them).
-pub const DEFAULT_FILTER: &str = "info,cryptoki::mechanism=off";
+/// name for, which it logs at error level on every token open (SoftHSM2 lists 40 of them), and
+/// rustls, which logs every alert it sends at WARN: those are what peers do wrong, counted by
+/// reason in `tlsgate_connections_closed_total` and logged by the data plane at debug
+/// (rate-limited). `TLSGATE_LOG=info,rustls=debug` brings rustls's lines back.
+pub const DEFAULT_FILTER: &str = "info,cryptoki::mechanism=off,rustls=error";
 
 /// Added to a `TLSGATE_LOG` that does not name cryptoki itself, so `TLSGATE_LOG=debug` does not
 /// bring the 30-odd ERROR lines back (the token's mechanisms are logged once, at info).

@@ -40,8 +40,10 @@ pub async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr)> {
     Ok((listener, local))
 }
 
-/// Serves scrapes until the runtime stops.
-pub async fn serve(listener: TcpListener, handle: PrometheusHandle) {
+/// Serves scrapes until the runtime stops, holding at most `max_connections` connections (see
+/// [`crate::conn_limit`]); each has [`REQUEST_TIMEOUT`] to send its request and get its answer.
+pub async fn serve(listener: TcpListener, handle: PrometheusHandle, max_connections: usize) {
+    let limiter = crate::conn_limit::ConnLimiter::new(max_connections);
     let upkeep = handle.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(UPKEEP_INTERVAL);
@@ -53,9 +55,17 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
+                let Some(mut slot) = limiter.admit() else {
+                    tracing::debug!("metrics endpoint: every connection busy; new one closed");
+                    continue;
+                };
                 let handle = handle.clone();
+                let busy = slot.busy_handle();
                 tokio::spawn(async move {
-                    let _ = tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, &handle)).await;
+                    tokio::select! {
+                        _ = &mut slot.evicted => {}
+                        _ = tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, &handle, &busy)) => {}
+                    }
                 });
             }
             Err(err) => {
@@ -66,11 +76,17 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle) {
     }
 }
 
-async fn answer(mut stream: TcpStream, handle: &PrometheusHandle) -> std::io::Result<()> {
+async fn answer(
+    mut stream: TcpStream,
+    handle: &PrometheusHandle,
+    busy: &crate::conn_limit::BusyHandle,
+) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(512);
     let Head::Complete(end) = read_head(&mut stream, &mut head, MAX_HEAD_BYTES).await? else {
         return Ok(());
     };
+    // A request in progress: no longer idle, so not the one evicted to make room.
+    let _busy = busy.busy();
     let line = head[..end]
         .split(|&b| b == b'\r')
         .next()

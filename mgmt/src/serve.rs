@@ -28,6 +28,8 @@ pub struct ServeArgs {
 /// Runs the appliance until SIGTERM or SIGINT.
 pub fn run(args: ServeArgs) -> Result<()> {
     let config = Config::load(&args.config)?;
+    // Before the PIN is read or any key reaches this process.
+    crate::hardening::apply(&config.process)?;
     // First of all: a second process on the same state directory stops here, before it binds
     // or changes anything. Held until this function returns (the process ends).
     let _state_lock = crate::api::state_dir(&config)
@@ -44,7 +46,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         Some(m) => {
             let handle = crate::metrics_http::install()?;
             let (listener, addr) = rt.block_on(crate::metrics_http::bind(m.listen))?;
-            Some((handle, listener, addr))
+            Some((handle, listener, addr, m.max_connections))
         }
         None => None,
     };
@@ -91,10 +93,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
         tracing::info!(listener = %name, %addr, driver = dataplane.driver().as_str(), "listening");
     }
     let mut ready: String = addrs.iter().map(|(n, a)| format!("{n} {a}\n")).collect();
-    if let Some((handle, listener, addr)) = metrics {
+    if let Some((handle, listener, addr, max)) = metrics {
         tracing::info!(%addr, "metrics endpoint: GET /metrics");
         ready.push_str(&format!("metrics {addr}\n"));
-        rt.spawn(crate::metrics_http::serve(listener, handle));
+        rt.spawn(crate::metrics_http::serve(listener, handle, max));
     }
     if let (Some(api), Some(manager)) = (&config.api, &manager) {
         let app = crate::api::routes::router(manager.clone());
@@ -103,7 +105,14 @@ pub fn run(args: ServeArgs) -> Result<()> {
             let listener = rt.block_on(async { crate::api::bind_unix(&path, api.socket_mode) })?;
             tracing::info!(socket = %path.display(), mode = format!("{:#o}", api.socket_mode), "management API on the unix socket");
             ready.push_str(&format!("api-socket {}\n", path.display()));
-            rt.spawn(crate::api::server::serve_unix(listener, app.clone()));
+            let allow = crate::api::PeerAllowlist::from_config(api);
+            tracing::info!(uids = ?allow.uids, gids = ?allow.gids, "management socket peers allowed");
+            rt.spawn(crate::api::server::serve_unix(
+                listener,
+                app.clone(),
+                allow,
+                api.max_connections,
+            ));
         }
         if let Some(listen) = api.listen {
             let tls = crate::api::server::tls_config(api, &config, token.as_ref())?;
@@ -113,7 +122,12 @@ pub fn run(args: ServeArgs) -> Result<()> {
             let addr = listener.local_addr()?;
             tracing::info!(%addr, "management API on HTTPS (client certificates required)");
             ready.push_str(&format!("api {addr}\n"));
-            rt.spawn(crate::api::server::serve_https(listener, tls, app));
+            rt.spawn(crate::api::server::serve_https(
+                listener,
+                tls,
+                app,
+                api.max_connections,
+            ));
         }
     }
     if let Some(path) = &args.ready_file {

@@ -199,6 +199,47 @@ pub struct SniResolver {
     unknown: UnknownSni,
     /// The listener's suites, to tell whether a TLS 1.2 client can use a certificate's key type.
     suites: Vec<rustls::SupportedCipherSuite>,
+    /// ECDSA certificates (by `Arc` address): the curve of their key, and a twin whose key no
+    /// suite can use (see [`SniResolver::resolve`]).
+    ecdsa: HashMap<usize, (rustls::NamedGroup, Arc<CertifiedKey>)>,
+}
+
+/// The named curve of an ECDSA leaf's key, from the curve OID in its SubjectPublicKeyInfo (the
+/// only curve OID a certificate holds; its signature names a hash, not a curve).
+fn ecdsa_curve(key: &CertifiedKey) -> Option<rustls::NamedGroup> {
+    const P256: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+    const P384: &[u8] = &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22];
+    if key.key.algorithm() != rustls::SignatureAlgorithm::ECDSA {
+        return None;
+    }
+    let leaf = key.end_entity_cert().ok()?;
+    let has = |oid: &[u8]| leaf.windows(oid.len()).any(|w| w == oid);
+    if has(P256) {
+        Some(rustls::NamedGroup::secp256r1)
+    } else if has(P384) {
+        Some(rustls::NamedGroup::secp384r1)
+    } else {
+        None
+    }
+}
+
+/// A key of no algorithm any cipher suite can use: rustls then finds no TLS 1.2 suite in
+/// common and ends the handshake with `handshake_failure`, the answer for a client that cannot
+/// verify our key (as HAProxy answers). It never signs.
+#[derive(Debug)]
+struct NoUsableScheme;
+
+impl rustls::sign::SigningKey for NoUsableScheme {
+    fn choose_scheme(
+        &self,
+        _offered: &[rustls::SignatureScheme],
+    ) -> Option<Box<dyn rustls::sign::Signer>> {
+        None
+    }
+
+    fn algorithm(&self) -> rustls::SignatureAlgorithm {
+        rustls::SignatureAlgorithm::Unknown(0xff)
+    }
 }
 
 impl SniResolver {
@@ -223,12 +264,28 @@ impl SniResolver {
         if defaults.is_empty() {
             return Err(TlsConfigError::NoDefault);
         }
+        let mut ecdsa = HashMap::new();
+        for key in exact
+            .values()
+            .chain(wildcard.values())
+            .flatten()
+            .chain(&defaults)
+        {
+            if let Some(curve) = ecdsa_curve(key) {
+                let twin = Arc::new(CertifiedKey::new(
+                    key.cert.clone(),
+                    Arc::new(NoUsableScheme),
+                ));
+                ecdsa.insert(Arc::as_ptr(key) as usize, (curve, twin));
+            }
+        }
         Ok(Self {
             exact,
             wildcard,
             defaults,
             unknown,
             suites: Vec::new(),
+            ecdsa,
         })
     }
 
@@ -246,6 +303,27 @@ impl SniResolver {
             || self.suites.iter().any(|s| {
                 client_suites.contains(&s.suite()) && s.usable_for_signature_algorithm(alg)
             })
+    }
+
+    /// Whether a TLS 1.2 client can verify this key's signature: an ECDSA key's curve must be
+    /// among the client's supported groups (RFC 8422 §5.1; without the extension any curve
+    /// goes). A client that can negotiate TLS 1.3 here is not held to it: there the signature
+    /// scheme names the curve, and `choose_scheme` checks that.
+    fn curve_fits(&self, key: &Arc<CertifiedKey>, hello: &ClientHello<'_>) -> bool {
+        let Some((curve, _)) = self.ecdsa.get(&(Arc::as_ptr(key) as usize)) else {
+            return true;
+        };
+        let tls13 = hello.cipher_suites().iter().any(|c| {
+            self.suites
+                .iter()
+                .any(|s| s.suite() == *c && s.version() == &rustls::version::TLS13)
+        });
+        if tls13 {
+            return true;
+        }
+        hello
+            .named_groups()
+            .is_none_or(|groups| groups.contains(curve))
     }
 
     /// The certificates that serve `sni`, or `None` when no certificate names it.
@@ -280,8 +358,10 @@ impl ResolvesServerCert for SniResolver {
             },
         };
         let client_suites = hello.cipher_suites();
-        let signs = |c: &&Arc<CertifiedKey>| c.key.choose_scheme(offered).is_some();
-        candidates
+        let signs = |c: &&Arc<CertifiedKey>| {
+            c.key.choose_scheme(offered).is_some() && self.curve_fits(c, &hello)
+        };
+        let chosen = candidates
             .iter()
             .filter(signs)
             .find(|c| self.suite_fits(c, client_suites))
@@ -289,8 +369,16 @@ impl ResolvesServerCert for SniResolver {
             // Nothing the client can use: hand rustls the first certificate anyway so the
             // client gets handshake_failure (no common signature scheme or suite), the alert
             // scanners and clients expect, rather than access_denied for "no certificate".
-            .or_else(|| candidates.first())
-            .cloned()
+            .or_else(|| candidates.first())?;
+        // An ECDSA key on a curve the TLS 1.2 client does not support: its twin that no suite
+        // can use, so rustls answers handshake_failure instead of a signature the client must
+        // reject ("wrong curve").
+        if !self.curve_fits(chosen, &hello) {
+            if let Some((_, twin)) = self.ecdsa.get(&(Arc::as_ptr(chosen) as usize)) {
+                return Some(twin.clone());
+            }
+        }
+        Some(chosen.clone())
     }
 }
 

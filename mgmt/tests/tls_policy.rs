@@ -477,7 +477,17 @@ fn gnutls_cli_negotiates_each_profile_suite_and_group() -> Result<()> {
             ("P-521", "SECP521R1"),
             ("ffdhe2048", "FFDHE2048"),
         ] {
-            let priority = format!("NORMAL:-VERS-ALL:+VERS-{version}:-GROUP-ALL:+GROUP-{gname}");
+            // A TLS 1.2 client must also list the curve of the ECDSA (P-256) certificate
+            // (RFC 8422 §5.3); tlsgate refuses one that does not. rustls takes the first
+            // group of the client's list that the listener allows, so the probed group still
+            // decides the key exchange wherever the listener allows it.
+            let also = if e.tls13 || gname == "SECP256R1" {
+                String::new()
+            } else {
+                ":+GROUP-SECP256R1".to_owned()
+            };
+            let priority =
+                format!("NORMAL:-VERS-ALL:+VERS-{version}:-GROUP-ALL:+GROUP-{gname}{also}");
             let r = gnutls(port, &ca, &priority)?;
             let ok = r.ok
                 && r.text

@@ -41,6 +41,11 @@ use buffer::ByteQueue;
 /// has a connection that could write one (key-op queue full or late).
 const ALERT_INTERNAL_ERROR: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 80];
 
+/// A fatal `decode_error` alert for a ClientHello larger than `max_client_hello_bytes` (what
+/// rustls answers to a handshake message over its own size bound); RFC 8446 asks for an alert
+/// rather than a bare close.
+const ALERT_DECODE_ERROR: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 50];
+
 /// A fatal `unrecognized_name` alert (RFC 6066) for a ClientHello whose SNI the listener
 /// refuses; sent in plaintext before any ServerHello.
 const ALERT_UNRECOGNIZED_NAME: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 112];
@@ -55,6 +60,9 @@ pub enum CloseReason {
     ClientHelloTooLarge,
     /// The bytes were not an acceptable ClientHello (peer).
     BadClientHello,
+    /// The client and the listener share no version, cipher suite, group or signature scheme
+    /// (peer: a client or a scanner offering what the policy does not allow).
+    NegotiationFailed,
     /// The SNI names no certificate of a listener that refuses unknown names (peer).
     UnknownSni,
     /// rustls refused the handshake or a record (peer, or our policy).
@@ -70,7 +78,8 @@ pub enum CloseReason {
     KeyOpRejected,
     /// The key operation missed its deadline (us or the token).
     KeyOpTimeout,
-    /// The key operation failed (token error) (us or the token).
+    /// The key operation failed: a PKCS#11 call (the signature) failed (the token). Nothing the
+    /// peer sends is counted here.
     KeyOpFailed,
     /// No traffic for `idle_timeout` (peer or backend).
     IdleTimeout,
@@ -97,6 +106,7 @@ impl CloseReason {
             CloseReason::Done => "done",
             CloseReason::ClientHelloTooLarge => "client_hello_too_large",
             CloseReason::BadClientHello => "bad_client_hello",
+            CloseReason::NegotiationFailed => "negotiation_failed",
             CloseReason::UnknownSni => "unknown_sni",
             CloseReason::TlsError => "tls_error",
             CloseReason::ClientCertRejected => "client_cert_rejected",
@@ -276,13 +286,57 @@ fn failure_bytes(queued: &[u8]) -> &[u8] {
 }
 
 /// The close reason for an error from rustls: a server only ever verifies client certificates,
-/// so certificate errors are the client's.
+/// so certificate errors are the client's; nothing in common is a negotiation failure, a hello
+/// rustls cannot parse or that breaks the protocol is a bad hello.
 fn tls_failure(e: &rustls::Error) -> CloseReason {
     match e {
         rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented => {
             CloseReason::ClientCertRejected
         }
+        rustls::Error::PeerIncompatible(_) => CloseReason::NegotiationFailed,
+        rustls::Error::InvalidMessage(_) | rustls::Error::PeerMisbehaved(_) => {
+            CloseReason::BadClientHello
+        }
         _ => CloseReason::TlsError,
+    }
+}
+
+/// Queues what rustls has for the client after `e`. One correction: a TLS 1.2 client that sent
+/// no certificate where one is required gets `handshake_failure` (40), the alert TLS 1.2 defines
+/// for it (RFC 5246 §7.4.6), not rustls's `certificate_required` (116), which only TLS 1.3 has.
+/// The alert is still in plaintext then (the server has not sent ChangeCipherSpec).
+fn write_failure(tls: &mut ServerConnection, e: &rustls::Error, out: &mut ByteQueue) {
+    let mut bytes = Vec::new();
+    let _ = tls.write_tls(&mut bytes);
+    if matches!(e, rustls::Error::NoCertificatesPresented)
+        && tls.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_2)
+    {
+        const CERTIFICATE_REQUIRED: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 116];
+        if bytes.ends_with(&CERTIFICATE_REQUIRED) {
+            let last = bytes.len() - 1;
+            bytes[last] = 40;
+        }
+    }
+    out.push(&bytes);
+}
+
+/// Whether a failed key-op step failed in the key rather than in the peer's handshake. A
+/// `SigningKey` reports a failed PKCS#11 call as `rustls::Error::Other` (rustls passes a
+/// signer's error through unchanged); everything else rustls decides about the peer's hello.
+pub fn is_key_failure(e: &rustls::Error) -> bool {
+    matches!(e, rustls::Error::Other(_))
+}
+
+impl KeyOpFailure {
+    /// The key-op outcome this failure counts as: only a key failure is `failed`.
+    pub(crate) fn outcome(&self) -> crate::stats::KeyOpOutcome {
+        use crate::stats::KeyOpOutcome;
+        match self {
+            KeyOpFailure::Tls { error, .. } if is_key_failure(error) => KeyOpOutcome::Failed,
+            KeyOpFailure::Tls { .. } => KeyOpOutcome::PeerRefused,
+            KeyOpFailure::Rejected => KeyOpOutcome::Failed,
+            KeyOpFailure::Deadline => KeyOpOutcome::TimedOut,
+        }
     }
 }
 
@@ -594,6 +648,7 @@ impl Conn {
         match &mut self.phase {
             Phase::Hello { flight, .. } => {
                 if flight.len() + data.len() > self.max_hello {
+                    self.to_client.push(&ALERT_DECODE_ERROR);
                     self.fail(CloseReason::ClientHelloTooLarge);
                     return;
                 }
@@ -708,9 +763,14 @@ impl Conn {
         }
         match result {
             Ok(tls) => self.enter_tls(tls, now),
-            Err(KeyOpFailure::Tls { alert, .. }) => {
+            Err(KeyOpFailure::Tls { error, alert }) => {
                 self.to_client.push(failure_bytes(&alert));
-                self.fail(CloseReason::KeyOpFailed);
+                let reason = if is_key_failure(&error) {
+                    CloseReason::KeyOpFailed
+                } else {
+                    tls_failure(&error)
+                };
+                self.fail(reason);
             }
             Err(KeyOpFailure::Rejected) => {
                 self.to_client.push(&ALERT_INTERNAL_ERROR);
@@ -773,11 +833,11 @@ impl Conn {
         let Some(tripwire) = tripwire else {
             match accepted.into_connection(real) {
                 Ok(tls) => self.enter_tls(Box::new(tls), now),
-                Err((_, mut alert)) => {
+                Err((e, mut alert)) => {
                     let mut queued = Vec::new();
                     let _ = alert.write_all(&mut queued);
                     self.to_client.push(failure_bytes(&queued));
-                    self.fail(CloseReason::TlsError);
+                    self.fail(tls_failure(&e));
                 }
             }
             return;
@@ -795,12 +855,12 @@ impl Conn {
                     self.enter_tls(Box::new(tls), now);
                     return;
                 }
-                Err((_, mut alert)) => {
+                Err((e, mut alert)) => {
                     if !tripwire_tripped() {
                         let mut queued = Vec::new();
                         let _ = alert.write_all(&mut queued);
                         self.to_client.push(failure_bytes(&queued));
-                        self.fail(CloseReason::TlsError);
+                        self.fail(tls_failure(&e));
                         return;
                     }
                 }
@@ -844,7 +904,7 @@ impl Conn {
         // Records that arrived with the hello sit in rustls's buffer until processed.
         if let Phase::Tls { tls, .. } = &mut self.phase {
             if let Err(e) = tls.process_new_packets() {
-                let _ = tls.write_tls(&mut self.to_client);
+                write_failure(tls, &e, &mut self.to_client);
                 self.fail(tls_failure(&e));
                 return;
             }
@@ -902,7 +962,7 @@ impl Conn {
                     return;
                 }
                 if let Err(e) = tls.process_new_packets() {
-                    let _ = tls.write_tls(&mut self.to_client);
+                    write_failure(tls, &e, &mut self.to_client);
                     self.fail(tls_failure(&e));
                     return;
                 }

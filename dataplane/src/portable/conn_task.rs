@@ -142,7 +142,7 @@ pub(super) async fn run(
                 core.recorder.borrow().client_out(n);
             }
         }
-        tracing::debug!(core = core.index, listener = %guard.listener, %peer, reason = reason.as_str(), "connection closed");
+        crate::stats::log_closed(core.index, &guard.listener, Some(peer), reason);
     }
     guard.finish(reason);
 }
@@ -243,8 +243,7 @@ async fn drive(core: &Core, conn: &mut Conn, client: &TcpStream, guard: &mut Gua
                 let r = r.unwrap_or(Err(KeyOpFailure::Deadline));
                 let outcome = match &r {
                     Ok(_) => KeyOpOutcome::Ok,
-                    Err(KeyOpFailure::Deadline) => KeyOpOutcome::TimedOut,
-                    Err(_) => KeyOpOutcome::Failed,
+                    Err(f) => f.outcome(),
                 };
                 guard.key_op_finished(outcome);
                 conn.on_key_op_done(r, now);

@@ -240,7 +240,7 @@ impl Core {
             }
         }
         if reason != CloseReason::Done {
-            tracing::debug!(core = self.index, listener = %st.listener, reason = reason.as_str(), "connection closed");
+            crate::stats::log_closed(self.index, &st.listener, None, reason);
         }
     }
 
@@ -610,8 +610,7 @@ impl Handler for Core {
             }
             let outcome = match &r {
                 Ok(_) => KeyOpOutcome::Ok,
-                Err(KeyOpFailure::Deadline) => KeyOpOutcome::TimedOut,
-                Err(_) => KeyOpOutcome::Failed,
+                Err(f) => f.outcome(),
             };
             self.key_op_finished(id, outcome);
             if let Some(st) = self.conns.get_mut(&id) {

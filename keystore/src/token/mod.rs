@@ -25,10 +25,10 @@ use cryptoki::object::ObjectHandle;
 use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
-use zeroize::Zeroizing;
 
 use crate::error::{Error, Result};
 use crate::pin::PinSource;
+use crate::secret::SecretBuf;
 use crate::uri::Pkcs11Uri;
 
 pub use crate::keyinfo::{KeyInfo, KeyKind, KeyOrigin, KeySpec};
@@ -76,8 +76,9 @@ pub struct Token {
     slot: Slot,
     label: String,
     serial: String,
-    /// Kept so sessions opened later (after the token dropped the login) can log in again.
-    pin: Zeroizing<String>,
+    /// Kept so sessions opened later (after the token dropped the login) can log in again: on
+    /// pages of its own, out of core dumps, locked in memory, wiped on drop.
+    pin: SecretBuf,
     mechanisms: Vec<MechanismType>,
     sessions: Mutex<Vec<Session>>,
     handles: Mutex<HashMap<HandleKey, ObjectHandle>>,
@@ -135,7 +136,13 @@ impl Token {
         pin: &PinSource,
     ) -> Result<Arc<Token>> {
         let pkcs11 = module(module_path)?;
-        let pin = pin.read()?;
+        let pin = {
+            let read = pin.read()?;
+            SecretBuf::from_slice(read.as_bytes()).map_err(|e| Error::PinSource {
+                source_desc: pin.to_string(),
+                reason: format!("no memory for the PIN: {e}"),
+            })?
+        };
         let slots = pkcs11.get_slots_with_token().map_err(from_ck)?;
         let mut found = None;
         for slot in slots {
@@ -239,7 +246,9 @@ impl Token {
             }
             other => other.map_err(from_ck)?,
         };
-        let pin = AuthPin::from(self.pin.as_str());
+        // The PIN was UTF-8 when read (`PinSource::read`); `AuthPin` is a `secrecy` string,
+        // wiped when it drops at the end of this call.
+        let pin = AuthPin::from(String::from_utf8_lossy(self.pin.as_bytes()).as_ref());
         match session.login(UserType::User, Some(&pin)) {
             // Login state is per token and application: a second login is expected.
             Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(session),

@@ -265,7 +265,8 @@ impl Signer for TokenSigner {
                     "token signature failed"
                 ),
             }
-            rustls::Error::General(format!("token signature failed: {e}"))
+            // `Other` tells the data plane that the key failed, not the peer's handshake.
+            rustls::Error::Other(rustls::OtherError(std::sync::Arc::new(e)))
         })
     }
 

@@ -92,6 +92,10 @@ pub fn key_error(err: &KeyError) -> ApiError {
     }
 }
 
+/// The error code of an answer, for the audit line.
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorCode(pub &'static str);
+
 #[derive(serde::Serialize)]
 struct Body<'a> {
     error: Inner<'a>,
@@ -111,6 +115,9 @@ impl IntoResponse for ApiError {
                 message: &self.message,
             },
         };
-        (self.status, axum::Json(body)).into_response()
+        let mut response = (self.status, axum::Json(body)).into_response();
+        // For the request's audit line.
+        response.extensions_mut().insert(ErrorCode(self.code));
+        response
     }
 }

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use tlsgate_dataplane::Snapshot;
 use tlsgate_keystore::cert::{fmt_time, CertChain, ChainReport};
 use tlsgate_keystore::keyref::{self, KeyBackend, KeyRef};
+use tlsgate_keystore::secret::SecretBuf;
 use tlsgate_keystore::{KeyInfo, KeySpec, Pkcs11Uri, Token};
 use zeroize::Zeroizing;
 
@@ -242,7 +243,7 @@ impl Manager {
         }
     }
 
-    /// Runs `op` and writes its audit line.
+    /// Runs `op` and writes its audit line (for changes that are not API requests: a signal).
     pub fn audited<T>(
         &self,
         client: &ClientIdentity,
@@ -250,12 +251,29 @@ impl Manager {
         target: &str,
         op: impl FnOnce(&Manager) -> Result<T, ApiError>,
     ) -> Result<T, ApiError> {
-        let result = op(self);
+        let result = self.perform(client, operation, target, op);
         let outcome = match &result {
             Ok(_) => "ok",
             Err(e) => e.code,
         };
         self.audit.record(client, operation, target, outcome);
+        result
+    }
+
+    /// The audit log (API requests write their line in `api::access`).
+    pub fn audit_log(&self) -> &AuditLog {
+        &self.audit
+    }
+
+    /// Runs `op` and logs it; the API request around it writes the audit line.
+    pub fn perform<T>(
+        &self,
+        client: &ClientIdentity,
+        operation: &str,
+        target: &str,
+        op: impl FnOnce(&Manager) -> Result<T, ApiError>,
+    ) -> Result<T, ApiError> {
+        let result = op(self);
         if let Err(e) = &result {
             tracing::warn!(client = %client, operation, target, code = e.code, message = %e.message, "management operation refused");
         } else {
@@ -491,25 +509,25 @@ impl Manager {
         Ok(self.key_view(&inner, &info, token.label()))
     }
 
-    /// Imports a PKCS#8 key (PEM). The bytes are wiped after the import and never stored.
+    /// Imports a PKCS#8 key (PEM). The PEM and the DER decoded from it live only in secret
+    /// memory (wiped, out of core dumps) and are never stored or echoed.
     pub fn import_key(
         &self,
         label: &str,
         id: Option<&str>,
-        pkcs8_pem: &Zeroizing<String>,
+        pkcs8_pem: &SecretBuf,
     ) -> Result<KeyView, ApiError> {
-        use rustls_pki_types::pem::PemObject;
         let token = self.token()?;
         check_label(label)?;
         let id = parse_id(id)?;
-        let der =
-            match rustls_pki_types::PrivatePkcs8KeyDer::from_pem_slice(pkcs8_pem.as_bytes()) {
-                Ok(k) => Zeroizing::new(k.secret_pkcs8_der().to_vec()),
-                Err(_) => return Err(ApiError::invalid(
+        let der = tlsgate_keystore::secret::pkcs8_der_from_pem(pkcs8_pem.as_bytes())
+            .map(|d| Zeroizing::new(d.as_bytes().to_vec()))
+            .ok_or_else(|| {
+                ApiError::invalid(
                     "key_pem_invalid",
                     "pkcs8_pem holds no PKCS#8 private key (a `-----BEGIN PRIVATE KEY-----` block)",
-                )),
-            };
+                )
+            })?;
         let info = token
             .import_pkcs8(der, label, id.as_deref())
             .map_err(|e| key_error(&e))?;

@@ -27,9 +27,11 @@ use tlsgate_keystore::Token;
 
 use crate::config::{Config, ConfigError};
 
+pub mod access;
 pub mod error;
 pub mod manager;
 pub mod routes;
+pub mod secret_body;
 pub mod server;
 
 pub use manager::{Manager, Publisher};
@@ -60,6 +62,39 @@ pub struct ApiConfig {
     pub client_ca: Option<PathBuf>,
     /// Audit log path (default: `audit.log` in the state directory).
     pub audit_log: Option<PathBuf>,
+    /// Unix-socket peers (SO_PEERCRED) allowed by uid; default: root and the service's own uid.
+    pub socket_uids: Option<Vec<u32>>,
+    /// Unix-socket peers allowed by (effective) gid; default: the service's own group.
+    pub socket_gids: Option<Vec<u32>>,
+    /// Connections held at most, per listener (socket, HTTPS); past it a new one replaces the
+    /// oldest idle one.
+    #[serde(default = "crate::config::default_max_connections")]
+    pub max_connections: usize,
+}
+
+/// Who may talk on the unix socket, checked with SO_PEERCRED on every connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerAllowlist {
+    pub uids: Vec<u32>,
+    pub gids: Vec<u32>,
+}
+
+impl PeerAllowlist {
+    /// From `[api]`, with the defaults: uid 0 and our own uid; our own (effective) gid.
+    pub fn from_config(api: &ApiConfig) -> PeerAllowlist {
+        let own_uid = rustix::process::geteuid().as_raw();
+        let own_gid = rustix::process::getegid().as_raw();
+        let mut default_uids = vec![0, own_uid];
+        default_uids.dedup();
+        PeerAllowlist {
+            uids: api.socket_uids.clone().unwrap_or(default_uids),
+            gids: api.socket_gids.clone().unwrap_or_else(|| vec![own_gid]),
+        }
+    }
+
+    pub fn allows(&self, uid: u32, gid: u32) -> bool {
+        self.uids.contains(&uid) || self.gids.contains(&gid)
+    }
 }
 
 fn default_socket_mode() -> u32 {

@@ -12,12 +12,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{on, MethodFilter, MethodRouter};
 use axum::{Extension, Json, Router};
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
 use serde_json::{json, Value};
-use zeroize::Zeroizing;
 
 use super::error::ApiError;
 use super::manager::{CsrRequest, GenerateKey, Manager, PutBinding, PutCert, PutCrl};
+use super::secret_body;
 use crate::audit::ClientIdentity;
 
 type Mgr = State<Arc<Manager>>;
@@ -108,10 +107,15 @@ pub fn router(manager: Arc<Manager>) -> Router {
                 "this route does not take that method; see GET /v1/openapi.json",
             )
         })
+        .layer(axum::middleware::from_fn_with_state(
+            manager.clone(),
+            super::access::layer,
+        ))
         .with_state(manager)
 }
 
-/// Runs `op` on a blocking thread with its audit line.
+/// Runs `op` on a blocking thread; names the operation and target for the request's audit
+/// line (written by [`super::access`]).
 async fn run<T: Send + 'static>(
     m: Arc<Manager>,
     who: ClientIdentity,
@@ -119,7 +123,8 @@ async fn run<T: Send + 'static>(
     target: String,
     op: impl FnOnce(&Manager) -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(move || m.audited(&who, operation, &target, op))
+    super::access::note_operation(operation, &target);
+    tokio::task::spawn_blocking(move || m.perform(&who, operation, &target, op))
         .await
         .map_err(|e| ApiError::internal(format!("the operation did not finish: {e}")))?
 }
@@ -141,6 +146,7 @@ fn no_content() -> Response {
 }
 
 async fn openapi() -> Response {
+    super::access::note_operation("openapi.get", "-");
     (
         [(header::CONTENT_TYPE, "application/json")],
         super::OPENAPI_JSON,
@@ -163,37 +169,32 @@ async fn generate_key(State(m): Mgr, Extension(who): Who, b: Bytes) -> Result<Re
     Ok(created(json!(key)))
 }
 
-/// The import request. The key PEM is moved into wiped memory at once and is never logged.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ImportKey {
-    label: String,
-    id: Option<String>,
-    pkcs8_pem: String,
-}
-
-async fn import_key(State(m): Mgr, Extension(who): Who, b: Bytes) -> Result<Response, ApiError> {
-    // The body holds a private key: parse it from a copy that is wiped when dropped.
-    let raw = Zeroizing::new(b.to_vec());
-    drop(b);
-    let parsed: Result<ImportKey, _> = body(&raw);
-    drop(raw);
-    let (label, id, pem) = match parsed {
-        Ok(r) => (r.label, r.id, Zeroizing::new(r.pkcs8_pem)),
-        Err(e) => {
-            return run(m, who, "key.import", String::new(), move |_| {
-                Err::<(), _>(e)
-            })
-            .await
-            .map(|()| no_content())
-        }
+/// `POST /v1/keys/import`: the body holds a private key, so it is read, parsed and decoded only
+/// into secret memory (see [`super::secret_body`]), and the connection closes after the answer
+/// so hyper lets go of its read buffer, which is then wiped.
+async fn import_key(State(m): Mgr, Extension(who): Who, req: axum::extract::Request) -> Response {
+    let (parts, body) = req.into_parts();
+    drop(parts);
+    let result = async {
+        let raw = secret_body::read(body, secret_body::MAX_IMPORT_BODY_BYTES).await;
+        let parsed = raw.and_then(|raw| secret_body::parse_import(&raw));
+        let target = parsed.as_ref().map(|r| r.label.clone()).unwrap_or_default();
+        run(m, who, "key.import", target, move |m| {
+            let req = parsed?;
+            m.import_key(&req.label, req.id.as_deref(), &req.pkcs8_pem)
+        })
+        .await
+    }
+    .await;
+    let mut response = match result {
+        Ok(key) => created(json!(key)),
+        Err(e) => e.into_response(),
     };
-    let target = label.clone();
-    let key = run(m, who, "key.import", target, move |m| {
-        m.import_key(&label, id.as_deref(), &pem)
-    })
-    .await?;
-    Ok(created(json!(key)))
+    response.headers_mut().insert(
+        header::CONNECTION,
+        axum::http::HeaderValue::from_static("close"),
+    );
+    response
 }
 
 async fn delete_key(

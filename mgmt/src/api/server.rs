@@ -23,47 +23,85 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 use tower_service::Service;
 
+use super::access::PeerRefused;
 use super::ApiConfig;
 use crate::audit::ClientIdentity;
 use crate::config::Config;
+use crate::conn_limit::{ConnLimiter, Slot};
 use crate::tls::{ServedCert, SniResolver, UnknownSni};
 
 /// How long a client may take to finish its TLS handshake or send a request head.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Serves one connection with `identity` attached to each request.
-async fn serve_conn<I>(io: I, identity: ClientIdentity, app: Router)
+/// Serves one connection with `identity` (and, for a refused peer, [`PeerRefused`]) attached
+/// to each request. The connection counts as busy while a request is in progress; hyper's
+/// header timeout closes it when it sends no request head (also between requests) in time.
+async fn serve_conn<I>(io: I, identity: ClientIdentity, refused: bool, app: Router, mut slot: Slot)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let busy = Arc::new(slot.busy_handle());
     let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         req.extensions_mut().insert(identity.clone());
+        if refused {
+            req.extensions_mut().insert(PeerRefused);
+        }
         let mut app = app.clone();
-        async move { app.call(req).await }
+        let busy = busy.clone();
+        async move {
+            let _busy = busy.busy();
+            app.call(req).await
+        }
     });
-    let result = hyper::server::conn::http1::Builder::new()
+    let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HANDSHAKE_TIMEOUT)
-        .serve_connection(TokioIo::new(io), svc)
-        .await;
-    if let Err(err) = result {
-        tracing::debug!(error = %err, "management API connection ended with an error");
+        .serve_connection(TokioIo::new(io), svc);
+    tokio::select! {
+        _ = &mut slot.evicted => {
+            tracing::debug!("management API connection closed to make room for a new one");
+        }
+        result = conn => {
+            if let Err(err) = result {
+                tracing::debug!(error = %err, "management API connection ended with an error");
+            }
+        }
     }
 }
 
-/// Accepts on the unix socket until the runtime stops.
-pub async fn serve_unix(listener: UnixListener, app: Router) {
+/// Accepts on the unix socket until the runtime stops. Every peer's uid and gid are read with
+/// SO_PEERCRED; a peer outside `allow` gets `403 peer_not_allowed` (audited) for each request.
+pub async fn serve_unix(
+    listener: UnixListener,
+    app: Router,
+    allow: super::PeerAllowlist,
+    max_connections: usize,
+) {
+    let limiter = ConnLimiter::new(max_connections);
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                let uid = match stream.peer_cred() {
-                    Ok(cred) => cred.uid(),
+                let (uid, gid) = match stream.peer_cred() {
+                    Ok(cred) => (cred.uid(), cred.gid()),
                     Err(err) => {
                         tracing::warn!(error = %err, "management socket: no peer credentials; connection dropped");
                         continue;
                     }
                 };
-                tokio::spawn(serve_conn(stream, ClientIdentity::Uid(uid), app.clone()));
+                let Some(slot) = limiter.admit() else {
+                    tracing::warn!(
+                        uid,
+                        "management socket: every connection busy; new one closed"
+                    );
+                    continue;
+                };
+                let refused = !allow.allows(uid, gid);
+                let identity = if refused {
+                    ClientIdentity::Peer { uid, gid }
+                } else {
+                    ClientIdentity::Uid(uid)
+                };
+                tokio::spawn(serve_conn(stream, identity, refused, app.clone(), slot));
             }
             Err(err) => {
                 tracing::warn!(error = %err, "management socket accept failed");
@@ -74,8 +112,14 @@ pub async fn serve_unix(listener: UnixListener, app: Router) {
 }
 
 /// Accepts HTTPS connections until the runtime stops.
-pub async fn serve_https(listener: TcpListener, tls: Arc<ServerConfig>, app: Router) {
+pub async fn serve_https(
+    listener: TcpListener,
+    tls: Arc<ServerConfig>,
+    app: Router,
+    max_connections: usize,
+) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let limiter = ConnLimiter::new(max_connections);
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -85,16 +129,24 @@ pub async fn serve_https(listener: TcpListener, tls: Arc<ServerConfig>, app: Rou
                 continue;
             }
         };
+        let Some(mut slot) = limiter.admit() else {
+            tracing::warn!(%peer, "management API: every connection busy; new one closed");
+            continue;
+        };
         let acceptor = acceptor.clone();
         let app = app.clone();
         tokio::spawn(async move {
-            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(err)) => {
-                    tracing::info!(%peer, error = %err, "management API handshake refused");
-                    return;
-                }
-                Err(_) => return,
+            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp));
+            let stream = tokio::select! {
+                _ = &mut slot.evicted => return,
+                r = handshake => match r {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(err)) => {
+                        tracing::info!(%peer, error = %err, "management API handshake refused");
+                        return;
+                    }
+                    Err(_) => return,
+                },
             };
             let identity = stream
                 .get_ref()
@@ -103,7 +155,7 @@ pub async fn serve_https(listener: TcpListener, tls: Arc<ServerConfig>, app: Rou
                 .and_then(|c| c.first())
                 .map(|leaf| cert_identity(leaf.as_ref()));
             match identity {
-                Some(id) => serve_conn(stream, id, app).await,
+                Some(id) => serve_conn(stream, id, false, app, slot).await,
                 // The verifier requires a certificate, so this does not happen; refuse anyway.
                 None => tracing::warn!(%peer, "management API client without a certificate"),
             }

@@ -51,8 +51,8 @@ pub fn run(cmd: CaCommand) -> Result<()> {
                 .with_context(|| format!("cannot create the lab CA in {}", args.dir.display()))?;
             let root = args.dir.join("root.pem");
             crate::files::write_atomic(&root, ca.root_pem().as_bytes(), 0o644)?;
-            println!("lab CA {:?} created in {}", args.name, args.dir.display());
-            println!("  trust anchor for clients: {}", root.display());
+            outln!("lab CA {:?} created in {}", args.name, args.dir.display());
+            outln!("  trust anchor for clients: {}", root.display());
             Ok(())
         }
         CaCommand::Sign(args) => {
@@ -64,7 +64,7 @@ pub fn run(cmd: CaCommand) -> Result<()> {
             match args.out {
                 Some(out) => crate::files::write_atomic(&out, chain.as_bytes(), 0o644),
                 None => {
-                    print!("{chain}");
+                    out!("{chain}");
                     Ok(())
                 }
             }

@@ -393,7 +393,7 @@ fn send_and_print(args: &CtlArgs, c: &Call, csr_out: Option<Option<PathBuf>>) ->
     };
     if !status.is_success() {
         if args.json {
-            println!("{}", serde_json::to_string_pretty(&value)?);
+            outln!("{}", serde_json::to_string_pretty(&value)?);
         }
         let code = value["error"]["code"].as_str().unwrap_or("unknown");
         let message = value["error"]["message"].as_str().unwrap_or("");
@@ -405,13 +405,13 @@ fn send_and_print(args: &CtlArgs, c: &Call, csr_out: Option<Option<PathBuf>>) ->
         if !args.json {
             match out {
                 Some(path) => crate::files::write_atomic(&path, pem.as_bytes(), 0o644)?,
-                None => print!("{pem}"),
+                None => out!("{pem}"),
             }
             return Ok(());
         }
     }
     if args.json || matches!(args.command, CtlCommand::Openapi) {
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        outln!("{}", serde_json::to_string_pretty(&value)?);
     } else {
         print_text(c, status, &value);
     }
@@ -498,16 +498,16 @@ fn print_text(c: &Call, status: StatusCode, v: &Value) {
                     s(&item["revoked"])
                 )
             };
-            println!("{line}");
+            outln!("{line}");
         }
         if items.is_empty() {
-            println!("(none)");
+            outln!("(none)");
         }
         return;
     }
     match v {
-        Value::Null => println!("ok ({} {})", c.method, c.path),
-        Value::Object(o) if o.contains_key("fingerprint_sha256") => println!(
+        Value::Null => outln!("ok ({} {})", c.method, c.path),
+        Value::Object(o) if o.contains_key("fingerprint_sha256") => outln!(
             "certificate {} subject={} not_after={} sha256={} bound_to={}",
             s(&v["id"]),
             s(&v["subject"]),
@@ -515,7 +515,7 @@ fn print_text(c: &Call, status: StatusCode, v: &Value) {
             s(&v["fingerprint_sha256"]),
             s(&v["bound_to"])
         ),
-        Value::Object(o) if o.contains_key("spki_sha256") => println!(
+        Value::Object(o) if o.contains_key("spki_sha256") => outln!(
             "key {} ({}, {}) uri={} spki_sha256={}",
             s(&v["label"]),
             s(&v["type"]),
@@ -523,7 +523,7 @@ fn print_text(c: &Call, status: StatusCode, v: &Value) {
             s(&v["uri"]),
             s(&v["spki_sha256"])
         ),
-        other => println!("{status}: {other}"),
+        other => outln!("{status}: {other}"),
     }
 }
 

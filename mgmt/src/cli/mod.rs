@@ -6,6 +6,31 @@ use clap::{Parser, Subcommand};
 
 use crate::logging::LogFormat;
 
+/// `print!` for command output: a reader that went away (`tlsgate ctl … | head -1`) ends the
+/// process quietly (exit 0) instead of a panic; another write error exits 1 with a message.
+macro_rules! out {
+    ($($t:tt)*) => { $crate::cli::write_out(format_args!($($t)*)) };
+}
+
+/// `println!` with the behaviour of [`out!`].
+macro_rules! outln {
+    () => { $crate::cli::write_out(format_args!("\n")) };
+    ($($t:tt)*) => { $crate::cli::write_out(format_args!("{}\n", format_args!($($t)*))) };
+}
+
+/// Writes command output (see [`out!`]).
+pub fn write_out(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(err) = stdout.write_fmt(args).and_then(|()| stdout.flush()) {
+        if err.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: cannot write the output: {err}");
+        std::process::exit(1);
+    }
+}
+
 pub mod ca;
 pub mod ctl;
 pub mod demo_backend;

@@ -234,7 +234,7 @@ pub fn run(cmd: TokenCommand) -> Result<()> {
                         .with_context(|| {
                             format!("cannot generate ticket secret {:?}", args.label)
                         })?;
-                    println!(
+                    outln!(
                         "generated ticket secret {:?} id {} on token {:?} ({}, {} bytes, \
                          sensitive, non-extractable, sign-only)\n  uri: {}",
                         info.label,
@@ -291,7 +291,7 @@ pub fn run(cmd: TokenCommand) -> Result<()> {
                 .with_context(|| format!("cannot load the lab CA in {}", args.ca_dir.display()))?;
             let chain = ca.issue_from_csr(&csr, args.days)?;
             files::write_atomic(&args.out, chain.as_bytes(), 0o644)?;
-            println!(
+            outln!(
                 "issued {} (valid {} days) for {} -> {}",
                 args.cn,
                 args.days,
@@ -307,7 +307,7 @@ pub fn run(cmd: TokenCommand) -> Result<()> {
             } else {
                 token.delete(&args.key)?;
             }
-            println!("deleted {}", args.key);
+            outln!("deleted {}", args.key);
             Ok(())
         }
     }
@@ -358,7 +358,7 @@ fn parse_id(id: Option<&str>) -> Result<Option<Vec<u8>>> {
 }
 
 fn print_key_made(verb: &str, info: &KeyInfo, token: &str) {
-    println!(
+    outln!(
         "{verb} {} key {:?} id {} on token {token:?}\n  uri: {}\n  spki sha256: {}",
         info.kind,
         info.label,
@@ -466,13 +466,13 @@ fn init_lab(args: &InitLabArgs) -> Result<()> {
         &Zeroizing::new(user_pin.to_string()),
     )
     .with_context(|| format!("cannot initialise token {:?}", args.label))?;
-    println!(
+    outln!(
         "lab token {:?} initialised in {}",
         args.label,
         dir.display()
     );
-    println!("  export SOFTHSM2_CONF={}", conf.display());
-    println!("  export TLSGATE_TOKEN={}", args.label);
-    println!("  export TLSGATE_PIN=file:{}", user_pin_path.display());
+    outln!("  export SOFTHSM2_CONF={}", conf.display());
+    outln!("  export TLSGATE_TOKEN={}", args.label);
+    outln!("  export TLSGATE_PIN=file:{}", user_pin_path.display());
     Ok(())
 }

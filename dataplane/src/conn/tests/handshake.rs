@@ -142,7 +142,17 @@ fn client_hello_larger_than_the_limit_is_refused_at_the_limit() {
     l.pump();
     assert_eq!(l.conn.closed(), Some(CloseReason::ClientHelloTooLarge));
     assert!(l.handshakes.is_empty());
-    assert_eq!(l.conn.client_out(), b"");
+    // A fatal alert, not a bare close (RFC 8446 §6).
+    assert!(
+        matches!(
+            l.client_error,
+            Some(rustls::Error::AlertReceived(
+                rustls::AlertDescription::DecodeError
+            ))
+        ),
+        "client saw {:?}",
+        l.client_error
+    );
 
     // One byte short of the hello: refused.
     let limits = Limits {

@@ -77,7 +77,10 @@ struct GoneSigner(SignatureScheme);
 
 impl Signer for GoneSigner {
     fn sign(&self, _message: &[u8]) -> Result<Vec<u8>, rustls::Error> {
-        Err(rustls::Error::General("CKR_DEVICE_REMOVED".into()))
+        // As the keystore reports a failed PKCS#11 call.
+        Err(rustls::Error::Other(rustls::OtherError(Arc::new(
+            std::io::Error::other("C_Sign: CKR_DEVICE_REMOVED"),
+        ))))
     }
     fn scheme(&self) -> SignatureScheme {
         self.0
@@ -159,7 +162,8 @@ fn key_op_alert_from_rustls_reaches_the_client() {
     );
     l.pump();
     l.run_key_ops();
-    assert_eq!(l.conn.closed(), Some(CloseReason::KeyOpFailed));
+    // rustls refused, not the token: not an HSM failure.
+    assert_eq!(l.conn.closed(), Some(CloseReason::TlsError));
     assert!(
         matches!(
             l.client_error,
@@ -353,6 +357,41 @@ fn key_op_replaying_a_truncated_flight_fails_with_internal_error() {
     );
     l.client_reading = false;
     l.key_op_done(result);
-    assert_eq!(l.conn.closed(), Some(CloseReason::KeyOpFailed));
+    // No PKCS#11 call failed: not counted against the HSM.
+    assert_eq!(l.conn.closed(), Some(CloseReason::TlsError));
     assert_eq!(l.conn.client_out(), ALERT_INTERNAL_ERROR);
+}
+
+/// A client that shares no cipher suite with an offloaded listener fails on the worker; that
+/// is the peer's doing: `negotiation_failed`, key-op outcome `peer_refused`, never `failed`.
+#[test]
+fn key_op_without_a_shared_suite_is_a_negotiation_failure_not_a_key_failure() {
+    use crate::stats::KeyOpOutcome;
+    let only = |suite| {
+        let mut p = rustls::crypto::aws_lc_rs::default_provider();
+        p.cipher_suites = vec![suite];
+        Arc::new(p)
+    };
+    let server = pki().server_config_with(
+        only(rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_256_GCM_SHA384),
+        pki().signing_key(),
+    );
+    let client = pki().client_config_with(
+        only(rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256),
+        TLS13,
+    );
+    let mut l = Link::new(offload_listener(server), &Limits::default(), client);
+    l.pump();
+    let job = l.jobs.pop_front().expect("a key op");
+    let result = run_key_op(job);
+    let Err(failure) = &result else {
+        panic!("no shared suite must fail");
+    };
+    assert_eq!(failure.outcome(), KeyOpOutcome::PeerRefused);
+    l.key_op_done(result);
+    assert_eq!(l.conn.closed(), Some(CloseReason::NegotiationFailed));
+    assert_eq!(
+        crate::stats::error_source(CloseReason::NegotiationFailed),
+        Some("peer")
+    );
 }
