@@ -25,7 +25,8 @@ pub const KEY_OP_DURATION_SECONDS: &str = "tlsgate_key_op_duration_seconds";
 /// Key operations by outcome. Labels: `result` (`queued`|`ok`|`rejected`|`timed_out`|`failed`|
 /// `late`).
 pub const KEY_OPS_TOTAL: &str = "tlsgate_key_ops_total";
-/// Key operations queued or running now, all cores.
+/// Key operations queued or running now, all cores. Set from the pool's own count about once a
+/// second by the process that runs the data plane (`Dataplane::key_op_counters`).
 pub const KEY_OP_QUEUE_DEPTH: &str = "tlsgate_key_op_queue_depth";
 /// Bytes moved. Labels: `direction` (`client_in`|`client_out`|`backend_in`|`backend_out`).
 pub const TRANSFERRED_BYTES_TOTAL: &str = "tlsgate_transferred_bytes_total";

@@ -9,6 +9,8 @@
 //! module = "/usr/lib/softhsm/libsofthsm2.so"
 //! token = "lab"
 //! pin = "file:/etc/tlsgate/user.pin"         # or env:VAR; never the PIN itself
+//! open_timeout_ms = 30000                   # start-up gives up on a silent HSM after this
+//! call_timeout_ms = 10000                   # management calls answer hsm_timeout after this
 //!
 //! [metrics]                                 # optional Prometheus endpoint
 //! listen = "127.0.0.1:9100"
@@ -115,6 +117,37 @@ pub struct Pkcs11Config {
     pub token: String,
     /// `env:VAR` or `file:PATH` (mode 0600). The PIN itself never appears in the file.
     pub pin: String,
+    /// How long `tlsgate serve` waits for the token at start-up (load, find, log in) before it
+    /// exits with the reason, in milliseconds.
+    #[serde(default = "default_open_timeout_ms")]
+    pub open_timeout_ms: u64,
+    /// How long a management API call that touches the token (key list, generate, import, CSR,
+    /// bind, reload) may take before it answers `hsm_timeout`, in milliseconds.
+    #[serde(default = "default_call_timeout_ms")]
+    pub call_timeout_ms: u64,
+}
+
+/// Default of `[pkcs11] open_timeout_ms`: 30 s.
+pub const DEFAULT_OPEN_TIMEOUT_MS: u64 = 30_000;
+/// Default of `[pkcs11] call_timeout_ms`: 10 s.
+pub const DEFAULT_CALL_TIMEOUT_MS: u64 = 10_000;
+
+fn default_open_timeout_ms() -> u64 {
+    DEFAULT_OPEN_TIMEOUT_MS
+}
+
+fn default_call_timeout_ms() -> u64 {
+    DEFAULT_CALL_TIMEOUT_MS
+}
+
+impl Pkcs11Config {
+    pub fn open_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.open_timeout_ms.max(1))
+    }
+
+    pub fn call_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.call_timeout_ms.max(1))
+    }
 }
 
 fn default_module() -> PathBuf {

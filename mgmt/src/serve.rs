@@ -135,6 +135,9 @@ async fn wait_for_signals(
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
+    // The HSM's state and the key-op pool's counters reach the exporter once a second.
+    let mut health_tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    health_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         // OCSP responses near their nextUpdate: reload (re-reads and re-checks them) then.
         let ocsp_sleep = ocsp_wake().map(|at| {
@@ -164,6 +167,9 @@ async fn wait_for_signals(
                 let _ = ack.send(());
             }
             _ = hup.recv() => reload_now(config_path, dataplane, token, manager.as_ref(), "SIGHUP"),
+            _ = health_tick.tick() => {
+                crate::mgmt_metrics::publish_hsm(token.map(|t| t.as_ref()), dataplane.key_op_counters());
+            }
             _ = ocsp_due => {
                 // A failing timed reload must not spin: the schedule comes back with the next
                 // snapshot that builds.
@@ -243,8 +249,13 @@ pub fn open_token(config: &Config) -> Result<Option<Arc<Token>>> {
     let (Some(p11), Some(pin)) = (&config.pkcs11, config.pin_source()?) else {
         return Ok(None);
     };
-    let token = Token::open(&p11.module, TokenSelector::Label(p11.token.clone()), &pin)
-        .with_context(|| format!("[pkcs11]: cannot open token {:?}", p11.token))?;
+    let token = Token::open_within(
+        &p11.module,
+        TokenSelector::Label(p11.token.clone()),
+        &pin,
+        p11.open_timeout(),
+    )
+    .with_context(|| format!("[pkcs11]: cannot open token {:?}", p11.token))?;
     Ok(Some(token))
 }
 

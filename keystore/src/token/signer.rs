@@ -1,6 +1,7 @@
 //! rustls signing with token keys. Hashing happens in process (aws-lc-rs); the token sees only
 //! the digest (ECDSA, RSA) or the message (Ed25519). Failures reach rustls as
-//! `Error::General`, never as a panic, after a warning that names the PKCS#11 function and CKR.
+//! `Error::General`, never as a panic; failures are logged at most once per interval with their
+//! count, naming the PKCS#11 function and CKR of the latest.
 
 use std::sync::Arc;
 
@@ -255,15 +256,14 @@ struct TokenSigner {
 impl Signer for TokenSigner {
     fn sign(&self, message: &[u8]) -> Result<Vec<u8>, rustls::Error> {
         self.key.sign(self.alg, message).map_err(|e| {
-            match &e {
-                Error::Pkcs11 { function, rv } => tracing::warn!(
-                    key = %self.key.uri, scheme = ?self.scheme, function, rv,
-                    "token signature failed"
-                ),
-                other => tracing::warn!(
-                    key = %self.key.uri, scheme = ?self.scheme, error = %other,
-                    "token signature failed"
-                ),
+            // One line per interval with the count: an HSM that is down fails every full
+            // handshake, and each must not write its own line.
+            if let Some(failed) = self.key.token.sign_failure_line() {
+                tracing::warn!(
+                    key = %self.key.uri, scheme = ?self.scheme, error = %e, failed,
+                    interval_secs = super::health::SIGN_LOG_INTERVAL.as_secs(),
+                    "token signatures failed (one line per interval; count since the last line)"
+                );
             }
             rustls::Error::General(format!("token signature failed: {e}"))
         })

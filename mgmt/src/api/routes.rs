@@ -111,7 +111,10 @@ pub fn router(manager: Arc<Manager>) -> Router {
         .with_state(manager)
 }
 
-/// Runs `op` on a blocking thread with its audit line.
+/// Runs `op` on a blocking thread with its audit line, answering `hsm_timeout` when it takes
+/// longer than `[pkcs11] call_timeout_ms`: a frozen HSM can hang any token call, and the caller
+/// must hear so. The operation itself cannot be cancelled; it may still finish (and its audit
+/// line says how) after the answer went out.
 async fn run<T: Send + 'static>(
     m: Arc<Manager>,
     who: ClientIdentity,
@@ -119,9 +122,17 @@ async fn run<T: Send + 'static>(
     target: String,
     op: impl FnOnce(&Manager) -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(move || m.audited(&who, operation, &target, op))
-        .await
-        .map_err(|e| ApiError::internal(format!("the operation did not finish: {e}")))?
+    let limit = m.call_timeout();
+    let task = tokio::task::spawn_blocking(move || m.audited(&who, operation, &target, op));
+    match tokio::time::timeout(limit, task).await {
+        Ok(done) => {
+            done.map_err(|e| ApiError::internal(format!("the operation did not finish: {e}")))?
+        }
+        Err(_) => Err(super::error::key_error(&tlsgate_keystore::Error::Timeout {
+            what: operation.to_owned(),
+            after_ms: limit.as_millis() as u64,
+        })),
+    }
 }
 
 fn body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
