@@ -150,7 +150,15 @@ struct Appliance {
     _backend: ChildGuard,
 }
 
-fn config(lab: &Lab, backend: &str, extra_pkcs11: &str, with_api: bool) -> Result<PathBuf> {
+/// The appliance's configuration: the token through p11-kit's client, a token-key listener
+/// `hsm` and a software-key listener `sw`; `key_ops` goes under `[dataplane.key_ops]`.
+fn config(
+    lab: &Lab,
+    backend: &str,
+    extra_pkcs11: &str,
+    with_api: bool,
+    key_ops: &str,
+) -> Result<PathBuf> {
     let (sw_key, sw_chain) = lab.software_key_with_chain("EC", "sw")?;
     let api = if with_api {
         format!(
@@ -180,7 +188,7 @@ cores = [0]
 io = "portable"
 
 [dataplane.key_ops]
-deadline_ms = {deadline}
+{key_ops}
 
 [[listener]]
 name = "hsm"
@@ -201,7 +209,6 @@ chain = "{sw_chain}"
 key = "file:{sw_key}"
 "#,
             pin = lab.p("token/user.pin"),
-            deadline = KEY_OP_DEADLINE.as_millis(),
             chain = lab.p("certs/web.pem"),
             key = uri("web"),
             sw_chain = sw_chain.display(),
@@ -212,11 +219,16 @@ key = "file:{sw_key}"
 }
 
 fn start(extra_pkcs11: &str, with_api: bool) -> Result<Appliance> {
+    let key_ops = format!("deadline_ms = {}", KEY_OP_DEADLINE.as_millis());
+    start_with(extra_pkcs11, with_api, &key_ops)
+}
+
+fn start_with(extra_pkcs11: &str, with_api: bool, key_ops: &str) -> Result<Appliance> {
     let lab = Lab::new()?;
     lab.token_key_with_chain("ec-p256", "web")?;
     let (backend, backend_addr) = demo_backend(lab.dir.path())?;
     let hsm = Hsm::start(&lab)?;
-    let config = config(&lab, &backend_addr, extra_pkcs11, with_api)?;
+    let config = config(&lab, &backend_addr, extra_pkcs11, with_api, key_ops)?;
     let serve = Serve::start_with_env(&lab, &config, &[("P11_KIT_SERVER_ADDRESS", hsm.address())])?;
     let ready = std::fs::read_to_string(config.with_extension("ready"))?;
     let addr_of = |name: &str| {
@@ -480,6 +492,7 @@ fn a_frozen_hsm_gets_deadlines_for_management_and_start_up() -> Result<()> {
         "127.0.0.1:9",
         &format!("open_timeout_ms = {OPEN_MS}"),
         false,
+        "",
     )?;
     let t0 = Instant::now();
     let mut cmd = common::tlsgate();
@@ -518,4 +531,70 @@ fn a_frozen_hsm_gets_deadlines_for_management_and_start_up() -> Result<()> {
         thread::sleep(Duration::from_millis(100));
     }
     Ok(())
+}
+
+#[test]
+fn a_stalled_hsm_shows_in_the_queue_depth_and_late_answers_are_counted() -> Result<()> {
+    if !have_parts() {
+        return Ok(());
+    }
+    const WORKERS: usize = 2;
+    const HANDSHAKES: usize = 6;
+    let app = start_with(
+        "",
+        false,
+        &format!("workers = {WORKERS}\ndeadline_ms = 1000"),
+    )?;
+    let full = client_config(&app.lab, false)?;
+    ensure!(get(app.serve.port, &full)? == HandshakeKind::Full);
+
+    app.hsm.signal("-STOP")?;
+    // Two requests hang in the token, the rest wait in the queue behind them.
+    let clients: Vec<_> = (0..HANDSHAKES)
+        .map(|_| {
+            let (port, full) = (app.serve.port, full.clone());
+            thread::spawn(move || get(port, &full).is_ok())
+        })
+        .collect();
+    let text = wait_metric_at_least(&app, "tlsgate_key_op_queue_depth", HANDSHAKES as f64)?;
+    let depth = metric(&text, "tlsgate_key_op_queue_depth", &[]);
+    for c in clients {
+        ensure!(
+            !c.join()
+                .map_err(|_| anyhow::anyhow!("client thread panicked"))?,
+            "a full handshake succeeded on a frozen HSM"
+        );
+    }
+    app.hsm.signal("-CONT")?;
+
+    // Thawed: the two hung signatures finish after their deadline (late), the queued ones are
+    // taken after theirs and never run (timeout); the queue empties.
+    let text = wait_metric(&app, "tlsgate_key_op_queue_depth", &[], 0.0)?;
+    let late = metric(&text, "tlsgate_hsm_ops_total", &["outcome=\"late\""]);
+    let timeout = metric(&text, "tlsgate_hsm_ops_total", &["outcome=\"timeout\""]);
+    println!("queue depth while frozen {depth}; late {late}, timeout {timeout}");
+    ensure!(late >= 1.0, "no late completion counted:\n{text}");
+    ensure!(timeout >= 1.0, "no request expired in the queue:\n{text}");
+    ensure!(
+        late + timeout >= HANDSHAKES as f64,
+        "every stalled request is either late or timed out:\n{text}"
+    );
+    // And the HSM serves again (nothing here was a device error).
+    ensure!(get(app.serve.port, &full)? == HandshakeKind::Full);
+    Ok(())
+}
+
+/// Waits (up to 10 s) until the exporter shows `name` at `want` or more.
+fn wait_metric_at_least(app: &Appliance, name: &str, want: f64) -> Result<String> {
+    let start = Instant::now();
+    loop {
+        let text = scrape(&app.metrics)?;
+        if metric(&text, name, &[]) >= want {
+            return Ok(text);
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            bail!("{name} never reached {want}:\n{text}");
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -623,36 +623,31 @@ impl Token {
         f: impl Fn(&Session, ObjectHandle) -> Result<T>,
     ) -> Result<T> {
         self.check_uri(uri)?;
-        let vanished = self.with_session_gen(|s, generation| {
+        // Set when a key that was there a moment ago is gone: the token lost its objects (its
+        // store went away), not this one key.
+        let vanished = std::cell::Cell::new(false);
+        let result = self.with_session_gen(|s, generation| {
             let handle = self.private_handle_in(s, generation, uri)?;
             match f(s, handle) {
                 Err(e) if p11::is_handle_invalid(&e) => {
                     self.forget_handles();
-                    match self.private_handle_in(s, generation, uri) {
-                        Ok(h) => f(s, h),
-                        // A key that was there a moment ago is gone: the token lost its
-                        // objects (its store went away), not this one key.
-                        Err(Error::KeyNotFound { uri }) => Err(Error::KeyNotFound {
-                            uri: format!("{uri} (vanished)"),
-                        }),
-                        Err(e) => Err(e),
-                    }
+                    let again = self.private_handle_in(s, generation, uri);
+                    vanished.set(matches!(again, Err(Error::KeyNotFound { .. })));
+                    f(s, again?)
                 }
                 other => other,
             }
         });
-        if let Err(Error::KeyNotFound { uri }) = &vanished {
-            if uri.ends_with("(vanished)")
-                && self.health.fail(
-                    &self.label,
-                    "C_FindObjects",
-                    "CKR_KEY_HANDLE_INVALID (key vanished)",
-                )
-            {
-                health::spawn_recovery(self.this.clone(), self.label.clone());
-            }
+        if vanished.get()
+            && self.health.fail(
+                &self.label,
+                "C_FindObjects",
+                "CKR_KEY_HANDLE_INVALID (key vanished)",
+            )
+        {
+            health::spawn_recovery(self.this.clone(), self.label.clone());
         }
-        vanished
+        result
     }
 
     pub(crate) fn forget_handles(&self) {
