@@ -56,8 +56,6 @@ struct Counters {
     expired: AtomicU64,
     /// Ran, but the token answered after the deadline: the result was thrown away.
     late: AtomicU64,
-    /// Refused at submission: the queue was full (or closing).
-    shed: AtomicU64,
     /// When the last past-deadline line was logged, and what was counted since.
     log: Mutex<(Option<Instant>, u64, u64)>,
 }
@@ -71,7 +69,8 @@ pub struct KeyOpCounters {
     pub expired: u64,
     /// Requests whose token call finished after their deadline (the answer was discarded).
     pub late: u64,
-    /// Requests refused because the queue was full.
+    /// Requests refused at once: a core at its in-flight bound, or the queue full (counted by
+    /// the cores, which refuse them; filled in by [`crate::Dataplane::key_op_counters`]).
     pub shed: u64,
 }
 
@@ -119,16 +118,12 @@ impl KeyOpPool {
             Ok(g) => g.clone(),
             Err(p) => p.into_inner().clone(),
         };
-        let Some(tx) = tx else {
-            self.counters.shed.fetch_add(1, Relaxed);
-            return Err(req);
-        };
+        let Some(tx) = tx else { return Err(req) };
         self.depth.fetch_add(1, Relaxed);
         match tx.try_send(req) {
             Ok(()) => Ok(()),
             Err(TrySendError::Full(req) | TrySendError::Disconnected(req)) => {
                 self.depth.fetch_sub(1, Relaxed);
-                self.counters.shed.fetch_add(1, Relaxed);
                 Err(req)
             }
         }
@@ -147,7 +142,7 @@ impl KeyOpPool {
             depth: self.depth(),
             expired: self.counters.expired.load(Relaxed),
             late: self.counters.late.load(Relaxed),
-            shed: self.counters.shed.load(Relaxed),
+            shed: 0,
         }
     }
 

@@ -231,9 +231,13 @@ impl Dataplane {
         self.shared.snapshot.store(Arc::new(prepared));
     }
 
-    /// The key-op pool's depth now and its counters (expired in the queue, finished late, shed).
+    /// The key-op pool's depth now and its counters (expired in the queue, finished late), with
+    /// the requests the cores refused (in-flight bound or queue full) as `shed`.
     pub fn key_op_counters(&self) -> KeyOpCounters {
-        self.shared.key_ops.counters()
+        KeyOpCounters {
+            shed: self.stats().key_ops_rejected,
+            ..self.shared.key_ops.counters()
+        }
     }
 
     /// Counters of all cores, summed now.

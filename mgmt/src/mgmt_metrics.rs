@@ -38,7 +38,8 @@ pub const HSM_INFLIGHT: &str = "tlsgate_hsm_inflight";
 /// Counter: key operations for the token by outcome. Labels: `token`, `outcome` (`ok`, `error`:
 /// the token answered with an error; `unavailable`: refused at once while out of service;
 /// `timeout`: waited past its deadline in the queue; `late`: the token answered after the
-/// deadline; `shed`: the queue was full).
+/// deadline, also counted as `ok`; `shed`: refused at once, a core at its in-flight bound or the
+/// queue full). `ok + error + unavailable + timeout + shed` = full handshakes offered.
 pub const HSM_OPS_TOTAL: &str = "tlsgate_hsm_ops_total";
 /// Counter: times the token came back into service. Labels: `token`.
 pub const HSM_RECOVERIES_TOTAL: &str = "tlsgate_hsm_recoveries_total";
