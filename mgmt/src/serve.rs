@@ -117,9 +117,16 @@ pub fn run(args: ServeArgs) -> Result<()> {
     }
     tracing::info!(drain_secs = drain.as_secs_f64(), "draining");
     dataplane.shutdown(drain).context("shutdown")?;
+    // A management call stuck on a frozen HSM holds a blocking thread that may never return;
+    // dropping the runtime would wait for it. State writes are atomic (temp, fsync, rename), so
+    // leaving one behind after a grace period loses nothing half-written.
+    rt.shutdown_timeout(EXIT_GRACE);
     tracing::info!("stopped");
     Ok(())
 }
+
+/// How long exit waits for management calls still running (on the HSM) before leaving them.
+const EXIT_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A snapshot from the management plane and the sender to tell it the snapshot is live.
 type Published = (Arc<Snapshot>, tokio::sync::oneshot::Sender<()>);
@@ -166,7 +173,7 @@ async fn wait_for_signals(
                 dataplane.update(snapshot);
                 let _ = ack.send(());
             }
-            _ = hup.recv() => reload_now(config_path, dataplane, token, manager.as_ref(), "SIGHUP"),
+            _ = hup.recv() => reload_now(config_path, dataplane, token, manager.as_ref(), "SIGHUP").await,
             _ = health_tick.tick() => {
                 crate::mgmt_metrics::publish_hsm(token.map(|t| t.as_ref()), dataplane.key_op_counters());
             }
@@ -174,7 +181,7 @@ async fn wait_for_signals(
                 // A failing timed reload must not spin: the schedule comes back with the next
                 // snapshot that builds.
                 set_ocsp_wake(None);
-                reload_now(config_path, dataplane, token, manager.as_ref(), "OCSP refresh");
+                reload_now(config_path, dataplane, token, manager.as_ref(), "OCSP refresh").await;
             }
         }
     }
@@ -182,7 +189,7 @@ async fn wait_for_signals(
 
 /// Reloads for `why`: through the management plane when there is one (it owns the state and
 /// publishes through the signal loop), else straight from the file.
-fn reload_now(
+async fn reload_now(
     config_path: &Path,
     dataplane: &tlsgate_dataplane::Dataplane,
     token: Option<&Arc<Token>>,
@@ -201,7 +208,27 @@ fn reload_now(
         });
         return;
     }
-    match reload(config_path, token) {
+    // Off this loop and with a deadline: a frozen HSM must not stop the loop that answers
+    // SIGTERM and publishes metrics.
+    let limit = token.map_or(
+        std::time::Duration::from_millis(crate::config::DEFAULT_CALL_TIMEOUT_MS),
+        |_| call_timeout(config_path),
+    );
+    let (path, token) = (config_path.to_owned(), token.cloned());
+    let built = tokio::time::timeout(
+        limit,
+        tokio::task::spawn_blocking(move || reload(&path, token.as_ref())),
+    )
+    .await;
+    let built = match built {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => Err(anyhow::anyhow!("the reload did not finish: {e}")),
+        Err(_) => Err(anyhow::anyhow!(
+            "the HSM did not answer within {} ms",
+            limit.as_millis()
+        )),
+    };
+    match built {
         Ok(snapshot) => {
             dataplane.update(Arc::new(snapshot));
             tracing::info!(trigger = why, "reloaded certificates for new handshakes");
@@ -210,6 +237,16 @@ fn reload_now(
             tracing::error!(trigger = why, error = %format!("{err:#}"), "reload refused; the running configuration stays")
         }
     }
+}
+
+/// `[pkcs11] call_timeout_ms` of the file as it is now (its default when it does not load).
+fn call_timeout(config_path: &Path) -> std::time::Duration {
+    Config::load(config_path)
+        .ok()
+        .and_then(|c| c.pkcs11.map(|p| p.call_timeout()))
+        .unwrap_or(std::time::Duration::from_millis(
+            crate::config::DEFAULT_CALL_TIMEOUT_MS,
+        ))
 }
 
 /// When the OCSP responses of the last snapshot built want a fresh look (see `ocsp::wake_at`).

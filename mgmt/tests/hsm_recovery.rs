@@ -529,6 +529,29 @@ fn a_frozen_hsm_gets_deadlines_for_management_and_start_up() -> Result<()> {
         );
         thread::sleep(Duration::from_millis(100));
     }
+
+    // Frozen again, with a management call stuck on it: SIGTERM still ends the process.
+    app.hsm.signal("-STOP")?;
+    let (out, _) = ctl(&app.lab, &["keys", "list"])?;
+    ensure!(
+        !out.status.success(),
+        "ctl keys list succeeded on a frozen HSM"
+    );
+    app.serve.signal("TERM")?;
+    let mut serve = app.serve;
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(status) = serve.guard.child.try_wait()? {
+            break status;
+        }
+        ensure!(
+            t0.elapsed() < Duration::from_secs(20),
+            "serve did not exit on SIGTERM while a call hangs on the frozen HSM"
+        );
+        thread::sleep(Duration::from_millis(50));
+    };
+    ensure!(status.success(), "serve exited with {status}");
+    app.hsm.signal("-CONT")?;
     Ok(())
 }
 
@@ -548,6 +571,10 @@ fn a_stalled_hsm_shows_in_the_queue_depth_and_late_answers_are_counted() -> Resu
     ensure!(get(app.serve.port, &full)? == HandshakeKind::Full);
 
     app.hsm.signal("-STOP")?;
+    // A reload now hangs on the frozen token (off the signal loop, with a deadline): the loop
+    // must go on publishing metrics, or the queue depth below is never seen.
+    app.serve.signal("HUP")?;
+    thread::sleep(Duration::from_millis(200));
     // Two requests hang in the token, the rest wait in the queue behind them.
     let clients: Vec<_> = (0..HANDSHAKES)
         .map(|_| {
