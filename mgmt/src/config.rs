@@ -11,6 +11,7 @@
 //! pin = "file:/etc/tlsgate/user.pin"         # or env:VAR; never the PIN itself
 //! open_timeout_ms = 30000                   # start-up gives up on a silent HSM after this
 //! call_timeout_ms = 10000                   # management calls answer hsm_timeout after this
+//! probe_interval_ms = 2000                  # a cheap call finds an outage before a handshake
 //!
 //! [metrics]                                 # optional Prometheus endpoint
 //! listen = "127.0.0.1:9100"
@@ -125,6 +126,18 @@ pub struct Pkcs11Config {
     /// bind, reload) may take before it answers `hsm_timeout`, in milliseconds.
     #[serde(default = "default_call_timeout_ms")]
     pub call_timeout_ms: u64,
+    /// How often `tlsgate serve` probes the token with a cheap call while it is in service
+    /// (`C_GetSessionInfo`), so an outage is found before a handshake meets it, in milliseconds;
+    /// 0 turns the probe off.
+    #[serde(default = "default_probe_interval_ms")]
+    pub probe_interval_ms: u64,
+}
+
+/// Default of `[pkcs11] probe_interval_ms`: 2 s.
+pub const DEFAULT_PROBE_INTERVAL_MS: u64 = 2_000;
+
+fn default_probe_interval_ms() -> u64 {
+    DEFAULT_PROBE_INTERVAL_MS
 }
 
 /// Default of `[pkcs11] open_timeout_ms`: 30 s.

@@ -105,12 +105,14 @@ pub fn run(args: ServeArgs) -> Result<()> {
         crate::files::write_atomic(path, ready.as_bytes(), 0o644)?;
     }
 
+    let probe_every = config.pkcs11.as_ref().map_or(0, |p| p.probe_interval_ms);
     rt.block_on(wait_for_signals(
         &args.config,
         &dataplane,
         token.as_ref(),
         manager,
         publish_rx,
+        std::time::Duration::from_millis(probe_every),
     ))?;
     if let Some(path) = config.api.as_ref().and_then(|a| a.socket.as_ref()) {
         let _ = std::fs::remove_file(config.resolve(path));
@@ -137,6 +139,7 @@ async fn wait_for_signals(
     token: Option<&Arc<Token>>,
     manager: Option<Arc<crate::api::Manager>>,
     mut published: Option<tokio::sync::mpsc::Receiver<Published>>,
+    probe_every: std::time::Duration,
 ) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
@@ -145,6 +148,7 @@ async fn wait_for_signals(
     // The HSM's state and the key-op pool's counters reach the exporter once a second.
     let mut health_tick = tokio::time::interval(std::time::Duration::from_secs(1));
     health_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut prober = Prober::new(probe_every);
     loop {
         // OCSP responses near their nextUpdate: reload (re-reads and re-checks them) then.
         let ocsp_sleep = ocsp_wake().map(|at| {
@@ -176,6 +180,7 @@ async fn wait_for_signals(
             _ = hup.recv() => reload_now(config_path, dataplane, token, manager.as_ref(), "SIGHUP").await,
             _ = health_tick.tick() => {
                 crate::mgmt_metrics::publish_hsm(token.map(|t| t.as_ref()), dataplane.key_op_counters());
+                prober.maybe_probe(token);
             }
             _ = ocsp_due => {
                 // A failing timed reload must not spin: the schedule comes back with the next
@@ -184,6 +189,44 @@ async fn wait_for_signals(
                 reload_now(config_path, dataplane, token, manager.as_ref(), "OCSP refresh").await;
             }
         }
+    }
+}
+
+/// Probes the token every `every` (from the signal loop's tick) on a blocking thread, one probe
+/// at a time: a probe stuck on a frozen HSM is not joined by another.
+struct Prober {
+    every: std::time::Duration,
+    last: std::time::Instant,
+    busy: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Prober {
+    fn new(every: std::time::Duration) -> Prober {
+        Prober {
+            every,
+            last: std::time::Instant::now(),
+            busy: Arc::default(),
+        }
+    }
+
+    fn maybe_probe(&mut self, token: Option<&Arc<Token>>) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let Some(token) = token else { return };
+        if self.every.is_zero() || self.last.elapsed() < self.every || !token.is_up() {
+            return;
+        }
+        if self.busy.swap(true, SeqCst) {
+            return;
+        }
+        self.last = std::time::Instant::now();
+        let (token, busy) = (token.clone(), self.busy.clone());
+        tokio::task::spawn_blocking(move || {
+            // A failure has taken the token out of service and logged the state change.
+            if let Err(e) = token.probe() {
+                tracing::debug!(token = %token.label(), error = %e, "HSM probe failed");
+            }
+            busy.store(false, SeqCst);
+        });
     }
 }
 

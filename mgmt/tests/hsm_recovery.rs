@@ -624,3 +624,34 @@ fn wait_metric_at_least(app: &Appliance, name: &str, want: f64) -> Result<String
         thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn an_outage_is_found_by_the_probe_before_a_handshake_meets_it() -> Result<()> {
+    if !have_parts() {
+        return Ok(());
+    }
+    let mut app = start("probe_interval_ms = 200", false)?;
+    let full = client_config(&app.lab, false)?;
+    ensure!(get(app.serve.port, &full)? == HandshakeKind::Full);
+    wait_metric(&app, "tlsgate_hsm_up", &["token=\"lab\""], 1.0)?;
+
+    // No traffic: only the probe can find out.
+    app.hsm.kill()?;
+    let text = wait_metric(&app, "tlsgate_hsm_up", &["token=\"lab\""], 0.0)?;
+    ensure!(
+        metric(&text, "tlsgate_hsm_ops_total", &["outcome=\"error\""]) == 0.0,
+        "a signature met the outage before the probe did:\n{text}"
+    );
+
+    app.hsm.restart()?;
+    wait_metric(&app, "tlsgate_hsm_up", &["token=\"lab\""], 1.0)?;
+    // Back in service before any client asked: the first full handshake succeeds.
+    ensure!(get(app.serve.port, &full)? == HandshakeKind::Full);
+    let text = scrape(&app.metrics)?;
+    ensure!(
+        metric(&text, "tlsgate_hsm_ops_total", &["outcome=\"error\""]) == 0.0
+            && metric(&text, "tlsgate_hsm_ops_total", &["outcome=\"unavailable\""]) == 0.0,
+        "no handshake should have failed:\n{text}"
+    );
+    Ok(())
+}

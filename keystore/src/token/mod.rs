@@ -357,6 +357,14 @@ impl Token {
         self.health.snapshot()
     }
 
+    /// A cheap call to the device (`C_GetSessionInfo` on an idle session), so an outage is found
+    /// by the probe rather than by the next handshake. A device-level answer takes the token
+    /// out of service and starts recovery like any other call; out of service it returns
+    /// [`Error::TokenUnavailable`] at once (recovery does its own checking).
+    pub fn probe(&self) -> Result<()> {
+        self.with_session(|s| s.get_session_info().map(|_| ()).map_err(from_ck))
+    }
+
     /// Whether the token is in service (a device-level error takes it out until recovery).
     pub fn is_up(&self) -> bool {
         self.health.state() == HsmState::Healthy
