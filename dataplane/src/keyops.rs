@@ -74,6 +74,17 @@ pub struct KeyOpCounters {
     pub shed: u64,
 }
 
+impl KeyOpCounters {
+    /// The counters that belong to one token among several (none: the pool is shared, and its
+    /// timeouts, late answers and sheds are counted once, on the primary token).
+    pub fn only_token(self) -> KeyOpCounters {
+        KeyOpCounters {
+            depth: self.depth,
+            ..KeyOpCounters::default()
+        }
+    }
+}
+
 /// The pool. Shared by all cores (`submit` takes `&self`).
 #[derive(Debug)]
 pub struct KeyOpPool {

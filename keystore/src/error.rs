@@ -29,6 +29,14 @@ pub enum Error {
         since_ms: u64,
     },
 
+    /// A replica token does not hold the key the primary holds, or holds another public key.
+    #[error("replica token {replica:?} does not hold the same key as {uri}: {reason}")]
+    ReplicaMismatch {
+        uri: String,
+        replica: String,
+        reason: String,
+    },
+
     /// A PKCS#11 call did not answer within its deadline (a frozen or unreachable HSM).
     #[error("{what}: the HSM did not answer within {after_ms} ms")]
     Timeout { what: String, after_ms: u64 },

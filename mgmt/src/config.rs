@@ -13,6 +13,11 @@
 //! call_timeout_ms = 10000                   # management calls answer hsm_timeout after this
 //! probe_interval_ms = 2000                  # a cheap call finds an outage before a handshake
 //!
+//! [[pkcs11.replica]]                        # optional: another HSM holding the same keys
+//! module = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so"
+//! token = "lab-b"
+//! pin = "file:/etc/tlsgate/user-b.pin"
+//!
 //! [metrics]                                 # optional Prometheus endpoint
 //! listen = "127.0.0.1:9100"
 //!
@@ -131,6 +136,24 @@ pub struct Pkcs11Config {
     /// 0 turns the probe off.
     #[serde(default = "default_probe_interval_ms")]
     pub probe_interval_ms: u64,
+    /// Other tokens holding the same keys (same label or id and public key, checked at load):
+    /// signatures go to the one in service with the fewest calls in flight, and a failed one is
+    /// tried once more on another. Key management (generate, import, CSR) uses the token above.
+    #[serde(default)]
+    pub replica: Vec<ReplicaConfig>,
+}
+
+/// `[[pkcs11.replica]]`: another module/token with the same keys.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicaConfig {
+    /// PKCS#11 module (shared library).
+    #[serde(default = "default_module")]
+    pub module: PathBuf,
+    /// Token label.
+    pub token: String,
+    /// `env:VAR` or `file:PATH`, like `[pkcs11] pin`.
+    pub pin: String,
 }
 
 /// Default of `[pkcs11] probe_interval_ms`: 2 s.

@@ -179,7 +179,11 @@ async fn wait_for_signals(
             }
             _ = hup.recv() => reload_now(config_path, dataplane, token, manager.as_ref(), "SIGHUP").await,
             _ = health_tick.tick() => {
-                crate::mgmt_metrics::publish_hsm(token.map(|t| t.as_ref()), dataplane.key_op_counters());
+                let pool = dataplane.key_op_counters();
+                crate::mgmt_metrics::publish_hsm(token.map(|t| t.as_ref()), pool);
+                for r in token.map(|t| t.replicas()).unwrap_or_default() {
+                    crate::mgmt_metrics::publish_hsm(Some(&r), pool.only_token());
+                }
                 prober.maybe_probe(token);
             }
             _ = ocsp_due => {
@@ -212,18 +216,23 @@ impl Prober {
     fn maybe_probe(&mut self, token: Option<&Arc<Token>>) {
         use std::sync::atomic::Ordering::SeqCst;
         let Some(token) = token else { return };
-        if self.every.is_zero() || self.last.elapsed() < self.every || !token.is_up() {
+        if self.every.is_zero() || self.last.elapsed() < self.every {
             return;
         }
         if self.busy.swap(true, SeqCst) {
             return;
         }
         self.last = std::time::Instant::now();
-        let (token, busy) = (token.clone(), self.busy.clone());
+        let mut tokens = vec![token.clone()];
+        tokens.extend(token.replicas());
+        let busy = self.busy.clone();
         tokio::task::spawn_blocking(move || {
-            // A failure has taken the token out of service and logged the state change.
-            if let Err(e) = token.probe() {
-                tracing::debug!(token = %token.label(), error = %e, "HSM probe failed");
+            // Only tokens in service: recovery checks the others. A failure has taken the
+            // token out of service and logged the state change.
+            for t in tokens.iter().filter(|t| t.is_up()) {
+                if let Err(e) = t.probe() {
+                    tracing::debug!(token = %t.label(), error = %e, "HSM probe failed");
+                }
             }
             busy.store(false, SeqCst);
         });
@@ -324,7 +333,7 @@ fn build_from_file(config: &Config, token: Option<&Arc<Token>>) -> Result<Snapsh
     Ok(snapshot)
 }
 
-/// Opens the token named by `[pkcs11]`, if any.
+/// Opens the token named by `[pkcs11]`, if any, and its replicas.
 pub fn open_token(config: &Config) -> Result<Option<Arc<Token>>> {
     let (Some(p11), Some(pin)) = (&config.pkcs11, config.pin_source()?) else {
         return Ok(None);
@@ -336,6 +345,22 @@ pub fn open_token(config: &Config) -> Result<Option<Arc<Token>>> {
         p11.open_timeout(),
     )
     .with_context(|| format!("[pkcs11]: cannot open token {:?}", p11.token))?;
+    for (i, r) in p11.replica.iter().enumerate() {
+        let at = format!("[[pkcs11.replica]] {i} ({})", r.token);
+        let pin: tlsgate_keystore::PinSource = r
+            .pin
+            .parse()
+            .with_context(|| format!("{at}: pin: use env:VAR or file:PATH"))?;
+        let module = config.resolve(&r.module);
+        let replica = Token::open_within(
+            &module,
+            TokenSelector::Label(r.token.clone()),
+            &pin,
+            p11.open_timeout(),
+        )
+        .with_context(|| format!("{at}: cannot open token {:?}", r.token))?;
+        token.add_replica(replica);
+    }
     Ok(Some(token))
 }
 

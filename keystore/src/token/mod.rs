@@ -205,6 +205,9 @@ pub struct Token {
     /// again, and a key of this set that vanishes takes the token out of service.
     in_use: Mutex<std::collections::HashSet<HandleKey>>,
     health: Health,
+    /// Other tokens holding the same keys (an HA pair, a second HSM): signing keys made on this
+    /// token sign on whichever of them is in service with the fewest calls in flight.
+    replicas: Mutex<Vec<Arc<Token>>>,
     this: Weak<Token>,
 }
 
@@ -308,6 +311,7 @@ impl Token {
             handles: Mutex::new(HashMap::new()),
             in_use: Mutex::new(Default::default()),
             health: Health::default(),
+            replicas: Mutex::new(Vec::new()),
             this: this.clone(),
         });
         // Log in now so a wrong PIN fails at start-up, not at the first handshake.
@@ -355,6 +359,23 @@ impl Token {
     /// Where the token stands and what it has done, for metrics.
     pub fn health(&self) -> HealthSnapshot {
         self.health.snapshot()
+    }
+
+    /// Adds a token that holds the same keys as this one (same label or id, same public key):
+    /// signing keys made on this token from now on sign on either. Checked key by key when a
+    /// signing key is made; a replica missing a key or holding another public key is refused.
+    pub fn add_replica(&self, replica: Arc<Token>) {
+        lock(&self.replicas).push(replica);
+    }
+
+    /// The replicas added with [`Token::add_replica`].
+    pub fn replicas(&self) -> Vec<Arc<Token>> {
+        lock(&self.replicas).clone()
+    }
+
+    /// Calls on the token now (for choosing the least loaded replica).
+    pub(crate) fn inflight(&self) -> u64 {
+        self.health.inflight.load(Relaxed)
     }
 
     /// A cheap call to the device (`C_GetSessionInfo` on an idle session), so an outage is found
