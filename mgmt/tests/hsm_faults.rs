@@ -554,3 +554,52 @@ fn a_slow_hsm_at_its_budget_sheds_and_counts_without_collapse() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn intermittent_device_errors_open_and_close_the_token_and_the_counters_add_up() -> Result<()> {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // Every 5th signature answers CKR_DEVICE_ERROR: the token goes out of service (fast
+    // failures) and comes back, again and again, under load.
+    let mut app = start_with(
+        "portable",
+        false,
+        "fail C_Sign CKR_DEVICE_ERROR every 5\n",
+        "workers = 4\nqueue_depth = 64\nmax_in_flight_per_core = 64\ndeadline_ms = 5000",
+    )?;
+    let (attempts, client_ok) = overload(&app, 8, Duration::from_secs(3))?;
+    set_faults(&app.control, "")?;
+    let (text, [ok, error, unavailable, timeout, late, shed]) = settled_ops(&app)?;
+    let recoveries = metric(&text, "tlsgate_hsm_recoveries_total", &[]);
+    println!(
+        "attempts {attempts} (ok {client_ok}); hsm ok {ok} error {error} unavailable {unavailable} timeout {timeout} late {late} shed {shed}; recoveries {recoveries}"
+    );
+    ensure!(
+        app.serve.guard.child.try_wait()?.is_none(),
+        "serve died under intermittent device errors"
+    );
+    ensure!(error >= 1.0, "no device error reached a signature:\n{text}");
+    ensure!(
+        recoveries >= 1.0,
+        "the token never went out of service and came back:\n{text}"
+    );
+    ensure!(client_ok > 0, "no handshake completed");
+    ensure!(
+        ok + error + unavailable + timeout + shed == attempts as f64,
+        "counters do not add up to the {attempts} handshakes offered:\n{text}"
+    );
+    ensure!(
+        ok == client_ok as f64 + late,
+        "the HSM signed {ok}, the clients completed {client_ok} (+ {late} late):\n{text}"
+    );
+    // Closed again once the faults stop.
+    let start = Instant::now();
+    while metric(&scrape(&app.metrics)?, "tlsgate_hsm_up", &[]) != 1.0 {
+        ensure!(
+            start.elapsed() < Duration::from_secs(10),
+            "the token stayed out of service after the faults stopped"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    one_handshake(&app)?;
+    Ok(())
+}
