@@ -24,7 +24,6 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, HandshakeKind, RootCertStore, StreamOwned};
 
 const P11_KIT_SERVER: &str = "/usr/libexec/p11-kit/p11-kit-server";
-const P11_KIT_CLIENT: &str = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so";
 const SOFTHSM2: &str = "/usr/lib/softhsm/libsofthsm2.so";
 /// The key-op deadline of the appliance under test: failures while the HSM is out must come
 /// well before it (they fail at once instead of waiting for it).
@@ -32,17 +31,30 @@ const KEY_OP_DEADLINE: Duration = Duration::from_secs(10);
 /// Issue 15: full handshakes succeed again within 5 s of the HSM being back.
 const RECOVERY_BOUND: Duration = Duration::from_secs(5);
 
+/// Debian's p11-kit client module, in the multiarch library folder (`/usr/lib/<triplet>/pkcs11`).
+fn p11_kit_client() -> PathBuf {
+    std::fs::read_dir("/usr/lib")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("pkcs11/p11-kit-client.so"))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so"))
+}
+
 /// Whether the p11-kit server and client module are here (a skip outside CI, a failure under
 /// `CI=true` when not).
 fn have_parts() -> bool {
+    let client = p11_kit_client();
     for (path, package) in [
-        (P11_KIT_SERVER, "p11-kit"),
-        (P11_KIT_CLIENT, "p11-kit-modules"),
-        (SOFTHSM2, "softhsm2"),
+        (Path::new(P11_KIT_SERVER), "p11-kit"),
+        (client.as_path(), "p11-kit-modules"),
+        (Path::new(SOFTHSM2), "softhsm2"),
     ] {
-        if !Path::new(path).exists() {
+        if !path.exists() {
             tlsgate_hw_tests::skip::missing(format!(
-                "{path} is missing (Debian package {package}; scripts/test.sh installs it)"
+                "{} is missing (Debian package {package}; scripts/test.sh installs it)",
+                path.display()
             ));
             return false;
         }
@@ -174,7 +186,7 @@ fn config(
         &path,
         format!(
             r#"[pkcs11]
-module = "{P11_KIT_CLIENT}"
+module = "{client}"
 token = "lab"
 pin = "file:{pin}"
 {extra_pkcs11}
@@ -208,6 +220,7 @@ backend = "{backend}"
 chain = "{sw_chain}"
 key = "file:{sw_key}"
 "#,
+            client = p11_kit_client().display(),
             pin = lab.p("token/user.pin"),
             chain = lab.p("certs/web.pem"),
             key = uri("web"),
@@ -766,7 +779,7 @@ fn two_hsms_share_the_load_and_losing_one_loses_no_handshake() -> Result<()> {
         &config,
         format!(
             r#"[pkcs11]
-module = "{P11_KIT_CLIENT}"
+module = "{client}"
 token = "lab"
 pin = "file:{pin_file}"
 probe_interval_ms = 200
@@ -796,6 +809,7 @@ backend = "{backend_addr}"
 chain = "{chain}"
 key = "{key}"
 "#,
+            client = p11_kit_client().display(),
             pin_file = lab.p("token/user.pin"),
             deadline = KEY_OP_DEADLINE.as_millis(),
             chain = lab.p("certs/web.pem"),
