@@ -16,7 +16,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/lib.sh
 
 step "system packages"
-ensure_packages softhsm2 openssl curl ca-certificates gcc make pkg-config prometheus \
+# p11-kit + p11-kit-modules: p11-kit-server and its client module, the out-of-process HSM that
+# mgmt/tests/hsm_recovery.rs kills, freezes and restarts.
+ensure_packages softhsm2 p11-kit p11-kit-modules openssl curl ca-certificates gcc make pkg-config prometheus \
     testssl.sh gnutls-bin python3 python3-venv opensc gdb
 ensure_sslyze
 # The benchmark smoke below: HAProxy and nginx (+ its layer-4 stream module) beside tlsgate,

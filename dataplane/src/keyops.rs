@@ -8,15 +8,14 @@
 //! driver; an eventfd or `IORING_OP_MSG_RING` for io_uring). Workers keep no state between
 //! requests, so a token error fails only the handshake that met it.
 
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::config::KeyOpConfig;
 use crate::conn::{run_key_op, KeyOpFailure, KeyOpJob, KeyOpResult};
-use crate::metrics as m;
 use crate::Error;
 
 /// Nice value of the key-op worker threads. Besides the token call they run the CPU part of the
@@ -47,11 +46,51 @@ impl std::fmt::Debug for KeyOpRequest {
     }
 }
 
+/// Past-deadline events are summed into one log line per this interval.
+const DEADLINE_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// What the pool itself saw, for metrics (read with [`KeyOpPool::counters`]).
+#[derive(Debug, Default)]
+struct Counters {
+    /// Answered `Deadline` without running: the request waited in the queue past its deadline.
+    expired: AtomicU64,
+    /// Ran, but the token answered after the deadline: the result was thrown away.
+    late: AtomicU64,
+    /// When the last past-deadline line was logged, and what was counted since.
+    log: Mutex<(Option<Instant>, u64, u64)>,
+}
+
+/// A reading of the pool's counters (monotonic, since start) and its depth now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KeyOpCounters {
+    /// Requests queued or running now.
+    pub depth: usize,
+    /// Requests that waited past their deadline in the queue and were never run.
+    pub expired: u64,
+    /// Requests whose token call finished after their deadline (the answer was discarded).
+    pub late: u64,
+    /// Requests refused at once: a core at its in-flight bound, or the queue full (counted by
+    /// the cores, which refuse them; filled in by [`crate::Dataplane::key_op_counters`]).
+    pub shed: u64,
+}
+
+impl KeyOpCounters {
+    /// The counters that belong to one token among several (none: the pool is shared, and its
+    /// timeouts, late answers and sheds are counted once, on the primary token).
+    pub fn only_token(self) -> KeyOpCounters {
+        KeyOpCounters {
+            depth: self.depth,
+            ..KeyOpCounters::default()
+        }
+    }
+}
+
 /// The pool. Shared by all cores (`submit` takes `&self`).
 #[derive(Debug)]
 pub struct KeyOpPool {
     tx: Mutex<Option<SyncSender<KeyOpRequest>>>,
     depth: Arc<AtomicUsize>,
+    counters: Arc<Counters>,
     workers: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -61,20 +100,23 @@ impl KeyOpPool {
         let (tx, rx) = sync_channel::<KeyOpRequest>(cfg.queue_depth.max(1));
         let rx = Arc::new(Mutex::new(rx));
         let depth = Arc::new(AtomicUsize::new(0));
+        let counters = Arc::new(Counters::default());
         let mut workers = Vec::with_capacity(cfg.workers);
         for i in 0..cfg.workers.max(1) {
             let name = format!("tlsgate-keyop-{i}");
             let rx = rx.clone();
             let depth = depth.clone();
+            let counters = counters.clone();
             let handle = std::thread::Builder::new()
                 .name(name.clone())
-                .spawn(move || worker(&rx, &depth))
+                .spawn(move || worker(&rx, &depth, &counters))
                 .map_err(|source| Error::Spawn { name, source })?;
             workers.push(handle);
         }
         Ok(Self {
             tx: Mutex::new(Some(tx)),
             depth,
+            counters,
             workers: Mutex::new(workers),
         })
     }
@@ -103,6 +145,18 @@ impl KeyOpPool {
         self.depth.load(Relaxed)
     }
 
+    /// The pool's counters and its depth now. Read by the metrics exporter about once a second
+    /// (`tlsgate_key_op_queue_depth`, `tlsgate_hsm_ops_total{outcome=timeout|late|shed}`), so
+    /// nothing on the request path touches the metrics facade.
+    pub fn counters(&self) -> KeyOpCounters {
+        KeyOpCounters {
+            depth: self.depth(),
+            expired: self.counters.expired.load(Relaxed),
+            late: self.counters.late.load(Relaxed),
+            shed: 0,
+        }
+    }
+
     /// Closes the queue; workers finish what they hold and exit. Workers are not joined: one
     /// stuck in a hung token call must not hold up process exit.
     pub fn close(&self) {
@@ -124,7 +178,7 @@ impl Drop for KeyOpPool {
     }
 }
 
-fn worker(rx: &Mutex<Receiver<KeyOpRequest>>, depth: &AtomicUsize) {
+fn worker(rx: &Mutex<Receiver<KeyOpRequest>>, depth: &AtomicUsize, counters: &Counters) {
     // On Linux a nice value set for a thread id applies to that thread only.
     let tid = rustix::thread::gettid();
     if let Err(err) = rustix::process::setpriority_process(Some(tid), KEY_OP_WORKER_NICE) {
@@ -141,18 +195,50 @@ fn worker(rx: &Mutex<Receiver<KeyOpRequest>>, depth: &AtomicUsize) {
         };
         let Ok(req) = req else { return };
         let result = if Instant::now() >= req.deadline {
+            counters.expired.fetch_add(1, Relaxed);
+            counters.past_deadline(true);
             Err(KeyOpFailure::Deadline)
         } else {
             match run_key_op(req.job) {
                 Ok(conn) if Instant::now() > req.deadline => {
+                    counters.late.fetch_add(1, Relaxed);
+                    counters.past_deadline(false);
                     drop(conn);
                     Err(KeyOpFailure::Deadline)
                 }
                 other => other,
             }
         };
-        let now_depth = depth.fetch_sub(1, Relaxed).saturating_sub(1);
-        metrics::gauge!(m::KEY_OP_QUEUE_DEPTH).set(now_depth as f64);
+        depth.fetch_sub(1, Relaxed);
         (req.reply)(result);
+    }
+}
+
+impl Counters {
+    /// Logs past-deadline requests at most once per [`DEADLINE_LOG_INTERVAL`], with the counts
+    /// since the last line: a stalled HSM must not flood the log.
+    fn past_deadline(&self, expired: bool) {
+        let mut log = match self.log.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if expired {
+            log.1 += 1;
+        } else {
+            log.2 += 1;
+        }
+        let now = Instant::now();
+        if log
+            .0
+            .is_none_or(|t| now.duration_since(t) >= DEADLINE_LOG_INTERVAL)
+        {
+            tracing::warn!(
+                expired_in_queue = log.1,
+                finished_late = log.2,
+                interval_secs = DEADLINE_LOG_INTERVAL.as_secs(),
+                "key operations past their deadline (one line per interval; the HSM is slow or stalled)"
+            );
+            *log = (Some(now), 0, 0);
+        }
     }
 }

@@ -66,6 +66,7 @@ use arc_swap::ArcSwap;
 pub use config::{DataplaneConfig, IoDriver, IoDriverKind, KeyOpConfig, Limits};
 pub use conn::CloseReason;
 pub use error::Error;
+pub use keyops::KeyOpCounters;
 pub use snapshot::{
     inline_resumption_attempt, ClientCertCheck, ListenerSnapshot, Snapshot, SniFilter,
 };
@@ -228,6 +229,15 @@ impl Dataplane {
         }
         let prepared = Prepared::new(&snapshot, &self.shared.names);
         self.shared.snapshot.store(Arc::new(prepared));
+    }
+
+    /// The key-op pool's depth now and its counters (expired in the queue, finished late), with
+    /// the requests the cores refused (in-flight bound or queue full) as `shed`.
+    pub fn key_op_counters(&self) -> KeyOpCounters {
+        KeyOpCounters {
+            shed: self.stats().key_ops_rejected,
+            ..self.shared.key_ops.counters()
+        }
     }
 
     /// Counters of all cores, summed now.

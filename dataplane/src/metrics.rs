@@ -26,7 +26,8 @@ pub const KEY_OP_DURATION_SECONDS: &str = "tlsgate_key_op_duration_seconds";
 /// `peer_refused`|`late`). `failed` is a failed PKCS#11 call only; `peer_refused` is a handshake
 /// the client's hello failed on the worker (nothing in common, a bad hello).
 pub const KEY_OPS_TOTAL: &str = "tlsgate_key_ops_total";
-/// Key operations queued or running now, all cores.
+/// Key operations queued or running now, all cores. Set from the pool's own count about once a
+/// second by the process that runs the data plane (`Dataplane::key_op_counters`).
 pub const KEY_OP_QUEUE_DEPTH: &str = "tlsgate_key_op_queue_depth";
 /// Bytes moved. Labels: `direction` (`client_in`|`client_out`|`backend_in`|`backend_out`).
 pub const TRANSFERRED_BYTES_TOTAL: &str = "tlsgate_transferred_bytes_total";

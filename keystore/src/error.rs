@@ -18,6 +18,29 @@ pub enum Error {
     #[error("PKCS#11 {function} failed: {rv}")]
     Pkcs11 { function: &'static str, rv: String },
 
+    /// The token is out of service after a device-level error (`rv`, `since_ms` ago) and is
+    /// being recovered in the background; nothing was sent to it.
+    #[error(
+        "token {token:?} is out of service since {since_ms} ms ago ({rv}); recovery is under way"
+    )]
+    TokenUnavailable {
+        token: String,
+        rv: String,
+        since_ms: u64,
+    },
+
+    /// A replica token does not hold the key the primary holds, or holds another public key.
+    #[error("replica token {replica:?} does not hold the same key as {uri}: {reason}")]
+    ReplicaMismatch {
+        uri: String,
+        replica: String,
+        reason: String,
+    },
+
+    /// A PKCS#11 call did not answer within its deadline (a frozen or unreachable HSM).
+    #[error("{what}: the HSM did not answer within {after_ms} ms")]
+    Timeout { what: String, after_ms: u64 },
+
     /// The token refused the user PIN.
     #[error("token {token:?} rejected the user PIN (CKR_PIN_INCORRECT)")]
     PinIncorrect { token: String },

@@ -9,6 +9,14 @@
 //! module = "/usr/lib/softhsm/libsofthsm2.so"
 //! token = "lab"
 //! pin = "file:/etc/tlsgate/user.pin"         # or env:VAR; never the PIN itself
+//! open_timeout_ms = 30000                   # start-up gives up on a silent HSM after this
+//! call_timeout_ms = 10000                   # management calls answer hsm_timeout after this
+//! probe_interval_ms = 2000                  # a cheap call finds an outage before a handshake
+//!
+//! [[pkcs11.replica]]                        # optional: another HSM holding the same keys
+//! module = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so"
+//! token = "lab-b"
+//! pin = "file:/etc/tlsgate/user-b.pin"
 //!
 //! [metrics]                                 # optional Prometheus endpoint
 //! listen = "127.0.0.1:9100"
@@ -123,6 +131,67 @@ pub struct Pkcs11Config {
     pub token: String,
     /// `env:VAR` or `file:PATH` (mode 0600). The PIN itself never appears in the file.
     pub pin: String,
+    /// How long `tlsgate serve` waits for the token at start-up (load, find, log in) before it
+    /// exits with the reason, in milliseconds.
+    #[serde(default = "default_open_timeout_ms")]
+    pub open_timeout_ms: u64,
+    /// How long a management API call that touches the token (key list, generate, import, CSR,
+    /// bind, reload) may take before it answers `hsm_timeout`, in milliseconds.
+    #[serde(default = "default_call_timeout_ms")]
+    pub call_timeout_ms: u64,
+    /// How often `tlsgate serve` probes the token with a cheap call while it is in service
+    /// (`C_GetSessionInfo`), so an outage is found before a handshake meets it, in milliseconds;
+    /// 0 turns the probe off.
+    #[serde(default = "default_probe_interval_ms")]
+    pub probe_interval_ms: u64,
+    /// Other tokens holding the same keys (same label or id and public key, checked at load):
+    /// signatures go to the one in service with the fewest calls in flight, and a failed one is
+    /// tried once more on another. Key management (generate, import, CSR) uses the token above.
+    #[serde(default)]
+    pub replica: Vec<ReplicaConfig>,
+}
+
+/// `[[pkcs11.replica]]`: another module/token with the same keys.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicaConfig {
+    /// PKCS#11 module (shared library).
+    #[serde(default = "default_module")]
+    pub module: PathBuf,
+    /// Token label.
+    pub token: String,
+    /// `env:VAR` or `file:PATH`, like `[pkcs11] pin`.
+    pub pin: String,
+}
+
+/// Default of `[pkcs11] probe_interval_ms`: 2 s.
+pub const DEFAULT_PROBE_INTERVAL_MS: u64 = 2_000;
+
+fn default_probe_interval_ms() -> u64 {
+    DEFAULT_PROBE_INTERVAL_MS
+}
+
+/// Default of `[pkcs11] open_timeout_ms`: 30 s.
+pub const DEFAULT_OPEN_TIMEOUT_MS: u64 = 30_000;
+/// Default of `[pkcs11] call_timeout_ms`: 10 s.
+pub const DEFAULT_CALL_TIMEOUT_MS: u64 = 10_000;
+
+fn default_open_timeout_ms() -> u64 {
+    DEFAULT_OPEN_TIMEOUT_MS
+}
+
+fn default_call_timeout_ms() -> u64 {
+    DEFAULT_CALL_TIMEOUT_MS
+}
+
+impl Pkcs11Config {
+    pub fn open_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.open_timeout_ms.max(1))
+    }
+
+    pub fn call_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.call_timeout_ms.max(1))
+    }
 }
 
 fn default_module() -> PathBuf {

@@ -27,9 +27,85 @@ pub const CERTIFICATE_NOT_AFTER_SECONDS: &str = "tlsgate_certificate_not_after_s
 /// (the signature scheme, e.g. `ecdsa_nistp256_sha256`, `rsa_pss_sha256`).
 pub const KEY_SIGN_DURATION_SECONDS: &str = "tlsgate_key_sign_duration_seconds";
 
+/// Gauge: 1 while the token is in service, 0 while it is out (unhealthy or recovering). Labels:
+/// `token`.
+pub const HSM_UP: &str = "tlsgate_hsm_up";
+/// Gauge: 1 for the state the token is in. Labels: `token`, `state` (`healthy`|`unhealthy`|
+/// `recovering`).
+pub const HSM_STATE: &str = "tlsgate_hsm_state";
+/// Gauge: PKCS#11 calls on the token now (signatures and management). Labels: `token`.
+pub const HSM_INFLIGHT: &str = "tlsgate_hsm_inflight";
+/// Counter: key operations for the token by outcome. Labels: `token`, `outcome` (`ok`, `error`:
+/// the token answered with an error; `unavailable`: refused at once while out of service;
+/// `timeout`: waited past its deadline in the queue; `late`: the token answered after the
+/// deadline, also counted as `ok`; `shed`: refused at once, a core at its in-flight bound or the
+/// queue full). `ok + error + unavailable + timeout + shed` = full handshakes offered.
+pub const HSM_OPS_TOTAL: &str = "tlsgate_hsm_ops_total";
+/// Counter: times the token came back into service. Labels: `token`.
+pub const HSM_RECOVERIES_TOTAL: &str = "tlsgate_hsm_recoveries_total";
+/// Counter: times recovery re-initialised the module (`C_Finalize` + `C_Initialize`). Labels:
+/// `token`.
+pub const HSM_REINITIALISATIONS_TOTAL: &str = "tlsgate_hsm_reinitialisations_total";
+
+/// Publishes the token's health and the key-op pool's counters (called about once a second).
+pub fn publish_hsm(
+    token: Option<&tlsgate_keystore::Token>,
+    pool: tlsgate_dataplane::KeyOpCounters,
+) {
+    metrics::gauge!(tlsgate_dataplane::metrics::KEY_OP_QUEUE_DEPTH).set(pool.depth as f64);
+    let Some(token) = token else { return };
+    let h = token.health();
+    let label = token.label().to_owned();
+    let up = h.state == tlsgate_keystore::token::HsmState::Healthy;
+    metrics::gauge!(HSM_UP, "token" => label.clone()).set(if up { 1.0 } else { 0.0 });
+    for s in [
+        tlsgate_keystore::token::HsmState::Healthy,
+        tlsgate_keystore::token::HsmState::Unhealthy,
+        tlsgate_keystore::token::HsmState::Recovering,
+    ] {
+        let v = if s == h.state { 1.0 } else { 0.0 };
+        metrics::gauge!(HSM_STATE, "token" => label.clone(), "state" => s.as_str()).set(v);
+    }
+    metrics::gauge!(HSM_INFLIGHT, "token" => label.clone()).set(h.inflight as f64);
+    for (outcome, v) in [
+        ("ok", h.sign_ok),
+        ("error", h.sign_error),
+        ("unavailable", h.sign_unavailable),
+        ("timeout", pool.expired),
+        ("late", pool.late),
+        ("shed", pool.shed),
+    ] {
+        metrics::counter!(HSM_OPS_TOTAL, "token" => label.clone(), "outcome" => outcome)
+            .absolute(v);
+    }
+    metrics::counter!(HSM_RECOVERIES_TOTAL, "token" => label.clone()).absolute(h.recoveries);
+    metrics::counter!(HSM_REINITIALISATIONS_TOTAL, "token" => label).absolute(h.reinitialisations);
+}
+
 /// Registers help texts (with the data plane's).
 pub fn describe() {
     tlsgate_dataplane::metrics::describe();
+    metrics::describe_gauge!(
+        HSM_UP,
+        "1 while the token is in service, 0 while it is out (unhealthy or recovering)."
+    );
+    metrics::describe_gauge!(
+        HSM_STATE,
+        "1 for the state the token is in (healthy, unhealthy, recovering)."
+    );
+    metrics::describe_gauge!(HSM_INFLIGHT, "PKCS#11 calls on the token now.");
+    metrics::describe_counter!(
+        HSM_OPS_TOTAL,
+        "Key operations for the token by outcome (ok, error, unavailable, timeout, late, shed)."
+    );
+    metrics::describe_counter!(
+        HSM_RECOVERIES_TOTAL,
+        "Times the token came back into service after a device-level error."
+    );
+    metrics::describe_counter!(
+        HSM_REINITIALISATIONS_TOTAL,
+        "Times recovery re-initialised the PKCS#11 module (C_Finalize + C_Initialize)."
+    );
     metrics::describe_gauge!(
         CERTIFICATE_NOT_AFTER_SECONDS,
         metrics::Unit::Seconds,

@@ -134,21 +134,30 @@ pub fn run(args: ServeArgs) -> Result<()> {
         crate::files::write_atomic(path, ready.as_bytes(), 0o644)?;
     }
 
+    let probe_every = config.pkcs11.as_ref().map_or(0, |p| p.probe_interval_ms);
     rt.block_on(wait_for_signals(
         &args.config,
         &dataplane,
         token.as_ref(),
         manager,
         publish_rx,
+        std::time::Duration::from_millis(probe_every),
     ))?;
     if let Some(path) = config.api.as_ref().and_then(|a| a.socket.as_ref()) {
         let _ = std::fs::remove_file(config.resolve(path));
     }
     tracing::info!(drain_secs = drain.as_secs_f64(), "draining");
     dataplane.shutdown(drain).context("shutdown")?;
+    // A management call stuck on a frozen HSM holds a blocking thread that may never return;
+    // dropping the runtime would wait for it. State writes are atomic (temp, fsync, rename), so
+    // leaving one behind after a grace period loses nothing half-written.
+    rt.shutdown_timeout(EXIT_GRACE);
     tracing::info!("stopped");
     Ok(())
 }
+
+/// How long exit waits for management calls still running (on the HSM) before leaving them.
+const EXIT_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A snapshot from the management plane and the sender to tell it the snapshot is live.
 type Published = (Arc<Snapshot>, tokio::sync::oneshot::Sender<()>);
@@ -159,11 +168,16 @@ async fn wait_for_signals(
     token: Option<&Arc<Token>>,
     manager: Option<Arc<crate::api::Manager>>,
     mut published: Option<tokio::sync::mpsc::Receiver<Published>>,
+    probe_every: std::time::Duration,
 ) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
+    // The HSM's state and the key-op pool's counters reach the exporter once a second.
+    let mut health_tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    health_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut prober = Prober::new(probe_every);
     loop {
         // OCSP responses near their nextUpdate: reload (re-reads and re-checks them) then.
         let ocsp_sleep = ocsp_wake().map(|at| {
@@ -192,20 +206,71 @@ async fn wait_for_signals(
                 dataplane.update(snapshot);
                 let _ = ack.send(());
             }
-            _ = hup.recv() => reload_now(config_path, dataplane, token, manager.as_ref(), "SIGHUP"),
+            _ = hup.recv() => reload_now(config_path, dataplane, token, manager.as_ref(), "SIGHUP").await,
+            _ = health_tick.tick() => {
+                let pool = dataplane.key_op_counters();
+                crate::mgmt_metrics::publish_hsm(token.map(|t| t.as_ref()), pool);
+                for r in token.map(|t| t.replicas()).unwrap_or_default() {
+                    crate::mgmt_metrics::publish_hsm(Some(&r), pool.only_token());
+                }
+                prober.maybe_probe(token);
+            }
             _ = ocsp_due => {
                 // A failing timed reload must not spin: the schedule comes back with the next
                 // snapshot that builds.
                 set_ocsp_wake(None);
-                reload_now(config_path, dataplane, token, manager.as_ref(), "OCSP refresh");
+                reload_now(config_path, dataplane, token, manager.as_ref(), "OCSP refresh").await;
             }
         }
     }
 }
 
+/// Probes the token every `every` (from the signal loop's tick) on a blocking thread, one probe
+/// at a time: a probe stuck on a frozen HSM is not joined by another.
+struct Prober {
+    every: std::time::Duration,
+    last: std::time::Instant,
+    busy: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Prober {
+    fn new(every: std::time::Duration) -> Prober {
+        Prober {
+            every,
+            last: std::time::Instant::now(),
+            busy: Arc::default(),
+        }
+    }
+
+    fn maybe_probe(&mut self, token: Option<&Arc<Token>>) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let Some(token) = token else { return };
+        if self.every.is_zero() || self.last.elapsed() < self.every {
+            return;
+        }
+        if self.busy.swap(true, SeqCst) {
+            return;
+        }
+        self.last = std::time::Instant::now();
+        let mut tokens = vec![token.clone()];
+        tokens.extend(token.replicas());
+        let busy = self.busy.clone();
+        tokio::task::spawn_blocking(move || {
+            // Only tokens in service: recovery checks the others. A failure has taken the
+            // token out of service and logged the state change.
+            for t in tokens.iter().filter(|t| t.is_up()) {
+                if let Err(e) = t.probe() {
+                    tracing::debug!(token = %t.label(), error = %e, "HSM probe failed");
+                }
+            }
+            busy.store(false, SeqCst);
+        });
+    }
+}
+
 /// Reloads for `why`: through the management plane when there is one (it owns the state and
 /// publishes through the signal loop), else straight from the file.
-fn reload_now(
+async fn reload_now(
     config_path: &Path,
     dataplane: &tlsgate_dataplane::Dataplane,
     token: Option<&Arc<Token>>,
@@ -224,7 +289,27 @@ fn reload_now(
         });
         return;
     }
-    match reload(config_path, token) {
+    // Off this loop and with a deadline: a frozen HSM must not stop the loop that answers
+    // SIGTERM and publishes metrics.
+    let limit = token.map_or(
+        std::time::Duration::from_millis(crate::config::DEFAULT_CALL_TIMEOUT_MS),
+        |_| call_timeout(config_path),
+    );
+    let (path, token) = (config_path.to_owned(), token.cloned());
+    let built = tokio::time::timeout(
+        limit,
+        tokio::task::spawn_blocking(move || reload(&path, token.as_ref())),
+    )
+    .await;
+    let built = match built {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => Err(anyhow::anyhow!("the reload did not finish: {e}")),
+        Err(_) => Err(anyhow::anyhow!(
+            "the HSM did not answer within {} ms",
+            limit.as_millis()
+        )),
+    };
+    match built {
         Ok(snapshot) => {
             dataplane.update(Arc::new(snapshot));
             tracing::info!(trigger = why, "reloaded certificates for new handshakes");
@@ -233,6 +318,16 @@ fn reload_now(
             tracing::error!(trigger = why, error = %format!("{err:#}"), "reload refused; the running configuration stays")
         }
     }
+}
+
+/// `[pkcs11] call_timeout_ms` of the file as it is now (its default when it does not load).
+fn call_timeout(config_path: &Path) -> std::time::Duration {
+    Config::load(config_path)
+        .ok()
+        .and_then(|c| c.pkcs11.map(|p| p.call_timeout()))
+        .unwrap_or(std::time::Duration::from_millis(
+            crate::config::DEFAULT_CALL_TIMEOUT_MS,
+        ))
 }
 
 /// When the OCSP responses of the last snapshot built want a fresh look (see `ocsp::wake_at`).
@@ -267,13 +362,34 @@ fn build_from_file(config: &Config, token: Option<&Arc<Token>>) -> Result<Snapsh
     Ok(snapshot)
 }
 
-/// Opens the token named by `[pkcs11]`, if any.
+/// Opens the token named by `[pkcs11]`, if any, and its replicas.
 pub fn open_token(config: &Config) -> Result<Option<Arc<Token>>> {
     let (Some(p11), Some(pin)) = (&config.pkcs11, config.pin_source()?) else {
         return Ok(None);
     };
-    let token = Token::open(&p11.module, TokenSelector::Label(p11.token.clone()), &pin)
-        .with_context(|| format!("[pkcs11]: cannot open token {:?}", p11.token))?;
+    let token = Token::open_within(
+        &p11.module,
+        TokenSelector::Label(p11.token.clone()),
+        &pin,
+        p11.open_timeout(),
+    )
+    .with_context(|| format!("[pkcs11]: cannot open token {:?}", p11.token))?;
+    for (i, r) in p11.replica.iter().enumerate() {
+        let at = format!("[[pkcs11.replica]] {i} ({})", r.token);
+        let pin: tlsgate_keystore::PinSource = r
+            .pin
+            .parse()
+            .with_context(|| format!("{at}: pin: use env:VAR or file:PATH"))?;
+        let module = config.resolve(&r.module);
+        let replica = Token::open_within(
+            &module,
+            TokenSelector::Label(r.token.clone()),
+            &pin,
+            p11.open_timeout(),
+        )
+        .with_context(|| format!("{at}: cannot open token {:?}", r.token))?;
+        token.add_replica(replica);
+    }
     Ok(Some(token))
 }
 

@@ -6,7 +6,7 @@ use cryptoki::session::UserType;
 use cryptoki::types::AuthPin;
 use zeroize::Zeroizing;
 
-use super::{from_ck, module};
+use super::{from_ck, pkcs11_of};
 use crate::error::{Error, Result};
 
 /// Initialises the first uninitialised token of `module_path` with `label`, sets its SO PIN and
@@ -19,7 +19,7 @@ pub fn init_token(
     so_pin: &Zeroizing<String>,
     user_pin: &Zeroizing<String>,
 ) -> Result<()> {
-    let pkcs11 = module(module_path)?;
+    let pkcs11 = pkcs11_of(module_path)?;
     let mut free = None;
     for slot in pkcs11.get_slots_with_token().map_err(from_ck)? {
         let info = pkcs11.get_token_info(slot).map_err(from_ck)?;

@@ -6,6 +6,7 @@
 //! operation takes one out, uses it alone, and puts it back. Concurrency therefore opens as many
 //! sessions as there are concurrent signers, and no session is ever shared.
 
+mod health;
 mod init;
 mod objects;
 mod p11;
@@ -16,7 +17,9 @@ mod signer;
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, TryLockError, Weak};
+use std::time::{Duration, Instant};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
@@ -32,6 +35,8 @@ use crate::secret::SecretBuf;
 use crate::uri::Pkcs11Uri;
 
 pub use crate::keyinfo::{KeyInfo, KeyKind, KeyOrigin, KeySpec};
+use health::Health;
+pub use health::{HealthSnapshot, HsmState, FIRST_BACKOFF, MAX_BACKOFF};
 pub use init::init_token;
 pub use rcgen_key::TokenRcgenKey;
 pub use secret::{SecretInfo, HMAC_SHA256_BYTES, SECRET_KEY_BYTES};
@@ -69,25 +74,165 @@ impl fmt::Display for TokenSelector {
 /// Idle sessions kept for reuse; more are opened on demand and closed when returned.
 const MAX_IDLE_SESSIONS: usize = 32;
 
+/// How long a re-initialisation waits for calls already on the module to return before it
+/// gives up for this attempt (`C_Finalize` while another thread is inside the module is
+/// undefined behaviour in PKCS#11).
+const REINIT_WAIT: Duration = Duration::from_secs(2);
+
+/// One loaded PKCS#11 library, shared by every `Token` opened on it. Calls hold the read side
+/// of `ctx`; `C_Finalize` + `C_Initialize` take the write side, so they never run while a call
+/// is inside the module. `generation` counts initialisations: sessions, slots and object
+/// handles belong to the generation they were obtained in and are never used in another.
+struct Module {
+    ctx: RwLock<ModuleCtx>,
+}
+
+struct ModuleCtx {
+    pkcs11: Pkcs11,
+    generation: u64,
+}
+
+fn init_args() -> CInitializeArgs {
+    CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)
+}
+
+impl Module {
+    fn read(&self) -> RwLockReadGuard<'_, ModuleCtx> {
+        self.ctx.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `C_Finalize` + `C_Initialize`, unless someone else already did since generation `seen`.
+    fn reinit(&self, seen: u64) -> Result<()> {
+        let give_up = Instant::now() + REINIT_WAIT;
+        let mut ctx = loop {
+            match self.ctx.try_write() {
+                Ok(g) => break g,
+                Err(TryLockError::Poisoned(p)) => break p.into_inner(),
+                Err(TryLockError::WouldBlock) if Instant::now() < give_up => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(TryLockError::WouldBlock) => {
+                    return Err(Error::Pkcs11 {
+                        function: "C_Finalize",
+                        rv: "not attempted: calls still in progress on the module".into(),
+                    })
+                }
+            }
+        };
+        if ctx.generation != seen {
+            return Ok(());
+        }
+        // Whatever C_Finalize answers (a module that lost its device may say anything), every
+        // session and handle of this generation is gone from here on.
+        if let Err(e) = ctx.pkcs11.clone().finalize() {
+            tracing::debug!(error = %from_ck(e), "C_Finalize during recovery");
+        }
+        ctx.generation += 1;
+        match ctx.pkcs11.initialize(init_args()) {
+            Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => Ok(()),
+            Err(e) => Err(from_ck(e)),
+        }
+    }
+}
+
+/// Loaded modules by canonical path: a module may be initialised once per process, so every
+/// `Token::open` of the same library shares one context.
+fn module(path: &Path) -> Result<Arc<Module>> {
+    static MODULES: OnceLock<Mutex<HashMap<PathBuf, Arc<Module>>>> = OnceLock::new();
+    let load_err = |reason: String| Error::ModuleLoad {
+        path: path.to_owned(),
+        reason,
+    };
+    let canonical = std::fs::canonicalize(path).map_err(|e| load_err(e.to_string()))?;
+    let mut modules = lock(MODULES.get_or_init(Default::default));
+    if let Some(m) = modules.get(&canonical) {
+        return Ok(Arc::clone(m));
+    }
+    let pkcs11 = Pkcs11::new(&canonical).map_err(|e| load_err(e.to_string()))?;
+    match pkcs11.initialize(init_args()) {
+        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+        Err(e) => return Err(load_err(format!("C_Initialize: {}", from_ck(e)))),
+    }
+    let m = Arc::new(Module {
+        ctx: RwLock::new(ModuleCtx {
+            pkcs11,
+            generation: 0,
+        }),
+    });
+    modules.insert(canonical, Arc::clone(&m));
+    Ok(m)
+}
+
+/// The module's context as it is now (for the offline token ceremony).
+fn pkcs11_of(path: &Path) -> Result<Pkcs11> {
+    Ok(module(path)?.read().pkcs11.clone())
+}
+
+/// A session and the module generation it was opened in.
+struct Pooled {
+    generation: u64,
+    session: Session,
+}
+
+impl Pooled {
+    /// Closes a session of the current generation; forgets one of an older generation, whose
+    /// handle number may now belong to another session of ours.
+    fn discard(self, current: u64) {
+        if self.generation == current {
+            drop(self.session);
+        } else {
+            std::mem::forget(self.session);
+        }
+    }
+}
+
 /// A logged-in PKCS#11 token. `Send + Sync`; share it as `Arc<Token>`.
 pub struct Token {
     module_path: PathBuf,
-    pkcs11: Pkcs11,
-    slot: Slot,
+    module: Arc<Module>,
+    selector: TokenSelector,
+    /// The slot and the generation it was found in; found again by label/serial after a
+    /// re-initialisation (modules renumber slots).
+    slot: Mutex<(u64, Slot)>,
     label: String,
     serial: String,
     /// Kept so sessions opened later (after the token dropped the login) can log in again: on
     /// pages of its own, out of core dumps, locked in memory, wiped on drop.
     pin: SecretBuf,
     mechanisms: Vec<MechanismType>,
-    sessions: Mutex<Vec<Session>>,
-    handles: Mutex<HashMap<HandleKey, ObjectHandle>>,
+    sessions: Mutex<Vec<Pooled>>,
+    handles: Mutex<HashMap<HandleKey, (u64, ObjectHandle)>>,
+    /// Every key found since start (less those deleted through us): recovery looks them all up
+    /// again, and a key of this set that vanishes takes the token out of service.
+    in_use: Mutex<std::collections::HashSet<HandleKey>>,
+    health: Health,
+    /// Other tokens holding the same keys (an HA pair, a second HSM): signing keys made on this
+    /// token sign on whichever of them is in service with the fewest calls in flight.
+    replicas: Mutex<Vec<Arc<Token>>>,
+    this: Weak<Token>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct HandleKey {
     object: Option<String>,
     id: Option<Vec<u8>>,
+}
+
+impl HandleKey {
+    fn of(uri: &Pkcs11Uri) -> HandleKey {
+        HandleKey {
+            object: uri.object.clone(),
+            id: uri.id.clone(),
+        }
+    }
+
+    fn uri(&self) -> Pkcs11Uri {
+        Pkcs11Uri {
+            object: self.object.clone(),
+            id: self.id.clone(),
+            ..Pkcs11Uri::default()
+        }
+    }
 }
 
 impl fmt::Debug for Token {
@@ -106,26 +251,32 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Loaded modules by canonical path: a module may be initialised once per process, so every
-/// `Token::open` of the same library shares one context.
-fn module(path: &Path) -> Result<Pkcs11> {
-    static MODULES: OnceLock<Mutex<HashMap<PathBuf, Pkcs11>>> = OnceLock::new();
-    let load_err = |reason: String| Error::ModuleLoad {
-        path: path.to_owned(),
-        reason,
-    };
-    let canonical = std::fs::canonicalize(path).map_err(|e| load_err(e.to_string()))?;
-    let mut modules = lock(MODULES.get_or_init(Default::default));
-    if let Some(p) = modules.get(&canonical) {
-        return Ok(p.clone());
+/// The slot holding the token `selector` names, with its label and serial.
+fn find_slot(pkcs11: &Pkcs11, selector: &TokenSelector) -> Result<Option<(Slot, String, String)>> {
+    let slots = pkcs11.get_slots_with_token().map_err(from_ck)?;
+    for slot in slots {
+        let info = match pkcs11.get_token_info(slot) {
+            Ok(info) => info,
+            // A token that vanished or broke since the slot list was taken is not the one
+            // asked for; it must not hide the others.
+            Err(e) => {
+                tracing::debug!(?slot, error = %from_ck(e), "skipping unreadable slot");
+                continue;
+            }
+        };
+        let hit = match selector {
+            TokenSelector::Label(l) => info.label().trim_end() == l,
+            TokenSelector::Serial(s) => info.serial_number().trim_end() == s,
+        };
+        if hit {
+            return Ok(Some((
+                slot,
+                info.label().trim_end().to_owned(),
+                info.serial_number().trim_end().to_owned(),
+            )));
+        }
     }
-    let pkcs11 = Pkcs11::new(&canonical).map_err(|e| load_err(e.to_string()))?;
-    match pkcs11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
-        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
-        Err(e) => return Err(load_err(format!("C_Initialize: {}", from_ck(e)))),
-    }
-    modules.insert(canonical, pkcs11.clone());
-    Ok(pkcs11)
+    Ok(None)
 }
 
 impl Token {
@@ -135,7 +286,7 @@ impl Token {
         selector: TokenSelector,
         pin: &PinSource,
     ) -> Result<Arc<Token>> {
-        let pkcs11 = module(module_path)?;
+        let module = module(module_path)?;
         let pin = {
             let read = pin.read()?;
             SecretBuf::from_slice(read.as_bytes()).map_err(|e| Error::PinSource {
@@ -143,35 +294,15 @@ impl Token {
                 reason: format!("no memory for the PIN: {e}"),
             })?
         };
-        let slots = pkcs11.get_slots_with_token().map_err(from_ck)?;
-        let mut found = None;
-        for slot in slots {
-            let info = match pkcs11.get_token_info(slot) {
-                Ok(info) => info,
-                // A token that vanished or broke since the slot list was taken is not the one
-                // asked for; it must not hide the others.
-                Err(e) => {
-                    tracing::debug!(?slot, error = %from_ck(e), "skipping unreadable slot");
-                    continue;
-                }
-            };
-            let hit = match &selector {
-                TokenSelector::Label(l) => info.label().trim_end() == l,
-                TokenSelector::Serial(s) => info.serial_number().trim_end() == s,
-            };
-            if hit {
-                found = Some((
-                    slot,
-                    info.label().trim_end().to_owned(),
-                    info.serial_number().trim_end().to_owned(),
-                ));
-                break;
-            }
-        }
-        let (slot, label, serial) = found.ok_or_else(|| Error::TokenNotFound {
-            label: selector.to_string(),
-            module: module_path.to_owned(),
-        })?;
+        let (generation, pkcs11) = {
+            let ctx = module.read();
+            (ctx.generation, ctx.pkcs11.clone())
+        };
+        let (slot, label, serial) =
+            find_slot(&pkcs11, &selector)?.ok_or_else(|| Error::TokenNotFound {
+                label: selector.to_string(),
+                module: module_path.to_owned(),
+            })?;
         // Modules without a mechanism list still sign; the list only narrows what we offer.
         let mechanisms = pkcs11.get_mechanism_list(slot).unwrap_or_default();
         {
@@ -203,22 +334,50 @@ impl Token {
                 "PKCS#11 mechanisms tlsgate uses"
             );
         }
-        let token = Token {
+        let token = Arc::new_cyclic(|this| Token {
             module_path: module_path.to_owned(),
-            pkcs11,
-            slot,
+            module,
+            selector,
+            slot: Mutex::new((generation, slot)),
             label,
             serial,
             pin,
             mechanisms,
             sessions: Mutex::new(Vec::new()),
             handles: Mutex::new(HashMap::new()),
-        };
+            in_use: Mutex::new(Default::default()),
+            health: Health::default(),
+            replicas: Mutex::new(Vec::new()),
+            this: this.clone(),
+        });
         // Log in now so a wrong PIN fails at start-up, not at the first handshake.
-        let session = token.open_session()?;
-        token.put_session(session);
+        token.with_session(|_| Ok(()))?;
         tracing::debug!(token = %token.label, module = %module_path.display(), "PKCS#11 token opened");
-        Ok(Arc::new(token))
+        Ok(token)
+    }
+
+    /// [`Token::open`] that gives up after `limit` with [`Error::Timeout`]: a frozen or
+    /// unreachable HSM can hang any PKCS#11 call, and start-up must fail with a reason instead.
+    /// The attempt goes on in a thread of its own and is abandoned.
+    pub fn open_within(
+        module_path: &Path,
+        selector: TokenSelector,
+        pin: &PinSource,
+        limit: Duration,
+    ) -> Result<Arc<Token>> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let (path, pin) = (module_path.to_owned(), pin.clone());
+        let label = selector.to_string();
+        std::thread::Builder::new()
+            .name("tlsgate-token-open".into())
+            .spawn(move || {
+                let _ = tx.send(Token::open(&path, selector, &pin));
+            })
+            .map_err(|e| Error::io(module_path, e))?;
+        rx.recv_timeout(limit).unwrap_or(Err(Error::Timeout {
+            what: format!("opening token {label:?}"),
+            after_ms: limit.as_millis() as u64,
+        }))
     }
 
     pub fn label(&self) -> &str {
@@ -233,16 +392,81 @@ impl Token {
         &self.module_path
     }
 
+    /// Where the token stands and what it has done, for metrics.
+    pub fn health(&self) -> HealthSnapshot {
+        self.health.snapshot()
+    }
+
+    /// Adds a token that holds the same keys as this one (same label or id, same public key):
+    /// signing keys made on this token from now on sign on either. Checked key by key when a
+    /// signing key is made; a replica missing a key or holding another public key is refused.
+    pub fn add_replica(&self, replica: Arc<Token>) {
+        lock(&self.replicas).push(replica);
+    }
+
+    /// The replicas added with [`Token::add_replica`].
+    pub fn replicas(&self) -> Vec<Arc<Token>> {
+        lock(&self.replicas).clone()
+    }
+
+    /// Calls on the token now (for choosing the least loaded replica).
+    pub(crate) fn inflight(&self) -> u64 {
+        self.health.inflight.load(Relaxed)
+    }
+
+    /// A cheap call to the device (`C_GetSessionInfo` on an idle session), so an outage is found
+    /// by the probe rather than by the next handshake. A device-level answer takes the token
+    /// out of service and starts recovery like any other call; out of service it returns
+    /// [`Error::TokenUnavailable`] at once (recovery does its own checking).
+    pub fn probe(&self) -> Result<()> {
+        self.with_session(|s| s.get_session_info().map(|_| ()).map_err(from_ck))
+    }
+
+    /// Whether the token is in service (a device-level error takes it out until recovery).
+    pub fn is_up(&self) -> bool {
+        self.health.state() == HsmState::Healthy
+    }
+
+    /// Counts a failed signature; `Some(n)` when a (rate-limited) log line is due, `n` being the
+    /// failures since the last one.
+    pub(crate) fn sign_failure_line(&self) -> Option<u64> {
+        self.health.sign_failure_line()
+    }
+
     /// Whether the token lists `mechanism`. Modules that return no list are trusted to try.
     pub(crate) fn has_mechanism(&self, mechanism: MechanismType) -> bool {
         self.mechanisms.is_empty() || self.mechanisms.contains(&mechanism)
     }
 
-    fn open_session(&self) -> Result<Session> {
-        let session = match self.pkcs11.open_rw_session(self.slot) {
+    fn unavailable(&self) -> Error {
+        let (rv, since) = self.health.cause().unwrap_or_default();
+        Error::TokenUnavailable {
+            token: self.label.clone(),
+            rv,
+            since_ms: since.as_millis() as u64,
+        }
+    }
+
+    /// The slot in generation `ctx`, found again by label/serial after a re-initialisation.
+    fn slot_in(&self, ctx: &ModuleCtx) -> Result<Slot> {
+        let mut slot = lock(&self.slot);
+        if slot.0 == ctx.generation {
+            return Ok(slot.1);
+        }
+        let (s, _, _) = find_slot(&ctx.pkcs11, &self.selector)?.ok_or_else(|| Error::Pkcs11 {
+            function: "C_GetSlotList",
+            rv: "CKR_TOKEN_NOT_PRESENT".into(),
+        })?;
+        *slot = (ctx.generation, s);
+        Ok(s)
+    }
+
+    fn open_session(&self, ctx: &ModuleCtx) -> Result<Session> {
+        let slot = self.slot_in(ctx)?;
+        let session = match ctx.pkcs11.open_rw_session(slot) {
             // Signing needs no write access; a write-protected token still signs.
             Err(CkError::Pkcs11(RvError::TokenWriteProtected, _)) => {
-                self.pkcs11.open_ro_session(self.slot).map_err(from_ck)?
+                ctx.pkcs11.open_ro_session(slot).map_err(from_ck)?
             }
             other => other.map_err(from_ck)?,
         };
@@ -262,41 +486,145 @@ impl Token {
         }
     }
 
-    fn take_session(&self) -> Result<Session> {
-        let idle = lock(&self.sessions).pop();
-        match idle {
-            Some(s) => Ok(s),
-            None => self.open_session(),
+    fn take_session(&self, ctx: &ModuleCtx) -> Result<Session> {
+        loop {
+            let idle = lock(&self.sessions).pop();
+            match idle {
+                Some(p) if p.generation == ctx.generation => return Ok(p.session),
+                Some(stale) => stale.discard(ctx.generation),
+                None => return self.open_session(ctx),
+            }
         }
     }
 
-    fn put_session(&self, session: Session) {
+    fn put_session(&self, ctx: &ModuleCtx, session: Session) {
         let mut idle = lock(&self.sessions);
         if idle.len() < MAX_IDLE_SESSIONS {
-            idle.push(session);
+            idle.push(Pooled {
+                generation: ctx.generation,
+                session,
+            });
         }
     }
 
-    /// Runs `f` on a session of its own. A session the token invalidated (closed, logged out,
-    /// device gone) is dropped rather than returned, so the next operation opens a fresh one.
+    /// Drops every idle session (closing those of the current generation).
+    fn drop_sessions(&self, current: u64) -> usize {
+        let idle = std::mem::take(&mut *lock(&self.sessions));
+        let n = idle.len();
+        for p in idle {
+            p.discard(current);
+        }
+        n
+    }
+
+    /// Runs `f` on a session of its own, while the token is in service. A session the token
+    /// invalidated (closed, logged out, device gone) is dropped rather than returned, so the
+    /// next operation opens a fresh one; a device-level error takes the token out of service
+    /// and starts recovery.
     pub(crate) fn with_session<T>(&self, f: impl FnOnce(&Session) -> Result<T>) -> Result<T> {
-        let session = self.take_session()?;
-        let result = f(&session);
+        self.with_session_gen(|s, _| f(s))
+    }
+
+    fn with_session_gen<T>(&self, f: impl FnOnce(&Session, u64) -> Result<T>) -> Result<T> {
+        if !self.is_up() {
+            return Err(self.unavailable());
+        }
+        self.health.inflight.fetch_add(1, Relaxed);
+        let result = {
+            let ctx = self.module.read();
+            self.run_on_session(&ctx, f)
+        };
+        self.health.inflight.fetch_sub(1, Relaxed);
+        if let Err(e) = &result {
+            self.note_error(e);
+        }
+        result
+    }
+
+    fn run_on_session<T>(
+        &self,
+        ctx: &ModuleCtx,
+        f: impl FnOnce(&Session, u64) -> Result<T>,
+    ) -> Result<T> {
+        let session = self.take_session(ctx)?;
+        let result = f(&session, ctx.generation);
         match &result {
             Err(e) if p11::is_session_fatal(e) => {
                 // What killed this session (logout, removal, device error) killed the idle ones
                 // too: drop them all so each later operation does not fail once more to find out.
-                let idle = std::mem::take(&mut *lock(&self.sessions));
-                tracing::warn!(
-                    token = %self.label, error = %e, dropped_idle = idle.len(),
+                let dropped = self.drop_sessions(ctx.generation);
+                tracing::debug!(
+                    token = %self.label, error = %e, dropped_idle = dropped,
                     "dropping PKCS#11 sessions"
                 );
-                drop(idle);
                 drop(session);
             }
-            _ => self.put_session(session),
+            _ => self.put_session(ctx, session),
         }
         result
+    }
+
+    /// Takes the token out of service on a device-level error (once per outage).
+    fn note_error(&self, e: &Error) {
+        if let Error::Pkcs11 { function, rv } = e {
+            if p11::is_device_level(e) && self.health.fail(&self.label, function, rv) {
+                health::spawn_recovery(self.this.clone(), self.label.clone());
+            }
+        }
+    }
+
+    /// One recovery attempt (on the recovery thread): reconnect; if that fails, re-initialise
+    /// the module and reconnect once more. Returns how many keys in use were found again.
+    fn try_recover(&self) -> Result<usize> {
+        let (generation, first) = self.reconnect(true);
+        match first {
+            Ok(n) => Ok(n),
+            Err(e @ (Error::PinIncorrect { .. } | Error::PinLocked { .. })) => Err(e),
+            Err(e) => {
+                tracing::debug!(token = %self.label, error = %e, "reconnecting failed; re-initialising the module");
+                self.drop_sessions(generation);
+                self.module.reinit(generation)?;
+                self.health.reinitialisations.fetch_add(1, Relaxed);
+                // After a fresh start of the module a key still missing was deleted on purpose;
+                // the token serves the others.
+                self.reconnect(false).1
+            }
+        }
+    }
+
+    /// Fresh sessions, the slot found again, a login, and every key in use looked up again.
+    /// With `all_keys`, a key in use that is not found fails the attempt.
+    fn reconnect(&self, all_keys: bool) -> (u64, Result<usize>) {
+        let ctx = self.module.read();
+        self.drop_sessions(ctx.generation);
+        // Force the slot to be found again: a token re-inserted may sit in another slot.
+        lock(&self.slot).0 = u64::MAX;
+        let result = (|| {
+            let session = self.open_session(&ctx)?;
+            let keys: Vec<HandleKey> = lock(&self.in_use).iter().cloned().collect();
+            let mut fresh = HashMap::new();
+            for k in keys {
+                let found = objects::find_private(&session, &k.uri())?;
+                match found.as_slice() {
+                    [h] => {
+                        fresh.insert(k, (ctx.generation, *h));
+                    }
+                    _ if all_keys => {
+                        return Err(Error::KeyNotFound {
+                            uri: k.uri().to_string(),
+                        })
+                    }
+                    _ => {
+                        lock(&self.in_use).remove(&k);
+                    }
+                }
+            }
+            let n = fresh.len();
+            *lock(&self.handles) = fresh;
+            self.put_session(&ctx, session);
+            Ok(n)
+        })();
+        (ctx.generation, result)
     }
 
     /// Checks that `uri` names this token.
@@ -322,23 +650,28 @@ impl Token {
         Ok(())
     }
 
-    /// The private key handle for `uri`, from the cache or one search.
-    pub(crate) fn private_handle(&self, uri: &Pkcs11Uri) -> Result<ObjectHandle> {
-        self.check_uri(uri)?;
-        let key = HandleKey {
-            object: uri.object.clone(),
-            id: uri.id.clone(),
-        };
-        if let Some(h) = lock(&self.handles).get(&key) {
-            return Ok(*h);
+    /// The private key handle for `uri` in generation `generation`, from the cache or one
+    /// search on `s`.
+    fn private_handle_in(
+        &self,
+        s: &Session,
+        generation: u64,
+        uri: &Pkcs11Uri,
+    ) -> Result<ObjectHandle> {
+        let key = HandleKey::of(uri);
+        if let Some((g, h)) = lock(&self.handles).get(&key) {
+            if *g == generation {
+                return Ok(*h);
+            }
         }
-        let handles = self.with_session(|s| objects::find_private(s, uri))?;
+        let handles = objects::find_private(s, uri)?;
         match handles.as_slice() {
             [] => Err(Error::KeyNotFound {
                 uri: uri.to_string(),
             }),
             [h] => {
-                lock(&self.handles).insert(key, *h);
+                lock(&self.in_use).insert(key.clone());
+                lock(&self.handles).insert(key, (generation, *h));
                 Ok(*h)
             }
             many => Err(Error::AmbiguousKey {
@@ -348,27 +681,86 @@ impl Token {
         }
     }
 
+    /// Runs `f` with the private key `uri` names, in one session and one module generation.
+    /// A handle that went stale (the key was re-created, the token re-inserted) is looked up
+    /// again once.
+    pub(crate) fn with_private_key<T>(
+        &self,
+        uri: &Pkcs11Uri,
+        f: impl Fn(&Session, ObjectHandle) -> Result<T>,
+    ) -> Result<T> {
+        self.check_uri(uri)?;
+        // Set when a key that was there a moment ago is gone: the token lost its objects (its
+        // store went away), not this one key.
+        let vanished = std::cell::Cell::new(false);
+        let result = self.with_session_gen(|s, generation| {
+            let handle = self.private_handle_in(s, generation, uri)?;
+            match f(s, handle) {
+                Err(e) if p11::is_handle_invalid(&e) => {
+                    self.forget_handles();
+                    let again = self.private_handle_in(s, generation, uri);
+                    vanished.set(matches!(again, Err(Error::KeyNotFound { .. })));
+                    f(s, again?)
+                }
+                other => other,
+            }
+        });
+        if vanished.get()
+            && self.health.fail(
+                &self.label,
+                "C_FindObjects",
+                "CKR_KEY_HANDLE_INVALID (key vanished)",
+            )
+        {
+            health::spawn_recovery(self.this.clone(), self.label.clone());
+        }
+        result
+    }
+
     pub(crate) fn forget_handles(&self) {
         lock(&self.handles).clear();
     }
 
-    /// One signature with the private key `uri` names. Handles that went stale (the key was
-    /// re-created, the token re-inserted) are looked up again once.
+    /// A key deleted through us is no longer in use.
+    pub(crate) fn forget_key(&self, uri: &Pkcs11Uri) {
+        lock(&self.in_use).remove(&HandleKey::of(uri));
+    }
+
+    /// One signature with the private key `uri` names. Fails at once with
+    /// [`Error::TokenUnavailable`] while the token is out of service. A session the token
+    /// closed is replaced and the signature tried once more; when the fresh session fails the
+    /// same way, every session is gone and the token goes out of service.
     pub(crate) fn sign_raw(
         &self,
         uri: &Pkcs11Uri,
         mechanism: &cryptoki::mechanism::Mechanism<'_>,
         data: &[u8],
     ) -> Result<Vec<u8>> {
-        let handle = self.private_handle(uri)?;
-        let sign =
-            |h: ObjectHandle| self.with_session(|s| s.sign(mechanism, h, data).map_err(from_ck));
-        match sign(handle) {
-            Err(e) if p11::is_handle_invalid(&e) => {
-                self.forget_handles();
-                sign(self.private_handle(uri)?)
+        let sign = |s: &Session, h: ObjectHandle| s.sign(mechanism, h, data).map_err(from_ck);
+        let result = match self.with_private_key(uri, sign) {
+            Err(e) if p11::is_session_level(&e) => {
+                let again = self.with_private_key(uri, sign);
+                if let Err(e2 @ Error::Pkcs11 { function, rv }) = &again {
+                    if p11::is_session_level(e2)
+                        && self.health.fail(
+                            &self.label,
+                            function,
+                            &format!("{rv} on every session"),
+                        )
+                    {
+                        health::spawn_recovery(self.this.clone(), self.label.clone());
+                    }
+                }
+                again
             }
             other => other,
-        }
+        };
+        let counter = match &result {
+            Ok(_) => &self.health.sign_ok,
+            Err(Error::TokenUnavailable { .. }) => &self.health.sign_unavailable,
+            Err(_) => &self.health.sign_error,
+        };
+        counter.fetch_add(1, Relaxed);
+        result
     }
 }

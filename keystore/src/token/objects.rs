@@ -422,21 +422,14 @@ impl Token {
 
     /// The private key `uri` names, with its public half.
     pub fn find(&self, uri: &Pkcs11Uri) -> Result<KeyInfo> {
-        let handle = self.private_handle(uri)?;
-        match self.with_session(|s| key_info(s, handle)) {
-            Err(e) if super::p11::is_handle_invalid(&e) => {
-                self.forget_handles();
-                let handle = self.private_handle(uri)?;
-                self.with_session(|s| key_info(s, handle))
-            }
-            other => other,
-        }
+        self.with_private_key(uri, key_info)
     }
 
     /// Deletes the private key `uri` names and its public key object.
     pub fn delete(&self, uri: &Pkcs11Uri) -> Result<()> {
         self.check_uri(uri)?;
         self.forget_handles();
+        self.forget_key(uri);
         self.with_session(|s| {
             let handles = find_private(s, uri)?;
             let private = match handles.as_slice() {

@@ -74,6 +74,33 @@ pub(crate) fn is_session_fatal(e: &Error) -> bool {
     )
 }
 
+/// Errors that say the device (or the module's link to it) is gone, not that this one
+/// operation or session was wrong: the token goes out of service and is recovered in the
+/// background. A session handle that is invalid on a fresh session too counts as well
+/// (`Token::sign_raw` checks that).
+pub(crate) fn is_device_level(e: &Error) -> bool {
+    matches!(
+        rv_of(e),
+        Some(
+            "CKR_DEVICE_ERROR"
+                | "CKR_DEVICE_REMOVED"
+                | "CKR_TOKEN_NOT_PRESENT"
+                | "CKR_CRYPTOKI_NOT_INITIALIZED"
+                | "CKR_USER_NOT_LOGGED_IN"
+                | "CKR_GENERAL_ERROR"
+                | "CKR_SLOT_ID_INVALID"
+        )
+    )
+}
+
+/// Errors that end one session: another session may still work.
+pub(crate) fn is_session_level(e: &Error) -> bool {
+    matches!(
+        rv_of(e),
+        Some("CKR_SESSION_HANDLE_INVALID" | "CKR_SESSION_CLOSED")
+    )
+}
+
 pub(crate) fn is_handle_invalid(e: &Error) -> bool {
     matches!(
         rv_of(e),
@@ -103,5 +130,32 @@ mod tests {
             matches!(e, Error::Pkcs11 { function: "C_Sign", ref rv } if rv == "CKR_DEVICE_ERROR")
         );
         assert!(is_session_fatal(&e));
+        assert!(is_device_level(&e));
+        assert!(!is_session_level(&e));
+    }
+
+    #[test]
+    fn per_operation_errors_are_not_device_level() {
+        let e = |rv| from_ck(CkError::Pkcs11(rv, Function::Sign));
+        for rv in [
+            RvError::DataLenRange,
+            RvError::KeyHandleInvalid,
+            RvError::MechanismInvalid,
+            RvError::SessionHandleInvalid,
+            RvError::SessionClosed,
+        ] {
+            assert!(!is_device_level(&e(rv)), "{rv:?}");
+        }
+        for rv in [
+            RvError::DeviceError,
+            RvError::DeviceRemoved,
+            RvError::TokenNotPresent,
+            RvError::CryptokiNotInitialized,
+            RvError::UserNotLoggedIn,
+            RvError::GeneralError,
+        ] {
+            assert!(is_device_level(&e(rv)), "{rv:?}");
+        }
+        assert!(is_session_level(&e(RvError::SessionHandleInvalid)));
     }
 }

@@ -1,6 +1,7 @@
 //! rustls signing with token keys. Hashing happens in process (aws-lc-rs); the token sees only
 //! the digest (ECDSA, RSA) or the message (Ed25519). Failures reach rustls as
-//! `Error::General`, never as a panic, after a warning that names the PKCS#11 function and CKR.
+//! `Error::General`, never as a panic; failures are logged at most once per interval with their
+//! count, naming the PKCS#11 function and CKR of the latest.
 
 use std::sync::Arc;
 
@@ -177,34 +178,69 @@ impl TokenKey {
     }
 }
 
-/// A rustls `SigningKey` whose private half stays on the token.
+/// A rustls `SigningKey` whose private half stays on the token — and on its replicas, when the
+/// token has some ([`Token::add_replica`]): each signature goes to the one in service with the
+/// fewest calls in flight, and a failed signature is tried once more on another in service.
 #[derive(Debug, Clone)]
 pub struct TokenSigningKey {
-    key: Arc<TokenKey>,
+    /// The primary token's key first, then each replica's.
+    keys: Arc<[Arc<TokenKey>]>,
     schemes: Vec<SignatureScheme>,
+}
+
+/// The same key on `replica`: found by the primary's label/id, with the same public key.
+fn replica_key(primary: &TokenKey, replica: &Arc<Token>, uri: &Pkcs11Uri) -> Result<TokenKey> {
+    let mismatch = |reason: String| Error::ReplicaMismatch {
+        uri: uri.to_string(),
+        replica: replica.label().to_owned(),
+        reason,
+    };
+    let there = Pkcs11Uri {
+        token: Some(replica.label().to_owned()),
+        serial: None,
+        ..uri.clone()
+    };
+    let key = TokenKey::new(replica, &there).map_err(|e| mismatch(e.to_string()))?;
+    if key.spki_der != primary.spki_der {
+        return Err(mismatch("it holds another public key".into()));
+    }
+    Ok(key)
 }
 
 impl TokenSigningKey {
     pub(crate) fn new(token: &Arc<Token>, uri: &Pkcs11Uri) -> Result<TokenSigningKey> {
         let key = TokenKey::new(token, uri)?;
-        // Offer only what the token can do, so a handshake never picks a scheme that will fail.
-        let schemes: Vec<SignatureScheme> = schemes_for(key.kind)
+        let mut keys = Vec::new();
+        for replica in token.replicas() {
+            keys.push(Arc::new(replica_key(&key, &replica, uri)?));
+        }
+        keys.insert(0, Arc::new(key));
+        let kind = keys[0].kind;
+        // Offer only what every token can do, so a handshake never picks a scheme that fails.
+        let schemes: Vec<SignatureScheme> = schemes_for(kind)
             .iter()
             .copied()
             .filter(|s| {
-                TokenAlg::from_scheme(*s).is_some_and(|a| token.has_mechanism(a.mechanism_type()))
+                TokenAlg::from_scheme(*s).is_some_and(|a| {
+                    keys.iter()
+                        .all(|k| k.token.has_mechanism(a.mechanism_type()))
+                })
             })
             .collect();
         if schemes.is_empty() {
             return Err(Error::MechanismUnavailable {
                 token: token.label().to_owned(),
-                mechanism: format!("any signature mechanism for a {} key", key.kind),
+                mechanism: format!("any signature mechanism for a {kind} key"),
             });
         }
         Ok(TokenSigningKey {
-            key: Arc::new(key),
+            keys: keys.into(),
             schemes,
         })
+    }
+
+    fn primary(&self) -> &TokenKey {
+        &self.keys[0]
     }
 
     /// The schemes this key can produce, most preferred first.
@@ -213,11 +249,19 @@ impl TokenSigningKey {
     }
 
     pub fn kind(&self) -> KeyKind {
-        self.key.kind
+        self.primary().kind
     }
 
     pub fn uri(&self) -> &Pkcs11Uri {
-        &self.key.uri
+        &self.primary().uri
+    }
+
+    /// The labels of the tokens this key signs on, primary first.
+    pub fn tokens(&self) -> Vec<String> {
+        self.keys
+            .iter()
+            .map(|k| k.token.label().to_owned())
+            .collect()
     }
 }
 
@@ -226,18 +270,20 @@ impl SigningKey for TokenSigningKey {
         let scheme = self.schemes.iter().copied().find(|s| offered.contains(s))?;
         let alg = TokenAlg::from_scheme(scheme)?;
         Some(Box::new(TokenSigner {
-            key: Arc::clone(&self.key),
+            keys: Arc::clone(&self.keys),
             scheme,
             alg,
         }))
     }
 
     fn public_key(&self) -> Option<SubjectPublicKeyInfoDer<'_>> {
-        Some(SubjectPublicKeyInfoDer::from(self.key.spki_der.as_slice()))
+        Some(SubjectPublicKeyInfoDer::from(
+            self.primary().spki_der.as_slice(),
+        ))
     }
 
     fn algorithm(&self) -> SignatureAlgorithm {
-        match self.key.kind {
+        match self.primary().kind {
             KeyKind::EcP256 | KeyKind::EcP384 => SignatureAlgorithm::ECDSA,
             KeyKind::Rsa { .. } => SignatureAlgorithm::RSA,
             KeyKind::Ed25519 => SignatureAlgorithm::ED25519,
@@ -247,27 +293,45 @@ impl SigningKey for TokenSigningKey {
 
 #[derive(Debug)]
 struct TokenSigner {
-    key: Arc<TokenKey>,
+    keys: Arc<[Arc<TokenKey>]>,
     scheme: SignatureScheme,
     alg: TokenAlg,
 }
 
 impl Signer for TokenSigner {
     fn sign(&self, message: &[u8]) -> Result<Vec<u8>, rustls::Error> {
-        self.key.sign(self.alg, message).map_err(|e| {
-            match &e {
-                Error::Pkcs11 { function, rv } => tracing::warn!(
-                    key = %self.key.uri, scheme = ?self.scheme, function, rv,
-                    "token signature failed"
-                ),
-                other => tracing::warn!(
-                    key = %self.key.uri, scheme = ?self.scheme, error = %other,
-                    "token signature failed"
-                ),
+        // In service first, then the fewest calls in flight; the primary wins ties.
+        let mut order: Vec<&Arc<TokenKey>> = self.keys.iter().collect();
+        order.sort_by_key(|k| (!k.token.is_up(), k.token.inflight()));
+        let mut first_error = None;
+        // One try, and one more on another token in service.
+        for (i, key) in order.into_iter().take(2).enumerate() {
+            if i > 0 && !key.token.is_up() {
+                break;
             }
-            // `Other` tells the data plane that the key failed, not the peer's handshake.
-            rustls::Error::Other(rustls::OtherError(std::sync::Arc::new(e)))
-        })
+            match key.sign(self.alg, message) {
+                Ok(signature) => return Ok(signature),
+                Err(e) => {
+                    // One line per interval with the count: an HSM that is down fails every
+                    // full handshake, and each must not write its own line.
+                    if let Some(failed) = key.token.sign_failure_line() {
+                        tracing::warn!(
+                            key = %key.uri, scheme = ?self.scheme, error = %e, failed,
+                            interval_secs = super::health::SIGN_LOG_INTERVAL.as_secs(),
+                            "token signatures failed (one line per interval; count since the last line)"
+                        );
+                    }
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        // `Other` tells the data plane that the key failed, not the peer's handshake.
+        let e = first_error.unwrap_or_else(|| Error::TokenUnavailable {
+            token: "(none in service)".to_owned(),
+            rv: "no token".to_owned(),
+            since_ms: 0,
+        });
+        Err(rustls::Error::Other(rustls::OtherError(Arc::new(e))))
     }
 
     fn scheme(&self) -> SignatureScheme {

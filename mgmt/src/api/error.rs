@@ -88,6 +88,14 @@ pub fn key_error(err: &KeyError) -> ApiError {
         KeyError::MechanismUnavailable { .. } => {
             ApiError::invalid("mechanism_unavailable", err.to_string())
         }
+        KeyError::TokenUnavailable { .. } => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "hsm_unavailable",
+            err.to_string(),
+        ),
+        KeyError::Timeout { .. } => {
+            ApiError::new(StatusCode::GATEWAY_TIMEOUT, "hsm_timeout", err.to_string())
+        }
         _ => ApiError::new(StatusCode::BAD_GATEWAY, "hsm_error", err.to_string()),
     }
 }

@@ -164,6 +164,8 @@ pub struct Manager {
     /// Listener addresses as bound (port 0 resolved).
     bound: Mutex<HashMap<String, std::net::SocketAddr>>,
     token: Option<Arc<Token>>,
+    /// `[pkcs11] call_timeout_ms`, kept outside `inner`: a call stuck on the HSM holds that lock.
+    call_timeout: std::time::Duration,
     store: StateStore,
     audit: AuditLog,
     publish: Publisher,
@@ -202,6 +204,10 @@ impl Manager {
         publish: Publisher,
     ) -> anyhow::Result<(Manager, Snapshot)> {
         let state = store.load()?;
+        let call_timeout = config.pkcs11.as_ref().map_or(
+            std::time::Duration::from_millis(crate::config::DEFAULT_CALL_TIMEOUT_MS),
+            |p| p.call_timeout(),
+        );
         let mgr = Manager {
             inner: Mutex::new(Inner {
                 config,
@@ -209,6 +215,7 @@ impl Manager {
             }),
             bound: Mutex::new(HashMap::new()),
             token,
+            call_timeout,
             store,
             audit,
             publish,
@@ -280,6 +287,11 @@ impl Manager {
             tracing::info!(client = %client, operation, target, "management operation");
         }
         result
+    }
+
+    /// How long an API call may take before it answers `hsm_timeout`.
+    pub fn call_timeout(&self) -> std::time::Duration {
+        self.call_timeout
     }
 
     fn token(&self) -> Result<&Arc<Token>, ApiError> {

@@ -114,8 +114,10 @@ pub fn router(manager: Arc<Manager>) -> Router {
         .with_state(manager)
 }
 
-/// Runs `op` on a blocking thread; names the operation and target for the request's audit
-/// line (written by [`super::access`]).
+/// Runs `op` on a blocking thread, naming the operation and target for the request's audit line
+/// (written by [`super::access`]), and answers `hsm_timeout` when it takes longer than
+/// `[pkcs11] call_timeout_ms`: a frozen HSM can hang any token call, and the caller must hear so.
+/// The operation itself cannot be cancelled; it may still finish after the answer went out.
 async fn run<T: Send + 'static>(
     m: Arc<Manager>,
     who: ClientIdentity,
@@ -124,9 +126,17 @@ async fn run<T: Send + 'static>(
     op: impl FnOnce(&Manager) -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
     super::access::note_operation(operation, &target);
-    tokio::task::spawn_blocking(move || m.perform(&who, operation, &target, op))
-        .await
-        .map_err(|e| ApiError::internal(format!("the operation did not finish: {e}")))?
+    let limit = m.call_timeout();
+    let task = tokio::task::spawn_blocking(move || m.perform(&who, operation, &target, op));
+    match tokio::time::timeout(limit, task).await {
+        Ok(done) => {
+            done.map_err(|e| ApiError::internal(format!("the operation did not finish: {e}")))?
+        }
+        Err(_) => Err(super::error::key_error(&tlsgate_keystore::Error::Timeout {
+            what: operation.to_owned(),
+            after_ms: limit.as_millis() as u64,
+        })),
+    }
 }
 
 fn body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
