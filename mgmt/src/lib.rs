@@ -11,6 +11,9 @@ pub mod cli;
 pub mod client_auth;
 pub mod config;
 pub mod files;
+#[cfg(any(test, fuzzing))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http_head;
 pub mod logging;
 pub mod metrics_http;

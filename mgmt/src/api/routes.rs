@@ -91,7 +91,7 @@ async fn run<T: Send + 'static>(
         .map_err(|e| ApiError::internal(format!("the operation did not finish: {e}")))?
 }
 
-fn body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+pub(crate) fn body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(bytes).map_err(|e| ApiError::bad_request(format!("request body: {e}")))
 }
 
@@ -133,10 +133,10 @@ async fn generate_key(State(m): Mgr, Extension(who): Who, b: Bytes) -> Result<Re
 /// The import request. The key PEM is moved into wiped memory at once and is never logged.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ImportKey {
-    label: String,
-    id: Option<String>,
-    pkcs8_pem: String,
+pub(crate) struct ImportKey {
+    pub(crate) label: String,
+    pub(crate) id: Option<String>,
+    pub(crate) pkcs8_pem: String,
 }
 
 async fn import_key(State(m): Mgr, Extension(who): Who, b: Bytes) -> Result<Response, ApiError> {
