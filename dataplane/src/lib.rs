@@ -48,6 +48,9 @@ pub mod config;
 pub mod conn;
 mod driver;
 mod error;
+#[cfg(any(test, fuzzing))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod keyops;
 pub mod metrics;
 mod portable;

@@ -13,6 +13,9 @@ pub mod config;
 pub mod conn_limit;
 pub mod fdlimit;
 pub mod files;
+#[cfg(any(test, fuzzing))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hardening;
 pub mod http_head;
 pub mod logging;

@@ -37,10 +37,11 @@ pub(crate) fn may_resume(flight: &[u8], sessions: &dyn StoresServerSessions) -> 
     }
 }
 
-struct Hint {
-    psk: bool,
-    ticket: bool,
-    session_id: Vec<u8>,
+/// What the hello offers (visible to the fuzzing module, which checks it against rustls).
+pub(crate) struct Hint {
+    pub(crate) psk: bool,
+    pub(crate) ticket: bool,
+    pub(crate) session_id: Vec<u8>,
 }
 
 struct Reader<'a>(&'a [u8]);
@@ -66,15 +67,17 @@ impl<'a> Reader<'a> {
     }
 }
 
-fn scan(flight: &[u8]) -> Option<Hint> {
-    // Reassemble handshake bytes from as many records as the flight holds.
+pub(crate) fn scan(flight: &[u8]) -> Option<Hint> {
+    // Reassemble handshake bytes from as many whole records as the flight holds. The flight is
+    // everything read so far, so it may end inside a later record (early data, or a read that
+    // split one): that ends the reassembly, since the hello may be complete before it.
     let mut hs = Vec::new();
     let mut rd = Reader(flight);
     while !rd.0.is_empty() {
-        let typ = rd.u8()?;
-        rd.take(2)?;
-        let len = usize::from(rd.u16()?);
-        let body = rd.take(len)?;
+        let Some(header) = rd.take(5) else { break };
+        let typ = header[0];
+        let len = usize::from(u16::from_be_bytes([header[3], header[4]]));
+        let Some(body) = rd.take(len) else { break };
         if typ != RECORD_HANDSHAKE {
             break;
         }
@@ -147,6 +150,25 @@ mod tests {
         let cache = ServerSessionMemoryCache::new(4);
         assert!(may_resume(b"GET / HTTP/1.1\r\n", &*cache));
         assert!(may_resume(&[], &*cache));
+    }
+
+    #[test]
+    fn a_complete_hello_reads_even_when_a_later_record_is_cut_short() {
+        let cache = ServerSessionMemoryCache::new(4);
+        let sid = [7u8; 32];
+        assert!(cache.put(sid.to_vec(), b"session".to_vec()));
+        let mut flight = record(&sid, TLS12_ONLY);
+        // The start of an application-data record: its body has not arrived yet.
+        flight.extend_from_slice(&[23, 3, 3, 0, 40, 1, 2]);
+        let hint = scan(&flight).expect("the hello itself is complete");
+        assert_eq!(hint.session_id, sid);
+        assert!(!may_resume(&record(&[1; 32], TLS12_ONLY), &*cache));
+        let mut unknown = record(&[1; 32], TLS12_ONLY);
+        unknown.push(23);
+        assert!(
+            !may_resume(&unknown, &*cache),
+            "a full handshake, not the safe path"
+        );
     }
 
     #[test]

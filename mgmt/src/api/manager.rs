@@ -845,7 +845,7 @@ fn covered(name: &str, sans: &[String]) -> bool {
     })
 }
 
-fn check_label(label: &str) -> Result<(), ApiError> {
+pub(crate) fn check_label(label: &str) -> Result<(), ApiError> {
     if label.is_empty() || label.len() > 64 || label.chars().any(|c| c.is_control()) {
         return Err(ApiError::invalid(
             "label_invalid",
@@ -855,7 +855,7 @@ fn check_label(label: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn parse_id(id: Option<&str>) -> Result<Option<Vec<u8>>, ApiError> {
+pub(crate) fn parse_id(id: Option<&str>) -> Result<Option<Vec<u8>>, ApiError> {
     match id {
         None => Ok(None),
         Some(h) => match hex::decode(h) {
@@ -875,7 +875,7 @@ fn sha256(bytes: &[u8]) -> Vec<u8> {
 }
 
 /// Parses a CRL (PEM, one block) and checks it is a well-formed X.509 CRL.
-fn crl_der(pem: &str) -> Result<CertificateRevocationListDer<'static>, ApiError> {
+pub(crate) fn crl_der(pem: &str) -> Result<CertificateRevocationListDer<'static>, ApiError> {
     use rustls_pki_types::pem::PemObject;
     let der = CertificateRevocationListDer::from_pem_slice(pem.as_bytes()).map_err(|_| {
         ApiError::invalid(
@@ -897,7 +897,7 @@ fn crl_der(pem: &str) -> Result<CertificateRevocationListDer<'static>, ApiError>
     }
 }
 
-fn crl_view(c: &StoredCrl) -> Result<CrlView, ApiError> {
+pub(crate) fn crl_view(c: &StoredCrl) -> Result<CrlView, ApiError> {
     use x509_parser::prelude::FromDer;
     let der = crl_der(&c.pem)?;
     let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(der.as_ref())
@@ -916,7 +916,7 @@ fn crl_view(c: &StoredCrl) -> Result<CrlView, ApiError> {
     })
 }
 
-fn pem_encode_crl(der: &[u8]) -> String {
+pub(crate) fn pem_encode_crl(der: &[u8]) -> String {
     // The keystore's PEM writer is crate-private; the label differs anyway.
     use std::fmt::Write;
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
