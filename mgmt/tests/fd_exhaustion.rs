@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use common::policy_support::metrics_addr;
-use common::{demo_backend, uri, Lab, Serve};
+use common::policy_support::{http_get, metrics_addr};
+use common::{demo_backend, metric, uri, Lab, Serve};
 use rustls::pki_types::ServerName;
 
 const NOFILE: u64 = 512;
@@ -36,12 +36,9 @@ fn write_config(lab: &Lab, name: &str, backend: &str, limits: &str) -> Result<st
     Ok(path)
 }
 
+/// `GET /metrics`, which must answer 200.
 fn scrape(addr: &str) -> Result<String> {
-    let mut s = TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
+    let out = http_get(addr, "/metrics")?;
     ensure!(out.starts_with("HTTP/1.1 200"), "{out}");
     Ok(out)
 }
@@ -203,28 +200,22 @@ fn a_flood_at_the_descriptor_limit_does_not_collapse_the_appliance() -> Result<(
     // Counters reach /metrics about once a second.
     std::thread::sleep(Duration::from_millis(1500));
     let text = scrape(&metrics)?;
-    let sum = |name: &str, label: &str| -> f64 {
-        text.lines()
-            .filter(|l| l.starts_with(name) && l.contains(label))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    };
     println!(
         "{} flood connections held, {established} with a completed handshake; accept paused {} \
          times, {} accept errors",
         flood.len(),
-        sum("tlsgate_accept_paused_total", ""),
-        sum("tlsgate_accept_errors_total", ""),
+        metric(&text, "tlsgate_accept_paused_total", &[]),
+        metric(&text, "tlsgate_accept_errors_total", &[]),
     );
     // The cap held the connections below the descriptor limit: the kernel never refused an
     // accept, the token never failed (it needs descriptors of its own), and a good share of
     // the flood was served.
     ensure!(
-        sum("tlsgate_accept_errors_total", "") == 0.0,
+        metric(&text, "tlsgate_accept_errors_total", &[]) == 0.0,
         "accepts failed in the kernel:\n{text}"
     );
     ensure!(
-        sum("tlsgate_errors_total", "source=\"hsm\"") == 0.0,
+        metric(&text, "tlsgate_errors_total", &["source=\"hsm\""]) == 0.0,
         "the token failed during the flood:\n{text}"
     );
     ensure!(

@@ -30,6 +30,16 @@ pub fn require(program: &str, package: &str) -> bool {
     tlsgate_hw_tests::skip::unless(tlsgate_hw_tests::skip::tool_missing(program, package))
 }
 
+/// Sum of the samples of `name` whose labels contain every one of `labels`.
+pub fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 pub fn tlsgate() -> Command {
     Command::new(env!("CARGO_BIN_EXE_tlsgate"))
 }
