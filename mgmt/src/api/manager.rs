@@ -166,6 +166,8 @@ pub struct Manager {
     token: Option<Arc<Token>>,
     /// `[pkcs11] call_timeout_ms`, kept outside `inner`: a call stuck on the HSM holds that lock.
     call_timeout: std::time::Duration,
+    /// `[api] danger_allow_key_import_over_https`, read at start (outside `inner` likewise).
+    key_import_over_https: bool,
     store: StateStore,
     audit: AuditLog,
     publish: Publisher,
@@ -208,6 +210,10 @@ impl Manager {
             std::time::Duration::from_millis(crate::config::DEFAULT_CALL_TIMEOUT_MS),
             |p| p.call_timeout(),
         );
+        let key_import_over_https = config
+            .api
+            .as_ref()
+            .is_some_and(|a| a.danger_allow_key_import_over_https);
         let mgr = Manager {
             inner: Mutex::new(Inner {
                 config,
@@ -216,6 +222,7 @@ impl Manager {
             bound: Mutex::new(HashMap::new()),
             token,
             call_timeout,
+            key_import_over_https,
             store,
             audit,
             publish,
@@ -287,6 +294,12 @@ impl Manager {
             tracing::info!(client = %client, operation, target, "management operation");
         }
         result
+    }
+
+    /// Whether `POST /v1/keys/import` is served over HTTPS (`[api]
+    /// danger_allow_key_import_over_https`); over the unix socket it always is.
+    pub fn key_import_over_https(&self) -> bool {
+        self.key_import_over_https
     }
 
     /// How long an API call may take before it answers `hsm_timeout`.
