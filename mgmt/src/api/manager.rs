@@ -930,29 +930,7 @@ pub(crate) fn crl_view(c: &StoredCrl) -> Result<CrlView, ApiError> {
 }
 
 pub(crate) fn pem_encode_crl(der: &[u8]) -> String {
-    // The keystore's PEM writer is crate-private; the label differs anyway.
-    use std::fmt::Write;
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut b64 = String::with_capacity(der.len() * 4 / 3 + 4);
-    for chunk in der.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |acc, (i, &b)| acc | u32::from(b) << (16 - 8 * i));
-        for i in 0..4 {
-            if i <= chunk.len() {
-                b64.push(char::from(ALPHABET[(n >> (18 - 6 * i)) as usize & 63]));
-            } else {
-                b64.push('=');
-            }
-        }
-    }
-    let mut out = String::from("-----BEGIN X509 CRL-----\n");
-    for line in b64.as_bytes().chunks(64) {
-        let _ = writeln!(out, "{}", String::from_utf8_lossy(line));
-    }
-    out.push_str("-----END X509 CRL-----\n");
-    out
+    tlsgate_keystore::keyinfo::pem_encode("X509 CRL", der)
 }
 
 #[cfg(test)]
