@@ -1,5 +1,6 @@
 //! `[listener.backend_tls]` through the real binary: `openssl s_server` as a backend that requires
-//! a client certificate gets the one whose key is on the SoftHSM2 token; a wrong expected name
+//! a client certificate gets the one whose key is on the SoftHSM2 token, signed for on a key-op
+//! worker (counted as a key operation beside the client handshake's); a wrong expected name
 //! fails the connection and shows in `tlsgate_backend_tls_errors_total`; on both io drivers.
 
 mod common;
