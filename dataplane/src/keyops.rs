@@ -1,5 +1,6 @@
 //! The key-operation pool: worker threads that run `Accepted::into_connection()` — and so the
-//! token signature inside it — away from the io threads.
+//! token signature inside it — away from the io threads; also the backend handshake's record
+//! processing when the backend client key is on the token (see [`crate::conn::KeyOpJob`]).
 //!
 //! The queue is bounded (total `queue_depth`; drivers also bound their own in-flight count per
 //! core), every request carries a deadline, and a request that waited past it is answered

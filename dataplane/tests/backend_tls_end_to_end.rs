@@ -2,12 +2,14 @@
 //! a real rustls backend on 127.0.0.1 reached through the data plane; certificate errors fail the
 //! connection with a named cause; a backend that requires a client certificate gets ours; the
 //! PROXY header goes in clear before the backend handshake and carries the client's CN, SANs and
-//! fingerprint.
+//! fingerprint; a slow (token) client key signs on the key-op workers, so the core keeps serving
+//! established connections meanwhile.
 
 mod common;
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread;
@@ -18,7 +20,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, Serve
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use tlsgate_dataplane::conn::{BackendTls, BackendTlsCause};
-use tlsgate_dataplane::{CloseReason, DataplaneConfig, ListenerSnapshot};
+use tlsgate_dataplane::{CloseReason, DataplaneConfig, IoDriver, ListenerSnapshot};
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
@@ -247,6 +249,7 @@ fn backend_tls(ca: &Ca, name: &str, client: Option<&Leaf>) -> BackendTls {
     BackendTls {
         config: Arc::new(cfg),
         server_name: ServerName::try_from(name.to_owned()).expect("name"),
+        offload_key_ops: false,
     }
 }
 
@@ -613,6 +616,190 @@ fn a_backend_that_never_answers_the_tls_handshake_times_out() {
             started.elapsed()
         );
         dp.shutdown(Duration::from_secs(1)).expect("shutdown");
+    }
+}
+
+/// A client key that sleeps like a slow HSM and records on which thread it was asked to sign.
+#[derive(Debug)]
+struct WatchedKey {
+    inner: Arc<dyn rustls::sign::SigningKey>,
+    off_worker: Arc<AtomicU64>,
+    total: Arc<AtomicU64>,
+}
+
+#[derive(Debug)]
+struct WatchedSigner {
+    inner: Box<dyn rustls::sign::Signer>,
+    off_worker: Arc<AtomicU64>,
+    total: Arc<AtomicU64>,
+}
+
+impl rustls::sign::SigningKey for WatchedKey {
+    fn choose_scheme(
+        &self,
+        offered: &[rustls::SignatureScheme],
+    ) -> Option<Box<dyn rustls::sign::Signer>> {
+        Some(Box::new(WatchedSigner {
+            inner: self.inner.choose_scheme(offered)?,
+            off_worker: self.off_worker.clone(),
+            total: self.total.clone(),
+        }))
+    }
+
+    fn algorithm(&self) -> rustls::SignatureAlgorithm {
+        self.inner.algorithm()
+    }
+}
+
+impl rustls::sign::Signer for WatchedSigner {
+    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, rustls::Error> {
+        let on_worker = thread::current()
+            .name()
+            .is_some_and(|n| n.starts_with("tlsgate-keyop-"));
+        if !on_worker {
+            self.off_worker.fetch_add(1, Ordering::Relaxed);
+        }
+        self.total.fetch_add(1, Ordering::Relaxed);
+        self.inner.sign(message)
+    }
+
+    fn scheme(&self) -> rustls::SignatureScheme {
+        self.inner.scheme()
+    }
+}
+
+/// What one run of the backend-signature load measured.
+struct SigningRun {
+    p99: Duration,
+    echoes: usize,
+    off_worker: u64,
+    total: u64,
+}
+
+/// One core; a probe connection echoes through a TLS backend that requires our client
+/// certificate while `LOAD` clients keep opening connections whose backend handshakes each need a
+/// 20 ms client signature (backend resumption off). `inline` forces the io thread to sign.
+fn backend_signing_run(io: IoDriver, inline: bool) -> Option<SigningRun> {
+    const LOAD: usize = 8;
+    let zone = ca("backend zone CA");
+    let leaf = zone.leaf("backend.internal", &["backend.internal"], false);
+    let client_zone = ca("tlsgate client CA");
+    let ours = client_zone.leaf("tlsgate-appliance", &["tlsgate.internal"], false);
+    let (backend, _seen) =
+        tls_echo_backend(backend_server_config(&leaf, Some(&client_zone)), false);
+    let key = tlsgate_dataplane::testing::SlowSigningKey::new(
+        provider()
+            .key_provider
+            .load_private_key(ours.key())
+            .expect("client key"),
+        Duration::from_millis(20),
+    );
+    let (off_worker, total) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let watched = WatchedKey {
+        inner: Arc::new(key),
+        off_worker: off_worker.clone(),
+        total: total.clone(),
+    };
+    let ck = rustls::sign::CertifiedKey::new(vec![ours.der.clone()], Arc::new(watched));
+    let mut cc = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(zone.roots())
+        .with_client_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(ck)));
+    cc.resumption = rustls::client::Resumption::disabled();
+    let bt = BackendTls {
+        config: Arc::new(cc),
+        server_name: ServerName::try_from("backend.internal").expect("name"),
+        offload_key_ops: true,
+    };
+    let p = pki(KeyKind::Ecdsa);
+    let (tls, _) = server_config(&p, None);
+    let mut cfg = DataplaneConfig::new(vec![0]);
+    cfg.key_ops.workers = 2 * LOAD;
+    cfg.key_ops.deadline_ms = 10_000;
+    cfg.danger_inline_key_ops = inline;
+    let dp = start_dp(cfg, io, vec![tls_listener(tls, backend, false, Some(bt))])?;
+    let a = addr(&dp);
+    let cc = client_config(&p, all_versions());
+    let mut probe = connect(a, &cc);
+    assert_eq!(
+        echo_once(&mut probe, b"warm-up").expect("probe"),
+        b"warm-up"
+    );
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load: Vec<_> = (0..LOAD)
+        .map(|_| {
+            let (stop, cc) = (stop.clone(), cc.clone());
+            thread::spawn(move || {
+                pin_client_thread();
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok(mut t) = try_connect(a, &cc) {
+                        let _ = echo_once(&mut t, b"load");
+                    }
+                }
+            })
+        })
+        .collect();
+    let settle = std::time::Instant::now() + Duration::from_millis(300);
+    let end = settle + Duration::from_millis(1500);
+    let mut rtts = Vec::new();
+    while std::time::Instant::now() < end {
+        let t0 = std::time::Instant::now();
+        assert_eq!(
+            echo_once(&mut probe, b"probe").expect("probe echo"),
+            b"probe"
+        );
+        let now = std::time::Instant::now();
+        if now >= settle {
+            rtts.push(now - t0);
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in load {
+        t.join().expect("load thread");
+    }
+    dp.shutdown(Duration::from_secs(1)).expect("shutdown");
+    assert!(!rtts.is_empty(), "{io:?}: no probe echo after settling");
+    rtts.sort();
+    Some(SigningRun {
+        p99: rtts[(rtts.len() * 99 / 100).min(rtts.len() - 1)],
+        echoes: rtts.len(),
+        off_worker: off_worker.load(Ordering::Relaxed),
+        total: total.load(Ordering::Relaxed),
+    })
+}
+
+#[test]
+fn backend_client_signatures_with_a_token_key_never_stall_the_core() {
+    for io in drivers() {
+        let Some(off) = backend_signing_run(io, false) else {
+            continue;
+        };
+        let Some(inl) = backend_signing_run(io, true) else {
+            continue;
+        };
+        for (what, r) in [("offloaded", &off), ("danger_inline_key_ops", &inl)] {
+            println!(
+                "{io:?} {what}, 20 ms client signer: probe p99 {:?} over {} echoes, {} backend signatures ({} outside a key-op worker)",
+                r.p99, r.echoes, r.total, r.off_worker
+            );
+        }
+        // Offloaded, no client signature is made on the io thread, and there was load to make.
+        assert!(off.total > 10, "{io:?}: {} signatures", off.total);
+        assert_eq!(
+            off.off_worker, 0,
+            "{io:?}: signed outside the key-op workers"
+        );
+        // The forced-inline run proves the watch works: there, the io thread signs.
+        assert!(inl.off_worker > 0, "{io:?}");
+        // And it is what stalls the established connection: a wide relation measured here.
+        assert!(
+            inl.p99 >= 2 * off.p99,
+            "{io:?}: inline probe p99 {:?} vs offloaded {:?}",
+            inl.p99,
+            off.p99
+        );
     }
 }
 

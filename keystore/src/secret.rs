@@ -67,6 +67,25 @@ impl SecretBuf {
         self.extend_from_slice(&[byte])
     }
 
+    /// Lets `write` fill the unused capacity in place (a decoder writing straight into these
+    /// pages, so no copy exists elsewhere) and keeps the first `n` bytes it reports writing.
+    /// When it answers `None` (or more than it was given), what it wrote is wiped and nothing
+    /// is kept.
+    pub fn fill_with(&mut self, write: impl FnOnce(&mut [u8]) -> Option<usize>) -> Option<usize> {
+        let start = self.len;
+        let spare = &mut self.map[start..];
+        match write(spare) {
+            Some(n) if n <= spare.len() => {
+                self.len = start + n;
+                Some(n)
+            }
+            _ => {
+                spare.zeroize();
+                None
+            }
+        }
+    }
+
     /// The bytes held.
     pub fn as_bytes(&self) -> &[u8] {
         &self.map[..self.len]
@@ -108,53 +127,28 @@ const PEM_BEGIN: &[u8] = b"-----BEGIN PRIVATE KEY-----";
 const PEM_END: &[u8] = b"-----END PRIVATE KEY-----";
 
 /// The DER of the first PKCS#8 `PRIVATE KEY` block of `pem`, decoded straight into a
-/// [`SecretBuf`]: no intermediate copy of the base64 text or the key is made. `None` when there
-/// is no such block or its base64 is malformed (the input is never echoed).
+/// [`SecretBuf`] by `pem-rfc7468` (RFC 7468's strict grammar: 64-character base64 lines, LF or
+/// CRLF): no intermediate copy of the base64 text or the key is made (beyond the decoder's
+/// 3-byte block buffer on the stack). Text before the block
+/// and after it (another block, say) is ignored. `None` when there is no such block or it is
+/// malformed (the input is never echoed).
 pub fn pkcs8_der_from_pem(pem: &[u8]) -> Option<SecretBuf> {
-    let start = find(pem, PEM_BEGIN)? + PEM_BEGIN.len();
-    let body_len = find(&pem[start..], PEM_END)?;
-    let body = &pem[start..start + body_len];
-    let mut out = SecretBuf::with_capacity(body.len() / 4 * 3 + 3).ok()?;
-    let mut quad = [0u8; 4];
-    let mut n = 0;
-    let mut padding = 0;
-    for &c in body {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            b'=' => {
-                padding += 1;
-                0
-            }
-            b' ' | b'\t' | b'\r' | b'\n' => continue,
-            _ => return None,
-        };
-        if padding > 0 && c != b'=' {
-            return None;
-        }
-        quad[n] = v;
-        n += 1;
-        if n == 4 {
-            let bytes = [
-                (quad[0] << 2) | (quad[1] >> 4),
-                (quad[1] << 4) | (quad[2] >> 2),
-                (quad[2] << 6) | quad[3],
-            ];
-            let keep = match padding {
-                0 => 3,
-                1 => 2,
-                2 => 1,
-                _ => return None,
-            };
-            out.extend_from_slice(&bytes[..keep]).ok()?;
-            n = 0;
+    let start = find(pem, PEM_BEGIN)?;
+    let mut end = start + find(&pem[start..], PEM_END)? + PEM_END.len();
+    // The block's own line ending goes with it; what follows is not the decoder's business.
+    for eol in [&b"\r\n"[..], b"\n"] {
+        if pem[end..].starts_with(eol) {
+            end += eol.len();
+            break;
         }
     }
-    quad.zeroize();
-    (n == 0 && !out.is_empty()).then_some(out)
+    let block = &pem[start..end];
+    let mut out = SecretBuf::with_capacity(block.len() / 4 * 3 + 3).ok()?;
+    out.fill_with(|buf| match pem_rfc7468::decode(block, buf) {
+        Ok(("PRIVATE KEY", der)) => Some(der.len()),
+        _ => None,
+    })?;
+    (!out.is_empty()).then_some(out)
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
@@ -165,46 +159,90 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 mod tests {
     use super::*;
 
-    fn encode(bytes: &[u8]) -> String {
-        const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-        let mut s = String::new();
-        for c in bytes.chunks(3) {
-            let b = [c[0], *c.get(1).unwrap_or(&0), *c.get(2).unwrap_or(&0)];
-            let v = [
-                b[0] >> 2,
-                (b[0] & 3) << 4 | b[1] >> 4,
-                (b[1] & 15) << 2 | b[2] >> 6,
-                b[2] & 63,
-            ];
-            for (i, x) in v.iter().enumerate() {
-                s.push(if i <= c.len() {
-                    A[*x as usize] as char
-                } else {
-                    '='
-                });
-            }
-        }
-        s
+    use pem_rfc7468::LineEnding;
+
+    fn pem_of(der: &[u8], eol: LineEnding) -> String {
+        pem_rfc7468::encode_string("PRIVATE KEY", eol, der).expect("encodes")
     }
 
     #[test]
-    fn pem_decodes_to_the_der_and_refuses_what_is_not_base64() {
+    fn pem_decodes_to_the_der_with_lf_or_crlf_and_text_around_it() {
         let der: Vec<u8> = (0u8..=200).collect();
-        let b64 = encode(&der);
-        let lines: Vec<&str> = b64
-            .as_bytes()
-            .chunks(64)
-            .map(|c| std::str::from_utf8(c).expect("ascii"))
-            .collect();
-        let pem = format!(
-            "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
-            lines.join("\n")
-        );
-        let got = pkcs8_der_from_pem(pem.as_bytes()).expect("decodes");
-        assert_eq!(got.as_bytes(), &der[..]);
+        for eol in [LineEnding::LF, LineEnding::CRLF] {
+            let pem = pem_of(&der, eol);
+            let got = pkcs8_der_from_pem(pem.as_bytes()).expect("decodes");
+            assert_eq!(got.as_bytes(), &der[..], "{eol:?}");
+            // Explanatory text before (as `openssl pkey -text` writes), another block after
+            // (a combined key + certificate file), no final line ending.
+            let around = format!(
+                "Private-Key: (256 bit)\npriv: ...\n{pem}-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"
+            );
+            let got = pkcs8_der_from_pem(around.as_bytes()).expect("decodes");
+            assert_eq!(got.as_bytes(), &der[..], "{eol:?} with text around");
+            let bare = pem.trim_end();
+            let got = pkcs8_der_from_pem(bare.as_bytes()).expect("decodes");
+            assert_eq!(
+                got.as_bytes(),
+                &der[..],
+                "{eol:?} without a final line ending"
+            );
+        }
+    }
+
+    #[test]
+    fn what_tlsgate_writes_decodes() {
+        // rcgen writes the lab CA's and the tests' keys.
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        let got = pkcs8_der_from_pem(key.serialize_pem().as_bytes()).expect("rcgen PEM");
+        assert_eq!(got.as_bytes(), &key.serialize_der()[..]);
+        // OpenSSL's layout (64-character lines, LF) is `pem_of(.., LineEnding::LF)` above; real
+        // `openssl genpkey` files are imported by mgmt's api_round_trip and key_bytes tests.
+    }
+
+    #[test]
+    fn malformed_pem_is_refused() {
+        let der: Vec<u8> = (0u8..=200).collect();
+        let pem = pem_of(&der, LineEnding::LF);
         assert!(pkcs8_der_from_pem(pem.replace('A', "*").as_bytes()).is_none());
         assert!(pkcs8_der_from_pem(b"no pem here").is_none());
         assert!(pkcs8_der_from_pem(pem.replace("PRIVATE KEY", "CERTIFICATE").as_bytes()).is_none());
+        // A character of the body missing, or the end boundary missing.
+        let mut lines: Vec<&str> = pem.lines().collect();
+        let short = &lines[2][1..];
+        lines[2] = short;
+        assert!(pkcs8_der_from_pem(lines.join("\n").as_bytes()).is_none());
+        let cut = &pem[..pem.find("-----END").expect("end")];
+        assert!(pkcs8_der_from_pem(cut.as_bytes()).is_none());
+        // An empty block decodes to nothing, which is not a key.
+        assert!(
+            pkcs8_der_from_pem(b"-----BEGIN PRIVATE KEY-----\n-----END PRIVATE KEY-----\n")
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn a_refused_fill_keeps_and_leaves_nothing() {
+        let mut b = SecretBuf::with_capacity(8).expect("map");
+        b.extend_from_slice(b"ab").expect("fits");
+        assert_eq!(
+            b.fill_with(|spare| {
+                spare[..3].copy_from_slice(b"xyz");
+                None
+            }),
+            None
+        );
+        assert_eq!(b.as_bytes(), b"ab");
+        assert_eq!(b.fill_with(|spare| Some(spare.len() + 1)), None);
+        assert_eq!(
+            b.fill_with(|spare| {
+                spare[..2].copy_from_slice(b"cd");
+                Some(2)
+            }),
+            Some(2)
+        );
+        assert_eq!(b.as_bytes(), b"abcd");
+        // What the refused fill wrote past that was wiped.
+        assert_eq!(b.map[4], 0);
     }
 
     #[test]

@@ -10,13 +10,12 @@
 //! key = "pkcs11:token=lab;object=tlsgate-client;type=private"   # or file:PATH; with chain
 //! ```
 //!
-//! A token client key signs inside the backend handshake on the io thread that owns the
-//! connection (no key-op offload on this side): the backend side of a connection is a
-//! `rustls::ClientConnection` whose signature happens inside `process_new_packets`, and backend
-//! handshakes are one per client connection at most and usually resumed (the client
-//! configuration keeps rustls's in-memory session store, and a resumed TLS 1.3 or 1.2 session
-//! needs no client signature). A slow HSM therefore costs a core one signature per full backend
-//! handshake; README and ARCHITECTURE.md say so.
+//! A token client key never signs on the io thread: while the backend handshake runs, the
+//! connection core hands the backend's records (and the `rustls::ClientConnection`, which signs
+//! for a CertificateRequest inside `process_new_packets`) to the key-op pool, as it does for
+//! client handshakes (`BackendTls::offload_key_ops`). A software key signs inline. The client
+//! configuration keeps rustls's in-memory session store, so most backend handshakes resume and
+//! need no client signature.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -97,6 +96,7 @@ pub fn build(config: &Config, i: usize, token: Option<&Arc<Token>>) -> Result<Op
         .with_safe_default_protocol_versions()
         .with_context(|| at.clone())?
         .with_root_certificates(roots);
+    let mut offload_key_ops = false;
     let client_config = match (&bt.chain, &bt.key) {
         (Some(chain), Some(key)) => {
             let key_ref: KeyRef = key.parse().with_context(|| format!("{at}.key"))?;
@@ -104,6 +104,7 @@ pub fn build(config: &Config, i: usize, token: Option<&Arc<Token>>) -> Result<Op
                 KeyRef::File(p) => KeyRef::File(config.resolve(&p)),
                 other => other,
             };
+            offload_key_ops = matches!(key_ref, KeyRef::Pkcs11(_));
             let loaded =
                 keyref::load(&key_ref, token).with_context(|| format!("{at}.key: {key}"))?;
             let chain_path = config.resolve(chain);
@@ -123,6 +124,7 @@ pub fn build(config: &Config, i: usize, token: Option<&Arc<Token>>) -> Result<Op
     Ok(Some(BackendTls {
         config: Arc::new(client_config),
         server_name,
+        offload_key_ops,
     }))
 }
 

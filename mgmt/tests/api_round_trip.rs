@@ -421,3 +421,100 @@ fn a_listener_without_certificates_serves_once_bound() -> Result<()> {
     ensure!(out.contains("hello from the tlsgate demo backend"), "{out}");
     Ok(())
 }
+
+#[test]
+fn key_import_over_https_is_refused_before_its_body_unless_allowed() -> Result<()> {
+    let lab = Lab::new()?;
+    let pki = MgmtPki::new(&lab)?;
+    let boot = lab.token_key_with_chain("ec-p256", "boot")?;
+    let (_backend, backend) = demo_backend(lab.dir.path())?;
+    let config = write_config(&lab, &pki, &backend, &boot, &common::uri("boot"), "imh")?;
+    let (key, _chain) = lab.software_key_with_chain("EC", "imported")?;
+    let pem = std::fs::read_to_string(&key)?;
+    let body = |label: &str| serde_json::json!({ "label": label, "pkcs8_pem": pem }).to_string();
+    let client = Some((pki.client_chain.as_path(), pki.client_key.as_path()));
+    let labels = |lab: &Lab| -> Result<Vec<String>> {
+        Ok(ctl_json(lab, &["keys", "list"])?["items"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|k| k["label"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default())
+    };
+
+    // By default: a valid management client over HTTPS is refused, and nothing reaches the token.
+    let serve = Serve::start(&lab, &config)?;
+    let port = api_port(&config)?;
+    let (status, answer, _) = curl_https(
+        &pki,
+        port,
+        client,
+        "POST",
+        "/v1/keys/import",
+        Some(&body("over-https")),
+    )?;
+    let code = serde_json::from_str::<serde_json::Value>(&answer)
+        .ok()
+        .and_then(|v| v["error"]["code"].as_str().map(str::to_owned));
+    ensure!(
+        status == 403 && code.as_deref() == Some("key_import_needs_local_socket"),
+        "{status} {answer}"
+    );
+    ensure!(
+        answer.contains("unix socket"),
+        "the answer says what to do: {answer}"
+    );
+    ensure!(!labels(&lab)?.iter().any(|l| l == "over-https"));
+    let audit = std::fs::read_to_string(lab.path("state/audit.log"))?;
+    ensure!(
+        audit
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .any(|l| l["client"]
+                .as_str()
+                .is_some_and(|c| c.starts_with("cert:CN=ops-alice sha256:"))
+                && l["operation"] == "key.import"
+                && l["status"] == 403
+                && l["result"] == "key_import_needs_local_socket"),
+        "the refusal is audited:\n{audit}"
+    );
+    ensure!(!audit.contains("PRIVATE KEY"), "no body in the audit log");
+
+    // Over the unix socket the same import works.
+    ctl_ok(
+        &lab,
+        &[
+            "keys",
+            "import",
+            "--label",
+            "over-socket",
+            "--key-file",
+            &key.display().to_string(),
+        ],
+    )?;
+    ensure!(labels(&lab)?.iter().any(|l| l == "over-socket"));
+    drop(serve);
+
+    // An operator who accepts the risk opts in.
+    let text = std::fs::read_to_string(&config)?.replace(
+        "\n[state]",
+        "danger_allow_key_import_over_https = true\n\n[state]",
+    );
+    std::fs::write(&config, text)?;
+    let _ = std::fs::remove_file(config.with_extension("ready"));
+    let _serve = Serve::start(&lab, &config)?;
+    let port = api_port(&config)?;
+    let (status, answer, _) = curl_https(
+        &pki,
+        port,
+        client,
+        "POST",
+        "/v1/keys/import",
+        Some(&body("opted-in")),
+    )?;
+    ensure!(status == 201, "{status} {answer}");
+    ensure!(labels(&lab)?.iter().any(|l| l == "opted-in"));
+    Ok(())
+}

@@ -1,5 +1,6 @@
 //! `[listener.backend_tls]` through the real binary: `openssl s_server` as a backend that requires
-//! a client certificate gets the one whose key is on the SoftHSM2 token; a wrong expected name
+//! a client certificate gets the one whose key is on the SoftHSM2 token, signed for on a key-op
+//! worker (counted as a key operation beside the client handshake's); a wrong expected name
 //! fails the connection and shows in `tlsgate_backend_tls_errors_total`; on both io drivers.
 
 mod common;
@@ -163,6 +164,25 @@ fn token_client_key_reaches_a_backend_that_requires_it() -> Result<()> {
             body.contains("tlsgate-backend-client"),
             "{io}: the backend saw our token-held client certificate:\n{body}"
         );
+        // Two token signatures went through the key-op pool: the client handshake's and the
+        // backend handshake's client signature (before, the latter was made on the io thread
+        // and never counted there). Counters are flushed about once a second.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = scrape(&metrics)?;
+            let ok: u64 = text
+                .lines()
+                .filter(|l| l.starts_with("tlsgate_key_ops_total{") && l.contains("result=\"ok\""))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                .sum();
+            if ok == 2 {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("{io}: {ok} key ops, expected 2:\n{text}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
 
         let out = curl(&lab, wrong_port, "/", &[])?;
         assert!(

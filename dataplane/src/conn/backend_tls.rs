@@ -22,12 +22,17 @@ pub struct BackendTls {
     pub config: Arc<ClientConfig>,
     /// The name the backend's certificate must carry (SNI is sent for DNS names).
     pub server_name: ServerName<'static>,
+    /// The client certificate's key is slow (on a token): while the backend handshake runs, the
+    /// backend's records are processed — and so the client signature made — on a key-op worker
+    /// instead of the io thread. `false` for a software key or no client certificate.
+    pub offload_key_ops: bool,
 }
 
 impl fmt::Debug for BackendTls {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BackendTls")
             .field("server_name", &self.server_name)
+            .field("offload_key_ops", &self.offload_key_ops)
             .finish_non_exhaustive()
     }
 }

@@ -13,6 +13,10 @@
 //!                                       close_notify/FIN ↔ FIN/close_notify   ▼
 //!                                                                           finished
 //! ```
+//!
+//! A TLS backend whose client key is on the token parks its `ClientConnection` the same way:
+//! during the backend handshake, the backend's records go to a key-op worker
+//! (`Event::Offload` with [`KeyOpJob::backend`]) and pumping resumes in `on_key_op_done`.
 
 pub mod backend_tls;
 mod buffer;
@@ -144,17 +148,30 @@ pub struct HandshakeInfo {
 
 /// Work for a key-operation worker: replay the ClientHello flight through a fresh `Acceptor` and
 /// run `into_connection()` (which signs) off the io thread; or, after a HelloRetryRequest,
-/// process the second ClientHello (where a full handshake signs) on the connection itself.
+/// process the second ClientHello (where a full handshake signs) on the connection itself; or
+/// process the backend's handshake records on our backend `ClientConnection` (where a requested
+/// client certificate is signed for).
 #[derive(Debug)]
 pub struct KeyOpJob {
     /// Every byte the client sent so far (the ClientHello records, and anything after them);
-    /// empty when `connection` is set.
+    /// empty when `connection` or `backend` is set.
     pub flight: Vec<u8>,
     /// The real (signing) configuration.
     pub config: Arc<ServerConfig>,
     /// A connection that answered with a HelloRetryRequest and has read, not processed, the
     /// client's next records.
     pub connection: Option<Box<ServerConnection>>,
+    /// The backend side during its handshake, with the backend's records read, not processed.
+    pub backend: Option<Box<ClientConnection>>,
+}
+
+/// What a key operation hands back: the connection the job carried, now processed.
+#[derive(Debug)]
+pub enum KeyOpDone {
+    /// The client's session (a handshake job).
+    Client(Box<ServerConnection>),
+    /// The backend session (a [`KeyOpJob::backend`] job).
+    Backend(Box<ClientConnection>),
 }
 
 /// How a key operation ended.
@@ -174,7 +191,7 @@ pub enum KeyOpFailure {
 }
 
 /// The worker's answer.
-pub type KeyOpResult = Result<Box<ServerConnection>, KeyOpFailure>;
+pub type KeyOpResult = Result<KeyOpDone, KeyOpFailure>;
 
 /// What the driver must act on, taken with [`Conn::take_event`].
 #[derive(Debug)]
@@ -189,6 +206,9 @@ pub enum Event {
 /// Runs on a key-op worker: the same bytes, a fresh `Acceptor`, the real config; or the
 /// connection a job carries, processing what it has read.
 pub fn run_key_op(job: KeyOpJob) -> KeyOpResult {
+    if let Some(backend) = job.backend {
+        return process_backend_on_worker(backend);
+    }
     if let Some(tls) = job.connection {
         return process_on_worker(tls);
     }
@@ -247,12 +267,25 @@ pub fn run_key_op(job: KeyOpJob) -> KeyOpResult {
 /// thread; a failure hands back what rustls queued for the client.
 fn process_on_worker(mut tls: Box<ServerConnection>) -> KeyOpResult {
     match tls.process_new_packets() {
-        Ok(_) => Ok(tls),
+        Ok(_) => Ok(KeyOpDone::Client(tls)),
         Err(error) => {
             let mut alert = Vec::new();
             let _ = tls.write_tls(&mut alert);
             Err(KeyOpFailure::Tls { error, alert })
         }
+    }
+}
+
+/// The backend's handshake records, processed off the io thread: a CertificateRequest among
+/// them makes rustls sign with the client key right here. A failure drops the session (the
+/// client learns the backend is gone, not why, so no alert comes back).
+fn process_backend_on_worker(mut backend: Box<ClientConnection>) -> KeyOpResult {
+    match backend.process_new_packets() {
+        Ok(_) => Ok(KeyOpDone::Backend(backend)),
+        Err(error) => Err(KeyOpFailure::Tls {
+            error,
+            alert: Vec::new(),
+        }),
     }
 }
 
@@ -374,6 +407,11 @@ pub struct Conn {
     /// TLS backends only: what goes on the backend socket (PROXY header, then TLS records).
     backend_wire: ByteQueue,
     backend_tls: Option<Box<ClientConnection>>,
+    /// The backend session is on a key-op worker (`backend_tls` is `None` meanwhile); the
+    /// backend is not read, and what a driver still delivers waits in `backend_in`.
+    backend_key_op: bool,
+    /// Backend records that arrived while `backend_key_op`, processed when the session is back.
+    backend_in: ByteQueue,
     /// When the backend TLS handshake started (backend connected); bounds it.
     backend_tls_since: Option<Instant>,
     backend_close_notify_sent: bool,
@@ -429,6 +467,8 @@ impl Conn {
             to_backend: ByteQueue::default(),
             backend_wire: ByteQueue::default(),
             backend_tls: None,
+            backend_key_op: false,
+            backend_in: ByteQueue::default(),
             backend_tls_since: None,
             backend_close_notify_sent: false,
             backend_connected: false,
@@ -478,9 +518,14 @@ impl Conn {
         }
     }
 
-    /// Waiting for a key-op result.
+    /// Waiting for a key-op result (the client's handshake or the backend's).
     pub fn awaiting_key_op(&self) -> bool {
-        matches!(self.phase, Phase::KeyOp)
+        matches!(self.phase, Phase::KeyOp) || self.backend_key_op
+    }
+
+    /// The listener's backend speaks TLS and its session exists (here or on a key-op worker).
+    fn backend_speaks_tls(&self) -> bool {
+        self.backend_tls.is_some() || self.backend_key_op
     }
 
     /// The driver should read from the client now.
@@ -503,6 +548,7 @@ impl Conn {
             && self.backend_connected
             && !self.backend_read_closed
             && !self.close_notify_sent
+            && !self.backend_key_op
             && self.to_client.len() < self.cap
     }
 
@@ -525,7 +571,7 @@ impl Conn {
     pub fn backend_out(&self) -> &[u8] {
         if !self.backend_connected {
             &[]
-        } else if self.backend_tls.is_some() {
+        } else if self.backend_speaks_tls() {
             self.backend_wire.as_slice()
         } else {
             self.to_backend.as_slice()
@@ -534,7 +580,7 @@ impl Conn {
 
     /// `n` bytes of [`Conn::backend_out`] were written.
     pub fn backend_written(&mut self, n: usize, now: Instant) {
-        if self.backend_tls.is_some() {
+        if self.backend_speaks_tls() {
             self.backend_wire.consume(n);
             // Room on the wire: encrypt more of the plaintext queue.
             self.pump_backend_tls();
@@ -563,7 +609,7 @@ impl Conn {
             && !self.backend_write_shut
             && self.to_backend.is_empty()
             && self.backend_wire.is_empty()
-            && (self.backend_tls.is_none() || self.backend_close_notify_sent)
+            && (!self.backend_speaks_tls() || self.backend_close_notify_sent)
     }
 
     /// The backend socket's write side is shut.
@@ -603,9 +649,8 @@ impl Conn {
     /// covers connect and handshake alike).
     fn backend_tls_deadline(&self) -> Option<Instant> {
         let since = self.backend_tls_since?;
-        let tls = self.backend_tls.as_ref()?;
-        tls.is_handshaking()
-            .then(|| since + self.backend_connect_timeout)
+        let handshaking = self.backend_key_op || self.backend_tls.as_ref()?.is_handshaking();
+        handshaking.then(|| since + self.backend_connect_timeout)
     }
 
     /// Fires the handshake or idle timeout if due.
@@ -712,7 +757,7 @@ impl Conn {
             return;
         }
         self.last_activity = now;
-        if self.backend_tls.is_some() {
+        if self.backend_speaks_tls() {
             self.on_backend_tls_data(data);
             return;
         }
@@ -728,6 +773,11 @@ impl Conn {
     /// The backend sent FIN: send close_notify to the client after what is queued.
     pub fn on_backend_eof(&mut self, _now: Instant) {
         if self.closed.is_some() {
+            return;
+        }
+        if self.backend_key_op {
+            // Only a handshake goes to a worker.
+            self.fail_backend_tls(BackendTlsCause::ClosedDuringHandshake, None);
             return;
         }
         if let Some(bt) = self.backend_tls.as_mut() {
@@ -758,11 +808,23 @@ impl Conn {
 
     /// The key-op worker's answer for this connection.
     pub fn on_key_op_done(&mut self, result: KeyOpResult, now: Instant) {
-        if self.closed.is_some() || !matches!(self.phase, Phase::KeyOp) {
+        if self.closed.is_some() {
+            return;
+        }
+        if self.backend_key_op {
+            self.on_backend_key_op_done(result);
+            return;
+        }
+        if !matches!(self.phase, Phase::KeyOp) {
             return;
         }
         match result {
-            Ok(tls) => self.enter_tls(tls, now),
+            Ok(KeyOpDone::Client(tls)) => self.enter_tls(tls, now),
+            Ok(KeyOpDone::Backend(_)) => {
+                // Not what this connection asked for; cannot happen (one job at a time).
+                self.to_client.push(&ALERT_INTERNAL_ERROR);
+                self.fail(CloseReason::KeyOpFailed);
+            }
             Err(KeyOpFailure::Tls { error, alert }) => {
                 self.to_client.push(failure_bytes(&alert));
                 let reason = if is_key_failure(&error) {
@@ -801,6 +863,8 @@ impl Conn {
         self.to_backend = ByteQueue::default();
         self.backend_wire = ByteQueue::default();
         self.backend_tls = None;
+        self.backend_key_op = false;
+        self.backend_in = ByteQueue::default();
         self.client_in = ByteQueue::default();
     }
 
@@ -872,6 +936,7 @@ impl Conn {
             flight,
             config: real,
             connection: None,
+            backend: None,
         }));
     }
 
@@ -891,7 +956,71 @@ impl Conn {
             flight: Vec::new(),
             config: self.listener.snap.tls.clone(),
             connection: Some(tls),
+            backend: None,
         }));
+    }
+
+    /// The backend handshake's records go through a key-op worker: its client key is on the
+    /// token, and rustls signs for a CertificateRequest inside `process_new_packets`. Which
+    /// flight holds one is not visible from outside rustls (TLS 1.3 encrypts it; TLS 1.2 may send
+    /// it in the ServerHello's record), so every flight of the backend handshake goes.
+    fn backend_offloads(&self) -> bool {
+        !self.danger_inline
+            && self
+                .listener
+                .snap
+                .backend_tls
+                .as_ref()
+                .is_some_and(|b| b.offload_key_ops)
+    }
+
+    /// Parks the backend session on a worker with the records it has read.
+    fn offload_backend(&mut self) {
+        let Some(backend) = self.backend_tls.take() else {
+            return;
+        };
+        self.backend_key_op = true;
+        self.events.push(Event::Offload(KeyOpJob {
+            flight: Vec::new(),
+            config: self.listener.snap.tls.clone(),
+            connection: None,
+            backend: Some(backend),
+        }));
+    }
+
+    /// The worker's answer for the backend session: pumping resumes (with the records that
+    /// arrived meanwhile), or the connection ends. A token that failed or answered late ends it
+    /// as for a client handshake (`key_op_failed`, `key_op_timeout`, `key_op_rejected`); what
+    /// rustls refused in the backend's records is a backend TLS error, as inline.
+    fn on_backend_key_op_done(&mut self, result: KeyOpResult) {
+        self.backend_key_op = false;
+        let reason = match result {
+            Ok(KeyOpDone::Backend(backend)) => {
+                self.backend_tls = Some(backend);
+                self.drain_backend_plaintext();
+                let pending = std::mem::take(&mut self.backend_in);
+                // Also flushes the client's flight to the backend and the plaintext that waited.
+                self.on_backend_tls_data(pending.as_slice());
+                return;
+            }
+            Ok(KeyOpDone::Client(_)) => CloseReason::KeyOpFailed,
+            Err(KeyOpFailure::Tls { error, .. }) if !is_key_failure(&error) => {
+                self.fail_backend_tls(BackendTlsCause::of(&error), Some(&error));
+                return;
+            }
+            Err(KeyOpFailure::Tls { error, .. }) => {
+                tracing::warn!(listener = %self.listener.snap.name, backend = %self.listener.snap.backend, error = %error, "backend TLS client signature failed");
+                CloseReason::KeyOpFailed
+            }
+            Err(KeyOpFailure::Rejected) => CloseReason::KeyOpRejected,
+            Err(KeyOpFailure::Deadline) => CloseReason::KeyOpTimeout,
+        };
+        // The client's session is established: it learns the backend is gone, not why.
+        if let Phase::Tls { tls, .. } = &mut self.phase {
+            tls.send_close_notify();
+        }
+        self.flush_tls();
+        self.fail(reason);
     }
 
     fn enter_tls(&mut self, mut tls: Box<ServerConnection>, now: Instant) {
@@ -1111,6 +1240,11 @@ impl Conn {
 
     /// TLS records from the backend: through rustls, plaintext on to the client.
     fn on_backend_tls_data(&mut self, data: &[u8]) {
+        if self.backend_key_op {
+            self.backend_in.push(data);
+            return;
+        }
+        let offloads = self.backend_offloads();
         let mut rd = data;
         while !rd.is_empty() && self.closed.is_none() {
             let Some(bt) = self.backend_tls.as_mut() else {
@@ -1124,6 +1258,15 @@ impl Conn {
                     self.fail_backend_tls(BackendTlsCause::ProtocolError, Some(&err));
                     return;
                 }
+            }
+            if offloads && bt.is_handshaking() {
+                // As much of the flight as rustls buffers unprocessed goes along; the rest
+                // waits in `backend_in` for the session to come back.
+                while !rd.is_empty() && matches!(bt.read_tls(&mut rd), Ok(n) if n > 0) {}
+                self.backend_in.push(rd);
+                self.offload_backend();
+                self.flush_tls();
+                return;
             }
             if let Err(e) = bt.process_new_packets() {
                 self.fail_backend_tls(BackendTlsCause::of(&e), Some(&e));

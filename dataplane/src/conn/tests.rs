@@ -6,6 +6,7 @@
 //! [`Conn`]: super::Conn
 
 mod backend;
+mod backend_key_ops;
 mod handshake;
 mod harness;
 mod hello_retry;

@@ -166,6 +166,8 @@ pub struct Manager {
     token: Option<Arc<Token>>,
     /// `[pkcs11] call_timeout_ms`, kept outside `inner`: a call stuck on the HSM holds that lock.
     call_timeout: std::time::Duration,
+    /// `[api] danger_allow_key_import_over_https`, read at start (outside `inner` likewise).
+    key_import_over_https: bool,
     store: StateStore,
     audit: AuditLog,
     publish: Publisher,
@@ -208,6 +210,10 @@ impl Manager {
             std::time::Duration::from_millis(crate::config::DEFAULT_CALL_TIMEOUT_MS),
             |p| p.call_timeout(),
         );
+        let key_import_over_https = config
+            .api
+            .as_ref()
+            .is_some_and(|a| a.danger_allow_key_import_over_https);
         let mgr = Manager {
             inner: Mutex::new(Inner {
                 config,
@@ -216,6 +222,7 @@ impl Manager {
             bound: Mutex::new(HashMap::new()),
             token,
             call_timeout,
+            key_import_over_https,
             store,
             audit,
             publish,
@@ -287,6 +294,12 @@ impl Manager {
             tracing::info!(client = %client, operation, target, "management operation");
         }
         result
+    }
+
+    /// Whether `POST /v1/keys/import` is served over HTTPS (`[api]
+    /// danger_allow_key_import_over_https`); over the unix socket it always is.
+    pub fn key_import_over_https(&self) -> bool {
+        self.key_import_over_https
     }
 
     /// How long an API call may take before it answers `hsm_timeout`.
@@ -917,29 +930,7 @@ pub(crate) fn crl_view(c: &StoredCrl) -> Result<CrlView, ApiError> {
 }
 
 pub(crate) fn pem_encode_crl(der: &[u8]) -> String {
-    // The keystore's PEM writer is crate-private; the label differs anyway.
-    use std::fmt::Write;
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut b64 = String::with_capacity(der.len() * 4 / 3 + 4);
-    for chunk in der.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |acc, (i, &b)| acc | u32::from(b) << (16 - 8 * i));
-        for i in 0..4 {
-            if i <= chunk.len() {
-                b64.push(char::from(ALPHABET[(n >> (18 - 6 * i)) as usize & 63]));
-            } else {
-                b64.push('=');
-            }
-        }
-    }
-    let mut out = String::from("-----BEGIN X509 CRL-----\n");
-    for line in b64.as_bytes().chunks(64) {
-        let _ = writeln!(out, "{}", String::from_utf8_lossy(line));
-    }
-    out.push_str("-----END X509 CRL-----\n");
-    out
+    tlsgate_keystore::keyinfo::pem_encode("X509 CRL", der)
 }
 
 #[cfg(test)]

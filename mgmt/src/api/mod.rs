@@ -70,6 +70,12 @@ pub struct ApiConfig {
     /// oldest idle one.
     #[serde(default = "crate::config::default_max_connections")]
     pub max_connections: usize,
+    /// Accept `POST /v1/keys/import` over HTTPS too. Off by default: over HTTPS the key bytes
+    /// pass through rustls's record buffers and the kernel's, which are freed unwiped, so they
+    /// may linger in memory; over the unix socket they are read only into wiped, non-dumpable
+    /// memory. Read at start.
+    #[serde(default)]
+    pub danger_allow_key_import_over_https: bool,
 }
 
 /// Who may talk on the unix socket, checked with SO_PEERCRED on every connection.

@@ -181,10 +181,34 @@ async fn generate_key(State(m): Mgr, Extension(who): Who, b: Bytes) -> Result<Re
 
 /// `POST /v1/keys/import`: the body holds a private key, so it is read, parsed and decoded only
 /// into secret memory (see [`super::secret_body`]), and the connection closes after the answer
-/// so hyper lets go of its read buffer, which is then wiped.
+/// so hyper lets go of its read buffer, which is then wiped. Over HTTPS (an HTTPS client is
+/// named by its certificate) the import is refused before any byte of the body is read, unless
+/// `[api] danger_allow_key_import_over_https`: rustls's record buffers, which the bytes would
+/// pass through, are freed unwiped.
 async fn import_key(State(m): Mgr, Extension(who): Who, req: axum::extract::Request) -> Response {
     let (parts, body) = req.into_parts();
     drop(parts);
+    if matches!(who, ClientIdentity::Cert { .. }) && !m.key_import_over_https() {
+        // Never polled: hyper neither reads it nor answers an `Expect: 100-continue`, so a
+        // client that waits for that sends no key byte at all.
+        drop(body);
+        super::access::note_operation("key.import", "");
+        tracing::warn!(client = %who, "key import over HTTPS refused: import over the unix socket");
+        let mut response = ApiError::new(
+            StatusCode::FORBIDDEN,
+            "key_import_needs_local_socket",
+            "key bytes are not accepted over HTTPS (they would pass through buffers that are \
+             freed unwiped): import over the unix socket on the appliance \
+             (`tlsgate ctl --socket <[api] socket> keys import ...`) or generate the key on the \
+             token (`POST /v1/keys`)",
+        )
+        .into_response();
+        response.headers_mut().insert(
+            header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+        return response;
+    }
     let result = async {
         let raw = secret_body::read(body, secret_body::MAX_IMPORT_BODY_BYTES).await;
         let parsed = raw.and_then(|raw| secret_body::parse_import(&raw));

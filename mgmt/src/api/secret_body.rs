@@ -14,8 +14,10 @@
 //! hyper drops its share — when the connection closes or reads its next request; the import
 //! answers `Connection: close` so that is at once — and then wiped where it lies.
 //!
-//! Limit: over HTTPS the bytes also pass through rustls's record buffers, which are rustls's own
-//! and freed unwiped. Import keys over the unix socket (`tlsgate ctl` on the appliance).
+//! Limit: over HTTPS the bytes would also pass through rustls's record buffers, which are
+//! rustls's own and freed unwiped; so an import over HTTPS is refused before its body is read
+//! (`routes::import_key`) unless `[api] danger_allow_key_import_over_https`. Import keys over
+//! the unix socket (`tlsgate ctl` on the appliance).
 
 use std::time::Duration;
 

@@ -20,6 +20,7 @@ fn tls_backend_link(backend_ca: &Pki, proxy_protocol: bool) -> Link {
     snap.backend_tls = Some(BackendTls {
         config: backend_ca.client_config(TLS13),
         server_name: ServerName::try_from(BACKEND_NAME).expect("literal"),
+        offload_key_ops: false,
     });
     Link::established_with(prepare(snap), &Limits::default(), TLS13)
 }

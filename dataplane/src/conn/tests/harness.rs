@@ -85,6 +85,11 @@ impl Pki {
         Arc::new(cfg)
     }
 
+    /// The leaf's PKCS#8 key.
+    pub(super) fn key_der(&self) -> Vec<u8> {
+        self.key.clone()
+    }
+
     pub(super) fn server_config(&self) -> Arc<ServerConfig> {
         self.server_config_with(provider(), self.signing_key())
     }
