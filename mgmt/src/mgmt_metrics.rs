@@ -50,6 +50,10 @@ pub const HSM_MAX_INFLIGHT: &str = "tlsgate_hsm_max_inflight";
 /// queue full, or every token at its in-flight budget for as long as a signature may wait).
 /// `ok + error + unavailable + timeout + shed` = full handshakes offered.
 pub const HSM_OPS_TOTAL: &str = "tlsgate_hsm_ops_total";
+/// Gauge: certificates whose token key is not loaded yet (a degraded start, or the reload when
+/// the token came up refused: a key missing or not matching): they refuse full handshakes.
+/// Set with each snapshot built from the configuration file; 0 once every key is loaded.
+pub const CERTIFICATES_AWAITING_TOKEN: &str = "tlsgate_certificates_awaiting_token";
 /// Counter: times the token came back into service. Labels: `token`.
 pub const HSM_RECOVERIES_TOTAL: &str = "tlsgate_hsm_recoveries_total";
 /// Counter: times recovery re-initialised the module (`C_Finalize` + `C_Initialize`). Labels:
@@ -135,6 +139,10 @@ pub fn describe() {
         "1 for the state the token is in (healthy, unhealthy, recovering)."
     );
     metrics::describe_gauge!(HSM_INFLIGHT, "PKCS#11 calls on the token now.");
+    metrics::describe_gauge!(
+        CERTIFICATES_AWAITING_TOKEN,
+        "Certificates whose token key is not loaded yet (degraded start); they refuse full handshakes."
+    );
     metrics::describe_gauge!(
         HSM_BREAKER_STATE,
         "The token's circuit breaker: 0 closed, 1 half-open (recovery attempt running), 2 open."

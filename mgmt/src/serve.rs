@@ -547,6 +547,7 @@ fn build_snapshot_inner(
 ) -> Result<Snapshot> {
     let now = SystemTime::now();
     let mut ocsp_wake = None;
+    let mut awaiting_token = 0usize;
     let mut listeners = Vec::with_capacity(config.listeners.len());
     for (i, l) in config.listeners.iter().enumerate() {
         let policy = l
@@ -591,6 +592,7 @@ fn build_snapshot_inner(
                         Arc::clone(refused),
                     )
                     .with_context(|| format!("{at}.chain: {}", chain_path.display()))?;
+                    awaiting_token += 1;
                     tracing::warn!(listener = %l.name, key = %c.key, "token key not loaded yet (degraded start): full handshakes with this certificate are refused until the HSM is reached");
                     tlsgate_keystore::LoadedKey {
                         signing_key: Arc::new(key),
@@ -681,6 +683,9 @@ fn build_snapshot_inner(
         });
     }
     set_ocsp_wake(ocsp_wake);
+    // Built means published (a reload publishes what builds): a reload refused when the token
+    // came up leaves the degraded count in place.
+    metrics::gauge!(crate::mgmt_metrics::CERTIFICATES_AWAITING_TOKEN).set(awaiting_token as f64);
     Ok(Snapshot { listeners })
 }
 

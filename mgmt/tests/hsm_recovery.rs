@@ -539,6 +539,10 @@ fn start_degraded_serves_software_keys_on_a_frozen_hsm_and_token_keys_once_it_th
         metric(&text, "tlsgate_hsm_breaker_state", &["token=\"lab\""]) == 2.0,
         "breaker not open while degraded:\n{text}"
     );
+    ensure!(
+        metric(&text, "tlsgate_certificates_awaiting_token", &[]) == 1.0,
+        "the token-key certificate is not shown waiting for the token:\n{text}"
+    );
     wait_metric_at_least_labels(
         &app,
         "tlsgate_hsm_ops_total",
@@ -553,6 +557,7 @@ fn start_degraded_serves_software_keys_on_a_frozen_hsm_and_token_keys_once_it_th
         "degraded start ready after {started:?}; token-key handshakes back {took:?} after the thaw"
     );
     wait_metric(&app, "tlsgate_hsm_up", &["token=\"lab\""], 1.0)?;
+    wait_metric(&app, "tlsgate_certificates_awaiting_token", &[], 0.0)?;
     get(app.sw_port, &full).context("the software-key listener after the thaw")?;
     Ok(())
 }
