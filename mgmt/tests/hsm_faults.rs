@@ -804,6 +804,10 @@ fn the_breaker_opens_after_k_device_errors_in_a_row_fails_fast_and_closes() -> R
 #[test]
 fn each_token_keeps_to_its_in_flight_budget_and_the_rest_is_shed() -> Result<()> {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // The second token and the shared key need these (SKIPPED, or a failure under CI=true).
+    if !common::require("softhsm2-util", "softhsm2") || !common::require("openssl", "openssl") {
+        return Ok(());
+    }
     const BUDGET: f64 = 2.0;
     // Two 50 ms tokens with a budget of 2 each, 8 workers: without a budget per token up to 8
     // signatures would sit on them at once. 32 clients offer more than the 80/s they sign.
