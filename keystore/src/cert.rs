@@ -153,6 +153,12 @@ impl CertChain {
 
     /// Checks the chain against the key's SPKI at time `now`: the leaf is for this key, each
     /// certificate is issued (names and signature) by the next, and all are within validity.
+    /// The leaf's SubjectPublicKeyInfo (DER).
+    pub fn leaf_spki(&self) -> Result<Vec<u8>, CertError> {
+        let leaf = self.certs.first().ok_or(CertError::Empty)?;
+        Ok(parse(0, leaf)?.public_key().raw.to_vec())
+    }
+
     pub fn validate(&self, spki_der: &[u8], now: SystemTime) -> Result<ChainReport, CertError> {
         let parsed = self
             .certs

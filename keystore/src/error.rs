@@ -29,6 +29,11 @@ pub enum Error {
         since_ms: u64,
     },
 
+    /// Every token in service was at its in-flight budget (`max_inflight`) for as long as a
+    /// signature may wait: the signature was shed without reaching a token.
+    #[error("every token in service ({}) is at its in-flight budget; shed after waiting {waited_ms} ms", tokens.join(", "))]
+    BudgetFull { tokens: Vec<String>, waited_ms: u64 },
+
     /// A replica token does not hold the key the primary holds, or holds another public key.
     #[error("replica token {replica:?} does not hold the same key as {uri}: {reason}")]
     ReplicaMismatch {

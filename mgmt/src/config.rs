@@ -12,11 +12,15 @@
 //! open_timeout_ms = 30000                   # start-up gives up on a silent HSM after this
 //! call_timeout_ms = 10000                   # management calls answer hsm_timeout after this
 //! probe_interval_ms = 2000                  # a cheap call finds an outage before a handshake
+//! start_degraded = false                    # true: start without the HSM, keep trying
+//! breaker_errors = 5                        # device errors in a row that take a token out
+//! max_inflight = 32                         # signatures on this token at once
 //!
 //! [[pkcs11.replica]]                        # optional: another HSM holding the same keys
 //! module = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so"
 //! token = "lab-b"
 //! pin = "file:/etc/tlsgate/user-b.pin"
+//! max_inflight = 32
 //!
 //! [metrics]                                 # optional Prometheus endpoint
 //! listen = "127.0.0.1:9100"
@@ -135,6 +139,12 @@ pub struct Pkcs11Config {
     /// exits with the reason, in milliseconds.
     #[serde(default = "default_open_timeout_ms")]
     pub open_timeout_ms: u64,
+    /// When the token (or a replica) cannot be opened within `open_timeout_ms`, start anyway:
+    /// software-key listeners serve, token-key certificates refuse full handshakes at once, and
+    /// a background thread keeps opening the tokens; once they are open the certificates are
+    /// loaded (keys looked up, matched against their certificates) as by a reload.
+    #[serde(default)]
+    pub start_degraded: bool,
     /// How long a management API call that touches the token (key list, generate, import, CSR,
     /// bind, reload) may take before it answers `hsm_timeout`, in milliseconds.
     #[serde(default = "default_call_timeout_ms")]
@@ -144,9 +154,16 @@ pub struct Pkcs11Config {
     /// 0 turns the probe off.
     #[serde(default = "default_probe_interval_ms")]
     pub probe_interval_ms: u64,
+    /// Device-level errors in a row (no success between them) that take a token out of
+    /// service (open its breaker); applies to the replicas too. A failed probe opens it at once.
+    #[serde(default = "default_breaker_errors")]
+    pub breaker_errors: u32,
+    /// Signatures on this token at once (its in-flight budget). Little's law: rate × latency.
+    #[serde(default = "default_max_inflight")]
+    pub max_inflight: u64,
     /// Other tokens holding the same keys (same label or id and public key, checked at load):
-    /// signatures go to the one in service with the fewest calls in flight, and a failed one is
-    /// tried once more on another. Key management (generate, import, CSR) uses the token above.
+    /// signatures go to the one in service with the fewest signatures in flight that has room in
+    /// its `max_inflight`, and a failed one is tried once more on another. Key management (generate, import, CSR) uses the token above.
     #[serde(default)]
     pub replica: Vec<ReplicaConfig>,
 }
@@ -162,6 +179,17 @@ pub struct ReplicaConfig {
     pub token: String,
     /// `env:VAR` or `file:PATH`, like `[pkcs11] pin`.
     pub pin: String,
+    /// Signatures on this token at once, like `[pkcs11] max_inflight`.
+    #[serde(default = "default_max_inflight")]
+    pub max_inflight: u64,
+}
+
+fn default_breaker_errors() -> u32 {
+    tlsgate_keystore::token::DEFAULT_BREAKER_ERRORS
+}
+
+fn default_max_inflight() -> u64 {
+    tlsgate_keystore::token::DEFAULT_MAX_INFLIGHT
 }
 
 /// Default of `[pkcs11] probe_interval_ms`: 2 s.
@@ -363,6 +391,34 @@ impl Config {
             ));
         }
         self.pin_source()?;
+        if let Some(p) = &self.pkcs11 {
+            if p.breaker_errors == 0 {
+                return Err(self.invalid(
+                    "pkcs11.breaker_errors",
+                    "0 would never take a failing token out of service; use 1 or more",
+                ));
+            }
+            if p.start_degraded && crate::api::state_dir(self).is_some() {
+                return Err(self.invalid(
+                    "pkcs11.start_degraded",
+                    "not supported with the management API's state ([api] or [state]): the API needs the token at start",
+                ));
+            }
+            if p.max_inflight == 0 {
+                return Err(self.invalid(
+                    "pkcs11.max_inflight",
+                    "0 would never let a signature through; use 1 or more",
+                ));
+            }
+            for (i, r) in p.replica.iter().enumerate() {
+                if r.max_inflight == 0 {
+                    return Err(self.invalid(
+                        format!("pkcs11.replica[{i}].max_inflight"),
+                        "0 would never let a signature through; use 1 or more",
+                    ));
+                }
+            }
+        }
         let mut names = HashSet::new();
         let mut binds = HashSet::new();
         let mut needs_token = false;
@@ -498,6 +554,56 @@ mod tests {
             Path::new("/etc/tlsgate/web.pem")
         );
         assert!(!c.dataplane().cores.is_empty());
+    }
+
+    #[test]
+    fn hsm_budget_and_breaker_defaults_and_bad_values() {
+        let c = parse(GOOD).expect("valid");
+        let p = c.pkcs11.as_ref().expect("[pkcs11]");
+        assert_eq!(
+            p.breaker_errors,
+            tlsgate_keystore::token::DEFAULT_BREAKER_ERRORS
+        );
+        assert_eq!(
+            p.max_inflight,
+            tlsgate_keystore::token::DEFAULT_MAX_INFLIGHT
+        );
+        assert!(!p.start_degraded);
+        let with = |lines: &str| {
+            GOOD.replace(
+                "pin = \"env:TLSGATE_PIN\"",
+                &format!("pin = \"env:TLSGATE_PIN\"\n{lines}"),
+            )
+        };
+        for (lines, key) in [
+            ("breaker_errors = 0", "pkcs11.breaker_errors"),
+            ("max_inflight = 0", "pkcs11.max_inflight"),
+            (
+                "[[pkcs11.replica]]\ntoken = \"b\"\npin = \"env:P\"\nmax_inflight = 0",
+                "pkcs11.replica[0].max_inflight",
+            ),
+            (
+                "start_degraded = true\n[api]\nsocket = \"api.sock\"",
+                "pkcs11.start_degraded",
+            ),
+        ] {
+            let err = parse(&with(lines)).expect_err(lines);
+            assert!(
+                matches!(err, ConfigError::Invalid { key: ref k, .. } if k == key),
+                "{lines}: {err}"
+            );
+        }
+        assert!(
+            parse(&with("breaker_K = 3")).is_err(),
+            "unknown key accepted"
+        );
+        let c = parse(&with(
+            "start_degraded = true\nmax_inflight = 4\nbreaker_errors = 2",
+        ))
+        .expect("valid");
+        let p = c.pkcs11.as_ref().expect("[pkcs11]");
+        assert!(p.start_degraded);
+        assert_eq!((p.max_inflight, p.breaker_errors), (4, 2));
     }
 
     /// A `[dataplane.*]` table without `cores` (TOML makes `[dataplane]` for it) gets every core,

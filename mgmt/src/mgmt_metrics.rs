@@ -33,24 +33,66 @@ pub const HSM_UP: &str = "tlsgate_hsm_up";
 /// Gauge: 1 for the state the token is in. Labels: `token`, `state` (`healthy`|`unhealthy`|
 /// `recovering`).
 pub const HSM_STATE: &str = "tlsgate_hsm_state";
+/// Gauge: the token's circuit breaker: 0 closed (in service), 1 half-open (a recovery attempt
+/// is running), 2 open (out of service, waiting for the next attempt). Labels: `token`.
+pub const HSM_BREAKER_STATE: &str = "tlsgate_hsm_breaker_state";
 /// Gauge: PKCS#11 calls on the token now (signatures and management). Labels: `token`.
 pub const HSM_INFLIGHT: &str = "tlsgate_hsm_inflight";
+/// Gauge: signatures on the token now, each holding a place of its in-flight budget. Labels:
+/// `token`.
+pub const HSM_SIGNING: &str = "tlsgate_hsm_signing";
+/// Gauge: the token's in-flight budget (`max_inflight`). Labels: `token`.
+pub const HSM_MAX_INFLIGHT: &str = "tlsgate_hsm_max_inflight";
 /// Counter: key operations for the token by outcome. Labels: `token`, `outcome` (`ok`, `error`:
 /// the token answered with an error; `unavailable`: refused at once while out of service;
 /// `timeout`: waited past its deadline in the queue; `late`: the token answered after the
 /// deadline, also counted as `ok`; `shed`: refused at once, a core at its in-flight bound or the
-/// queue full). `ok + error + unavailable + timeout + shed` = full handshakes offered.
+/// queue full, or every token at its in-flight budget for as long as a signature may wait).
+/// `ok + error + unavailable + timeout + shed` = full handshakes offered.
 pub const HSM_OPS_TOTAL: &str = "tlsgate_hsm_ops_total";
+/// Gauge: certificates whose token key is not loaded yet (a degraded start, or the reload when
+/// the token came up refused: a key missing or not matching): they refuse full handshakes.
+/// Set with each snapshot built from the configuration file; 0 once every key is loaded.
+pub const CERTIFICATES_AWAITING_TOKEN: &str = "tlsgate_certificates_awaiting_token";
 /// Counter: times the token came back into service. Labels: `token`.
 pub const HSM_RECOVERIES_TOTAL: &str = "tlsgate_hsm_recoveries_total";
 /// Counter: times recovery re-initialised the module (`C_Finalize` + `C_Initialize`). Labels:
 /// `token`.
 pub const HSM_REINITIALISATIONS_TOTAL: &str = "tlsgate_hsm_reinitialisations_total";
 
+/// Publishes a token not opened yet (degraded start): out of service, breaker open, with the
+/// full handshakes its certificates refused as `unavailable`.
+pub fn publish_hsm_pending(label: &str, refused: u64, pool: tlsgate_dataplane::KeyOpCounters) {
+    use tlsgate_keystore::token::HsmState;
+    metrics::gauge!(tlsgate_dataplane::metrics::KEY_OP_QUEUE_DEPTH).set(pool.depth as f64);
+    let label = label.to_owned();
+    metrics::gauge!(HSM_UP, "token" => label.clone()).set(0.0);
+    for s in [HsmState::Healthy, HsmState::Unhealthy, HsmState::Recovering] {
+        let v = if s == HsmState::Unhealthy { 1.0 } else { 0.0 };
+        metrics::gauge!(HSM_STATE, "token" => label.clone(), "state" => s.as_str()).set(v);
+    }
+    metrics::gauge!(HSM_BREAKER_STATE, "token" => label.clone())
+        .set(f64::from(HsmState::Unhealthy.breaker()));
+    for (outcome, v) in [
+        ("ok", 0),
+        ("error", 0),
+        ("unavailable", refused),
+        ("timeout", pool.expired),
+        ("late", pool.late),
+        ("shed", pool.shed),
+    ] {
+        metrics::counter!(HSM_OPS_TOTAL, "token" => label.clone(), "outcome" => outcome)
+            .absolute(v);
+    }
+}
+
 /// Publishes the token's health and the key-op pool's counters (called about once a second).
+/// `refused_before`: full handshakes refused before the token was opened (degraded start),
+/// counted as `unavailable`.
 pub fn publish_hsm(
     token: Option<&tlsgate_keystore::Token>,
     pool: tlsgate_dataplane::KeyOpCounters,
+    refused_before: u64,
 ) {
     metrics::gauge!(tlsgate_dataplane::metrics::KEY_OP_QUEUE_DEPTH).set(pool.depth as f64);
     let Some(token) = token else { return };
@@ -66,14 +108,17 @@ pub fn publish_hsm(
         let v = if s == h.state { 1.0 } else { 0.0 };
         metrics::gauge!(HSM_STATE, "token" => label.clone(), "state" => s.as_str()).set(v);
     }
+    metrics::gauge!(HSM_BREAKER_STATE, "token" => label.clone()).set(f64::from(h.state.breaker()));
     metrics::gauge!(HSM_INFLIGHT, "token" => label.clone()).set(h.inflight as f64);
+    metrics::gauge!(HSM_SIGNING, "token" => label.clone()).set(h.signing as f64);
+    metrics::gauge!(HSM_MAX_INFLIGHT, "token" => label.clone()).set(token.max_inflight() as f64);
     for (outcome, v) in [
         ("ok", h.sign_ok),
         ("error", h.sign_error),
-        ("unavailable", h.sign_unavailable),
+        ("unavailable", h.sign_unavailable + refused_before),
         ("timeout", pool.expired),
         ("late", pool.late),
-        ("shed", pool.shed),
+        ("shed", pool.shed + h.sign_shed),
     ] {
         metrics::counter!(HSM_OPS_TOTAL, "token" => label.clone(), "outcome" => outcome)
             .absolute(v);
@@ -94,6 +139,22 @@ pub fn describe() {
         "1 for the state the token is in (healthy, unhealthy, recovering)."
     );
     metrics::describe_gauge!(HSM_INFLIGHT, "PKCS#11 calls on the token now.");
+    metrics::describe_gauge!(
+        CERTIFICATES_AWAITING_TOKEN,
+        "Certificates whose token key is not loaded yet (degraded start); they refuse full handshakes."
+    );
+    metrics::describe_gauge!(
+        HSM_BREAKER_STATE,
+        "The token's circuit breaker: 0 closed, 1 half-open (recovery attempt running), 2 open."
+    );
+    metrics::describe_gauge!(
+        HSM_SIGNING,
+        "Signatures on the token now, each holding a place of its in-flight budget."
+    );
+    metrics::describe_gauge!(
+        HSM_MAX_INFLIGHT,
+        "The token's in-flight budget (max_inflight)."
+    );
     metrics::describe_counter!(
         HSM_OPS_TOTAL,
         "Key operations for the token by outcome (ok, error, unavailable, timeout, late, shed)."

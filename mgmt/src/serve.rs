@@ -50,7 +50,20 @@ pub fn run(args: ServeArgs) -> Result<()> {
         }
         None => None,
     };
-    let token = open_token(&config)?;
+    // With `start_degraded`, a token that cannot be opened now is opened in the background and
+    // arrives on `token_rx`; until then its certificates refuse full handshakes at once.
+    let degraded_refused = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (token, token_rx) = match open_token(&config) {
+        Ok(token) => (token, None),
+        Err(e) if config.pkcs11.as_ref().is_some_and(|p| p.start_degraded) => {
+            tracing::warn!(
+                error = %format!("{e:#}"),
+                "starting DEGRADED ([pkcs11] start_degraded = true): software-key certificates serve; token-key certificates refuse full handshakes until the HSM is reached (tried in the background)"
+            );
+            (None, Some(spawn_token_opener(&args.config)?))
+        }
+        Err(e) => return Err(e),
+    };
     let (manager, publish_rx, snapshot) = if crate::api::state_dir(&config).is_some() {
         // The management plane owns the authoritative state; it publishes through the signal
         // loop, which owns the data plane.
@@ -64,6 +77,17 @@ pub fn run(args: ServeArgs) -> Result<()> {
         let (manager, snapshot) =
             crate::api::start_manager(Config::load(&args.config)?, token.clone(), publisher)?;
         (Some(Arc::new(manager)), Some(rx), snapshot)
+    } else if token_rx.is_some() {
+        let mut expiry = Vec::new();
+        let snapshot = build_snapshot_inner(
+            &config,
+            None,
+            &crate::api::manager::Overlay::default(),
+            &mut expiry,
+            Some(&degraded_refused),
+        )?;
+        crate::mgmt_metrics::publish_expiry(&expiry);
+        (None, None, snapshot)
     } else {
         (None, None, build_from_file(&config, token.as_ref())?)
     };
@@ -135,13 +159,24 @@ pub fn run(args: ServeArgs) -> Result<()> {
     }
 
     let probe_every = config.pkcs11.as_ref().map_or(0, |p| p.probe_interval_ms);
+    let pending = token_rx.map(|rx| Pending {
+        rx,
+        label: config
+            .pkcs11
+            .as_ref()
+            .map(|p| p.token.clone())
+            .unwrap_or_default(),
+        since: std::time::Instant::now(),
+    });
     rt.block_on(wait_for_signals(
         &args.config,
         &dataplane,
-        token.as_ref(),
+        token,
         manager,
         publish_rx,
         std::time::Duration::from_millis(probe_every),
+        pending,
+        degraded_refused,
     ))?;
     if let Some(path) = config.api.as_ref().and_then(|a| a.socket.as_ref()) {
         let _ = std::fs::remove_file(config.resolve(path));
@@ -162,13 +197,66 @@ const EXIT_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 /// A snapshot from the management plane and the sender to tell it the snapshot is live.
 type Published = (Arc<Snapshot>, tokio::sync::oneshot::Sender<()>);
 
+/// A token not opened yet (degraded start): where it will arrive, and what was refused meanwhile.
+struct Pending {
+    rx: tokio::sync::mpsc::Receiver<Arc<Token>>,
+    label: String,
+    since: std::time::Instant,
+}
+
+/// Opens the tokens of `[pkcs11]` in a thread of its own until that succeeds, then sends them.
+/// Each attempt waits for the HSM as long as it takes (a frozen HSM holds one attempt, never
+/// more); a failed attempt is retried with back-off from 100 ms to 1 s, one log line per 10 s.
+/// The configuration is read again at each attempt.
+fn spawn_token_opener(config_path: &Path) -> Result<tokio::sync::mpsc::Receiver<Arc<Token>>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let path = config_path.to_owned();
+    std::thread::Builder::new()
+        .name("tlsgate-token-open-bg".into())
+        .spawn(move || {
+            let mut backoff = tlsgate_keystore::token::FIRST_BACKOFF;
+            let mut last_log: Option<std::time::Instant> = None;
+            let mut failed: u64 = 0;
+            loop {
+                let opened = Config::load(&path)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|c| open_token_with(&c, None));
+                match opened {
+                    Ok(Some(token)) => {
+                        let _ = tx.blocking_send(token);
+                        return;
+                    }
+                    Ok(None) => return,
+                    Err(e) => {
+                        failed += 1;
+                        if last_log.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(10)) {
+                            tracing::warn!(error = %format!("{e:#}"), attempts = failed, "still DEGRADED: the HSM cannot be opened yet (one line per 10 s)");
+                            last_log = Some(std::time::Instant::now());
+                            failed = 0;
+                        }
+                    }
+                }
+                if tx.is_closed() {
+                    return;
+                }
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(tlsgate_keystore::token::MAX_BACKOFF);
+            }
+        })
+        .context("cannot start the background token opener")?;
+    Ok(rx)
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn wait_for_signals(
     config_path: &Path,
     dataplane: &tlsgate_dataplane::Dataplane,
-    token: Option<&Arc<Token>>,
+    mut token: Option<Arc<Token>>,
     manager: Option<Arc<crate::api::Manager>>,
     mut published: Option<tokio::sync::mpsc::Receiver<Published>>,
     probe_every: std::time::Duration,
+    mut pending: Option<Pending>,
+    degraded_refused: Arc<std::sync::atomic::AtomicU64>,
 ) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
@@ -197,6 +285,12 @@ async fn wait_for_signals(
                 None => std::future::pending().await,
             }
         };
+        let token_up = async {
+            match pending.as_mut() {
+                Some(p) => p.rx.recv().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = term.recv() => return Ok(()),
             _ = int.recv() => return Ok(()),
@@ -206,20 +300,34 @@ async fn wait_for_signals(
                 dataplane.update(snapshot);
                 let _ = ack.send(());
             }
-            _ = hup.recv() => reload_now(config_path, dataplane, token, manager.as_ref(), "SIGHUP").await,
+            Some(t) = token_up => {
+                let since = pending.take().map(|p| p.since.elapsed()).unwrap_or_default();
+                tracing::info!(
+                    token = %t.label(), replicas = t.replicas().len(),
+                    degraded_ms = since.as_millis() as u64,
+                    "RECOVERED from degraded start: the HSM is open; loading its certificates"
+                );
+                token = Some(t);
+                reload_now(config_path, dataplane, token.as_ref(), manager.as_ref(), "HSM up after degraded start").await;
+            }
+            _ = hup.recv() => reload_now(config_path, dataplane, token.as_ref(), manager.as_ref(), "SIGHUP").await,
             _ = health_tick.tick() => {
                 let pool = dataplane.key_op_counters();
-                crate::mgmt_metrics::publish_hsm(token.map(|t| t.as_ref()), pool);
-                for r in token.map(|t| t.replicas()).unwrap_or_default() {
-                    crate::mgmt_metrics::publish_hsm(Some(&r), pool.only_token());
+                let refused = degraded_refused.load(std::sync::atomic::Ordering::Relaxed);
+                match (&token, &pending) {
+                    (None, Some(p)) => crate::mgmt_metrics::publish_hsm_pending(&p.label, refused, pool),
+                    _ => crate::mgmt_metrics::publish_hsm(token.as_deref(), pool, refused),
                 }
-                prober.maybe_probe(token);
+                for r in token.as_ref().map(|t| t.replicas()).unwrap_or_default() {
+                    crate::mgmt_metrics::publish_hsm(Some(&r), pool.only_token(), 0);
+                }
+                prober.maybe_probe(token.as_ref());
             }
             _ = ocsp_due => {
                 // A failing timed reload must not spin: the schedule comes back with the next
                 // snapshot that builds.
                 set_ocsp_wake(None);
-                reload_now(config_path, dataplane, token, manager.as_ref(), "OCSP refresh").await;
+                reload_now(config_path, dataplane, token.as_ref(), manager.as_ref(), "OCSP refresh").await;
             }
         }
     }
@@ -362,18 +470,33 @@ fn build_from_file(config: &Config, token: Option<&Arc<Token>>) -> Result<Snapsh
     Ok(snapshot)
 }
 
-/// Opens the token named by `[pkcs11]`, if any, and its replicas.
+/// Opens the token named by `[pkcs11]`, if any, and its replicas, each within
+/// `open_timeout_ms`.
 pub fn open_token(config: &Config) -> Result<Option<Arc<Token>>> {
+    let limit = config.pkcs11.as_ref().map(|p| p.open_timeout());
+    open_token_with(config, limit)
+}
+
+/// [`open_token`] with each open bounded by `limit`, or waiting as long as the HSM takes.
+fn open_token_with(
+    config: &Config,
+    limit: Option<std::time::Duration>,
+) -> Result<Option<Arc<Token>>> {
     let (Some(p11), Some(pin)) = (&config.pkcs11, config.pin_source()?) else {
         return Ok(None);
     };
-    let token = Token::open_within(
-        &p11.module,
-        TokenSelector::Label(p11.token.clone()),
-        &pin,
-        p11.open_timeout(),
-    )
-    .with_context(|| format!("[pkcs11]: cannot open token {:?}", p11.token))?;
+    let open = |module: &Path, label: &str, pin: &tlsgate_keystore::PinSource| match limit {
+        Some(limit) => {
+            Token::open_within(module, TokenSelector::Label(label.to_owned()), pin, limit)
+        }
+        None => Token::open(module, TokenSelector::Label(label.to_owned()), pin),
+    };
+    let token = open(&p11.module, &p11.token, &pin)
+        .with_context(|| format!("[pkcs11]: cannot open token {:?}", p11.token))?;
+    // A signature waits for room on a token at most as long as its key operation may take.
+    token.set_budget_wait(config.dataplane().key_ops.deadline());
+    token.set_breaker_errors(p11.breaker_errors);
+    token.set_max_inflight(p11.max_inflight);
     for (i, r) in p11.replica.iter().enumerate() {
         let at = format!("[[pkcs11.replica]] {i} ({})", r.token);
         let pin: tlsgate_keystore::PinSource = r
@@ -381,13 +504,10 @@ pub fn open_token(config: &Config) -> Result<Option<Arc<Token>>> {
             .parse()
             .with_context(|| format!("{at}: pin: use env:VAR or file:PATH"))?;
         let module = config.resolve(&r.module);
-        let replica = Token::open_within(
-            &module,
-            TokenSelector::Label(r.token.clone()),
-            &pin,
-            p11.open_timeout(),
-        )
-        .with_context(|| format!("{at}: cannot open token {:?}", r.token))?;
+        let replica = open(&module, &r.token, &pin)
+            .with_context(|| format!("{at}: cannot open token {:?}", r.token))?;
+        replica.set_breaker_errors(p11.breaker_errors);
+        replica.set_max_inflight(r.max_inflight);
         token.add_replica(replica);
     }
     Ok(Some(token))
@@ -412,8 +532,22 @@ pub fn build_snapshot_with(
     overlay: &crate::api::manager::Overlay,
     expiry: &mut Vec<crate::mgmt_metrics::Expiry>,
 ) -> Result<Snapshot> {
+    build_snapshot_inner(config, token, overlay, expiry, None)
+}
+
+/// [`build_snapshot_with`]; with `degraded` (no token yet), each token key is a stand-in that
+/// refuses its signatures at once and counts them there. Its chain is checked as usual but
+/// against the certificate's own public key: the key match waits for the token.
+fn build_snapshot_inner(
+    config: &Config,
+    token: Option<&Arc<Token>>,
+    overlay: &crate::api::manager::Overlay,
+    expiry: &mut Vec<crate::mgmt_metrics::Expiry>,
+    degraded: Option<&Arc<std::sync::atomic::AtomicU64>>,
+) -> Result<Snapshot> {
     let now = SystemTime::now();
     let mut ocsp_wake = None;
+    let mut awaiting_token = 0usize;
     let mut listeners = Vec::with_capacity(config.listeners.len());
     for (i, l) in config.listeners.iter().enumerate() {
         let policy = l
@@ -443,11 +577,33 @@ pub fn build_snapshot_with(
                 KeyRef::File(p) => KeyRef::File(config.resolve(&p)),
                 other => other,
             };
-            let loaded =
-                keyref::load(&key_ref, token).with_context(|| format!("{at}.key: {}", c.key))?;
             let chain_path = config.resolve(&c.chain);
             let chain = CertChain::from_pem_file(&chain_path)
                 .with_context(|| format!("{at}.chain: {}", chain_path.display()))?;
+            let loaded = match (&key_ref, degraded) {
+                (KeyRef::Pkcs11(uri), Some(refused)) if token.is_none() => {
+                    let spki = chain
+                        .leaf_spki()
+                        .with_context(|| format!("{at}.chain: {}", chain_path.display()))?;
+                    let label = uri.token.clone().unwrap_or_default();
+                    let key = tlsgate_keystore::token::UnavailableTokenKey::new(
+                        &label,
+                        &spki,
+                        Arc::clone(refused),
+                    )
+                    .with_context(|| format!("{at}.chain: {}", chain_path.display()))?;
+                    awaiting_token += 1;
+                    tracing::warn!(listener = %l.name, key = %c.key, "token key not loaded yet (degraded start): full handshakes with this certificate are refused until the HSM is reached");
+                    tlsgate_keystore::LoadedKey {
+                        signing_key: Arc::new(key),
+                        spki_der: spki,
+                        backend: KeyBackend::Pkcs11,
+                    }
+                }
+                _ => {
+                    keyref::load(&key_ref, token).with_context(|| format!("{at}.key: {}", c.key))?
+                }
+            };
             let report = chain
                 .validate(&loaded.spki_der, now)
                 .with_context(|| format!("{at}.chain: {}", chain_path.display()))?;
@@ -527,6 +683,9 @@ pub fn build_snapshot_with(
         });
     }
     set_ocsp_wake(ocsp_wake);
+    // Built means published (a reload publishes what builds): a reload refused when the token
+    // came up leaves the degraded count in place.
+    metrics::gauge!(crate::mgmt_metrics::CERTIFICATES_AWAITING_TOKEN).set(awaiting_token as f64);
     Ok(Snapshot { listeners })
 }
 

@@ -484,3 +484,100 @@ fn an_outage_is_found_by_the_probe_before_a_handshake_meets_it() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn start_degraded_serves_software_keys_on_a_frozen_hsm_and_token_keys_once_it_thaws() -> Result<()>
+{
+    if !have_parts() {
+        return Ok(());
+    }
+    const OPEN_MS: u64 = 1500;
+    let lab = Lab::new()?;
+    lab.token_key_with_chain("ec-p256", "web")?;
+    let (backend, backend_addr) = demo_backend(lab.dir.path())?;
+    let hsm = Hsm::start(&lab)?;
+    let path = config(
+        &lab,
+        &backend_addr,
+        &format!("open_timeout_ms = {OPEN_MS}\nstart_degraded = true"),
+        false,
+        &format!("deadline_ms = {}", KEY_OP_DEADLINE.as_millis()),
+    )?;
+    hsm.signal("-STOP")?;
+    let t0 = Instant::now();
+    let serve = Serve::start_with_env(&lab, &path, &[("P11_KIT_SERVER_ADDRESS", hsm.address())])?;
+    let started = t0.elapsed();
+    let took = started;
+    let open = Duration::from_millis(OPEN_MS);
+    // Started (ready file written) after giving the HSM its open_timeout, not waiting for it.
+    ensure!(
+        took >= open && took < 4 * open,
+        "serve became ready after {took:?} on a frozen HSM, its start-up deadline is {open:?}"
+    );
+    let ready = std::fs::read_to_string(path.with_extension("ready"))?;
+    let addr_of = |name: &str| {
+        ready
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .map(|a| a.trim().to_owned())
+            .with_context(|| format!("{name} in the ready file:\n{ready}"))
+    };
+    let sw_port: u16 = addr_of("sw")?.rsplit(':').next().context("port")?.parse()?;
+    let app = Appliance {
+        sw_port,
+        metrics: addr_of("metrics")?,
+        lab,
+        hsm,
+        serve,
+        _backend: backend,
+    };
+    let full = client_config(&app.lab, false)?;
+    get(app.sw_port, &full).context("the software-key listener while degraded")?;
+    full_handshakes_fail_fast(&app, &full)?;
+    let text = wait_metric(&app, "tlsgate_hsm_up", &["token=\"lab\""], 0.0)?;
+    ensure!(
+        metric(&text, "tlsgate_hsm_breaker_state", &["token=\"lab\""]) == 2.0,
+        "breaker not open while degraded:\n{text}"
+    );
+    ensure!(
+        metric(&text, "tlsgate_certificates_awaiting_token", &[]) == 1.0,
+        "the token-key certificate is not shown waiting for the token:\n{text}"
+    );
+    wait_metric_at_least_labels(
+        &app,
+        "tlsgate_hsm_ops_total",
+        &["outcome=\"unavailable\""],
+        3.0,
+    )?;
+
+    app.hsm.signal("-CONT")?;
+    let thawed = Instant::now();
+    let took = back_within(&app, &full, thawed, "thawed after a degraded start")?;
+    println!(
+        "degraded start ready after {started:?}; token-key handshakes back {took:?} after the thaw"
+    );
+    wait_metric(&app, "tlsgate_hsm_up", &["token=\"lab\""], 1.0)?;
+    wait_metric(&app, "tlsgate_certificates_awaiting_token", &[], 0.0)?;
+    get(app.sw_port, &full).context("the software-key listener after the thaw")?;
+    Ok(())
+}
+
+/// Waits (up to 10 s) until `name{labels}` is at least `want`.
+fn wait_metric_at_least_labels(
+    app: &Appliance,
+    name: &str,
+    labels: &[&str],
+    want: f64,
+) -> Result<String> {
+    let start = Instant::now();
+    loop {
+        let text = scrape(&app.metrics)?;
+        if metric(&text, name, labels) >= want {
+            return Ok(text);
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            bail!("{name}{labels:?} never reached {want}:\n{text}");
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -1,11 +1,13 @@
-//! The token's health: a state machine that takes a module out of service on a device-level
-//! error, and a background thread that brings it back.
+//! The token's health: a circuit breaker that takes a token out of service after `K`
+//! consecutive device-level errors (at once for a failed probe or a structural failure), and a
+//! background thread that brings it back.
 //!
 //! ```text
-//!   healthy ──device-level error──► unhealthy ──first attempt──► recovering ──attempt ok──► healthy
-//!      ▲                               (work fails fast:              │  ▲
-//!      │                                TokenUnavailable)             └──┘ attempt failed:
-//!      └────────────────────────────────────────────────────────────────  back-off, try again
+//!   healthy ──K device errors──► unhealthy ──back-off──► recovering ──attempt ok──► healthy
+//!   (closed)  in a row           (open: work fails fast,  (half-open:        │
+//!      ▲      (a success          TokenUnavailable)  ▲     one attempt)      │
+//!      │       resets the count)                     └── attempt failed ─────┘
+//!      └──────────────────────────────────────────────── (back-off ×2, ≤ 1 s)
 //! ```
 //!
 //! Each attempt drops every session, finds the slot again by label/serial, opens a session and
@@ -14,7 +16,7 @@
 //! doubles from [`FIRST_BACKOFF`] to [`MAX_BACKOFF`], so a device that is back is in service again
 //! within about a second plus one attempt.
 
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::{Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -28,15 +30,20 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(1);
 const ATTEMPT_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// Failed signatures are summed into one log line per this interval.
 pub(super) const SIGN_LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// Default number of consecutive device-level errors that open the breaker (take the token out
+/// of service). A success in between starts the count again.
+pub const DEFAULT_BREAKER_ERRORS: u32 = 5;
 
-/// Where a token stands.
+/// Where a token stands. In breaker terms: `Healthy` is closed, `Unhealthy` open (between
+/// recovery attempts), `Recovering` half-open (an attempt is running).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HsmState {
-    /// In service.
+    /// In service (breaker closed).
     Healthy,
-    /// Out of service after a device-level error; recovery is about to start.
+    /// Out of service after device-level errors, waiting for the next recovery attempt
+    /// (breaker open).
     Unhealthy,
-    /// Out of service; the background thread is trying to bring it back.
+    /// Out of service; a recovery attempt is running (breaker half-open).
     Recovering,
 }
 
@@ -46,6 +53,15 @@ impl HsmState {
             HsmState::Healthy => "healthy",
             HsmState::Unhealthy => "unhealthy",
             HsmState::Recovering => "recovering",
+        }
+    }
+
+    /// The breaker state as a number: 0 closed, 1 half-open, 2 open.
+    pub fn breaker(self) -> u8 {
+        match self {
+            HsmState::Healthy => 0,
+            HsmState::Recovering => 1,
+            HsmState::Unhealthy => 2,
         }
     }
 
@@ -70,6 +86,11 @@ pub struct HealthSnapshot {
     pub sign_error: u64,
     /// Signatures refused at once because the token was out of service.
     pub sign_unavailable: u64,
+    /// Signatures refused at once because every token in service was at its in-flight budget
+    /// for longer than the wait allowed (counted on the primary token).
+    pub sign_shed: u64,
+    /// Signatures on the token now (bounded by its in-flight budget).
+    pub signing: u64,
     /// Times the token came back after being out of service.
     pub recoveries: u64,
     /// Times the module was re-initialised (`C_Finalize` + `C_Initialize`).
@@ -85,6 +106,13 @@ pub(super) struct Health {
     pub(super) sign_ok: AtomicU64,
     pub(super) sign_error: AtomicU64,
     pub(super) sign_unavailable: AtomicU64,
+    pub(super) sign_shed: AtomicU64,
+    /// Signatures holding a permit of the in-flight budget now.
+    pub(super) signing: AtomicU64,
+    /// Device-level errors since the last success (the breaker opens at `breaker_errors`).
+    consecutive: AtomicU32,
+    /// K: consecutive device-level errors that open the breaker; 0 means the default.
+    pub(super) breaker_errors: AtomicU32,
     recoveries: AtomicU64,
     pub(super) reinitialisations: AtomicU64,
     cause: Mutex<Option<(String, Instant)>>,
@@ -104,12 +132,52 @@ impl Health {
             .map(|(rv, since)| (rv.clone(), since.elapsed()))
     }
 
-    /// Takes the token out of service. Returns true for the caller that made the change, which
-    /// then starts recovery; later failures while it is out change nothing.
+    /// A call on the token succeeded: the breaker's count of errors in a row starts again.
+    pub(super) fn success(&self) {
+        if self.consecutive.load(Relaxed) != 0 {
+            self.consecutive.store(0, Relaxed);
+        }
+    }
+
+    /// Counts a device-level error; the one that makes `breaker_errors` in a row opens the
+    /// breaker (returns true like [`Health::fail`]).
+    pub(super) fn device_error(&self, token: &str, function: &str, rv: &str) -> bool {
+        let k = match self.breaker_errors.load(Relaxed) {
+            0 => DEFAULT_BREAKER_ERRORS,
+            k => k,
+        };
+        // A call that started before the breaker opened and failed after: it belongs to the
+        // outage already counted, not to the next run of errors.
+        if self.state() != HsmState::Healthy {
+            return false;
+        }
+        let n = self.consecutive.fetch_add(1, Relaxed).saturating_add(1);
+        if n < k {
+            tracing::debug!(
+                token,
+                function,
+                error = rv,
+                in_a_row = n,
+                breaker_errors = k,
+                "device-level error; the breaker stays closed"
+            );
+            return false;
+        }
+        self.fail(
+            token,
+            function,
+            &format!("{rv} ({n} device errors in a row)"),
+        )
+    }
+
+    /// Takes the token out of service (opens the breaker). Returns true for the caller that
+    /// made the change, which then starts recovery; later failures while it is out change
+    /// nothing.
     pub(super) fn fail(&self, token: &str, function: &str, rv: &str) -> bool {
         if self.state.compare_exchange(0, 1, Relaxed, Relaxed).is_err() {
             return false;
         }
+        self.consecutive.store(0, Relaxed);
         *lock(&self.cause) = Some((rv.to_owned(), Instant::now()));
         tracing::warn!(
             token,
@@ -117,6 +185,7 @@ impl Health {
             error = rv,
             from = "healthy",
             to = "unhealthy",
+            breaker = "open",
             "HSM out of service; new work on it fails at once until it is back"
         );
         true
@@ -147,6 +216,8 @@ impl Health {
             sign_ok: self.sign_ok.load(Relaxed),
             sign_error: self.sign_error.load(Relaxed),
             sign_unavailable: self.sign_unavailable.load(Relaxed),
+            sign_shed: self.sign_shed.load(Relaxed),
+            signing: self.signing.load(Relaxed),
             recoveries: self.recoveries.load(Relaxed),
             reinitialisations: self.reinitialisations.load(Relaxed),
             last_error: lock(&self.cause).as_ref().map(|(rv, _)| rv.clone()),
@@ -176,12 +247,14 @@ fn recover(token: &Weak<Token>) {
         // The token was dropped (process ending, or a test done with it): nothing to recover.
         let Some(t) = token.upgrade() else { return };
         let health = &t.health;
+        // Half-open for the attempt; open again (below) while the next back-off runs.
+        health.state.store(2, Relaxed);
         if attempts == 0 {
-            health.state.store(2, Relaxed);
             let cause = health.cause().map(|(rv, _)| rv).unwrap_or_default();
             tracing::info!(
                 token = %t.label, error = %cause, from = "unhealthy", to = "recovering",
-                "HSM recovery started"
+                breaker = "half-open",
+                "HSM recovery started (later attempts go open → half-open without a line each)"
             );
         }
         attempts += 1;
@@ -193,12 +266,13 @@ fn recover(token: &Weak<Token>) {
                 health.state.store(0, Relaxed);
                 tracing::info!(
                     token = %t.label, error = %cause, from = "recovering", to = "healthy",
-                    attempts, keys, down_ms = down.as_millis() as u64,
+                    breaker = "closed", attempts, keys, down_ms = down.as_millis() as u64,
                     "HSM back in service"
                 );
                 return;
             }
             Err(e @ (crate::Error::PinIncorrect { .. } | crate::Error::PinLocked { .. })) => {
+                health.state.store(1, Relaxed);
                 // Trying again could lock the PIN: stay out of service and say why.
                 tracing::error!(
                     token = %t.label, error = %e,
@@ -207,11 +281,13 @@ fn recover(token: &Weak<Token>) {
                 return;
             }
             Err(e) => {
+                health.state.store(1, Relaxed);
                 failed_since_log += 1;
                 if last_log.elapsed() >= ATTEMPT_LOG_INTERVAL || attempts == 1 {
                     tracing::warn!(
                         token = %t.label, attempts = failed_since_log, last_error = %e,
-                        "HSM still out of service"
+                        from = "recovering", to = "unhealthy", breaker = "open",
+                        "HSM still out of service (half-open attempt failed; one line per 10 s)"
                     );
                     failed_since_log = 0;
                     last_log = Instant::now();
@@ -220,5 +296,37 @@ fn recover(token: &Weak<Token>) {
         }
         drop(t);
         backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_breaker_opens_at_k_errors_in_a_row_and_a_success_starts_again() {
+        let h = Health::default();
+        h.breaker_errors.store(3, Relaxed);
+        assert!(!h.device_error("t", "C_Sign", "CKR_DEVICE_ERROR"));
+        assert!(!h.device_error("t", "C_Sign", "CKR_DEVICE_ERROR"));
+        h.success();
+        assert!(!h.device_error("t", "C_Sign", "CKR_DEVICE_ERROR"));
+        assert!(!h.device_error("t", "C_Sign", "CKR_DEVICE_ERROR"));
+        assert_eq!(h.state(), HsmState::Healthy);
+        assert!(h.device_error("t", "C_Sign", "CKR_DEVICE_ERROR"));
+        assert_eq!(h.state(), HsmState::Unhealthy);
+        assert_eq!(h.state().breaker(), 2);
+        // Errors of calls already under way when it opened count for nothing.
+        assert!(!h.device_error("t", "C_Sign", "CKR_DEVICE_ERROR"));
+        assert_eq!(h.consecutive.load(Relaxed), 0);
+    }
+
+    #[test]
+    fn the_default_breaker_needs_five() {
+        let h = Health::default();
+        for _ in 1..DEFAULT_BREAKER_ERRORS {
+            assert!(!h.device_error("t", "C_Sign", "CKR_DEVICE_ERROR"));
+        }
+        assert!(h.device_error("t", "C_Sign", "CKR_DEVICE_ERROR"));
     }
 }

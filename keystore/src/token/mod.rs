@@ -36,11 +36,11 @@ use crate::uri::Pkcs11Uri;
 
 pub use crate::keyinfo::{KeyInfo, KeyKind, KeyOrigin, KeySpec};
 use health::Health;
-pub use health::{HealthSnapshot, HsmState, FIRST_BACKOFF, MAX_BACKOFF};
+pub use health::{HealthSnapshot, HsmState, DEFAULT_BREAKER_ERRORS, FIRST_BACKOFF, MAX_BACKOFF};
 pub use init::init_token;
 pub use rcgen_key::TokenRcgenKey;
 pub use secret::{SecretInfo, HMAC_SHA256_BYTES, SECRET_KEY_BYTES};
-pub use signer::TokenSigningKey;
+pub use signer::{TokenSigningKey, UnavailableTokenKey};
 
 pub(crate) use p11::from_ck;
 
@@ -73,6 +73,14 @@ impl fmt::Display for TokenSelector {
 
 /// Idle sessions kept for reuse; more are opened on demand and closed when returned.
 const MAX_IDLE_SESSIONS: usize = 32;
+
+/// Default in-flight budget of a token: signatures on it at once. Little's law: a network HSM
+/// doing 1,000 P-256 signatures/s at 5 ms holds 5 in flight; 32 leaves room for slower ones.
+pub const DEFAULT_MAX_INFLIGHT: u64 = 32;
+
+/// Default longest wait of a signature for room on a token when every token in service is at
+/// its budget (the key-op pool's default deadline).
+pub const DEFAULT_BUDGET_WAIT: Duration = Duration::from_millis(2_000);
 
 /// How long a re-initialisation waits for calls already on the module to return before it
 /// gives up for this attempt (`C_Finalize` while another thread is inside the module is
@@ -207,9 +215,29 @@ pub struct Token {
     in_use: Mutex<std::collections::HashSet<HandleKey>>,
     health: Health,
     /// Other tokens holding the same keys (an HA pair, a second HSM): signing keys made on this
-    /// token sign on whichever of them is in service with the fewest calls in flight.
+    /// token sign on whichever of them is in service with the fewest signatures in flight and
+    /// room in its budget.
     replicas: Mutex<Vec<Arc<Token>>>,
+    /// Signatures on this token at once (its in-flight budget); 0 means the default.
+    max_inflight: std::sync::atomic::AtomicU64,
+    /// How long a signature waits for room when every token in service is at its budget, in
+    /// milliseconds (read on the primary); 0 means the default.
+    budget_wait_ms: std::sync::atomic::AtomicU64,
     this: Weak<Token>,
+}
+
+/// A place in a token's in-flight budget, held for one signature; freed on drop, which wakes
+/// signatures waiting for room.
+#[derive(Debug)]
+pub(crate) struct SignPermit {
+    token: Arc<Token>,
+}
+
+impl Drop for SignPermit {
+    fn drop(&mut self) {
+        self.token.health.signing.fetch_sub(1, Relaxed);
+        signer::room_freed();
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -348,6 +376,8 @@ impl Token {
             in_use: Mutex::new(Default::default()),
             health: Health::default(),
             replicas: Mutex::new(Vec::new()),
+            max_inflight: Default::default(),
+            budget_wait_ms: Default::default(),
             this: this.clone(),
         });
         // Log in now so a wrong PIN fails at start-up, not at the first handshake.
@@ -409,17 +439,83 @@ impl Token {
         lock(&self.replicas).clone()
     }
 
-    /// Calls on the token now (for choosing the least loaded replica).
-    pub(crate) fn inflight(&self) -> u64 {
-        self.health.inflight.load(Relaxed)
+    /// Sets how many device-level errors in a row open the breaker (take the token out of
+    /// service); 0 restores [`DEFAULT_BREAKER_ERRORS`].
+    pub fn set_breaker_errors(&self, k: u32) {
+        self.health.breaker_errors.store(k, Relaxed);
+    }
+
+    /// Sets the token's in-flight budget (signatures on it at once); 0 restores
+    /// [`DEFAULT_MAX_INFLIGHT`].
+    pub fn set_max_inflight(&self, n: u64) {
+        self.max_inflight.store(n, Relaxed);
+    }
+
+    /// The token's in-flight budget.
+    pub fn max_inflight(&self) -> u64 {
+        match self.max_inflight.load(Relaxed) {
+            0 => DEFAULT_MAX_INFLIGHT,
+            n => n,
+        }
+    }
+
+    /// Sets how long a signature waits for room when every token in service (this one and its
+    /// replicas) is at its budget before it is shed; 0 restores [`DEFAULT_BUDGET_WAIT`]. Set it
+    /// to the key-op deadline: waiting longer only turns a shed into a timeout.
+    pub fn set_budget_wait(&self, wait: Duration) {
+        self.budget_wait_ms
+            .store(wait.as_millis().min(u64::MAX as u128) as u64, Relaxed);
+    }
+
+    pub(crate) fn budget_wait(&self) -> Duration {
+        match self.budget_wait_ms.load(Relaxed) {
+            0 => DEFAULT_BUDGET_WAIT,
+            ms => Duration::from_millis(ms),
+        }
+    }
+
+    /// A place in the in-flight budget, if the token has room.
+    pub(crate) fn try_reserve(&self) -> Option<SignPermit> {
+        let max = self.max_inflight();
+        let signing = &self.health.signing;
+        let mut now = signing.load(Relaxed);
+        loop {
+            if now >= max {
+                return None;
+            }
+            match signing.compare_exchange_weak(now, now + 1, Relaxed, Relaxed) {
+                Ok(_) => break,
+                Err(seen) => now = seen,
+            }
+        }
+        match self.this.upgrade() {
+            Some(token) => Some(SignPermit { token }),
+            None => {
+                signing.fetch_sub(1, Relaxed);
+                None
+            }
+        }
+    }
+
+    /// Signatures on the token now (each holds a place in its budget).
+    pub(crate) fn signing(&self) -> u64 {
+        self.health.signing.load(Relaxed)
+    }
+
+    /// Counts a signature shed because every token in service was at its budget.
+    pub(crate) fn count_shed(&self) {
+        self.health.sign_shed.fetch_add(1, Relaxed);
     }
 
     /// A cheap call to the device (`C_GetSessionInfo` on an idle session), so an outage is found
-    /// by the probe rather than by the next handshake. A device-level answer takes the token
-    /// out of service and starts recovery like any other call; out of service it returns
-    /// [`Error::TokenUnavailable`] at once (recovery does its own checking).
+    /// by the probe rather than by the next handshake. The probe is the breaker's own check of
+    /// the device: a device-level answer opens it at once (no count of errors in a row) and
+    /// starts recovery; out of service it returns [`Error::TokenUnavailable`] at once (recovery
+    /// does its own checking).
     pub fn probe(&self) -> Result<()> {
-        self.with_session(|s| s.get_session_info().map(|_| ()).map_err(from_ck))
+        self.with_session_opts(true, |s, _| {
+            s.get_session_info().map(|_| ()).map_err(from_ck)
+        })
     }
 
     /// Whether the token is in service (a device-level error takes it out until recovery).
@@ -526,6 +622,16 @@ impl Token {
     }
 
     fn with_session_gen<T>(&self, f: impl FnOnce(&Session, u64) -> Result<T>) -> Result<T> {
+        self.with_session_opts(false, f)
+    }
+
+    /// `immediate`: a device-level error opens the breaker at once instead of counting towards
+    /// `breaker_errors` in a row.
+    fn with_session_opts<T>(
+        &self,
+        immediate: bool,
+        f: impl FnOnce(&Session, u64) -> Result<T>,
+    ) -> Result<T> {
         if !self.is_up() {
             return Err(self.unavailable());
         }
@@ -535,8 +641,9 @@ impl Token {
             self.run_on_session(&ctx, f)
         };
         self.health.inflight.fetch_sub(1, Relaxed);
-        if let Err(e) = &result {
-            self.note_error(e);
+        match &result {
+            Ok(_) => self.health.success(),
+            Err(e) => self.note_error(e, immediate),
         }
         result
     }
@@ -564,10 +671,19 @@ impl Token {
         result
     }
 
-    /// Takes the token out of service on a device-level error (once per outage).
-    fn note_error(&self, e: &Error) {
+    /// Counts a device-level error towards the breaker, or with `immediate` opens it; the
+    /// caller that opens it starts recovery (once per outage).
+    fn note_error(&self, e: &Error, immediate: bool) {
         if let Error::Pkcs11 { function, rv } = e {
-            if p11::is_device_level(e) && self.health.fail(&self.label, function, rv) {
+            if !p11::is_device_level(e) {
+                return;
+            }
+            let opened = if immediate {
+                self.health.fail(&self.label, function, rv)
+            } else {
+                self.health.device_error(&self.label, function, rv)
+            };
+            if opened {
                 health::spawn_recovery(self.this.clone(), self.label.clone());
             }
         }

@@ -4,6 +4,7 @@
 //! count, naming the PKCS#11 function and CKR of the latest.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use aws_lc_rs::digest;
 use cryptoki::mechanism::eddsa::{EddsaParams, EddsaSignatureScheme};
@@ -180,7 +181,8 @@ impl TokenKey {
 
 /// A rustls `SigningKey` whose private half stays on the token — and on its replicas, when the
 /// token has some ([`Token::add_replica`]): each signature goes to the one in service with the
-/// fewest calls in flight, and a failed signature is tried once more on another in service.
+/// fewest signatures in flight that has room in its in-flight budget (waiting for room when none
+/// has), and a failed signature is tried once more on another in service with room.
 #[derive(Debug, Clone)]
 pub struct TokenSigningKey {
     /// The primary token's key first, then each replica's.
@@ -298,39 +300,195 @@ struct TokenSigner {
     alg: TokenAlg,
 }
 
-impl Signer for TokenSigner {
-    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, rustls::Error> {
-        // In service first, then the fewest calls in flight; the primary wins ties.
-        let mut order: Vec<&Arc<TokenKey>> = self.keys.iter().collect();
-        order.sort_by_key(|k| (!k.token.is_up(), k.token.inflight()));
-        let mut first_error = None;
-        // One try, and one more on another token in service.
-        for (i, key) in order.into_iter().take(2).enumerate() {
-            if i > 0 && !key.token.is_up() {
-                break;
+/// Signatures waiting for room on a token wait here; a freed place wakes them.
+static ROOM: (std::sync::Mutex<()>, std::sync::Condvar) =
+    (std::sync::Mutex::new(()), std::sync::Condvar::new());
+
+/// Longest sleep between two looks for room (a token that comes back into service does not
+/// free a place, so waiters also look again on their own).
+const ROOM_RECHECK: Duration = Duration::from_millis(20);
+
+/// A place in a token's budget was freed: wake the signatures waiting for one.
+pub(super) fn room_freed() {
+    ROOM.1.notify_all();
+}
+
+impl TokenSigner {
+    /// The token to sign on and its place in the budget: in service first, then the fewest
+    /// signatures in flight (the primary wins ties), among those with room. When every token in
+    /// service is at its budget the signature waits for room up to the primary's budget wait,
+    /// then is shed (`Err(None)`); with no token in service `Err(Some(key))` names the one to
+    /// try, which answers `TokenUnavailable` at once.
+    fn reserve(
+        &self,
+        skip: Option<&Arc<Token>>,
+        wait: bool,
+    ) -> std::result::Result<(&Arc<TokenKey>, super::SignPermit), Option<&Arc<TokenKey>>> {
+        let give_up = Instant::now() + self.keys[0].token.budget_wait();
+        loop {
+            let mut order: Vec<&Arc<TokenKey>> = self
+                .keys
+                .iter()
+                .filter(|k| skip.is_none_or(|t| !Arc::ptr_eq(t, &k.token)))
+                .collect();
+            order.sort_by_key(|k| (!k.token.is_up(), k.token.signing()));
+            let Some(first) = order.first().copied() else {
+                return Err(None);
+            };
+            if !first.token.is_up() {
+                return Err(Some(first));
             }
-            match key.sign(self.alg, message) {
-                Ok(signature) => return Ok(signature),
-                Err(e) => {
-                    // One line per interval with the count: an HSM that is down fails every
-                    // full handshake, and each must not write its own line.
-                    if let Some(failed) = key.token.sign_failure_line() {
-                        tracing::warn!(
-                            key = %key.uri, scheme = ?self.scheme, error = %e, failed,
-                            interval_secs = super::health::SIGN_LOG_INTERVAL.as_secs(),
-                            "token signatures failed (one line per interval; count since the last line)"
-                        );
-                    }
-                    first_error.get_or_insert(e);
+            for key in order.iter().filter(|k| k.token.is_up()) {
+                if let Some(permit) = key.token.try_reserve() {
+                    return Ok((key, permit));
                 }
             }
+            let now = Instant::now();
+            if !wait || now >= give_up {
+                return Err(None);
+            }
+            let guard = ROOM.0.lock().unwrap_or_else(|e| e.into_inner());
+            // A place freed between the look above and this wait is seen at the next look,
+            // at most `ROOM_RECHECK` later.
+            drop(
+                ROOM.1
+                    .wait_timeout(guard, (give_up - now).min(ROOM_RECHECK))
+                    .unwrap_or_else(|e| e.into_inner()),
+            );
         }
+    }
+
+    fn note_failure(&self, key: &TokenKey, e: &Error) {
+        // One line per interval with the count: an HSM that is down fails every full
+        // handshake, and each must not write its own line.
+        if let Some(failed) = key.token.sign_failure_line() {
+            tracing::warn!(
+                key = %key.uri, scheme = ?self.scheme, error = %e, failed,
+                interval_secs = super::health::SIGN_LOG_INTERVAL.as_secs(),
+                "token signatures failed (one line per interval; count since the last line)"
+            );
+        }
+    }
+}
+
+impl Signer for TokenSigner {
+    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, rustls::Error> {
         // `Other` tells the data plane that the key failed, not the peer's handshake.
-        let e = first_error.unwrap_or_else(|| Error::TokenUnavailable {
-            token: "(none in service)".to_owned(),
-            rv: "no token".to_owned(),
+        let fail = |e: Error| Err(rustls::Error::Other(rustls::OtherError(Arc::new(e))));
+        let (key, permit) = match self.reserve(None, true) {
+            Ok(chosen) => chosen,
+            Err(Some(down)) => {
+                // No token in service: this answers TokenUnavailable at once (and counts it).
+                let e = match down.sign(self.alg, message) {
+                    Ok(signature) => return Ok(signature),
+                    Err(e) => e,
+                };
+                self.note_failure(down, &e);
+                return fail(e);
+            }
+            Err(None) => {
+                let primary = &self.keys[0].token;
+                primary.count_shed();
+                return fail(Error::BudgetFull {
+                    tokens: self
+                        .keys
+                        .iter()
+                        .map(|k| k.token.label().to_owned())
+                        .collect(),
+                    waited_ms: primary.budget_wait().as_millis() as u64,
+                });
+            }
+        };
+        let first = match key.sign(self.alg, message) {
+            Ok(signature) => return Ok(signature),
+            Err(e) => e,
+        };
+        drop(permit);
+        self.note_failure(key, &first);
+        // One more try on another token in service with room now (no wait: the deadline is
+        // already partly spent).
+        if let Ok((other, _permit)) = self.reserve(Some(&key.token), false) {
+            match other.sign(self.alg, message) {
+                Ok(signature) => return Ok(signature),
+                Err(e) => self.note_failure(other, &e),
+            }
+        }
+        fail(first)
+    }
+
+    fn scheme(&self) -> SignatureScheme {
+        self.scheme
+    }
+}
+
+/// The stand-in for a token key while its token has not been opened yet (`tlsgate serve` started
+/// degraded): it offers the schemes of the certificate's key and refuses every signature at once
+/// with [`Error::TokenUnavailable`], counting it in `refused`. It reports no public key, so
+/// nothing is checked against the certificate until the real key replaces it.
+#[derive(Debug)]
+pub struct UnavailableTokenKey {
+    token: String,
+    kind: KeyKind,
+    refused: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl UnavailableTokenKey {
+    /// `spki_der`: the certificate's public key (gives the algorithm); `token`: the label.
+    pub fn new(
+        token: &str,
+        spki_der: &[u8],
+        refused: Arc<std::sync::atomic::AtomicU64>,
+    ) -> Result<UnavailableTokenKey> {
+        Ok(UnavailableTokenKey {
+            token: token.to_owned(),
+            kind: KeyKind::from_spki(spki_der)?,
+            refused,
+        })
+    }
+}
+
+impl SigningKey for UnavailableTokenKey {
+    fn choose_scheme(&self, offered: &[SignatureScheme]) -> Option<Box<dyn Signer>> {
+        let scheme = schemes_for(self.kind)
+            .iter()
+            .copied()
+            .find(|s| offered.contains(s))?;
+        Some(Box::new(UnavailableSigner {
+            token: self.token.clone(),
+            scheme,
+            refused: Arc::clone(&self.refused),
+        }))
+    }
+
+    fn public_key(&self) -> Option<SubjectPublicKeyInfoDer<'_>> {
+        None
+    }
+
+    fn algorithm(&self) -> SignatureAlgorithm {
+        match self.kind {
+            KeyKind::EcP256 | KeyKind::EcP384 => SignatureAlgorithm::ECDSA,
+            KeyKind::Rsa { .. } => SignatureAlgorithm::RSA,
+            KeyKind::Ed25519 => SignatureAlgorithm::ED25519,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct UnavailableSigner {
+    token: String,
+    scheme: SignatureScheme,
+    refused: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Signer for UnavailableSigner {
+    fn sign(&self, _message: &[u8]) -> Result<Vec<u8>, rustls::Error> {
+        self.refused
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let e = Error::TokenUnavailable {
+            token: self.token.clone(),
+            rv: "not opened yet (started degraded)".to_owned(),
             since_ms: 0,
-        });
+        };
         Err(rustls::Error::Other(rustls::OtherError(Arc::new(e))))
     }
 
