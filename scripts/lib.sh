@@ -1,6 +1,7 @@
 # Helpers shared by the project's scripts. Sourced, not run.
 
-step() { printf '\n==> %s\n' "$*"; }
+# Each step says how long the script has run, so a slow step shows in any log.
+step() { printf '\n==> %s   [%dm%02ds]\n' "$*" $((SECONDS / 60)) $((SECONDS % 60)); }
 
 as_root() {
     if [[ $(id -u) -eq 0 ]]; then "$@"; else sudo "$@"; fi
