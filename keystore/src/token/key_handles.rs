@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use cryptoki::object::ObjectHandle;
 use cryptoki::session::Session;
 
-use super::{from_ck, health, lock, objects, p11, Token};
+use super::{from_ck, health, objects, p11, Token};
 use crate::error::{Error, Result};
 use crate::uri::Pkcs11Uri;
 
@@ -67,7 +67,7 @@ impl Token {
         uri: &Pkcs11Uri,
     ) -> Result<ObjectHandle> {
         let key = HandleKey::of(uri);
-        if let Some((g, h)) = lock(&self.handles).get(&key) {
+        if let Some((g, h)) = self.handles.lock().get(&key) {
             if *g == generation {
                 return Ok(*h);
             }
@@ -78,8 +78,8 @@ impl Token {
                 uri: uri.to_string(),
             }),
             [h] => {
-                lock(&self.in_use).insert(key.clone());
-                lock(&self.handles).insert(key, (generation, *h));
+                self.in_use.lock().insert(key.clone());
+                self.handles.lock().insert(key, (generation, *h));
                 Ok(*h)
             }
             many => Err(Error::AmbiguousKey {
@@ -126,12 +126,12 @@ impl Token {
     }
 
     pub(crate) fn forget_handles(&self) {
-        lock(&self.handles).clear();
+        self.handles.lock().clear();
     }
 
     /// A key deleted through us is no longer in use.
     pub(crate) fn forget_key(&self, uri: &Pkcs11Uri) {
-        lock(&self.in_use).remove(&HandleKey::of(uri));
+        self.in_use.lock().remove(&HandleKey::of(uri));
     }
 
     /// One signature with the private key `uri` names. Fails at once with

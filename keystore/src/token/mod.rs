@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, TryLockError, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
@@ -29,6 +29,9 @@ use cryptoki::object::ObjectHandle;
 use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
+// The data behind these locks stays consistent even if a holder panicked (a Vec push/pop or a
+// map insert), so they do not poison.
+use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 
 use crate::error::{Error, Result};
 use crate::pin::PinSource;
@@ -108,7 +111,7 @@ fn init_args() -> CInitializeArgs {
 
 impl Module {
     fn read(&self) -> RwLockReadGuard<'_, ModuleCtx> {
-        self.ctx.read().unwrap_or_else(|e| e.into_inner())
+        self.ctx.read()
     }
 
     /// `C_Finalize` + `C_Initialize`, unless someone else already did since generation `seen`.
@@ -116,12 +119,11 @@ impl Module {
         let give_up = Instant::now() + REINIT_WAIT;
         let mut ctx = loop {
             match self.ctx.try_write() {
-                Ok(g) => break g,
-                Err(TryLockError::Poisoned(p)) => break p.into_inner(),
-                Err(TryLockError::WouldBlock) if Instant::now() < give_up => {
+                Some(g) => break g,
+                None if Instant::now() < give_up => {
                     std::thread::sleep(Duration::from_millis(10));
                 }
-                Err(TryLockError::WouldBlock) => {
+                None => {
                     return Err(Error::Pkcs11 {
                         function: "C_Finalize",
                         rv: "not attempted: calls still in progress on the module".into(),
@@ -154,7 +156,7 @@ fn module(path: &Path) -> Result<Arc<Module>> {
         reason,
     };
     let canonical = std::fs::canonicalize(path).map_err(|e| load_err(e.to_string()))?;
-    let mut modules = lock(MODULES.get_or_init(Default::default));
+    let mut modules = MODULES.get_or_init(Default::default).lock();
     if let Some(m) = modules.get(&canonical) {
         return Ok(Arc::clone(m));
     }
@@ -250,12 +252,6 @@ impl fmt::Debug for Token {
             .field("serial", &self.serial)
             .finish_non_exhaustive()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // The data behind these locks stays consistent even if a holder panicked (a Vec push/pop or
-    // a map insert), so a poisoned lock is still usable.
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The slot holding the token `selector` names, with its label and serial.
@@ -410,12 +406,12 @@ impl Token {
     /// signing keys made on this token from now on sign on either. Checked key by key when a
     /// signing key is made; a replica missing a key or holding another public key is refused.
     pub fn add_replica(&self, replica: Arc<Token>) {
-        lock(&self.replicas).push(replica);
+        self.replicas.lock().push(replica);
     }
 
     /// The replicas added with [`Token::add_replica`].
     pub fn replicas(&self) -> Vec<Arc<Token>> {
-        lock(&self.replicas).clone()
+        self.replicas.lock().clone()
     }
 
     /// Sets how many device-level errors in a row open the breaker (take the token out of
@@ -524,7 +520,7 @@ impl Token {
 
     /// The slot in generation `ctx`, found again by label/serial after a re-initialisation.
     fn slot_in(&self, ctx: &ModuleCtx) -> Result<Slot> {
-        let mut slot = lock(&self.slot);
+        let mut slot = self.slot.lock();
         if slot.0 == ctx.generation {
             return Ok(slot.1);
         }
@@ -563,7 +559,7 @@ impl Token {
 
     fn take_session(&self, ctx: &ModuleCtx) -> Result<Session> {
         loop {
-            let idle = lock(&self.sessions).pop();
+            let idle = self.sessions.lock().pop();
             match idle {
                 Some(p) if p.generation == ctx.generation => return Ok(p.session),
                 Some(stale) => stale.discard(ctx.generation),
@@ -573,7 +569,7 @@ impl Token {
     }
 
     fn put_session(&self, ctx: &ModuleCtx, session: Session) {
-        let mut idle = lock(&self.sessions);
+        let mut idle = self.sessions.lock();
         if idle.len() < MAX_IDLE_SESSIONS {
             idle.push(Pooled {
                 generation: ctx.generation,
@@ -584,7 +580,7 @@ impl Token {
 
     /// Drops every idle session (closing those of the current generation).
     fn drop_sessions(&self, current: u64) -> usize {
-        let idle = std::mem::take(&mut *lock(&self.sessions));
+        let idle = std::mem::take(&mut *self.sessions.lock());
         let n = idle.len();
         for p in idle {
             p.discard(current);
@@ -693,10 +689,10 @@ impl Token {
         let ctx = self.module.read();
         self.drop_sessions(ctx.generation);
         // Force the slot to be found again: a token re-inserted may sit in another slot.
-        lock(&self.slot).0 = u64::MAX;
+        self.slot.lock().0 = u64::MAX;
         let result = (|| {
             let session = self.open_session(&ctx)?;
-            let keys: Vec<HandleKey> = lock(&self.in_use).iter().cloned().collect();
+            let keys: Vec<HandleKey> = self.in_use.lock().iter().cloned().collect();
             let mut fresh = HashMap::new();
             for k in keys {
                 let found = objects::find_private(&session, &k.uri())?;
@@ -710,12 +706,12 @@ impl Token {
                         })
                     }
                     _ => {
-                        lock(&self.in_use).remove(&k);
+                        self.in_use.lock().remove(&k);
                     }
                 }
             }
             let n = fresh.len();
-            *lock(&self.handles) = fresh;
+            *self.handles.lock() = fresh;
             self.put_session(&ctx, session);
             Ok(n)
         })();

@@ -24,10 +24,7 @@ impl Manager {
     }
 
     pub fn list_listeners(&self) -> Vec<ListenerView> {
-        let bound = match self.bound.lock() {
-            Ok(b) => b.clone(),
-            Err(p) => p.into_inner().clone(),
-        };
+        let bound = self.bound.lock().clone();
         let inner = self.lock();
         inner
             .config

@@ -19,10 +19,11 @@ pub(crate) use keys::{check_label, parse_id};
 pub(crate) use listeners::{crl_view, pem_encode_crl};
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::http::StatusCode;
+use parking_lot::{Mutex, MutexGuard};
 use rustls_pki_types::CertificateRevocationListDer;
 use serde::{Deserialize, Serialize};
 use tlsgate_dataplane::Snapshot;
@@ -254,20 +255,14 @@ impl Manager {
 
     /// Records the addresses the data plane bound, for listings.
     pub fn set_bound(&self, addrs: &[(String, std::net::SocketAddr)]) {
-        let mut bound = match self.bound.lock() {
-            Ok(b) => b,
-            Err(p) => p.into_inner(),
-        };
+        let mut bound = self.bound.lock();
         bound.extend(addrs.iter().cloned());
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock cannot leave the state half-changed: every change is
-        // committed by one assignment after it was persisted.
-        match self.inner.lock() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        }
+        // committed by one assignment after it was persisted. So the lock does not poison.
+        self.inner.lock()
     }
 
     /// Runs `op` and writes its audit line (for changes that are not API requests: a signal).
