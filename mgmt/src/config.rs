@@ -60,6 +60,12 @@ use tlsgate_dataplane::DataplaneConfig;
 use tlsgate_keystore::keyref::KeyRef;
 use tlsgate_keystore::pin::PinSource;
 
+mod backend_tls;
+pub mod management;
+
+pub use backend_tls::BackendTlsConfig;
+pub use management::{ApiConfig, StateConfig};
+
 /// A configuration error that names the key and says what is allowed.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -106,9 +112,9 @@ pub struct Config {
     #[serde(default)]
     pub process: crate::hardening::ProcessConfig,
     /// The management API (see [`crate::api`]).
-    pub api: Option<crate::api::ApiConfig>,
+    pub api: Option<ApiConfig>,
     /// The management plane's state directory (see [`crate::state`]).
-    pub state: Option<crate::api::StateConfig>,
+    pub state: Option<StateConfig>,
     /// TLS listeners.
     #[serde(rename = "listener", default)]
     pub listeners: Vec<ListenerConfig>,
@@ -222,8 +228,12 @@ impl Pkcs11Config {
     }
 }
 
+/// The PKCS#11 module Debian's `softhsm2` package installs: `[pkcs11] module` when it is not
+/// set, and `tlsgate token`'s default.
+pub const DEFAULT_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+
 fn default_module() -> PathBuf {
-    PathBuf::from(crate::cli::token::DEFAULT_MODULE)
+    PathBuf::from(DEFAULT_MODULE)
 }
 
 /// Where Prometheus scrapes `GET /metrics` (plain HTTP; keep it on a management address).
@@ -277,7 +287,7 @@ pub struct ListenerConfig {
     #[serde(default)]
     pub session: crate::session::SessionConfig,
     /// TLS to the backend (its CA, expected name, optional client certificate).
-    pub backend_tls: Option<crate::backend_tls::BackendTlsConfig>,
+    pub backend_tls: Option<BackendTlsConfig>,
 }
 
 impl ListenerConfig {
@@ -398,7 +408,7 @@ impl Config {
                     "0 would never take a failing token out of service; use 1 or more",
                 ));
             }
-            if p.start_degraded && crate::api::state_dir(self).is_some() {
+            if p.start_degraded && management::state_dir(self).is_some() {
                 return Err(self.invalid(
                     "pkcs11.start_degraded",
                     "not supported with the management API's state ([api] or [state]): the API needs the token at start",
@@ -516,7 +526,7 @@ impl Config {
                 "a certificate key or a session.fleet_secret is a pkcs11: URI, so a [pkcs11] section with module, token and pin is needed",
             ));
         }
-        crate::api::validate(self)?;
+        management::validate(self)?;
         Ok(())
     }
 }
