@@ -39,6 +39,9 @@ if [[ "${TLSGATE_SKIP_LINT:-0}" != 1 ]]; then
     step "cargo deny (bans, licenses, sources)"
     cargo deny --log-level error check bans licenses sources
     check_no_ring
+
+    step "structure (no .rs file over 800 lines; import cycles between modules, a warning)"
+    scripts/check-structure.sh
 fi
 
 step "build (the tests need the tlsgate binary and the PKCS#11 test shim)"

@@ -18,10 +18,11 @@
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
+use parking_lot::Mutex;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::{DataplaneConfig, IoDriver, IoDriverKind};
@@ -107,10 +108,7 @@ impl std::fmt::Debug for ShutdownSignal {
 impl ShutdownSignal {
     /// Registers a core's waker; if shutdown is already requested it runs at once.
     pub(crate) fn register(&self, waker: Waker) {
-        let mut w = match self.wakers.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut w = self.wakers.lock();
         w.push(waker);
         if self.is_requested() {
             if let Some(last) = w.last() {
@@ -120,15 +118,9 @@ impl ShutdownSignal {
     }
 
     pub(crate) fn request(&self, deadline: Instant) {
-        match self.deadline.lock() {
-            Ok(mut g) => *g = Some(deadline),
-            Err(p) => *p.into_inner() = Some(deadline),
-        }
+        *self.deadline.lock() = Some(deadline);
         self.requested.store(true, Ordering::Release);
-        let w = match self.wakers.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let w = self.wakers.lock();
         for wake in w.iter() {
             wake();
         }
@@ -140,10 +132,7 @@ impl ShutdownSignal {
 
     /// The drain deadline (now if none was set).
     pub(crate) fn deadline(&self) -> Instant {
-        let d = match self.deadline.lock() {
-            Ok(g) => *g,
-            Err(p) => *p.into_inner(),
-        };
+        let d = *self.deadline.lock();
         d.unwrap_or_else(Instant::now)
     }
 }

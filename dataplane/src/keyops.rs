@@ -11,9 +11,11 @@
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
 
 use crate::config::KeyOpConfig;
 use crate::conn::{run_key_op, KeyOpFailure, KeyOpJob, KeyOpResult};
@@ -126,10 +128,7 @@ impl KeyOpPool {
     /// back so the caller fails that handshake at once.
     pub fn submit(&self, req: KeyOpRequest) -> Result<(), KeyOpRequest> {
         // The sender is cloned out so no lock is held while sending.
-        let tx = match self.tx.lock() {
-            Ok(g) => g.clone(),
-            Err(p) => p.into_inner().clone(),
-        };
+        let tx = self.tx.lock().clone();
         let Some(tx) = tx else { return Err(req) };
         self.depth.fetch_add(1, Relaxed);
         match tx.try_send(req) {
@@ -161,14 +160,8 @@ impl KeyOpPool {
     /// Closes the queue; workers finish what they hold and exit. Workers are not joined: one
     /// stuck in a hung token call must not hold up process exit.
     pub fn close(&self) {
-        match self.tx.lock() {
-            Ok(mut g) => *g = None,
-            Err(p) => *p.into_inner() = None,
-        }
-        let handles = match self.workers.lock() {
-            Ok(mut g) => std::mem::take(&mut *g),
-            Err(p) => std::mem::take(&mut *p.into_inner()),
-        };
+        *self.tx.lock() = None;
+        let handles = std::mem::take(&mut *self.workers.lock());
         drop(handles);
     }
 }
@@ -188,10 +181,7 @@ fn worker(rx: &Mutex<Receiver<KeyOpRequest>>, depth: &AtomicUsize, counters: &Co
     loop {
         // The lock is held only while waiting for the next request, never while signing.
         let req = {
-            let guard = match rx.lock() {
-                Ok(g) => g,
-                Err(p) => p.into_inner(),
-            };
+            let guard = rx.lock();
             guard.recv()
         };
         let Ok(req) = req else { return };
@@ -219,10 +209,7 @@ impl Counters {
     /// Logs past-deadline requests at most once per [`DEADLINE_LOG_INTERVAL`], with the counts
     /// since the last line: a stalled HSM must not flood the log.
     fn past_deadline(&self, expired: bool) {
-        let mut log = match self.log.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut log = self.log.lock();
         if expired {
             log.1 += 1;
         } else {

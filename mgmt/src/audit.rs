@@ -8,11 +8,11 @@
 //! status (an unknown route, a refused peer, a body too large included). It never holds a
 //! request body: no PIN, key or secret can reach it.
 
+use parking_lot::Mutex;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 use anyhow::{Context, Result};
 use serde::Serialize;
@@ -141,10 +141,7 @@ impl AuditLog {
             }
         };
         bytes.push(b'\n');
-        let mut file = match self.file.lock() {
-            Ok(f) => f,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut file = self.file.lock();
         if let Err(err) = file.write_all(&bytes).and_then(|()| file.sync_data()) {
             tracing::error!(error = %err, path = %self.path.display(), "cannot write the audit log");
         }

@@ -6,7 +6,9 @@
 //! every held connection is busy with a request, the new one is refused (closed at once).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use tokio::sync::oneshot;
 
@@ -63,7 +65,7 @@ impl ConnLimiter {
     /// A place for a new connection (evicting the oldest idle one when full), or `None` when
     /// every held connection is busy.
     pub fn admit(self: &Arc<Self>) -> Option<Slot> {
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut inner = self.inner.lock();
         if inner.held.len() >= self.max {
             let idle = inner
                 .held
@@ -90,11 +92,7 @@ impl ConnLimiter {
 
     /// Connections held now.
     pub fn held(&self) -> usize {
-        self.inner
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .held
-            .len()
+        self.inner.lock().held.len()
     }
 }
 
@@ -123,7 +121,7 @@ impl BusyHandle {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let mut inner = self.limiter.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut inner = self.limiter.inner.lock();
         inner.held.retain(|e| e.id != self.id);
     }
 }

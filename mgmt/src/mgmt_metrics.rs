@@ -11,7 +11,9 @@
 
 use std::cell::RefCell;
 use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rustls::sign::{Signer, SigningKey};
@@ -249,10 +251,7 @@ pub fn publish_expiry(entries: &[Expiry]) {
             now.insert((e.listener.clone(), e.certificate.clone(), n));
         }
     }
-    let mut series = match SERIES.lock() {
-        Ok(s) => s,
-        Err(p) => p.into_inner(),
-    };
+    let mut series = SERIES.lock();
     for (l, c, n) in series.difference(&now) {
         metrics::gauge!(CERTIFICATE_NOT_AFTER_SECONDS,
             "listener" => l.clone(), "certificate" => c.clone(), "name" => n.clone())
@@ -346,23 +345,16 @@ thread_local! {
     static BUFFER: RefCell<Option<Arc<Samples>>> = const { RefCell::new(None) };
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    }
-}
-
 fn record(backend: &'static str, mechanism: &'static str, elapsed: Duration) {
     BUFFER.with(|b| {
         let mut b = b.borrow_mut();
         let buf = b.get_or_insert_with(|| {
             let buf = Arc::new(Samples::default());
-            lock(&BUFFERS).push(Arc::downgrade(&buf));
+            BUFFERS.lock().push(Arc::downgrade(&buf));
             FLUSHER.call_once(start_flusher);
             buf
         });
-        let mut samples = lock(buf);
+        let mut samples = buf.lock();
         if samples.len() < MAX_BUFFERED {
             samples.push((backend, mechanism, elapsed.as_secs_f64()));
         }
@@ -375,12 +367,12 @@ fn start_flusher() {
         .spawn(|| loop {
             std::thread::sleep(FLUSH_INTERVAL);
             let buffers: Vec<Arc<Samples>> = {
-                let mut all = lock(&BUFFERS);
+                let mut all = BUFFERS.lock();
                 all.retain(|w| w.strong_count() > 0);
                 all.iter().filter_map(std::sync::Weak::upgrade).collect()
             };
             for buf in buffers {
-                let samples = std::mem::take(&mut *lock(&buf));
+                let samples = std::mem::take(&mut *buf.lock());
                 for (backend, mechanism, secs) in samples {
                     metrics::histogram!(KEY_SIGN_DURATION_SECONDS, "backend" => backend, "mechanism" => mechanism)
                         .record(secs);

@@ -17,10 +17,12 @@
 //! within about a second plus one attempt.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
-use std::sync::{Mutex, Weak};
+use std::sync::Weak;
 use std::time::{Duration, Instant};
 
-use super::{lock, Token};
+use parking_lot::Mutex;
+
+use super::Token;
 
 /// Wait before the first recovery attempt after a failure.
 pub const FIRST_BACKOFF: Duration = Duration::from_millis(100);
@@ -127,7 +129,8 @@ impl Health {
 
     /// The CKR name and how long ago it took the token out, while it is out.
     pub(super) fn cause(&self) -> Option<(String, Duration)> {
-        lock(&self.cause)
+        self.cause
+            .lock()
             .as_ref()
             .map(|(rv, since)| (rv.clone(), since.elapsed()))
     }
@@ -178,7 +181,7 @@ impl Health {
             return false;
         }
         self.consecutive.store(0, Relaxed);
-        *lock(&self.cause) = Some((rv.to_owned(), Instant::now()));
+        *self.cause.lock() = Some((rv.to_owned(), Instant::now()));
         tracing::warn!(
             token,
             function,
@@ -194,7 +197,7 @@ impl Health {
     /// Counts a failed signature; returns how many failed since the last line (this one
     /// included) when a line is due, at most once per [`SIGN_LOG_INTERVAL`].
     pub(super) fn sign_failure_line(&self) -> Option<u64> {
-        let mut log = lock(&self.sign_log);
+        let mut log = self.sign_log.lock();
         log.1 += 1;
         let now = Instant::now();
         if log
@@ -220,7 +223,7 @@ impl Health {
             signing: self.signing.load(Relaxed),
             recoveries: self.recoveries.load(Relaxed),
             reinitialisations: self.reinitialisations.load(Relaxed),
-            last_error: lock(&self.cause).as_ref().map(|(rv, _)| rv.clone()),
+            last_error: self.cause.lock().as_ref().map(|(rv, _)| rv.clone()),
         }
     }
 }
@@ -261,7 +264,7 @@ fn recover(token: &Weak<Token>) {
         match t.try_recover() {
             Ok(keys) => {
                 let (cause, down) = health.cause().unwrap_or_default();
-                *lock(&health.cause) = None;
+                *health.cause.lock() = None;
                 health.recoveries.fetch_add(1, Relaxed);
                 health.state.store(0, Relaxed);
                 tracing::info!(

@@ -8,6 +8,7 @@
 
 mod health;
 mod init;
+mod key_handles;
 mod objects;
 mod p11;
 mod rcgen_key;
@@ -18,7 +19,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, TryLockError, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
@@ -28,6 +29,9 @@ use cryptoki::object::ObjectHandle;
 use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
+// The data behind these locks stays consistent even if a holder panicked (a Vec push/pop or a
+// map insert), so they do not poison.
+use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 
 use crate::error::{Error, Result};
 use crate::pin::PinSource;
@@ -38,6 +42,7 @@ pub use crate::keyinfo::{KeyInfo, KeyKind, KeyOrigin, KeySpec};
 use health::Health;
 pub use health::{HealthSnapshot, HsmState, DEFAULT_BREAKER_ERRORS, FIRST_BACKOFF, MAX_BACKOFF};
 pub use init::init_token;
+use key_handles::HandleKey;
 pub use rcgen_key::TokenRcgenKey;
 pub use secret::{SecretInfo, HMAC_SHA256_BYTES, SECRET_KEY_BYTES};
 pub use signer::{TokenSigningKey, UnavailableTokenKey};
@@ -106,7 +111,7 @@ fn init_args() -> CInitializeArgs {
 
 impl Module {
     fn read(&self) -> RwLockReadGuard<'_, ModuleCtx> {
-        self.ctx.read().unwrap_or_else(|e| e.into_inner())
+        self.ctx.read()
     }
 
     /// `C_Finalize` + `C_Initialize`, unless someone else already did since generation `seen`.
@@ -114,12 +119,11 @@ impl Module {
         let give_up = Instant::now() + REINIT_WAIT;
         let mut ctx = loop {
             match self.ctx.try_write() {
-                Ok(g) => break g,
-                Err(TryLockError::Poisoned(p)) => break p.into_inner(),
-                Err(TryLockError::WouldBlock) if Instant::now() < give_up => {
+                Some(g) => break g,
+                None if Instant::now() < give_up => {
                     std::thread::sleep(Duration::from_millis(10));
                 }
-                Err(TryLockError::WouldBlock) => {
+                None => {
                     return Err(Error::Pkcs11 {
                         function: "C_Finalize",
                         rv: "not attempted: calls still in progress on the module".into(),
@@ -152,7 +156,7 @@ fn module(path: &Path) -> Result<Arc<Module>> {
         reason,
     };
     let canonical = std::fs::canonicalize(path).map_err(|e| load_err(e.to_string()))?;
-    let mut modules = lock(MODULES.get_or_init(Default::default));
+    let mut modules = MODULES.get_or_init(Default::default).lock();
     if let Some(m) = modules.get(&canonical) {
         return Ok(Arc::clone(m));
     }
@@ -240,29 +244,6 @@ impl Drop for SignPermit {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct HandleKey {
-    object: Option<String>,
-    id: Option<Vec<u8>>,
-}
-
-impl HandleKey {
-    fn of(uri: &Pkcs11Uri) -> HandleKey {
-        HandleKey {
-            object: uri.object.clone(),
-            id: uri.id.clone(),
-        }
-    }
-
-    fn uri(&self) -> Pkcs11Uri {
-        Pkcs11Uri {
-            object: self.object.clone(),
-            id: self.id.clone(),
-            ..Pkcs11Uri::default()
-        }
-    }
-}
-
 impl fmt::Debug for Token {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Token")
@@ -271,12 +252,6 @@ impl fmt::Debug for Token {
             .field("serial", &self.serial)
             .finish_non_exhaustive()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // The data behind these locks stays consistent even if a holder panicked (a Vec push/pop or
-    // a map insert), so a poisoned lock is still usable.
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The slot holding the token `selector` names, with its label and serial.
@@ -431,12 +406,12 @@ impl Token {
     /// signing keys made on this token from now on sign on either. Checked key by key when a
     /// signing key is made; a replica missing a key or holding another public key is refused.
     pub fn add_replica(&self, replica: Arc<Token>) {
-        lock(&self.replicas).push(replica);
+        self.replicas.lock().push(replica);
     }
 
     /// The replicas added with [`Token::add_replica`].
     pub fn replicas(&self) -> Vec<Arc<Token>> {
-        lock(&self.replicas).clone()
+        self.replicas.lock().clone()
     }
 
     /// Sets how many device-level errors in a row open the breaker (take the token out of
@@ -545,7 +520,7 @@ impl Token {
 
     /// The slot in generation `ctx`, found again by label/serial after a re-initialisation.
     fn slot_in(&self, ctx: &ModuleCtx) -> Result<Slot> {
-        let mut slot = lock(&self.slot);
+        let mut slot = self.slot.lock();
         if slot.0 == ctx.generation {
             return Ok(slot.1);
         }
@@ -584,7 +559,7 @@ impl Token {
 
     fn take_session(&self, ctx: &ModuleCtx) -> Result<Session> {
         loop {
-            let idle = lock(&self.sessions).pop();
+            let idle = self.sessions.lock().pop();
             match idle {
                 Some(p) if p.generation == ctx.generation => return Ok(p.session),
                 Some(stale) => stale.discard(ctx.generation),
@@ -594,7 +569,7 @@ impl Token {
     }
 
     fn put_session(&self, ctx: &ModuleCtx, session: Session) {
-        let mut idle = lock(&self.sessions);
+        let mut idle = self.sessions.lock();
         if idle.len() < MAX_IDLE_SESSIONS {
             idle.push(Pooled {
                 generation: ctx.generation,
@@ -605,7 +580,7 @@ impl Token {
 
     /// Drops every idle session (closing those of the current generation).
     fn drop_sessions(&self, current: u64) -> usize {
-        let idle = std::mem::take(&mut *lock(&self.sessions));
+        let idle = std::mem::take(&mut *self.sessions.lock());
         let n = idle.len();
         for p in idle {
             p.discard(current);
@@ -714,10 +689,10 @@ impl Token {
         let ctx = self.module.read();
         self.drop_sessions(ctx.generation);
         // Force the slot to be found again: a token re-inserted may sit in another slot.
-        lock(&self.slot).0 = u64::MAX;
+        self.slot.lock().0 = u64::MAX;
         let result = (|| {
             let session = self.open_session(&ctx)?;
-            let keys: Vec<HandleKey> = lock(&self.in_use).iter().cloned().collect();
+            let keys: Vec<HandleKey> = self.in_use.lock().iter().cloned().collect();
             let mut fresh = HashMap::new();
             for k in keys {
                 let found = objects::find_private(&session, &k.uri())?;
@@ -731,152 +706,15 @@ impl Token {
                         })
                     }
                     _ => {
-                        lock(&self.in_use).remove(&k);
+                        self.in_use.lock().remove(&k);
                     }
                 }
             }
             let n = fresh.len();
-            *lock(&self.handles) = fresh;
+            *self.handles.lock() = fresh;
             self.put_session(&ctx, session);
             Ok(n)
         })();
         (ctx.generation, result)
-    }
-
-    /// Checks that `uri` names this token.
-    pub(crate) fn check_uri(&self, uri: &Pkcs11Uri) -> Result<()> {
-        let wrong = |wanted: &str| Error::WrongToken {
-            uri: uri.to_string(),
-            wanted: wanted.to_owned(),
-            token: self.label.clone(),
-        };
-        if let Some(t) = &uri.token {
-            if *t != self.label {
-                return Err(wrong(t));
-            }
-        }
-        if let Some(s) = &uri.serial {
-            if *s != self.serial {
-                return Err(wrong(s));
-            }
-        }
-        if !uri.has_object_selector() {
-            return Err(crate::uri::UriError::MissingObject.into());
-        }
-        Ok(())
-    }
-
-    /// The private key handle for `uri` in generation `generation`, from the cache or one
-    /// search on `s`.
-    fn private_handle_in(
-        &self,
-        s: &Session,
-        generation: u64,
-        uri: &Pkcs11Uri,
-    ) -> Result<ObjectHandle> {
-        let key = HandleKey::of(uri);
-        if let Some((g, h)) = lock(&self.handles).get(&key) {
-            if *g == generation {
-                return Ok(*h);
-            }
-        }
-        let handles = objects::find_private(s, uri)?;
-        match handles.as_slice() {
-            [] => Err(Error::KeyNotFound {
-                uri: uri.to_string(),
-            }),
-            [h] => {
-                lock(&self.in_use).insert(key.clone());
-                lock(&self.handles).insert(key, (generation, *h));
-                Ok(*h)
-            }
-            many => Err(Error::AmbiguousKey {
-                uri: uri.to_string(),
-                count: many.len(),
-            }),
-        }
-    }
-
-    /// Runs `f` with the private key `uri` names, in one session and one module generation.
-    /// A handle that went stale (the key was re-created, the token re-inserted) is looked up
-    /// again once.
-    pub(crate) fn with_private_key<T>(
-        &self,
-        uri: &Pkcs11Uri,
-        f: impl Fn(&Session, ObjectHandle) -> Result<T>,
-    ) -> Result<T> {
-        self.check_uri(uri)?;
-        // Set when a key that was there a moment ago is gone: the token lost its objects (its
-        // store went away), not this one key.
-        let vanished = std::cell::Cell::new(false);
-        let result = self.with_session_gen(|s, generation| {
-            let handle = self.private_handle_in(s, generation, uri)?;
-            match f(s, handle) {
-                Err(e) if p11::is_handle_invalid(&e) => {
-                    self.forget_handles();
-                    let again = self.private_handle_in(s, generation, uri);
-                    vanished.set(matches!(again, Err(Error::KeyNotFound { .. })));
-                    f(s, again?)
-                }
-                other => other,
-            }
-        });
-        if vanished.get()
-            && self.health.fail(
-                &self.label,
-                "C_FindObjects",
-                "CKR_KEY_HANDLE_INVALID (key vanished)",
-            )
-        {
-            health::spawn_recovery(self.this.clone(), self.label.clone());
-        }
-        result
-    }
-
-    pub(crate) fn forget_handles(&self) {
-        lock(&self.handles).clear();
-    }
-
-    /// A key deleted through us is no longer in use.
-    pub(crate) fn forget_key(&self, uri: &Pkcs11Uri) {
-        lock(&self.in_use).remove(&HandleKey::of(uri));
-    }
-
-    /// One signature with the private key `uri` names. Fails at once with
-    /// [`Error::TokenUnavailable`] while the token is out of service. A session the token
-    /// closed is replaced and the signature tried once more; when the fresh session fails the
-    /// same way, every session is gone and the token goes out of service.
-    pub(crate) fn sign_raw(
-        &self,
-        uri: &Pkcs11Uri,
-        mechanism: &cryptoki::mechanism::Mechanism<'_>,
-        data: &[u8],
-    ) -> Result<Vec<u8>> {
-        let sign = |s: &Session, h: ObjectHandle| s.sign(mechanism, h, data).map_err(from_ck);
-        let result = match self.with_private_key(uri, sign) {
-            Err(e) if p11::is_session_level(&e) => {
-                let again = self.with_private_key(uri, sign);
-                if let Err(e2 @ Error::Pkcs11 { function, rv }) = &again {
-                    if p11::is_session_level(e2)
-                        && self.health.fail(
-                            &self.label,
-                            function,
-                            &format!("{rv} on every session"),
-                        )
-                    {
-                        health::spawn_recovery(self.this.clone(), self.label.clone());
-                    }
-                }
-                again
-            }
-            other => other,
-        };
-        let counter = match &result {
-            Ok(_) => &self.health.sign_ok,
-            Err(Error::TokenUnavailable { .. }) => &self.health.sign_unavailable,
-            Err(_) => &self.health.sign_error,
-        };
-        counter.fetch_add(1, Relaxed);
-        result
     }
 }

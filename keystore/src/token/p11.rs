@@ -1,10 +1,11 @@
 //! Turning cryptoki errors into the keystore's, with the Cryptoki function and CKR name.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 
 use cryptoki::context::Function;
 use cryptoki::error::{Error as CkError, RvError};
+use parking_lot::Mutex;
 
 use crate::error::Error;
 
@@ -12,7 +13,7 @@ use crate::error::Error;
 fn function_name(f: Function) -> &'static str {
     static NAMES: OnceLock<Mutex<HashMap<String, &'static str>>> = OnceLock::new();
     let debug = format!("{f:?}");
-    let mut names = super::lock(NAMES.get_or_init(Default::default));
+    let mut names = NAMES.get_or_init(Default::default).lock();
     if let Some(n) = names.get(&debug) {
         return n;
     }

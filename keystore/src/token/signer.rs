@@ -301,8 +301,8 @@ struct TokenSigner {
 }
 
 /// Signatures waiting for room on a token wait here; a freed place wakes them.
-static ROOM: (std::sync::Mutex<()>, std::sync::Condvar) =
-    (std::sync::Mutex::new(()), std::sync::Condvar::new());
+static ROOM: (parking_lot::Mutex<()>, parking_lot::Condvar) =
+    (parking_lot::Mutex::new(()), parking_lot::Condvar::new());
 
 /// Longest sleep between two looks for room (a token that comes back into service does not
 /// free a place, so waiters also look again on their own).
@@ -347,14 +347,12 @@ impl TokenSigner {
             if !wait || now >= give_up {
                 return Err(None);
             }
-            let guard = ROOM.0.lock().unwrap_or_else(|e| e.into_inner());
+            let mut guard = ROOM.0.lock();
             // A place freed between the look above and this wait is seen at the next look,
             // at most `ROOM_RECHECK` later.
-            drop(
-                ROOM.1
-                    .wait_timeout(guard, (give_up - now).min(ROOM_RECHECK))
-                    .unwrap_or_else(|e| e.into_inner()),
-            );
+            ROOM.1
+                .wait_for(&mut guard, (give_up - now).min(ROOM_RECHECK));
+            drop(guard);
         }
     }
 

@@ -16,8 +16,7 @@ use zeroize::Zeroizing;
 
 use crate::files;
 
-/// The PKCS#11 module Debian's `softhsm2` package installs.
-pub const DEFAULT_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+pub use crate::config::DEFAULT_MODULE;
 
 /// Where to find the token and how to log in.
 #[derive(Debug, Clone, Args)]

@@ -6,13 +6,14 @@ use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::hash::BuildHasher;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use rustls::server::StoresServerSessions;
 use zeroize::Zeroizing;
 
-use super::lock;
 use super::policy::{refused, PolicyDigest, Refusal};
 
 const SHARDS: usize = 16;
@@ -65,13 +66,13 @@ impl SessionCache {
 
     /// Entries held now (expired ones not yet swept included).
     pub fn len(&self) -> usize {
-        self.shards.iter().map(|s| lock(s).map.len()).sum()
+        self.shards.iter().map(|s| s.lock().map.len()).sum()
     }
 
     /// Drops (and wipes) every entry.
     pub fn clear(&self) {
         for s in self.shards.iter() {
-            let mut s = lock(s);
+            let mut s = s.lock();
             s.map.clear();
             s.order.clear();
         }
@@ -85,7 +86,7 @@ impl SessionCache {
     fn shard(&self, key: &[u8]) -> MutexGuard<'_, Shard> {
         // The hasher is keyed per process, so a client cannot aim its ids at one shard.
         let i = (self.hasher.hash_one(key) as usize) % self.shards.len();
-        lock(&self.shards[i])
+        self.shards[i].lock()
     }
 
     fn put_at(&self, key: Vec<u8>, policy: PolicyDigest, value: Vec<u8>, now: Instant) -> bool {

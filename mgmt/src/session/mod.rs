@@ -62,7 +62,11 @@ pub mod policy;
 mod ticketer;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, OnceLock};
+
+// parking_lot locks do not poison: every critical section in this module leaves its data
+// consistent at each step, so one that panicked leaves nothing for the next holder to mend.
+use parking_lot::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rustls::server::{NoServerSessionStorage, ProducesTickets};
@@ -264,11 +268,6 @@ fn now_secs() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Every critical section below leaves its data consistent at each step.
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// Stateless tickets off.
 #[derive(Debug)]
 struct NoTickets;
@@ -372,20 +371,20 @@ impl ListenerSessions {
         token: Option<&Arc<Token>>,
     ) -> Result<Arc<Self>, SessionError> {
         let registry = registry();
-        if let Some(s) = lock(registry).get(listener) {
+        if let Some(s) = registry.lock().get(listener) {
             if s.config == *config && s.same_token(token) {
                 return Ok(s.clone());
             }
         }
         // Built outside the lock: a fleet ticketer talks to the token.
         let made = Arc::new(Self::new(listener, config, token)?);
-        lock(registry).insert(listener.to_owned(), made.clone());
+        registry.lock().insert(listener.to_owned(), made.clone());
         Ok(made)
     }
 
     /// The state of `listener` in this process, if one was made (for the management plane).
     pub fn find(listener: &str) -> Option<Arc<Self>> {
-        lock(registry()).get(listener).cloned()
+        registry().lock().get(listener).cloned()
     }
 
     /// Erases this listener's ticket keys and cached sessions now, so nothing issued so far

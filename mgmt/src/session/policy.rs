@@ -18,13 +18,14 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use aws_lc_rs::digest::{Context, SHA256};
 use rustls_pki_types::CertificateDer;
 
-use super::lock;
 use crate::client_auth::ClientAuthMode;
 
 /// Counter: resumptions refused, by `listener` and `reason` ([`Refusal`]).
@@ -157,7 +158,7 @@ pub fn refused(listener: &str, reason: Refusal) {
     metrics::counter!(METRIC_RESUMPTION_REFUSED, "listener" => listener.to_owned(), "reason" => reason.as_str())
         .increment(1);
     let now = Instant::now();
-    let mut state = lock(log_state());
+    let mut state = log_state().lock();
     let suppressed = match state.get_mut(&(listener.to_owned(), reason)) {
         Some((last, skipped)) if now.duration_since(*last) < LOG_INTERVAL => {
             *skipped += 1;

@@ -7,7 +7,9 @@
 use std::cell::Cell;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::{Arc, Weak};
+
+use parking_lot::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
@@ -18,7 +20,7 @@ use tlsgate_keystore::uri::Pkcs11Uri;
 use zeroize::Zeroizing;
 
 use super::policy::{refused, PolicyDigest, Refusal};
-use super::{lock, now_secs, MAX_CLOCK_SKEW_SECS};
+use super::{now_secs, MAX_CLOCK_SKEW_SECS};
 
 /// 2: the sealed state starts with the policy digest (version 1 tickets, which carry none, are
 /// refused).
@@ -232,13 +234,7 @@ impl EpochTicketer {
     pub fn maintain_at(&self, now: u64) -> Result<(), String> {
         let wanted = self.wanted(now);
         let current = self.epoch_of(now);
-        let held: Vec<u64> = self
-            .keys
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .map(|k| k.epoch)
-            .collect();
+        let held: Vec<u64> = self.keys.read().iter().map(|k| k.epoch).collect();
         let mut made = Vec::new();
         let mut first_err = None;
         for epoch in wanted.clone() {
@@ -256,7 +252,7 @@ impl EpochTicketer {
                 }
                 Err(reason) => {
                     metrics::counter!(METRIC_TICKET_KEYS, "listener" => self.listener.clone(), "source" => self.source.name(), "result" => "failed").increment(1);
-                    let mut last = lock(&self.last_warning);
+                    let mut last = self.last_warning.lock();
                     if last.is_none_or(|t| t.elapsed() >= WARNING_INTERVAL) {
                         *last = Some(Instant::now());
                         tracing::warn!(listener = %self.listener, epoch, %reason, "cannot make a ticket key; the keys held keep working, retrying every tick");
@@ -265,7 +261,7 @@ impl EpochTicketer {
                 }
             }
         }
-        let mut keys = self.keys.write().unwrap_or_else(|e| e.into_inner());
+        let mut keys = self.keys.write();
         keys.retain(|k| wanted.contains(&k.epoch));
         for k in made {
             if !keys.iter().any(|h| h.epoch == k.epoch) {
@@ -292,19 +288,13 @@ impl EpochTicketer {
                  point fleet_secret at it on every appliance"
             ));
         }
-        self.keys.write().unwrap_or_else(|e| e.into_inner()).clear();
+        self.keys.write().clear();
         self.maintain_at(now_secs())
     }
 
     /// The epochs whose keys are held now (for tests and logs).
     pub fn held_epochs(&self) -> Vec<u64> {
-        let mut v: Vec<u64> = self
-            .keys
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .map(|k| k.epoch)
-            .collect();
+        let mut v: Vec<u64> = self.keys.read().iter().map(|k| k.epoch).collect();
         v.sort_unstable();
         v
     }
@@ -353,7 +343,7 @@ impl EpochTicketer {
         body.extend_from_slice(policy.as_bytes());
         body.extend_from_slice(plain);
         {
-            let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
+            let keys = self.keys.read();
             let k = keys.iter().find(|k| k.epoch == epoch)?;
             k.key
                 .seal_in_place_append_tag(
@@ -400,7 +390,7 @@ impl EpochTicketer {
         let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
         let aad: [u8; HEADER_LEN] = header.try_into().ok()?;
         let mut body = sealed.to_vec();
-        let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
+        let keys = self.keys.read();
         let Some(k) = keys.iter().find(|k| k.epoch == epoch) else {
             drop(keys);
             return reject(&self.counters.rejected);
@@ -437,7 +427,7 @@ impl EpochTicketer {
             self.counters.expired.load(Ordering::Relaxed),
             self.counters.rejected.load(Ordering::Relaxed),
         ];
-        let mut last = lock(&self.flushed);
+        let mut last = self.flushed.lock();
         for (i, result) in ["issued", "accepted", "expired", "rejected"]
             .into_iter()
             .enumerate()

@@ -1,0 +1,249 @@
+//! The client handshake: the ClientHello accepted inline (with the tripwire when key operations
+//! are offloaded) or handed to a key-op worker, the second ClientHello after a
+//! HelloRetryRequest, and the step from handshaking to established (identity, PROXY header,
+//! backend stream).
+
+use std::time::Instant;
+
+use rustls::server::ServerConnection;
+use rustls::HandshakeKind;
+
+use super::buffer::ByteQueue;
+use super::{hello, identity, proxy_v2, CloseReason, Conn, Event, HandshakeInfo, KeyOpJob, Phase};
+use super::{ALERT_INTERNAL_ERROR, ALERT_UNRECOGNIZED_NAME};
+use crate::snapshot::{tripwire_reset, tripwire_tripped, InlineAttempt};
+
+/// A TLS 1.3 connection that sent a HelloRetryRequest and has not answered the second
+/// ClientHello yet (no key exchange done): processing that hello may sign.
+pub(super) fn awaiting_second_hello(tls: &ServerConnection) -> bool {
+    matches!(
+        tls.handshake_kind(),
+        Some(HandshakeKind::FullWithHelloRetryRequest)
+    ) && tls.negotiated_key_exchange_group().is_none()
+}
+
+/// What the client gets when a handshake fails before the io thread has a connection: the bytes
+/// rustls queued when they are alerts only, else `internal_error`. A failed `into_connection()`
+/// hands back everything it queued: after a signing failure that is the start of the server's
+/// flight (ServerHello...) with no alert, which would leave the client with half a handshake
+/// and a bare close.
+pub(super) fn failure_bytes(queued: &[u8]) -> &[u8] {
+    let mut rest = queued;
+    while let [typ, _, _, hi, lo, tail @ ..] = rest {
+        let len = usize::from(u16::from_be_bytes([*hi, *lo]));
+        if *typ != 0x15 || tail.len() < len {
+            return &ALERT_INTERNAL_ERROR;
+        }
+        rest = &tail[len..];
+    }
+    if queued.is_empty() || !rest.is_empty() {
+        return &ALERT_INTERNAL_ERROR;
+    }
+    queued
+}
+
+/// The close reason for an error from rustls: a server only ever verifies client certificates,
+/// so certificate errors are the client's; nothing in common is a negotiation failure, a hello
+/// rustls cannot parse or that breaks the protocol is a bad hello.
+pub(super) fn tls_failure(e: &rustls::Error) -> CloseReason {
+    match e {
+        rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented => {
+            CloseReason::ClientCertRejected
+        }
+        rustls::Error::PeerIncompatible(_) => CloseReason::NegotiationFailed,
+        rustls::Error::InvalidMessage(_) | rustls::Error::PeerMisbehaved(_) => {
+            CloseReason::BadClientHello
+        }
+        _ => CloseReason::TlsError,
+    }
+}
+
+/// Queues what rustls has for the client after `e`. One correction: a TLS 1.2 client that sent
+/// no certificate where one is required gets `handshake_failure` (40), the alert TLS 1.2 defines
+/// for it (RFC 5246 §7.4.6), not rustls's `certificate_required` (116), which only TLS 1.3 has.
+/// The alert is still in plaintext then (the server has not sent ChangeCipherSpec).
+pub(super) fn write_failure(tls: &mut ServerConnection, e: &rustls::Error, out: &mut ByteQueue) {
+    let mut bytes = Vec::new();
+    let _ = tls.write_tls(&mut bytes);
+    if matches!(e, rustls::Error::NoCertificatesPresented)
+        && tls.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_2)
+    {
+        const CERTIFICATE_REQUIRED: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 116];
+        if bytes.ends_with(&CERTIFICATE_REQUIRED) {
+            let last = bytes.len() - 1;
+            bytes[last] = 40;
+        }
+    }
+    out.push(&bytes);
+}
+
+impl Conn {
+    pub(super) fn try_accept(&mut self, now: Instant) {
+        let Phase::Hello { acceptor, flight } = &mut self.phase else {
+            return;
+        };
+        let accepted = match acceptor.accept() {
+            Ok(None) => return,
+            Ok(Some(a)) => a,
+            Err((_, mut alert)) => {
+                let _ = alert.write_all(&mut self.to_client);
+                self.fail(CloseReason::BadClientHello);
+                return;
+            }
+        };
+        if let Some(filter) = &self.listener.snap.sni_filter {
+            if !filter.allows(accepted.client_hello().server_name()) {
+                self.to_client.push(&ALERT_UNRECOGNIZED_NAME);
+                self.fail(CloseReason::UnknownSni);
+                return;
+            }
+        }
+        let flight = std::mem::take(flight);
+        let real = self.listener.snap.tls.clone();
+        let tripwire = match (&self.listener.tripwire_tls, self.danger_inline) {
+            (Some(t), false) => Some(t.clone()),
+            _ => None,
+        };
+        let Some(tripwire) = tripwire else {
+            match accepted.into_connection(real) {
+                Ok(tls) => self.enter_tls(Box::new(tls), now),
+                Err((e, mut alert)) => {
+                    let mut queued = Vec::new();
+                    let _ = alert.write_all(&mut queued);
+                    self.to_client.push(failure_bytes(&queued));
+                    self.fail(tls_failure(&e));
+                }
+            }
+            return;
+        };
+        // What the session store and ticketer see from here on, the replay sees again.
+        let attempt = InlineAttempt::begin();
+        if hello::may_resume(&flight, &*self.listener.snap.tls.session_storage) {
+            tripwire_reset();
+            match accepted.into_connection(tripwire) {
+                // A HelloRetryRequest decides nothing: the second hello may still need a
+                // signature the tripwire cannot give. Discarded unsent; a worker answers both.
+                Ok(tls) if awaiting_second_hello(&tls) => {}
+                Ok(tls) => {
+                    drop(attempt);
+                    self.enter_tls(Box::new(tls), now);
+                    return;
+                }
+                Err((e, mut alert)) => {
+                    if !tripwire_tripped() {
+                        let mut queued = Vec::new();
+                        let _ = alert.write_all(&mut queued);
+                        self.to_client.push(failure_bytes(&queued));
+                        self.fail(tls_failure(&e));
+                        return;
+                    }
+                }
+            }
+        }
+        drop(attempt);
+        self.phase = Phase::KeyOp;
+        self.events.push(Event::Offload(KeyOpJob {
+            flight,
+            config: real,
+            connection: None,
+            backend: None,
+        }));
+    }
+
+    /// Key operations of this connection run on workers (see [`KeyOpJob`]).
+    pub(super) fn offloads(&self) -> bool {
+        self.listener.tripwire_tls.is_some() && !self.danger_inline
+    }
+
+    /// Hands the connection to a worker to process what it has read: the second ClientHello
+    /// after a HelloRetryRequest, on an offloaded listener.
+    pub(super) fn offload_second_hello(&mut self) {
+        self.flush_tls();
+        let Phase::Tls { tls, .. } = std::mem::replace(&mut self.phase, Phase::KeyOp) else {
+            return;
+        };
+        self.events.push(Event::Offload(KeyOpJob {
+            flight: Vec::new(),
+            config: self.listener.snap.tls.clone(),
+            connection: Some(tls),
+            backend: None,
+        }));
+    }
+
+    pub(super) fn enter_tls(&mut self, mut tls: Box<ServerConnection>, now: Instant) {
+        // Plaintext flow is bounded by our own queues and read pausing, not by rustls's limit.
+        tls.set_buffer_limit(None);
+        self.phase = Phase::Tls {
+            tls,
+            established: false,
+        };
+        // Records that arrived with the hello sit in rustls's buffer until processed.
+        if let Phase::Tls { tls, .. } = &mut self.phase {
+            if let Err(e) = tls.process_new_packets() {
+                write_failure(tls, &e, &mut self.to_client);
+                self.fail(tls_failure(&e));
+                return;
+            }
+        }
+        self.pump_client(now);
+    }
+
+    pub(super) fn check_established(&mut self, now: Instant) {
+        let Phase::Tls { tls, established } = &mut self.phase else {
+            return;
+        };
+        if *established || tls.is_handshaking() {
+            return;
+        }
+        *established = true;
+        // A resumed session carries the client certificate it was made with (or none); the
+        // listener's trust (CRLs) or mode may have changed since, so check it again before any
+        // byte moves on.
+        if matches!(tls.handshake_kind(), Some(HandshakeKind::Resumed)) {
+            if let Some(check) = &self.listener.snap.client_cert_check {
+                if !check.allows_resumed(tls.peer_certificates()) {
+                    self.fail(CloseReason::ClientCertRejected);
+                    return;
+                }
+            }
+        }
+        let version = match tls.protocol_version() {
+            Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1_3",
+            Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1_2",
+            _ => "other",
+        };
+        let suite = tls
+            .negotiated_cipher_suite()
+            .and_then(|s| s.suite().as_str())
+            .unwrap_or("unknown");
+        let group = tls
+            .negotiated_key_exchange_group()
+            .and_then(|g| g.name().as_str())
+            .unwrap_or("none");
+        let resumed = matches!(tls.handshake_kind(), Some(HandshakeKind::Resumed));
+        self.events.push(Event::HandshakeDone(HandshakeInfo {
+            version,
+            suite,
+            group,
+            resumed,
+            duration: now.saturating_duration_since(self.accepted_at),
+        }));
+        // The backend connect starts now, so the PROXY header (and the client identity in it)
+        // is built here, when the identity is known.
+        let header = self.listener.snap.proxy_protocol.then(|| {
+            let facts = identity::Facts {
+                version: tls.protocol_version(),
+                suite: tls.negotiated_cipher_suite(),
+                sni: tls.server_name(),
+                alpn: tls.alpn_protocol(),
+                peer_certs: tls.peer_certificates(),
+                resumed,
+            };
+            match identity::tlvs(&facts) {
+                Some(tlvs) => proxy_v2::header_with_tlvs(self.peer, self.local, &tlvs),
+                None => proxy_v2::header(self.peer, self.local),
+            }
+        });
+        self.start_backend_stream(header);
+    }
+}

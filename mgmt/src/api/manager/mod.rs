@@ -1,0 +1,519 @@
+//! The one authoritative management state: the configuration file, the state directory and the
+//! token. Every change is checked by building the complete new snapshot first; only a change
+//! that builds is written to the state directory and then published to the data plane, so a
+//! change that fails changes nothing. Changes are serialised by one lock.
+//!
+//! This file holds the state, its lock and the one path every change takes (`build`, then
+//! `change`); the operations are split by what they change: `keys`, `certs`, and `listeners`
+//! (bindings and CRLs).
+
+mod certs;
+mod keys;
+mod listeners;
+
+pub(crate) use listeners::crl_der;
+// The upload parsers the fuzz targets drive, at the paths they have always had.
+#[cfg(any(test, fuzzing))]
+pub(crate) use keys::{check_label, parse_id};
+#[cfg(any(test, fuzzing))]
+pub(crate) use listeners::{crl_view, pem_encode_crl};
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::http::StatusCode;
+use parking_lot::{Mutex, MutexGuard};
+use rustls_pki_types::CertificateRevocationListDer;
+use serde::{Deserialize, Serialize};
+use tlsgate_dataplane::Snapshot;
+use tlsgate_keystore::cert::{CertChain, ChainReport};
+use tlsgate_keystore::keyref::{self, KeyBackend, KeyRef};
+use tlsgate_keystore::{Pkcs11Uri, Token};
+
+use super::error::{cert_error, key_error, ApiError};
+use crate::audit::{AuditLog, ClientIdentity};
+use crate::config::Config;
+use crate::state::{BoundCert, StateData, StateStore, StoredCert};
+use crate::tls::ServedCert;
+
+/// Hands a snapshot to the data plane and returns once new connections use it.
+pub type Publisher = Box<dyn Fn(Arc<Snapshot>) + Send + Sync>;
+
+/// What the API adds to the configuration file, per listener.
+#[derive(Debug, Default)]
+pub struct Overlay {
+    pub listeners: HashMap<String, ListenerOverlay>,
+}
+
+/// One listener's certificates and CRLs from the state directory.
+#[derive(Debug, Default)]
+pub struct ListenerOverlay {
+    /// When bound through the API: the certificates served instead of the file's.
+    pub certs: Option<Vec<ServedCert>>,
+    /// Some bound key is on a token (full handshakes sign on the key-op workers).
+    pub offload: bool,
+    pub crls: Vec<CertificateRevocationListDer<'static>>,
+    /// Expiry of the bound certificates, for the gauges.
+    pub expiry: Vec<crate::mgmt_metrics::Expiry>,
+}
+
+/// A certificate as the API lists it.
+#[derive(Debug, Clone, Serialize)]
+pub struct CertView {
+    pub id: String,
+    pub key: String,
+    pub subject: String,
+    pub issuer: String,
+    pub sans: Vec<String>,
+    pub serial: String,
+    pub not_before: String,
+    pub not_after: String,
+    pub not_after_unix: i64,
+    pub chain_not_after: String,
+    pub fingerprint_sha256: String,
+    pub chain_length: usize,
+    pub updated_unix: u64,
+    /// Listeners whose binding names it.
+    pub bound_to: Vec<String>,
+}
+
+/// A key as the API lists it.
+#[derive(Debug, Clone, Serialize)]
+pub struct KeyView {
+    pub label: String,
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub uri: String,
+    pub sensitive: bool,
+    pub extractable: bool,
+    pub always_sensitive: bool,
+    pub never_extractable: bool,
+    /// `generated` on the token or `imported`.
+    pub origin: String,
+    pub spki_sha256: String,
+    /// Certificates (state directory ids, or `config:<listener>`) that use it.
+    pub used_by: Vec<String>,
+}
+
+/// A listener and what it serves.
+#[derive(Debug, Clone, Serialize)]
+pub struct ListenerView {
+    pub name: String,
+    /// The address it listens on (the configured one until the data plane has bound it).
+    pub bind: String,
+    /// How many `[[listener.certificate]]` entries the configuration file gives it.
+    pub config_certificates: usize,
+    /// `api` when a binding replaces the configuration file's certificates, else `config`.
+    pub source: &'static str,
+    pub binding: Option<Vec<BoundCert>>,
+    pub crls: Vec<CrlView>,
+}
+
+/// A CRL as the API lists it.
+#[derive(Debug, Clone, Serialize)]
+pub struct CrlView {
+    pub id: String,
+    pub issuer: String,
+    pub this_update: String,
+    pub next_update: Option<String>,
+    pub revoked: usize,
+}
+
+/// Request: generate a key.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerateKey {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub label: String,
+    /// CKA_ID in hex; random when absent.
+    pub id: Option<String>,
+}
+
+/// Request: a CSR.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CsrRequest {
+    pub common_name: String,
+    #[serde(default)]
+    pub sans: Vec<String>,
+}
+
+/// Request: upload a certificate chain.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PutCert {
+    /// A key label on the configured token, a `pkcs11:` URI, or `file:PATH`.
+    pub key: String,
+    pub chain_pem: String,
+}
+
+/// Request: bind certificates to a listener.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PutBinding {
+    pub certificates: Vec<BoundCert>,
+}
+
+/// Request: upload a CRL.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PutCrl {
+    pub pem: String,
+}
+
+struct Inner {
+    config: Config,
+    state: StateData,
+}
+
+/// A snapshot and the expiry of every certificate it serves.
+type Built = (Snapshot, Vec<crate::mgmt_metrics::Expiry>);
+
+/// The management plane's state and every operation on it.
+pub struct Manager {
+    inner: Mutex<Inner>,
+    /// Listener addresses as bound (port 0 resolved).
+    bound: Mutex<HashMap<String, std::net::SocketAddr>>,
+    token: Option<Arc<Token>>,
+    /// `[pkcs11] call_timeout_ms`, kept outside `inner`: a call stuck on the HSM holds that lock.
+    call_timeout: std::time::Duration,
+    /// `[api] danger_allow_key_import_over_https`, read at start (outside `inner` likewise).
+    key_import_over_https: bool,
+    store: StateStore,
+    audit: AuditLog,
+    publish: Publisher,
+}
+
+impl std::fmt::Debug for Manager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Manager")
+            .field("state_dir", &self.store.dir())
+            .finish_non_exhaustive()
+    }
+}
+
+fn unix(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_secs() as i64,
+        Err(e) => -(e.duration().as_secs() as i64),
+    }
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Manager {
+    /// Loads the state directory and builds the first snapshot from the configuration file and
+    /// the state. The snapshot is returned for the data plane's start; later ones go through
+    /// `publish`.
+    pub fn start(
+        config: Config,
+        token: Option<Arc<Token>>,
+        store: StateStore,
+        audit: AuditLog,
+        publish: Publisher,
+    ) -> anyhow::Result<(Manager, Snapshot)> {
+        let state = store.load()?;
+        let call_timeout = config.pkcs11.as_ref().map_or(
+            std::time::Duration::from_millis(crate::config::DEFAULT_CALL_TIMEOUT_MS),
+            |p| p.call_timeout(),
+        );
+        let key_import_over_https = config
+            .api
+            .as_ref()
+            .is_some_and(|a| a.danger_allow_key_import_over_https);
+        let mgr = Manager {
+            inner: Mutex::new(Inner {
+                config,
+                state: StateData::default(),
+            }),
+            bound: Mutex::new(HashMap::new()),
+            token,
+            call_timeout,
+            key_import_over_https,
+            store,
+            audit,
+            publish,
+        };
+        let snapshot = {
+            let mut inner = mgr.lock();
+            let (snapshot, expiry) = mgr
+                .build(&inner.config, &state)
+                .map_err(|e| anyhow::anyhow!("the state directory does not load: {e}"))?;
+            inner.state = state;
+            crate::mgmt_metrics::publish_expiry(&expiry);
+            snapshot
+        };
+        Ok((mgr, snapshot))
+    }
+
+    /// Records the addresses the data plane bound, for listings.
+    pub fn set_bound(&self, addrs: &[(String, std::net::SocketAddr)]) {
+        let mut bound = self.bound.lock();
+        bound.extend(addrs.iter().cloned());
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave the state half-changed: every change is
+        // committed by one assignment after it was persisted. So the lock does not poison.
+        self.inner.lock()
+    }
+
+    /// Runs `op` and writes its audit line (for changes that are not API requests: a signal).
+    pub fn audited<T>(
+        &self,
+        client: &ClientIdentity,
+        operation: &str,
+        target: &str,
+        op: impl FnOnce(&Manager) -> Result<T, ApiError>,
+    ) -> Result<T, ApiError> {
+        let result = self.perform(client, operation, target, op);
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(e) => e.code,
+        };
+        self.audit.record(client, operation, target, outcome);
+        result
+    }
+
+    /// The audit log (API requests write their line in `api::access`).
+    pub fn audit_log(&self) -> &AuditLog {
+        &self.audit
+    }
+
+    /// Runs `op` and logs it; the API request around it writes the audit line.
+    pub fn perform<T>(
+        &self,
+        client: &ClientIdentity,
+        operation: &str,
+        target: &str,
+        op: impl FnOnce(&Manager) -> Result<T, ApiError>,
+    ) -> Result<T, ApiError> {
+        let result = op(self);
+        if let Err(e) = &result {
+            tracing::warn!(client = %client, operation, target, code = e.code, message = %e.message, "management operation refused");
+        } else {
+            tracing::info!(client = %client, operation, target, "management operation");
+        }
+        result
+    }
+
+    /// Whether `POST /v1/keys/import` is served over HTTPS (`[api]
+    /// danger_allow_key_import_over_https`); over the unix socket it always is.
+    pub fn key_import_over_https(&self) -> bool {
+        self.key_import_over_https
+    }
+
+    /// How long an API call may take before it answers `hsm_timeout`.
+    pub fn call_timeout(&self) -> std::time::Duration {
+        self.call_timeout
+    }
+
+    fn token(&self) -> Result<&Arc<Token>, ApiError> {
+        self.token.as_ref().ok_or_else(|| {
+            ApiError::new(
+                StatusCode::CONFLICT,
+                "no_token",
+                "no [pkcs11] token is configured",
+            )
+        })
+    }
+
+    /// Builds the snapshot `config` + `state` would give, checking everything.
+    fn build(&self, config: &Config, state: &StateData) -> Result<Built, ApiError> {
+        let now = SystemTime::now();
+        let mut overlay = Overlay::default();
+        for (listener, crls) in &state.crls {
+            let entry = overlay.listeners.entry(listener.clone()).or_default();
+            for c in crls {
+                entry.crls.push(crl_der(&c.pem)?);
+            }
+        }
+        for (listener, binding) in &state.bindings {
+            if !config.listeners.iter().any(|l| &l.name == listener) {
+                tracing::warn!(
+                    listener,
+                    "binding for a listener the configuration file does not have; ignored"
+                );
+                continue;
+            }
+            let mut served = Vec::with_capacity(binding.certificates.len());
+            let mut expiry = Vec::new();
+            let mut offload = false;
+            for bc in &binding.certificates {
+                let stored = state.certs.get(&bc.cert).ok_or_else(|| {
+                    ApiError::not_found(
+                        "certificate_not_found",
+                        format!(
+                            "listener {listener:?} binds unknown certificate {:?}",
+                            bc.cert
+                        ),
+                    )
+                })?;
+                let (loaded, chain, report) = self.check_cert(config, stored, now)?;
+                let names = match &bc.names {
+                    Some(names) => {
+                        let mut out = Vec::with_capacity(names.len());
+                        for n in names {
+                            let n = crate::tls::normalize_name(n)
+                                .map_err(|e| ApiError::invalid("name_invalid", e.to_string()))?;
+                            if !covered(&n, &report.sans) {
+                                return Err(ApiError::invalid(
+                                    "name_not_in_certificate",
+                                    format!(
+                                        "certificate {:?} does not cover {n:?} (its SANs: {})",
+                                        bc.cert,
+                                        report.sans.join(", ")
+                                    ),
+                                ));
+                            }
+                            out.push(n);
+                        }
+                        out
+                    }
+                    None => crate::serve::dns_names(&report.sans),
+                };
+                expiry.push(crate::mgmt_metrics::Expiry {
+                    listener: listener.clone(),
+                    certificate: bc.cert.clone(),
+                    names: names.clone(),
+                    not_after: report.not_after,
+                });
+                served.push(ServedCert {
+                    key: tlsgate_keystore::cert::certified_key(
+                        &chain,
+                        crate::mgmt_metrics::timed(loaded.signing_key.clone(), loaded.backend),
+                    )
+                    .map_err(|e| key_error(&e))?,
+                    names,
+                    default: bc.default,
+                });
+                offload |= loaded.backend == KeyBackend::Pkcs11;
+            }
+            if served.is_empty() {
+                return Err(ApiError::invalid(
+                    "binding_empty",
+                    format!("a binding for {listener:?} needs at least one certificate"),
+                ));
+            }
+            let entry = overlay.listeners.entry(listener.clone()).or_default();
+            entry.certs = Some(served);
+            entry.offload = offload;
+            entry.expiry = expiry;
+        }
+        let mut expiry = Vec::new();
+        let snapshot =
+            crate::serve::build_snapshot_with(config, self.token.as_ref(), &overlay, &mut expiry)
+                .map_err(|e| ApiError::invalid("snapshot_invalid", format!("{e:#}")))?;
+        Ok((snapshot, expiry))
+    }
+
+    /// Loads a stored certificate's key and checks its chain against it.
+    fn check_cert(
+        &self,
+        config: &Config,
+        stored: &StoredCert,
+        now: SystemTime,
+    ) -> Result<(keyref::LoadedKey, CertChain, ChainReport), ApiError> {
+        let key_ref = self.key_ref(config, &stored.key)?;
+        let loaded = keyref::load(&key_ref, self.token.as_ref()).map_err(|e| key_error(&e))?;
+        let chain = CertChain::from_pem(stored.chain_pem.as_bytes()).map_err(|e| cert_error(&e))?;
+        let report = chain
+            .validate(&loaded.spki_der, now)
+            .map_err(|e| cert_error(&e))?;
+        Ok((loaded, chain, report))
+    }
+
+    /// A key label on the configured token, a `pkcs11:` URI or `file:PATH`.
+    fn key_ref(&self, config: &Config, key: &str) -> Result<KeyRef, ApiError> {
+        let bad =
+            |e: &dyn std::fmt::Display| ApiError::invalid("key_reference_invalid", e.to_string());
+        if key.contains(':') {
+            let r: KeyRef = key.parse().map_err(|e| bad(&e))?;
+            Ok(match r {
+                KeyRef::File(p) => KeyRef::File(config.resolve(&p)),
+                other => other,
+            })
+        } else {
+            Ok(KeyRef::Pkcs11(self.label_uri(key)?))
+        }
+    }
+
+    fn label_uri(&self, label: &str) -> Result<Pkcs11Uri, ApiError> {
+        if label.is_empty() {
+            return Err(ApiError::bad_request("a key label must not be empty"));
+        }
+        Ok(Pkcs11Uri {
+            token: Some(self.token()?.label().to_owned()),
+            object: Some(label.to_owned()),
+            object_type: Some(tlsgate_keystore::ObjectType::Private),
+            ..Default::default()
+        })
+    }
+
+    /// Checks `new_state` by building its snapshot, runs `persist`, then commits and publishes.
+    fn change(
+        &self,
+        inner: &mut Inner,
+        new_state: StateData,
+        persist: impl FnOnce(&StateStore) -> anyhow::Result<()>,
+    ) -> Result<(), ApiError> {
+        let (snapshot, expiry) = self.build(&inner.config, &new_state)?;
+        persist(&self.store).map_err(|e| ApiError::state_write(&e))?;
+        inner.state = new_state;
+        (self.publish)(Arc::new(snapshot));
+        crate::mgmt_metrics::publish_expiry(&expiry);
+        Ok(())
+    }
+
+    // ---- reload ----
+
+    /// Re-reads the configuration file and publishes it merged with the state directory.
+    /// Listener addresses, cores and the token stay as they were at start.
+    pub fn reload(&self) -> Result<(), ApiError> {
+        let mut inner = self.lock();
+        let path = inner.config.path.clone();
+        let config =
+            Config::load(&path).map_err(|e| ApiError::invalid("config_invalid", e.to_string()))?;
+        let (snapshot, expiry) = self.build(&config, &inner.state)?;
+        inner.config = config;
+        (self.publish)(Arc::new(snapshot));
+        crate::mgmt_metrics::publish_expiry(&expiry);
+        Ok(())
+    }
+}
+
+/// Whether a SAN list covers the (normalised) name: an equal DNS SAN, or a `*.` SAN one label up.
+fn covered(name: &str, sans: &[String]) -> bool {
+    sans.iter().any(|s| {
+        let s = s.trim_end_matches('.').to_ascii_lowercase();
+        if s == name {
+            return true;
+        }
+        match (s.strip_prefix("*."), name.split_once('.')) {
+            (Some(base), Some((_, parent))) => base == parent && !name.starts_with("*."),
+            _ => false,
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn san_coverage() {
+        let sans = vec!["www.example.com".to_owned(), "*.api.example.com".to_owned()];
+        assert!(covered("www.example.com", &sans));
+        assert!(covered("v1.api.example.com", &sans));
+        assert!(!covered("api.example.com", &sans));
+        assert!(!covered("a.b.api.example.com", &sans));
+        assert!(!covered("other.example.com", &sans));
+    }
+}
