@@ -103,24 +103,7 @@ fn two_hsms_share_the_load_and_losing_one_loses_no_handshake() -> Result<()> {
         ]);
         check(c.env("TLSGATE_TOKEN", token).output()?, "token import")?;
     }
-    lab.run(&["ca", "init-lab", "--dir", &lab.p("ca")])?;
-    std::fs::create_dir_all(lab.path("certs"))?;
-    lab.run(&[
-        "token",
-        "issue-cert",
-        "--key",
-        &uri("web"),
-        "--ca-dir",
-        &lab.p("ca"),
-        "--cn",
-        "localhost",
-        "--san",
-        "localhost",
-        "--san",
-        "127.0.0.1",
-        "--out",
-        &lab.p("certs/web.pem"),
-    ])?;
+    lab.localhost_chain("web")?;
     let (_backend, backend_addr) = demo_backend(lab.dir.path())?;
     let mut hsm_a = Hsm::start(&lab)?;
     let config = lab.path("two.toml");

@@ -123,6 +123,13 @@ impl Lab {
     pub fn token_key_with_chain(&self, key_type: &str, label: &str) -> Result<PathBuf> {
         self.ensure_ca()?;
         self.run(&["token", "generate", "--type", key_type, "--label", label])?;
+        self.localhost_chain(label)
+    }
+
+    /// The chain in `certs/<label>.pem` for the token key `label` (already on the token), issued
+    /// by the lab CA for localhost and 127.0.0.1.
+    pub fn localhost_chain(&self, label: &str) -> Result<PathBuf> {
+        self.ensure_ca()?;
         let chain = self.path(&format!("certs/{label}.pem"));
         std::fs::create_dir_all(self.path("certs"))?;
         self.run(&[

@@ -182,26 +182,7 @@ pub fn imported_key_on_two_tokens(lab: &Lab) -> Result<PathBuf> {
         c.arg(lab.path("web.key"));
         common::check(c.env("TLSGATE_TOKEN", token).output()?, "token import")?;
     }
-    lab.run(&["ca", "init-lab", "--dir", &lab.p("ca")])?;
-    std::fs::create_dir_all(lab.path("certs"))?;
-    let chain = lab.path("certs/web.pem");
-    lab.run(&[
-        "token",
-        "issue-cert",
-        "--key",
-        &uri("web"),
-        "--ca-dir",
-        &lab.p("ca"),
-        "--cn",
-        "localhost",
-        "--san",
-        "localhost",
-        "--san",
-        "127.0.0.1",
-        "--out",
-        &chain.display().to_string(),
-    ])?;
-    Ok(chain)
+    lab.localhost_chain("web")
 }
 
 /// The tests in this file measure timing: run them one at a time.
