@@ -12,7 +12,7 @@ use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::FromDer;
 
-use crate::der;
+use crate::asn1;
 use crate::error::{Error, Result};
 use crate::keyinfo::KeyKind;
 
@@ -255,7 +255,7 @@ fn fmt_ip(ip: &[u8]) -> String {
 /// Same algorithm and same public key bits (parameter encodings may legitimately differ, e.g.
 /// an absent vs NULL RSA parameter).
 fn same_key(a: &[u8], b: &[u8]) -> bool {
-    match (der::parse_spki(a), der::parse_spki(b)) {
+    match (asn1::parse_spki(a), asn1::parse_spki(b)) {
         (Some(a), Some(b)) => a.algorithm == b.algorithm && a.public_key == b.public_key,
         _ => a == b,
     }

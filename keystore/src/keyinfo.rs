@@ -4,7 +4,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::der::{self, oid};
+use crate::asn1::{self, oid};
 use crate::error::{Error, Result};
 use crate::uri::{ObjectType, Pkcs11Uri};
 
@@ -101,12 +101,11 @@ impl KeyKind {
             reason: reason.to_owned(),
         };
         let parts =
-            der::parse_spki(spki_der).ok_or_else(|| bad("malformed SubjectPublicKeyInfo"))?;
+            asn1::parse_spki(spki_der).ok_or_else(|| bad("malformed SubjectPublicKeyInfo"))?;
         if parts.algorithm == oid::EC_PUBLIC_KEY {
             let curve = parts
                 .params
-                .and_then(|p| der::expect(p, der::TAG_OID))
-                .map(|(c, _)| c)
+                .and_then(|p| p.decode_as::<der::asn1::ObjectIdentifier>().ok())
                 .ok_or_else(|| bad("EC key without a named curve"))?;
             if curve == oid::P256 {
                 Ok(KeyKind::EcP256)
@@ -116,12 +115,10 @@ impl KeyKind {
                 Err(bad("EC curve other than P-256/P-384"))
             }
         } else if parts.algorithm == oid::RSA_ENCRYPTION {
-            let (seq, _) = der::expect(parts.public_key, der::TAG_SEQUENCE)
-                .ok_or_else(|| bad("malformed RSA public key"))?;
-            let (n, _) =
-                der::expect(seq, der::TAG_INTEGER).ok_or_else(|| bad("malformed RSA modulus"))?;
-            let n = der::uint_bytes(n).ok_or_else(|| bad("malformed RSA modulus"))?;
-            let bits = modulus_bits(n);
+            use der::Decode;
+            let rsa = pkcs1::RsaPublicKey::from_der(parts.public_key)
+                .map_err(|_| bad("malformed RSA public key"))?;
+            let bits = modulus_bits(rsa.modulus.as_bytes());
             Ok(KeyKind::Rsa { bits })
         } else if parts.algorithm == oid::ED25519 {
             Ok(KeyKind::Ed25519)
@@ -242,7 +239,7 @@ mod tests {
             pem,
             "-----BEGIN X-----\naGVsbG8gd29ybGQhPw==\n-----END X-----\n"
         );
-        let kind = KeyKind::from_spki(&der::rsa_spki(&[0xc1; 384], &[1, 0, 1])).unwrap();
+        let kind = KeyKind::from_spki(&asn1::rsa_spki(&[0xc1; 384], &[1, 0, 1]).unwrap()).unwrap();
         assert_eq!(kind, KeyKind::Rsa { bits: 3072 });
     }
 }

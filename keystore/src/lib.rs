@@ -6,9 +6,9 @@
 //! the same rustls `SigningKey` interface.
 #![forbid(unsafe_code)]
 
+mod asn1;
 pub mod cert;
 pub mod csr;
-mod der;
 pub mod error;
 pub mod keyinfo;
 pub mod keyref;

@@ -9,7 +9,7 @@ use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::sign::SigningKey;
 use zeroize::Zeroizing;
 
-use crate::der::{self, oid};
+use crate::asn1::oid;
 use crate::error::{Error, Result};
 use crate::keyinfo::KeyKind;
 
@@ -84,23 +84,27 @@ pub(crate) enum Pkcs8Key {
 }
 
 /// Parses and validates (with aws-lc-rs) a PKCS#8 private key. Errors never quote the input.
+/// The structures are read with RustCrypto's `pkcs8`, `sec1` and `pkcs1` types, which borrow
+/// from `input`: the only copies of secret bytes are the `Zeroizing` fields of the result.
 pub(crate) fn parse_pkcs8(input: &[u8], path: Option<&Path>) -> Result<Pkcs8Key> {
+    use der::Decode;
     let err = |reason: &str| Error::KeyParse {
         path: path.map(Path::to_owned),
         reason: reason.into(),
     };
-    let malformed = || err("malformed PKCS#8 structure");
-    let (info, _) = der::expect(input, der::TAG_SEQUENCE).ok_or_else(malformed)?;
-    let (_version, rest) = der::expect(info, der::TAG_INTEGER).ok_or_else(malformed)?;
-    let (alg, rest) = der::expect(rest, der::TAG_SEQUENCE).ok_or_else(malformed)?;
-    let (alg_oid, params) = der::expect(alg, der::TAG_OID).ok_or_else(malformed)?;
-    let (private, _) = der::expect(rest, der::TAG_OCTET_STRING).ok_or_else(malformed)?;
+    let malformed = |_: der::Error| err("malformed PKCS#8 structure");
+    let info =
+        pkcs8::PrivateKeyInfo::from_der(input).map_err(|_| err("malformed PKCS#8 structure"))?;
+    let alg_oid = info.algorithm.oid;
 
     if alg_oid == oid::EC_PUBLIC_KEY {
         use aws_lc_rs::signature::{
             EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_ASN1_SIGNING, ECDSA_P384_SHA384_ASN1_SIGNING,
         };
-        let (curve, _) = der::expect(params, der::TAG_OID).ok_or_else(malformed)?;
+        let curve = info
+            .algorithm
+            .parameters_oid()
+            .map_err(|_| err("EC key without a named curve"))?;
         let (kind, alg) = if curve == oid::P256 {
             (KeyKind::EcP256, &ECDSA_P256_SHA256_ASN1_SIGNING)
         } else if curve == oid::P384 {
@@ -111,43 +115,35 @@ pub(crate) fn parse_pkcs8(input: &[u8], path: Option<&Path>) -> Result<Pkcs8Key>
             });
         };
         let pair = EcdsaKeyPair::from_pkcs8(alg, input).map_err(|_| err("invalid EC key"))?;
-        // ECPrivateKey ::= SEQUENCE { version INTEGER, privateKey OCTET STRING, ... }
-        let (ec, _) = der::expect(private, der::TAG_SEQUENCE).ok_or_else(malformed)?;
-        let (_v, ec) = der::expect(ec, der::TAG_INTEGER).ok_or_else(malformed)?;
-        let (d, _) = der::expect(ec, der::TAG_OCTET_STRING).ok_or_else(malformed)?;
+        let ec = sec1::EcPrivateKey::from_der(info.private_key).map_err(malformed)?;
         Ok(Pkcs8Key::Ec {
             kind,
-            private: Zeroizing::new(d.to_vec()),
+            private: Zeroizing::new(ec.private_key.to_vec()),
             point: pair.public_key().as_ref().to_vec(),
         })
     } else if alg_oid == oid::ED25519 {
         use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
         let pair = Ed25519KeyPair::from_pkcs8_maybe_unchecked(input)
             .map_err(|_| err("invalid Ed25519 key"))?;
-        let (seed, _) = der::expect(private, der::TAG_OCTET_STRING).ok_or_else(malformed)?;
+        // CurvePrivateKey ::= OCTET STRING (RFC 8410)
+        let seed = der::asn1::OctetStringRef::from_der(info.private_key).map_err(malformed)?;
         Ok(Pkcs8Key::Ed25519 {
-            seed: Zeroizing::new(seed.to_vec()),
+            seed: Zeroizing::new(seed.as_bytes().to_vec()),
             public: pair.public_key().as_ref().to_vec(),
         })
     } else if alg_oid == oid::RSA_ENCRYPTION {
         aws_lc_rs::rsa::KeyPair::from_pkcs8(input).map_err(|_| err("invalid RSA key"))?;
-        let (seq, _) = der::expect(private, der::TAG_SEQUENCE).ok_or_else(malformed)?;
-        let mut rest = seq;
-        let mut next = || -> Result<Vec<u8>> {
-            let (v, r) = der::expect(rest, der::TAG_INTEGER).ok_or_else(malformed)?;
-            rest = r;
-            Ok(der::uint_bytes(v).ok_or_else(malformed)?.to_vec())
-        };
-        let _version = next()?;
+        let rsa = pkcs1::RsaPrivateKey::from_der(info.private_key).map_err(malformed)?;
+        let secret = |v: pkcs1::UintRef<'_>| Zeroizing::new(v.as_bytes().to_vec());
         Ok(Pkcs8Key::Rsa(RsaParts {
-            n: next()?,
-            e: next()?,
-            d: Zeroizing::new(next()?),
-            p: Zeroizing::new(next()?),
-            q: Zeroizing::new(next()?),
-            dp: Zeroizing::new(next()?),
-            dq: Zeroizing::new(next()?),
-            qinv: Zeroizing::new(next()?),
+            n: rsa.modulus.as_bytes().to_vec(),
+            e: rsa.public_exponent.as_bytes().to_vec(),
+            d: secret(rsa.private_exponent),
+            p: secret(rsa.prime1),
+            q: secret(rsa.prime2),
+            dp: secret(rsa.exponent1),
+            dq: secret(rsa.exponent2),
+            qinv: secret(rsa.coefficient),
         }))
     } else {
         Err(Error::UnsupportedKey {

@@ -10,7 +10,7 @@ use cryptoki::types::Ulong;
 use zeroize::{Zeroize, Zeroizing};
 
 use super::{from_ck, Token};
-use crate::der::{self, oid};
+use crate::asn1::{self, oid};
 use crate::error::{Error, Result};
 use crate::keyinfo::{modulus_bits, KeyInfo, KeyKind, KeyOrigin, KeySpec};
 use crate::software::{parse_pkcs8, Pkcs8Key};
@@ -84,11 +84,19 @@ fn find_public(
     Ok(None)
 }
 
-fn ec_params_for(kind: KeyKind) -> Vec<u8> {
-    match kind {
-        KeyKind::EcP384 => der::write_tlv(der::TAG_OID, oid::P384),
-        KeyKind::Ed25519 => der::write_tlv(der::TAG_OID, oid::ED25519),
-        _ => der::write_tlv(der::TAG_OID, oid::P256),
+fn ec_params_for(kind: KeyKind) -> Result<Vec<u8>> {
+    let curve = match kind {
+        KeyKind::EcP384 => oid::P384,
+        KeyKind::Ed25519 => oid::ED25519,
+        _ => oid::P256,
+    };
+    asn1::oid_der(curve).map_err(encoding)
+}
+
+/// A DER encoding failure (a value out of range for its type); never quotes the value.
+fn encoding(e: der::Error) -> Error {
+    Error::UnsupportedKey {
+        reason: format!("cannot encode the key's attributes ({e})"),
     }
 }
 
@@ -131,7 +139,7 @@ fn spki_of(
             KeyKind::Rsa {
                 bits: modulus_bits(n),
             },
-            der::rsa_spki(n, e),
+            asn1::rsa_spki(n, e).map_err(encoding)?,
         ))
     } else if key_type == KeyType::EC || key_type == KeyType::EC_EDWARDS {
         let public = public.ok_or_else(|| unsupported("EC key without a public key object"))?;
@@ -141,23 +149,26 @@ fn spki_of(
         let params = bytes_attr(&attrs, AttributeType::EcParams)
             .ok_or_else(|| unsupported("EC public key without CKA_EC_PARAMS"))?;
         let point = bytes_attr(&attrs, AttributeType::EcPoint)
-            .and_then(der::unwrap_ec_point_any)
+            .and_then(asn1::unwrap_ec_point_any)
             .ok_or_else(|| unsupported("EC public key without a readable CKA_EC_POINT"))?;
-        let curve = der::expect(params, der::TAG_OID).map(|(c, _)| c);
+        let curve = asn1::named_curve(params);
         if key_type == KeyType::EC_EDWARDS {
             // Modules name the curve by OID or by the printable string "edwards25519".
             let is_25519 = curve == Some(oid::ED25519) || params.ends_with(b"edwards25519");
             if !is_25519 || point.len() != 32 {
                 return Err(unsupported("Edwards curve other than Ed25519"));
             }
-            return Ok((KeyKind::Ed25519, der::ed25519_spki(point)));
+            return Ok((
+                KeyKind::Ed25519,
+                asn1::ed25519_spki(point).map_err(encoding)?,
+            ));
         }
         match curve {
             Some(c) if c == oid::P256 && point.len() == 65 => {
-                Ok((KeyKind::EcP256, der::ec_spki(c, point)))
+                Ok((KeyKind::EcP256, asn1::ec_spki(c, point).map_err(encoding)?))
             }
             Some(c) if c == oid::P384 && point.len() == 97 => {
-                Ok((KeyKind::EcP384, der::ec_spki(c, point)))
+                Ok((KeyKind::EcP384, asn1::ec_spki(c, point).map_err(encoding)?))
             }
             _ => Err(unsupported("EC curve other than P-256/P-384")),
         }
@@ -314,7 +325,7 @@ impl Token {
                 public.push(Attribute::ModulusBits(Ulong::from(u64::from(bits))));
                 public.push(Attribute::PublicExponent(vec![0x01, 0x00, 0x01]));
             }
-            kind => public.push(Attribute::EcParams(ec_params_for(kind))),
+            kind => public.push(Attribute::EcParams(ec_params_for(kind)?)),
         }
         self.with_session(|s| {
             self.ensure_unused(s, label, &id)?;
@@ -348,25 +359,23 @@ impl Token {
                 point,
             } => {
                 private.push(Attribute::KeyType(KeyType::EC));
-                private.push(Attribute::EcParams(ec_params_for(*kind)));
+                private.push(Attribute::EcParams(ec_params_for(*kind)?));
                 private.push(Attribute::Value(d.to_vec()));
                 public.push(Attribute::KeyType(KeyType::EC));
-                public.push(Attribute::EcParams(ec_params_for(*kind)));
-                public.push(Attribute::EcPoint(der::write_tlv(
-                    der::TAG_OCTET_STRING,
-                    point,
-                )));
+                public.push(Attribute::EcParams(ec_params_for(*kind)?));
+                public.push(Attribute::EcPoint(
+                    asn1::octet_string(point).map_err(encoding)?,
+                ));
             }
             Pkcs8Key::Ed25519 { seed, public: pk } => {
                 private.push(Attribute::KeyType(KeyType::EC_EDWARDS));
-                private.push(Attribute::EcParams(ec_params_for(KeyKind::Ed25519)));
+                private.push(Attribute::EcParams(ec_params_for(KeyKind::Ed25519)?));
                 private.push(Attribute::Value(seed.to_vec()));
                 public.push(Attribute::KeyType(KeyType::EC_EDWARDS));
-                public.push(Attribute::EcParams(ec_params_for(KeyKind::Ed25519)));
-                public.push(Attribute::EcPoint(der::write_tlv(
-                    der::TAG_OCTET_STRING,
-                    pk,
-                )));
+                public.push(Attribute::EcParams(ec_params_for(KeyKind::Ed25519)?));
+                public.push(Attribute::EcPoint(
+                    asn1::octet_string(pk).map_err(encoding)?,
+                ));
             }
             Pkcs8Key::Rsa(rsa) => {
                 private.push(Attribute::KeyType(KeyType::RSA));

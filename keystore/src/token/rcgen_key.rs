@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use super::signer::{TokenAlg, TokenKey};
 use super::Token;
-use crate::der;
+use crate::asn1;
 use crate::error::{Error, Result};
 use crate::keyinfo::KeyKind;
 use crate::uri::Pkcs11Uri;
@@ -20,7 +20,7 @@ pub struct TokenRcgenKey {
 impl TokenRcgenKey {
     pub(crate) fn new(token: &Arc<Token>, uri: &Pkcs11Uri) -> Result<TokenRcgenKey> {
         let key = TokenKey::new(token, uri)?;
-        let public_key = der::parse_spki(&key.spki_der)
+        let public_key = asn1::parse_spki(&key.spki_der)
             .ok_or_else(|| Error::UnsupportedKey {
                 reason: "malformed public key".into(),
             })?

@@ -15,10 +15,26 @@ use rustls::sign::{Signer, SigningKey};
 use rustls::{SignatureAlgorithm, SignatureScheme};
 
 use super::Token;
-use crate::der;
+use crate::asn1;
 use crate::error::{Error, Result};
 use crate::keyinfo::KeyKind;
 use crate::uri::Pkcs11Uri;
+
+/// DigestInfo prefixes (RFC 8017 §9.2 note 1) for CKM_RSA_PKCS over an in-process hash: the
+/// DER of `SEQUENCE { AlgorithmIdentifier { sha-N, NULL }, OCTET STRING (N/8 bytes) }` up to the
+/// digest itself (a fixed, published byte string per hash).
+const DIGEST_INFO_SHA256: &[u8] = &[
+    0x30, 0x31, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x01, 0x05,
+    0x00, 0x04, 0x20,
+];
+const DIGEST_INFO_SHA384: &[u8] = &[
+    0x30, 0x41, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x02, 0x05,
+    0x00, 0x04, 0x30,
+];
+const DIGEST_INFO_SHA512: &[u8] = &[
+    0x30, 0x51, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x03, 0x05,
+    0x00, 0x04, 0x40,
+];
 
 /// A signature algorithm as the keystore performs it on a token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,7 +146,7 @@ impl TokenKey {
                 let raw = self
                     .token
                     .sign_raw(&self.uri, &Mechanism::Ecdsa, d.as_ref())?;
-                der::ecdsa_raw_to_der(&raw).ok_or_else(|| Error::Pkcs11 {
+                asn1::ecdsa_raw_to_der(&raw).ok_or_else(|| Error::Pkcs11 {
                     function: "C_Sign",
                     rv: format!("malformed ECDSA signature of {} bytes", raw.len()),
                 })
@@ -151,24 +167,18 @@ impl TokenKey {
                 self.token.sign_raw(&self.uri, &m, d.as_ref())
             }
             TokenAlg::RsaPkcs1Sha256 => {
-                let data = digest_info(
-                    der::DIGEST_INFO_SHA256,
-                    digest::digest(&digest::SHA256, message),
-                );
+                let data =
+                    digest_info(DIGEST_INFO_SHA256, digest::digest(&digest::SHA256, message));
                 self.token.sign_raw(&self.uri, &Mechanism::RsaPkcs, &data)
             }
             TokenAlg::RsaPkcs1Sha384 => {
-                let data = digest_info(
-                    der::DIGEST_INFO_SHA384,
-                    digest::digest(&digest::SHA384, message),
-                );
+                let data =
+                    digest_info(DIGEST_INFO_SHA384, digest::digest(&digest::SHA384, message));
                 self.token.sign_raw(&self.uri, &Mechanism::RsaPkcs, &data)
             }
             TokenAlg::RsaPkcs1Sha512 => {
-                let data = digest_info(
-                    der::DIGEST_INFO_SHA512,
-                    digest::digest(&digest::SHA512, message),
-                );
+                let data =
+                    digest_info(DIGEST_INFO_SHA512, digest::digest(&digest::SHA512, message));
                 self.token.sign_raw(&self.uri, &Mechanism::RsaPkcs, &data)
             }
             TokenAlg::Ed25519 => {
