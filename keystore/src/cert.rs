@@ -16,64 +16,7 @@ use crate::asn1;
 use crate::error::{Error, Result};
 use crate::keyinfo::KeyKind;
 
-/// What is wrong with a certificate or chain. `index` 0 is the leaf.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum CertError {
-    #[error("certificate PEM: {reason}")]
-    Pem { reason: String },
-    #[error("no certificate in the PEM input")]
-    Empty,
-    #[error("certificate #{index} does not parse: {reason}")]
-    Parse { index: usize, reason: String },
-    #[error("the leaf certificate ({subject}) is for a different key than the one given")]
-    KeyMismatch { subject: String },
-    #[error(
-        "chain out of order at certificate #{index} ({subject}): it is issued by \
-         {expected_issuer}, but the next certificate is {next_subject}"
-    )]
-    ChainOrder {
-        index: usize,
-        subject: String,
-        expected_issuer: String,
-        next_subject: String,
-    },
-    #[error("certificate #{index} ({subject}) expired at {}", fmt_time(*not_after))]
-    Expired {
-        index: usize,
-        subject: String,
-        not_after: SystemTime,
-    },
-    #[error("certificate #{index} ({subject}) is not valid before {}", fmt_time(*not_before))]
-    NotYetValid {
-        index: usize,
-        subject: String,
-        not_before: SystemTime,
-    },
-    #[error("the signature on certificate #{index} ({subject}) does not verify with the next certificate's key")]
-    BadSignature { index: usize, subject: String },
-    #[error("certificate #{index} ({subject}) is signed with unsupported algorithm {algorithm}")]
-    UnsupportedSignature {
-        index: usize,
-        subject: String,
-        algorithm: String,
-    },
-}
-
-/// RFC 3339 in UTC, for messages.
-pub fn fmt_time(t: SystemTime) -> String {
-    let secs = match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => d.as_secs() as i64,
-        Err(e) => -(e.duration().as_secs() as i64),
-    };
-    time::OffsetDateTime::from_unix_timestamp(secs)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| format!("unix time {secs}"))
-}
+pub use crate::error::{fmt_time, CertError};
 
 fn system_time(unix: i64) -> SystemTime {
     if unix >= 0 {
