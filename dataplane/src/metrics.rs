@@ -85,6 +85,10 @@ pub fn describe() {
         "Bytes moved, by direction."
     );
     describe_counter!(
+        ACCEPT_ERRORS_TOTAL,
+        "Times accept failed in the kernel (out of file descriptors or memory), by core and errno."
+    );
+    describe_counter!(
         ACCEPT_PAUSED_TOTAL,
         "Times a core stopped accepting at a per-core limit."
     );

@@ -63,6 +63,38 @@ pub(crate) fn error_source(r: CloseReason) -> Option<&'static str> {
     }
 }
 
+/// Every `errno` label of [`m::ACCEPT_ERRORS_TOTAL`].
+const ACCEPT_ERRNOS: [&str; 5] = ["EMFILE", "ENFILE", "ENOBUFS", "ENOMEM", "other"];
+
+/// Creates at zero, on a core's first flush, every series whose label values are known up front
+/// (errors by source, key operations by result, bytes by direction, this core's accept pauses
+/// and accept errors by errno). A dashboard then shows 0 instead of "no data", and an alert over
+/// `increase()` sees the first event, which it cannot when the series is born with it.
+fn create_zero_series(core: &str) {
+    for source in ["peer", "backend", "hsm", "internal"] {
+        metrics::counter!(m::ERRORS_TOTAL, "source" => source).increment(0);
+    }
+    for result in [
+        "queued",
+        "ok",
+        "rejected",
+        "timed_out",
+        "failed",
+        "peer_refused",
+        "late",
+    ] {
+        metrics::counter!(m::KEY_OPS_TOTAL, "result" => result).increment(0);
+    }
+    for direction in ["client_in", "client_out", "backend_in", "backend_out"] {
+        metrics::counter!(m::TRANSFERRED_BYTES_TOTAL, "direction" => direction).increment(0);
+    }
+    metrics::counter!(m::ACCEPT_PAUSED_TOTAL, "core" => core.to_owned()).increment(0);
+    for errno in ACCEPT_ERRNOS {
+        metrics::counter!(m::ACCEPT_ERRORS_TOTAL, "core" => core.to_owned(), "errno" => errno)
+            .increment(0);
+    }
+}
+
 /// At most one log line per peer-caused close reason in this interval, process-wide.
 const PEER_LOG_INTERVAL_MS: u64 = 10_000;
 
@@ -310,6 +342,8 @@ pub(crate) struct CoreRecorder {
     accept_errors: HashMap<&'static str, u64>,
     accept_errors_unlogged: u64,
     accept_error_logged: Option<Instant>,
+    /// Whether the series with fixed label values exist yet ([`create_zero_series`]).
+    zero_series_created: bool,
 }
 
 /// At most one log line per core this often about failing accepts; it carries the count.
@@ -338,6 +372,7 @@ impl CoreRecorder {
             accept_errors: HashMap::new(),
             accept_errors_unlogged: 0,
             accept_error_logged: None,
+            zero_series_created: false,
         }
     }
 
@@ -477,6 +512,10 @@ impl CoreRecorder {
             return;
         }
         self.last_flush = now;
+        if !self.zero_series_created {
+            create_zero_series(&self.core);
+            self.zero_series_created = true;
+        }
         let s = &self.stats;
         let core = self.core.clone();
         let delta = |cur: u64, prev: &mut u64| {

@@ -250,6 +250,13 @@ pub fn publish_expiry(entries: &[Expiry]) {
             .set(unix(e.not_after));
             now.insert((e.listener.clone(), e.certificate.clone(), n));
         }
+        // Refused resumptions exist at zero for every listener that serves, so an alert over
+        // `increase()` sees the first refusal.
+        for reason in crate::session::Refusal::ALL {
+            metrics::counter!(crate::session::METRIC_RESUMPTION_REFUSED,
+                "listener" => e.listener.clone(), "reason" => reason.as_str())
+            .increment(0);
+        }
     }
     let mut series = SERIES.lock();
     for (l, c, n) in series.difference(&now) {

@@ -1,7 +1,8 @@
 //! The Prometheus endpoint after real traffic through a certificate bound by the API: the
 //! certificate expiry gauge per certificate and SNI name (NaN once no longer served), token
 //! signature durations by backend and scheme, errors by source; and `promtool check metrics`
-//! accepts the whole output.
+//! accepts the whole output; every metric the shipped dashboard and alerts (`contrib/`) name is in
+//! that output, and the alerts pass their `promtool test rules` unit tests.
 
 mod api_support;
 mod common;
@@ -193,5 +194,106 @@ fn metrics_move_with_traffic_and_pass_promtool() -> Result<()> {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+
+    // Every metric the shipped dashboard and alerts query exists in this scrape, so neither can
+    // rot when a metric is renamed. (Series with label values known up front exist at zero from
+    // the first flush: errors by source, accept errors, refused resumptions per listener.)
+    let exposed: std::collections::BTreeSet<&str> = m
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .collect();
+    let mut missing = Vec::new();
+    for file in [DASHBOARD, ALERTS] {
+        let text = std::fs::read_to_string(contrib(file))?;
+        for name in metric_names(&text) {
+            if !exposed.contains(name.as_str()) {
+                missing.push(format!("{name} (in {file})"));
+            }
+        }
+    }
+    ensure!(
+        missing.is_empty(),
+        "queried but not exposed: {missing:?}\n{m}"
+    );
+    Ok(())
+}
+
+const DASHBOARD: &str = "contrib/grafana/tlsgate.json";
+const ALERTS: &str = "contrib/prometheus/alerts.yml";
+const ALERT_TESTS: &str = "contrib/prometheus/alerts_test.yml";
+
+/// A file of the repository (read only).
+fn contrib(file: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(file)
+}
+
+/// Every `tlsgate_…` metric name in a text, once each.
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("tlsgate_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+            .unwrap_or(tail.len());
+        names.insert(tail[..end].to_owned());
+        rest = &tail[end..];
+    }
+    names
+}
+
+/// The shipped alerting rules are valid, each alert's unit tests pass (`promtool test rules`),
+/// every alert has a test, and the dashboard is JSON whose every panel queries something.
+#[test]
+fn shipped_alerts_pass_their_unit_tests_and_the_dashboard_parses() -> Result<()> {
+    if !common::require("promtool", "prometheus") {
+        return Ok(());
+    }
+    for args in [
+        vec!["check", "rules", ALERTS],
+        vec!["test", "rules", ALERT_TESTS],
+    ] {
+        let out = Command::new("promtool")
+            .args(&args)
+            .current_dir(contrib(""))
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "promtool {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let alerts = std::fs::read_to_string(contrib(ALERTS))?;
+    let tests = std::fs::read_to_string(contrib(ALERT_TESTS))?;
+    let names: Vec<&str> = alerts
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert: "))
+        .collect();
+    ensure!(names.len() >= 8, "alerts found: {names:?}");
+    for name in &names {
+        ensure!(
+            tests.contains(&format!("alertname: {name}\n")),
+            "alert {name} has no unit test in {ALERT_TESTS}"
+        );
+    }
+
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(contrib(DASHBOARD))?)?;
+    let panels = dashboard["panels"].as_array().context("panels")?;
+    let mut queried = 0;
+    for panel in panels.iter().filter(|p| p["type"] != "row") {
+        let targets = panel["targets"].as_array().context("targets")?;
+        ensure!(
+            !targets.is_empty() && targets.iter().all(|t| t["expr"].is_string()),
+            "panel {} has no query",
+            panel["title"]
+        );
+        queried += 1;
+    }
+    ensure!(queried >= 10, "{queried} panels");
     Ok(())
 }

@@ -116,6 +116,13 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    /// Every reason, for series created at zero.
+    pub const ALL: [Refusal; 3] = [
+        Refusal::PolicyChanged,
+        Refusal::NoClientCertificate,
+        Refusal::ClientCertificateRejected,
+    ];
+
     /// The `reason` label.
     pub fn as_str(self) -> &'static str {
         match self {
