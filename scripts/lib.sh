@@ -69,3 +69,14 @@ ensure_sslyze() {
     fi
     export TLSGATE_SSLYZE="$venv/bin/sslyze"
 }
+
+# cargo-deb builds the Debian package (scripts/package.sh). Built from crates.io once, then reused.
+CARGO_DEB_VERSION=3.8.0
+ensure_cargo_deb() {
+    if cargo deb --version 2>/dev/null | grep -q "${CARGO_DEB_VERSION}"; then
+        echo "cargo-deb ${CARGO_DEB_VERSION} present"
+    else
+        echo "building cargo-deb ${CARGO_DEB_VERSION} (once; a few minutes)"
+        cargo install --locked --quiet "cargo-deb@${CARGO_DEB_VERSION}"
+    fi
+}

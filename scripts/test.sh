@@ -52,6 +52,9 @@ skip_log=$(mktemp "${TMPDIR:-/tmp}/tlsgate-skips.XXXXXX")
 trap 'rm -f "$skip_log"' EXIT
 TLSGATE_SKIP_LOG="$skip_log" cargo test --workspace --locked --no-fail-fast
 
+step "Debian package, installed into a throw-away root (dpkg -i, serve as the tlsgate user, purge)"
+TLSGATE_SKIP_LOG="$skip_log" scripts/test-package.sh
+
 step "benchmark smoke (side-by-side harness, --quick: one second per cell)"
 target_dir=${CARGO_TARGET_DIR:-target}
 bench_out=$(mktemp -d "${TMPDIR:-/tmp}/tlsgate-bench-smoke.XXXXXX")

@@ -243,6 +243,16 @@ impl Dataplane {
         }
     }
 
+    /// Each core's heartbeat: a counter its own loop advances about once a second (with its
+    /// metrics flush). One that stops moving belongs to a core that makes no progress; the
+    /// systemd watchdog in `tlsgate serve` watches these.
+    pub fn core_heartbeats(&self) -> Vec<u64> {
+        self.cores
+            .iter()
+            .map(|c| c.heartbeat.load(std::sync::atomic::Ordering::Relaxed))
+            .collect()
+    }
+
     /// Counters of all cores, summed now.
     pub fn stats(&self) -> StatsSnapshot {
         StatsSnapshot::sum(&self.cores)

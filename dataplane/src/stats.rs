@@ -186,6 +186,9 @@ pub(crate) struct CoreStats {
     pub backend_out: AtomicU64,
     pub accept_paused: AtomicU64,
     pub accept_errors: AtomicU64,
+    /// Flushes so far: the core's heartbeat, advanced about once a second by its own loop, so a
+    /// core stuck in one task or syscall stops it ([`crate::Dataplane::core_heartbeats`]).
+    pub heartbeat: AtomicU64,
 }
 
 fn add(c: &AtomicU64, n: u64) {
@@ -512,6 +515,7 @@ impl CoreRecorder {
             return;
         }
         self.last_flush = now;
+        add(&self.stats.heartbeat, 1);
         if !self.zero_series_created {
             create_zero_series(&self.core);
             self.zero_series_created = true;

@@ -26,4 +26,5 @@ pub mod policy;
 pub mod serve;
 pub mod session;
 pub mod state;
+pub mod systemd;
 pub mod tls;

@@ -262,6 +262,9 @@ async fn wait_for_signals(
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
+    // Signals are handled from here on: a service manager may reload us now.
+    crate::systemd::ready("serving");
+    let mut watchdog = crate::systemd::Watchdog::from_env();
     // The HSM's state and the key-op pool's counters reach the exporter once a second.
     let mut health_tick = tokio::time::interval(std::time::Duration::from_secs(1));
     health_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -292,8 +295,14 @@ async fn wait_for_signals(
             }
         };
         tokio::select! {
-            _ = term.recv() => return Ok(()),
-            _ = int.recv() => return Ok(()),
+            _ = term.recv() => {
+                crate::systemd::stopping();
+                return Ok(());
+            }
+            _ = int.recv() => {
+                crate::systemd::stopping();
+                return Ok(());
+            }
             Some((snapshot, ack)) = next_published => {
                 // `update` stores the snapshot before it returns: every connection accepted
                 // after the API answers uses it.
@@ -310,8 +319,15 @@ async fn wait_for_signals(
                 token = Some(t);
                 reload_now(config_path, dataplane, token.as_ref(), manager.as_ref(), "HSM up after degraded start").await;
             }
-            _ = hup.recv() => reload_now(config_path, dataplane, token.as_ref(), manager.as_ref(), "SIGHUP").await,
+            _ = hup.recv() => {
+                crate::systemd::reloading();
+                reload_now(config_path, dataplane, token.as_ref(), manager.as_ref(), "SIGHUP").await;
+                crate::systemd::ready("serving");
+            }
             _ = health_tick.tick() => {
+                if let Some(w) = watchdog.as_mut() {
+                    w.tick(&dataplane.core_heartbeats(), std::time::Instant::now());
+                }
                 let pool = dataplane.key_op_counters();
                 let refused = degraded_refused.load(std::sync::atomic::Ordering::Relaxed);
                 match (&token, &pending) {

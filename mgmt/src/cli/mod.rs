@@ -71,6 +71,11 @@ enum Command {
     Ctl(ctl::CtlArgs),
     /// A small HTTP backend for the lab: answers every request with a short page.
     DemoBackend(demo_backend::DemoBackendArgs),
+    /// Prints the shell completion script for SHELL (the package installs them).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 /// Runs the parsed command.
@@ -81,5 +86,12 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Ca(cmd) => ca::run(cmd),
         Command::Ctl(args) => ctl::run(args),
         Command::DemoBackend(args) => demo_backend::run(args),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "tlsgate", &mut out);
+            out!("{}", String::from_utf8_lossy(&out));
+            Ok(())
+        }
     }
 }
