@@ -17,7 +17,7 @@ use std::time::Duration;
 use cryptoki_sys::CK_RV;
 
 use crate::directive::{self, Action, Directive};
-use crate::{forward, rv};
+use crate::rv;
 
 /// Names the control file, re-read whenever it changes.
 pub const CONTROL_ENV: &str = "TLSGATE_SHIM_CONTROL";
@@ -57,6 +57,8 @@ struct State {
 /// The process-wide fault configuration.
 #[derive(Debug)]
 pub struct Faults {
+    /// The function names a directive may use (the forwarding layer's list).
+    lookup: Lookup,
     control: Option<PathBuf>,
     log: Option<PathBuf>,
     log_calls: bool,
@@ -70,20 +72,25 @@ struct Decision {
     fail: Option<CK_RV>,
 }
 
+/// Maps a function name in a directive to its `'static` spelling, if the shim forwards it.
+pub type Lookup = fn(&str) -> Option<&'static str>;
+
 impl Faults {
-    /// The configuration of this process, read from the environment on first use.
-    pub fn get() -> &'static Faults {
+    /// The configuration of this process, read from the environment on first use; `lookup`
+    /// names the functions directives may use (the same for every caller).
+    pub fn get(lookup: Lookup) -> &'static Faults {
         static FAULTS: OnceLock<Faults> = OnceLock::new();
-        FAULTS.get_or_init(Faults::from_env)
+        FAULTS.get_or_init(|| Faults::from_env(lookup))
     }
 
-    fn from_env() -> Faults {
+    fn from_env(lookup: Lookup) -> Faults {
         let path = |name| {
             std::env::var_os(name)
                 .filter(|v| !v.is_empty())
                 .map(PathBuf::from)
         };
         let faults = Faults {
+            lookup,
             control: path(CONTROL_ENV),
             log: path(LOG_ENV),
             log_calls: std::env::var(LOG_CALLS_ENV).is_ok_and(|v| v == "1"),
@@ -95,7 +102,7 @@ impl Faults {
             }),
         };
         if let Ok(text) = std::env::var(FAULTS_ENV) {
-            let (directives, errors) = directive::parse(&text, forward::lookup);
+            let (directives, errors) = directive::parse(&text, lookup);
             let mut state = faults.lock();
             for error in errors {
                 faults.report_once(
@@ -190,7 +197,7 @@ impl Faults {
         let text = now
             .and_then(|_| fs::read_to_string(path).ok())
             .unwrap_or_default();
-        let (directives, errors) = directive::parse(&text, forward::lookup);
+        let (directives, errors) = directive::parse(&text, self.lookup);
         for error in errors {
             let message = format!("ignored directive in {}: {error}", path.display());
             self.report_once(&mut state, &message);

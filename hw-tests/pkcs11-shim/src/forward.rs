@@ -34,7 +34,7 @@ macro_rules! forwarders {
             unsafe extern "C" fn $name($($arg: $ty),*) -> CK_RV {
                 static CALLS: AtomicU64 = AtomicU64::new(0);
                 guarded(stringify!($name), || {
-                    Faults::get().run(stringify!($name), &CALLS, true, || {
+                    Faults::get(lookup).run(stringify!($name), &CALLS, true, || {
                         let Some(list) = real::list() else {
                             return CKR_CRYPTOKI_NOT_INITIALIZED;
                         };
@@ -149,7 +149,7 @@ pub fn lookup(name: &str) -> Option<&'static str> {
 unsafe extern "C" fn C_Initialize(init_args: *mut c_void) -> CK_RV {
     static CALLS: AtomicU64 = AtomicU64::new(0);
     guarded("C_Initialize", || {
-        let faults = Faults::get();
+        let faults = Faults::get(lookup);
         let list = match real::load() {
             Ok(list) => list,
             Err(why) => {
@@ -182,7 +182,7 @@ unsafe extern "C" fn C_Sign(
     static CALLS: AtomicU64 = AtomicU64::new(0);
     guarded("C_Sign", || {
         let real = real::list().and_then(|list| list.C_Sign);
-        Faults::get().run(
+        Faults::get(lookup).run(
             "C_Sign",
             &CALLS,
             // A NULL output asks only for the length: half of one signature, not one of its own.
@@ -215,7 +215,7 @@ unsafe extern "C" fn C_SignUpdate(
 ) -> CK_RV {
     static CALLS: AtomicU64 = AtomicU64::new(0);
     guarded("C_SignUpdate", || {
-        Faults::get().run(
+        Faults::get(lookup).run(
             "C_SignUpdate",
             &CALLS,
             true,
@@ -237,7 +237,7 @@ unsafe extern "C" fn C_SignFinal(
 ) -> CK_RV {
     static CALLS: AtomicU64 = AtomicU64::new(0);
     guarded("C_SignFinal", || {
-        Faults::get().run(
+        Faults::get(lookup).run(
             "C_SignFinal",
             &CALLS,
             !signature.is_null(),
