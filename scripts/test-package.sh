@@ -11,7 +11,8 @@
 #     certificate, through to a backend; `tlsgate ctl` answers on the packaged API socket;
 #   - remove keeps the configuration, purge removes it, the user and the state directory.
 # Needs root (namespaces, mounts, chroot). Without it: fails under CI=true, otherwise prints
-# SKIPPED. Usage: scripts/test-package.sh
+# SKIPPED. Usage: scripts/test-package.sh [--deb FILE]   (--deb: test that package instead of
+# building one from the debug build, e.g. a release package from scripts/package.sh)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/lib.sh
@@ -31,10 +32,18 @@ ensure_packages adduser openssl curl util-linux systemd iproute2
 grep -qw overlay /proc/filesystems || modprobe overlay 2>/dev/null || true
 grep -qw overlay /proc/filesystems || skip "the kernel has no overlay filesystem"
 
+given=
+if [[ ${1:-} == --deb ]]; then
+    given=$(realpath "$2")
+fi
 work=$(mktemp -d "${TMPDIR:-/tmp}/tlsgate-package.XXXXXX")
 trap 'rm -rf "$work"' EXIT
-scripts/package.sh --dev --out "$work/deb"
-deb=$(ls "$work"/deb/tlsgate_*.deb)
+if [[ -n $given ]]; then
+    deb=$given
+else
+    scripts/package.sh --dev --out "$work/deb"
+    deb=$(ls "$work"/deb/tlsgate_*.deb)
+fi
 echo "package: $(basename "$deb") ($(du -h "$deb" | cut -f1))"
 
 # Everything below runs in new mount and network namespaces; they vanish with the command.
