@@ -111,6 +111,9 @@ pub struct Config {
     /// file-descriptor budget, see [`crate::fdlimit`]).
     #[serde(default)]
     pub process: crate::hardening::ProcessConfig,
+    /// Settings for every listener's TLS (`[tls]`).
+    #[serde(default)]
+    pub tls: TlsConfig,
     /// The management API (see [`crate::api`]).
     pub api: Option<ApiConfig>,
     /// The management plane's state directory (see [`crate::state`]).
@@ -128,6 +131,16 @@ pub struct Config {
     /// The file this was read from.
     #[serde(skip)]
     pub path: PathBuf,
+}
+
+/// `[tls]`: settings that apply to every listener.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Refuse to start unless this binary runs TLS on the AWS-LC FIPS module (a build with the
+    /// cargo feature `fips`) and every listener's policy is FIPS-approved.
+    #[serde(default)]
+    pub require_fips: bool,
 }
 
 /// Where the token is and how to log in.
@@ -401,6 +414,24 @@ impl Config {
             ));
         }
         self.pin_source()?;
+        if self.tls.require_fips && !crate::policy::fips_build() {
+            return Err(self.invalid(
+                "tls.require_fips",
+                "this tlsgate is not a FIPS build (`tlsgate version` says so); build it with `--features fips` (scripts/fips.sh) or set require_fips = false",
+            ));
+        }
+        if self.tls.require_fips {
+            for (i, l) in self.listeners.iter().enumerate() {
+                let fips = crate::policy::TlsPolicy::new(l.policy, l.custom_policy.as_ref())
+                    .map(|p| p.fips());
+                if fips == Ok(false) {
+                    return Err(self.invalid(
+                        format!("listener[{i}].policy"),
+                        "not FIPS-approved as configured although [tls] require_fips = true",
+                    ));
+                }
+            }
+        }
         if let Some(p) = &self.pkcs11 {
             if p.breaker_errors == 0 {
                 return Err(self.invalid(

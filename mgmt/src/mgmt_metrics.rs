@@ -129,9 +129,23 @@ pub fn publish_hsm(
     metrics::counter!(HSM_REINITIALISATIONS_TOTAL, "token" => label).absolute(h.reinitialisations);
 }
 
-/// Registers help texts (with the data plane's).
+/// Gauge: 1 when TLS runs on the AWS-LC FIPS module in FIPS mode with FIPS-approved algorithms
+/// only (`tlsgate version` says the same), else 0.
+pub const FIPS_MODE: &str = "tlsgate_fips_mode";
+
+/// Registers help texts (with the data plane's), and sets the gauges fixed for the process's
+/// life.
 pub fn describe() {
     tlsgate_dataplane::metrics::describe();
+    metrics::describe_gauge!(
+        FIPS_MODE,
+        "1 when TLS runs on the AWS-LC FIPS module in FIPS mode (FIPS-approved algorithms only), else 0."
+    );
+    metrics::gauge!(FIPS_MODE).set(if crate::policy::fips_active() {
+        1.0
+    } else {
+        0.0
+    });
     metrics::describe_gauge!(
         HSM_UP,
         "1 while the token is in service, 0 while it is out (unhealthy or recovering)."

@@ -71,6 +71,8 @@ enum Command {
     Ctl(ctl::CtlArgs),
     /// A small HTTP backend for the lab: answers every request with a short page.
     DemoBackend(demo_backend::DemoBackendArgs),
+    /// Prints the version, the TLS library and whether FIPS mode is active.
+    Version,
     /// Prints the shell completion script for SHELL (the package installs them).
     Completions {
         #[arg(value_enum)]
@@ -86,6 +88,22 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Ca(cmd) => ca::run(cmd),
         Command::Ctl(args) => ctl::run(args),
         Command::DemoBackend(args) => demo_backend::run(args),
+        Command::Version => {
+            outln!("tlsgate {}", env!("CARGO_PKG_VERSION"));
+            outln!(
+                "tls: rustls with aws-lc-rs ({})",
+                crate::policy::crypto_module()
+            );
+            outln!(
+                "fips mode: {}",
+                if crate::policy::fips_active() {
+                    "active"
+                } else {
+                    "inactive"
+                }
+            );
+            Ok(())
+        }
         Command::Completions { shell } => {
             use clap::CommandFactory;
             let mut out = Vec::new();

@@ -313,3 +313,22 @@ fn duplicate_listener_names_are_refused() {
     let err = parse(&twice).expect_err("duplicate");
     assert!(err.to_string().contains("used twice"), "{err}");
 }
+
+/// `[tls] require_fips` in a build without the FIPS module: a start error naming the key and
+/// the way out, never a silent start on non-validated cryptography. (The FIPS build's own test
+/// is `mgmt/tests/fips.rs`.)
+#[cfg(not(feature = "fips"))]
+#[test]
+fn require_fips_refuses_a_build_without_the_fips_module() {
+    let c = parse(GOOD).expect("valid");
+    assert!(!c.tls.require_fips, "off by default");
+    let text = format!("[tls]\nrequire_fips = true\n{GOOD}");
+    match parse(&text) {
+        Err(ConfigError::Invalid { key, why, .. }) => {
+            assert_eq!(key, "tls.require_fips");
+            assert!(why.contains("not a FIPS build"), "{why}");
+        }
+        other => panic!("expected a tls.require_fips error, got {other:?}"),
+    }
+    assert!(!crate::policy::fips_active());
+}

@@ -123,6 +123,9 @@ pub enum PolicyError {
     /// An enabled version without a suite.
     #[error("{0} is enabled but no {0} cipher suite is listed")]
     VersionWithoutSuite(&'static str),
+    /// A suite or group the FIPS module does not approve, named in a FIPS build.
+    #[error("{0} is not FIPS-approved and this is a FIPS build: name only AES-GCM suites and the groups P-256, P-384, X25519MLKEM768")]
+    NotFipsApproved(&'static str),
     /// A certificate key this policy cannot use.
     #[error("policy {profile:?} cannot serve {key} certificates: {why}")]
     KeyNotAllowed {
@@ -133,6 +136,39 @@ pub enum PolicyError {
         /// What to change.
         why: &'static str,
     },
+}
+
+/// Whether this binary was built on the AWS-LC FIPS module (cargo feature `fips`).
+pub fn fips_build() -> bool {
+    cfg!(feature = "fips")
+}
+
+/// The cryptographic module TLS runs on, for `tlsgate version`.
+pub fn crypto_module() -> &'static str {
+    if fips_build() {
+        "the AWS-LC FIPS module"
+    } else {
+        "AWS-LC, not the FIPS module"
+    }
+}
+
+/// FIPS mode is active: a FIPS build, AWS-LC in FIPS mode (its power-on self tests passed), and
+/// the default policy's provider entirely FIPS-approved (rustls `CryptoProvider::fips`).
+pub fn fips_active() -> bool {
+    fips_build() && aws_lc_rs::try_fips_mode().is_ok() && TlsPolicy::default().fips()
+}
+
+/// The provider every policy starts from: aws-lc-rs, or its FIPS configuration in a FIPS build
+/// (FIPS-approved randomness and key loading; suites and groups are the policy's).
+fn base_provider() -> CryptoProvider {
+    #[cfg(feature = "fips")]
+    {
+        rustls::crypto::default_fips_provider()
+    }
+    #[cfg(not(feature = "fips"))]
+    {
+        rustls::crypto::aws_lc_rs::default_provider()
+    }
 }
 
 /// A suite this product may offer: IANA name, OpenSSL name, rustls value.
@@ -420,6 +456,9 @@ impl TlsPolicy {
                 let mut out: Vec<&'static Suite> = Vec::new();
                 for n in names {
                     let s = parse_suite(n)?;
+                    if fips_build() && !s.suite.fips() {
+                        return Err(PolicyError::NotFipsApproved(s.iana));
+                    }
                     if out.iter().any(|o| o.iana == s.iana) {
                         return Err(PolicyError::Duplicate(s.iana.to_owned()));
                     }
@@ -448,6 +487,9 @@ impl TlsPolicy {
                 let mut out: Vec<&'static Group> = Vec::new();
                 for n in names {
                     let g = parse_group(n)?;
+                    if fips_build() && !g.group.fips() {
+                        return Err(PolicyError::NotFipsApproved(g.name));
+                    }
                     if out.iter().any(|o| o.name == g.name) {
                         return Err(PolicyError::Duplicate(g.name.to_owned()));
                     }
@@ -461,9 +503,16 @@ impl TlsPolicy {
 
     fn assemble(
         profile: Profile,
-        suites: Vec<&'static Suite>,
-        groups: Vec<&'static Group>,
+        mut suites: Vec<&'static Suite>,
+        mut groups: Vec<&'static Group>,
     ) -> Self {
+        // A FIPS build offers only what the FIPS module approves: no ChaCha20-Poly1305, no plain
+        // X25519 (the hybrid X25519MLKEM768 stays: its ML-KEM part is approved). A custom policy
+        // that names one of those was refused before this ([`PolicyError::NotFipsApproved`]).
+        if fips_build() {
+            suites.retain(|s| s.suite.fips());
+            groups.retain(|g| g.group.fips());
+        }
         let mut versions = Vec::new();
         // Highest first, as rustls documents for `with_protocol_versions`.
         for v in [&rustls::version::TLS13, &rustls::version::TLS12] {
@@ -471,11 +520,10 @@ impl TlsPolicy {
                 versions.push(v);
             }
         }
-        let base = rustls::crypto::aws_lc_rs::default_provider();
         let provider = CryptoProvider {
             cipher_suites: suites.iter().map(|s| s.suite).collect(),
             kx_groups: groups.iter().map(|g| g.group).collect(),
-            ..base
+            ..base_provider()
         };
         Self {
             profile,
@@ -487,6 +535,12 @@ impl TlsPolicy {
     /// The profile this policy came from.
     pub fn profile(&self) -> Profile {
         self.profile
+    }
+
+    /// Whether every part of this policy's provider is FIPS-approved (rustls's
+    /// `CryptoProvider::fips`: only in a FIPS build).
+    pub fn fips(&self) -> bool {
+        self.provider.fips()
     }
 
     /// The crypto provider (aws-lc-rs) restricted to this policy's suites and groups.
