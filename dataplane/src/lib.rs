@@ -53,6 +53,7 @@ mod error;
 pub mod fuzzing;
 pub mod keyops;
 pub mod metrics;
+pub mod pool;
 mod portable;
 mod snapshot;
 mod stats;

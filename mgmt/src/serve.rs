@@ -680,6 +680,7 @@ fn build_snapshot_inner(
             sni_filter,
             client_cert_check,
             backend_tls: crate::backend_tls::build(config, i, token)?,
+            routes: None,
         });
     }
     set_ocsp_wake(ocsp_wake);
