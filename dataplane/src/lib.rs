@@ -244,6 +244,19 @@ impl Dataplane {
         }
     }
 
+    /// The route tables of the published snapshot by listener (a plain `backend` shows as a
+    /// one-pool table), for health checks, metrics and the management API.
+    pub fn routes(&self) -> Vec<(String, Arc<pool::RouteTable>)> {
+        self.shared
+            .snapshot
+            .load()
+            .listeners
+            .iter()
+            .flatten()
+            .map(|l| (l.snap.name.clone(), l.routes.clone()))
+            .collect()
+    }
+
     /// Counters of all cores, summed now.
     pub fn stats(&self) -> StatsSnapshot {
         StatsSnapshot::sum(&self.cores)

@@ -46,6 +46,39 @@ impl AdminState {
     }
 }
 
+/// A pool's active health check: plain data the data plane carries for whoever runs the checks
+/// (`tlsgate serve` runs them off the io threads and reports through
+/// [`ServerState::set_up`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// What a check does.
+    pub probe: Probe,
+    /// Time between checks of a server.
+    pub interval: std::time::Duration,
+    /// A check that takes longer fails.
+    pub timeout: std::time::Duration,
+    /// Passes in a row that bring a server back.
+    pub rise: u32,
+    /// Failures in a row that take it out.
+    pub fall: u32,
+}
+
+/// What one health check does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    /// A TCP connect.
+    Tcp,
+    /// A TLS handshake with the pool's backend TLS settings.
+    Tls,
+    /// `GET path` over HTTP/1.1 (in TLS when the pool speaks TLS), answered with this status.
+    Http {
+        /// The path, starting with `/`.
+        path: String,
+        /// The status that passes.
+        expect_status: u16,
+    },
+}
+
 /// Milliseconds since a process-wide anchor (never 0), for deadlines kept in atomics.
 pub fn now_ms() -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use balance::Balance;
-pub use health::{AdminState, ServerState};
+pub use health::{AdminState, HealthCheck, Probe, ServerState};
 pub use route::{Route, RouteTable, SniMatch};
 
 use crate::conn::BackendTls;
@@ -67,6 +67,8 @@ pub struct Pool {
     pub proxy_protocol: bool,
     /// Speak TLS to the servers.
     pub backend_tls: Option<BackendTls>,
+    /// Active health checks, run outside the data plane; `None`: none.
+    pub health_check: Option<HealthCheck>,
     /// Connect attempts made on another server after a failure.
     pub retries_total: AtomicU64,
     /// Connections closed because no server could take them.
@@ -91,6 +93,7 @@ impl Pool {
             },
             proxy_protocol: false,
             backend_tls: None,
+            health_check: None,
             retries_total: AtomicU64::new(0),
             no_healthy_total: AtomicU64::new(0),
             cursor: AtomicU64::new(0),
