@@ -541,3 +541,109 @@ fn run(io: &str) -> Result<()> {
     drop(serve);
     Ok(())
 }
+
+/// The access log (target `tlsgate_access`) names the route's pool, the server and the
+/// negotiated protocol, and says `no_healthy_backend` when no server can take a connection.
+#[test]
+fn the_access_log_names_pool_server_and_protocol() -> Result<()> {
+    if !common::require("curl", "curl") {
+        return Ok(());
+    }
+    let lab = Lab::new()?;
+    let (key, chain) = lab.software_key_with_chain("EC", "edge")?;
+    let (_g, addr) = backend(lab.dir.path(), "alpha", "127.0.0.1:0")?;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let path = lab.path("access.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[dataplane]
+cores = [0]
+
+[[backend]]
+name = "web"
+servers = [{{ address = "{addr}" }}]
+alpn = ["h2", "http/1.1"]
+
+[[backend]]
+name = "gone"
+servers = [{{ address = "{dead}" }}]
+eject_after = 1
+
+[[listener]]
+name = "edge"
+bind = "127.0.0.1:0"
+default_backend = "gone"
+[[listener.route]]
+sni = "localhost"
+alpn = "h2"
+backend = "web"
+[[listener.certificate]]
+chain = "{chain}"
+key = "file:{key}"
+"#,
+            chain = chain.display(),
+            key = key.display()
+        ),
+    )?;
+    let mut serve = Serve::start_with_env(
+        &lab,
+        &path,
+        &[("TLSGATE_LOG", "info,tlsgate_access=debug".to_string())],
+    )?;
+    let (v, who) = curl(&lab, serve.port, "localhost", &["--http2"])?;
+    ensure!(v == "HTTP/2" && who == "alpha", "{v} {who}");
+    // Without h2 the default pool `gone` takes it: one refused connect ejects its only server.
+    for _ in 0..2 {
+        let out = Command::new("curl")
+            .args([
+                "-sS",
+                "--max-time",
+                "10",
+                "--http1.1",
+                "--cacert",
+                &lab.p("ca/root.pem"),
+            ])
+            .arg(format!("https://localhost:{}/", serve.port))
+            .output()?;
+        ensure!(!out.status.success(), "no server: the request fails");
+    }
+    serve.signal("TERM")?;
+    let _ = serve.guard.child.wait();
+    let mut log = String::new();
+    serve
+        .guard
+        .child
+        .stderr
+        .take()
+        .context("stderr")?
+        .read_to_string(&mut log)?;
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("tlsgate_access"))
+        .collect();
+    ensure!(
+        lines.iter().any(|l| l.contains("pool=\"web\"")
+            && l.contains(&format!("server={addr}"))
+            && l.contains("alpn=h2")
+            && l.contains("reason=\"done\"")),
+        "an h2 line for web:\n{}",
+        lines.join("\n")
+    );
+    ensure!(
+        lines.iter().any(|l| l.contains("pool=\"gone\"")
+            && l.contains("alpn=-")
+            && l.contains("reason=\"backend_connect_failed\"")),
+        "the refused connect:\n{}",
+        lines.join("\n")
+    );
+    ensure!(
+        lines
+            .iter()
+            .any(|l| l.contains("pool=\"gone\"") && l.contains("reason=\"no_healthy_backend\"")),
+        "no_healthy_backend once ejected:\n{}",
+        lines.join("\n")
+    );
+    Ok(())
+}

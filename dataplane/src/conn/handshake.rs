@@ -125,6 +125,7 @@ impl Conn {
         };
         let flight = std::mem::take(flight);
         let (real, tripwire) = self.listener.configs_for(alpn.as_deref());
+        self.upstream.alpn = alpn;
         let tripwire = if self.danger_inline { None } else { tripwire };
         let Some(tripwire) = tripwire else {
             match accepted.into_connection(real) {

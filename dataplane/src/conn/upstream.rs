@@ -19,6 +19,8 @@ pub(super) struct Upstream {
     server: Option<(usize, Lease)>,
     /// Servers tried, a bit per index.
     tried: u64,
+    /// The ALPN protocol the route chose (what the server answers with).
+    pub alpn: Option<Vec<u8>>,
     attempts: u32,
     /// Every attempt ends by this.
     deadline: Option<Instant>,
@@ -122,6 +124,31 @@ impl Conn {
             pool.retried();
         }
         next
+    }
+
+    /// One access-log line for this connection (target `tlsgate_access`, debug level, so
+    /// off unless asked for): listener, client, route, negotiated protocol, server, reason.
+    pub(crate) fn log_access(&self, core: usize, reason: CloseReason) {
+        if !tracing::enabled!(target: "tlsgate_access", tracing::Level::DEBUG) {
+            return;
+        }
+        let (pool, server) = self.backend().unwrap_or(("-", None));
+        let alpn = self
+            .upstream
+            .alpn
+            .as_deref()
+            .map_or_else(|| "-".into(), String::from_utf8_lossy);
+        tracing::debug!(
+            target: "tlsgate_access",
+            core,
+            listener = %self.listener.snap.name,
+            client = %self.peer,
+            pool,
+            server = %server.map_or_else(|| "-".to_string(), |s| s.to_string()),
+            alpn = %alpn,
+            reason = reason.as_str(),
+            "connection"
+        );
     }
 
     /// The connect succeeded: the server's failure count is reset.

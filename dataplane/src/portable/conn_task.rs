@@ -135,6 +135,7 @@ pub(super) async fn run(
         now,
     );
     let reason = drive(&core, &mut conn, &client, &mut guard).await;
+    conn.log_access(core.index, reason);
     if reason != CloseReason::Done {
         // Best effort: an alert rustls queued for the client.
         if !conn.client_out().is_empty() {

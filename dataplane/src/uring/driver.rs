@@ -238,6 +238,7 @@ impl Core {
                 _ => ctl.abort(b),
             }
         }
+        st.conn.log_access(self.index, reason);
         if reason != CloseReason::Done {
             crate::stats::log_closed(self.index, &st.listener, None, reason);
         }
