@@ -75,7 +75,7 @@ impl Conn {
         };
         let deadline = *self.upstream.deadline.get_or_insert(now + budget);
         let Some(i) = pool.pick(self.peer, self.upstream.tried) else {
-            self.abort(CloseReason::NoHealthyBackend);
+            self.close_without_backend(CloseReason::NoHealthyBackend);
             return None;
         };
         self.upstream.tried |= 1u64.checked_shl(i as u32).unwrap_or(0);
@@ -113,7 +113,7 @@ impl Conn {
         };
         let in_time = self.upstream.deadline.is_some_and(|d| now < d);
         if self.upstream.attempts > pool.retries || !in_time || self.closed.is_some() {
-            self.abort(reason);
+            self.close_without_backend(reason);
             return None;
         }
         let next = self.pick_backend(now);
@@ -124,6 +124,26 @@ impl Conn {
             pool.retried();
         }
         next
+    }
+
+    /// Ends a connection whose handshake is done but that no backend will serve: the client
+    /// gets close_notify (a clean TLS close, not a bare FIN) before the socket closes.
+    fn close_without_backend(&mut self, reason: CloseReason) {
+        if self.closed.is_some() {
+            return;
+        }
+        if let super::Phase::Tls { tls, .. } = &mut self.phase {
+            tls.send_close_notify();
+            let mut bytes = Vec::new();
+            while tls.wants_write() {
+                match tls.write_tls(&mut bytes) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+            self.to_client.push(&bytes);
+        }
+        self.abort(reason);
     }
 
     /// One access-log line for this connection (target `tlsgate_access`, debug level, so

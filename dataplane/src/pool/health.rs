@@ -116,7 +116,7 @@ pub struct ServerState {
 
 /// Connect latencies kept between two reads of the publisher; more in between thin out the
 /// histogram (the counters stay exact).
-const LATENCY_RING: usize = 256;
+const LATENCY_RING: usize = 1024;
 
 impl Default for ServerState {
     fn default() -> Self {
@@ -200,8 +200,9 @@ impl ServerState {
             .collect()
     }
 
-    /// A connect failed: counted; ejects after `ejection.after` in a row.
-    pub fn connect_failed(&self, timed_out: bool, ejection: Ejection) {
+    /// A connect failed: counted; ejects after `ejection.after` in a row. Returns the failures
+    /// in a row when this one ejected the server.
+    pub fn connect_failed(&self, timed_out: bool, ejection: Ejection) -> Option<u32> {
         if timed_out {
             self.connect_timeouts.fetch_add(1, Relaxed);
         } else {
@@ -213,13 +214,10 @@ impl ServerState {
             let until = now_ms().saturating_add(backoff);
             if self.ejected_until.swap(until, Relaxed) < now_ms() {
                 self.ejections.fetch_add(1, Relaxed);
-                tracing::warn!(
-                    failures = n,
-                    backoff_ms = backoff,
-                    "backend server ejected after connect failures"
-                );
+                return Some(n);
             }
         }
+        None
     }
 }
 

@@ -154,7 +154,15 @@ impl Pool {
     /// A connect to server `i` failed: counts it and ejects the server after enough in a row.
     pub fn connect_failed(&self, i: usize, timed_out: bool) {
         if let Some(s) = self.servers.get(i) {
-            s.state.connect_failed(timed_out, self.ejection);
+            if let Some(failures) = s.state.connect_failed(timed_out, self.ejection) {
+                tracing::warn!(
+                    pool = %self.name,
+                    server = %s.addr,
+                    failures,
+                    backoff_ms = u64::try_from(self.ejection.backoff.as_millis()).unwrap_or(u64::MAX),
+                    "backend server ejected after connect failures in a row"
+                );
+            }
         }
     }
 }
