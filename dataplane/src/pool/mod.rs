@@ -55,6 +55,9 @@ pub struct Pool {
     pub servers: Vec<Server>,
     /// ALPN protocols the servers speak, in the pool's order; empty: no ALPN is negotiated.
     pub alpn: Vec<Vec<u8>>,
+    /// A client that offers only other protocols is served without ALPN instead of getting a
+    /// `no_application_protocol` alert.
+    pub alpn_optional: bool,
     /// How a server is chosen.
     pub balance: Balance,
     /// The deadline for reaching a server, retries included.
@@ -84,6 +87,7 @@ impl Pool {
             name: name.into(),
             servers,
             alpn,
+            alpn_optional: false,
             balance: Balance::RoundRobin,
             connect_timeout: Duration::from_secs(5),
             retries: 0,

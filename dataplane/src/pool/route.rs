@@ -183,6 +183,7 @@ impl RouteTable {
             // The client's preference order, among what the pool speaks.
             (None, Some(o)) => match o.iter().find(|p| pool.alpn.iter().any(|a| a == *p)) {
                 Some(p) => Some(p.to_vec()),
+                None if pool.alpn_optional => None,
                 None => return Selected::NoProtocol,
             },
         };
@@ -254,6 +255,19 @@ mod tests {
             t.select(Some("api.example.com"), Some(foo)),
             Selected::NoProtocol
         ));
+        let mut lenient = Pool::single(
+            "lenient",
+            "127.0.0.1:2".parse().expect("literal"),
+            std::time::Duration::from_secs(1),
+        );
+        lenient.alpn = vec![b"h2".to_vec()];
+        lenient.alpn_optional = true;
+        let t2 = RouteTable::new(Vec::new(), Some(Arc::new(lenient)));
+        assert_eq!(
+            name_of(&t2.select(None, Some(foo))),
+            ("lenient", None),
+            "served without ALPN"
+        );
         let strict = RouteTable::new(
             vec![Route::new(
                 SniMatch::parse(Some("api.example.com")),

@@ -9,6 +9,7 @@
 //!   { address = "10.0.0.2:8080", max_connections = 1000 },
 //! ]
 //! alpn = ["h2", "http/1.1"]        # protocols the servers speak; [] (default): no ALPN
+//! alpn_required = true             # false: a client offering only others gets no ALPN, not an alert
 //! balance = "round_robin"          # round_robin | least_connections | consistent_hash
 //! connect_timeout_ms = 2000        # reaching a server, retries included
 //! retries = 2                      # other servers tried after a failed connect
@@ -71,6 +72,10 @@ pub struct PoolConfig {
     /// ALPN protocols the servers speak, preferred first.
     #[serde(default)]
     pub alpn: Vec<String>,
+    /// A client that offers only other protocols gets `no_application_protocol` (true, the
+    /// default) or is served without ALPN (false).
+    #[serde(default = "default_alpn_required")]
+    pub alpn_required: bool,
     /// How a server is chosen.
     #[serde(default)]
     pub balance: BalanceConfig,
@@ -106,6 +111,9 @@ fn default_eject_after() -> u32 {
 }
 fn default_eject_backoff_ms() -> u64 {
     DEFAULT_EJECT_BACKOFF_MS
+}
+fn default_alpn_required() -> bool {
+    true
 }
 fn default_weight() -> u32 {
     1

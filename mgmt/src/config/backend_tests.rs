@@ -61,6 +61,7 @@ fn pools_and_routes_parse_with_defaults() {
     assert_eq!(c.pools.len(), 2);
     assert_eq!(c.pools[0].servers[0].weight, 1);
     assert_eq!(c.pools[0].retries, super::DEFAULT_RETRIES);
+    assert!(c.pools[0].alpn_required);
     assert_eq!(c.listeners[0].routes.len(), 2);
     assert!(c.listeners[0].backend.is_none());
 }

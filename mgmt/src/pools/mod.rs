@@ -113,6 +113,7 @@ fn pool_from(
         servers,
         c.alpn.iter().map(|a| a.as_bytes().to_vec()).collect(),
     );
+    p.alpn_optional = !c.alpn_required;
     p.balance = match c.balance {
         BalanceConfig::RoundRobin => Balance::RoundRobin,
         BalanceConfig::LeastConnections => Balance::LeastConnections,
