@@ -326,3 +326,72 @@ fn balancing_spreads_and_a_dead_server_is_retried_then_ejected() {
         dp.shutdown(Duration::from_secs(1)).expect("shutdown");
     }
 }
+
+/// A backend behind PROXY v2: reads the header and answers with the ALPN TLV's value.
+fn proxy_alpn_backend() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let a = l.local_addr().expect("addr");
+    thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            thread::spawn(move || {
+                let mut head = [0u8; 16];
+                if io::Read::read_exact(&mut s, &mut head).is_err() {
+                    return;
+                }
+                let len = usize::from(u16::from_be_bytes([head[14], head[15]]));
+                let mut rest = vec![0u8; len];
+                if io::Read::read_exact(&mut s, &mut rest).is_err() {
+                    return;
+                }
+                let skip = match head[13] {
+                    0x11 => 12,
+                    0x21 => 36,
+                    _ => 0,
+                };
+                let mut tlvs = rest.get(skip..).unwrap_or_default();
+                let mut alpn = "-".to_string();
+                while let [t, hi, lo, tail @ ..] = tlvs {
+                    let n = usize::from(u16::from_be_bytes([*hi, *lo])).min(tail.len());
+                    if *t == 0x01 {
+                        alpn = String::from_utf8_lossy(&tail[..n]).into_owned();
+                    }
+                    tlvs = &tail[n..];
+                }
+                let _ = writeln!(s, "alpn={alpn}");
+            });
+        }
+    });
+    a
+}
+
+#[test]
+fn the_negotiated_protocol_reaches_the_backend_in_the_proxy_header() {
+    let p = pki_for(KeyKind::Ecdsa, NAMES);
+    let (tls, _) = server_config(&p, None);
+    for io in drivers() {
+        let mut pool = Pool::new(
+            "proxied",
+            vec![server(proxy_alpn_backend(), 1)],
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+        );
+        pool.proxy_protocol = true;
+        let mut l = listener("proxied", tls.clone(), dead_address());
+        l.routes = Some(Arc::new(RouteTable::new(Vec::new(), Some(Arc::new(pool)))));
+        let Some(dp) = start_dp(dp_config(), io, vec![l]) else {
+            continue;
+        };
+        let a = addr(&dp);
+        let (line, alpn) = visit(a, &client(&p, &["h2", "http/1.1"]), "localhost").expect("served");
+        assert_eq!(
+            (line.as_str(), alpn.as_deref()),
+            ("alpn=h2", Some(&b"h2"[..])),
+            "{io:?}"
+        );
+        let (line, _) = visit(a, &client(&p, &["http/1.1"]), "localhost").expect("served");
+        assert_eq!(line, "alpn=http/1.1");
+        let (line, _) = visit(a, &client(&p, &[]), "localhost").expect("served");
+        assert_eq!(line, "alpn=-");
+        dp.shutdown(Duration::from_secs(1)).expect("shutdown");
+    }
+}

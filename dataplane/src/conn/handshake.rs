@@ -263,7 +263,7 @@ impl Conn {
                 peer_certs: tls.peer_certificates(),
                 resumed,
             };
-            match identity::tlvs(&facts) {
+            match identity::tlvs(&facts).or_else(|| identity::plain_tlvs(&facts)) {
                 Some(tlvs) => proxy_v2::header_with_tlvs(self.peer, self.local, &tlvs),
                 None => proxy_v2::header(self.peer, self.local),
             }
