@@ -383,7 +383,7 @@ fn run(io: &str) -> Result<()> {
     // Only a connection already on beta when it died may fail (its request was in flight):
     // every connection started after the kill is served, by retry before detection and by
     // routing around beta after it.
-    let in_flight = |t: &Instant| *t <= killed_at && *t + Duration::from_millis(50) > killed_at;
+    let in_flight = |t: &Instant| *t <= killed_at;
     let unexpected: Vec<_> = failed.iter().filter(|(t, _)| !in_flight(t)).collect();
     let rate = log.len() as f64 / load_time.as_secs_f64();
     eprintln!(
