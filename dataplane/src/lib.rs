@@ -53,6 +53,7 @@ mod error;
 pub mod fuzzing;
 pub mod keyops;
 pub mod metrics;
+pub mod pool;
 mod portable;
 mod snapshot;
 mod stats;
@@ -250,6 +251,19 @@ impl Dataplane {
         self.cores
             .iter()
             .map(|c| c.heartbeat.load(std::sync::atomic::Ordering::Relaxed))
+            .collect()
+    }
+
+    /// The route tables of the published snapshot by listener (a plain `backend` shows as a
+    /// one-pool table), for health checks, metrics and the management API.
+    pub fn routes(&self) -> Vec<(String, Arc<pool::RouteTable>)> {
+        self.shared
+            .snapshot
+            .load()
+            .listeners
+            .iter()
+            .flatten()
+            .map(|l| (l.snap.name.clone(), l.routes.clone()))
             .collect()
     }
 

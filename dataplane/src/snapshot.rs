@@ -4,10 +4,13 @@ use std::cell::Cell;
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::{CertifiedKey, Signer, SigningKey};
 use rustls::{ServerConfig, SignatureAlgorithm, SignatureScheme};
+
+use crate::pool::{Pool, RouteTable};
 
 /// Everything that can change on reload. Immutable: a reload publishes a new one.
 #[derive(Debug, Clone)]
@@ -28,7 +31,7 @@ pub struct ListenerSnapshot {
     /// The certificate keys are slow (on a token): full handshakes run `into_connection()` on a
     /// key-operation worker instead of the io thread.
     pub offload_key_ops: bool,
-    /// Where decrypted bytes go.
+    /// Where decrypted bytes go when `routes` is `None` (a one-server pool).
     pub backend: SocketAddr,
     /// Send a PROXY protocol v2 header to the backend first (with the client-certificate
     /// TLVs of [`crate::conn::identity`] when the client presented one).
@@ -41,8 +44,12 @@ pub struct ListenerSnapshot {
     /// made), and a session without a chain against a policy that now requires one; `None` when
     /// the listener does not authenticate clients.
     pub client_cert_check: Option<ClientCertCheck>,
-    /// Speak TLS to the backend (after the PROXY header, when that is on).
+    /// Speak TLS to the backend (after the PROXY header, when that is on); with `routes`, each
+    /// pool carries its own instead.
     pub backend_tls: Option<crate::conn::BackendTls>,
+    /// Backend pools by SNI and ALPN ([`crate::pool`]); `None`: `backend`, `proxy_protocol` and
+    /// `backend_tls` make the one pool.
+    pub routes: Option<Arc<RouteTable>>,
 }
 
 /// Answers whether a resumed session's client certificate chain (end entity first) is still
@@ -121,6 +128,34 @@ impl fmt::Debug for SniFilter {
 pub(crate) struct PreparedListener {
     pub snap: ListenerSnapshot,
     pub tripwire_tls: Option<Arc<ServerConfig>>,
+    /// The listener's routes (a one-pool table for a plain `backend`).
+    pub routes: Arc<RouteTable>,
+    /// One configuration per protocol a route may answer with: the listener's own with
+    /// `alpn_protocols` set to that protocol alone, and its tripwire twin.
+    pub alpn_configs: Vec<AlpnConfig>,
+}
+
+/// The listener's configuration answering one ALPN protocol.
+#[derive(Debug)]
+pub(crate) struct AlpnConfig {
+    pub protocol: Vec<u8>,
+    pub tls: Arc<ServerConfig>,
+    pub tripwire_tls: Option<Arc<ServerConfig>>,
+}
+
+impl PreparedListener {
+    /// The configuration that answers `alpn` (the listener's own for none), and its tripwire.
+    pub(crate) fn configs_for(
+        &self,
+        alpn: Option<&[u8]>,
+    ) -> (Arc<ServerConfig>, Option<Arc<ServerConfig>>) {
+        if let Some(p) = alpn {
+            if let Some(c) = self.alpn_configs.iter().find(|c| c.protocol == p) {
+                return (c.tls.clone(), c.tripwire_tls.clone());
+            }
+        }
+        (self.snap.tls.clone(), self.tripwire_tls.clone())
+    }
 }
 
 /// A snapshot prepared once on the publishing thread, so cores never build configs.
@@ -138,9 +173,38 @@ impl Prepared {
             .map(|name| {
                 let snap = snapshot.listeners.iter().find(|l| &l.name == name)?;
                 let tripwire_tls = snap.offload_key_ops.then(|| tripwire_config(&snap.tls));
+                let routes = snap.routes.clone().unwrap_or_else(|| {
+                    let mut pool = Pool::single(&snap.name, snap.backend, Duration::ZERO);
+                    pool.proxy_protocol = snap.proxy_protocol;
+                    pool.backend_tls = snap.backend_tls.clone();
+                    Arc::new(RouteTable::new(Vec::new(), Some(Arc::new(pool))))
+                });
+                let mut protocols: Vec<Vec<u8>> = Vec::new();
+                for pool in routes.pools() {
+                    protocols.extend(pool.alpn.iter().cloned());
+                }
+                protocols.extend(routes.routes.iter().filter_map(|r| r.alpn.clone()));
+                protocols.sort();
+                protocols.dedup();
+                let alpn_configs = protocols
+                    .into_iter()
+                    .map(|protocol| {
+                        let mut cfg = (*snap.tls).clone();
+                        cfg.alpn_protocols = vec![protocol.clone()];
+                        let tls = Arc::new(cfg);
+                        let tripwire_tls = snap.offload_key_ops.then(|| tripwire_config(&tls));
+                        AlpnConfig {
+                            protocol,
+                            tls,
+                            tripwire_tls,
+                        }
+                    })
+                    .collect();
                 Some(Arc::new(PreparedListener {
                     snap: snap.clone(),
                     tripwire_tls,
+                    routes,
+                    alpn_configs,
                 }))
             })
             .collect();

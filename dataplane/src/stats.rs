@@ -33,9 +33,11 @@ pub(crate) const REASONS: [CloseReason; N_REASONS] = [
     CloseReason::BackendTlsError(BackendTlsCause::ProtocolError),
     CloseReason::ListenerGone,
     CloseReason::Shutdown,
+    CloseReason::NoHealthyBackend,
+    CloseReason::NoApplicationProtocol,
 ];
 
-const N_REASONS: usize = 20;
+const N_REASONS: usize = 22;
 const N_CAUSES: usize = BackendTlsCause::ALL.len();
 
 /// Who caused a connection to end in error (`None`: it ended normally): the `source` label of
@@ -47,6 +49,7 @@ pub(crate) fn error_source(r: CloseReason) -> Option<&'static str> {
         | CloseReason::BadClientHello
         | CloseReason::NegotiationFailed
         | CloseReason::UnknownSni
+        | CloseReason::NoApplicationProtocol
         | CloseReason::ClientCertRejected
         | CloseReason::TlsError
         | CloseReason::ClientClosedEarly
@@ -55,6 +58,7 @@ pub(crate) fn error_source(r: CloseReason) -> Option<&'static str> {
         CloseReason::BackendConnectFailed
         | CloseReason::BackendConnectTimeout
         | CloseReason::BackendIoError
+        | CloseReason::NoHealthyBackend
         | CloseReason::BackendTlsError(_) => Some("backend"),
         CloseReason::KeyOpRejected | CloseReason::KeyOpTimeout | CloseReason::KeyOpFailed => {
             Some("hsm")

@@ -43,6 +43,17 @@ pub fn build(config: &Config, i: usize, token: Option<&Arc<Token>>) -> Result<Op
         return Ok(None);
     };
     let at = format!("listener[{i}].backend_tls ({})", l.name);
+    build_with(config, bt, &at, token).map(Some)
+}
+
+/// The data plane's backend TLS settings from `bt` (`at` names it in errors and logs).
+pub fn build_with(
+    config: &Config,
+    bt: &BackendTlsConfig,
+    at: &str,
+    token: Option<&Arc<Token>>,
+) -> Result<BackendTls> {
+    let at = at.to_string();
     let ca_path = config.resolve(&bt.ca);
     let roots = load_roots(&ca_path).with_context(|| format!("{at}.ca"))?;
     let server_name = ServerName::try_from(bt.server_name.clone())
@@ -68,7 +79,7 @@ pub fn build(config: &Config, i: usize, token: Option<&Arc<Token>>) -> Result<Op
             let report = chain
                 .validate(&loaded.spki_der, SystemTime::now())
                 .with_context(|| format!("{at}.chain: {}", chain_path.display()))?;
-            tracing::info!(listener = %l.name, subject = %report.subject, key = %key, "backend client certificate loaded");
+            tracing::info!(at = %at, subject = %report.subject, key = %key, "backend client certificate loaded");
             let ck = tlsgate_keystore::cert::certified_key(&chain, loaded.signing_key)
                 .with_context(|| format!("{at}.chain"))?;
             builder.with_client_cert_resolver(Arc::new(SingleCertAndKey::from(ck)))
@@ -76,11 +87,11 @@ pub fn build(config: &Config, i: usize, token: Option<&Arc<Token>>) -> Result<Op
         (None, None) => builder.with_no_client_auth(),
         _ => bail!("{at}: `chain` and `key` go together"),
     };
-    Ok(Some(BackendTls {
+    Ok(BackendTls {
         config: Arc::new(client_config),
         server_name,
         offload_key_ops,
-    }))
+    })
 }
 
 fn load_roots(path: &Path) -> Result<Arc<RootCertStore>> {

@@ -60,9 +60,11 @@ use tlsgate_dataplane::DataplaneConfig;
 use tlsgate_keystore::keyref::KeyRef;
 use tlsgate_keystore::pin::PinSource;
 
+pub mod backend;
 mod backend_tls;
 pub mod management;
 
+pub use backend::{PoolConfig, RouteConfig};
 pub use backend_tls::BackendTlsConfig;
 pub use management::{ApiConfig, StateConfig};
 
@@ -121,6 +123,9 @@ pub struct Config {
     /// TLS listeners.
     #[serde(rename = "listener", default)]
     pub listeners: Vec<ListenerConfig>,
+    /// Backend pools (`[[backend]]`, see [`backend`]).
+    #[serde(rename = "backend", default)]
+    pub pools: Vec<PoolConfig>,
     /// Whether the file sets `[dataplane.limits] max_connections_per_core` itself (a default is
     /// fitted to the file-descriptor limit; a value the operator chose is not lowered silently).
     #[serde(skip)]
@@ -275,9 +280,17 @@ pub struct ListenerConfig {
     pub name: String,
     /// Address to accept TLS on.
     pub bind: SocketAddr,
-    /// Where decrypted bytes go (TCP).
-    pub backend: SocketAddr,
-    /// Send a PROXY protocol v2 header to the backend first.
+    /// Where decrypted bytes go (TCP): a one-server pool. Or name pools with `default_backend`
+    /// and `[[listener.route]]`.
+    pub backend: Option<SocketAddr>,
+    /// The `[[backend]]` pool a ClientHello no route takes; absent (and no `backend`): such a
+    /// hello gets `unrecognized_name`.
+    pub default_backend: Option<String>,
+    /// Routes by SNI and ALPN to `[[backend]]` pools.
+    #[serde(rename = "route", default)]
+    pub routes: Vec<RouteConfig>,
+    /// Send a PROXY protocol v2 header to the backend first (`backend` only; pools have their
+    /// own).
     #[serde(default)]
     pub proxy_protocol: bool,
     /// Certificates served; with several (ECDSA and RSA) each client gets one its signature
@@ -299,7 +312,8 @@ pub struct ListenerConfig {
     /// tickets (`[listener.session]`; defaults in `crate::session`).
     #[serde(default)]
     pub session: crate::session::SessionConfig,
-    /// TLS to the backend (its CA, expected name, optional client certificate).
+    /// TLS to the backend (its CA, expected name, optional client certificate); `backend`
+    /// only, pools have their own.
     pub backend_tls: Option<BackendTlsConfig>,
 }
 
@@ -404,6 +418,39 @@ impl Config {
             key: key.into(),
             why: why.into(),
         }
+    }
+
+    /// A listener forwards to `backend` or to pools, and names only pools that exist.
+    fn check_listener_backends(&self, i: usize, l: &ListenerConfig) -> Result<(), ConfigError> {
+        let at = format!("listener[{i}]");
+        if l.backend.is_some() && l.default_backend.is_some() {
+            return Err(self.invalid(
+                format!("{at}.default_backend"),
+                "`backend` (an address) and `default_backend` (a pool) exclude each other: keep one",
+            ));
+        }
+        if l.backend.is_none() && l.default_backend.is_none() && l.routes.is_empty() {
+            return Err(self.invalid(
+                format!("{at}.backend"),
+                "no backend: set backend = \"host:port\", or default_backend and/or [[listener.route]] naming [[backend]] pools",
+            ));
+        }
+        if l.backend.is_none() {
+            if l.proxy_protocol {
+                return Err(self.invalid(
+                    format!("{at}.proxy_protocol"),
+                    "without `backend`, set proxy_protocol on the [[backend]] pools",
+                ));
+            }
+            if l.backend_tls.is_some() {
+                return Err(self.invalid(
+                    format!("{at}.backend_tls"),
+                    "without `backend`, set backend_tls on the [[backend]] pools",
+                ));
+            }
+        }
+        backend::check_routes(&at, &l.routes, l.default_backend.as_deref(), &self.pools)
+            .map_err(|(k, why)| self.invalid(k, why))
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -545,12 +592,15 @@ impl Config {
                     needs_token = true;
                 }
             }
+            self.check_listener_backends(i, l)?;
             if let Some(bt) = &l.backend_tls {
                 needs_token |= bt.check().map_err(|(field, why)| {
                     self.invalid(format!("listener[{i}].backend_tls.{field}"), why)
                 })?;
             }
         }
+        needs_token |=
+            backend::check_pools(&self.pools).map_err(|(k, why)| self.invalid(k, why))?;
         if needs_token && self.pkcs11.is_none() {
             return Err(self.invalid(
                 "pkcs11",

@@ -108,6 +108,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let drain = dp_config.limits.drain_timeout();
     let dataplane = tlsgate_dataplane::start(dp_config, Arc::new(snapshot))
         .context("cannot start the data plane")?;
+    crate::pools::refresh(&dataplane);
 
     let addrs = dataplane.local_addrs();
     if let Some(m) = &manager {
@@ -338,6 +339,7 @@ async fn wait_for_signals(
                     crate::mgmt_metrics::publish_hsm(Some(&r), pool.only_token(), 0);
                 }
                 prober.maybe_probe(token.as_ref());
+                crate::pools::refresh(dataplane);
             }
             _ = ocsp_due => {
                 // A failing timed reload must not spin: the schedule comes back with the next
@@ -691,11 +693,14 @@ fn build_snapshot_inner(
             bind: l.bind,
             tls,
             offload_key_ops: offload,
-            backend: l.backend,
+            backend: l
+                .backend
+                .unwrap_or(std::net::SocketAddr::from(([0, 0, 0, 0], 0))),
             proxy_protocol: l.proxy_protocol,
             sni_filter,
             client_cert_check,
             backend_tls: crate::backend_tls::build(config, i, token)?,
+            routes: crate::pools::routes(config, i, token)?,
         });
     }
     set_ocsp_wake(ocsp_wake);

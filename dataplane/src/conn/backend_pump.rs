@@ -60,7 +60,7 @@ impl Conn {
                 return;
             }
             Err(KeyOpFailure::Tls { error, .. }) => {
-                tracing::warn!(listener = %self.listener.snap.name, backend = %self.listener.snap.backend, error = %error, "backend TLS client signature failed");
+                tracing::warn!(listener = %self.listener.snap.name, backend = ?self.backend(), error = %error, "backend TLS client signature failed");
                 CloseReason::KeyOpFailed
             }
             Err(KeyOpFailure::Rejected) => CloseReason::KeyOpRejected,
@@ -77,7 +77,7 @@ impl Conn {
     /// Queues what the backend must see first: the PROXY header in clear, then (TLS backends)
     /// the ClientHello.
     pub(super) fn start_backend_stream(&mut self, header: Option<Vec<u8>>) {
-        let Some(bt) = self.listener.snap.backend_tls.clone() else {
+        let Some(bt) = self.pool_backend_tls() else {
             if let Some(h) = header {
                 self.to_backend.prepend(&h);
             }
@@ -223,20 +223,18 @@ impl Conn {
         cause: BackendTlsCause,
         error: Option<&rustls::Error>,
     ) {
-        let backend = self.listener.snap.backend;
+        let backend = self.backend().and_then(|(_, s)| s);
         let server_name = self
-            .listener
-            .snap
-            .backend_tls
+            .pool_backend_tls()
             .as_ref()
             .map(|b| b.server_name.to_str().into_owned())
             .unwrap_or_default();
         match error {
             Some(e) => {
-                tracing::warn!(listener = %self.listener.snap.name, %backend, %server_name, reason = cause.as_str(), error = %e, "backend TLS failed: {}", cause.describe())
+                tracing::warn!(listener = %self.listener.snap.name, ?backend, %server_name, reason = cause.as_str(), error = %e, "backend TLS failed: {}", cause.describe())
             }
             None => {
-                tracing::warn!(listener = %self.listener.snap.name, %backend, %server_name, reason = cause.as_str(), "backend TLS failed: {}", cause.describe())
+                tracing::warn!(listener = %self.listener.snap.name, ?backend, %server_name, reason = cause.as_str(), "backend TLS failed: {}", cause.describe())
             }
         }
         // The client's session ends cleanly: it learns the backend is gone, not why.

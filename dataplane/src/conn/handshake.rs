@@ -10,7 +10,8 @@ use rustls::HandshakeKind;
 
 use super::buffer::ByteQueue;
 use super::{hello, identity, proxy_v2, CloseReason, Conn, Event, HandshakeInfo, KeyOpJob, Phase};
-use super::{ALERT_INTERNAL_ERROR, ALERT_UNRECOGNIZED_NAME};
+use super::{ALERT_INTERNAL_ERROR, ALERT_NO_APPLICATION_PROTOCOL, ALERT_UNRECOGNIZED_NAME};
+use crate::pool::route::Selected;
 use crate::snapshot::{tripwire_reset, tripwire_tripped, InlineAttempt};
 
 /// A TLS 1.3 connection that sent a HelloRetryRequest and has not answered the second
@@ -98,12 +99,34 @@ impl Conn {
                 return;
             }
         }
-        let flight = std::mem::take(flight);
-        let real = self.listener.snap.tls.clone();
-        let tripwire = match (&self.listener.tripwire_tls, self.danger_inline) {
-            (Some(t), false) => Some(t.clone()),
-            _ => None,
+        // Routing: the pool by SNI and the offered protocols, and so the protocol the server
+        // answers with, before rustls chooses the certificate.
+        let hello = accepted.client_hello();
+        let offered: Option<Vec<&[u8]>> = hello.alpn().map(|a| a.collect());
+        let selected = self
+            .listener
+            .routes
+            .select(hello.server_name(), offered.as_deref());
+        let alpn = match selected {
+            Selected::Pool { pool, alpn, .. } => {
+                self.upstream.pool = Some(pool);
+                alpn
+            }
+            Selected::UnknownName => {
+                self.to_client.push(&ALERT_UNRECOGNIZED_NAME);
+                self.fail(CloseReason::UnknownSni);
+                return;
+            }
+            Selected::NoProtocol => {
+                self.to_client.push(&ALERT_NO_APPLICATION_PROTOCOL);
+                self.fail(CloseReason::NoApplicationProtocol);
+                return;
+            }
         };
+        let flight = std::mem::take(flight);
+        let (real, tripwire) = self.listener.configs_for(alpn.as_deref());
+        self.upstream.alpn = alpn;
+        let tripwire = if self.danger_inline { None } else { tripwire };
         let Some(tripwire) = tripwire else {
             match accepted.into_connection(real) {
                 Ok(tls) => self.enter_tls(Box::new(tls), now),
@@ -118,7 +141,7 @@ impl Conn {
         };
         // What the session store and ticketer see from here on, the replay sees again.
         let attempt = InlineAttempt::begin();
-        if hello::may_resume(&flight, &*self.listener.snap.tls.session_storage) {
+        if hello::may_resume(&flight, &*real.session_storage) {
             tripwire_reset();
             match accepted.into_connection(tripwire) {
                 // A HelloRetryRequest decides nothing: the second hello may still need a
@@ -189,6 +212,7 @@ impl Conn {
     }
 
     pub(super) fn check_established(&mut self, now: Instant) {
+        let proxy = self.pool_proxy_protocol();
         let Phase::Tls { tls, established } = &mut self.phase else {
             return;
         };
@@ -230,7 +254,7 @@ impl Conn {
         }));
         // The backend connect starts now, so the PROXY header (and the client identity in it)
         // is built here, when the identity is known.
-        let header = self.listener.snap.proxy_protocol.then(|| {
+        let header = proxy.then(|| {
             let facts = identity::Facts {
                 version: tls.protocol_version(),
                 suite: tls.negotiated_cipher_suite(),
@@ -239,7 +263,7 @@ impl Conn {
                 peer_certs: tls.peer_certificates(),
                 resumed,
             };
-            match identity::tlvs(&facts) {
+            match identity::tlvs(&facts).or_else(|| identity::plain_tlvs(&facts)) {
                 Some(tlvs) => proxy_v2::header_with_tlvs(self.peer, self.local, &tlvs),
                 None => proxy_v2::header(self.peer, self.local),
             }

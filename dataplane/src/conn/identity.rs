@@ -1,7 +1,8 @@
 //! The client's TLS identity as PROXY protocol v2 TLVs, for backends behind an mTLS listener.
 //!
-//! Sent only when `proxy_protocol` is on and the client presented a certificate that the
-//! listener's verifier accepted (rustls completes no handshake otherwise). The PROXY header is
+//! Sent when `proxy_protocol` is on and the client presented a certificate that the listener's
+//! verifier accepted (rustls completes no handshake otherwise). Without a client certificate,
+//! a connection whose pool negotiated an ALPN protocol gets the `PP2_TYPE_ALPN` TLV alone. The PROXY header is
 //! built when the client handshake completes, which is also when the backend connect starts, so
 //! the identity is always known by the time the header goes out.
 //!
@@ -69,6 +70,15 @@ pub(crate) struct Facts<'a> {
 
 /// The encoded TLVs, or `None` when the client presented no certificate (the plain header then
 /// goes out, as before mTLS).
+/// The TLV of a connection without a client certificate: the negotiated protocol
+/// (`PP2_TYPE_ALPN`) when a pool negotiated one; `None` otherwise (the plain header).
+pub(crate) fn plain_tlvs(f: &Facts<'_>) -> Option<Vec<u8>> {
+    let alpn = f.alpn?;
+    let mut out = Vec::new();
+    push_tlv(&mut out, PP2_TYPE_ALPN, alpn);
+    Some(out)
+}
+
 pub(crate) fn tlvs(f: &Facts<'_>) -> Option<Vec<u8>> {
     let leaf = f.peer_certs?.first()?;
     let mut out = Vec::with_capacity(512);

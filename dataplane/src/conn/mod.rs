@@ -28,6 +28,7 @@ mod key_op;
 pub(crate) mod proxy_v2;
 #[cfg(test)]
 mod tests;
+mod upstream;
 
 use std::io::{self, BufRead, Write};
 use std::net::SocketAddr;
@@ -39,6 +40,7 @@ use rustls::server::{Acceptor, ServerConnection};
 
 pub use backend_tls::{BackendTls, BackendTlsCause};
 pub use key_op::{is_key_failure, run_key_op, KeyOpDone, KeyOpFailure, KeyOpJob, KeyOpResult};
+pub use upstream::Target;
 
 use crate::config::Limits;
 use crate::snapshot::PreparedListener;
@@ -57,6 +59,10 @@ const ALERT_DECODE_ERROR: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 50];
 /// A fatal `unrecognized_name` alert (RFC 6066) for a ClientHello whose SNI the listener
 /// refuses; sent in plaintext before any ServerHello.
 const ALERT_UNRECOGNIZED_NAME: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 112];
+
+/// A fatal `no_application_protocol` alert (RFC 7301) for a client whose ALPN offer the routed
+/// pool cannot speak; plaintext, before any ServerHello.
+const ALERT_NO_APPLICATION_PROTOCOL: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 120];
 
 /// Why a connection ended. Handshake failures and post-handshake ends are both here so drivers
 /// count them with one match.
@@ -103,6 +109,11 @@ pub enum CloseReason {
     BackendTlsError(BackendTlsCause),
     /// The current snapshot has no such listener (configuration).
     ListenerGone,
+    /// No server of the routed pool could take the connection: all down, ejected, drained or
+    /// full (backend).
+    NoHealthyBackend,
+    /// The client offered only ALPN protocols the routed pool does not speak (peer).
+    NoApplicationProtocol,
     /// The data plane shut down before the connection finished (us).
     Shutdown,
 }
@@ -130,6 +141,8 @@ impl CloseReason {
             CloseReason::BackendIoError => "backend_io_error",
             CloseReason::BackendTlsError(_) => "backend_tls_error",
             CloseReason::ListenerGone => "listener_gone",
+            CloseReason::NoHealthyBackend => "no_healthy_backend",
+            CloseReason::NoApplicationProtocol => "no_application_protocol",
             CloseReason::Shutdown => "shutdown",
         }
     }
@@ -212,6 +225,7 @@ pub struct Conn {
     close_notify_sent: bool,
     events: Vec<Event>,
     closed: Option<CloseReason>,
+    upstream: upstream::Upstream,
 }
 
 impl std::fmt::Debug for Conn {
@@ -268,17 +282,13 @@ impl Conn {
             close_notify_sent: false,
             events: Vec::new(),
             closed: None,
+            upstream: upstream::Upstream::default(),
         }
     }
 
     /// The listener this connection was accepted on (its snapshot at accept time).
     pub fn listener_name(&self) -> &str {
         &self.listener.snap.name
-    }
-
-    /// The backend to connect to after the handshake.
-    pub fn backend_addr(&self) -> SocketAddr {
-        self.listener.snap.backend
     }
 
     /// Next thing the driver must act on.
@@ -464,6 +474,7 @@ impl Conn {
 
     /// The backend is connected: plaintext may flow to it.
     pub fn on_backend_connected(&mut self, now: Instant) {
+        self.upstream_connected(now);
         self.backend_connected = true;
         self.last_activity = now;
         if self.backend_tls.is_some() {

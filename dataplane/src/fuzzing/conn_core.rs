@@ -99,6 +99,7 @@ fn listener(flags: u8) -> Arc<PreparedListener> {
             .then(|| SniFilter::new(|sni| sni.is_none_or(|s| s == SERVER_NAME))),
         client_cert_check: None,
         backend_tls: None,
+        routes: None,
     };
     let names = ["fuzz".to_owned()];
     let prepared = Prepared::new(

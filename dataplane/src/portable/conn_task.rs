@@ -10,7 +10,7 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
 use super::Core;
-use crate::conn::{CloseReason, Conn, Event, KeyOpFailure, KeyOpResult};
+use crate::conn::{CloseReason, Conn, Event, KeyOpFailure, KeyOpResult, Target};
 use crate::keyops::KeyOpRequest;
 use crate::stats::KeyOpOutcome;
 
@@ -135,6 +135,7 @@ pub(super) async fn run(
         now,
     );
     let reason = drive(&core, &mut conn, &client, &mut guard).await;
+    conn.log_access(core.index, reason);
     if reason != CloseReason::Done {
         // Best effort: an alert rustls queued for the client.
         if !conn.client_out().is_empty() {
@@ -147,10 +148,23 @@ pub(super) async fn run(
     guard.finish(reason);
 }
 
+/// One connect attempt, bounded by the attempt's share of the pool's deadline.
+fn connect(t: Target) -> ConnectFuture {
+    Box::pin(tokio::time::timeout(t.timeout, TcpStream::connect(t.addr)))
+}
+
+type ConnectFuture = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+            Output = Result<io::Result<TcpStream>, tokio::time::error::Elapsed>,
+        >,
+    >,
+>;
+
 async fn drive(core: &Core, conn: &mut Conn, client: &TcpStream, guard: &mut Guard) -> CloseReason {
     let cfg = &core.shared.cfg;
     let mut backend: Option<TcpStream> = None;
-    let mut connecting: Option<std::pin::Pin<Box<dyn std::future::Future<Output = _>>>> = None;
+    let mut connecting: Option<ConnectFuture> = None;
     let mut key_op_rx: Option<oneshot::Receiver<KeyOpResult>> = None;
     let mut key_op_deadline: Option<Instant> = None;
     loop {
@@ -191,11 +205,9 @@ async fn drive(core: &Core, conn: &mut Conn, client: &TcpStream, guard: &mut Gua
                         .borrow_mut()
                         .handshake_ok(&guard.listener, &info);
                     guard.handshake_done();
-                    let addr = conn.backend_addr();
-                    connecting = Some(Box::pin(tokio::time::timeout(
-                        cfg.limits.backend_connect_timeout(),
-                        TcpStream::connect(addr),
-                    )));
+                    if let Some(t) = conn.pick_backend(now) {
+                        connecting = Some(connect(t));
+                    }
                 }
             }
         }
@@ -256,8 +268,12 @@ async fn drive(core: &Core, conn: &mut Conn, client: &TcpStream, guard: &mut Gua
                         backend = Some(s);
                         conn.on_backend_connected(now);
                     }
-                    Ok(Err(_)) => conn.abort(CloseReason::BackendConnectFailed),
-                    Err(_) => conn.abort(CloseReason::BackendConnectTimeout),
+                    Ok(Err(_)) | Err(_) => {
+                        // Another server of the pool, within its connect deadline.
+                        if let Some(t) = conn.on_backend_connect_failed(r.is_err(), now) {
+                            connecting = Some(connect(t));
+                        }
+                    }
                 }
             }
             Wake::ClientWritable(r) => {

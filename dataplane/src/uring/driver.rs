@@ -14,14 +14,13 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
-use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{ConnectError, Ctl, EventLoopBuilder, Handler, ListenerId, SocketId, Waker};
-use crate::conn::{CloseReason, Conn, Event, KeyOpFailure, KeyOpResult};
+use crate::conn::{CloseReason, Conn, Event, KeyOpFailure, KeyOpResult, Target};
 use crate::driver::{CoreSetup, Shared};
 use crate::keyops::KeyOpRequest;
 use crate::stats::{CoreRecorder, KeyOpOutcome, FLUSH_INTERVAL};
@@ -239,6 +238,7 @@ impl Core {
                 _ => ctl.abort(b),
             }
         }
+        st.conn.log_access(self.index, reason);
         if reason != CloseReason::Done {
             crate::stats::log_closed(self.index, &st.listener, None, reason);
         }
@@ -298,9 +298,11 @@ impl Core {
                 Event::Offload(job) => self.submit_key_op(id, job, now),
                 Event::HandshakeDone(info) => {
                     self.recorder.handshake_ok(&st.listener, &info);
-                    let addr = st.conn.backend_addr();
+                    let target = st.conn.pick_backend(now);
                     self.handshake_done(id);
-                    self.start_backend(ctl, id, addr);
+                    if let Some(t) = target {
+                        self.start_backend(ctl, id, t);
+                    }
                 }
             }
         }
@@ -374,12 +376,11 @@ impl Core {
         }
     }
 
-    fn start_backend(&mut self, ctl: &mut Ctl, id: ConnId, addr: SocketAddr) {
-        let timeout = self.shared.cfg.limits.backend_connect_timeout();
+    fn start_backend(&mut self, ctl: &mut Ctl, id: ConnId, t: Target) {
         let Some(st) = self.conns.get_mut(&id) else {
             return;
         };
-        match ctl.connect(addr, Some(timeout)) {
+        match ctl.connect(t.addr, Some(t.timeout)) {
             Ok(b) => {
                 st.backend = Some(b);
                 // The loop arms the recv on connect; our view must match.
@@ -569,10 +570,12 @@ impl Handler for Core {
                 // The loop already closed the socket.
                 self.socks.remove(&sock);
                 st.backend = None;
-                st.conn.abort(match e {
-                    ConnectError::TimedOut => CloseReason::BackendConnectTimeout,
-                    ConnectError::Failed(_) => CloseReason::BackendConnectFailed,
-                });
+                st.backend_reading = false;
+                // Another server of the pool, within its connect deadline.
+                let timed_out = matches!(e, ConnectError::TimedOut);
+                if let Some(t) = st.conn.on_backend_connect_failed(timed_out, now) {
+                    self.start_backend(ctl, id, t);
+                }
             }
         }
         self.progress(ctl, id, now);

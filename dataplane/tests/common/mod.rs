@@ -30,6 +30,11 @@ pub struct Pki {
 }
 
 pub fn pki(kind: KeyKind) -> Pki {
+    pki_for(kind, &["localhost"])
+}
+
+/// Like [`pki`], with a leaf for these names.
+pub fn pki_for(kind: KeyKind, names: &[&str]) -> Pki {
     let alg = match kind {
         KeyKind::Ecdsa => &rcgen::PKCS_ECDSA_P256_SHA256,
         KeyKind::Rsa => &rcgen::PKCS_RSA_SHA256,
@@ -44,7 +49,8 @@ pub fn pki(kind: KeyKind) -> Pki {
     let issuer = rcgen::Issuer::new(ca_params, ca_key);
     let leaf_key = rcgen::KeyPair::generate_for(alg).expect("leaf key");
     let leaf_params =
-        rcgen::CertificateParams::new(vec!["localhost".to_string()]).expect("leaf params");
+        rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+            .expect("leaf params");
     let leaf = leaf_params
         .signed_by(&leaf_key, &issuer)
         .expect("leaf cert");
@@ -164,6 +170,7 @@ pub fn listener(name: &str, tls: Arc<ServerConfig>, backend: SocketAddr) -> List
         sni_filter: None,
         client_cert_check: None,
         backend_tls: None,
+        routes: None,
     }
 }
 

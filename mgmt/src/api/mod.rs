@@ -26,6 +26,7 @@ use tlsgate_keystore::Token;
 use crate::config::Config;
 
 pub mod access;
+pub mod backends;
 pub mod error;
 pub mod manager;
 pub mod routes;

@@ -75,6 +75,12 @@ pub fn routes() -> Vec<Route> {
         route("post", "/v1/listeners/{name}/crls", post_crl),
         route("delete", "/v1/listeners/{name}/crls/{id}", delete_crl),
         route("post", "/v1/reload", reload),
+        route("get", "/v1/backends", super::backends::get),
+        route(
+            "put",
+            "/v1/backends/{name}/servers/{id}/state",
+            super::backends::put_state,
+        ),
     ]
 }
 
@@ -118,7 +124,7 @@ pub fn router(manager: Arc<Manager>) -> Router {
 /// (written by [`super::access`]), and answers `hsm_timeout` when it takes longer than
 /// `[pkcs11] call_timeout_ms`: a frozen HSM can hang any token call, and the caller must hear so.
 /// The operation itself cannot be cancelled; it may still finish after the answer went out.
-async fn run<T: Send + 'static>(
+pub(super) async fn run<T: Send + 'static>(
     m: Arc<Manager>,
     who: ClientIdentity,
     operation: &'static str,

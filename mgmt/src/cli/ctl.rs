@@ -64,6 +64,9 @@ pub enum CtlCommand {
     /// CRLs of a listener (checked when it verifies client certificates).
     #[command(subcommand)]
     Crls(CrlsCommand),
+    /// Backend pools and their servers' state.
+    #[command(subcommand)]
+    Backends(BackendsCommand),
     /// Re-read the configuration file.
     Reload,
     /// Print the API's OpenAPI document.
@@ -166,6 +169,21 @@ pub enum ListenersCommand {
     Unbind {
         #[arg(long)]
         listener: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BackendsCommand {
+    /// List pools and servers: state, health, connections, weight.
+    List,
+    /// Set a server's state: ready, drain (no new connections; open ones finish) or maint.
+    SetState {
+        /// Pool name.
+        pool: String,
+        /// Server address as configured (host:port).
+        server: String,
+        /// ready | drain | maint
+        state: String,
     },
 }
 
@@ -356,6 +374,18 @@ fn request(args: &CtlArgs) -> Result<(Call, Option<Option<PathBuf>>)> {
                 None,
             ),
         },
+        CtlCommand::Backends(b) => match b {
+            BackendsCommand::List => call(Method::GET, "/v1/backends", None),
+            BackendsCommand::SetState {
+                pool,
+                server,
+                state,
+            } => call(
+                Method::PUT,
+                format!("/v1/backends/{}/servers/{}/state", seg(pool), seg(server)),
+                Some(json!({ "state": state })),
+            ),
+        },
         CtlCommand::Reload => call(Method::POST, "/v1/reload", None),
         CtlCommand::Openapi => call(Method::GET, "/v1/openapi.json", None),
     };
@@ -431,7 +461,27 @@ fn print_text(c: &Call, status: StatusCode, v: &Value) {
     };
     if let Some(items) = v["items"].as_array() {
         for item in items {
-            let line = if item.get("spki_sha256").is_some() {
+            let line = if let Some(servers) = item["servers"].as_array() {
+                let mut out = format!(
+                    "pool {} balance={} alpn={}",
+                    s(&item["name"]),
+                    s(&item["balance"]),
+                    s(&item["alpn"])
+                );
+                for sv in servers {
+                    out.push_str(&format!(
+                        "\n  {:<22} state={:<5} health={:<7} active={} total={} weight={} connect_errors={}",
+                        s(&sv["address"]),
+                        s(&sv["state"]),
+                        s(&sv["health"]),
+                        s(&sv["active"]),
+                        s(&sv["total"]),
+                        s(&sv["weight"]),
+                        s(&sv["connect_errors"])
+                    ));
+                }
+                out
+            } else if item.get("spki_sha256").is_some() {
                 format!(
                     "{:<20} {:<9} {:<9} {} used_by={}",
                     s(&item["label"]),
@@ -514,6 +564,12 @@ fn print_text(c: &Call, status: StatusCode, v: &Value) {
             s(&v["not_after"]),
             s(&v["fingerprint_sha256"]),
             s(&v["bound_to"])
+        ),
+        Value::Object(o) if o.contains_key("pool") => outln!(
+            "{} {} state={}",
+            s(&v["pool"]),
+            s(&v["server"]),
+            s(&v["state"])
         ),
         Value::Object(o) if o.contains_key("spki_sha256") => outln!(
             "key {} ({}, {}) uri={} spki_sha256={}",

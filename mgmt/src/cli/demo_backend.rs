@@ -1,19 +1,22 @@
 //! `tlsgate demo-backend`: the plain-HTTP backend the lab puts behind the appliance.
 //!
-//! It answers every HTTP/1.1 request with a short text page naming the request line, so a
-//! `curl` through the appliance shows that TLS was terminated and the bytes reached a backend.
+//! It answers every request with a short text page naming itself (`--name`, also in the
+//! `x-backend` response header) and the request line, so a `curl` through the appliance shows
+//! that TLS was terminated, which backend answered and in which protocol. It speaks HTTP/1.1
+//! and HTTP/2 with prior knowledge (h2c: what tlsgate forwards after negotiating `h2` with the
+//! client), on hyper.
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
-
-use crate::http_head::{read_head, Head};
-
-/// Largest request head the demo backend reads before it answers 431.
-const MAX_HEAD_BYTES: usize = 16 * 1024;
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
 
 #[derive(Debug, Args)]
 pub struct DemoBackendArgs {
@@ -23,6 +26,9 @@ pub struct DemoBackendArgs {
     /// Write the bound address to this file once listening (for scripts that use port 0).
     #[arg(long)]
     pub ready_file: Option<std::path::PathBuf>,
+    /// The name this backend reports (header `x-backend` and the page); default: its address.
+    #[arg(long)]
+    pub name: Option<String>,
 }
 
 /// Serves until killed.
@@ -36,14 +42,20 @@ pub fn run(args: DemoBackendArgs) -> Result<()> {
             .await
             .with_context(|| format!("cannot listen on {}", args.listen))?;
         let local = listener.local_addr()?;
+        let name: Arc<str> = args.name.unwrap_or_else(|| local.to_string()).into();
         if let Some(path) = &args.ready_file {
             crate::files::write_atomic(path, local.to_string().as_bytes(), 0o644)?;
         }
-        tracing::info!(%local, "demo backend listening");
+        tracing::info!(%local, %name, "demo backend listening");
         loop {
             let (stream, peer) = listener.accept().await?;
+            let name = name.clone();
             tokio::spawn(async move {
-                if let Err(err) = serve(stream).await {
+                let svc = hyper::service::service_fn(move |req| answer(name.clone(), req));
+                let served = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+                if let Err(err) = served {
                     tracing::debug!(%peer, error = %err, "demo backend connection ended");
                 }
             });
@@ -51,37 +63,28 @@ pub fn run(args: DemoBackendArgs) -> Result<()> {
     })
 }
 
-async fn serve(mut stream: TcpStream) -> std::io::Result<()> {
-    let mut buf = Vec::with_capacity(1024);
-    loop {
-        let head_end = match read_head(&mut stream, &mut buf, MAX_HEAD_BYTES).await? {
-            Head::Complete(end) => end,
-            Head::Closed => return Ok(()),
-            Head::TooLarge => {
-                stream
-                    .write_all(b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
-                    .await?;
-                return Ok(());
-            }
-        };
-        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-        let request_line = head.lines().next().unwrap_or_default().to_owned();
-        let close = head
-            .lines()
-            .any(|l| l.eq_ignore_ascii_case("connection: close"));
-        let body = format!("hello from the tlsgate demo backend\nrequest: {request_line}\n");
-        let response = format!(
-            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n{}\r\n{}",
-            body.len(),
-            if close { "connection: close\r\n" } else { "" },
-            body
-        );
-        stream.write_all(response.as_bytes()).await?;
-        // Requests with bodies are not part of the demo: what follows the head is taken as the
-        // next request (pipelining).
-        buf.drain(..head_end);
-        if close {
-            return stream.shutdown().await;
-        }
+async fn answer(
+    name: Arc<str>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let target = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    let body = format!(
+        "hello from the tlsgate demo backend {name}\nrequest: {} {target} {:?}\n",
+        req.method(),
+        req.version()
+    );
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    let headers = response.headers_mut();
+    headers.insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain"),
+    );
+    if let Ok(v) = hyper::header::HeaderValue::from_str(&name) {
+        headers.insert("x-backend", v);
     }
+    Ok(response)
 }

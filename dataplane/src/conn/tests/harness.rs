@@ -135,6 +135,7 @@ pub(super) fn snapshot(tls: Arc<ServerConfig>) -> ListenerSnapshot {
         sni_filter: None,
         client_cert_check: None,
         backend_tls: None,
+        routes: None,
     }
 }
 

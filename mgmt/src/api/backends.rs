@@ -1,0 +1,109 @@
+//! `/v1/backends`: the pools of the published snapshot, their servers' state, and the
+//! operator's `ready` / `drain` / `maint` per server. The state lives in the data plane's shared
+//! server state (a reload keeps it for a server that stays); it is not written to the state
+//! directory, so a restart starts every server `ready`.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tlsgate_dataplane::pool::{AdminState, Balance, Pool};
+
+use super::error::ApiError;
+use super::manager::Manager;
+use super::routes::{body, run};
+use crate::audit::ClientIdentity;
+
+/// Every pool and server, as `tlsgate ctl backends list` prints them.
+pub fn list(pools: &[Arc<Pool>]) -> Value {
+    let now = tlsgate_dataplane::pool::health::now_ms();
+    let items: Vec<Value> = pools
+        .iter()
+        .map(|p| {
+            let servers: Vec<Value> = p
+                .servers
+                .iter()
+                .map(|s| {
+                    let st = &s.state;
+                    json!({
+                        "address": s.addr.to_string(),
+                        "weight": s.weight,
+                        "max_connections": s.max_connections,
+                        "state": st.admin().as_str(),
+                        "health": if !st.is_up() { "down" } else if st.ejected(now) { "ejected" } else { "up" },
+                        "active": st.active.load(Relaxed),
+                        "total": st.total.load(Relaxed),
+                        "connect_errors": st.connect_refused.load(Relaxed) + st.connect_timeouts.load(Relaxed),
+                    })
+                })
+                .collect();
+            json!({
+                "name": p.name,
+                "balance": match p.balance {
+                    Balance::RoundRobin => "round_robin",
+                    Balance::LeastConnections => "least_connections",
+                    Balance::ConsistentHash => "consistent_hash",
+                },
+                "alpn": p.alpn.iter().map(|a| String::from_utf8_lossy(a).into_owned()).collect::<Vec<_>>(),
+                "health_check": p.health_check.is_some(),
+                "servers": servers,
+            })
+        })
+        .collect();
+    json!({ "items": items })
+}
+
+/// Sets a server's state; `None` when the pool or the server is not published.
+pub fn set_state(pools: &[Arc<Pool>], pool: &str, server: &str, state: AdminState) -> Option<()> {
+    let p = pools.iter().find(|p| p.name == pool)?;
+    let s = p.servers.iter().find(|s| s.addr.to_string() == server)?;
+    s.state.set_admin(state);
+    Some(())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetState {
+    state: String,
+}
+
+pub(super) async fn get(
+    State(m): State<Arc<Manager>>,
+    Extension(who): Extension<ClientIdentity>,
+) -> Result<Response, ApiError> {
+    let v = run(m, who, "backend.list", "*".into(), |_| {
+        Ok(list(&crate::pools::view()))
+    })
+    .await?;
+    Ok(Json(v).into_response())
+}
+
+pub(super) async fn put_state(
+    State(m): State<Arc<Manager>>,
+    Extension(who): Extension<ClientIdentity>,
+    Path((pool, server)): Path<(String, String)>,
+    b: Bytes,
+) -> Result<Response, ApiError> {
+    let req: Result<SetState, _> = body(&b);
+    let target = format!("{pool}/{server}");
+    let v = run(m, who, "backend.set_state", target, move |_| {
+        let req = req?;
+        let state = AdminState::parse(&req.state).ok_or_else(|| {
+            ApiError::bad_request(format!("state {:?}: use ready, drain or maint", req.state))
+        })?;
+        set_state(&crate::pools::view(), &pool, &server, state).ok_or_else(|| {
+            ApiError::not_found(
+                "backend_not_found",
+                format!("no server {server} in a published pool {pool:?}; see GET /v1/backends"),
+            )
+        })?;
+        Ok(json!({ "pool": pool, "server": server, "state": state.as_str() }))
+    })
+    .await?;
+    Ok(Json(v).into_response())
+}
