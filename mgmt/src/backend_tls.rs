@@ -27,8 +27,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::sign::SingleCertAndKey;
 use rustls::{ClientConfig, RootCertStore};
 use tlsgate_dataplane::conn::BackendTls;
-use tlsgate_keystore::cert::CertChain;
-use tlsgate_keystore::keyref::{self, KeyRef};
+use tlsgate_keystore::keyref::KeyBackend;
 use tlsgate_keystore::token::Token;
 
 pub use crate::config::BackendTlsConfig;
@@ -54,22 +53,18 @@ pub fn build(config: &Config, i: usize, token: Option<&Arc<Token>>) -> Result<Op
     let mut offload_key_ops = false;
     let client_config = match (&bt.chain, &bt.key) {
         (Some(chain), Some(key)) => {
-            let key_ref: KeyRef = key.parse().with_context(|| format!("{at}.key"))?;
-            let key_ref = match key_ref {
-                KeyRef::File(p) => KeyRef::File(config.resolve(&p)),
-                other => other,
-            };
-            offload_key_ops = matches!(key_ref, KeyRef::Pkcs11(_));
-            let loaded =
-                keyref::load(&key_ref, token).with_context(|| format!("{at}.key: {key}"))?;
-            let chain_path = config.resolve(chain);
-            let chain = CertChain::from_pem_file(&chain_path)
-                .with_context(|| format!("{at}.chain: {}", chain_path.display()))?;
-            let report = chain
-                .validate(&loaded.spki_der, SystemTime::now())
-                .with_context(|| format!("{at}.chain: {}", chain_path.display()))?;
-            tracing::info!(listener = %l.name, subject = %report.subject, key = %key, "backend client certificate loaded");
-            let ck = tlsgate_keystore::cert::certified_key(&chain, loaded.signing_key)
+            let cred = crate::snapshot::load_credential(
+                config,
+                &at,
+                key,
+                chain,
+                token,
+                SystemTime::now(),
+            )?;
+            offload_key_ops = cred.backend() == KeyBackend::Pkcs11;
+            tracing::info!(listener = %l.name, subject = %cred.report.subject, key = %key, "backend client certificate loaded");
+            let ck = cred
+                .certified_key()
                 .with_context(|| format!("{at}.chain"))?;
             builder.with_client_cert_resolver(Arc::new(SingleCertAndKey::from(ck)))
         }

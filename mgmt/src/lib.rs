@@ -25,5 +25,6 @@ pub mod ocsp;
 pub mod policy;
 pub mod serve;
 pub mod session;
+pub mod snapshot;
 pub mod state;
 pub mod tls;

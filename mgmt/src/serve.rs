@@ -9,8 +9,9 @@ use anyhow::{Context, Result};
 use clap::Args;
 use tlsgate_dataplane::{ListenerSnapshot, Snapshot};
 use tlsgate_keystore::cert::CertChain;
-use tlsgate_keystore::keyref::{self, KeyBackend, KeyRef};
+use tlsgate_keystore::keyref::{KeyBackend, KeyRef};
 use tlsgate_keystore::token::{Token, TokenSelector};
+use tlsgate_keystore::Credential;
 
 use crate::config::Config;
 
@@ -572,43 +573,35 @@ fn build_snapshot_inner(
         };
         for (j, c) in file_certs.iter().enumerate() {
             let at = format!("listener[{i}].certificate[{j}] ({})", l.name);
-            let key_ref: KeyRef = c.key.parse().with_context(|| format!("{at}.key"))?;
-            let key_ref = match key_ref {
-                KeyRef::File(p) => KeyRef::File(config.resolve(&p)),
-                other => other,
-            };
-            let chain_path = config.resolve(&c.chain);
-            let chain = CertChain::from_pem_file(&chain_path)
-                .with_context(|| format!("{at}.chain: {}", chain_path.display()))?;
-            let loaded = match (&key_ref, degraded) {
+            let key_ref =
+                crate::snapshot::key_ref(config, &c.key).with_context(|| format!("{at}.key"))?;
+            let cred = match (&key_ref, degraded) {
                 (KeyRef::Pkcs11(uri), Some(refused)) if token.is_none() => {
-                    let spki = chain
-                        .leaf_spki()
-                        .with_context(|| format!("{at}.chain: {}", chain_path.display()))?;
+                    let chain_path = config.resolve(&c.chain);
+                    let chain_at = || format!("{at}.chain: {}", chain_path.display());
+                    let chain = CertChain::from_pem_file(&chain_path).with_context(chain_at)?;
+                    let spki = chain.leaf_spki().with_context(chain_at)?;
                     let label = uri.token.clone().unwrap_or_default();
                     let key = tlsgate_keystore::token::UnavailableTokenKey::new(
                         &label,
                         &spki,
                         Arc::clone(refused),
                     )
-                    .with_context(|| format!("{at}.chain: {}", chain_path.display()))?;
+                    .with_context(chain_at)?;
                     awaiting_token += 1;
                     tracing::warn!(listener = %l.name, key = %c.key, "token key not loaded yet (degraded start): full handshakes with this certificate are refused until the HSM is reached");
-                    tlsgate_keystore::LoadedKey {
+                    let stand_in = tlsgate_keystore::LoadedKey {
                         signing_key: Arc::new(key),
                         spki_der: spki,
                         backend: KeyBackend::Pkcs11,
-                    }
+                    };
+                    Credential::with_key(stand_in, chain, now).with_context(chain_at)?
                 }
-                _ => {
-                    keyref::load(&key_ref, token).with_context(|| format!("{at}.key: {}", c.key))?
-                }
+                _ => crate::snapshot::load_credential(config, &at, &c.key, &c.chain, token, now)?,
             };
-            let report = chain
-                .validate(&loaded.spki_der, now)
-                .with_context(|| format!("{at}.chain: {}", chain_path.display()))?;
+            let report = &cred.report;
             policy
-                .check_key(loaded.signing_key.algorithm())
+                .check_key(cred.key.signing_key.algorithm())
                 .with_context(|| format!("{at}.key: {}", c.key))?;
             tracing::info!(listener = %l.name, subject = %report.subject, sans = ?report.sans, key = %c.key, "certificate loaded");
             let names = match &c.names {
@@ -621,11 +614,9 @@ fn build_snapshot_inner(
                 names: names.clone(),
                 not_after: report.not_after,
             });
-            let key = tlsgate_keystore::cert::certified_key(
-                &chain,
-                crate::mgmt_metrics::timed(loaded.signing_key.clone(), loaded.backend),
-            )
-            .with_context(|| at.clone())?;
+            let key = cred
+                .certified_key_with(|k| crate::mgmt_metrics::timed(k, cred.backend()))
+                .with_context(|| at.clone())?;
             let key = crate::ocsp::attach(
                 &l.name,
                 &report.subject,
@@ -640,7 +631,7 @@ fn build_snapshot_inner(
                 names,
                 default: c.default,
             });
-            offload |= loaded.backend == KeyBackend::Pkcs11;
+            offload |= cred.backend() == KeyBackend::Pkcs11;
         }
         let client_auth = match &l.client_auth {
             Some(c) => Some(

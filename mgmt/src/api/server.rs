@@ -16,8 +16,6 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
-use tlsgate_keystore::cert::CertChain;
-use tlsgate_keystore::keyref::{self, KeyRef};
 use tlsgate_keystore::Token;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
@@ -198,20 +196,16 @@ pub fn tls_config(
         WebPkiClientVerifier::builder_with_provider(Arc::new(roots), crate::tls::provider())
             .build()
             .context("[api] client_ca: cannot build the client verifier")?;
-    let key_ref: KeyRef = key.parse().context("[api] key")?;
-    let key_ref = match key_ref {
-        KeyRef::File(p) => KeyRef::File(config.resolve(&p)),
-        other => other,
-    };
-    let loaded = keyref::load(&key_ref, token).with_context(|| format!("[api] key: {key}"))?;
-    let chain_path = config.resolve(cert);
-    let chain = CertChain::from_pem_file(&chain_path)
-        .with_context(|| format!("[api] cert: {}", chain_path.display()))?;
-    chain
-        .validate(&loaded.spki_der, std::time::SystemTime::now())
-        .with_context(|| format!("[api] cert: {}", chain_path.display()))?;
-    let certified =
-        tlsgate_keystore::cert::certified_key(&chain, loaded.signing_key).context("[api] cert")?;
+    let certified = crate::snapshot::load_credential(
+        config,
+        "[api]",
+        key,
+        cert,
+        token,
+        std::time::SystemTime::now(),
+    )?
+    .certified_key()
+    .context("[api] cert")?;
     let resolver = SniResolver::new(
         vec![ServedCert {
             key: certified,

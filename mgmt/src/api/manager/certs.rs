@@ -40,11 +40,11 @@ impl Manager {
         c: &StoredCert,
         now: SystemTime,
     ) -> Result<CertView, ApiError> {
-        let (_, chain, r) = self.check_cert(&inner.config, c, now)?;
+        let cred = self.check_cert(&inner.config, c, now)?;
         Ok(cert_view(
             c,
-            &r,
-            chain.certs.len(),
+            &cred.report,
+            cred.chain.certs.len(),
             inner.state.listeners_using(&c.id),
         ))
     }
@@ -62,7 +62,8 @@ impl Manager {
         };
         // Checked on its own first so the answer names the certificate problem even when the
         // certificate is not bound.
-        let (_, chain, report) = self.check_cert(&inner.config, &stored, SystemTime::now())?;
+        let cred = self.check_cert(&inner.config, &stored, SystemTime::now())?;
+        let (chain, report) = (&cred.chain, &cred.report);
         // Store a normalised chain: only the CERTIFICATE blocks.
         let stored = StoredCert {
             chain_pem: chain.to_pem(),
@@ -73,7 +74,7 @@ impl Manager {
         self.change(&mut inner, new_state, |s| s.put_cert(&stored))?;
         Ok(cert_view(
             &stored,
-            &report,
+            report,
             chain.certs.len(),
             inner.state.listeners_using(id),
         ))

@@ -27,11 +27,11 @@ use parking_lot::{Mutex, MutexGuard};
 use rustls_pki_types::CertificateRevocationListDer;
 use serde::{Deserialize, Serialize};
 use tlsgate_dataplane::Snapshot;
-use tlsgate_keystore::cert::{CertChain, ChainReport};
-use tlsgate_keystore::keyref::{self, KeyBackend, KeyRef};
+use tlsgate_keystore::keyref::{KeyBackend, KeyRef};
+use tlsgate_keystore::{ChainSource, Credential};
 use tlsgate_keystore::{Pkcs11Uri, Token};
 
-use super::error::{cert_error, key_error, ApiError};
+use super::error::{key_error, ApiError};
 use crate::audit::{AuditLog, ClientIdentity};
 use crate::config::Config;
 use crate::state::{BoundCert, StateData, StateStore, StoredCert};
@@ -356,7 +356,8 @@ impl Manager {
                         ),
                     )
                 })?;
-                let (loaded, chain, report) = self.check_cert(config, stored, now)?;
+                let cred = self.check_cert(config, stored, now)?;
+                let report = &cred.report;
                 let names = match &bc.names {
                     Some(names) => {
                         let mut out = Vec::with_capacity(names.len());
@@ -386,15 +387,13 @@ impl Manager {
                     not_after: report.not_after,
                 });
                 served.push(ServedCert {
-                    key: tlsgate_keystore::cert::certified_key(
-                        &chain,
-                        crate::mgmt_metrics::timed(loaded.signing_key.clone(), loaded.backend),
-                    )
-                    .map_err(|e| key_error(&e))?,
+                    key: cred
+                        .certified_key_with(|k| crate::mgmt_metrics::timed(k, cred.backend()))
+                        .map_err(|e| key_error(&e))?,
                     names,
                     default: bc.default,
                 });
-                offload |= loaded.backend == KeyBackend::Pkcs11;
+                offload |= cred.backend() == KeyBackend::Pkcs11;
             }
             if served.is_empty() {
                 return Err(ApiError::invalid(
@@ -420,14 +419,15 @@ impl Manager {
         config: &Config,
         stored: &StoredCert,
         now: SystemTime,
-    ) -> Result<(keyref::LoadedKey, CertChain, ChainReport), ApiError> {
+    ) -> Result<Credential, ApiError> {
         let key_ref = self.key_ref(config, &stored.key)?;
-        let loaded = keyref::load(&key_ref, self.token.as_ref()).map_err(|e| key_error(&e))?;
-        let chain = CertChain::from_pem(stored.chain_pem.as_bytes()).map_err(|e| cert_error(&e))?;
-        let report = chain
-            .validate(&loaded.spki_der, now)
-            .map_err(|e| cert_error(&e))?;
-        Ok((loaded, chain, report))
+        Credential::load(
+            &key_ref,
+            ChainSource::Pem(stored.chain_pem.as_bytes()),
+            self.token.as_ref(),
+            now,
+        )
+        .map_err(|e| key_error(&e))
     }
 
     /// A key label on the configured token, a `pkcs11:` URI or `file:PATH`.
