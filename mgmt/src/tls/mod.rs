@@ -7,6 +7,8 @@
 //! one name, the first certificate whose key can sign with a scheme the client offered wins, so
 //! an ECDSA and an RSA certificate can serve the same name side by side.
 
+pub mod ocsp;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 
