@@ -53,7 +53,7 @@ pub fn build(config: &Config, i: usize, token: Option<&Arc<Token>>) -> Result<Op
     let mut offload_key_ops = false;
     let client_config = match (&bt.chain, &bt.key) {
         (Some(chain), Some(key)) => {
-            let cred = crate::snapshot::load_credential(
+            let cred = crate::credential::load_credential(
                 config,
                 &at,
                 key,

@@ -115,6 +115,9 @@ pub struct Config {
     pub api: Option<ApiConfig>,
     /// The management plane's state directory (see [`crate::state`]).
     pub state: Option<StateConfig>,
+    /// OCSP fetches (see [`crate::tls::stapler`]).
+    #[serde(default)]
+    pub ocsp: OcspConfig,
     /// TLS listeners.
     #[serde(rename = "listener", default)]
     pub listeners: Vec<ListenerConfig>,
@@ -128,6 +131,43 @@ pub struct Config {
     /// The file this was read from.
     #[serde(skip)]
     pub path: PathBuf,
+}
+
+/// `[ocsp]`: how responses are fetched from the responders certificates name.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OcspConfig {
+    /// One fetch (resolve, connect, request, answer) gives up after this long.
+    #[serde(default = "default_ocsp_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Staple certificates bound through the management API from the responder their leaf
+    /// names (Authority Information Access), as `ocsp_fetch = true` does for the file's.
+    #[serde(default = "default_true")]
+    pub api_fetch: bool,
+}
+
+impl Default for OcspConfig {
+    fn default() -> Self {
+        OcspConfig {
+            timeout_ms: default_ocsp_timeout_ms(),
+            api_fetch: true,
+        }
+    }
+}
+
+impl OcspConfig {
+    pub fn timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.timeout_ms)
+    }
+}
+
+/// The default of `[ocsp] timeout_ms` (`crate::ocsp::FETCH_TIMEOUT`).
+fn default_ocsp_timeout_ms() -> u64 {
+    5_000
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// Where the token is and how to log in.

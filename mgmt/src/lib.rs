@@ -11,6 +11,7 @@ pub mod cli;
 pub mod client_auth;
 pub mod config;
 pub mod conn_limit;
+pub mod credential;
 pub mod fdlimit;
 pub mod files;
 #[cfg(any(test, fuzzing))]

@@ -395,7 +395,7 @@ mod tests {
             include_str!("mgmt_metrics.rs"),
             include_str!("session/ticketer.rs"),
             include_str!("session/policy.rs"),
-            include_str!("ocsp.rs"),
+            include_str!("tls/ocsp.rs"),
         ];
         let mut names = 0;
         for src in sources {

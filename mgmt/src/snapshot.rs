@@ -1,52 +1,365 @@
-//! Turning configuration into what the data plane serves.
+//! Turning configuration and management state into what the data plane serves: the
+//! [`Builder`], used by start-up, reloads, management API changes and OCSP refreshes alike.
 //!
-//! [`load_credential`] is the one way a key reference and a chain named in the configuration
-//! file become a checked [`Credential`] (listener certificates, the management API's own
-//! certificate, backend client certificates).
+//! Certificates named in the configuration file are loaded through
+//! [`crate::credential::load_credential`], those of the state directory by the management
+//! plane (`api::manager`) with the same keystore [`Credential`].
 
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::Path;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use anyhow::{Context, Result};
-use tlsgate_keystore::keyref::KeyRef;
-use tlsgate_keystore::token::Token;
-use tlsgate_keystore::{ChainSource, Credential};
+use parking_lot::Mutex;
+use rustls_pki_types::CertificateRevocationListDer;
+use tlsgate_dataplane::{ListenerSnapshot, Snapshot};
+use tlsgate_keystore::cert::CertChain;
+use tlsgate_keystore::keyref::{KeyBackend, KeyRef, LoadedKey};
+use tlsgate_keystore::token::{Token, UnavailableTokenKey};
+use tlsgate_keystore::Credential;
 
 use crate::config::Config;
+use crate::credential::{key_ref, load_credential};
+use crate::mgmt_metrics::Expiry;
+use crate::tls::ocsp;
+use crate::tls::stapler::Stapler;
+use crate::tls::ServedCert;
 
-/// A key reference as written in the configuration (`pkcs11:...` or `file:PATH`, a relative
-/// path taken from the configuration file's folder).
-pub fn key_ref(config: &Config, key: &str) -> Result<KeyRef> {
-    let key_ref: KeyRef = key.parse()?;
-    Ok(match key_ref {
-        KeyRef::File(p) => KeyRef::File(config.resolve(&p)),
-        other => other,
-    })
+/// What the management API adds to the configuration file, per listener.
+#[derive(Debug, Default)]
+pub struct Overlay {
+    pub listeners: HashMap<String, ListenerOverlay>,
 }
 
-/// Loads the credential of configuration entry `at`: `key` (as written) and the PEM chain at
-/// `chain` (relative to the configuration file). Errors name `{at}.key` or `{at}.chain`.
-pub fn load_credential(
+/// One listener's certificates and CRLs from the state directory.
+#[derive(Debug, Default)]
+pub struct ListenerOverlay {
+    /// When bound through the API: the certificates served instead of the file's.
+    pub certs: Option<Vec<BoundServed>>,
+    /// Some bound key is on a token (full handshakes sign on the key-op workers).
+    pub offload: bool,
+    pub crls: Vec<CertificateRevocationListDer<'static>>,
+    /// Expiry of the bound certificates, for the gauges.
+    pub expiry: Vec<Expiry>,
+}
+
+/// A certificate bound through the API, as the builder staples and serves it.
+#[derive(Debug, Clone)]
+pub struct BoundServed {
+    pub served: ServedCert,
+    /// The leaf's SHA-256 (hex): the OCSP cache's key.
+    pub fingerprint: String,
+    pub subject: String,
+    /// Whether its leaf names an OCSP responder to fetch from (and `[ocsp] api_fetch` is on).
+    pub fetch: bool,
+}
+
+/// Which listeners a build makes anew; the others are taken from the last committed build.
+#[derive(Debug, Clone, Copy)]
+pub enum Scope<'a> {
+    /// Every listener (start, reload).
+    All,
+    /// Only these (an API change, a new OCSP staple).
+    Listeners(&'a BTreeSet<String>),
+}
+
+impl Scope<'_> {
+    fn has(&self, listener: &str) -> bool {
+        match self {
+            Scope::All => true,
+            Scope::Listeners(set) => set.contains(listener),
+        }
+    }
+}
+
+/// One listener as built, kept for the next build.
+#[derive(Debug, Clone)]
+struct Part {
+    snapshot: ListenerSnapshot,
+    expiry: Vec<Expiry>,
+    awaiting_token: usize,
+    fingerprints: Vec<String>,
+}
+
+/// A built snapshot, not yet live: [`Builder::commit`] it once it is published.
+#[derive(Debug)]
+pub struct Built {
+    pub snapshot: Snapshot,
+    /// Expiry of every certificate it serves, for the gauges.
+    pub expiry: Vec<Expiry>,
+    parts: Vec<(String, Arc<Part>)>,
+    full: bool,
+}
+
+/// The one builder of the data plane's snapshot: configuration file + the management API's
+/// overlay + the token → listeners with their certificates (and OCSP staples), client-certificate
+/// trust, session ticketers and backend TLS. A listener outside the build's [`Scope`] is the
+/// one the last committed build made (same `Arc`s: chains, keys, resolvers, ticketers), so a
+/// change costs what it touches.
+#[derive(Debug)]
+pub struct Builder {
+    token: Option<Arc<Token>>,
+    stapler: Arc<Stapler>,
+    /// Degraded start (no token yet): token keys become stand-ins that refuse at once.
+    degraded: Option<Arc<AtomicU64>>,
+    last: Mutex<HashMap<String, Arc<Part>>>,
+}
+
+impl Builder {
+    pub fn new(
+        token: Option<Arc<Token>>,
+        stapler: Arc<Stapler>,
+        degraded: Option<Arc<AtomicU64>>,
+    ) -> Builder {
+        Builder {
+            token,
+            stapler,
+            degraded,
+            last: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn token(&self) -> Option<&Arc<Token>> {
+        self.token.as_ref()
+    }
+
+    pub fn stapler(&self) -> &Arc<Stapler> {
+        &self.stapler
+    }
+
+    /// Builds the snapshot of `config` with `overlay`, checking every certificate it loads
+    /// (order, validity, key match) so a bad file fails here and not in a handshake. Listeners
+    /// outside `scope` (and known from the last commit) are reused as they are.
+    pub fn build(&self, config: &Config, overlay: &Overlay, scope: Scope<'_>) -> Result<Built> {
+        let now = SystemTime::now();
+        let last = self.last.lock().clone();
+        let mut parts = Vec::with_capacity(config.listeners.len());
+        for (i, l) in config.listeners.iter().enumerate() {
+            let part = match last.get(&l.name) {
+                Some(p) if !scope.has(&l.name) => p.clone(),
+                _ => Arc::new(self.listener(config, i, overlay, now)?),
+            };
+            parts.push((l.name.clone(), part));
+        }
+        let snapshot = Snapshot {
+            listeners: parts.iter().map(|(_, p)| p.snapshot.clone()).collect(),
+        };
+        let expiry = parts
+            .iter()
+            .flat_map(|(_, p)| p.expiry.iter().cloned())
+            .collect();
+        Ok(Built {
+            snapshot,
+            expiry,
+            parts,
+            full: matches!(scope, Scope::All),
+        })
+    }
+
+    /// Remembers `built` (now live) for the next build, and publishes its gauges.
+    pub fn commit(&self, built: &Built) {
+        let awaiting: usize = built.parts.iter().map(|(_, p)| p.awaiting_token).sum();
+        metrics::gauge!(crate::mgmt_metrics::CERTIFICATES_AWAITING_TOKEN).set(awaiting as f64);
+        crate::mgmt_metrics::publish_expiry(&built.expiry);
+        if built.full {
+            let keep: HashSet<String> = built
+                .parts
+                .iter()
+                .flat_map(|(_, p)| p.fingerprints.iter().cloned())
+                .collect();
+            self.stapler.retain(&keep);
+        }
+        *self.last.lock() = built.parts.iter().cloned().collect();
+    }
+
+    /// Builds and commits: for a caller that publishes whatever builds (start, a reload
+    /// without the management API).
+    pub fn build_committed(&self, config: &Config, scope: Scope<'_>) -> Result<Snapshot> {
+        let built = self.build(config, &Overlay::default(), scope)?;
+        self.commit(&built);
+        Ok(built.snapshot)
+    }
+
+    fn listener(
+        &self,
+        config: &Config,
+        i: usize,
+        overlay: &Overlay,
+        now: SystemTime,
+    ) -> Result<Part> {
+        let token = self.token.as_ref();
+        let l = &config.listeners[i];
+        let policy = l
+            .tls_policy()
+            .with_context(|| format!("listener[{i}] ({}).policy", l.name))?;
+        let api = overlay.listeners.get(&l.name);
+        let mut certs = Vec::with_capacity(l.certificates.len());
+        let mut expiry = Vec::new();
+        let mut fingerprints = Vec::new();
+        let mut offload = false;
+        let mut awaiting_token = 0usize;
+        let file_certs = match api.and_then(|o| o.certs.as_ref()) {
+            Some(bound) => {
+                expiry.extend(api.iter().flat_map(|o| o.expiry.iter().cloned()));
+                offload = api.is_some_and(|o| o.offload);
+                for b in bound {
+                    policy
+                        .check_key(b.served.key.key.algorithm())
+                        .with_context(|| format!("listener {:?}: bound certificate", l.name))?;
+                    let source = b.fetch.then_some(ocsp::Source::Fetch);
+                    let key = self.stapler.staple(
+                        &l.name,
+                        &b.subject,
+                        &b.fingerprint,
+                        source.as_ref(),
+                        b.served.key.clone(),
+                        now,
+                    )?;
+                    fingerprints.push(b.fingerprint.clone());
+                    certs.push(ServedCert {
+                        key,
+                        ..b.served.clone()
+                    });
+                }
+                &[][..]
+            }
+            None => &l.certificates[..],
+        };
+        for (j, c) in file_certs.iter().enumerate() {
+            let at = format!("listener[{i}].certificate[{j}] ({})", l.name);
+            let key_ref = key_ref(config, &c.key).with_context(|| format!("{at}.key"))?;
+            let cred = match (&key_ref, &self.degraded) {
+                (KeyRef::Pkcs11(uri), Some(refused)) if token.is_none() => {
+                    awaiting_token += 1;
+                    tracing::warn!(listener = %l.name, key = %c.key, "token key not loaded yet (degraded start): full handshakes with this certificate are refused until the HSM is reached");
+                    stand_in(config, &at, uri, &c.chain, refused, now)?
+                }
+                _ => load_credential(config, &at, &c.key, &c.chain, token, now)?,
+            };
+            let report = &cred.report;
+            policy
+                .check_key(cred.key.signing_key.algorithm())
+                .with_context(|| format!("{at}.key: {}", c.key))?;
+            tracing::info!(listener = %l.name, subject = %report.subject, sans = ?report.sans, key = %c.key, "certificate loaded");
+            let names = match &c.names {
+                Some(names) => names.clone(),
+                None => dns_names(&report.sans),
+            };
+            expiry.push(Expiry {
+                listener: l.name.clone(),
+                certificate: format!("config:{j}"),
+                names: names.clone(),
+                not_after: report.not_after,
+            });
+            let key = cred
+                .certified_key_with(|k| crate::mgmt_metrics::timed(k, cred.backend()))
+                .with_context(|| at.clone())?;
+            let key = self
+                .stapler
+                .staple(
+                    &l.name,
+                    &report.subject,
+                    &report.fingerprint_sha256,
+                    ocsp_source(config, c).as_ref(),
+                    key,
+                    now,
+                )
+                .with_context(|| format!("{at}.ocsp"))?;
+            fingerprints.push(report.fingerprint_sha256.clone());
+            certs.push(ServedCert {
+                key,
+                names,
+                default: c.default,
+            });
+            offload |= cred.backend() == KeyBackend::Pkcs11;
+        }
+        let client_auth = match &l.client_auth {
+            Some(c) => Some(
+                crate::client_auth::ClientAuth::load(c, |p| config.resolve(p))
+                    .with_context(|| format!("listener[{i}] ({}).client_auth", l.name))?,
+            ),
+            None => None,
+        };
+        let opts = crate::tls::ListenerTls {
+            unknown_sni: l.unknown_sni,
+            policy,
+            client_auth,
+            session: Some(crate::session::ListenerSessions::for_listener(
+                &l.name, &l.session, token,
+            )?),
+            extra_crls: api.map(|o| o.crls.clone()).unwrap_or_default(),
+        };
+        let (tls, sni_filter, client_cert_check) = if certs.is_empty() {
+            tracing::warn!(listener = %l.name, "no certificate yet: handshakes are refused until one is bound through the management API");
+            (crate::tls::no_certificate_config()?, None, None)
+        } else {
+            let sni_filter = crate::tls::sni_filter(&certs, &opts)
+                .with_context(|| format!("listener {:?}", l.name))?;
+            let client_cert_check = crate::tls::client_cert_check(&l.name, &opts)
+                .with_context(|| format!("listener {:?}", l.name))?;
+            let tls = crate::tls::server_config(certs, &opts)
+                .with_context(|| format!("listener {:?}", l.name))?;
+            (tls, sni_filter, client_cert_check)
+        };
+        Ok(Part {
+            snapshot: ListenerSnapshot {
+                name: l.name.clone(),
+                bind: l.bind,
+                tls,
+                offload_key_ops: offload,
+                backend: l.backend,
+                proxy_protocol: l.proxy_protocol,
+                sni_filter,
+                client_cert_check,
+                backend_tls: crate::backend_tls::build(config, i, token)?,
+            },
+            expiry,
+            awaiting_token,
+            fingerprints,
+        })
+    }
+}
+
+/// A token key's stand-in while the token is not open (degraded start): the chain is checked
+/// against the certificate's own public key; the key match waits for the token.
+fn stand_in(
     config: &Config,
     at: &str,
-    key: &str,
+    uri: &tlsgate_keystore::Pkcs11Uri,
     chain: &Path,
-    token: Option<&Arc<Token>>,
+    refused: &Arc<AtomicU64>,
     now: SystemTime,
 ) -> Result<Credential> {
-    let key_ref = key_ref(config, key).with_context(|| format!("{at}.key"))?;
     let chain_path = config.resolve(chain);
-    Credential::load(&key_ref, ChainSource::File(&chain_path), token, now).map_err(|e| {
-        let on_chain = match &e {
-            tlsgate_keystore::Error::Certificate(_) => true,
-            tlsgate_keystore::Error::Io { path, .. } => path == &chain_path,
-            _ => false,
-        };
-        if on_chain {
-            anyhow::Error::new(e).context(format!("{at}.chain: {}", chain_path.display()))
-        } else {
-            anyhow::Error::new(e).context(format!("{at}.key: {key}"))
-        }
-    })
+    let chain_at = || format!("{at}.chain: {}", chain_path.display());
+    let chain = CertChain::from_pem_file(&chain_path).with_context(chain_at)?;
+    let spki = chain.leaf_spki().with_context(chain_at)?;
+    let label = uri.token.clone().unwrap_or_default();
+    let key =
+        UnavailableTokenKey::new(&label, &spki, Arc::clone(refused)).with_context(chain_at)?;
+    let stand_in = LoadedKey {
+        signing_key: Arc::new(key),
+        spki_der: spki,
+        backend: KeyBackend::Pkcs11,
+    };
+    Credential::with_key(stand_in, chain, now).with_context(chain_at)
+}
+
+/// Where a configured certificate's OCSP response comes from, if anywhere.
+fn ocsp_source(config: &Config, c: &crate::config::CertificateConfig) -> Option<ocsp::Source> {
+    match (&c.ocsp, c.ocsp_fetch) {
+        (Some(p), _) => Some(ocsp::Source::File(config.resolve(p))),
+        (None, true) => Some(ocsp::Source::Fetch),
+        (None, false) => None,
+    }
+}
+
+/// The DNS names among a leaf's SANs (IP, e-mail and URI SANs are not SNI names).
+pub fn dns_names(sans: &[String]) -> Vec<String> {
+    sans.iter()
+        .filter(|s| s.parse::<std::net::IpAddr>().is_err())
+        .filter_map(|s| crate::tls::normalize_name(s).ok())
+        .collect()
 }

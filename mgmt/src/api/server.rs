@@ -196,7 +196,7 @@ pub fn tls_config(
         WebPkiClientVerifier::builder_with_provider(Arc::new(roots), crate::tls::provider())
             .build()
             .context("[api] client_ca: cannot build the client verifier")?;
-    let certified = crate::snapshot::load_credential(
+    let certified = crate::credential::load_credential(
         config,
         "[api]",
         key,

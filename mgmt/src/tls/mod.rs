@@ -8,6 +8,7 @@
 //! an ECDSA and an RSA certificate can serve the same name side by side.
 
 pub mod ocsp;
+pub mod stapler;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -168,6 +169,26 @@ pub fn server_config(
             crate::client_auth::ClientAuth::policy_of(opts.client_auth.as_ref()),
         );
     }
+    Ok(Arc::new(config))
+}
+
+/// The configuration of a listener with no certificate yet (no `[[listener.certificate]]` and no
+/// binding): every handshake ends with a `handshake_failure` alert.
+pub fn no_certificate_config() -> Result<Arc<rustls::ServerConfig>, TlsConfigError> {
+    #[derive(Debug)]
+    struct NoCertificate;
+    impl rustls::server::ResolvesServerCert for NoCertificate {
+        fn resolve(
+            &self,
+            _: rustls::server::ClientHello<'_>,
+        ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+            None
+        }
+    }
+    let config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(NoCertificate));
     Ok(Arc::new(config))
 }
 

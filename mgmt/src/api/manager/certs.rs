@@ -1,12 +1,14 @@
 //! Stored certificates: listing, reading, storing (a rotation when bound) and deleting (refused
 //! while bound). Every stored chain is checked against its key first.
 
+use std::collections::BTreeSet;
 use std::time::SystemTime;
 
 use tlsgate_keystore::cert::{fmt_time, ChainReport};
 
 use super::{now_unix, unix, CertView, Inner, Manager, PutCert};
 use crate::api::error::ApiError;
+use crate::snapshot::Scope;
 use crate::state::{check_name, StoredCert};
 
 impl Manager {
@@ -71,7 +73,10 @@ impl Manager {
         };
         let mut new_state = inner.state.clone();
         new_state.certs.insert(id.to_owned(), stored.clone());
-        self.change(&mut inner, new_state, |s| s.put_cert(&stored))?;
+        let users: BTreeSet<String> = inner.state.listeners_using(id).into_iter().collect();
+        self.change(&mut inner, new_state, Scope::Listeners(&users), |s| {
+            s.put_cert(&stored)
+        })?;
         Ok(cert_view(
             &stored,
             report,
@@ -97,7 +102,12 @@ impl Manager {
         }
         let mut new_state = inner.state.clone();
         new_state.certs.remove(id);
-        self.change(&mut inner, new_state, |s| s.delete_cert(id))
+        self.change(
+            &mut inner,
+            new_state,
+            Scope::Listeners(&BTreeSet::new()),
+            |s| s.delete_cert(id),
+        )
     }
 }
 

@@ -1,0 +1,50 @@
+//! The one way a key reference and a chain named in the configuration file become a checked
+//! keystore [`Credential`]: listener certificates, the management API's own certificate and
+//! backend client certificates.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use anyhow::{Context, Result};
+use tlsgate_keystore::keyref::KeyRef;
+use tlsgate_keystore::token::Token;
+use tlsgate_keystore::{ChainSource, Credential};
+
+use crate::config::Config;
+
+/// A key reference as written in the configuration (`pkcs11:...` or `file:PATH`, a relative
+/// path taken from the configuration file's folder).
+pub fn key_ref(config: &Config, key: &str) -> Result<KeyRef> {
+    let key_ref: KeyRef = key.parse()?;
+    Ok(match key_ref {
+        KeyRef::File(p) => KeyRef::File(config.resolve(&p)),
+        other => other,
+    })
+}
+
+/// Loads the credential of configuration entry `at`: `key` (as written) and the PEM chain at
+/// `chain` (relative to the configuration file). Errors name `{at}.key` or `{at}.chain`.
+pub fn load_credential(
+    config: &Config,
+    at: &str,
+    key: &str,
+    chain: &Path,
+    token: Option<&Arc<Token>>,
+    now: SystemTime,
+) -> Result<Credential> {
+    let key_ref = key_ref(config, key).with_context(|| format!("{at}.key"))?;
+    let chain_path = config.resolve(chain);
+    Credential::load(&key_ref, ChainSource::File(&chain_path), token, now).map_err(|e| {
+        let on_chain = match &e {
+            tlsgate_keystore::Error::Certificate(_) => true,
+            tlsgate_keystore::Error::Io { path, .. } => path == &chain_path,
+            _ => false,
+        };
+        if on_chain {
+            anyhow::Error::new(e).context(format!("{at}.chain: {}", chain_path.display()))
+        } else {
+            anyhow::Error::new(e).context(format!("{at}.key: {key}"))
+        }
+    })
+}
