@@ -332,7 +332,7 @@ mod tests {
                 vec![server_cert.der().clone()],
                 signing,
             )),
-            names: vec!["server.test".into()],
+            names: vec!["server.test".into()].into(),
             default: true,
         };
         let opts = ListenerTls {

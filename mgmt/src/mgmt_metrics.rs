@@ -222,7 +222,7 @@ const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 pub struct Expiry {
     pub listener: String,
     pub certificate: String,
-    pub names: Vec<String>,
+    pub names: Arc<[String]>,
     pub not_after: SystemTime,
 }
 
@@ -235,29 +235,53 @@ fn unix(t: SystemTime) -> f64 {
 
 static SERIES: Mutex<BTreeSet<(String, String, String)>> = Mutex::new(BTreeSet::new());
 
-/// Sets the expiry gauges to what is served now; series no longer served go to NaN.
-pub fn publish_expiry(entries: &[Expiry]) {
-    let mut now = BTreeSet::new();
-    for e in entries {
-        let names: Vec<String> = if e.names.is_empty() {
+/// Moves the expiry gauges of one listener from `old` to `new` (what it served before and what it
+/// serves now): only the entries that differ are written, series no longer served go to NaN. A
+/// change to one certificate of many writes one entry.
+pub fn publish_expiry_change(old: &[Expiry], new: &[Expiry]) {
+    let same = |a: &Expiry, b: &Expiry| a == b;
+    let mut gone: Vec<&Expiry> = Vec::new();
+    let mut added: Vec<&Expiry> = Vec::new();
+    if old.len() == new.len() {
+        for (o, n) in old.iter().zip(new) {
+            if !same(o, n) {
+                gone.push(o);
+                added.push(n);
+            }
+        }
+    } else {
+        gone.extend(old);
+        added.extend(new);
+    }
+    let series = |e: &Expiry| -> Vec<(String, String, String)> {
+        let names = if e.names.is_empty() {
             vec!["*".to_owned()]
         } else {
-            e.names.clone()
+            e.names.to_vec()
         };
-        for n in names {
+        names
+            .into_iter()
+            .map(|n| (e.listener.clone(), e.certificate.clone(), n))
+            .collect()
+    };
+    let now: BTreeSet<(String, String, String)> = added.iter().flat_map(|e| series(e)).collect();
+    let mut all = SERIES.lock();
+    for s in gone.iter().flat_map(|e| series(e)) {
+        if !now.contains(&s) {
             metrics::gauge!(CERTIFICATE_NOT_AFTER_SECONDS,
-                "listener" => e.listener.clone(), "certificate" => e.certificate.clone(), "name" => n.clone())
-            .set(unix(e.not_after));
-            now.insert((e.listener.clone(), e.certificate.clone(), n));
+                "listener" => s.0.clone(), "certificate" => s.1.clone(), "name" => s.2.clone())
+            .set(f64::NAN);
+            all.remove(&s);
         }
     }
-    let mut series = SERIES.lock();
-    for (l, c, n) in series.difference(&now) {
-        metrics::gauge!(CERTIFICATE_NOT_AFTER_SECONDS,
-            "listener" => l.clone(), "certificate" => c.clone(), "name" => n.clone())
-        .set(f64::NAN);
+    for e in added {
+        for s in series(e) {
+            metrics::gauge!(CERTIFICATE_NOT_AFTER_SECONDS,
+                "listener" => s.0.clone(), "certificate" => s.1.clone(), "name" => s.2.clone())
+            .set(unix(e.not_after));
+            all.insert(s);
+        }
     }
-    *series = now;
 }
 
 /// Wraps a signing key so each signature's duration is recorded.

@@ -50,8 +50,8 @@ pub struct ListenerOverlay {
 pub struct BoundServed {
     pub served: ServedCert,
     /// The leaf's SHA-256 (hex): the OCSP cache's key.
-    pub fingerprint: String,
-    pub subject: String,
+    pub fingerprint: Arc<str>,
+    pub subject: Arc<str>,
     /// Whether its leaf names an OCSP responder to fetch from (and `[ocsp] api_fetch` is on).
     pub fetch: bool,
 }
@@ -87,8 +87,6 @@ struct Part {
 #[derive(Debug)]
 pub struct Built {
     pub snapshot: Snapshot,
-    /// Expiry of every certificate it serves, for the gauges.
-    pub expiry: Vec<Expiry>,
     parts: Vec<(String, Arc<Part>)>,
     full: bool,
 }
@@ -146,23 +144,31 @@ impl Builder {
         let snapshot = Snapshot {
             listeners: parts.iter().map(|(_, p)| p.snapshot.clone()).collect(),
         };
-        let expiry = parts
-            .iter()
-            .flat_map(|(_, p)| p.expiry.iter().cloned())
-            .collect();
         Ok(Built {
             snapshot,
-            expiry,
             parts,
             full: matches!(scope, Scope::All),
         })
     }
 
-    /// Remembers `built` (now live) for the next build, and publishes its gauges.
+    /// Remembers `built` (now live) for the next build, and publishes its gauges (the expiry
+    /// gauges of the listeners it made anew).
     pub fn commit(&self, built: &Built) {
         let awaiting: usize = built.parts.iter().map(|(_, p)| p.awaiting_token).sum();
         metrics::gauge!(crate::mgmt_metrics::CERTIFICATES_AWAITING_TOKEN).set(awaiting as f64);
-        crate::mgmt_metrics::publish_expiry(&built.expiry);
+        let mut last = self.last.lock();
+        for (name, part) in &built.parts {
+            match last.remove(name) {
+                Some(old) if Arc::ptr_eq(&old, part) => {}
+                Some(old) => crate::mgmt_metrics::publish_expiry_change(&old.expiry, &part.expiry),
+                None => crate::mgmt_metrics::publish_expiry_change(&[], &part.expiry),
+            }
+        }
+        // Listeners the configuration no longer has.
+        for old in last.values() {
+            crate::mgmt_metrics::publish_expiry_change(&old.expiry, &[]);
+        }
+        drop(last);
         if built.full {
             let keep: HashSet<String> = built
                 .parts
@@ -217,7 +223,9 @@ impl Builder {
                         b.served.key.clone(),
                         now,
                     )?;
-                    fingerprints.push(b.fingerprint.clone());
+                    if b.fetch {
+                        fingerprints.push(b.fingerprint.to_string());
+                    }
                     certs.push(ServedCert {
                         key,
                         ..b.served.clone()
@@ -243,9 +251,9 @@ impl Builder {
                 .check_key(cred.key.signing_key.algorithm())
                 .with_context(|| format!("{at}.key: {}", c.key))?;
             tracing::info!(listener = %l.name, subject = %report.subject, sans = ?report.sans, key = %c.key, "certificate loaded");
-            let names = match &c.names {
-                Some(names) => names.clone(),
-                None => dns_names(&report.sans),
+            let names: Arc<[String]> = match &c.names {
+                Some(names) => names.clone().into(),
+                None => dns_names(&report.sans).into(),
             };
             expiry.push(Expiry {
                 listener: l.name.clone(),

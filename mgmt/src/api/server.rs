@@ -209,7 +209,7 @@ pub fn tls_config(
     let resolver = SniResolver::new(
         vec![ServedCert {
             key: certified,
-            names: Vec::new(),
+            names: Vec::new().into(),
             default: true,
         }],
         UnknownSni::Default,

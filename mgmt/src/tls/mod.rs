@@ -41,7 +41,7 @@ pub struct ServedCert {
     pub key: Arc<CertifiedKey>,
     /// DNS names (lower case; `*.example.com` matches exactly one more label) this certificate
     /// answers for. Usually the leaf's DNS SANs.
-    pub names: Vec<String>,
+    pub names: Arc<[String]>,
     /// Answers clients without SNI, and with unknown SNI unless the listener refuses those.
     pub default: bool,
 }
@@ -222,9 +222,9 @@ pub struct SniResolver {
     unknown: UnknownSni,
     /// The listener's suites, to tell whether a TLS 1.2 client can use a certificate's key type.
     suites: Vec<rustls::SupportedCipherSuite>,
-    /// ECDSA certificates (by `Arc` address): the curve of their key, and a twin whose key no
-    /// suite can use (see [`SniResolver::resolve`]).
-    ecdsa: HashMap<usize, (rustls::NamedGroup, Arc<CertifiedKey>)>,
+    /// ECDSA certificates (by `Arc` address): the curve of their key (see
+    /// [`SniResolver::resolve`]).
+    ecdsa: HashMap<usize, rustls::NamedGroup>,
 }
 
 /// The named curve of an ECDSA leaf's key, from the curve OID in its SubjectPublicKeyInfo (the
@@ -272,7 +272,7 @@ impl SniResolver {
         let mut wildcard: HashMap<String, Vec<Arc<CertifiedKey>>> = HashMap::new();
         let mut defaults = Vec::new();
         for c in certs {
-            for name in &c.names {
+            for name in c.names.iter() {
                 let n = normalize_name(name)?;
                 match n.strip_prefix("*.") {
                     Some(base) => wildcard.entry(base.to_owned()).or_default(),
@@ -295,11 +295,7 @@ impl SniResolver {
             .chain(&defaults)
         {
             if let Some(curve) = ecdsa_curve(key) {
-                let twin = Arc::new(CertifiedKey::new(
-                    key.cert.clone(),
-                    Arc::new(NoUsableScheme),
-                ));
-                ecdsa.insert(Arc::as_ptr(key) as usize, (curve, twin));
+                ecdsa.insert(Arc::as_ptr(key) as usize, curve);
             }
         }
         Ok(Self {
@@ -333,7 +329,7 @@ impl SniResolver {
     /// goes). A client that can negotiate TLS 1.3 here is not held to it: there the signature
     /// scheme names the curve, and `choose_scheme` checks that.
     fn curve_fits(&self, key: &Arc<CertifiedKey>, hello: &ClientHello<'_>) -> bool {
-        let Some((curve, _)) = self.ecdsa.get(&(Arc::as_ptr(key) as usize)) else {
+        let Some(curve) = self.ecdsa.get(&(Arc::as_ptr(key) as usize)) else {
             return true;
         };
         let tls13 = hello.cipher_suites().iter().any(|c| {
@@ -393,13 +389,14 @@ impl ResolvesServerCert for SniResolver {
             // client gets handshake_failure (no common signature scheme or suite), the alert
             // scanners and clients expect, rather than access_denied for "no certificate".
             .or_else(|| candidates.first())?;
-        // An ECDSA key on a curve the TLS 1.2 client does not support: its twin that no suite
-        // can use, so rustls answers handshake_failure instead of a signature the client must
-        // reject ("wrong curve").
+        // An ECDSA key on a curve the TLS 1.2 client does not support: a twin of it that no
+        // suite can use, so rustls answers handshake_failure instead of a signature the client
+        // must reject ("wrong curve"). Made here, on that rare path, not for every certificate.
         if !self.curve_fits(chosen, &hello) {
-            if let Some((_, twin)) = self.ecdsa.get(&(Arc::as_ptr(chosen) as usize)) {
-                return Some(twin.clone());
-            }
+            return Some(Arc::new(CertifiedKey::new(
+                chosen.cert.clone(),
+                Arc::new(NoUsableScheme),
+            )));
         }
         Some(chosen.clone())
     }

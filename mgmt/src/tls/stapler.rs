@@ -96,20 +96,18 @@ impl Stapler {
         };
         let mut entries = self.entries.lock();
         let fresh = !entries.contains_key(fingerprint);
-        let entry = entries
-            .entry(fingerprint.to_owned())
-            .or_insert_with(|| Entry {
-                source: source.clone(),
-                chain: key.cert.clone(),
-                listeners: BTreeSet::new(),
-                subject: subject.to_owned(),
-                response: None,
-                generation: 0,
-                due: now,
-                busy: false,
-                memo: None,
-            });
-        entry.listeners.insert(listener.to_owned());
+        if fresh {
+            entries.insert(
+                fingerprint.to_owned(),
+                Entry::new(source, &key, subject, now),
+            );
+        }
+        let Some(entry) = entries.get_mut(fingerprint) else {
+            return Ok(key);
+        };
+        if !entry.listeners.contains(listener) {
+            entry.listeners.insert(listener.to_owned());
+        }
         if entry.source != *source {
             entry.source = source.clone();
             entry.response = None;
@@ -266,6 +264,20 @@ impl Stapler {
 }
 
 impl Entry {
+    fn new(source: &Source, key: &CertifiedKey, subject: &str, now: SystemTime) -> Entry {
+        Entry {
+            source: source.clone(),
+            chain: key.cert.clone(),
+            listeners: BTreeSet::new(),
+            subject: subject.to_owned(),
+            response: None,
+            generation: 0,
+            due: now,
+            busy: false,
+            memo: None,
+        }
+    }
+
     /// Checks `der` for this certificate and keeps it when it passes (logged and counted either
     /// way); schedules the next look.
     fn take(&mut self, der: Vec<u8>, listener: &str, from: &str, now: SystemTime) {

@@ -72,7 +72,9 @@ impl Manager {
             ..stored
         };
         let mut new_state = inner.state.clone();
-        new_state.certs.insert(id.to_owned(), stored.clone());
+        new_state
+            .certs
+            .insert(id.to_owned(), std::sync::Arc::new(stored.clone()));
         let users: BTreeSet<String> = inner.state.listeners_using(id).into_iter().collect();
         self.change(&mut inner, new_state, Scope::Listeners(&users), |s| {
             s.put_cert(&stored)

@@ -75,7 +75,7 @@ impl Manager {
         let mut new_state = inner.state.clone();
         new_state
             .bindings
-            .insert(listener.to_owned(), binding.clone());
+            .insert(listener.to_owned(), std::sync::Arc::new(binding.clone()));
         self.change(
             &mut inner,
             new_state,

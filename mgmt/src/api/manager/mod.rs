@@ -161,6 +161,10 @@ struct CachedCert {
     cred: Credential,
     certified: Arc<rustls::sign::CertifiedKey>,
     fetch: bool,
+    /// The leaf's DNS names (what it serves unless the binding names others).
+    names: Arc<[String]>,
+    fingerprint: Arc<str>,
+    subject: Arc<str>,
 }
 
 /// The management plane's state and every operation on it.
@@ -382,7 +386,7 @@ impl Manager {
                 })?;
                 let cached = self.cached_cert(config, stored, now)?;
                 let report = &cached.cred.report;
-                let names = match &bc.names {
+                let names: Arc<[String]> = match &bc.names {
                     Some(names) => {
                         let mut out = Vec::with_capacity(names.len());
                         for n in names {
@@ -400,9 +404,9 @@ impl Manager {
                             }
                             out.push(n);
                         }
-                        out
+                        out.into()
                     }
-                    None => crate::snapshot::dns_names(&report.sans),
+                    None => cached.names.clone(),
                 };
                 expiry.push(crate::mgmt_metrics::Expiry {
                     listener: listener.clone(),
@@ -416,8 +420,8 @@ impl Manager {
                         names,
                         default: bc.default,
                     },
-                    fingerprint: report.fingerprint_sha256.clone(),
-                    subject: report.subject.clone(),
+                    fingerprint: cached.fingerprint.clone(),
+                    subject: cached.subject.clone(),
                     fetch: cached.fetch,
                 });
                 offload |= cached.cred.backend() == KeyBackend::Pkcs11;
@@ -464,6 +468,9 @@ impl Manager {
         let cached = Arc::new(CachedCert {
             key: stored.key.clone(),
             chain_pem: stored.chain_pem.clone(),
+            names: crate::snapshot::dns_names(&cred.report.sans).into(),
+            fingerprint: cred.report.fingerprint_sha256.as_str().into(),
+            subject: cred.report.subject.as_str().into(),
             cred,
             certified,
             fetch,
