@@ -49,7 +49,7 @@
 //! ```
 //!
 //! With `policy = "custom"`, `[listener.custom_policy]` holds `versions`, `suites`, `groups`
-//! (see [`crate::policy`]).
+//! (see [`crate::tls::policy`]).
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -317,23 +317,25 @@ pub struct ListenerConfig {
     pub unknown_sni: crate::tls::UnknownSni,
     /// TLS policy profile: `intermediate` (default), `modern`, `strict` or `custom`.
     #[serde(default)]
-    pub policy: crate::policy::Profile,
+    pub policy: crate::tls::policy::Profile,
     /// The lists of the `custom` profile.
-    pub custom_policy: Option<crate::policy::CustomPolicy>,
+    pub custom_policy: Option<crate::tls::policy::CustomPolicy>,
     /// Client-certificate authentication; none when absent.
-    pub client_auth: Option<crate::client_auth::ClientAuthConfig>,
+    pub client_auth: Option<crate::tls::client_auth::ClientAuthConfig>,
     /// Session resumption: tickets, their rotation and lifetime, the session cache, fleet
-    /// tickets (`[listener.session]`; defaults in `crate::session`).
+    /// tickets (`[listener.session]`; defaults in `crate::tls::session`).
     #[serde(default)]
-    pub session: crate::session::SessionConfig,
+    pub session: crate::tls::session::SessionConfig,
     /// TLS to the backend (its CA, expected name, optional client certificate).
     pub backend_tls: Option<BackendTlsConfig>,
 }
 
 impl ListenerConfig {
     /// The listener's resolved TLS policy.
-    pub fn tls_policy(&self) -> Result<crate::policy::TlsPolicy, crate::policy::PolicyError> {
-        crate::policy::TlsPolicy::new(self.policy, self.custom_policy.as_ref())
+    pub fn tls_policy(
+        &self,
+    ) -> Result<crate::tls::policy::TlsPolicy, crate::tls::policy::PolicyError> {
+        crate::tls::policy::TlsPolicy::new(self.policy, self.custom_policy.as_ref())
     }
 }
 

@@ -8,7 +8,6 @@ pub mod api;
 pub mod audit;
 pub mod backend_tls;
 pub mod cli;
-pub mod client_auth;
 pub mod config;
 pub mod conn_limit;
 pub mod credential;
@@ -22,12 +21,10 @@ pub mod http_head;
 pub mod logging;
 pub mod metrics_http;
 pub mod mgmt_metrics;
-pub mod policy;
 pub mod serve;
-pub mod session;
 pub mod snapshot;
 pub mod state;
 pub mod tls;
 
-/// OCSP stapling lives with the rest of TLS; its old path stays for callers and tests.
-pub use tls::ocsp;
+/// TLS pieces that moved into `tls/`; their old paths stay for callers, tests and fuzz targets.
+pub use tls::{client_auth, ocsp, policy, session};

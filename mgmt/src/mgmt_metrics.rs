@@ -180,19 +180,19 @@ pub fn describe() {
         "One private-key signature, by backend (pkcs11, software) and signature scheme."
     );
     metrics::describe_counter!(
-        crate::session::METRIC_TICKETS,
+        crate::tls::session::METRIC_TICKETS,
         "Session tickets by listener and result (issued, accepted, expired, rejected)."
     );
     metrics::describe_counter!(
-        crate::session::METRIC_TICKET_KEYS,
+        crate::tls::session::METRIC_TICKET_KEYS,
         "Ticket-key derivations by listener, source (fleet, local) and result (ok, failed)."
     );
     metrics::describe_counter!(
-        crate::session::METRIC_RESUMPTION_REFUSED,
+        crate::tls::session::METRIC_RESUMPTION_REFUSED,
         "Session resumptions refused by listener and reason (policy_changed, no_client_certificate, client_certificate_rejected)."
     );
     metrics::describe_gauge!(
-        crate::session::METRIC_TICKET_KEYS_HELD,
+        crate::tls::session::METRIC_TICKET_KEYS_HELD,
         "Ticket keys held now, by listener."
     );
     metrics::describe_gauge!(
@@ -417,8 +417,8 @@ mod tests {
         let sources = [
             include_str!("../../dataplane/src/metrics.rs"),
             include_str!("mgmt_metrics.rs"),
-            include_str!("session/ticketer.rs"),
-            include_str!("session/policy.rs"),
+            include_str!("tls/session/ticketer.rs"),
+            include_str!("tls/session/policy.rs"),
             include_str!("tls/ocsp.rs"),
         ];
         let mut names = 0;

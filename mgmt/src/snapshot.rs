@@ -285,7 +285,7 @@ impl Builder {
         }
         let client_auth = match &l.client_auth {
             Some(c) => Some(
-                crate::client_auth::ClientAuth::load(c, |p| config.resolve(p))
+                crate::tls::client_auth::ClientAuth::load(c, |p| config.resolve(p))
                     .with_context(|| format!("listener[{i}] ({}).client_auth", l.name))?,
             ),
             None => None,
@@ -294,7 +294,7 @@ impl Builder {
             unknown_sni: l.unknown_sni,
             policy,
             client_auth,
-            session: Some(crate::session::ListenerSessions::for_listener(
+            session: Some(crate::tls::session::ListenerSessions::for_listener(
                 &l.name, &l.session, token,
             )?),
             extra_crls: api.map(|o| o.crls.clone()).unwrap_or_default(),

@@ -1,13 +1,16 @@
 //! Builds the rustls server configurations from a listener's policy profile
-//! ([`crate::policy`], the one place that assembles a `CryptoProvider`), certificates and
-//! client-certificate settings ([`crate::client_auth`]).
+//! ([`crate::tls::policy`], the one place that assembles a `CryptoProvider`), certificates and
+//! client-certificate settings ([`crate::tls::client_auth`]).
 //!
 //! A listener serves [`ServedCert`]s: each answers for a set of names (exact or `*.` wildcard),
 //! and those marked `default` answer a client that sends no SNI or a name nobody serves. Within
 //! one name, the first certificate whose key can sign with a scheme the client offered wins, so
 //! an ECDSA and an RSA certificate can serve the same name side by side.
 
+pub mod client_auth;
 pub mod ocsp;
+pub mod policy;
+pub mod session;
 pub mod stapler;
 
 use std::collections::HashMap;
@@ -25,7 +28,7 @@ pub enum TlsConfigError {
     Rustls(#[from] rustls::Error),
     /// The client-certificate settings cannot be used.
     #[error(transparent)]
-    ClientAuth(#[from] crate::client_auth::ClientAuthError),
+    ClientAuth(#[from] crate::tls::client_auth::ClientAuthError),
     /// No certificate can answer a client that sends no (or an unknown) name.
     #[error("no default certificate: mark one certificate `default = true` or serve only one")]
     NoDefault,
@@ -66,16 +69,16 @@ pub struct ListenerTls {
     /// file's CRLs) when the listener verifies client certificates.
     pub extra_crls: Vec<rustls_pki_types::CertificateRevocationListDer<'static>>,
     /// Versions, suites and groups (`intermediate` by default).
-    pub policy: crate::policy::TlsPolicy,
+    pub policy: crate::tls::policy::TlsPolicy,
     /// Client-certificate authentication; none when absent.
-    pub client_auth: Option<crate::client_auth::ClientAuth>,
-    /// Session tickets and cache (`crate::session`); `None` leaves rustls's defaults.
-    pub session: Option<Arc<crate::session::ListenerSessions>>,
+    pub client_auth: Option<crate::tls::client_auth::ClientAuth>,
+    /// Session tickets and cache (`crate::tls::session`); `None` leaves rustls's defaults.
+    pub session: Option<Arc<crate::tls::session::ListenerSessions>>,
 }
 
 /// The crypto provider of the default (`intermediate`) policy.
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    crate::policy::TlsPolicy::default().provider()
+    crate::tls::policy::TlsPolicy::default().provider()
 }
 
 /// The data plane's check for `unknown_sni = "refuse"`: answers whether a ClientHello's SNI is
@@ -103,17 +106,17 @@ pub fn sni_filter(
 /// The data plane's re-check of a resumed session of `listener`: its client certificate
 /// against the current CA bundle and CRLs, and a session without one against a `required` mode
 /// (`None` without client authentication). Each refusal is counted and logged
-/// ([`crate::session::policy::refused`]).
+/// ([`crate::tls::session::policy::refused`]).
 pub fn client_cert_check(
     listener: &str,
     opts: &ListenerTls,
 ) -> Result<Option<tlsgate_dataplane::ClientCertCheck>, TlsConfigError> {
-    use crate::session::policy::{refused, Refusal};
+    use crate::tls::session::policy::{refused, Refusal};
     let Some(auth) = &opts.client_auth else {
         return Ok(None);
     };
     let verifier = auth.verifier(opts.policy.provider(), &opts.extra_crls)?;
-    let required = auth.mode == crate::client_auth::ClientAuthMode::Required;
+    let required = auth.mode == crate::tls::client_auth::ClientAuthMode::Required;
     let listener = listener.to_owned();
     Ok(Some(tlsgate_dataplane::ClientCertCheck::of_sessions(
         move |chain| {
@@ -166,7 +169,7 @@ pub fn server_config(
     if let Some(s) = &opts.session {
         s.apply(
             &mut config,
-            crate::client_auth::ClientAuth::policy_of(opts.client_auth.as_ref()),
+            crate::tls::client_auth::ClientAuth::policy_of(opts.client_auth.as_ref()),
         );
     }
     Ok(Arc::new(config))
