@@ -17,15 +17,13 @@
 //! configuration keeps rustls's in-memory session store, so most backend handshakes resume and
 //! need no client signature.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use anyhow::{bail, Context, Result};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 use rustls::sign::SingleCertAndKey;
-use rustls::{ClientConfig, RootCertStore};
+use rustls::ClientConfig;
 use tlsgate_dataplane::conn::BackendTls;
 use tlsgate_keystore::keyref::KeyBackend;
 use tlsgate_keystore::token::Token;
@@ -43,7 +41,7 @@ pub fn build(config: &Config, i: usize, token: Option<&Arc<Token>>) -> Result<Op
     };
     let at = format!("listener[{i}].backend_tls ({})", l.name);
     let ca_path = config.resolve(&bt.ca);
-    let roots = load_roots(&ca_path).with_context(|| format!("{at}.ca"))?;
+    let roots = crate::credential::load_roots(&ca_path).with_context(|| format!("{at}.ca"))?;
     let server_name = ServerName::try_from(bt.server_name.clone())
         .with_context(|| format!("{at}.server_name: {:?}", bt.server_name))?;
     let builder = ClientConfig::builder_with_provider(crate::tls::provider())
@@ -76,35 +74,4 @@ pub fn build(config: &Config, i: usize, token: Option<&Arc<Token>>) -> Result<Op
         server_name,
         offload_key_ops,
     }))
-}
-
-fn load_roots(path: &Path) -> Result<Arc<RootCertStore>> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let certs = CertificateDer::pem_slice_iter(&bytes)
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("{}: bad PEM", path.display()))?;
-    if certs.is_empty() {
-        bail!("{} holds no CERTIFICATE block", path.display());
-    }
-    let mut roots = RootCertStore::empty();
-    for (n, c) in certs.into_iter().enumerate() {
-        roots
-            .add(c)
-            .with_context(|| format!("{}: certificate {n} is not a usable CA", path.display()))?;
-    }
-    Ok(Arc::new(roots))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_ca_file_without_certificates_is_refused() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let p = dir.path().join("empty.pem");
-        std::fs::write(&p, "nothing here\n").expect("write");
-        let err = load_roots(&p).expect_err("no CA");
-        assert!(format!("{err:#}").contains("no CERTIFICATE"), "{err:#}");
-    }
 }

@@ -6,7 +6,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+use rustls::RootCertStore;
 use tlsgate_keystore::keyref::KeyRef;
 use tlsgate_keystore::token::Token;
 use tlsgate_keystore::{ChainSource, Credential};
@@ -47,4 +50,37 @@ pub fn load_credential(
             anyhow::Error::new(e).context(format!("{at}.key: {key}"))
         }
     })
+}
+
+/// A CA bundle (PEM, one or more `CERTIFICATE` blocks) as trust anchors: a backend's CA, the
+/// management API's client CA.
+pub fn load_roots(path: &Path) -> Result<Arc<RootCertStore>> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let certs = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("{}: bad PEM", path.display()))?;
+    if certs.is_empty() {
+        bail!("{} holds no CERTIFICATE block", path.display());
+    }
+    let mut roots = RootCertStore::empty();
+    for (n, c) in certs.into_iter().enumerate() {
+        roots
+            .add(c)
+            .with_context(|| format!("{}: certificate {n} is not a usable CA", path.display()))?;
+    }
+    Ok(Arc::new(roots))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ca_file_without_certificates_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("empty.pem");
+        std::fs::write(&p, "nothing here\n").expect("write");
+        let err = load_roots(&p).expect_err("no CA");
+        assert!(format!("{err:#}").contains("no CERTIFICATE"), "{err:#}");
+    }
 }

@@ -9,32 +9,16 @@ mod api_support;
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use api_support::{ctl_ok, key_csr_chain};
-use common::ocsp_support::{aia_leaf, response_valid, Responder};
+use common::ocsp_support::{aia_leaf, response_valid, s_client_status, Responder};
 use common::{Lab, Serve};
-
-fn s_client_status(port: u16) -> Result<String> {
-    let out = Command::new("openssl")
-        .args([
-            "s_client",
-            "-status",
-            "-servername",
-            "localhost",
-            "-connect",
-        ])
-        .arg(format!("127.0.0.1:{port}"))
-        .stdin(Stdio::null())
-        .output()?;
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
 
 /// The stapled response's `This Update` line, if a good response is stapled.
 fn stapled_this_update(port: u16) -> Result<Option<String>> {
-    let out = s_client_status(port)?;
+    let out = s_client_status(&format!("127.0.0.1:{port}"))?;
     if !(out.contains("OCSP Response Status: successful") && out.contains("Cert Status: good")) {
         return Ok(None);
     }
@@ -56,7 +40,7 @@ fn wait_for_staple(port: u16, not: Option<&str>, limit: Duration) -> Result<Stri
         ensure!(
             start.elapsed() < limit,
             "no (new) OCSP staple within {limit:?}: {}",
-            s_client_status(port)?
+            s_client_status(&format!("127.0.0.1:{port}"))?
         );
         std::thread::sleep(Duration::from_millis(250));
     }

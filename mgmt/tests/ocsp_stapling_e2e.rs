@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
-use common::ocsp_support::{openssl, response};
+use common::ocsp_support::{openssl, response, s_client_status};
 use common::{uri, Lab, Serve};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
@@ -21,21 +21,6 @@ use tlsgate_mgmt::ocsp::{self, OcspError};
 
 fn openssl_available() -> bool {
     common::require("openssl", "openssl")
-}
-
-fn s_client_status(addr: &str) -> Result<String> {
-    let out = Command::new("openssl")
-        .args([
-            "s_client",
-            "-status",
-            "-servername",
-            "localhost",
-            "-connect",
-            addr,
-        ])
-        .stdin(Stdio::null())
-        .output()?;
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn scrape(addr: &str) -> Result<String> {

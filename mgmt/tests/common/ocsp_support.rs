@@ -13,6 +13,22 @@ use anyhow::Result;
 
 use super::{check, Lab};
 
+/// `openssl s_client -status` against `addr` (SNI localhost): what it printed.
+pub fn s_client_status(addr: &str) -> Result<String> {
+    let out = Command::new("openssl")
+        .args([
+            "s_client",
+            "-status",
+            "-servername",
+            "localhost",
+            "-connect",
+            addr,
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 pub fn openssl(args: &[&str]) -> Result<String> {
     check(
         Command::new("openssl").args(args).output()?,
