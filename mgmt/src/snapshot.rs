@@ -80,6 +80,7 @@ struct Part {
     snapshot: ListenerSnapshot,
     expiry: Vec<Expiry>,
     awaiting_token: usize,
+    /// The certificates it staples (the stapler's keys).
     fingerprints: Vec<String>,
 }
 
@@ -88,7 +89,6 @@ struct Part {
 pub struct Built {
     pub snapshot: Snapshot,
     parts: Vec<(String, Arc<Part>)>,
-    full: bool,
 }
 
 /// The one builder of the data plane's snapshot: configuration file + the management API's
@@ -147,7 +147,6 @@ impl Builder {
         Ok(Built {
             snapshot,
             parts,
-            full: matches!(scope, Scope::All),
         })
     }
 
@@ -169,14 +168,13 @@ impl Builder {
             crate::mgmt_metrics::publish_expiry_change(&old.expiry, &[]);
         }
         drop(last);
-        if built.full {
-            let keep: HashSet<String> = built
-                .parts
-                .iter()
-                .flat_map(|(_, p)| p.fingerprints.iter().cloned())
-                .collect();
-            self.stapler.retain(&keep);
-        }
+        // The stapler keeps what is served: a rotated-away certificate is not fetched again.
+        let keep: HashSet<String> = built
+            .parts
+            .iter()
+            .flat_map(|(_, p)| p.fingerprints.iter().cloned())
+            .collect();
+        self.stapler.retain(&keep);
         *self.last.lock() = built.parts.iter().cloned().collect();
     }
 
@@ -275,7 +273,9 @@ impl Builder {
                     now,
                 )
                 .with_context(|| format!("{at}.ocsp"))?;
-            fingerprints.push(report.fingerprint_sha256.clone());
+            if c.ocsp.is_some() || c.ocsp_fetch {
+                fingerprints.push(report.fingerprint_sha256.clone());
+            }
             certs.push(ServedCert {
                 key,
                 names,
