@@ -8,6 +8,7 @@
 
 mod asn1;
 pub mod cert;
+pub mod credential;
 pub mod csr;
 pub mod error;
 pub mod keyinfo;
@@ -20,6 +21,7 @@ pub mod token;
 pub mod uri;
 
 pub use cert::{certified_key, CertChain, CertError, ChainReport};
+pub use credential::{ChainSource, Credential};
 pub use error::{Error, Result};
 pub use keyinfo::{spki_pem, KeyInfo, KeyKind, KeyOrigin, KeySpec};
 pub use keyref::{KeyBackend, KeyRef, LoadedKey};

@@ -17,18 +17,15 @@
 //! configuration keeps rustls's in-memory session store, so most backend handshakes resume and
 //! need no client signature.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use anyhow::{bail, Context, Result};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 use rustls::sign::SingleCertAndKey;
-use rustls::{ClientConfig, RootCertStore};
+use rustls::ClientConfig;
 use tlsgate_dataplane::conn::BackendTls;
-use tlsgate_keystore::cert::CertChain;
-use tlsgate_keystore::keyref::{self, KeyRef};
+use tlsgate_keystore::keyref::KeyBackend;
 use tlsgate_keystore::token::Token;
 
 pub use crate::config::BackendTlsConfig;
@@ -55,7 +52,7 @@ pub fn build_with(
 ) -> Result<BackendTls> {
     let at = at.to_string();
     let ca_path = config.resolve(&bt.ca);
-    let roots = load_roots(&ca_path).with_context(|| format!("{at}.ca"))?;
+    let roots = crate::credential::load_roots(&ca_path).with_context(|| format!("{at}.ca"))?;
     let server_name = ServerName::try_from(bt.server_name.clone())
         .with_context(|| format!("{at}.server_name: {:?}", bt.server_name))?;
     let builder = ClientConfig::builder_with_provider(crate::tls::provider())
@@ -65,22 +62,18 @@ pub fn build_with(
     let mut offload_key_ops = false;
     let client_config = match (&bt.chain, &bt.key) {
         (Some(chain), Some(key)) => {
-            let key_ref: KeyRef = key.parse().with_context(|| format!("{at}.key"))?;
-            let key_ref = match key_ref {
-                KeyRef::File(p) => KeyRef::File(config.resolve(&p)),
-                other => other,
-            };
-            offload_key_ops = matches!(key_ref, KeyRef::Pkcs11(_));
-            let loaded =
-                keyref::load(&key_ref, token).with_context(|| format!("{at}.key: {key}"))?;
-            let chain_path = config.resolve(chain);
-            let chain = CertChain::from_pem_file(&chain_path)
-                .with_context(|| format!("{at}.chain: {}", chain_path.display()))?;
-            let report = chain
-                .validate(&loaded.spki_der, SystemTime::now())
-                .with_context(|| format!("{at}.chain: {}", chain_path.display()))?;
-            tracing::info!(at = %at, subject = %report.subject, key = %key, "backend client certificate loaded");
-            let ck = tlsgate_keystore::cert::certified_key(&chain, loaded.signing_key)
+            let cred = crate::credential::load_credential(
+                config,
+                &at,
+                key,
+                chain,
+                token,
+                SystemTime::now(),
+            )?;
+            offload_key_ops = cred.backend() == KeyBackend::Pkcs11;
+            tracing::info!(at = %at, subject = %cred.report.subject, key = %key, "backend client certificate loaded");
+            let ck = cred
+                .certified_key()
                 .with_context(|| format!("{at}.chain"))?;
             builder.with_client_cert_resolver(Arc::new(SingleCertAndKey::from(ck)))
         }
@@ -92,35 +85,4 @@ pub fn build_with(
         server_name,
         offload_key_ops,
     })
-}
-
-fn load_roots(path: &Path) -> Result<Arc<RootCertStore>> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let certs = CertificateDer::pem_slice_iter(&bytes)
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("{}: bad PEM", path.display()))?;
-    if certs.is_empty() {
-        bail!("{} holds no CERTIFICATE block", path.display());
-    }
-    let mut roots = RootCertStore::empty();
-    for (n, c) in certs.into_iter().enumerate() {
-        roots
-            .add(c)
-            .with_context(|| format!("{}: certificate {n} is not a usable CA", path.display()))?;
-    }
-    Ok(Arc::new(roots))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_ca_file_without_certificates_is_refused() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let p = dir.path().join("empty.pem");
-        std::fs::write(&p, "nothing here\n").expect("write");
-        let err = load_roots(&p).expect_err("no CA");
-        assert!(format!("{err:#}").contains("no CERTIFICATE"), "{err:#}");
-    }
 }

@@ -49,7 +49,7 @@
 //! ```
 //!
 //! With `policy = "custom"`, `[listener.custom_policy]` holds `versions`, `suites`, `groups`
-//! (see [`crate::policy`]).
+//! (see [`crate::tls::policy`]).
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -120,6 +120,9 @@ pub struct Config {
     pub api: Option<ApiConfig>,
     /// The management plane's state directory (see [`crate::state`]).
     pub state: Option<StateConfig>,
+    /// OCSP fetches (see [`crate::tls::stapler`]).
+    #[serde(default)]
+    pub ocsp: OcspConfig,
     /// TLS listeners.
     #[serde(rename = "listener", default)]
     pub listeners: Vec<ListenerConfig>,
@@ -146,6 +149,43 @@ pub struct TlsConfig {
     /// cargo feature `fips`) and every listener's policy is FIPS-approved.
     #[serde(default)]
     pub require_fips: bool,
+}
+
+/// `[ocsp]`: how responses are fetched from the responders certificates name.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OcspConfig {
+    /// One fetch (resolve, connect, request, answer) gives up after this long.
+    #[serde(default = "default_ocsp_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Staple certificates bound through the management API from the responder their leaf
+    /// names (Authority Information Access), as `ocsp_fetch = true` does for the file's.
+    #[serde(default = "default_true")]
+    pub api_fetch: bool,
+}
+
+impl Default for OcspConfig {
+    fn default() -> Self {
+        OcspConfig {
+            timeout_ms: default_ocsp_timeout_ms(),
+            api_fetch: true,
+        }
+    }
+}
+
+impl OcspConfig {
+    pub fn timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.timeout_ms)
+    }
+}
+
+/// The default of `[ocsp] timeout_ms` (`crate::ocsp::FETCH_TIMEOUT`).
+fn default_ocsp_timeout_ms() -> u64 {
+    5_000
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// Where the token is and how to log in.
@@ -303,15 +343,15 @@ pub struct ListenerConfig {
     pub unknown_sni: crate::tls::UnknownSni,
     /// TLS policy profile: `intermediate` (default), `modern`, `strict` or `custom`.
     #[serde(default)]
-    pub policy: crate::policy::Profile,
+    pub policy: crate::tls::policy::Profile,
     /// The lists of the `custom` profile.
-    pub custom_policy: Option<crate::policy::CustomPolicy>,
+    pub custom_policy: Option<crate::tls::policy::CustomPolicy>,
     /// Client-certificate authentication; none when absent.
-    pub client_auth: Option<crate::client_auth::ClientAuthConfig>,
+    pub client_auth: Option<crate::tls::client_auth::ClientAuthConfig>,
     /// Session resumption: tickets, their rotation and lifetime, the session cache, fleet
-    /// tickets (`[listener.session]`; defaults in `crate::session`).
+    /// tickets (`[listener.session]`; defaults in `crate::tls::session`).
     #[serde(default)]
-    pub session: crate::session::SessionConfig,
+    pub session: crate::tls::session::SessionConfig,
     /// TLS to the backend (its CA, expected name, optional client certificate); `backend`
     /// only, pools have their own.
     pub backend_tls: Option<BackendTlsConfig>,
@@ -319,8 +359,10 @@ pub struct ListenerConfig {
 
 impl ListenerConfig {
     /// The listener's resolved TLS policy.
-    pub fn tls_policy(&self) -> Result<crate::policy::TlsPolicy, crate::policy::PolicyError> {
-        crate::policy::TlsPolicy::new(self.policy, self.custom_policy.as_ref())
+    pub fn tls_policy(
+        &self,
+    ) -> Result<crate::tls::policy::TlsPolicy, crate::tls::policy::PolicyError> {
+        crate::tls::policy::TlsPolicy::new(self.policy, self.custom_policy.as_ref())
     }
 }
 

@@ -1,5 +1,5 @@
-//! Reading an HTTP/1.1 request head, for the two tiny plain-HTTP servers of the process (the
-//! demo backend and the metrics endpoint).
+//! Reading an HTTP/1.1 request head, for the demo backend (the metrics endpoint is served by
+//! hyper, see `metrics_http`).
 
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;

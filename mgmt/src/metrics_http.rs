@@ -1,17 +1,15 @@
 //! The Prometheus endpoint: `GET /metrics` on its own address, never on a TLS listener.
 //!
 //! The data plane records through the `metrics` facade (names in `tlsgate_dataplane::metrics`);
-//! this module installs the Prometheus recorder and serves its text rendering over plain HTTP.
+//! this module installs the Prometheus recorder and serves its text rendering over plain HTTP
+//! (hyper's HTTP/1.1 server, one request per connection).
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-
-use crate::http_head::{read_head, Head};
 
 /// Largest request head read before the connection is dropped.
 const MAX_HEAD_BYTES: usize = 8 * 1024;
@@ -76,33 +74,38 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle, max_connecti
     }
 }
 
+/// One connection: one request (hyper's HTTP/1.1 server, keep-alive off), `GET /metrics`
+/// answered with the text rendering, anything else 404.
 async fn answer(
-    mut stream: TcpStream,
+    stream: TcpStream,
     handle: &PrometheusHandle,
     busy: &crate::conn_limit::BusyHandle,
-) -> std::io::Result<()> {
-    let mut head = Vec::with_capacity(512);
-    let Head::Complete(end) = read_head(&mut stream, &mut head, MAX_HEAD_BYTES).await? else {
-        return Ok(());
-    };
-    // A request in progress: no longer idle, so not the one evicted to make room.
-    let _busy = busy.busy();
-    let line = head[..end]
-        .split(|&b| b == b'\r')
-        .next()
-        .unwrap_or_default();
-    let (status, body) = if line.starts_with(b"GET /metrics ") {
-        ("200 OK", handle.render())
-    } else {
-        (
-            "404 Not Found",
-            "only GET /metrics is served here\n".to_owned(),
-        )
-    };
-    let response = format!(
-        "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
+) -> Result<(), hyper::Error> {
+    use http_body_util::Full;
+    use hyper::body::{Bytes, Incoming};
+    use hyper::{Method, Request, Response, StatusCode};
+    let svc = hyper::service::service_fn(|req: Request<Incoming>| {
+        // A request in progress: no longer idle, so not the one evicted to make room.
+        let _busy = busy.busy();
+        let (status, body) = if req.method() == Method::GET && req.uri().path() == "/metrics" {
+            (StatusCode::OK, handle.render())
+        } else {
+            (
+                StatusCode::NOT_FOUND,
+                "only GET /metrics is served here\n".to_owned(),
+            )
+        };
+        let response = Response::builder()
+            .status(status)
+            .header("content-type", "text/plain; version=0.0.4")
+            .body(Full::new(Bytes::from(body)));
+        async move { response }
+    });
+    hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(REQUEST_TIMEOUT)
+        .max_buf_size(MAX_HEAD_BYTES)
+        .keep_alive(false)
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+        .await
 }

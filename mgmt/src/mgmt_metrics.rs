@@ -194,19 +194,19 @@ pub fn describe() {
         "One private-key signature, by backend (pkcs11, software) and signature scheme."
     );
     metrics::describe_counter!(
-        crate::session::METRIC_TICKETS,
+        crate::tls::session::METRIC_TICKETS,
         "Session tickets by listener and result (issued, accepted, expired, rejected)."
     );
     metrics::describe_counter!(
-        crate::session::METRIC_TICKET_KEYS,
+        crate::tls::session::METRIC_TICKET_KEYS,
         "Ticket-key derivations by listener, source (fleet, local) and result (ok, failed)."
     );
     metrics::describe_counter!(
-        crate::session::METRIC_RESUMPTION_REFUSED,
+        crate::tls::session::METRIC_RESUMPTION_REFUSED,
         "Session resumptions refused by listener and reason (policy_changed, no_client_certificate, client_certificate_rejected)."
     );
     metrics::describe_gauge!(
-        crate::session::METRIC_TICKET_KEYS_HELD,
+        crate::tls::session::METRIC_TICKET_KEYS_HELD,
         "Ticket keys held now, by listener."
     );
     metrics::describe_gauge!(
@@ -236,7 +236,7 @@ const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 pub struct Expiry {
     pub listener: String,
     pub certificate: String,
-    pub names: Vec<String>,
+    pub names: Arc<[String]>,
     pub not_after: SystemTime,
 }
 
@@ -249,36 +249,62 @@ fn unix(t: SystemTime) -> f64 {
 
 static SERIES: Mutex<BTreeSet<(String, String, String)>> = Mutex::new(BTreeSet::new());
 
-/// Sets the expiry gauges to what is served now; series no longer served go to NaN.
-pub fn publish_expiry(entries: &[Expiry]) {
-    let mut now = BTreeSet::new();
-    for e in entries {
-        let names: Vec<String> = if e.names.is_empty() {
+/// Moves the expiry gauges of one listener from `old` to `new` (what it served before and what it
+/// serves now): only the entries that differ are written, series no longer served go to NaN. A
+/// change to one certificate of many writes one entry.
+pub fn publish_expiry_change(old: &[Expiry], new: &[Expiry]) {
+    let same = |a: &Expiry, b: &Expiry| a == b;
+    let mut gone: Vec<&Expiry> = Vec::new();
+    let mut added: Vec<&Expiry> = Vec::new();
+    if old.len() == new.len() {
+        for (o, n) in old.iter().zip(new) {
+            if !same(o, n) {
+                gone.push(o);
+                added.push(n);
+            }
+        }
+    } else {
+        gone.extend(old);
+        added.extend(new);
+    }
+    let series = |e: &Expiry| -> Vec<(String, String, String)> {
+        let names = if e.names.is_empty() {
             vec!["*".to_owned()]
         } else {
-            e.names.clone()
+            e.names.to_vec()
         };
-        for n in names {
+        names
+            .into_iter()
+            .map(|n| (e.listener.clone(), e.certificate.clone(), n))
+            .collect()
+    };
+    let now: BTreeSet<(String, String, String)> = added.iter().flat_map(|e| series(e)).collect();
+    let mut all = SERIES.lock();
+    for s in gone.iter().flat_map(|e| series(e)) {
+        if !now.contains(&s) {
             metrics::gauge!(CERTIFICATE_NOT_AFTER_SECONDS,
-                "listener" => e.listener.clone(), "certificate" => e.certificate.clone(), "name" => n.clone())
-            .set(unix(e.not_after));
-            now.insert((e.listener.clone(), e.certificate.clone(), n));
+                "listener" => s.0.clone(), "certificate" => s.1.clone(), "name" => s.2.clone())
+            .set(f64::NAN);
+            all.remove(&s);
         }
-        // Refused resumptions exist at zero for every listener that serves, so an alert over
-        // `increase()` sees the first refusal.
+    }
+    // Refused resumptions exist at zero for every listener that serves, so an alert over
+    // `increase()` sees the first refusal.
+    for e in new {
         for reason in crate::session::Refusal::ALL {
             metrics::counter!(crate::session::METRIC_RESUMPTION_REFUSED,
                 "listener" => e.listener.clone(), "reason" => reason.as_str())
             .increment(0);
         }
     }
-    let mut series = SERIES.lock();
-    for (l, c, n) in series.difference(&now) {
-        metrics::gauge!(CERTIFICATE_NOT_AFTER_SECONDS,
-            "listener" => l.clone(), "certificate" => c.clone(), "name" => n.clone())
-        .set(f64::NAN);
+    for e in added {
+        for s in series(e) {
+            metrics::gauge!(CERTIFICATE_NOT_AFTER_SECONDS,
+                "listener" => s.0.clone(), "certificate" => s.1.clone(), "name" => s.2.clone())
+            .set(unix(e.not_after));
+            all.insert(s);
+        }
     }
-    *series = now;
 }
 
 /// Wraps a signing key so each signature's duration is recorded.
@@ -414,9 +440,9 @@ mod tests {
         let sources = [
             include_str!("../../dataplane/src/metrics.rs"),
             include_str!("mgmt_metrics.rs"),
-            include_str!("session/ticketer.rs"),
-            include_str!("session/policy.rs"),
-            include_str!("ocsp.rs"),
+            include_str!("tls/session/ticketer.rs"),
+            include_str!("tls/session/policy.rs"),
+            include_str!("tls/ocsp.rs"),
         ];
         let mut names = 0;
         for src in sources {

@@ -3,16 +3,14 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use tlsgate_dataplane::{ListenerSnapshot, Snapshot};
-use tlsgate_keystore::cert::CertChain;
-use tlsgate_keystore::keyref::{self, KeyBackend, KeyRef};
+use tlsgate_dataplane::Snapshot;
 use tlsgate_keystore::token::{Token, TokenSelector};
 
 use crate::config::Config;
+use crate::snapshot::{Builder, Scope};
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -64,6 +62,16 @@ pub fn run(args: ServeArgs) -> Result<()> {
         }
         Err(e) => return Err(e),
     };
+    // The one snapshot builder and the OCSP stapler for the life of the process.
+    let stapler = crate::tls::stapler::Stapler::new(config.ocsp.timeout());
+    let builder = Arc::new(Builder::new(
+        token.clone(),
+        stapler.clone(),
+        token_rx.is_some().then(|| degraded_refused.clone()),
+    ));
+    // Staples from responders are fetched once before the first snapshot goes live (each fetch
+    // within `[ocsp] timeout_ms`, all at once); later ones come from the stapler's own task.
+    let prefetch = || !rt.block_on(stapler.refresh_due()).is_empty();
     let (manager, publish_rx, snapshot) = if crate::api::state_dir(&config).is_some() {
         // The management plane owns the authoritative state; it publishes through the signal
         // loop, which owns the data plane.
@@ -74,22 +82,19 @@ pub fn run(args: ServeArgs) -> Result<()> {
                 let _ = done.blocking_recv();
             }
         });
-        let (manager, snapshot) =
-            crate::api::start_manager(Config::load(&args.config)?, token.clone(), publisher)?;
-        (Some(Arc::new(manager)), Some(rx), snapshot)
-    } else if token_rx.is_some() {
-        let mut expiry = Vec::new();
-        let snapshot = build_snapshot_inner(
-            &config,
-            None,
-            &crate::api::manager::Overlay::default(),
-            &mut expiry,
-            Some(&degraded_refused),
+        let (manager, snapshot) = crate::api::start_manager(
+            Config::load(&args.config)?,
+            builder.clone(),
+            publisher,
+            &prefetch,
         )?;
-        crate::mgmt_metrics::publish_expiry(&expiry);
-        (None, None, snapshot)
+        (Some(Arc::new(manager)), Some(rx), snapshot)
     } else {
-        (None, None, build_from_file(&config, token.as_ref())?)
+        let mut snapshot = builder.build_committed(&config, Scope::All)?;
+        if prefetch() {
+            snapshot = builder.build_committed(&config, Scope::All)?;
+        }
+        (None, None, snapshot)
     };
     let mut dp_config = config.dataplane();
     if let Some(note) = crate::fdlimit::fit(
@@ -159,6 +164,12 @@ pub fn run(args: ServeArgs) -> Result<()> {
         crate::files::write_atomic(path, ready.as_bytes(), 0o644)?;
     }
 
+    // A new staple rebuilds the listeners that serve it: through the management plane when
+    // there is one, else by a reload from the file on the signal loop.
+    let (restaple_tx, restaple_rx) = tokio::sync::mpsc::unbounded_channel();
+    rt.spawn(stapler.clone().run(move |listeners| {
+        let _ = restaple_tx.send(listeners);
+    }));
     let probe_every = config.pkcs11.as_ref().map_or(0, |p| p.probe_interval_ms);
     let pending = token_rx.map(|rx| Pending {
         rx,
@@ -173,7 +184,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
         &args.config,
         &dataplane,
         token,
-        manager,
+        Signals {
+            builder,
+            manager,
+            restaple: restaple_rx,
+        },
         publish_rx,
         std::time::Duration::from_millis(probe_every),
         pending,
@@ -248,12 +263,20 @@ fn spawn_token_opener(config_path: &Path) -> Result<tokio::sync::mpsc::Receiver<
     Ok(rx)
 }
 
+/// What the signal loop rebuilds with: the snapshot builder, the management plane (when there
+/// is one), and the listeners the OCSP stapler has new staples for.
+struct Signals {
+    builder: Arc<Builder>,
+    manager: Option<Arc<crate::api::Manager>>,
+    restaple: tokio::sync::mpsc::UnboundedReceiver<std::collections::BTreeSet<String>>,
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn wait_for_signals(
     config_path: &Path,
     dataplane: &tlsgate_dataplane::Dataplane,
     mut token: Option<Arc<Token>>,
-    manager: Option<Arc<crate::api::Manager>>,
+    mut signals: Signals,
     mut published: Option<tokio::sync::mpsc::Receiver<Published>>,
     probe_every: std::time::Duration,
     mut pending: Option<Pending>,
@@ -271,18 +294,6 @@ async fn wait_for_signals(
     health_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut prober = Prober::new(probe_every);
     loop {
-        // OCSP responses near their nextUpdate: reload (re-reads and re-checks them) then.
-        let ocsp_sleep = ocsp_wake().map(|at| {
-            at.duration_since(SystemTime::now())
-                .unwrap_or_default()
-                .max(std::time::Duration::from_secs(1))
-        });
-        let ocsp_due = async {
-            match ocsp_sleep {
-                Some(d) => tokio::time::sleep(d).await,
-                None => std::future::pending().await,
-            }
-        };
         let next_published = async {
             match published.as_mut() {
                 Some(rx) => rx.recv().await,
@@ -317,12 +328,18 @@ async fn wait_for_signals(
                     degraded_ms = since.as_millis() as u64,
                     "RECOVERED from degraded start: the HSM is open; loading its certificates"
                 );
-                token = Some(t);
-                reload_now(config_path, dataplane, token.as_ref(), manager.as_ref(), "HSM up after degraded start").await;
+                token = Some(t.clone());
+                // The token's keys replace the stand-ins: a builder of its own.
+                signals.builder = Arc::new(Builder::new(
+                    Some(t),
+                    signals.builder.stapler().clone(),
+                    None,
+                ));
+                reload_now(config_path, dataplane, &signals, "HSM up after degraded start").await;
             }
             _ = hup.recv() => {
                 crate::systemd::reloading();
-                reload_now(config_path, dataplane, token.as_ref(), manager.as_ref(), "SIGHUP").await;
+                reload_now(config_path, dataplane, &signals, "SIGHUP").await;
                 crate::systemd::ready("serving");
             }
             _ = health_tick.tick() => {
@@ -341,11 +358,18 @@ async fn wait_for_signals(
                 prober.maybe_probe(token.as_ref());
                 crate::pools::refresh(dataplane);
             }
-            _ = ocsp_due => {
-                // A failing timed reload must not spin: the schedule comes back with the next
-                // snapshot that builds.
-                set_ocsp_wake(None);
-                reload_now(config_path, dataplane, token.as_ref(), manager.as_ref(), "OCSP refresh").await;
+            Some(listeners) = signals.restaple.recv() => {
+                match signals.manager.clone() {
+                    // Off this loop: the rebuild publishes through it.
+                    Some(m) => {
+                        tokio::task::spawn_blocking(move || {
+                            if let Err(e) = m.refresh(&listeners) {
+                                tracing::error!(error = %e.message, "OCSP refresh: rebuild refused; the running snapshot stays");
+                            }
+                        });
+                    }
+                    None => reload_now(config_path, dataplane, &signals, "OCSP refresh").await,
+                }
             }
         }
     }
@@ -399,11 +423,10 @@ impl Prober {
 async fn reload_now(
     config_path: &Path,
     dataplane: &tlsgate_dataplane::Dataplane,
-    token: Option<&Arc<Token>>,
-    manager: Option<&Arc<crate::api::Manager>>,
+    signals: &Signals,
     why: &'static str,
 ) {
-    if let Some(m) = manager.cloned() {
+    if let Some(m) = signals.manager.clone() {
         // Off this loop: the reload publishes through it.
         tokio::task::spawn_blocking(move || {
             m.audited(
@@ -417,14 +440,14 @@ async fn reload_now(
     }
     // Off this loop and with a deadline: a frozen HSM must not stop the loop that answers
     // SIGTERM and publishes metrics.
-    let limit = token.map_or(
+    let limit = signals.builder.token().map_or(
         std::time::Duration::from_millis(crate::config::DEFAULT_CALL_TIMEOUT_MS),
         |_| call_timeout(config_path),
     );
-    let (path, token) = (config_path.to_owned(), token.cloned());
+    let (path, builder) = (config_path.to_owned(), signals.builder.clone());
     let built = tokio::time::timeout(
         limit,
-        tokio::task::spawn_blocking(move || reload(&path, token.as_ref())),
+        tokio::task::spawn_blocking(move || reload(&path, &builder)),
     )
     .await;
     let built = match built {
@@ -456,36 +479,9 @@ fn call_timeout(config_path: &Path) -> std::time::Duration {
         ))
 }
 
-/// When the OCSP responses of the last snapshot built want a fresh look (see `ocsp::wake_at`).
-static OCSP_WAKE: std::sync::Mutex<Option<SystemTime>> = std::sync::Mutex::new(None);
-
-fn ocsp_wake() -> Option<SystemTime> {
-    OCSP_WAKE.lock().map(|w| *w).unwrap_or(None)
-}
-
-fn set_ocsp_wake(at: Option<SystemTime>) {
-    if let Ok(mut w) = OCSP_WAKE.lock() {
-        *w = at;
-    }
-}
-
 /// Re-reads certificates and keys. Listener addresses, cores and the token are fixed at start.
-fn reload(config_path: &Path, token: Option<&Arc<Token>>) -> Result<Snapshot> {
-    build_from_file(&Config::load(config_path)?, token)
-}
-
-/// The snapshot of the configuration file alone (no management state), with its certificates'
-/// expiry published as metrics.
-fn build_from_file(config: &Config, token: Option<&Arc<Token>>) -> Result<Snapshot> {
-    let mut expiry = Vec::new();
-    let snapshot = build_snapshot_with(
-        config,
-        token,
-        &crate::api::manager::Overlay::default(),
-        &mut expiry,
-    )?;
-    crate::mgmt_metrics::publish_expiry(&expiry);
-    Ok(snapshot)
+fn reload(config_path: &Path, builder: &Builder) -> Result<Snapshot> {
+    builder.build_committed(&Config::load(config_path)?, Scope::All)
 }
 
 /// Opens the token named by `[pkcs11]`, if any, and its replicas, each within
@@ -529,205 +525,4 @@ fn open_token_with(
         token.add_replica(replica);
     }
     Ok(Some(token))
-}
-
-/// Loads every listener's certificates and keys into a snapshot, checking each chain (order,
-/// validity, key match) so a bad file fails here and not in a handshake.
-pub fn build_snapshot(config: &Config, token: Option<&Arc<Token>>) -> Result<Snapshot> {
-    build_snapshot_with(
-        config,
-        token,
-        &crate::api::manager::Overlay::default(),
-        &mut Vec::new(),
-    )
-}
-
-/// [`build_snapshot`] with the management API's state on top: a listener bound through the API
-/// serves the bound certificates instead of the file's, and gets the CRLs uploaded for it.
-pub fn build_snapshot_with(
-    config: &Config,
-    token: Option<&Arc<Token>>,
-    overlay: &crate::api::manager::Overlay,
-    expiry: &mut Vec<crate::mgmt_metrics::Expiry>,
-) -> Result<Snapshot> {
-    build_snapshot_inner(config, token, overlay, expiry, None)
-}
-
-/// [`build_snapshot_with`]; with `degraded` (no token yet), each token key is a stand-in that
-/// refuses its signatures at once and counts them there. Its chain is checked as usual but
-/// against the certificate's own public key: the key match waits for the token.
-fn build_snapshot_inner(
-    config: &Config,
-    token: Option<&Arc<Token>>,
-    overlay: &crate::api::manager::Overlay,
-    expiry: &mut Vec<crate::mgmt_metrics::Expiry>,
-    degraded: Option<&Arc<std::sync::atomic::AtomicU64>>,
-) -> Result<Snapshot> {
-    let now = SystemTime::now();
-    let mut ocsp_wake = None;
-    let mut awaiting_token = 0usize;
-    let mut listeners = Vec::with_capacity(config.listeners.len());
-    for (i, l) in config.listeners.iter().enumerate() {
-        let policy = l
-            .tls_policy()
-            .with_context(|| format!("listener[{i}] ({}).policy", l.name))?;
-        let api = overlay.listeners.get(&l.name);
-        let mut certs = Vec::with_capacity(l.certificates.len());
-        let mut offload = false;
-        let file_certs = match api.and_then(|o| o.certs.as_ref()) {
-            Some(bound) => {
-                certs.clone_from(bound);
-                expiry.extend(api.iter().flat_map(|o| o.expiry.iter().cloned()));
-                offload = api.is_some_and(|o| o.offload);
-                for c in bound {
-                    policy
-                        .check_key(c.key.key.algorithm())
-                        .with_context(|| format!("listener {:?}: bound certificate", l.name))?;
-                }
-                &[][..]
-            }
-            None => &l.certificates[..],
-        };
-        for (j, c) in file_certs.iter().enumerate() {
-            let at = format!("listener[{i}].certificate[{j}] ({})", l.name);
-            let key_ref: KeyRef = c.key.parse().with_context(|| format!("{at}.key"))?;
-            let key_ref = match key_ref {
-                KeyRef::File(p) => KeyRef::File(config.resolve(&p)),
-                other => other,
-            };
-            let chain_path = config.resolve(&c.chain);
-            let chain = CertChain::from_pem_file(&chain_path)
-                .with_context(|| format!("{at}.chain: {}", chain_path.display()))?;
-            let loaded = match (&key_ref, degraded) {
-                (KeyRef::Pkcs11(uri), Some(refused)) if token.is_none() => {
-                    let spki = chain
-                        .leaf_spki()
-                        .with_context(|| format!("{at}.chain: {}", chain_path.display()))?;
-                    let label = uri.token.clone().unwrap_or_default();
-                    let key = tlsgate_keystore::token::UnavailableTokenKey::new(
-                        &label,
-                        &spki,
-                        Arc::clone(refused),
-                    )
-                    .with_context(|| format!("{at}.chain: {}", chain_path.display()))?;
-                    awaiting_token += 1;
-                    tracing::warn!(listener = %l.name, key = %c.key, "token key not loaded yet (degraded start): full handshakes with this certificate are refused until the HSM is reached");
-                    tlsgate_keystore::LoadedKey {
-                        signing_key: Arc::new(key),
-                        spki_der: spki,
-                        backend: KeyBackend::Pkcs11,
-                    }
-                }
-                _ => {
-                    keyref::load(&key_ref, token).with_context(|| format!("{at}.key: {}", c.key))?
-                }
-            };
-            let report = chain
-                .validate(&loaded.spki_der, now)
-                .with_context(|| format!("{at}.chain: {}", chain_path.display()))?;
-            policy
-                .check_key(loaded.signing_key.algorithm())
-                .with_context(|| format!("{at}.key: {}", c.key))?;
-            tracing::info!(listener = %l.name, subject = %report.subject, sans = ?report.sans, key = %c.key, "certificate loaded");
-            let names = match &c.names {
-                Some(names) => names.clone(),
-                None => dns_names(&report.sans),
-            };
-            expiry.push(crate::mgmt_metrics::Expiry {
-                listener: l.name.clone(),
-                certificate: format!("config:{j}"),
-                names: names.clone(),
-                not_after: report.not_after,
-            });
-            let key = tlsgate_keystore::cert::certified_key(
-                &chain,
-                crate::mgmt_metrics::timed(loaded.signing_key.clone(), loaded.backend),
-            )
-            .with_context(|| at.clone())?;
-            let key = crate::ocsp::attach(
-                &l.name,
-                &report.subject,
-                ocsp_source(config, c).as_ref(),
-                key,
-                now,
-                &mut ocsp_wake,
-            )
-            .with_context(|| format!("{at}.ocsp"))?;
-            certs.push(crate::tls::ServedCert {
-                key,
-                names,
-                default: c.default,
-            });
-            offload |= loaded.backend == KeyBackend::Pkcs11;
-        }
-        let client_auth = match &l.client_auth {
-            Some(c) => Some(
-                crate::client_auth::ClientAuth::load(c, |p| config.resolve(p))
-                    .with_context(|| format!("listener[{i}] ({}).client_auth", l.name))?,
-            ),
-            None => None,
-        };
-        let opts = crate::tls::ListenerTls {
-            unknown_sni: l.unknown_sni,
-            policy,
-            client_auth,
-            session: Some(crate::session::ListenerSessions::for_listener(
-                &l.name, &l.session, token,
-            )?),
-            extra_crls: api.map(|o| o.crls.clone()).unwrap_or_default(),
-        };
-        let (tls, sni_filter, client_cert_check) = if certs.is_empty() {
-            tracing::warn!(listener = %l.name, "no certificate yet: handshakes are refused until one is bound through the management API");
-            (crate::api::no_certificate_config()?, None, None)
-        } else {
-            let sni_filter = crate::tls::sni_filter(&certs, &opts)
-                .with_context(|| format!("listener {:?}", l.name))?;
-            let client_cert_check = crate::tls::client_cert_check(&l.name, &opts)
-                .with_context(|| format!("listener {:?}", l.name))?;
-            let tls = crate::tls::server_config(certs, &opts)
-                .with_context(|| format!("listener {:?}", l.name))?;
-            (tls, sni_filter, client_cert_check)
-        };
-        listeners.push(ListenerSnapshot {
-            name: l.name.clone(),
-            bind: l.bind,
-            tls,
-            offload_key_ops: offload,
-            backend: l
-                .backend
-                .unwrap_or(std::net::SocketAddr::from(([0, 0, 0, 0], 0))),
-            proxy_protocol: l.proxy_protocol,
-            sni_filter,
-            client_cert_check,
-            backend_tls: crate::backend_tls::build(config, i, token)?,
-            routes: crate::pools::routes(config, i, token)?,
-        });
-    }
-    set_ocsp_wake(ocsp_wake);
-    // Built means published (a reload publishes what builds): a reload refused when the token
-    // came up leaves the degraded count in place.
-    metrics::gauge!(crate::mgmt_metrics::CERTIFICATES_AWAITING_TOKEN).set(awaiting_token as f64);
-    Ok(Snapshot { listeners })
-}
-
-/// Where a certificate's OCSP response comes from, if anywhere.
-fn ocsp_source(
-    config: &Config,
-    c: &crate::config::CertificateConfig,
-) -> Option<crate::ocsp::Source> {
-    match (&c.ocsp, c.ocsp_fetch) {
-        (Some(p), _) => Some(crate::ocsp::Source::File(config.resolve(p))),
-        (None, true) => Some(crate::ocsp::Source::Fetch {
-            timeout: crate::ocsp::FETCH_TIMEOUT,
-        }),
-        (None, false) => None,
-    }
-}
-
-/// The DNS names among a leaf's SANs (IP, e-mail and URI SANs are not SNI names).
-pub fn dns_names(sans: &[String]) -> Vec<String> {
-    sans.iter()
-        .filter(|s| s.parse::<std::net::IpAddr>().is_err())
-        .filter_map(|s| crate::tls::normalize_name(s).ok())
-        .collect()
 }

@@ -17,6 +17,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -77,8 +78,9 @@ struct CrlFile {
 /// Everything the state directory holds, in memory.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StateData {
-    pub certs: BTreeMap<String, StoredCert>,
-    pub bindings: BTreeMap<String, Binding>,
+    /// Behind `Arc`: a change copies the maps, not every certificate's PEM.
+    pub certs: BTreeMap<String, Arc<StoredCert>>,
+    pub bindings: BTreeMap<String, Arc<Binding>>,
     pub crls: BTreeMap<String, Vec<StoredCrl>>,
 }
 
@@ -202,14 +204,14 @@ impl StateStore {
             if c.id != id {
                 bail!("{}: names certificate {:?}", path.display(), c.id);
             }
-            data.certs.insert(id, c);
+            data.certs.insert(id, Arc::new(c));
         }
         for (name, path) in self.objects(BINDINGS)? {
             let b: Binding = read_json(&path)?;
             if b.listener != name {
                 bail!("{}: names listener {:?}", path.display(), b.listener);
             }
-            data.bindings.insert(name, b);
+            data.bindings.insert(name, Arc::new(b));
         }
         for (name, path) in self.objects(CRLS)? {
             let f: CrlFile = read_json(&path)?;
@@ -346,8 +348,8 @@ mod tests {
         fs::write(tmp.path().join("state/certs/.web.json.tmp.1"), b"half")?;
         let data = StateStore::open(&tmp.path().join("state"))?.load()?;
         assert_eq!(data.certs.len(), 1);
-        assert_eq!(data.certs["web"], cert("web", 2));
-        assert_eq!(data.bindings["web"], binding);
+        assert_eq!(*data.certs["web"], cert("web", 2));
+        assert_eq!(*data.bindings["web"], binding);
         assert_eq!(data.crls["web"].len(), 1);
         assert_eq!(data.listeners_using("web"), vec!["web".to_owned()]);
         assert!(!tmp.path().join("state/certs/.web.json.tmp.1").exists());

@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
-use common::ocsp_support::{openssl, response};
+use common::ocsp_support::{openssl, response, s_client_status};
 use common::{uri, Lab, Serve};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
@@ -21,21 +21,6 @@ use tlsgate_mgmt::ocsp::{self, OcspError};
 
 fn openssl_available() -> bool {
     common::require("openssl", "openssl")
-}
-
-fn s_client_status(addr: &str) -> Result<String> {
-    let out = Command::new("openssl")
-        .args([
-            "s_client",
-            "-status",
-            "-servername",
-            "localhost",
-            "-connect",
-            addr,
-        ])
-        .stdin(Stdio::null())
-        .output()?;
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn scrape(addr: &str) -> Result<String> {
@@ -212,62 +197,7 @@ fn a_response_fetched_from_the_responder_in_the_certificate_is_stapled() -> Resu
         let l = std::net::TcpListener::bind("127.0.0.1:0")?;
         l.local_addr()?.port()
     };
-    let key = lab.path("aia.key");
-    let csr = lab.path("aia.csr");
-    let leaf = lab.path("aia-leaf.pem");
-    let ext = lab.path("aia.ext");
-    openssl(&[
-        "genpkey",
-        "-algorithm",
-        "EC",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-out",
-        &key.display().to_string(),
-    ])?;
-    openssl(&[
-        "req",
-        "-new",
-        "-key",
-        &key.display().to_string(),
-        "-subj",
-        "/CN=localhost",
-        "-out",
-        &csr.display().to_string(),
-    ])?;
-    std::fs::write(
-        &ext,
-        format!(
-            "subjectAltName=DNS:localhost\nauthorityInfoAccess=OCSP;URI:http://127.0.0.1:{port}/\n"
-        ),
-    )?;
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        &csr.display().to_string(),
-        "-CA",
-        &lab.p("ca/intermediate.pem"),
-        "-CAkey",
-        &lab.p("ca/intermediate.key"),
-        "-set_serial",
-        "4242",
-        "-days",
-        "30",
-        "-extfile",
-        &ext.display().to_string(),
-        "-out",
-        &leaf.display().to_string(),
-    ])?;
-    let chain = lab.path("aia-chain.pem");
-    std::fs::write(
-        &chain,
-        format!(
-            "{}{}",
-            std::fs::read_to_string(&leaf)?,
-            std::fs::read_to_string(lab.path("ca/intermediate.pem"))?
-        ),
-    )?;
+    let (key, chain, _) = common::ocsp_support::aia_leaf(&lab, "aia", port, 4242)?;
     let certs: Vec<CertificateDer<'static>> =
         CertificateDer::pem_file_iter(&chain)?.collect::<Result<_, _>>()?;
     assert_eq!(
@@ -315,7 +245,10 @@ fn a_response_fetched_from_the_responder_in_the_certificate_is_stapled() -> Resu
         std::thread::sleep(Duration::from_millis(20));
     }
 
-    let fetched = ocsp::fetch(&certs, Duration::from_secs(5))?;
+    let fetched = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(ocsp::fetch(&certs, Duration::from_secs(5)))?;
     ocsp::check(&fetched, &certs, SystemTime::now()).expect("the fetched response checks");
 
     let config = lab.path("aia.toml");

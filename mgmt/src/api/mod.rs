@@ -21,7 +21,6 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use tlsgate_dataplane::Snapshot;
-use tlsgate_keystore::Token;
 
 use crate::config::Config;
 
@@ -70,8 +69,9 @@ impl PeerAllowlist {
 /// Opens the state directory and the audit log and builds the first snapshot.
 pub fn start_manager(
     config: Config,
-    token: Option<Arc<Token>>,
+    builder: Arc<crate::snapshot::Builder>,
     publish: Publisher,
+    prefetch: &dyn Fn() -> bool,
 ) -> Result<(Manager, Snapshot)> {
     let dir = state_dir(&config).context("no [state] or [api] section")?;
     let store = crate::state::StateStore::open(&dir)?;
@@ -83,7 +83,7 @@ pub fn start_manager(
         .unwrap_or_else(|| dir.join("audit.log"));
     let audit = crate::audit::AuditLog::open(&audit_path)?;
     tracing::info!(state_dir = %dir.display(), audit_log = %audit_path.display(), "management state");
-    Manager::start(config, token, store, audit, publish)
+    Manager::start(config, builder, store, audit, publish, prefetch)
 }
 
 /// Binds the API socket, setting its mode before anyone can connect: the socket is bound under a
@@ -136,22 +136,4 @@ pub fn bind_unix(path: &Path, mode: u32) -> Result<tokio::net::UnixListener> {
     Ok(listener)
 }
 
-/// The configuration of a listener with no certificate yet (no `[[listener.certificate]]` and no
-/// binding): every handshake ends with a `handshake_failure` alert.
-pub fn no_certificate_config() -> Result<Arc<rustls::ServerConfig>> {
-    #[derive(Debug)]
-    struct NoCertificate;
-    impl rustls::server::ResolvesServerCert for NoCertificate {
-        fn resolve(
-            &self,
-            _: rustls::server::ClientHello<'_>,
-        ) -> Option<Arc<rustls::sign::CertifiedKey>> {
-            None
-        }
-    }
-    let config = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_cert_resolver(Arc::new(NoCertificate));
-    Ok(Arc::new(config))
-}
+pub use crate::tls::no_certificate_config;

@@ -3,7 +3,6 @@
 //! valid certificate gets the handshake alert and nothing else: no HTTP byte is ever read from
 //! an unauthenticated connection.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,11 +12,7 @@ use hyper::body::Incoming;
 use hyper::Request;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{RootCertStore, ServerConfig};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::CertificateDer;
-use tlsgate_keystore::cert::CertChain;
-use tlsgate_keystore::keyref::{self, KeyRef};
+use rustls::ServerConfig;
 use tlsgate_keystore::Token;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
@@ -187,35 +182,24 @@ pub fn tls_config(
         anyhow::bail!("[api]: listen needs cert, key and client_ca");
     };
     let ca_path = config.resolve(ca);
-    let mut roots = RootCertStore::empty();
-    let ca_certs = read_certs(&ca_path).context("[api] client_ca")?;
-    for c in ca_certs {
-        roots.add(c).with_context(|| {
-            format!("[api] client_ca: {} is not a usable CA", ca_path.display())
-        })?;
-    }
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), crate::tls::provider())
-            .build()
-            .context("[api] client_ca: cannot build the client verifier")?;
-    let key_ref: KeyRef = key.parse().context("[api] key")?;
-    let key_ref = match key_ref {
-        KeyRef::File(p) => KeyRef::File(config.resolve(&p)),
-        other => other,
-    };
-    let loaded = keyref::load(&key_ref, token).with_context(|| format!("[api] key: {key}"))?;
-    let chain_path = config.resolve(cert);
-    let chain = CertChain::from_pem_file(&chain_path)
-        .with_context(|| format!("[api] cert: {}", chain_path.display()))?;
-    chain
-        .validate(&loaded.spki_der, std::time::SystemTime::now())
-        .with_context(|| format!("[api] cert: {}", chain_path.display()))?;
-    let certified =
-        tlsgate_keystore::cert::certified_key(&chain, loaded.signing_key).context("[api] cert")?;
+    let roots = crate::credential::load_roots(&ca_path).context("[api] client_ca")?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots, crate::tls::provider())
+        .build()
+        .context("[api] client_ca: cannot build the client verifier")?;
+    let certified = crate::credential::load_credential(
+        config,
+        "[api]",
+        key,
+        cert,
+        token,
+        std::time::SystemTime::now(),
+    )?
+    .certified_key()
+    .context("[api] cert")?;
     let resolver = SniResolver::new(
         vec![ServedCert {
             key: certified,
-            names: Vec::new(),
+            names: Vec::new().into(),
             default: true,
         }],
         UnknownSni::Default,
@@ -226,15 +210,4 @@ pub fn tls_config(
         .with_cert_resolver(Arc::new(resolver));
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(tls))
-}
-
-fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let certs = CertificateDer::pem_slice_iter(&bytes)
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("{} is not PEM", path.display()))?;
-    if certs.is_empty() {
-        anyhow::bail!("{} holds no certificate", path.display());
-    }
-    Ok(certs)
 }

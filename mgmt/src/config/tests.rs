@@ -176,7 +176,10 @@ fn a_bad_key_reference_names_its_key() {
 #[test]
 fn policy_profiles_parse_and_default_to_intermediate() {
     let c = parse(GOOD).expect("valid");
-    assert_eq!(c.listeners[0].policy, crate::policy::Profile::Intermediate);
+    assert_eq!(
+        c.listeners[0].policy,
+        crate::tls::policy::Profile::Intermediate
+    );
     for p in ["modern", "strict", "intermediate"] {
         let text = GOOD.replace(
             "backend = \"127.0.0.1:8080\"",
@@ -240,7 +243,7 @@ fn client_auth_modes_parse_and_bad_ones_are_refused() {
     };
     let c = parse(&with("required")).expect("valid");
     let ca = c.listeners[0].client_auth.as_ref().expect("client_auth");
-    assert_eq!(ca.mode, crate::client_auth::ClientAuthMode::Required);
+    assert_eq!(ca.mode, crate::tls::client_auth::ClientAuthMode::Required);
     assert_eq!(ca.crls.len(), 1);
     assert!(parse(&with("optional")).is_ok());
     let err = parse(&with("sometimes")).expect_err("bad mode");
@@ -252,7 +255,7 @@ fn session_settings_have_defaults_and_bad_ones_name_their_key() {
     let c = parse(GOOD).expect("valid");
     assert_eq!(
         c.listeners[0].session,
-        crate::session::SessionConfig::default()
+        crate::tls::session::SessionConfig::default()
     );
     let with = |session: &str| {
         parse(&GOOD.replace(

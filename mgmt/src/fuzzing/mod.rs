@@ -102,10 +102,10 @@ pub fn pem_upload(data: &[u8]) {
             }
         }
         _ => {
-            if let Ok(crls) = crate::client_auth::parse_crls(body) {
+            if let Ok(crls) = crate::tls::client_auth::parse_crls(body) {
                 assert!(!crls.is_empty());
                 for crl in &crls {
-                    let _ = crate::client_auth::crl_next_update(crl);
+                    let _ = crate::tls::client_auth::crl_next_update(crl);
                 }
             }
         }

@@ -1,9 +1,9 @@
 //! Session-ticket decryption (`session::ticketer::EpochTicketer`): random bytes, bit-flipped
 //! tickets and tickets presented at another time.
 
-use crate::session::policy::PolicyDigest;
-use crate::session::EpochTicketer;
-use crate::session::MAX_CLOCK_SKEW_SECS;
+use crate::tls::session::policy::PolicyDigest;
+use crate::tls::session::EpochTicketer;
+use crate::tls::session::MAX_CLOCK_SKEW_SECS;
 
 const ROTATION: u64 = 3600;
 const LIFETIME: u64 = 7200;
@@ -37,7 +37,7 @@ pub fn ticket_decrypt(data: &[u8]) {
         .encrypt_at(T0, p, TLS13_STATE)
         .expect("the current key is held");
     assert_eq!(t.decrypt_at(T0, p, &ticket).as_deref(), Some(TLS13_STATE));
-    let other = PolicyDigest::client_auth(crate::client_auth::ClientAuthMode::Required, &[]);
+    let other = PolicyDigest::client_auth(crate::tls::client_auth::ClientAuthMode::Required, &[]);
     assert_eq!(
         t.decrypt_at(T0, &other, &ticket),
         None,

@@ -1,12 +1,14 @@
 //! Stored certificates: listing, reading, storing (a rotation when bound) and deleting (refused
 //! while bound). Every stored chain is checked against its key first.
 
+use std::collections::BTreeSet;
 use std::time::SystemTime;
 
 use tlsgate_keystore::cert::{fmt_time, ChainReport};
 
 use super::{now_unix, unix, CertView, Inner, Manager, PutCert};
 use crate::api::error::ApiError;
+use crate::snapshot::Scope;
 use crate::state::{check_name, StoredCert};
 
 impl Manager {
@@ -40,11 +42,11 @@ impl Manager {
         c: &StoredCert,
         now: SystemTime,
     ) -> Result<CertView, ApiError> {
-        let (_, chain, r) = self.check_cert(&inner.config, c, now)?;
+        let cred = self.check_cert(&inner.config, c, now)?;
         Ok(cert_view(
             c,
-            &r,
-            chain.certs.len(),
+            &cred.report,
+            cred.chain.certs.len(),
             inner.state.listeners_using(&c.id),
         ))
     }
@@ -62,18 +64,24 @@ impl Manager {
         };
         // Checked on its own first so the answer names the certificate problem even when the
         // certificate is not bound.
-        let (_, chain, report) = self.check_cert(&inner.config, &stored, SystemTime::now())?;
+        let cred = self.check_cert(&inner.config, &stored, SystemTime::now())?;
+        let (chain, report) = (&cred.chain, &cred.report);
         // Store a normalised chain: only the CERTIFICATE blocks.
         let stored = StoredCert {
             chain_pem: chain.to_pem(),
             ..stored
         };
         let mut new_state = inner.state.clone();
-        new_state.certs.insert(id.to_owned(), stored.clone());
-        self.change(&mut inner, new_state, |s| s.put_cert(&stored))?;
+        new_state
+            .certs
+            .insert(id.to_owned(), std::sync::Arc::new(stored.clone()));
+        let users: BTreeSet<String> = inner.state.listeners_using(id).into_iter().collect();
+        self.change(&mut inner, new_state, Scope::Listeners(&users), |s| {
+            s.put_cert(&stored)
+        })?;
         Ok(cert_view(
             &stored,
-            &report,
+            report,
             chain.certs.len(),
             inner.state.listeners_using(id),
         ))
@@ -96,7 +104,12 @@ impl Manager {
         }
         let mut new_state = inner.state.clone();
         new_state.certs.remove(id);
-        self.change(&mut inner, new_state, |s| s.delete_cert(id))
+        self.change(
+            &mut inner,
+            new_state,
+            Scope::Listeners(&BTreeSet::new()),
+            |s| s.delete_cert(id),
+        )
     }
 }
 

@@ -9,6 +9,7 @@ use tlsgate_keystore::cert::fmt_time;
 use super::certs::cert_not_found;
 use super::{CrlView, Inner, ListenerView, Manager, PutBinding, PutCrl};
 use crate::api::error::ApiError;
+use crate::snapshot::Scope;
 use crate::state::{Binding, StoredCrl};
 
 impl Manager {
@@ -74,8 +75,13 @@ impl Manager {
         let mut new_state = inner.state.clone();
         new_state
             .bindings
-            .insert(listener.to_owned(), binding.clone());
-        self.change(&mut inner, new_state, |s| s.put_binding(&binding))
+            .insert(listener.to_owned(), std::sync::Arc::new(binding.clone()));
+        self.change(
+            &mut inner,
+            new_state,
+            Scope::Listeners(&one(listener)),
+            |s| s.put_binding(&binding),
+        )
     }
 
     pub fn delete_binding(&self, listener: &str) -> Result<(), ApiError> {
@@ -89,7 +95,12 @@ impl Manager {
         }
         let mut new_state = inner.state.clone();
         new_state.bindings.remove(listener);
-        self.change(&mut inner, new_state, |s| s.delete_binding(listener))
+        self.change(
+            &mut inner,
+            new_state,
+            Scope::Listeners(&one(listener)),
+            |s| s.delete_binding(listener),
+        )
     }
 
     pub fn put_crl(&self, listener: &str, req: &PutCrl) -> Result<CrlView, ApiError> {
@@ -107,7 +118,12 @@ impl Manager {
         list.retain(|c| c.id != id);
         list.push(stored);
         let list = list.clone();
-        self.change(&mut inner, new_state, |s| s.put_crls(listener, &list))?;
+        self.change(
+            &mut inner,
+            new_state,
+            Scope::Listeners(&one(listener)),
+            |s| s.put_crls(listener, &list),
+        )?;
         Ok(view)
     }
 
@@ -128,8 +144,18 @@ impl Manager {
         if list.is_empty() {
             new_state.crls.remove(listener);
         }
-        self.change(&mut inner, new_state, |s| s.put_crls(listener, &list))
+        self.change(
+            &mut inner,
+            new_state,
+            Scope::Listeners(&one(listener)),
+            |s| s.put_crls(listener, &list),
+        )
     }
+}
+
+/// The scope of a change to one listener.
+fn one(listener: &str) -> std::collections::BTreeSet<String> {
+    std::iter::once(listener.to_owned()).collect()
 }
 
 fn sha256(bytes: &[u8]) -> Vec<u8> {

@@ -18,20 +18,20 @@ pub(crate) use keys::{check_label, parse_id};
 #[cfg(any(test, fuzzing))]
 pub(crate) use listeners::{crl_view, pem_encode_crl};
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::snapshot::{BoundServed, Builder, Built, Scope};
 use axum::http::StatusCode;
 use parking_lot::{Mutex, MutexGuard};
-use rustls_pki_types::CertificateRevocationListDer;
 use serde::{Deserialize, Serialize};
 use tlsgate_dataplane::Snapshot;
-use tlsgate_keystore::cert::{CertChain, ChainReport};
-use tlsgate_keystore::keyref::{self, KeyBackend, KeyRef};
+use tlsgate_keystore::keyref::{KeyBackend, KeyRef};
+use tlsgate_keystore::{ChainSource, Credential};
 use tlsgate_keystore::{Pkcs11Uri, Token};
 
-use super::error::{cert_error, key_error, ApiError};
+use super::error::{key_error, ApiError};
 use crate::audit::{AuditLog, ClientIdentity};
 use crate::config::Config;
 use crate::state::{BoundCert, StateData, StateStore, StoredCert};
@@ -40,23 +40,7 @@ use crate::tls::ServedCert;
 /// Hands a snapshot to the data plane and returns once new connections use it.
 pub type Publisher = Box<dyn Fn(Arc<Snapshot>) + Send + Sync>;
 
-/// What the API adds to the configuration file, per listener.
-#[derive(Debug, Default)]
-pub struct Overlay {
-    pub listeners: HashMap<String, ListenerOverlay>,
-}
-
-/// One listener's certificates and CRLs from the state directory.
-#[derive(Debug, Default)]
-pub struct ListenerOverlay {
-    /// When bound through the API: the certificates served instead of the file's.
-    pub certs: Option<Vec<ServedCert>>,
-    /// Some bound key is on a token (full handshakes sign on the key-op workers).
-    pub offload: bool,
-    pub crls: Vec<CertificateRevocationListDer<'static>>,
-    /// Expiry of the bound certificates, for the gauges.
-    pub expiry: Vec<crate::mgmt_metrics::Expiry>,
-}
+pub use crate::snapshot::{ListenerOverlay, Overlay};
 
 /// A certificate as the API lists it.
 #[derive(Debug, Clone, Serialize)]
@@ -169,8 +153,19 @@ struct Inner {
     state: StateData,
 }
 
-/// A snapshot and the expiry of every certificate it serves.
-type Built = (Snapshot, Vec<crate::mgmt_metrics::Expiry>);
+/// A stored certificate as last loaded and checked: reused while its key and chain stay the
+/// same, so a change loads only the certificates it changes.
+struct CachedCert {
+    key: String,
+    chain_pem: String,
+    cred: Credential,
+    certified: Arc<rustls::sign::CertifiedKey>,
+    fetch: bool,
+    /// The leaf's DNS names (what it serves unless the binding names others).
+    names: Arc<[String]>,
+    fingerprint: Arc<str>,
+    subject: Arc<str>,
+}
 
 /// The management plane's state and every operation on it.
 pub struct Manager {
@@ -178,6 +173,11 @@ pub struct Manager {
     /// Listener addresses as bound (port 0 resolved).
     bound: Mutex<HashMap<String, std::net::SocketAddr>>,
     token: Option<Arc<Token>>,
+    builder: Arc<Builder>,
+    /// By certificate id; taken under `inner`'s lock.
+    certs: Mutex<HashMap<String, Arc<CachedCert>>>,
+    /// `[ocsp] api_fetch`: staple certificates bound through the API from their responder.
+    ocsp_fetch: bool,
     /// `[pkcs11] call_timeout_ms`, kept outside `inner`: a call stuck on the HSM holds that lock.
     call_timeout: std::time::Duration,
     /// `[api] danger_allow_key_import_over_https`, read at start (outside `inner` likewise).
@@ -214,11 +214,14 @@ impl Manager {
     /// `publish`.
     pub fn start(
         config: Config,
-        token: Option<Arc<Token>>,
+        builder: Arc<Builder>,
         store: StateStore,
         audit: AuditLog,
         publish: Publisher,
+        prefetch: &dyn Fn() -> bool,
     ) -> anyhow::Result<(Manager, Snapshot)> {
+        let token = builder.token().cloned();
+        let ocsp_fetch = config.ocsp.api_fetch;
         let state = store.load()?;
         let call_timeout = config.pkcs11.as_ref().map_or(
             std::time::Duration::from_millis(crate::config::DEFAULT_CALL_TIMEOUT_MS),
@@ -235,6 +238,9 @@ impl Manager {
             }),
             bound: Mutex::new(HashMap::new()),
             token,
+            builder,
+            certs: Mutex::new(HashMap::new()),
+            ocsp_fetch,
             call_timeout,
             key_import_over_https,
             store,
@@ -243,12 +249,19 @@ impl Manager {
         };
         let snapshot = {
             let mut inner = mgr.lock();
-            let (snapshot, expiry) = mgr
-                .build(&inner.config, &state)
+            let mut built = mgr
+                .build(&inner.config, &state, Scope::All)
                 .map_err(|e| anyhow::anyhow!("the state directory does not load: {e}"))?;
+            mgr.builder.commit(&built);
+            // The first staples from responders, before the first snapshot goes live.
+            if prefetch() {
+                built = mgr
+                    .build(&inner.config, &state, Scope::All)
+                    .map_err(|e| anyhow::anyhow!("the state directory does not load: {e}"))?;
+                mgr.builder.commit(&built);
+            }
             inner.state = state;
-            crate::mgmt_metrics::publish_expiry(&expiry);
-            snapshot
+            built.snapshot
         };
         Ok((mgr, snapshot))
     }
@@ -325,17 +338,32 @@ impl Manager {
         })
     }
 
-    /// Builds the snapshot `config` + `state` would give, checking everything.
-    fn build(&self, config: &Config, state: &StateData) -> Result<Built, ApiError> {
+    /// Builds the snapshot `config` + `state` would give for the listeners in `scope` (the
+    /// others as last committed), checking every certificate it loads. A stored certificate
+    /// whose key and chain are unchanged since it was last loaded is not loaded again.
+    fn build(
+        &self,
+        config: &Config,
+        state: &StateData,
+        scope: Scope<'_>,
+    ) -> Result<Built, ApiError> {
         let now = SystemTime::now();
+        let in_scope = |l: &str| match scope {
+            Scope::All => true,
+            Scope::Listeners(set) => set.contains(l),
+        };
+        if matches!(scope, Scope::All) {
+            // A reload checks every certificate again (validity, the token's keys).
+            self.certs.lock().clear();
+        }
         let mut overlay = Overlay::default();
-        for (listener, crls) in &state.crls {
+        for (listener, crls) in state.crls.iter().filter(|(l, _)| in_scope(l)) {
             let entry = overlay.listeners.entry(listener.clone()).or_default();
             for c in crls {
                 entry.crls.push(crl_der(&c.pem)?);
             }
         }
-        for (listener, binding) in &state.bindings {
+        for (listener, binding) in state.bindings.iter().filter(|(l, _)| in_scope(l)) {
             if !config.listeners.iter().any(|l| &l.name == listener) {
                 tracing::warn!(
                     listener,
@@ -344,7 +372,7 @@ impl Manager {
                 continue;
             }
             let mut served = Vec::with_capacity(binding.certificates.len());
-            let mut expiry = Vec::new();
+            let mut expiry = Vec::with_capacity(binding.certificates.len());
             let mut offload = false;
             for bc in &binding.certificates {
                 let stored = state.certs.get(&bc.cert).ok_or_else(|| {
@@ -356,8 +384,9 @@ impl Manager {
                         ),
                     )
                 })?;
-                let (loaded, chain, report) = self.check_cert(config, stored, now)?;
-                let names = match &bc.names {
+                let cached = self.cached_cert(config, stored, now)?;
+                let report = &cached.cred.report;
+                let names: Arc<[String]> = match &bc.names {
                     Some(names) => {
                         let mut out = Vec::with_capacity(names.len());
                         for n in names {
@@ -375,9 +404,9 @@ impl Manager {
                             }
                             out.push(n);
                         }
-                        out
+                        out.into()
                     }
-                    None => crate::serve::dns_names(&report.sans),
+                    None => cached.names.clone(),
                 };
                 expiry.push(crate::mgmt_metrics::Expiry {
                     listener: listener.clone(),
@@ -385,16 +414,17 @@ impl Manager {
                     names: names.clone(),
                     not_after: report.not_after,
                 });
-                served.push(ServedCert {
-                    key: tlsgate_keystore::cert::certified_key(
-                        &chain,
-                        crate::mgmt_metrics::timed(loaded.signing_key.clone(), loaded.backend),
-                    )
-                    .map_err(|e| key_error(&e))?,
-                    names,
-                    default: bc.default,
+                served.push(BoundServed {
+                    served: ServedCert {
+                        key: cached.certified.clone(),
+                        names,
+                        default: bc.default,
+                    },
+                    fingerprint: cached.fingerprint.clone(),
+                    subject: cached.subject.clone(),
+                    fetch: cached.fetch,
                 });
-                offload |= loaded.backend == KeyBackend::Pkcs11;
+                offload |= cached.cred.backend() == KeyBackend::Pkcs11;
             }
             if served.is_empty() {
                 return Err(ApiError::invalid(
@@ -407,11 +437,46 @@ impl Manager {
             entry.offload = offload;
             entry.expiry = expiry;
         }
-        let mut expiry = Vec::new();
-        let snapshot =
-            crate::serve::build_snapshot_with(config, self.token.as_ref(), &overlay, &mut expiry)
-                .map_err(|e| ApiError::invalid("snapshot_invalid", format!("{e:#}")))?;
-        Ok((snapshot, expiry))
+        self.builder
+            .build(config, &overlay, scope)
+            .map_err(|e| ApiError::invalid("snapshot_invalid", format!("{e:#}")))
+    }
+
+    /// A stored certificate loaded and checked, from the cache while its key and chain are the
+    /// ones cached.
+    fn cached_cert(
+        &self,
+        config: &Config,
+        stored: &StoredCert,
+        now: SystemTime,
+    ) -> Result<Arc<CachedCert>, ApiError> {
+        if let Some(c) = self.certs.lock().get(&stored.id) {
+            if c.key == stored.key && c.chain_pem == stored.chain_pem {
+                return Ok(c.clone());
+            }
+        }
+        let cred = self.check_cert(config, stored, now)?;
+        let certified = cred
+            .certified_key_with(|k| crate::mgmt_metrics::timed(k, cred.backend()))
+            .map_err(|e| key_error(&e))?;
+        let fetch = self.ocsp_fetch
+            && certified
+                .cert
+                .first()
+                .and_then(crate::ocsp::responder_url)
+                .is_some();
+        let cached = Arc::new(CachedCert {
+            key: stored.key.clone(),
+            chain_pem: stored.chain_pem.clone(),
+            names: crate::snapshot::dns_names(&cred.report.sans).into(),
+            fingerprint: cred.report.fingerprint_sha256.as_str().into(),
+            subject: cred.report.subject.as_str().into(),
+            cred,
+            certified,
+            fetch,
+        });
+        self.certs.lock().insert(stored.id.clone(), cached.clone());
+        Ok(cached)
     }
 
     /// Loads a stored certificate's key and checks its chain against it.
@@ -420,14 +485,15 @@ impl Manager {
         config: &Config,
         stored: &StoredCert,
         now: SystemTime,
-    ) -> Result<(keyref::LoadedKey, CertChain, ChainReport), ApiError> {
+    ) -> Result<Credential, ApiError> {
         let key_ref = self.key_ref(config, &stored.key)?;
-        let loaded = keyref::load(&key_ref, self.token.as_ref()).map_err(|e| key_error(&e))?;
-        let chain = CertChain::from_pem(stored.chain_pem.as_bytes()).map_err(|e| cert_error(&e))?;
-        let report = chain
-            .validate(&loaded.spki_der, now)
-            .map_err(|e| cert_error(&e))?;
-        Ok((loaded, chain, report))
+        Credential::load(
+            &key_ref,
+            ChainSource::Pem(stored.chain_pem.as_bytes()),
+            self.token.as_ref(),
+            now,
+        )
+        .map_err(|e| key_error(&e))
     }
 
     /// A key label on the configured token, a `pkcs11:` URI or `file:PATH`.
@@ -457,18 +523,20 @@ impl Manager {
         })
     }
 
-    /// Checks `new_state` by building its snapshot, runs `persist`, then commits and publishes.
+    /// Checks `new_state` by building its snapshot (the listeners in `scope` anew), runs
+    /// `persist`, then commits and publishes.
     fn change(
         &self,
         inner: &mut Inner,
         new_state: StateData,
+        scope: Scope<'_>,
         persist: impl FnOnce(&StateStore) -> anyhow::Result<()>,
     ) -> Result<(), ApiError> {
-        let (snapshot, expiry) = self.build(&inner.config, &new_state)?;
+        let built = self.build(&inner.config, &new_state, scope)?;
         persist(&self.store).map_err(|e| ApiError::state_write(&e))?;
         inner.state = new_state;
-        (self.publish)(Arc::new(snapshot));
-        crate::mgmt_metrics::publish_expiry(&expiry);
+        self.builder.commit(&built);
+        (self.publish)(Arc::new(built.snapshot));
         Ok(())
     }
 
@@ -481,10 +549,20 @@ impl Manager {
         let path = inner.config.path.clone();
         let config =
             Config::load(&path).map_err(|e| ApiError::invalid("config_invalid", e.to_string()))?;
-        let (snapshot, expiry) = self.build(&config, &inner.state)?;
+        let built = self.build(&config, &inner.state, Scope::All)?;
         inner.config = config;
-        (self.publish)(Arc::new(snapshot));
-        crate::mgmt_metrics::publish_expiry(&expiry);
+        self.builder.commit(&built);
+        (self.publish)(Arc::new(built.snapshot));
+        Ok(())
+    }
+
+    /// Rebuilds `listeners` with the configuration and state as they are (a new OCSP staple for
+    /// one of their certificates) and publishes.
+    pub fn refresh(&self, listeners: &BTreeSet<String>) -> Result<(), ApiError> {
+        let inner = self.lock();
+        let built = self.build(&inner.config, &inner.state, Scope::Listeners(listeners))?;
+        self.builder.commit(&built);
+        (self.publish)(Arc::new(built.snapshot));
         Ok(())
     }
 }

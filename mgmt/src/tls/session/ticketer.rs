@@ -531,7 +531,7 @@ mod tests {
 
     #[test]
     fn a_ticket_made_under_another_client_auth_policy_is_refused() {
-        use crate::client_auth::ClientAuthMode;
+        use crate::tls::client_auth::ClientAuthMode;
         let t = ready(3600, 7200, T0);
         let ca = rustls_pki_types::CertificateDer::from(vec![0x30, 0x03, 1, 2, 3]);
         let required =

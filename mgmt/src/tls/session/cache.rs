@@ -231,7 +231,7 @@ mod tests {
 
     #[test]
     fn an_entry_made_under_another_client_auth_policy_is_not_found() {
-        use crate::client_auth::ClientAuthMode;
+        use crate::tls::client_auth::ClientAuthMode;
         let c = Arc::new(SessionCache::new(32, Duration::from_secs(10)));
         let required = PolicyDigest::client_auth(
             ClientAuthMode::Required,

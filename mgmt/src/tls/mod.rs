@@ -1,11 +1,17 @@
 //! Builds the rustls server configurations from a listener's policy profile
-//! ([`crate::policy`], the one place that assembles a `CryptoProvider`), certificates and
-//! client-certificate settings ([`crate::client_auth`]).
+//! ([`crate::tls::policy`], the one place that assembles a `CryptoProvider`), certificates and
+//! client-certificate settings ([`crate::tls::client_auth`]).
 //!
 //! A listener serves [`ServedCert`]s: each answers for a set of names (exact or `*.` wildcard),
 //! and those marked `default` answer a client that sends no SNI or a name nobody serves. Within
 //! one name, the first certificate whose key can sign with a scheme the client offered wins, so
 //! an ECDSA and an RSA certificate can serve the same name side by side.
+
+pub mod client_auth;
+pub mod ocsp;
+pub mod policy;
+pub mod session;
+pub mod stapler;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -22,7 +28,7 @@ pub enum TlsConfigError {
     Rustls(#[from] rustls::Error),
     /// The client-certificate settings cannot be used.
     #[error(transparent)]
-    ClientAuth(#[from] crate::client_auth::ClientAuthError),
+    ClientAuth(#[from] crate::tls::client_auth::ClientAuthError),
     /// No certificate can answer a client that sends no (or an unknown) name.
     #[error("no default certificate: mark one certificate `default = true` or serve only one")]
     NoDefault,
@@ -38,7 +44,7 @@ pub struct ServedCert {
     pub key: Arc<CertifiedKey>,
     /// DNS names (lower case; `*.example.com` matches exactly one more label) this certificate
     /// answers for. Usually the leaf's DNS SANs.
-    pub names: Vec<String>,
+    pub names: Arc<[String]>,
     /// Answers clients without SNI, and with unknown SNI unless the listener refuses those.
     pub default: bool,
 }
@@ -63,16 +69,16 @@ pub struct ListenerTls {
     /// file's CRLs) when the listener verifies client certificates.
     pub extra_crls: Vec<rustls_pki_types::CertificateRevocationListDer<'static>>,
     /// Versions, suites and groups (`intermediate` by default).
-    pub policy: crate::policy::TlsPolicy,
+    pub policy: crate::tls::policy::TlsPolicy,
     /// Client-certificate authentication; none when absent.
-    pub client_auth: Option<crate::client_auth::ClientAuth>,
-    /// Session tickets and cache (`crate::session`); `None` leaves rustls's defaults.
-    pub session: Option<Arc<crate::session::ListenerSessions>>,
+    pub client_auth: Option<crate::tls::client_auth::ClientAuth>,
+    /// Session tickets and cache (`crate::tls::session`); `None` leaves rustls's defaults.
+    pub session: Option<Arc<crate::tls::session::ListenerSessions>>,
 }
 
 /// The crypto provider of the default (`intermediate`) policy.
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    crate::policy::TlsPolicy::default().provider()
+    crate::tls::policy::TlsPolicy::default().provider()
 }
 
 /// The data plane's check for `unknown_sni = "refuse"`: answers whether a ClientHello's SNI is
@@ -100,17 +106,17 @@ pub fn sni_filter(
 /// The data plane's re-check of a resumed session of `listener`: its client certificate
 /// against the current CA bundle and CRLs, and a session without one against a `required` mode
 /// (`None` without client authentication). Each refusal is counted and logged
-/// ([`crate::session::policy::refused`]).
+/// ([`crate::tls::session::policy::refused`]).
 pub fn client_cert_check(
     listener: &str,
     opts: &ListenerTls,
 ) -> Result<Option<tlsgate_dataplane::ClientCertCheck>, TlsConfigError> {
-    use crate::session::policy::{refused, Refusal};
+    use crate::tls::session::policy::{refused, Refusal};
     let Some(auth) = &opts.client_auth else {
         return Ok(None);
     };
     let verifier = auth.verifier(opts.policy.provider(), &opts.extra_crls)?;
-    let required = auth.mode == crate::client_auth::ClientAuthMode::Required;
+    let required = auth.mode == crate::tls::client_auth::ClientAuthMode::Required;
     let listener = listener.to_owned();
     Ok(Some(tlsgate_dataplane::ClientCertCheck::of_sessions(
         move |chain| {
@@ -163,9 +169,29 @@ pub fn server_config(
     if let Some(s) = &opts.session {
         s.apply(
             &mut config,
-            crate::client_auth::ClientAuth::policy_of(opts.client_auth.as_ref()),
+            crate::tls::client_auth::ClientAuth::policy_of(opts.client_auth.as_ref()),
         );
     }
+    Ok(Arc::new(config))
+}
+
+/// The configuration of a listener with no certificate yet (no `[[listener.certificate]]` and no
+/// binding): every handshake ends with a `handshake_failure` alert.
+pub fn no_certificate_config() -> Result<Arc<rustls::ServerConfig>, TlsConfigError> {
+    #[derive(Debug)]
+    struct NoCertificate;
+    impl rustls::server::ResolvesServerCert for NoCertificate {
+        fn resolve(
+            &self,
+            _: rustls::server::ClientHello<'_>,
+        ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+            None
+        }
+    }
+    let config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(NoCertificate));
     Ok(Arc::new(config))
 }
 
@@ -199,9 +225,9 @@ pub struct SniResolver {
     unknown: UnknownSni,
     /// The listener's suites, to tell whether a TLS 1.2 client can use a certificate's key type.
     suites: Vec<rustls::SupportedCipherSuite>,
-    /// ECDSA certificates (by `Arc` address): the curve of their key, and a twin whose key no
-    /// suite can use (see [`SniResolver::resolve`]).
-    ecdsa: HashMap<usize, (rustls::NamedGroup, Arc<CertifiedKey>)>,
+    /// ECDSA certificates (by `Arc` address): the curve of their key (see
+    /// [`SniResolver::resolve`]).
+    ecdsa: HashMap<usize, rustls::NamedGroup>,
 }
 
 /// The named curve of an ECDSA leaf's key, from the curve OID in its SubjectPublicKeyInfo (the
@@ -249,7 +275,7 @@ impl SniResolver {
         let mut wildcard: HashMap<String, Vec<Arc<CertifiedKey>>> = HashMap::new();
         let mut defaults = Vec::new();
         for c in certs {
-            for name in &c.names {
+            for name in c.names.iter() {
                 let n = normalize_name(name)?;
                 match n.strip_prefix("*.") {
                     Some(base) => wildcard.entry(base.to_owned()).or_default(),
@@ -272,11 +298,7 @@ impl SniResolver {
             .chain(&defaults)
         {
             if let Some(curve) = ecdsa_curve(key) {
-                let twin = Arc::new(CertifiedKey::new(
-                    key.cert.clone(),
-                    Arc::new(NoUsableScheme),
-                ));
-                ecdsa.insert(Arc::as_ptr(key) as usize, (curve, twin));
+                ecdsa.insert(Arc::as_ptr(key) as usize, curve);
             }
         }
         Ok(Self {
@@ -310,7 +332,7 @@ impl SniResolver {
     /// goes). A client that can negotiate TLS 1.3 here is not held to it: there the signature
     /// scheme names the curve, and `choose_scheme` checks that.
     fn curve_fits(&self, key: &Arc<CertifiedKey>, hello: &ClientHello<'_>) -> bool {
-        let Some((curve, _)) = self.ecdsa.get(&(Arc::as_ptr(key) as usize)) else {
+        let Some(curve) = self.ecdsa.get(&(Arc::as_ptr(key) as usize)) else {
             return true;
         };
         let tls13 = hello.cipher_suites().iter().any(|c| {
@@ -370,13 +392,14 @@ impl ResolvesServerCert for SniResolver {
             // client gets handshake_failure (no common signature scheme or suite), the alert
             // scanners and clients expect, rather than access_denied for "no certificate".
             .or_else(|| candidates.first())?;
-        // An ECDSA key on a curve the TLS 1.2 client does not support: its twin that no suite
-        // can use, so rustls answers handshake_failure instead of a signature the client must
-        // reject ("wrong curve").
+        // An ECDSA key on a curve the TLS 1.2 client does not support: a twin of it that no
+        // suite can use, so rustls answers handshake_failure instead of a signature the client
+        // must reject ("wrong curve"). Made here, on that rare path, not for every certificate.
         if !self.curve_fits(chosen, &hello) {
-            if let Some((_, twin)) = self.ecdsa.get(&(Arc::as_ptr(chosen) as usize)) {
-                return Some(twin.clone());
-            }
+            return Some(Arc::new(CertifiedKey::new(
+                chosen.cert.clone(),
+                Arc::new(NoUsableScheme),
+            )));
         }
         Some(chosen.clone())
     }

@@ -15,8 +15,6 @@
 //! serves the certificate without a staple. Signatures are verified with aws-lc-rs; the response
 //! is parsed with RustCrypto's `x509-ocsp`, the certificates with x509-parser.
 
-use std::io::{Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -233,82 +231,25 @@ pub fn wake_at(status: &OcspStatus, now: SystemTime) -> SystemTime {
 }
 
 /// Where a certificate's OCSP response comes from.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
     /// A DER file.
     File(std::path::PathBuf),
-    /// The responder named in the leaf's Authority Information Access (HTTP), within `timeout`.
-    Fetch {
-        /// Connect + request + answer.
-        timeout: Duration,
-    },
+    /// The responder named in the leaf's Authority Information Access (HTTP).
+    Fetch,
 }
 
 impl Source {
-    fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match self {
             Source::File(p) => p.display().to_string(),
-            Source::Fetch { .. } => "responder (AIA)".into(),
+            Source::Fetch => "responder (AIA)".into(),
         }
     }
 }
 
-/// Staples the response from `source` (when configured) to `key`. A file that cannot be read
-/// is an error (like a missing chain); a responder that cannot be reached, and a response that
-/// fails [`check`], are logged, counted and left off, and the certificate is served without a
-/// staple. `wake` collects the earliest [`wake_at`].
-pub fn attach(
-    listener: &str,
-    certificate: &str,
-    source: Option<&Source>,
-    key: Arc<CertifiedKey>,
-    now: SystemTime,
-    wake: &mut Option<SystemTime>,
-) -> anyhow::Result<Arc<CertifiedKey>> {
-    use anyhow::Context;
-    let Some(source) = source else {
-        return Ok(key);
-    };
-    let from = source.describe();
-    let der = match source {
-        Source::File(path) => {
-            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?
-        }
-        Source::Fetch { timeout } => match fetch(&key.cert, *timeout) {
-            Ok(der) => der,
-            Err(e) => {
-                tracing::warn!(%listener, %certificate, reason = "fetch_failed", error = %format!("{e:#}"), "OCSP response NOT stapled: fetch failed");
-                metrics::counter!(OCSP_RESPONSES_REFUSED_TOTAL, "listener" => listener.to_owned(), "certificate" => certificate.to_owned(), "reason" => "fetch_failed")
-                    .increment(1);
-                // Try again in a minute rather than never.
-                let w = now + Duration::from_secs(60);
-                *wake = Some(wake.map_or(w, |cur| cur.min(w)));
-                return Ok(key);
-            }
-        },
-    };
-    match staple(&key, der, now) {
-        Ok((stapled, status)) => {
-            let next = unix_secs(status.next_update);
-            tracing::info!(%listener, %certificate, from = %from, next_update = next, "OCSP response stapled");
-            metrics::gauge!(OCSP_NEXT_UPDATE_TIMESTAMP_SECONDS, "listener" => listener.to_owned(), "certificate" => certificate.to_owned())
-                .set(next as f64);
-            let w = wake_at(&status, now);
-            *wake = Some(wake.map_or(w, |cur| cur.min(w)));
-            Ok(stapled)
-        }
-        Err(e) => {
-            tracing::warn!(%listener, %certificate, from = %from, reason = e.reason(), error = %e, "OCSP response NOT stapled");
-            metrics::counter!(OCSP_RESPONSES_REFUSED_TOTAL, "listener" => listener.to_owned(), "certificate" => certificate.to_owned(), "reason" => e.reason())
-                .increment(1);
-            metrics::gauge!(OCSP_NEXT_UPDATE_TIMESTAMP_SECONDS, "listener" => listener.to_owned(), "certificate" => certificate.to_owned())
-                .set(0.0);
-            Ok(key)
-        }
-    }
-}
-
-/// How long a fetch from a responder may take (connect, request, answer).
+/// How long a fetch from a responder may take (resolve, connect, request, answer) unless
+/// `[ocsp] timeout_ms` says otherwise.
 pub const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Largest OCSP answer accepted from a responder.
@@ -371,75 +312,76 @@ fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Asks the leaf's responder (HTTP POST, RFC 6960 appendix A) for a response, within `timeout`.
-/// Only `http://` URLs: OCSP responses are signed, the transport needs no TLS.
-pub fn fetch(chain: &[CertificateDer<'_>], timeout: Duration) -> anyhow::Result<Vec<u8>> {
-    use anyhow::{bail, Context};
+/// Asks the leaf's responder (HTTP POST, RFC 6960 appendix A) for a response, within `timeout`
+/// for everything (name resolution, connect, request, answer). Only `http://` URLs: OCSP
+/// responses are signed, the transport needs no TLS. Async all the way (tokio's resolver and
+/// sockets, hyper's HTTP/1.1 client): a silent responder holds only this future, and dropping it
+/// (the timeout) closes the connection.
+pub async fn fetch(chain: &[CertificateDer<'_>], timeout: Duration) -> anyhow::Result<Vec<u8>> {
+    use anyhow::Context;
     let leaf = chain.first().context("empty chain")?;
     let url = responder_url(leaf).context("the certificate names no OCSP responder (AIA)")?;
-    let rest = url
-        .strip_prefix("http://")
-        .with_context(|| format!("{url}: only http:// responders are supported"))?;
-    let (hostport, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    let target = if hostport.contains(':') {
-        hostport.to_owned()
-    } else {
-        format!("{hostport}:80")
-    };
     let body = request(chain)?;
-    let deadline = std::time::Instant::now() + timeout;
-    let addr = target
-        .to_socket_addrs()
-        .with_context(|| format!("{url}: cannot resolve {target}"))?
-        .next()
-        .with_context(|| format!("{url}: {target} has no address"))?;
-    let mut s = TcpStream::connect_timeout(&addr, timeout)
-        .with_context(|| format!("{url}: cannot connect"))?;
-    let left = || {
-        deadline
-            .saturating_duration_since(std::time::Instant::now())
-            .max(Duration::from_millis(1))
-    };
-    s.set_write_timeout(Some(left()))?;
-    let host = hostport;
-    write!(
-        s,
-        "POST {path} HTTP/1.0\r\nHost: {host}\r\nContent-Type: application/ocsp-request\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    )
-    .and_then(|()| s.write_all(&body))
-    .with_context(|| format!("{url}: sending the request"))?;
-    let mut answer = Vec::new();
-    let mut buf = [0u8; 16384];
-    loop {
-        s.set_read_timeout(Some(left()))?;
-        let n = s
-            .read(&mut buf)
-            .with_context(|| format!("{url}: no complete answer within {timeout:?}"))?;
-        if n == 0 {
-            break;
-        }
-        answer.extend_from_slice(&buf[..n]);
-        if answer.len() > MAX_RESPONSE_BYTES {
-            bail!("{url}: answer larger than {MAX_RESPONSE_BYTES} bytes");
-        }
-    }
-    let split = answer
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .with_context(|| format!("{url}: not an HTTP answer"))?;
-    let head = String::from_utf8_lossy(&answer[..split]);
-    let status = head.lines().next().unwrap_or_default();
-    if status.split_whitespace().nth(1) != Some("200") {
-        bail!("{url}: responder answered {status:?}");
-    }
-    Ok(answer[split + 4..].to_vec())
+    tokio::time::timeout(timeout, fetch_from(&url, body))
+        .await
+        .map_err(|_| anyhow::anyhow!("{url}: no complete answer within {timeout:?}"))?
 }
 
-fn unix_secs(t: SystemTime) -> u64 {
+async fn fetch_from(url: &str, body: Vec<u8>) -> anyhow::Result<Vec<u8>> {
+    use anyhow::{bail, Context};
+    use http_body_util::{BodyExt, Full, Limited};
+    let uri: hyper::Uri = url.parse().with_context(|| format!("{url}: not a URL"))?;
+    if uri.scheme_str() != Some("http") {
+        bail!("{url}: only http:// responders are supported");
+    }
+    let host = uri.host().with_context(|| format!("{url}: no host"))?;
+    let port = uri.port_u16().unwrap_or(80);
+    let addr = tokio::net::lookup_host((host.trim_matches(['[', ']']), port))
+        .await
+        .with_context(|| format!("{url}: cannot resolve {host}"))?
+        .next()
+        .with_context(|| format!("{url}: {host} has no address"))?;
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("{url}: cannot connect"))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .with_context(|| format!("{url}: HTTP handshake"))?;
+    // The connection runs beside the request; it ends with this function (or its timeout).
+    let _conn = AbortOnDrop(tokio::spawn(conn));
+    let authority = uri.authority().map_or(host, |a| a.as_str()).to_owned();
+    let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+    let req = hyper::Request::post(path)
+        .header(hyper::header::HOST, authority)
+        .header(hyper::header::CONTENT_TYPE, "application/ocsp-request")
+        .body(Full::new(hyper::body::Bytes::from(body)))
+        .with_context(|| format!("{url}: request"))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .with_context(|| format!("{url}: sending the request"))?;
+    if resp.status() != hyper::StatusCode::OK {
+        bail!("{url}: responder answered {}", resp.status());
+    }
+    let body = Limited::new(resp.into_body(), MAX_RESPONSE_BYTES)
+        .collect()
+        .await
+        .map_err(|e| anyhow::anyhow!("{url}: reading the answer: {e}"))?
+        .to_bytes();
+    Ok(body.to_vec())
+}
+
+/// Aborts a spawned task when dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+pub(crate) fn unix_secs(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
 }

@@ -224,7 +224,7 @@ fn bad_groups_and_empty_or_repeated_lists_are_refused() {
 /// The README's profile table says exactly what each built-in profile allows.
 #[test]
 fn the_readme_profile_table_matches_the_profiles() {
-    let readme = include_str!("../../../README.md");
+    let readme = include_str!("../../../../README.md");
     for profile in [Profile::Intermediate, Profile::Modern, Profile::Strict] {
         let p = TlsPolicy::new(profile, None).expect("builtin");
         let row = readme

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use aws_lc_rs::digest::{Context, SHA256};
 use rustls_pki_types::CertificateDer;
 
-use crate::client_auth::ClientAuthMode;
+use crate::tls::client_auth::ClientAuthMode;
 
 /// Counter: resumptions refused, by `listener` and `reason` ([`Refusal`]).
 pub const METRIC_RESUMPTION_REFUSED: &str = "tlsgate_resumption_refused_total";

@@ -18,7 +18,7 @@ use rustls::RootCertStore;
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer};
 use x509_parser::prelude::FromDer;
 
-use crate::session::PolicyDigest;
+use crate::tls::session::PolicyDigest;
 
 /// Whether a client must present a certificate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -86,7 +86,7 @@ pub struct ClientAuth {
     ca_subjects: Vec<Vec<u8>>,
     /// CRLs from the configuration file.
     pub crls: Vec<CertificateRevocationListDer<'static>>,
-    /// The mode and CAs as sessions record them (not the CRLs: see [`crate::session::policy`]).
+    /// The mode and CAs as sessions record them (not the CRLs: see [`crate::tls::session::policy`]).
     policy: PolicyDigest,
 }
 
@@ -332,7 +332,7 @@ mod tests {
                 vec![server_cert.der().clone()],
                 signing,
             )),
-            names: vec!["server.test".into()],
+            names: vec!["server.test".into()].into(),
             default: true,
         };
         let opts = ListenerTls {
@@ -344,7 +344,7 @@ mod tests {
         let mut roots = RootCertStore::empty();
         roots.add(server_cert.der().clone()).expect("root");
         let client_config = rustls::ClientConfig::builder_with_provider(
-            crate::policy::TlsPolicy::default().provider(),
+            crate::tls::policy::TlsPolicy::default().provider(),
         )
         .with_safe_default_protocol_versions()
         .expect("versions")
@@ -399,7 +399,7 @@ mod tests {
         let auth = auth_for(&a, dir.path());
         let err = auth
             .verifier(
-                crate::policy::TlsPolicy::default().provider(),
+                crate::tls::policy::TlsPolicy::default().provider(),
                 &[crl(&b, true)],
             )
             .expect_err("foreign CRL");

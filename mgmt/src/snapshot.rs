@@ -1,0 +1,376 @@
+//! Turning configuration and management state into what the data plane serves: the
+//! [`Builder`], used by start-up, reloads, management API changes and OCSP refreshes alike.
+//!
+//! Certificates named in the configuration file are loaded through
+//! [`crate::credential::load_credential`], those of the state directory by the management
+//! plane (`api::manager`) with the same keystore [`Credential`].
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::path::Path;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use anyhow::{Context, Result};
+use parking_lot::Mutex;
+use rustls_pki_types::CertificateRevocationListDer;
+use tlsgate_dataplane::{ListenerSnapshot, Snapshot};
+use tlsgate_keystore::cert::CertChain;
+use tlsgate_keystore::keyref::{KeyBackend, KeyRef, LoadedKey};
+use tlsgate_keystore::token::{Token, UnavailableTokenKey};
+use tlsgate_keystore::Credential;
+
+use crate::config::Config;
+use crate::credential::{key_ref, load_credential};
+use crate::mgmt_metrics::Expiry;
+use crate::tls::ocsp;
+use crate::tls::stapler::Stapler;
+use crate::tls::ServedCert;
+
+/// What the management API adds to the configuration file, per listener.
+#[derive(Debug, Default)]
+pub struct Overlay {
+    pub listeners: HashMap<String, ListenerOverlay>,
+}
+
+/// One listener's certificates and CRLs from the state directory.
+#[derive(Debug, Default)]
+pub struct ListenerOverlay {
+    /// When bound through the API: the certificates served instead of the file's.
+    pub certs: Option<Vec<BoundServed>>,
+    /// Some bound key is on a token (full handshakes sign on the key-op workers).
+    pub offload: bool,
+    pub crls: Vec<CertificateRevocationListDer<'static>>,
+    /// Expiry of the bound certificates, for the gauges.
+    pub expiry: Vec<Expiry>,
+}
+
+/// A certificate bound through the API, as the builder staples and serves it.
+#[derive(Debug, Clone)]
+pub struct BoundServed {
+    pub served: ServedCert,
+    /// The leaf's SHA-256 (hex): the OCSP cache's key.
+    pub fingerprint: Arc<str>,
+    pub subject: Arc<str>,
+    /// Whether its leaf names an OCSP responder to fetch from (and `[ocsp] api_fetch` is on).
+    pub fetch: bool,
+}
+
+/// Which listeners a build makes anew; the others are taken from the last committed build.
+#[derive(Debug, Clone, Copy)]
+pub enum Scope<'a> {
+    /// Every listener (start, reload).
+    All,
+    /// Only these (an API change, a new OCSP staple).
+    Listeners(&'a BTreeSet<String>),
+}
+
+impl Scope<'_> {
+    fn has(&self, listener: &str) -> bool {
+        match self {
+            Scope::All => true,
+            Scope::Listeners(set) => set.contains(listener),
+        }
+    }
+}
+
+/// One listener as built, kept for the next build.
+#[derive(Debug, Clone)]
+struct Part {
+    snapshot: ListenerSnapshot,
+    expiry: Vec<Expiry>,
+    awaiting_token: usize,
+    /// The certificates it staples (the stapler's keys).
+    fingerprints: Vec<String>,
+}
+
+/// A built snapshot, not yet live: [`Builder::commit`] it once it is published.
+#[derive(Debug)]
+pub struct Built {
+    pub snapshot: Snapshot,
+    parts: Vec<(String, Arc<Part>)>,
+}
+
+/// The one builder of the data plane's snapshot: configuration file + the management API's
+/// overlay + the token → listeners with their certificates (and OCSP staples), client-certificate
+/// trust, session ticketers and backend TLS. A listener outside the build's [`Scope`] is the
+/// one the last committed build made (same `Arc`s: chains, keys, resolvers, ticketers), so a
+/// change costs what it touches.
+#[derive(Debug)]
+pub struct Builder {
+    token: Option<Arc<Token>>,
+    stapler: Arc<Stapler>,
+    /// Degraded start (no token yet): token keys become stand-ins that refuse at once.
+    degraded: Option<Arc<AtomicU64>>,
+    last: Mutex<HashMap<String, Arc<Part>>>,
+}
+
+impl Builder {
+    pub fn new(
+        token: Option<Arc<Token>>,
+        stapler: Arc<Stapler>,
+        degraded: Option<Arc<AtomicU64>>,
+    ) -> Builder {
+        Builder {
+            token,
+            stapler,
+            degraded,
+            last: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn token(&self) -> Option<&Arc<Token>> {
+        self.token.as_ref()
+    }
+
+    pub fn stapler(&self) -> &Arc<Stapler> {
+        &self.stapler
+    }
+
+    /// Builds the snapshot of `config` with `overlay`, checking every certificate it loads
+    /// (order, validity, key match) so a bad file fails here and not in a handshake. Listeners
+    /// outside `scope` (and known from the last commit) are reused as they are.
+    pub fn build(&self, config: &Config, overlay: &Overlay, scope: Scope<'_>) -> Result<Built> {
+        let now = SystemTime::now();
+        let last = self.last.lock().clone();
+        let mut parts = Vec::with_capacity(config.listeners.len());
+        for (i, l) in config.listeners.iter().enumerate() {
+            let part = match last.get(&l.name) {
+                Some(p) if !scope.has(&l.name) => p.clone(),
+                _ => Arc::new(self.listener(config, i, overlay, now)?),
+            };
+            parts.push((l.name.clone(), part));
+        }
+        let snapshot = Snapshot {
+            listeners: parts.iter().map(|(_, p)| p.snapshot.clone()).collect(),
+        };
+        Ok(Built {
+            snapshot,
+            parts,
+        })
+    }
+
+    /// Remembers `built` (now live) for the next build, and publishes its gauges (the expiry
+    /// gauges of the listeners it made anew).
+    pub fn commit(&self, built: &Built) {
+        let awaiting: usize = built.parts.iter().map(|(_, p)| p.awaiting_token).sum();
+        metrics::gauge!(crate::mgmt_metrics::CERTIFICATES_AWAITING_TOKEN).set(awaiting as f64);
+        let mut last = self.last.lock();
+        for (name, part) in &built.parts {
+            match last.remove(name) {
+                Some(old) if Arc::ptr_eq(&old, part) => {}
+                Some(old) => crate::mgmt_metrics::publish_expiry_change(&old.expiry, &part.expiry),
+                None => crate::mgmt_metrics::publish_expiry_change(&[], &part.expiry),
+            }
+        }
+        // Listeners the configuration no longer has.
+        for old in last.values() {
+            crate::mgmt_metrics::publish_expiry_change(&old.expiry, &[]);
+        }
+        drop(last);
+        // The stapler keeps what is served: a rotated-away certificate is not fetched again.
+        let keep: HashSet<String> = built
+            .parts
+            .iter()
+            .flat_map(|(_, p)| p.fingerprints.iter().cloned())
+            .collect();
+        self.stapler.retain(&keep);
+        *self.last.lock() = built.parts.iter().cloned().collect();
+    }
+
+    /// Builds and commits: for a caller that publishes whatever builds (start, a reload
+    /// without the management API).
+    pub fn build_committed(&self, config: &Config, scope: Scope<'_>) -> Result<Snapshot> {
+        let built = self.build(config, &Overlay::default(), scope)?;
+        self.commit(&built);
+        Ok(built.snapshot)
+    }
+
+    fn listener(
+        &self,
+        config: &Config,
+        i: usize,
+        overlay: &Overlay,
+        now: SystemTime,
+    ) -> Result<Part> {
+        let token = self.token.as_ref();
+        let l = &config.listeners[i];
+        let policy = l
+            .tls_policy()
+            .with_context(|| format!("listener[{i}] ({}).policy", l.name))?;
+        let api = overlay.listeners.get(&l.name);
+        let mut certs = Vec::with_capacity(l.certificates.len());
+        let mut expiry = Vec::new();
+        let mut fingerprints = Vec::new();
+        let mut offload = false;
+        let mut awaiting_token = 0usize;
+        let file_certs = match api.and_then(|o| o.certs.as_ref()) {
+            Some(bound) => {
+                expiry.extend(api.iter().flat_map(|o| o.expiry.iter().cloned()));
+                offload = api.is_some_and(|o| o.offload);
+                for b in bound {
+                    policy
+                        .check_key(b.served.key.key.algorithm())
+                        .with_context(|| format!("listener {:?}: bound certificate", l.name))?;
+                    let source = b.fetch.then_some(ocsp::Source::Fetch);
+                    let key = self.stapler.staple(
+                        &l.name,
+                        &b.subject,
+                        &b.fingerprint,
+                        source.as_ref(),
+                        b.served.key.clone(),
+                        now,
+                    )?;
+                    if b.fetch {
+                        fingerprints.push(b.fingerprint.to_string());
+                    }
+                    certs.push(ServedCert {
+                        key,
+                        ..b.served.clone()
+                    });
+                }
+                &[][..]
+            }
+            None => &l.certificates[..],
+        };
+        for (j, c) in file_certs.iter().enumerate() {
+            let at = format!("listener[{i}].certificate[{j}] ({})", l.name);
+            let key_ref = key_ref(config, &c.key).with_context(|| format!("{at}.key"))?;
+            let cred = match (&key_ref, &self.degraded) {
+                (KeyRef::Pkcs11(uri), Some(refused)) if token.is_none() => {
+                    awaiting_token += 1;
+                    tracing::warn!(listener = %l.name, key = %c.key, "token key not loaded yet (degraded start): full handshakes with this certificate are refused until the HSM is reached");
+                    stand_in(config, &at, uri, &c.chain, refused, now)?
+                }
+                _ => load_credential(config, &at, &c.key, &c.chain, token, now)?,
+            };
+            let report = &cred.report;
+            policy
+                .check_key(cred.key.signing_key.algorithm())
+                .with_context(|| format!("{at}.key: {}", c.key))?;
+            tracing::info!(listener = %l.name, subject = %report.subject, sans = ?report.sans, key = %c.key, "certificate loaded");
+            let names: Arc<[String]> = match &c.names {
+                Some(names) => names.clone().into(),
+                None => dns_names(&report.sans).into(),
+            };
+            expiry.push(Expiry {
+                listener: l.name.clone(),
+                certificate: format!("config:{j}"),
+                names: names.clone(),
+                not_after: report.not_after,
+            });
+            let key = cred
+                .certified_key_with(|k| crate::mgmt_metrics::timed(k, cred.backend()))
+                .with_context(|| at.clone())?;
+            let key = self
+                .stapler
+                .staple(
+                    &l.name,
+                    &report.subject,
+                    &report.fingerprint_sha256,
+                    ocsp_source(config, c).as_ref(),
+                    key,
+                    now,
+                )
+                .with_context(|| format!("{at}.ocsp"))?;
+            if c.ocsp.is_some() || c.ocsp_fetch {
+                fingerprints.push(report.fingerprint_sha256.clone());
+            }
+            certs.push(ServedCert {
+                key,
+                names,
+                default: c.default,
+            });
+            offload |= cred.backend() == KeyBackend::Pkcs11;
+        }
+        let client_auth = match &l.client_auth {
+            Some(c) => Some(
+                crate::tls::client_auth::ClientAuth::load(c, |p| config.resolve(p))
+                    .with_context(|| format!("listener[{i}] ({}).client_auth", l.name))?,
+            ),
+            None => None,
+        };
+        let opts = crate::tls::ListenerTls {
+            unknown_sni: l.unknown_sni,
+            policy,
+            client_auth,
+            session: Some(crate::tls::session::ListenerSessions::for_listener(
+                &l.name, &l.session, token,
+            )?),
+            extra_crls: api.map(|o| o.crls.clone()).unwrap_or_default(),
+        };
+        let (tls, sni_filter, client_cert_check) = if certs.is_empty() {
+            tracing::warn!(listener = %l.name, "no certificate yet: handshakes are refused until one is bound through the management API");
+            (crate::tls::no_certificate_config()?, None, None)
+        } else {
+            let sni_filter = crate::tls::sni_filter(&certs, &opts)
+                .with_context(|| format!("listener {:?}", l.name))?;
+            let client_cert_check = crate::tls::client_cert_check(&l.name, &opts)
+                .with_context(|| format!("listener {:?}", l.name))?;
+            let tls = crate::tls::server_config(certs, &opts)
+                .with_context(|| format!("listener {:?}", l.name))?;
+            (tls, sni_filter, client_cert_check)
+        };
+        Ok(Part {
+            snapshot: ListenerSnapshot {
+                name: l.name.clone(),
+                bind: l.bind,
+                tls,
+                offload_key_ops: offload,
+                backend: l
+                    .backend
+                    .unwrap_or(std::net::SocketAddr::from(([0, 0, 0, 0], 0))),
+                proxy_protocol: l.proxy_protocol,
+                sni_filter,
+                client_cert_check,
+                backend_tls: crate::backend_tls::build(config, i, token)?,
+                routes: crate::pools::routes(config, i, token)?,
+            },
+            expiry,
+            awaiting_token,
+            fingerprints,
+        })
+    }
+}
+
+/// A token key's stand-in while the token is not open (degraded start): the chain is checked
+/// against the certificate's own public key; the key match waits for the token.
+fn stand_in(
+    config: &Config,
+    at: &str,
+    uri: &tlsgate_keystore::Pkcs11Uri,
+    chain: &Path,
+    refused: &Arc<AtomicU64>,
+    now: SystemTime,
+) -> Result<Credential> {
+    let chain_path = config.resolve(chain);
+    let chain_at = || format!("{at}.chain: {}", chain_path.display());
+    let chain = CertChain::from_pem_file(&chain_path).with_context(chain_at)?;
+    let spki = chain.leaf_spki().with_context(chain_at)?;
+    let label = uri.token.clone().unwrap_or_default();
+    let key =
+        UnavailableTokenKey::new(&label, &spki, Arc::clone(refused)).with_context(chain_at)?;
+    let stand_in = LoadedKey {
+        signing_key: Arc::new(key),
+        spki_der: spki,
+        backend: KeyBackend::Pkcs11,
+    };
+    Credential::with_key(stand_in, chain, now).with_context(chain_at)
+}
+
+/// Where a configured certificate's OCSP response comes from, if anywhere.
+fn ocsp_source(config: &Config, c: &crate::config::CertificateConfig) -> Option<ocsp::Source> {
+    match (&c.ocsp, c.ocsp_fetch) {
+        (Some(p), _) => Some(ocsp::Source::File(config.resolve(p))),
+        (None, true) => Some(ocsp::Source::Fetch),
+        (None, false) => None,
+    }
+}
+
+/// The DNS names among a leaf's SANs (IP, e-mail and URI SANs are not SNI names).
+pub fn dns_names(sans: &[String]) -> Vec<String> {
+    sans.iter()
+        .filter(|s| s.parse::<std::net::IpAddr>().is_err())
+        .filter_map(|s| crate::tls::normalize_name(s).ok())
+        .collect()
+}
