@@ -46,8 +46,11 @@ else
 fi
 echo "package: $(basename "$deb") ($(du -h "$deb" | cut -f1))"
 
-# Everything below runs in new mount and network namespaces; they vanish with the command.
-unshare --mount --net --propagation private -- bash -euo pipefail -s "$work" "$deb" <<'INNER'
+# Everything below runs in new mount, network and pid namespaces; they vanish with the command,
+# and so does every process started in them (the pid namespace ends with its first process),
+# whatever step fails.
+unshare --mount --net --pid --fork --mount-proc --propagation private -- \
+    bash -euo pipefail -s "$work" "$deb" <<'INNER'
 work=$1
 deb=$2
 mkdir -p "$work/t"
