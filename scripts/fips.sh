@@ -22,5 +22,5 @@ step "tlsgate version"
 "$CARGO_TARGET_DIR/debug/tlsgate" version
 
 step "the TLS test subset on the FIPS module"
-cargo test --locked -p tlsgate-mgmt --features fips \
+cargo test --locked --no-fail-fast -p tlsgate-mgmt --features fips \
     --test fips --test serve_e2e --test session_resumption

@@ -17,7 +17,6 @@ pub mod files;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod hardening;
-pub mod http_head;
 pub mod logging;
 pub mod metrics_http;
 pub mod mgmt_metrics;

@@ -144,10 +144,7 @@ impl Builder {
         let snapshot = Snapshot {
             listeners: parts.iter().map(|(_, p)| p.snapshot.clone()).collect(),
         };
-        Ok(Built {
-            snapshot,
-            parts,
-        })
+        Ok(Built { snapshot, parts })
     }
 
     /// Remembers `built` (now live) for the next build, and publishes its gauges (the expiry
