@@ -17,6 +17,8 @@ ensure_packages cmake golang-go libclang-dev softhsm2 openssl curl
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target}/fips
 step "build with --features fips"
 cargo build --locked -p tlsgate-mgmt --features fips --all-targets
+# The PKCS#11 fault-injection shim session_resumption loads.
+cargo build --locked -p tlsgate-pkcs11-shim
 
 step "tlsgate version"
 "$CARGO_TARGET_DIR/debug/tlsgate" version
