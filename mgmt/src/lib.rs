@@ -23,6 +23,7 @@ pub mod metrics_http;
 pub mod mgmt_metrics;
 pub mod ocsp;
 pub mod policy;
+pub mod privileges;
 pub mod serve;
 pub mod session;
 pub mod state;
