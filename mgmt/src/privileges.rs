@@ -114,7 +114,9 @@ pub fn prepare_state_dir(dir: &Path, target: &Target) -> Result<()> {
         .uid();
     if owner != target.uid {
         bail!(
-            "[process] user = {:?} (uid {}) must own the state directory {}, which belongs to              uid {owner}: run `chown -R {}:{} {}` (tlsgate does not take a directory from              another owner)",
+            "[process] user = {:?} (uid {}) must own the state directory {}, which belongs to \
+             uid {owner}: run `chown -R {}:{} {}` (tlsgate does not take a directory from \
+             another owner)",
             target.name,
             target.uid,
             dir.display(),
