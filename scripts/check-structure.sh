@@ -123,7 +123,7 @@ while IFS= read -r manifest; do
     src=$dir/src
     [[ -f $src/lib.rs || -f $src/main.rs ]] || continue
     modules=$(find "$src" -mindepth 1 -maxdepth 1 \( -name '*.rs' -o -type d \) -printf '%f\n' |
-        sed 's/\.rs$//' | grep -vxE 'lib|main|bin|tests' | LC_ALL=C sort -u | tr '\n' ' ')
+        sed 's/\.rs$//' | { grep -vxE 'lib|main|bin|tests' || true; } | LC_ALL=C sort -u | tr '\n' ' ')
     [[ -n $modules ]] || continue
     crate=${dir#./}
     found=$(crate_edges "$src" | cycles_of "$modules")

@@ -6,19 +6,36 @@
 # Usage: scripts/lab.sh
 # Environment:
 #   TLSGATE_LAB_DIR    where the lab lives (default: $XDG_STATE_HOME/tlsgate-lab or
-#                      ~/.local/state/tlsgate-lab); recreated on each run
+#                      ~/.local/state/tlsgate-lab; as root /var/lib/tlsgate-lab); recreated on
+#                      each run
+#   TLSGATE_LAB_USER   as root: the unprivileged user the appliance switches to once it has
+#                      bound its port and logged in to the token (default tlsgate-lab, made
+#                      with useradd --system when missing); the lab directory becomes theirs
 #   TLSGATE_LAB_PORT   TLS port (default 8443); the backend listens on TLS port - 363 (8080)
 #   TLSGATE_LAB_SETUP_ONLY=1   make the token, keys and certificates, then stop
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/lib.sh
 
-LAB_DIR=${TLSGATE_LAB_DIR:-${XDG_STATE_HOME:-$HOME/.local/state}/tlsgate-lab}
+LAB_USER=""
+if [[ $(id -u) == 0 ]]; then
+    # Never the appliance as root: it binds and opens the token as root, then switches to this
+    # user ([process] user), who must be able to reach the lab directory (not under /root).
+    LAB_USER=${TLSGATE_LAB_USER:-tlsgate-lab}
+    LAB_DIR=${TLSGATE_LAB_DIR:-/var/lib/tlsgate-lab}
+else
+    LAB_DIR=${TLSGATE_LAB_DIR:-${XDG_STATE_HOME:-$HOME/.local/state}/tlsgate-lab}
+fi
 PORT=${TLSGATE_LAB_PORT:-8443}
 BACKEND_PORT=$((PORT - 363))
 
 step "system packages"
 ensure_packages softhsm2 openssl curl ca-certificates gcc make pkg-config
+
+if [[ -n "$LAB_USER" ]] && ! id -u "$LAB_USER" >/dev/null 2>&1; then
+    step "user $LAB_USER"
+    useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin "$LAB_USER"
+fi
 
 step "build (release)"
 cargo build --release --locked -p tlsgate-mgmt
@@ -53,6 +70,10 @@ done
 step "keys on the token"
 "$BIN" token list
 
+PROCESS_TOML=""
+if [[ -n "$LAB_USER" ]]; then
+    PROCESS_TOML=$'\n[process]                               # bind and open the token as root, then switch\nuser = "'"$LAB_USER"'"'
+fi
 cat >"$LAB_DIR/tlsgate.toml" <<TOML
 # tlsgate lab configuration (made by scripts/lab.sh)
 [pkcs11]
@@ -63,6 +84,7 @@ pin = "file:$LAB_DIR/token/user.pin"
 [dataplane]
 cores = [0]
 io = "auto"
+$PROCESS_TOML
 
 [api]                                   # tlsgate ctl talks to this socket (owner only)
 socket = "$LAB_DIR/api.sock"
@@ -86,6 +108,12 @@ key = "pkcs11:token=lab;object=web-ecdsa;type=private"
 chain = "certs/web-rsa.pem"
 key = "pkcs11:token=lab;object=web-rsa;type=private"
 TOML
+
+if [[ -n "$LAB_USER" ]]; then
+    # The appliance reads the token, PIN, configuration and chains, and writes its state and
+    # ready file, as $LAB_USER.
+    chown -R "$LAB_USER:" "$LAB_DIR"
+fi
 
 echo
 echo "lab made in $LAB_DIR:"

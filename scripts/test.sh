@@ -54,6 +54,21 @@ TLSGATE_SKIP_LOG="$skip_log" cargo test --workspace --locked --no-fail-fast
 
 step "Debian package, installed into a throw-away root (dpkg -i, serve as the tlsgate user, purge)"
 TLSGATE_SKIP_LOG="$skip_log" scripts/test-package.sh
+step "Miri: the buffer-ring model (dataplane/bufring-model)"
+# Nightly and its miri component, installed when missing; under CI=true a failed install fails
+# the run (set -e), elsewhere it is a skip.
+if ! cargo +nightly miri --version >/dev/null 2>&1; then
+    if ! { rustup toolchain install nightly --profile minimal && rustup component add miri --toolchain nightly; }; then
+        if [[ "${CI:-}" == true || "${CI:-}" == 1 ]]; then
+            echo "error: cannot install nightly + miri (CI=true)" >&2
+            exit 1
+        fi
+        echo "SKIPPED: miri: cannot install nightly + miri" | tee -a "$skip_log"
+    fi
+fi
+if cargo +nightly miri --version >/dev/null 2>&1; then
+    cargo +nightly miri test -p tlsgate-bufring-model
+fi
 
 step "benchmark smoke (side-by-side harness, --quick: one second per cell)"
 target_dir=${CARGO_TARGET_DIR:-target}

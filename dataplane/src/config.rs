@@ -180,6 +180,15 @@ pub struct DataplaneConfig {
     /// connection of that core for the length of each signature.
     #[serde(default)]
     pub danger_inline_key_ops: bool,
+    /// The seccomp allowlist on the core threads (see `seccomp` module docs); set from
+    /// `[process] seccomp` (default true), not from `[dataplane]`. Ignored (off) with
+    /// `danger_inline_key_ops`, where the cores call the PKCS#11 module themselves.
+    #[serde(skip, default = "yes")]
+    pub seccomp: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Every CPU the process may run on, as ids `0..n` (the default of `cores`).
@@ -197,6 +206,7 @@ impl DataplaneConfig {
             limits: Limits::default(),
             key_ops: KeyOpConfig::default(),
             danger_inline_key_ops: false,
+            seccomp: true,
         }
     }
 

@@ -63,18 +63,34 @@ pub(crate) struct CoreSetup {
 pub(crate) struct ReadySignal {
     core: usize,
     tx: Option<std::sync::mpsc::Sender<(usize, bool)>>,
+    filter: Option<crate::seccomp::Filter>,
 }
 
 impl ReadySignal {
-    pub(crate) fn new(core: usize, tx: std::sync::mpsc::Sender<(usize, bool)>) -> Self {
-        Self { core, tx: Some(tx) }
+    pub(crate) fn new(
+        core: usize,
+        tx: std::sync::mpsc::Sender<(usize, bool)>,
+        filter: Option<crate::seccomp::Filter>,
+    ) -> Self {
+        Self {
+            core,
+            tx: Some(tx),
+            filter,
+        }
     }
 
-    /// This core accepts connections from now on.
-    pub(crate) fn ready(mut self) {
+    /// This core accepts connections from now on. Its set-up is over, so the seccomp filter
+    /// (when configured) goes on the calling thread first; failing that, the core is not ready.
+    pub(crate) fn ready(mut self) -> Result<(), crate::Error> {
+        if let Some(filter) = self.filter.take() {
+            crate::seccomp::install(self.core, &filter)?;
+        }
+        #[cfg(debug_assertions)]
+        crate::seccomp::test_hook();
         if let Some(tx) = self.tx.take() {
             let _ = tx.send((self.core, true));
         }
+        Ok(())
     }
 }
 

@@ -55,6 +55,7 @@ pub mod keyops;
 pub mod metrics;
 pub mod pool;
 mod portable;
+mod seccomp;
 mod snapshot;
 mod stats;
 pub mod testing;
@@ -126,6 +127,12 @@ pub fn start(cfg: DataplaneConfig, snapshot: Arc<Snapshot>) -> Result<Dataplane,
             sockets.push(driver::listen(&l.name, bound)?);
         }
     }
+    let filter = if cfg.seccomp && !cfg.danger_inline_key_ops {
+        seccomp::warm_up();
+        Some(seccomp::build()?)
+    } else {
+        None
+    };
     let key_ops = keyops::KeyOpPool::start(&cfg.key_ops)?;
     let prepared = Prepared::new(&snapshot, &names);
     let shared = Arc::new(Shared {
@@ -149,7 +156,7 @@ pub fn start(cfg: DataplaneConfig, snapshot: Arc<Snapshot>) -> Result<Dataplane,
             listeners,
             shared: shared.clone(),
             recorder: CoreRecorder::new(index, stats),
-            ready: driver::ReadySignal::new(index, ready_tx.clone()),
+            ready: driver::ReadySignal::new(index, ready_tx.clone(), filter.clone()),
         };
         let name = format!("tlsgate-core-{index}");
         let spawned = std::thread::Builder::new()

@@ -1,9 +1,23 @@
-//! Process hardening at start-up, before the token is opened: the serving process cannot be
-//! dumped or traced by its own user and writes no core file, so a crash or a `gcore` by a
-//! process of the same uid cannot copy the PIN or an imported key out of it.
+//! Process hardening. Two steps:
+//!
+//! 1. [`apply`], first thing in `tlsgate serve`, before the PIN is read, any key reaches the
+//!    process or any thread is started: not dumpable and no core file (a crash or a `gcore` by a
+//!    process of the same uid cannot copy the PIN or an imported key out of it);
+//!    `PR_SET_NO_NEW_PRIVS` (nothing it executes can gain a privilege); the capability bounding
+//!    set emptied (only `CAP_NET_BIND_SERVICE` is left in it when `keep_net_bind_service`).
+//!    Every thread started later inherits all three. A start as root without `[process] user`
+//!    and without `allow_root` stops here.
+//! 2. [`crate::privileges::drop_to`], once the listeners are bound, the state directory is
+//!    locked and the audit log open, and the PKCS#11 module is loaded and logged in: the switch
+//!    to `[process] user` / `group`.
 //!
 //! ```toml
 //! [process]
+//! user = "tlsgate"                  # drop to this user after start-up (needs a start as root)
+//! group = "tlsgate"                 # default: the user's primary group
+//! allow_root = false                # true: run on as root when no user is set
+//! keep_net_bind_service = false     # true: keep CAP_NET_BIND_SERVICE after the drop
+//! seccomp = true                    # syscall allowlist on the data plane's core threads
 //! danger_allow_core_dumps = false   # true: dumpable, core size limit left as it is (debugging)
 //! ```
 //!
@@ -11,11 +25,15 @@
 //! (`tlsgate_keystore::secret::SecretBuf`), so even a dump taken with this switch on, or by root,
 //! holds no PIN or imported key.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
+/// The environment variable that stands for `[process] allow_root = true` (for test harnesses
+/// and containers that run everything as root with one shared configuration).
+pub const ALLOW_ROOT_ENV: &str = "TLSGATE_ALLOW_ROOT";
+
 /// `[process]`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProcessConfig {
     /// Leave the process dumpable and its core size limit as inherited. For debugging only: a
@@ -27,11 +45,80 @@ pub struct ProcessConfig {
     /// to start (see [`crate::fdlimit`]). Default false.
     #[serde(default)]
     pub fit_connections_to_fd_limit: bool,
+    /// The user (name or numeric uid) to run as after start-up. Needs a start as root (or as
+    /// that user already, then nothing changes).
+    #[serde(default)]
+    pub user: Option<String>,
+    /// The group (name or numeric gid); default the user's primary group. The supplementary
+    /// groups are set to this one group alone.
+    #[serde(default)]
+    pub group: Option<String>,
+    /// Run on as root when no `user` is set. Default false: a start as root without `user`
+    /// is refused (`TLSGATE_ALLOW_ROOT=1` in the environment counts as true).
+    #[serde(default)]
+    pub allow_root: bool,
+    /// Keep `CAP_NET_BIND_SERVICE` after the drop (permitted and effective on the thread that
+    /// runs the management plane and the threads it starts later). Listeners bound at start-up
+    /// need no capability after the drop. Default false: no capability at all.
+    #[serde(default)]
+    pub keep_net_bind_service: bool,
+    /// The seccomp syscall allowlist on the data plane's core threads. Default true.
+    #[serde(default = "yes")]
+    pub seccomp: bool,
 }
 
-/// Applies `[process]`: by default `PR_SET_DUMPABLE 0` and `RLIMIT_CORE 0`.
+fn yes() -> bool {
+    true
+}
+
+impl Default for ProcessConfig {
+    fn default() -> Self {
+        Self {
+            danger_allow_core_dumps: false,
+            fit_connections_to_fd_limit: false,
+            user: None,
+            group: None,
+            allow_root: false,
+            keep_net_bind_service: false,
+            seccomp: true,
+        }
+    }
+}
+
+impl ProcessConfig {
+    /// Whether running on as root is allowed (the key, or the environment variable).
+    pub fn root_allowed(&self) -> bool {
+        self.allow_root
+            || std::env::var(ALLOW_ROOT_ENV)
+                .is_ok_and(|v| matches!(v.as_str(), "1" | "true" | "yes"))
+    }
+}
+
+/// Applies `[process]`'s first step (see the module docs).
 pub fn apply(config: &ProcessConfig) -> Result<()> {
     use rustix::process::{setrlimit, DumpableBehavior, Resource, Rlimit};
+    let euid = rustix::process::geteuid();
+    if euid.is_root() && config.user.is_none() && !config.root_allowed() {
+        bail!(
+            "refusing to run as root: set [process] user = \"<an unprivileged user>\" (tlsgate \
+             binds its listeners and opens the token as root, then switches to that user), or \
+             [process] allow_root = true to run on as root"
+        );
+    }
+    if let Some(user) = &config.user {
+        // A start as that user already is fine (e.g. systemd's User=); anyone else cannot switch.
+        let target = crate::privileges::resolve(user, config.group.as_deref())?;
+        if !euid.is_root() && euid.as_raw() != target.uid {
+            bail!(
+                "[process] user = {user:?} (uid {}): switching needs a start as root; this process \
+                 runs as uid {}",
+                target.uid,
+                euid.as_raw()
+            );
+        }
+    }
+    rustix::thread::set_no_new_privs(true).context("cannot set PR_SET_NO_NEW_PRIVS")?;
+    crate::privileges::empty_bounding_set(config.keep_net_bind_service)?;
     if config.danger_allow_core_dumps {
         tracing::warn!("[process] danger_allow_core_dumps = true: this process can be dumped");
         return Ok(());
@@ -60,10 +147,22 @@ mod tests {
 
     #[test]
     fn the_default_makes_the_process_non_dumpable() -> Result<()> {
-        apply(&ProcessConfig::default())?;
+        let config = ProcessConfig {
+            allow_root: true,
+            ..ProcessConfig::default()
+        };
+        apply(&config)?;
         assert!(!dumpable()?);
         let limit = rustix::process::getrlimit(rustix::process::Resource::Core);
         assert_eq!((limit.current, limit.maximum), (Some(0), Some(0)));
+        assert!(rustix::thread::no_new_privs()?);
         Ok(())
+    }
+
+    #[test]
+    fn documented_defaults() {
+        let c: ProcessConfig = toml::from_str("").expect("empty [process]");
+        assert!(c.seccomp && !c.allow_root && !c.keep_net_bind_service);
+        assert!(c.user.is_none() && c.group.is_none());
     }
 }

@@ -21,6 +21,7 @@ pub mod logging;
 pub mod metrics_http;
 pub mod mgmt_metrics;
 pub mod pools;
+pub mod privileges;
 pub mod serve;
 pub mod snapshot;
 pub mod state;

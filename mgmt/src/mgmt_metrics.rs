@@ -408,6 +408,13 @@ fn record(backend: &'static str, mechanism: &'static str, elapsed: Duration) {
     });
 }
 
+/// Starts the thread that flushes signing-time samples, if it is not running yet. `serve` calls
+/// it before the data plane starts: a core thread signing with a software key inline records
+/// samples too, and under its seccomp filter it may not start a thread.
+pub fn start_sign_metrics_flusher() {
+    FLUSHER.call_once(start_flusher);
+}
+
 fn start_flusher() {
     let spawned = std::thread::Builder::new()
         .name("tlsgate-sign-metrics".into())

@@ -28,6 +28,17 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let config = Config::load(&args.config)?;
     // Before the PIN is read or any key reaches this process.
     crate::hardening::apply(&config.process)?;
+    // Looked up now, while the user database can be read; the state directory must be theirs.
+    let switch_to = match &config.process.user {
+        Some(user) => Some(crate::privileges::resolve(
+            user,
+            config.process.group.as_deref(),
+        )?),
+        None => None,
+    };
+    if let (Some(target), Some(dir)) = (&switch_to, crate::api::state_dir(&config)) {
+        crate::privileges::prepare_state_dir(&dir, target)?;
+    }
     // First of all: a second process on the same state directory stops here, before it binds
     // or changes anything. Held until this function returns (the process ends).
     let _state_lock = crate::api::state_dir(&config)
@@ -97,6 +108,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         (None, None, snapshot)
     };
     let mut dp_config = config.dataplane();
+    dp_config.seccomp = config.process.seccomp;
     if let Some(note) = crate::fdlimit::fit(
         &mut dp_config,
         config.listeners.len(),
@@ -111,6 +123,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
         }
     }
     let drain = dp_config.limits.drain_timeout();
+    // Threads the cores would otherwise start on first use, before their filter is on.
+    crate::mgmt_metrics::start_sign_metrics_flusher();
     let dataplane = tlsgate_dataplane::start(dp_config, Arc::new(snapshot))
         .context("cannot start the data plane")?;
     crate::pools::refresh(&dataplane);
@@ -159,6 +173,27 @@ pub fn run(args: ServeArgs) -> Result<()> {
                 api.max_connections,
             ));
         }
+    }
+    // Everything that needs root is done: listeners bound, state directory locked, audit log
+    // open, the PKCS#11 module loaded and logged in. The ready file is written as the user.
+    match &switch_to {
+        Some(target) => {
+            if let Some(dir) = crate::api::state_dir(&config) {
+                crate::privileges::chown_tree(&dir, target)?;
+            }
+            crate::privileges::drop_to(target, config.process.keep_net_bind_service)?;
+            tracing::info!(
+                user = %target.name,
+                uid = target.uid,
+                gid = target.gid,
+                capabilities = if config.process.keep_net_bind_service { "CAP_NET_BIND_SERVICE" } else { "none" },
+                "switched to the [process] user; no_new_privs set"
+            );
+        }
+        None if rustix::process::geteuid().is_root() => {
+            tracing::info!("running as root ([process] allow_root = true or TLSGATE_ALLOW_ROOT=1)");
+        }
+        None => {}
     }
     if let Some(path) = &args.ready_file {
         crate::files::write_atomic(path, ready.as_bytes(), 0o644)?;

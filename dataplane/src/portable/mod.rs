@@ -88,7 +88,7 @@ async fn serve(
         accepting.push(tokio::task::spawn_local(accept_loop(core.clone(), i, l)));
     }
     // The runtime and every listening socket (registered with epoll) are in place.
-    ready.ready();
+    ready.ready()?;
     let flusher = {
         let core = core.clone();
         tokio::task::spawn_local(async move {

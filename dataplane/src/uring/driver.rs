@@ -131,7 +131,7 @@ pub(crate) fn run_core(setup: CoreSetup) -> Result<(), Error> {
     core.check_shutdown(lp.ctl(), Instant::now());
     // The ring, its buffers and every listening socket are in place: accepts are armed on the
     // loop's first submission.
-    ready.ready();
+    ready.ready()?;
     let result = lp
         .run(&mut core)
         .map_err(|e| worker(format!("io_uring loop: {e}")));

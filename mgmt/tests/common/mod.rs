@@ -40,9 +40,17 @@ pub fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
         .sum()
 }
 
+/// The binary, allowed to run on as root (`TLSGATE_ALLOW_ROOT=1`, as `[process] allow_root =
+/// true`): CI runs the suite as root and these tests are not about privileges
+/// (`privileges_dropped.rs` is, and starts its servers without it).
 pub fn tlsgate() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_tlsgate"))
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tlsgate"));
+    c.env(ALLOW_ROOT_ENV, "1");
+    c
 }
+
+/// `[process] allow_root` in the environment.
+pub const ALLOW_ROOT_ENV: &str = "TLSGATE_ALLOW_ROOT";
 
 pub fn check(out: Output, what: &str) -> Result<String> {
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -100,7 +108,8 @@ impl Lab {
                 "TLSGATE_PIN",
                 format!("file:{}", self.path("token/user.pin").display()),
             )
-            .env_remove("TLSGATE_PKCS11_MODULE");
+            .env_remove("TLSGATE_PKCS11_MODULE")
+            .env(ALLOW_ROOT_ENV, "1");
     }
 
     pub fn cmd(&self, args: &[&str]) -> Command {
