@@ -249,6 +249,16 @@ fn unix(t: SystemTime) -> f64 {
 
 static SERIES: Mutex<BTreeSet<(String, String, String)>> = Mutex::new(BTreeSet::new());
 
+/// Creates a listener's refused-resumption series at zero (one per reason), so an alert over
+/// `increase()` sees the first refusal. Called once per listener the snapshot builder makes.
+pub fn create_listener_series(listener: &str) {
+    for reason in crate::session::Refusal::ALL {
+        metrics::counter!(crate::session::METRIC_RESUMPTION_REFUSED,
+            "listener" => listener.to_owned(), "reason" => reason.as_str())
+        .increment(0);
+    }
+}
+
 /// Moves the expiry gauges of one listener from `old` to `new` (what it served before and what it
 /// serves now): only the entries that differ are written, series no longer served go to NaN. A
 /// change to one certificate of many writes one entry.
@@ -286,15 +296,6 @@ pub fn publish_expiry_change(old: &[Expiry], new: &[Expiry]) {
                 "listener" => s.0.clone(), "certificate" => s.1.clone(), "name" => s.2.clone())
             .set(f64::NAN);
             all.remove(&s);
-        }
-    }
-    // Refused resumptions exist at zero for every listener that serves, so an alert over
-    // `increase()` sees the first refusal.
-    for e in new {
-        for reason in crate::session::Refusal::ALL {
-            metrics::counter!(crate::session::METRIC_RESUMPTION_REFUSED,
-                "listener" => e.listener.clone(), "reason" => reason.as_str())
-            .increment(0);
         }
     }
     for e in added {

@@ -157,7 +157,10 @@ impl Builder {
             match last.remove(name) {
                 Some(old) if Arc::ptr_eq(&old, part) => {}
                 Some(old) => crate::mgmt_metrics::publish_expiry_change(&old.expiry, &part.expiry),
-                None => crate::mgmt_metrics::publish_expiry_change(&[], &part.expiry),
+                None => {
+                    crate::mgmt_metrics::create_listener_series(name);
+                    crate::mgmt_metrics::publish_expiry_change(&[], &part.expiry);
+                }
             }
         }
         // Listeners the configuration no longer has.
