@@ -5,10 +5,9 @@
 mod common;
 
 use std::io::{self, BufRead, BufReader, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::thread;
 use std::time::Duration;
 
 use common::*;
@@ -30,20 +29,10 @@ const NAMES: &[&str] = &[
 
 /// A backend that says its name on each connection, then echoes.
 fn named_backend(name: &'static str) -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let a = l.local_addr().expect("addr");
-    thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { continue };
-            thread::spawn(move || {
-                let _ = writeln!(s, "{name}");
-                let Ok(mut w) = s.try_clone() else { return };
-                let _ = io::copy(&mut s, &mut w);
-                let _ = w.shutdown(Shutdown::Write);
-            });
-        }
-    });
-    a
+    tcp_backend(move |mut s| {
+        let _ = writeln!(s, "{name}");
+        echo(s);
+    })
 }
 
 /// An address nothing listens on (bound, then closed).
@@ -329,40 +318,32 @@ fn balancing_spreads_and_a_dead_server_is_retried_then_ejected() {
 
 /// A backend behind PROXY v2: reads the header and answers with the ALPN TLV's value.
 fn proxy_alpn_backend() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let a = l.local_addr().expect("addr");
-    thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { continue };
-            thread::spawn(move || {
-                let mut head = [0u8; 16];
-                if io::Read::read_exact(&mut s, &mut head).is_err() {
-                    return;
-                }
-                let len = usize::from(u16::from_be_bytes([head[14], head[15]]));
-                let mut rest = vec![0u8; len];
-                if io::Read::read_exact(&mut s, &mut rest).is_err() {
-                    return;
-                }
-                let skip = match head[13] {
-                    0x11 => 12,
-                    0x21 => 36,
-                    _ => 0,
-                };
-                let mut tlvs = rest.get(skip..).unwrap_or_default();
-                let mut alpn = "-".to_string();
-                while let [t, hi, lo, tail @ ..] = tlvs {
-                    let n = usize::from(u16::from_be_bytes([*hi, *lo])).min(tail.len());
-                    if *t == 0x01 {
-                        alpn = String::from_utf8_lossy(&tail[..n]).into_owned();
-                    }
-                    tlvs = &tail[n..];
-                }
-                let _ = writeln!(s, "alpn={alpn}");
-            });
+    tcp_backend(|mut s| {
+        let mut head = [0u8; 16];
+        if io::Read::read_exact(&mut s, &mut head).is_err() {
+            return;
         }
-    });
-    a
+        let len = usize::from(u16::from_be_bytes([head[14], head[15]]));
+        let mut rest = vec![0u8; len];
+        if io::Read::read_exact(&mut s, &mut rest).is_err() {
+            return;
+        }
+        let skip = match head[13] {
+            0x11 => 12,
+            0x21 => 36,
+            _ => 0,
+        };
+        let mut tlvs = rest.get(skip..).unwrap_or_default();
+        let mut alpn = "-".to_string();
+        while let [t, hi, lo, tail @ ..] = tlvs {
+            let n = usize::from(u16::from_be_bytes([*hi, *lo])).min(tail.len());
+            if *t == 0x01 {
+                alpn = String::from_utf8_lossy(&tail[..n]).into_owned();
+            }
+            tlvs = &tail[n..];
+        }
+        let _ = writeln!(s, "alpn={alpn}");
+    })
 }
 
 #[test]

@@ -15,31 +15,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use common::{check, drivers, tlsgate, wait_ready, ChildGuard, Lab, Serve};
+use common::{check, drivers, tlsgate, ChildGuard, Lab, Serve};
 
 /// A demo backend named `name` on `listen`; returns it and its address.
 fn backend(dir: &Path, name: &str, listen: &str) -> Result<(ChildGuard, String)> {
-    let ready = dir.join(format!("{name}.ready"));
-    let _ = std::fs::remove_file(&ready);
-    let child = tlsgate()
-        .args([
-            "demo-backend",
-            "--name",
-            name,
-            "--listen",
-            listen,
-            "--ready-file",
-        ])
-        .arg(&ready)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let mut guard = ChildGuard {
-        child,
-        name: "demo-backend",
-    };
-    let addr = wait_ready(&ready, &mut guard, Duration::from_secs(20))?;
-    Ok((guard, addr.trim().to_owned()))
+    common::demo_backend_named(dir, Some(name), listen)
 }
 
 fn config(lab: &Lab, io: &str, b: &[String; 3], key: &Path, chain: &Path) -> String {

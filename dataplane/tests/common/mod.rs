@@ -196,21 +196,33 @@ pub fn addr(dp: &Dataplane) -> SocketAddr {
     dp.local_addrs()[0].1
 }
 
-/// Echo backend: every connection gets its bytes back; FIN answered with FIN.
-pub fn echo_backend() -> SocketAddr {
+/// A backend on port 0: each connection is handed to `serve` on a thread of its own.
+pub fn tcp_backend<F>(serve: F) -> SocketAddr
+where
+    F: Fn(TcpStream) + Clone + Send + 'static,
+{
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");
     let a = l.local_addr().expect("addr");
     thread::spawn(move || {
         for s in l.incoming() {
-            let Ok(mut s) = s else { continue };
-            thread::spawn(move || {
-                let Ok(mut w) = s.try_clone() else { return };
-                let _ = io::copy(&mut s, &mut w);
-                let _ = w.shutdown(Shutdown::Write);
-            });
+            let Ok(s) = s else { continue };
+            let serve = serve.clone();
+            thread::spawn(move || serve(s));
         }
     });
     a
+}
+
+/// Sends a connection's bytes back; FIN answered with FIN.
+pub fn echo(mut s: TcpStream) {
+    let Ok(mut w) = s.try_clone() else { return };
+    let _ = io::copy(&mut s, &mut w);
+    let _ = w.shutdown(Shutdown::Write);
+}
+
+/// Echo backend: every connection gets its bytes back; FIN answered with FIN.
+pub fn echo_backend() -> SocketAddr {
+    tcp_backend(echo)
 }
 
 /// HTTP backend: answers every request with a fixed body and closes.

@@ -271,14 +271,29 @@ pub fn wait_ready(path: &Path, child: &mut ChildGuard, timeout: Duration) -> Res
 
 /// Starts the demo backend on port 0 and returns it with its address.
 pub fn demo_backend(dir: &Path) -> Result<(ChildGuard, String)> {
-    let ready = dir.join(format!("backend.{}.ready", std::process::id()));
+    demo_backend_named(dir, None, "127.0.0.1:0")
+}
+
+/// Starts the demo backend on `listen`, answering as `name` (its `x-backend` header) when given;
+/// returns it with its address.
+pub fn demo_backend_named(
+    dir: &Path,
+    name: Option<&str>,
+    listen: &str,
+) -> Result<(ChildGuard, String)> {
+    let ready = dir.join(format!(
+        "backend.{}.{}.ready",
+        name.unwrap_or("demo"),
+        std::process::id()
+    ));
     let _ = std::fs::remove_file(&ready);
-    let child = tlsgate()
-        .args(["demo-backend", "--listen", "127.0.0.1:0", "--ready-file"])
-        .arg(&ready)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()?;
+    let mut cmd = tlsgate();
+    cmd.args(["demo-backend", "--listen", listen, "--ready-file"])
+        .arg(&ready);
+    if let Some(name) = name {
+        cmd.args(["--name", name]);
+    }
+    let child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?;
     let mut guard = ChildGuard {
         child,
         name: "demo-backend",
