@@ -185,6 +185,36 @@ pub struct DataplaneConfig {
     /// `danger_inline_key_ops`, where the cores call the PKCS#11 module themselves.
     #[serde(skip, default = "yes")]
     pub seccomp: bool,
+    /// Run by every thread the data plane starts (each core at the end of its set-up, before
+    /// its seccomp filter; each key-op worker before its first request); an error stops
+    /// [`crate::start`]. `tlsgate serve` puts its Landlock ruleset on each thread with it. Set
+    /// by the caller, never from the file.
+    #[serde(skip)]
+    pub thread_start: Option<ThreadStart>,
+}
+
+/// A hook each data-plane thread runs on itself once, with the thread's name; see
+/// [`DataplaneConfig::thread_start`].
+#[derive(Clone)]
+pub struct ThreadStart(pub std::sync::Arc<ThreadStartFn>);
+
+/// The function behind [`ThreadStart`]: the thread's name in, why it failed out.
+pub type ThreadStartFn = dyn Fn(&str) -> Result<(), String> + Send + Sync;
+
+impl ThreadStart {
+    /// Runs the hook on the calling thread.
+    pub(crate) fn run(&self, thread: &str) -> Result<(), crate::Error> {
+        (self.0)(thread).map_err(|why| crate::Error::ThreadStart {
+            thread: thread.to_owned(),
+            why,
+        })
+    }
+}
+
+impl std::fmt::Debug for ThreadStart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ThreadStart(..)")
+    }
 }
 
 fn yes() -> bool {
@@ -207,6 +237,7 @@ impl DataplaneConfig {
             key_ops: KeyOpConfig::default(),
             danger_inline_key_ops: false,
             seccomp: true,
+            thread_start: None,
         }
     }
 

@@ -64,6 +64,7 @@ pub(crate) struct ReadySignal {
     core: usize,
     tx: Option<std::sync::mpsc::Sender<(usize, bool)>>,
     filter: Option<crate::seccomp::Filter>,
+    thread_start: Option<crate::config::ThreadStart>,
 }
 
 impl ReadySignal {
@@ -71,17 +72,23 @@ impl ReadySignal {
         core: usize,
         tx: std::sync::mpsc::Sender<(usize, bool)>,
         filter: Option<crate::seccomp::Filter>,
+        thread_start: Option<crate::config::ThreadStart>,
     ) -> Self {
         Self {
             core,
             tx: Some(tx),
             filter,
+            thread_start,
         }
     }
 
-    /// This core accepts connections from now on. Its set-up is over, so the seccomp filter
-    /// (when configured) goes on the calling thread first; failing that, the core is not ready.
+    /// This core accepts connections from now on. Its set-up is over, so the thread-start hook
+    /// (the caller's Landlock ruleset) and then the seccomp filter (when configured) go on the
+    /// calling thread first; failing either, the core is not ready.
     pub(crate) fn ready(mut self) -> Result<(), crate::Error> {
+        if let Some(hook) = self.thread_start.take() {
+            hook.run(&format!("tlsgate-core-{}", self.core))?;
+        }
         if let Some(filter) = self.filter.take() {
             crate::seccomp::install(self.core, &filter)?;
         }

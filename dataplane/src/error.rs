@@ -53,6 +53,14 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// A thread's start hook ([`crate::config::ThreadStart`]) failed on it.
+    #[error("thread `{thread}` could not restrict itself: {why}")]
+    ThreadStart {
+        /// Thread name.
+        thread: String,
+        /// What the hook said.
+        why: String,
+    },
     /// A core worker failed while running.
     #[error("core {core} worker failed: {why}")]
     Worker {

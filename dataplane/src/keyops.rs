@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use crate::config::KeyOpConfig;
+use crate::config::{KeyOpConfig, ThreadStart};
 use crate::conn::{run_key_op, KeyOpFailure, KeyOpJob, KeyOpResult};
 use crate::Error;
 
@@ -98,30 +98,55 @@ pub struct KeyOpPool {
 }
 
 impl KeyOpPool {
-    /// Starts `cfg.workers` threads named `tlsgate-keyop-N`.
-    pub fn start(cfg: &KeyOpConfig) -> Result<Self, Error> {
+    /// Starts `cfg.workers` threads named `tlsgate-keyop-N`. Each runs `thread_start` on
+    /// itself before it takes a request; one that fails stops the pool and is the error.
+    pub fn start(cfg: &KeyOpConfig, thread_start: Option<&ThreadStart>) -> Result<Self, Error> {
         let (tx, rx) = sync_channel::<KeyOpRequest>(cfg.queue_depth.max(1));
         let rx = Arc::new(Mutex::new(rx));
         let depth = Arc::new(AtomicUsize::new(0));
         let counters = Arc::new(Counters::default());
         let mut workers = Vec::with_capacity(cfg.workers);
-        for i in 0..cfg.workers.max(1) {
-            let name = format!("tlsgate-keyop-{i}");
-            let rx = rx.clone();
-            let depth = depth.clone();
-            let counters = counters.clone();
-            let handle = std::thread::Builder::new()
-                .name(name.clone())
-                .spawn(move || worker(&rx, &depth, &counters))
-                .map_err(|source| Error::Spawn { name, source })?;
-            workers.push(handle);
-        }
-        Ok(Self {
+        let (started_tx, started_rx) = std::sync::mpsc::channel::<Result<(), Error>>();
+        let pool = Self {
             tx: Mutex::new(Some(tx)),
             depth,
             counters,
-            workers: Mutex::new(workers),
-        })
+            workers: Mutex::new(Vec::new()),
+        };
+        for i in 0..cfg.workers.max(1) {
+            let name = format!("tlsgate-keyop-{i}");
+            let rx = rx.clone();
+            let depth = pool.depth.clone();
+            let counters = pool.counters.clone();
+            let (hook, started) = (thread_start.cloned(), started_tx.clone());
+            let thread = name.clone();
+            let handle = std::thread::Builder::new()
+                .name(name.clone())
+                .spawn(move || {
+                    let set_up = hook.map_or(Ok(()), |h| h.run(&thread));
+                    let failed = set_up.is_err();
+                    let _ = started.send(set_up);
+                    if !failed {
+                        worker(&rx, &depth, &counters);
+                    }
+                })
+                .map_err(|source| Error::Spawn { name, source })?;
+            workers.push(handle);
+        }
+        drop(started_tx);
+        for _ in 0..workers.len() {
+            // Every worker sends once before anything else; a closed channel means one ended
+            // without sending, which only a panic in the hook does.
+            let verdict = started_rx.recv().unwrap_or_else(|_| {
+                Err(Error::ThreadStart {
+                    thread: "tlsgate-keyop".into(),
+                    why: "ended before it was set up".into(),
+                })
+            });
+            verdict?;
+        }
+        *pool.workers.lock() = workers;
+        Ok(pool)
     }
 
     /// Queues a request. When the queue is full (or the pool is stopping) the request is handed

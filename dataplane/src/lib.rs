@@ -68,7 +68,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 
-pub use config::{DataplaneConfig, IoDriver, IoDriverKind, KeyOpConfig, Limits};
+pub use config::{DataplaneConfig, IoDriver, IoDriverKind, KeyOpConfig, Limits, ThreadStart};
 pub use conn::CloseReason;
 pub use error::Error;
 pub use keyops::KeyOpCounters;
@@ -133,7 +133,7 @@ pub fn start(cfg: DataplaneConfig, snapshot: Arc<Snapshot>) -> Result<Dataplane,
     } else {
         None
     };
-    let key_ops = keyops::KeyOpPool::start(&cfg.key_ops)?;
+    let key_ops = keyops::KeyOpPool::start(&cfg.key_ops, cfg.thread_start.as_ref())?;
     let prepared = Prepared::new(&snapshot, &names);
     let shared = Arc::new(Shared {
         cfg: cfg.clone(),
@@ -156,7 +156,12 @@ pub fn start(cfg: DataplaneConfig, snapshot: Arc<Snapshot>) -> Result<Dataplane,
             listeners,
             shared: shared.clone(),
             recorder: CoreRecorder::new(index, stats),
-            ready: driver::ReadySignal::new(index, ready_tx.clone(), filter.clone()),
+            ready: driver::ReadySignal::new(
+                index,
+                ready_tx.clone(),
+                filter.clone(),
+                cfg.thread_start.clone(),
+            ),
         };
         let name = format!("tlsgate-core-{index}");
         let spawned = std::thread::Builder::new()

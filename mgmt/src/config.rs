@@ -62,6 +62,7 @@ use tlsgate_keystore::pin::PinSource;
 
 pub mod backend;
 mod backend_tls;
+pub mod landlock;
 pub mod management;
 
 pub use backend::{PoolConfig, RouteConfig};
@@ -431,6 +432,16 @@ impl Config {
         self.dataplane
             .clone()
             .unwrap_or_else(|| DataplaneConfig::new(tlsgate_dataplane::config::all_cores()))
+    }
+
+    /// Every TCP port this process binds, from the file: the listeners, the metrics endpoint
+    /// and the management API's HTTPS. Landlock allows binds to these ports only (0 stands
+    /// for "a port the kernel picks"). A new kind of listener adds its port here.
+    pub fn tcp_bind_ports(&self) -> std::collections::BTreeSet<u16> {
+        let listeners = self.listeners.iter().map(|l| l.bind.port());
+        let metrics = self.metrics.iter().map(|m| m.listen.port());
+        let api = self.api.iter().filter_map(|a| a.listen).map(|a| a.port());
+        listeners.chain(metrics).chain(api).collect()
     }
 
     /// Resolves a path from the file against the file's directory.

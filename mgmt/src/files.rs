@@ -50,6 +50,18 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
     result
 }
 
+/// Creates `path` with `mode` (or empties it) and returns it open for writing: for a file
+/// written later by a process that may no longer create files in that directory.
+pub fn create_truncated(path: &Path, mode: u32) -> Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))
+}
+
 /// A random 16-hex-digit PIN from the kernel's CSPRNG.
 pub fn random_pin() -> Result<Zeroizing<String>> {
     let mut bytes = Zeroizing::new([0u8; 8]);

@@ -18,6 +18,9 @@
 //! allow_root = false                # true: run on as root when no user is set
 //! keep_net_bind_service = false     # true: keep CAP_NET_BIND_SERVICE after the drop
 //! seccomp = true                    # syscall allowlist on the data plane's core threads
+//! landlock = true                   # files and TCP binds limited to the configuration's
+//!                                   # (false: off; "require": a start error without it)
+//! landlock_paths = ["/var/lib/softhsm/tokens"]  # what the PKCS#11 module needs (read/write)
 //! danger_allow_core_dumps = false   # true: dumpable, core size limit left as it is (debugging)
 //! ```
 //!
@@ -65,6 +68,15 @@ pub struct ProcessConfig {
     /// The seccomp syscall allowlist on the data plane's core threads. Default true.
     #[serde(default = "yes")]
     pub seccomp: bool,
+    /// Landlock after start-up (see [`crate::sandbox`]): `true` (default) enforces what the
+    /// kernel supports and logs what it does not, `"require"` makes a kernel that cannot
+    /// enforce all of it a start error, `false` turns it off.
+    #[serde(default)]
+    pub landlock: crate::sandbox::Mode,
+    /// Files and directories the PKCS#11 module needs, read and write under Landlock.
+    /// Default: for SoftHSM2, its configuration (`SOFTHSM2_CONF`) and its token directory.
+    #[serde(default)]
+    pub landlock_paths: Option<Vec<std::path::PathBuf>>,
 }
 
 fn yes() -> bool {
@@ -81,6 +93,8 @@ impl Default for ProcessConfig {
             allow_root: false,
             keep_net_bind_service: false,
             seccomp: true,
+            landlock: crate::sandbox::Mode::BestEffort,
+            landlock_paths: None,
         }
     }
 }
@@ -164,5 +178,7 @@ mod tests {
         let c: ProcessConfig = toml::from_str("").expect("empty [process]");
         assert!(c.seccomp && !c.allow_root && !c.keep_net_bind_service);
         assert!(c.user.is_none() && c.group.is_none());
+        assert_eq!(c.landlock, crate::sandbox::Mode::BestEffort);
+        assert!(c.landlock_paths.is_none());
     }
 }

@@ -22,6 +22,7 @@ pub mod metrics_http;
 pub mod mgmt_metrics;
 pub mod pools;
 pub mod privileges;
+pub mod sandbox;
 pub mod serve;
 pub mod snapshot;
 pub mod state;

@@ -420,6 +420,7 @@ fn start_flusher() {
     let spawned = std::thread::Builder::new()
         .name("tlsgate-sign-metrics".into())
         .spawn(|| loop {
+            crate::sandbox::enter_thread("tlsgate-sign-metrics");
             std::thread::sleep(FLUSH_INTERVAL);
             let buffers: Vec<Arc<Samples>> = {
                 let mut all = BUFFERS.lock();

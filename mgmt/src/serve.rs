@@ -46,8 +46,15 @@ pub fn run(args: ServeArgs) -> Result<()> {
         .transpose()?;
     // Before the token opens: a PKCS#11 module may open files per session.
     let fd_limit = crate::fdlimit::raise_soft_limit()?;
+    // The Landlock ruleset, before any thread starts: each thread tlsgate starts from here on
+    // restricts itself first; this one does once start-up is over (see `crate::sandbox`).
+    let plan = crate::config::landlock::plan(&config)?;
+    if let Some(sandbox) = crate::sandbox::build(&plan, config.process.landlock)? {
+        crate::sandbox::publish(sandbox);
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        .on_thread_start(|| crate::sandbox::enter_thread("tokio-blocking"))
         .build()
         .context("cannot start the management runtime")?;
     // The recorder must be in place before the data plane's cores first flush their counters.
@@ -109,6 +116,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     };
     let mut dp_config = config.dataplane();
     dp_config.seccomp = config.process.seccomp;
+    dp_config.thread_start = Some(crate::sandbox::dataplane_hook());
     if let Some(note) = crate::fdlimit::fit(
         &mut dp_config,
         config.listeners.len(),
@@ -174,8 +182,14 @@ pub fn run(args: ServeArgs) -> Result<()> {
             ));
         }
     }
+    // Opened now, while the process may still create it where the user could not; filled
+    // once the switch and Landlock are in place (an empty file reads as "not ready yet").
+    let ready_out = match &args.ready_file {
+        Some(path) => Some(crate::files::create_truncated(path, 0o644)?),
+        None => None,
+    };
     // Everything that needs root is done: listeners bound, state directory locked, audit log
-    // open, the PKCS#11 module loaded and logged in. The ready file is written as the user.
+    // open, the PKCS#11 module loaded and logged in.
     match &switch_to {
         Some(target) => {
             if let Some(dir) = crate::api::state_dir(&config) {
@@ -195,8 +209,12 @@ pub fn run(args: ServeArgs) -> Result<()> {
         }
         None => {}
     }
-    if let Some(path) = &args.ready_file {
-        crate::files::write_atomic(path, ready.as_bytes(), 0o644)?;
+    crate::sandbox::try_enter_thread("main")?;
+    if let (Some(mut file), Some(path)) = (ready_out, &args.ready_file) {
+        use std::io::Write as _;
+        file.write_all(ready.as_bytes())
+            .and_then(|()| file.sync_all())
+            .with_context(|| format!("cannot write {}", path.display()))?;
     }
 
     // A new staple rebuilds the listeners that serve it: through the management plane when
@@ -265,6 +283,7 @@ fn spawn_token_opener(config_path: &Path) -> Result<tokio::sync::mpsc::Receiver<
     std::thread::Builder::new()
         .name("tlsgate-token-open-bg".into())
         .spawn(move || {
+            crate::sandbox::enter_thread("tlsgate-token-open-bg");
             let mut backoff = tlsgate_keystore::token::FIRST_BACKOFF;
             let mut last_log: Option<std::time::Instant> = None;
             let mut failed: u64 = 0;

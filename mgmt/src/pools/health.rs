@@ -44,6 +44,7 @@ struct Track {
 type Key = (String, SocketAddr);
 
 fn run() {
+    crate::sandbox::enter_thread("tlsgate-health");
     let mut tracks: HashMap<Key, Track> = HashMap::new();
     let (tx, rx) = mpsc::channel::<(Key, Result<(), String>)>();
     loop {

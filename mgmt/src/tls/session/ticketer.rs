@@ -453,6 +453,7 @@ impl EpochTicketer {
         let tick = self.tick();
         let name = format!("tickets-{}", self.listener);
         let spawned = std::thread::Builder::new().name(name).spawn(move || loop {
+            crate::sandbox::enter_thread("tickets");
             std::thread::sleep(tick);
             let Some(t) = weak.upgrade() else { return };
             // Failures are logged and counted inside; the held keys keep working.
