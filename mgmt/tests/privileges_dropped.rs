@@ -231,6 +231,52 @@ fn serial(lab: &Lab, port: u16) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
+/// The ready file may lie where only root can write: it is created before the switch and
+/// filled after it, once the process serves as nobody.
+#[test]
+fn a_ready_file_where_only_root_may_write_is_filled_after_the_switch() -> Result<()> {
+    if !root() {
+        return Ok(());
+    }
+    let (lab, _) = nobody_lab()?;
+    let (_backend, backend_addr) = demo_backend(lab.dir.path())?;
+    let config = write_config(
+        &lab,
+        "ready.toml",
+        "portable",
+        &backend_addr,
+        "user = \"nobody\"",
+    )?;
+    let root_only = tempfile::tempdir()?;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    std::fs::set_permissions(root_only.path(), std::fs::Permissions::from_mode(0o700))?;
+    ensure!(std::fs::metadata(root_only.path())?.uid() == 0);
+    let ready = root_only.path().join("tlsgate.ready");
+    let child = serve_cmd(&lab, &config)
+        .arg("--ready-file")
+        .arg(&ready)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut serve = ChildGuard {
+        child,
+        name: "tlsgate serve (ready file in a root-only directory)",
+    };
+    let lines = wait_ready(&ready, &mut serve, Duration::from_secs(30))?;
+    let port: u16 = lines
+        .lines()
+        .next()
+        .and_then(|l| l.rsplit(':').next())
+        .context("ready file names a listener")?
+        .parse()?;
+    // By the time it has content, every thread runs as nobody.
+    assert_dropped(serve.child.id(), "0000000000000000")?;
+    check(curl(&lab, port, "/", &[])?, "curl")?;
+    let _ = serve.child.kill();
+    let _ = serve.child.wait();
+    Ok(())
+}
+
 #[test]
 fn keep_net_bind_service_keeps_that_capability_alone() -> Result<()> {
     if !root() {
