@@ -185,6 +185,11 @@ pub struct DataplaneConfig {
     /// `danger_inline_key_ops`, where the cores call the PKCS#11 module themselves.
     #[serde(skip, default = "yes")]
     pub seccomp: bool,
+    /// The (uid, gid) the process switches to after the cores start (`[process] user`), if it
+    /// does: the only credential calls the cores' seccomp filter lets through are their share
+    /// of that switch. Set by the caller, never from the file.
+    #[serde(skip)]
+    pub switch_to: Option<(u32, u32)>,
     /// Run by every thread the data plane starts (each core at the end of its set-up, before
     /// its seccomp filter; each key-op worker before its first request); an error stops
     /// [`crate::start`]. `tlsgate serve` puts its Landlock ruleset on each thread with it. Set
@@ -237,6 +242,7 @@ impl DataplaneConfig {
             key_ops: KeyOpConfig::default(),
             danger_inline_key_ops: false,
             seccomp: true,
+            switch_to: None,
             thread_start: None,
         }
     }

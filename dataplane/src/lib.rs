@@ -129,7 +129,7 @@ pub fn start(cfg: DataplaneConfig, snapshot: Arc<Snapshot>) -> Result<Dataplane,
     }
     let filter = if cfg.seccomp && !cfg.danger_inline_key_ops {
         seccomp::warm_up();
-        Some(seccomp::build()?)
+        Some(seccomp::build(cfg.switch_to)?)
     } else {
         None
     };

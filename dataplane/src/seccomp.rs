@@ -108,16 +108,6 @@ fn allowed() -> Vec<(&'static str, Vec<libc::c_long>)> {
             ],
         ),
         (
-            "the credential switch: glibc's setuid family makes every thread repeat the call",
-            vec![
-                SYS_setgroups,
-                SYS_setgid,
-                SYS_setuid,
-                SYS_setresgid,
-                SYS_setresuid,
-            ],
-        ),
-        (
             "io_uring driver: the ring, its eventfd wake-ups",
             vec![SYS_io_uring_enter, SYS_io_uring_register],
         ),
@@ -152,8 +142,36 @@ fn allowed() -> Vec<(&'static str, Vec<libc::c_long>)> {
     ]
 }
 
-/// Builds the filter for this machine's architecture.
-pub(crate) fn build() -> Result<Filter, Error> {
+/// The credential calls a core may make: only its share of the switch to `[process] user`
+/// (uid, gid), which happens after the cores start — glibc makes every thread repeat
+/// `setgroups`, `setgid` and `setuid` with the same arguments (`SIGSETXID`). So `setgroups` of
+/// one group, `setgid(gid)` and `setuid(uid)`, nothing else; without a switch, none at all.
+/// `capset` and the `setres*id`/`setfs*id`/`setre*id` calls are never on the list.
+fn credential_rules(
+    switch_to: Option<(u32, u32)>,
+) -> Result<Vec<(i64, Vec<SeccompRule>)>, seccompiler::BackendError> {
+    use seccompiler::{SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, SeccompCondition};
+    let Some((uid, gid)) = switch_to else {
+        return Ok(Vec::new());
+    };
+    let first_arg_is = |value: u32| -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
+        Ok(vec![SeccompRule::new(vec![SeccompCondition::new(
+            0,
+            Dword,
+            Eq,
+            u64::from(value),
+        )?])?])
+    };
+    Ok(vec![
+        (libc::SYS_setgroups, first_arg_is(1)?),
+        (libc::SYS_setgid, first_arg_is(gid)?),
+        (libc::SYS_setuid, first_arg_is(uid)?),
+    ])
+}
+
+/// Builds the filter for this machine's architecture; `switch_to` is the (uid, gid) the
+/// process switches to after the cores start, if it does.
+pub(crate) fn build(switch_to: Option<(u32, u32)>) -> Result<Filter, Error> {
     let fail = |why: String| Error::Worker {
         core: usize::MAX,
         why: format!("seccomp filter: {why}"),
@@ -162,6 +180,7 @@ pub(crate) fn build() -> Result<Filter, Error> {
     let rules = |calls: Vec<libc::c_long>| -> BTreeMap<i64, Vec<SeccompRule>> {
         calls.into_iter().map(|nr| (nr, Vec::new())).collect()
     };
+    let credentials = credential_rules(switch_to).map_err(|e| fail(e.to_string()))?;
     let compile = |filter: Result<SeccompFilter, seccompiler::BackendError>| {
         filter
             .and_then(BpfProgram::try_from)
@@ -172,8 +191,10 @@ pub(crate) fn build() -> Result<Filter, Error> {
         .flat_map(|(_, calls)| calls)
         .chain(refused())
         .collect();
+    let mut allow = rules(all);
+    allow.extend(credentials);
     let allowlist = compile(SeccompFilter::new(
-        rules(all),
+        allow,
         SeccompAction::Trap,
         SeccompAction::Allow,
         arch,
@@ -208,11 +229,18 @@ pub(crate) fn install(core: usize, filter: &[BpfProgram; 2]) -> Result<(), Error
 
 /// Tests only (debug builds; the release binary has no such hook): with
 /// `TLSGATE_TEST_FORBIDDEN_SYSCALL=1` a core makes a call outside the list (`getppid`) right
-/// after its set-up, where its filter (if any) is in place.
+/// after its set-up, where its filter (if any) is in place; with `=setuid` it calls
+/// `setuid(0)` on itself alone (the raw call, not glibc's every-thread one).
 #[cfg(debug_assertions)]
 pub(crate) fn test_hook() {
-    if std::env::var_os("TLSGATE_TEST_FORBIDDEN_SYSCALL").is_some_and(|v| v == "1") {
-        let _ = rustix::process::getppid();
+    match std::env::var("TLSGATE_TEST_FORBIDDEN_SYSCALL").as_deref() {
+        Ok("1") => {
+            let _ = rustix::process::getppid();
+        }
+        Ok("setuid") => {
+            let _ = rustix::thread::set_thread_uid(rustix::process::Uid::ROOT);
+        }
+        _ => {}
     }
 }
 
@@ -327,7 +355,7 @@ mod sigsys {
 mod tests {
     #[test]
     fn a_filtered_thread_is_refused_file_opens_and_keeps_its_allowed_calls() {
-        let filter = super::build().expect("filter");
+        let filter = super::build(None).expect("filter");
         let got = std::thread::spawn(move || {
             super::install(0, &filter).expect("install");
             let open = std::fs::File::open("/proc/self/status").map(|_| ());
@@ -345,7 +373,25 @@ mod tests {
 
     #[test]
     fn the_filter_builds_for_this_machine() {
-        let f = super::build().expect("filter");
+        let f = super::build(None).expect("filter");
         assert!(f[0].len() > 40, "one jump per allowed call: {}", f[0].len());
+    }
+
+    /// The credential calls of the switch the filter was built for pass (a mismatch ends the
+    /// process: `mgmt/tests/seccomp_filter.rs` shows that from outside).
+    #[test]
+    fn a_filtered_thread_may_repeat_the_switch_it_was_built_for() {
+        let (uid, gid) = (rustix::process::getuid(), rustix::process::getgid());
+        let filter = super::build(Some((uid.as_raw(), gid.as_raw()))).expect("filter");
+        let got = std::thread::spawn(move || {
+            super::install(0, &filter).expect("install");
+            (
+                rustix::thread::set_thread_gid(gid).is_ok(),
+                rustix::thread::set_thread_uid(uid).is_ok(),
+            )
+        })
+        .join()
+        .expect("thread");
+        assert_eq!(got, (true, true));
     }
 }

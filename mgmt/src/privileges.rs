@@ -177,8 +177,11 @@ pub fn drop_to(target: &Target, keep_bind: bool) -> Result<()> {
         )
         .context("cannot keep CAP_NET_BIND_SERVICE")?;
     }
-    // No way back: root's uid must be out of reach now.
-    if nix::unistd::setuid(Uid::from_raw(0)).is_ok() {
+    // No way back: root's uid must be out of reach now. Asked of this thread alone (the raw
+    // call): glibc's `setuid` would have every thread try, and the cores' seccomp filter ends
+    // the process on any credential call but their share of the switch above. The other
+    // threads' credentials are checked below.
+    if rustix::thread::set_thread_uid(rustix::process::Uid::ROOT).is_ok() {
         bail!(
             "after the switch to uid {} setuid(0) still succeeds",
             target.uid

@@ -117,6 +117,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let mut dp_config = config.dataplane();
     dp_config.seccomp = config.process.seccomp;
     dp_config.thread_start = Some(crate::sandbox::dataplane_hook());
+    dp_config.switch_to = switch_to.as_ref().map(|t| (t.uid, t.gid));
     if let Some(note) = crate::fdlimit::fit(
         &mut dp_config,
         config.listeners.len(),
