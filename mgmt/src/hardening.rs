@@ -11,6 +11,9 @@
 //!    locked and the audit log open, and the PKCS#11 module is loaded and logged in: the switch
 //!    to `[process] user` / `group`.
 //!
+//! Between the two, the Landlock ruleset ([`crate::sandbox`]) is made before the first thread
+//! starts; every thread restricts itself as it starts, the main thread after the switch.
+//!
 //! ```toml
 //! [process]
 //! user = "tlsgate"                  # drop to this user after start-up (needs a start as root)
