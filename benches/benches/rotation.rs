@@ -180,7 +180,8 @@ fn main() -> Result<()> {
         .with_context(|| format!("starting {}", bin.display()))?;
     let server = Server(child);
     let start = Instant::now();
-    while !ready.exists() {
+    // Created empty before start-up ends, filled once it serves.
+    while std::fs::metadata(&ready).map_or(true, |m| m.len() == 0) {
         ensure!(start.elapsed() < Duration::from_secs(30), "no ready file");
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -17,8 +17,10 @@ pub struct ServeArgs {
     /// The TOML configuration file.
     #[arg(long, short)]
     pub config: PathBuf,
-    /// Once every listener is bound, write `name addr` lines here (atomically), for scripts and
-    /// tests that bind port 0.
+    /// Once start-up is over, write `name addr` lines here, for scripts and tests that bind
+    /// port 0. The file is created empty before the switch to `[process] user` (so it may lie
+    /// where only root can write) and filled in one write once the process serves as it will:
+    /// wait for it to be non-empty.
     #[arg(long)]
     pub ready_file: Option<PathBuf>,
 }
