@@ -40,10 +40,11 @@ pub fn run(args: UpgradeArgs) -> Result<()> {
     let socket = crate::config::Config::load(&args.config)
         .ok()
         .and_then(|c| super::socket_path(&c).ok());
+    // Only looked at, not connected to: a connection is an upgrade attempt to the old process.
     if let Some(socket) = &socket {
-        if std::os::unix::net::UnixStream::connect(socket).is_err() {
+        if !socket.exists() {
             bail!(
-                "no running tlsgate answers on {}: nothing to upgrade",
+                "no handover socket at {}: no tlsgate serves this configuration",
                 socket.display()
             );
         }
