@@ -54,14 +54,25 @@ fn echo_backend() -> Result<String> {
     Ok(addr)
 }
 
-fn write_config(lab: &Lab, file: &str, io: &str, backend: &str, pin: &Path) -> Result<PathBuf> {
-    write_config_at(lab, file, io, backend, pin, "127.0.0.1:0", true)
+/// `cores` is `[0, 1]` or `[0]`: the first process makes two sockets, and the upgrades go from
+/// two cores to one (which accepts on both sockets) and back (one socket each).
+fn write_config(
+    lab: &Lab,
+    file: &str,
+    io: &str,
+    cores: &str,
+    backend: &str,
+    pin: &Path,
+) -> Result<PathBuf> {
+    write_config_at(lab, file, io, cores, backend, pin, "127.0.0.1:0", true)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn write_config_at(
     lab: &Lab,
     file: &str,
     io: &str,
+    cores: &str,
     backend: &str,
     pin: &Path,
     bind: &str,
@@ -74,7 +85,7 @@ fn write_config_at(
     };
     let toml = format!(
         "[pkcs11]\ntoken = \"lab\"\npin = \"file:{}\"\n\n{state}\n\
-         [dataplane]\ncores = [0, 1]\nio = \"{io}\"\n\n[dataplane.limits]\ndrain_timeout_ms = 60000\n\n\
+         [dataplane]\ncores = {cores}\nio = \"{io}\"\n\n[dataplane.limits]\ndrain_timeout_ms = 60000\n\n\
          [metrics]\nlisten = \"127.0.0.1:0\"\n\n\
          [[listener]]\nname = \"web\"\nbind = \"{bind}\"\nbackend = \"{backend}\"\n\
          [[listener.certificate]]\nchain = \"{}\"\nkey = \"{}\"\n",
@@ -285,7 +296,8 @@ fn five_upgrades_under_load_refuse_nothing_and_keep_streams_and_tickets() -> Res
     let configs: Vec<PathBuf> = (0..2)
         .map(|i| {
             let io = drivers[i % drivers.len()];
-            write_config(&lab, &format!("{io}-{i}.toml"), io, &backend, &pin)
+            let cores = ["[0, 1]", "[0]"][i];
+            write_config(&lab, &format!("{io}-{i}.toml"), io, cores, &backend, &pin)
         })
         .collect::<Result<_>>()?;
     // Two binaries: copies of the same build, told apart by the path the process runs.
@@ -373,7 +385,14 @@ fn five_upgrades_under_load_refuse_nothing_and_keep_streams_and_tickets() -> Res
     std::fs::write(&wrong_pin, "0000\n")?;
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&wrong_pin, std::fs::Permissions::from_mode(0o600))?;
-    let bad_pin = write_config(&lab, "bad-pin.toml", drivers[0], &backend, &wrong_pin)?;
+    let bad_pin = write_config(
+        &lab,
+        "bad-pin.toml",
+        drivers[0],
+        "[0, 1]",
+        &backend,
+        &wrong_pin,
+    )?;
     let broken = lab.path("broken.toml");
     std::fs::write(
         &broken,
@@ -451,6 +470,7 @@ fn a_stop_and_start_under_the_same_load_refuses_connections() -> Result<()> {
         &lab,
         "plain.toml",
         io,
+        "[0, 1]",
         &backend,
         &pin,
         &format!("127.0.0.1:{port}"),
