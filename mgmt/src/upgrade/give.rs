@@ -36,7 +36,7 @@ pub fn give(
     kit: &Kit,
     listeners: Vec<(String, Vec<OwnedFd>)>,
 ) -> Result<u32> {
-    let pid = super::peer_allowed(&stream).inspect_err(|e| {
+    let pid = super::peer_allowed(&stream, None).inspect_err(|e| {
         let _ = wire::send_frame(&mut stream, REFUSED, format!("{e:#}").as_bytes());
     })?;
     stream.set_nonblocking(false)?;

@@ -75,13 +75,14 @@ impl Manifest {
     }
 }
 
-/// Only root or our own user may take our sockets, lock and ticket keys.
-pub fn peer_allowed(stream: &UnixStream) -> Result<u32> {
+/// Only root, our own user or `also` (the `[process] user` a root-started server switched to)
+/// may be the other end: take our sockets, lock and ticket keys, or hand us theirs.
+pub fn peer_allowed(stream: &UnixStream, also: Option<u32>) -> Result<u32> {
     let cred = rustix::net::sockopt::socket_peercred(stream).context("SO_PEERCRED")?;
     let uid = cred.uid.as_raw();
     let own = rustix::process::geteuid().as_raw();
-    if uid != 0 && uid != own {
-        bail!("handover refused to uid {uid}: only root or uid {own} may take over");
+    if uid != 0 && uid != own && Some(uid) != also {
+        bail!("handover refused to uid {uid}: only root or uid {own} may take part");
     }
     Ok(cred.pid.as_raw_nonzero().get() as u32)
 }

@@ -39,7 +39,14 @@ pub fn take(config: &crate::config::Config) -> Result<Inherited> {
             path.display()
         )
     })?;
-    super::peer_allowed(&stream)?;
+    // Started as root, the running server is its `[process] user` by now.
+    let switched = config
+        .process
+        .user
+        .as_deref()
+        .and_then(|u| crate::privileges::resolve(u, config.process.group.as_deref()).ok())
+        .map(|t| t.uid);
+    super::peer_allowed(&stream, switched)?;
     stream.set_read_timeout(Some(STEP_WITHIN))?;
     wire::send_frame(&mut stream, HELLO, &serde_json::to_vec(&VERSION)?)?;
     let manifest: Manifest = serde_json::from_slice(&wire::expect_frame(&mut stream, MANIFEST)?)
