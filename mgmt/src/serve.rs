@@ -291,6 +291,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
         None => {}
     }
     if let Some(i) = inherited.take() {
+        // systemd first: the old process may drain and exit at once after READY, and systemd
+        // must know the new main pid before the old one's exit looks like the service's.
+        crate::systemd::took_over();
         // The old process stops accepting once it has this; both accepted until now.
         match i.ready() {
             Ok(old) => {
@@ -306,7 +309,6 @@ pub fn run(args: ServeArgs) -> Result<()> {
         if let Some(lock) = &state_lock {
             lock.claim()?;
         }
-        crate::systemd::took_over();
     }
     if let Some(path) = &args.ready_file {
         crate::files::write_atomic(path, ready.as_bytes(), 0o644)?;

@@ -4,7 +4,8 @@
 //! 50 long-lived streaming connections echo through a TCP backend across every upgrade. Proves:
 //! no new connection refused, reset or failed; every stream completes; tickets issued by the
 //! old process resume on the new one as well as they did on the old one; the old processes
-//! exit once drained; a failed upgrade (wrong PIN: the HSM login fails; a broken file) leaves
+//! exit once drained; each new process tells the service manager (a fake `NOTIFY_SOCKET`)
+//! `MAINPID=` and `READY=1`, and no process that handed over says `STOPPING=1`; a failed upgrade (wrong PIN: the HSM login fails; a broken file) leaves
 //! the old process serving and the command exits non-zero with the new process's error.
 
 mod common;
@@ -110,6 +111,16 @@ fn alive(pid: i32) -> bool {
         && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .map(|s| s.contains(") Z "))
             .unwrap_or(true)
+}
+
+/// The datagrams the fake service manager has received so far.
+fn notifications(sock: &std::os::unix::net::UnixDatagram) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    while let Ok(n) = sock.recv(&mut buf) {
+        out.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    out
 }
 
 /// Kills every process the test started outside a `ChildGuard` (the upgraded servers are
@@ -279,6 +290,7 @@ fn upgrade(lab: &Lab, config: &Path, binary: &Path) -> Result<std::process::Outp
         .arg(lab.path("upgraded.ready"))
         .arg("--log-file")
         .arg(lab.path("upgraded.log"))
+        .env("NOTIFY_SOCKET", lab.path("notify.sock"))
         .stdin(Stdio::null())
         .output()?)
 }
@@ -310,11 +322,17 @@ fn five_upgrades_under_load_refuse_nothing_and_keep_streams_and_tickets() -> Res
         })
         .collect::<Result<_>>()?;
 
+    // A fake service manager: the new process must say MAINPID= and READY=1; an old one that
+    // handed over must never say STOPPING=1 (systemd would take the service as stopping).
+    let notes = std::os::unix::net::UnixDatagram::bind(lab.path("notify.sock"))?;
+    notes.set_nonblocking(true)?;
+    let mut all_said = Vec::new();
     let ready = lab.path("first.ready");
     let log = std::fs::File::create(lab.path("first.log"))?;
     let mut cmd = Command::new(&binaries[0]);
     lab.env(&mut cmd);
     let first = cmd
+        .env("NOTIFY_SOCKET", lab.path("notify.sock"))
         .args(["serve", "--config"])
         .arg(&configs[0])
         .arg("--ready-file")
@@ -359,6 +377,14 @@ fn five_upgrades_under_load_refuse_nothing_and_keep_streams_and_tickets() -> Res
         ensure!(
             !old_pids.contains(&new),
             "upgrade {}: the lock still names an old process",
+            round + 1
+        );
+        let said = notifications(&notes);
+        all_said.extend(said.iter().cloned());
+        ensure!(
+            said.iter()
+                .any(|m| m.contains(&format!("MAINPID={new}")) && m.contains("READY=1")),
+            "upgrade {}: no MAINPID={new} with READY=1 in {said:?}",
             round + 1
         );
         ensure!(
@@ -445,6 +471,12 @@ fn five_upgrades_under_load_refuse_nothing_and_keep_streams_and_tickets() -> Res
         );
     }
     ensure!(alive(last), "the last one serves");
+    all_said.extend(notifications(&notes));
+    let said = all_said;
+    ensure!(
+        !said.iter().any(|m| m.contains("STOPPING=1")),
+        "a process that handed over said STOPPING=1: {said:?}"
+    );
     eprintln!(
         "upgrades: {UPGRADES}, new connections: {}, streams: {STREAMS}, resumed before/after: {before}/{after}",
         made.load(Ordering::Relaxed)

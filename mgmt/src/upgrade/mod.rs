@@ -5,15 +5,16 @@
 //! ```text
 //!  tlsgate upgrade ── spawns ──► NEW: tlsgate serve --takeover
 //!                                  connect <state dir>/handover.sock (peer: root or our uid)
-//!  OLD (serving)  ◄── HELLO ──────  
+//!  OLD (serving)  ◄── HELLO ──────
 //!                 ─── MANIFEST ──► listeners and their socket counts, which sockets follow
 //!                 ─── FDS ───────► SCM_RIGHTS: lock, handover, per-core listener sockets,
 //!                                  metrics, API socket, API HTTPS
 //!                 ─── TICKETS ───► local ticket keys + rotation schedule (wiped buffers)
 //!                                  NEW: logs in to the HSM, builds its snapshot, starts its
 //!                                  data plane on the inherited sockets (both accept now)
+//!                                  NEW tells systemd MAINPID= READY=1 (before the old can exit)
 //!                 ◄── READY ─────
-//!  stops accepting ── ACK ───────► NEW writes its ready file, tells systemd MAINPID= READY=1
+//!  stops accepting ── ACK ───────► NEW writes its pid into the lock file, then its ready file
 //!  drains up to drain_timeout, exits (the API socket path stays: it is the new one's now)
 //! ```
 //!
