@@ -4,7 +4,7 @@
 //! 50 long-lived streaming connections echo through a TCP backend across every upgrade. Proves:
 //! no new connection refused, reset or failed; every stream completes; tickets issued by the
 //! old process resume on the new one as well as they did on the old one; the old processes
-//! exit once drained; each new process tells the service manager (a fake `NOTIFY_SOCKET`)
+//! exit once drained and leave the management socket to the new one; each new process tells the service manager (a fake `NOTIFY_SOCKET`)
 //! `MAINPID=` and `READY=1`, and no process that handed over says `STOPPING=1`; a failed upgrade (wrong PIN: the HSM login fails; a broken file) leaves
 //! the old process serving and the command exits non-zero with the new process's error.
 
@@ -80,7 +80,11 @@ fn write_config_at(
     state: bool,
 ) -> Result<PathBuf> {
     let state = if state {
-        format!("[state]\ndir = \"{}\"\n", lab.p("state"))
+        format!(
+            "[state]\ndir = \"{}\"\n\n[api]\nsocket = \"{}\"\n",
+            lab.p("state"),
+            lab.p("api.sock")
+        )
     } else {
         String::new()
     };
@@ -111,6 +115,16 @@ fn alive(pid: i32) -> bool {
         && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .map(|s| s.contains(") Z "))
             .unwrap_or(true)
+}
+
+/// `tlsgate ctl certs list` over the management socket.
+fn ctl_answers(lab: &Lab) -> Result<()> {
+    check(
+        lab.cmd(&["ctl", "--socket", &lab.p("api.sock"), "certs", "list"])
+            .output()?,
+        "ctl certs list",
+    )?;
+    Ok(())
 }
 
 /// The datagrams the fake service manager has received so far.
@@ -393,6 +407,7 @@ fn five_upgrades_under_load_refuse_nothing_and_keep_streams_and_tickets() -> Res
             round + 1,
             binaries[to].display()
         );
+        ctl_answers(&lab).with_context(|| format!("upgrade {}: the API socket", round + 1))?;
         // The old process stops accepting once it acknowledged; tickets it issued must resume
         // on the new one.
         std::thread::sleep(Duration::from_millis(300));
@@ -471,6 +486,8 @@ fn five_upgrades_under_load_refuse_nothing_and_keep_streams_and_tickets() -> Res
         );
     }
     ensure!(alive(last), "the last one serves");
+    // The old processes are gone; the API socket path is the last one's (none unlinked it).
+    ctl_answers(&lab).context("the API socket once the old processes exited")?;
     all_said.extend(notifications(&notes));
     let said = all_said;
     ensure!(
