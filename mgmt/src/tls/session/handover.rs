@@ -25,7 +25,7 @@ pub struct TicketKeys {
     listener: String,
     rotation: u64,
     lifetime: u64,
-    keys: Vec<(u64, Zeroizing<[u8; 32]>)>,
+    keys: Vec<(u64, super::ticketer::RawKey)>,
 }
 
 impl std::fmt::Debug for TicketKeys {
@@ -44,7 +44,6 @@ pub fn export() -> Zeroizing<Vec<u8>> {
         .iter()
         .map(|(name, s)| (name.clone(), s.clone()))
         .collect();
-    let mut out = Zeroizing::new(Vec::new());
     let mut entries = Vec::new();
     for (name, s) in &sessions {
         if let Some(t) = &s.ticketer {
@@ -54,6 +53,12 @@ pub fn export() -> Zeroizing<Vec<u8>> {
             }
         }
     }
+    // Sized once: a growing Vec would leave unwiped copies of the keys in freed memory.
+    let len = 9 + entries
+        .iter()
+        .map(|(name, _, _, keys)| 2 + name.len() + 16 + 2 + keys.len() * 40)
+        .sum::<usize>();
+    let mut out = Zeroizing::new(Vec::with_capacity(len));
     out.extend_from_slice(MAGIC);
     out.push(VERSION);
     out.extend_from_slice(&u32::try_from(entries.len()).unwrap_or(0).to_be_bytes());
@@ -127,7 +132,7 @@ pub fn decode(buf: &[u8]) -> Result<Vec<TicketKeys>, String> {
         let mut keys = Vec::with_capacity(usize::from(n));
         for _ in 0..n {
             let epoch = r.u64()?;
-            let mut raw = Zeroizing::new([0u8; 32]);
+            let mut raw: super::ticketer::RawKey = Box::new(Zeroizing::new([0u8; 32]));
             raw.copy_from_slice(r.take(32)?);
             keys.push((epoch, raw));
         }

@@ -113,8 +113,9 @@ struct EpochKey {
     raw: Option<RawKey>,
 }
 
-/// A ticket key's bytes, wiped on drop.
-pub(super) type RawKey = Zeroizing<[u8; 32]>;
+/// A ticket key's bytes, wiped on drop; boxed, so moving a key (a Vec of them growing) moves
+/// only the pointer and leaves no copy of the bytes behind.
+pub(super) type RawKey = Box<Zeroizing<[u8; 32]>>;
 
 #[derive(Default)]
 struct Counters {
@@ -230,7 +231,7 @@ impl EpochTicketer {
                 .map_err(|e| format!("deriving from {secret}: {e}"))?,
         };
         let key = aead_key(&bytes)?;
-        let raw = matches!(self.source, KeySource::Local).then_some(bytes);
+        let raw = matches!(self.source, KeySource::Local).then(|| Box::new(bytes));
         Ok((key, raw))
     }
 
@@ -238,12 +239,14 @@ impl EpochTicketer {
     /// (none for fleet tickets: that process derives them itself).
     /// Returned with the rotation schedule (`rotation`, `lifetime` in seconds) they belong to.
     pub(super) fn export_local_keys(&self) -> (u64, u64, Vec<(u64, RawKey)>) {
-        let keys = self
-            .keys
-            .read()
-            .iter()
-            .filter_map(|k| k.raw.as_ref().map(|raw| (k.epoch, raw.clone())))
-            .collect();
+        let held = self.keys.read();
+        // Sized once: growing would move key bytes and leave unwiped copies behind.
+        let mut keys = Vec::with_capacity(held.len());
+        for k in held.iter() {
+            if let Some(raw) = &k.raw {
+                keys.push((k.epoch, raw.clone()));
+            }
+        }
         (self.rotation, self.lifetime, keys)
     }
 
