@@ -161,7 +161,8 @@ impl Core {
             }
         }
         if let Some(deadline) = self.draining {
-            if self.conns.is_empty() || now >= deadline {
+            // Connections the cancelled accepts still deliver are served (drained) too.
+            if (self.conns.is_empty() && ctl.accepts_settled()) || now >= deadline {
                 ctl.stop();
             }
         }
