@@ -49,7 +49,9 @@ pub(crate) struct Shared {
 #[derive(Debug)]
 pub(crate) struct CoreSetup {
     pub index: usize,
-    pub listeners: Vec<TcpListener>,
+    /// Listening sockets with the index of the listener each serves (usually one per listener;
+    /// more or fewer when sockets were inherited from another process with another core count).
+    pub listeners: Vec<(usize, TcpListener)>,
     pub shared: Arc<Shared>,
     pub recorder: CoreRecorder,
     pub ready: ReadySignal,

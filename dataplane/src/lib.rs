@@ -89,6 +89,92 @@ pub struct Dataplane {
     addrs: Vec<(String, SocketAddr)>,
     cores: Vec<Arc<CoreStats>>,
     threads: Vec<JoinHandle<Result<(), Error>>>,
+    /// A duplicate of every listening socket, by listener, for [`Dataplane::listening_sockets`];
+    /// dropped when shutdown starts, so a plain stop refuses new connections as before.
+    handover: parking_lot::Mutex<Vec<Vec<std::os::fd::OwnedFd>>>,
+}
+
+type PerCore = Vec<Vec<(usize, std::net::TcpListener)>>;
+
+/// Sockets per core, per listener; the first core's bound address fixes the port.
+fn bind_all(
+    cfg: &DataplaneConfig,
+    snapshot: &Snapshot,
+) -> Result<(PerCore, Vec<(String, SocketAddr)>), Error> {
+    let mut per_core: PerCore = cfg.cores.iter().map(|_| Vec::new()).collect();
+    let mut addrs = Vec::new();
+    for (index, l) in snapshot.listeners.iter().enumerate() {
+        driver::ensure_unowned(&l.name, l.bind)?;
+        let first = driver::listen(&l.name, l.bind)?;
+        let bound = first.local_addr().map_err(|source| Error::Listen {
+            listener: l.name.clone(),
+            addr: l.bind,
+            op: "getsockname",
+            source,
+        })?;
+        addrs.push((l.name.clone(), bound));
+        per_core[0].push((index, first));
+        for sockets in per_core.iter_mut().skip(1) {
+            sockets.push((index, driver::listen(&l.name, bound)?));
+        }
+    }
+    Ok((per_core, addrs))
+}
+
+/// Spreads inherited sockets over the cores (see [`start_inherited`]).
+fn spread_inherited(
+    cfg: &DataplaneConfig,
+    snapshot: &Snapshot,
+    inherited: Vec<Vec<std::net::TcpListener>>,
+) -> Result<(PerCore, Vec<(String, SocketAddr)>), Error> {
+    if inherited.len() != snapshot.listeners.len() {
+        return Err(Error::Config {
+            key: "listeners",
+            why: "the inherited sockets do not match the listeners",
+        });
+    }
+    let cores = cfg.cores.len();
+    let mut per_core: PerCore = cfg.cores.iter().map(|_| Vec::new()).collect();
+    let mut addrs = Vec::new();
+    for (index, (l, sockets)) in snapshot.listeners.iter().zip(inherited).enumerate() {
+        let err = |op: &'static str| {
+            let (name, addr) = (l.name.clone(), l.bind);
+            move |source| Error::Listen {
+                listener: name,
+                addr,
+                op,
+                source,
+            }
+        };
+        let Some(first) = sockets.first() else {
+            return Err(Error::Config {
+                key: "listeners",
+                why: "a listener was handed over without a socket",
+            });
+        };
+        addrs.push((
+            l.name.clone(),
+            first.local_addr().map_err(err("getsockname"))?,
+        ));
+        let count = sockets.len();
+        if count < cores {
+            // Fewer sockets than cores: core c shares socket c % count.
+            let dups = (count..cores)
+                .map(|c| sockets[c % count].try_clone().map_err(err("dup")))
+                .collect::<Result<Vec<_>, _>>()?;
+            for (c, s) in sockets.into_iter().chain(dups).enumerate() {
+                s.set_nonblocking(true).map_err(err("O_NONBLOCK"))?;
+                per_core[c].push((index, s));
+            }
+        } else {
+            // As many or more: socket s goes to core s % cores.
+            for (i, s) in sockets.into_iter().enumerate() {
+                s.set_nonblocking(true).map_err(err("O_NONBLOCK"))?;
+                per_core[i % cores].push((index, s));
+            }
+        }
+    }
+    Ok((per_core, addrs))
 }
 
 /// Binds every listener on every core, starts the key-op pool and the pinned core threads.
@@ -97,6 +183,30 @@ pub struct Dataplane {
 /// whole start fail with that core's error (`Error::Worker { core, .. }`); the other cores are
 /// stopped first.
 pub fn start(cfg: DataplaneConfig, snapshot: Arc<Snapshot>) -> Result<Dataplane, Error> {
+    start_with(cfg, snapshot, None)
+}
+
+/// [`start`] on listening sockets another process made (a binary upgrade hands them over):
+/// `inherited[i]` are the sockets of `snapshot.listeners[i]`, every one of them already bound
+/// and listening (the other process's per-core `SO_REUSEPORT` group). Nothing is bound and the
+/// port-ownership probe is skipped: the sockets *are* the ones that own the port. With as many
+/// sockets as cores, each core takes one; with more sockets than cores, a core accepts on
+/// several (every socket of the group is served, or the connections the kernel queues on it
+/// would wait until the other process closes it, and be reset then); with fewer, cores share a
+/// socket (duplicated; the kernel hands each connection to one of them).
+pub fn start_inherited(
+    cfg: DataplaneConfig,
+    snapshot: Arc<Snapshot>,
+    inherited: Vec<Vec<std::net::TcpListener>>,
+) -> Result<Dataplane, Error> {
+    start_with(cfg, snapshot, Some(inherited))
+}
+
+fn start_with(
+    cfg: DataplaneConfig,
+    snapshot: Arc<Snapshot>,
+    inherited: Option<Vec<Vec<std::net::TcpListener>>>,
+) -> Result<Dataplane, Error> {
     cfg.validate()?;
     let kind = driver::choose(cfg.io)?;
     let names: Vec<String> = snapshot.listeners.iter().map(|l| l.name.clone()).collect();
@@ -108,23 +218,26 @@ pub fn start(cfg: DataplaneConfig, snapshot: Arc<Snapshot>) -> Result<Dataplane,
             });
         }
     }
-    // Sockets per core, per listener; the first core's bound address fixes the port.
-    let mut per_core: Vec<Vec<std::net::TcpListener>> =
-        cfg.cores.iter().map(|_| Vec::new()).collect();
-    let mut addrs = Vec::new();
-    for l in &snapshot.listeners {
-        driver::ensure_unowned(&l.name, l.bind)?;
-        let first = driver::listen(&l.name, l.bind)?;
-        let bound = first.local_addr().map_err(|source| Error::Listen {
-            listener: l.name.clone(),
-            addr: l.bind,
-            op: "getsockname",
-            source,
-        })?;
-        addrs.push((l.name.clone(), bound));
-        per_core[0].push(first);
-        for sockets in per_core.iter_mut().skip(1) {
-            sockets.push(driver::listen(&l.name, bound)?);
+    let (per_core, addrs) = match inherited {
+        None => bind_all(&cfg, &snapshot)?,
+        Some(inherited) => spread_inherited(&cfg, &snapshot, inherited)?,
+    };
+    // Duplicates kept for a later hand-over (the cores own and close the originals).
+    let mut handover: Vec<Vec<std::os::fd::OwnedFd>> =
+        snapshot.listeners.iter().map(|_| Vec::new()).collect();
+    for sockets in &per_core {
+        for (index, l) in sockets {
+            use std::os::fd::AsFd;
+            let dup = l
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|source| Error::Listen {
+                    listener: names[*index].clone(),
+                    addr: addrs[*index].1,
+                    op: "dup",
+                    source,
+                })?;
+            handover[*index].push(dup);
         }
     }
     let filter = if cfg.seccomp && !cfg.danger_inline_key_ops {
@@ -182,6 +295,7 @@ pub fn start(cfg: DataplaneConfig, snapshot: Arc<Snapshot>) -> Result<Dataplane,
                     addrs,
                     cores,
                     threads,
+                    handover: parking_lot::Mutex::new(handover),
                 };
                 let _ = dp.stop(Duration::ZERO);
                 return Err(Error::Spawn { name, source });
@@ -210,6 +324,7 @@ pub fn start(cfg: DataplaneConfig, snapshot: Arc<Snapshot>) -> Result<Dataplane,
         addrs,
         cores,
         threads,
+        handover: parking_lot::Mutex::new(handover),
     };
     if let Some(core) = not_ready {
         // Joining the cores yields the failed core's own error (the others stop cleanly).
@@ -226,6 +341,28 @@ impl Dataplane {
     /// The actual bound address of each listener (port 0 resolved), in snapshot order.
     pub fn local_addrs(&self) -> Vec<(String, SocketAddr)> {
         self.addrs.clone()
+    }
+
+    /// Duplicates of every listening socket, by listener name (each listener's per-core
+    /// `SO_REUSEPORT` sockets), for handing them to another process (a binary upgrade). Empty
+    /// once shutdown has started.
+    pub fn listening_sockets(&self) -> Result<Vec<(String, Vec<std::os::fd::OwnedFd>)>, Error> {
+        let held = self.handover.lock();
+        let mut out = Vec::new();
+        for ((name, addr), fds) in self.addrs.iter().zip(held.iter()) {
+            let dups = fds
+                .iter()
+                .map(|fd| fd.try_clone())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|source| Error::Listen {
+                    listener: name.clone(),
+                    addr: *addr,
+                    op: "dup",
+                    source,
+                })?;
+            out.push((name.clone(), dups));
+        }
+        Ok(out)
     }
 
     /// The driver that runs.
@@ -291,6 +428,7 @@ impl Dataplane {
     }
 
     fn stop(&mut self, drain: Duration) -> Result<(), Error> {
+        self.handover.lock().clear();
         self.shared.shutdown.request(Instant::now() + drain);
         let mut first_err = None;
         for (core, t) in self.threads.drain(..).enumerate() {

@@ -28,6 +28,7 @@ pub mod snapshot;
 pub mod state;
 pub mod systemd;
 pub mod tls;
+pub mod upgrade;
 
 /// TLS pieces that moved into `tls/`; their old paths stay for callers, tests and fuzz targets.
 pub use tls::{client_auth, ocsp, policy, session};

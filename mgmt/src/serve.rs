@@ -1,6 +1,7 @@
 //! `tlsgate serve`: load the configuration, open the token, start the data plane, and handle
 //! signals (SIGTERM/SIGINT drain and exit; SIGHUP reloads certificates for new handshakes).
 
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -23,6 +24,20 @@ pub struct ServeArgs {
     /// wait for it to be non-empty.
     #[arg(long)]
     pub ready_file: Option<PathBuf>,
+    /// Take the listening sockets, state lock and ticket keys over from the running process of
+    /// this configuration (through `<state dir>/handover.sock`), then tell it to drain and exit.
+    /// `tlsgate upgrade` starts the new binary with this.
+    #[arg(long)]
+    pub takeover: bool,
+}
+
+/// How the signal loop ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Exit {
+    /// SIGTERM or SIGINT: drain and exit; the API socket file goes.
+    Stop,
+    /// A new process took over (binary upgrade): drain and exit, leaving it every path.
+    HandedOver,
 }
 
 /// Runs the appliance until SIGTERM or SIGINT.
@@ -41,11 +56,22 @@ pub fn run(args: ServeArgs) -> Result<()> {
     if let (Some(target), Some(dir)) = (&switch_to, crate::api::state_dir(&config)) {
         crate::privileges::prepare_state_dir(&dir, target)?;
     }
+    // A binary upgrade takes the running process's sockets, lock and ticket keys first; its
+    // failure (no process to take over from) stops here with nothing changed.
+    let mut inherited = if args.takeover {
+        Some(crate::upgrade::take(&config)?)
+    } else {
+        None
+    };
     // First of all: a second process on the same state directory stops here, before it binds
-    // or changes anything. Held until this function returns (the process ends).
-    let _state_lock = crate::api::state_dir(&config)
-        .map(|dir| crate::state::lock(&dir))
-        .transpose()?;
+    // or changes anything. Held until this function returns (the process ends). A takeover
+    // holds the same lock (the same open file) as the process it replaces.
+    let state_lock = match inherited.as_mut().and_then(|i| i.lock.take()) {
+        Some(fd) => Some(crate::state::StateLock::inherited(fd)?),
+        None => crate::api::state_dir(&config)
+            .map(|dir| crate::state::lock(&dir))
+            .transpose()?,
+    };
     // Before the token opens: a PKCS#11 module may open files per session.
     let fd_limit = crate::fdlimit::raise_soft_limit()?;
     // The Landlock ruleset, before any thread starts: each thread tlsgate starts from here on
@@ -59,11 +85,35 @@ pub fn run(args: ServeArgs) -> Result<()> {
         .on_thread_start(|| crate::sandbox::enter_thread("tokio-blocking"))
         .build()
         .context("cannot start the management runtime")?;
+    // The socket a later upgrade connects to: the one the replaced process had, or a new one.
+    let handover = match (
+        inherited.as_mut().and_then(|i| i.handover.take()),
+        &state_lock,
+    ) {
+        (Some(l), _) => {
+            l.set_nonblocking(true)?;
+            let _rt = rt.enter();
+            Some(tokio::net::UnixListener::from_std(l)?)
+        }
+        (None, Some(_)) => Some(
+            rt.block_on(async { crate::upgrade::bind(&crate::upgrade::socket_path(&config)?) })?,
+        ),
+        (None, None) => None,
+    };
     // The recorder must be in place before the data plane's cores first flush their counters.
     let metrics = match &config.metrics {
         Some(m) => {
             let handle = crate::metrics_http::install()?;
-            let (listener, addr) = rt.block_on(crate::metrics_http::bind(m.listen))?;
+            let (listener, addr) = match inherited.as_mut().and_then(|i| i.metrics.take()) {
+                Some(l) => {
+                    l.set_nonblocking(true)?;
+                    let _rt = rt.enter();
+                    let l = tokio::net::TcpListener::from_std(l)?;
+                    let addr = l.local_addr()?;
+                    (l, addr)
+                }
+                None => rt.block_on(crate::metrics_http::bind(m.listen))?,
+            };
             Some((handle, listener, addr, m.max_connections))
         }
         None => None,
@@ -136,8 +186,26 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let drain = dp_config.limits.drain_timeout();
     // Threads the cores would otherwise start on first use, before their filter is on.
     crate::mgmt_metrics::start_sign_metrics_flusher();
-    let dataplane = tlsgate_dataplane::start(dp_config, Arc::new(snapshot))
-        .context("cannot start the data plane")?;
+    let dataplane = match inherited.as_mut() {
+        Some(i) => {
+            let names: Vec<String> = snapshot.listeners.iter().map(|l| l.name.clone()).collect();
+            let sockets = i.listeners_for(&names)?;
+            tlsgate_dataplane::start_inherited(dp_config, Arc::new(snapshot), sockets)
+        }
+        None => tlsgate_dataplane::start(dp_config, Arc::new(snapshot)),
+    }
+    .context("cannot start the data plane")?;
+    // What a later upgrade hands over besides the data plane's sockets.
+    let mut kit = match (&state_lock, &handover) {
+        (Some(lock), Some(h)) => Some(crate::upgrade::Kit {
+            lock: lock.duplicate()?,
+            handover: h.as_fd().try_clone_to_owned()?,
+            metrics: None,
+            api_socket: None,
+            api_https: None,
+        }),
+        _ => None,
+    };
     crate::pools::refresh(&dataplane);
 
     let addrs = dataplane.local_addrs();
@@ -151,13 +219,30 @@ pub fn run(args: ServeArgs) -> Result<()> {
     if let Some((handle, listener, addr, max)) = metrics {
         tracing::info!(%addr, "metrics endpoint: GET /metrics");
         ready.push_str(&format!("metrics {addr}\n"));
+        if let Some(k) = kit.as_mut() {
+            k.metrics = Some(listener.as_fd().try_clone_to_owned()?);
+        }
         rt.spawn(crate::metrics_http::serve(listener, handle, max));
     }
     if let (Some(api), Some(manager)) = (&config.api, &manager) {
         let app = crate::api::routes::router(manager.clone());
         if let Some(path) = &api.socket {
             let path = config.resolve(path);
-            let listener = rt.block_on(async { crate::api::bind_unix(&path, api.socket_mode) })?;
+            let taken = inherited
+                .as_mut()
+                .and_then(|i| i.api_socket.take())
+                .filter(|(p, _)| *p == path);
+            let listener = match taken {
+                Some((_, l)) => {
+                    l.set_nonblocking(true)?;
+                    let _rt = rt.enter();
+                    tokio::net::UnixListener::from_std(l)?
+                }
+                None => rt.block_on(async { crate::api::bind_unix(&path, api.socket_mode) })?,
+            };
+            if let Some(k) = kit.as_mut() {
+                k.api_socket = Some((path.clone(), listener.as_fd().try_clone_to_owned()?));
+            }
             tracing::info!(socket = %path.display(), mode = format!("{:#o}", api.socket_mode), "management API on the unix socket");
             ready.push_str(&format!("api-socket {}\n", path.display()));
             let allow = crate::api::PeerAllowlist::from_config(api);
@@ -171,9 +256,19 @@ pub fn run(args: ServeArgs) -> Result<()> {
         }
         if let Some(listen) = api.listen {
             let tls = crate::api::server::tls_config(api, &config, token.as_ref())?;
-            let listener = rt
-                .block_on(tokio::net::TcpListener::bind(listen))
-                .with_context(|| format!("[api] listen: cannot listen on {listen}"))?;
+            let listener = match inherited.as_mut().and_then(|i| i.api_https.take()) {
+                Some(l) => {
+                    l.set_nonblocking(true)?;
+                    let _rt = rt.enter();
+                    tokio::net::TcpListener::from_std(l)?
+                }
+                None => rt
+                    .block_on(tokio::net::TcpListener::bind(listen))
+                    .with_context(|| format!("[api] listen: cannot listen on {listen}"))?,
+            };
+            if let Some(k) = kit.as_mut() {
+                k.api_https = Some(listener.as_fd().try_clone_to_owned()?);
+            }
             let addr = listener.local_addr()?;
             tracing::info!(%addr, "management API on HTTPS (client certificates required)");
             ready.push_str(&format!("api {addr}\n"));
@@ -213,6 +308,26 @@ pub fn run(args: ServeArgs) -> Result<()> {
         None => {}
     }
     crate::sandbox::try_enter_thread("main")?;
+    if let Some(i) = inherited.take() {
+        // systemd first: the old process may drain and exit at once after READY, and systemd
+        // must know the new main pid before the old one's exit looks like the service's.
+        crate::systemd::took_over();
+        // The old process stops accepting once it has this; both accepted until now.
+        match i.ready() {
+            Ok(old) => {
+                tracing::info!(
+                    old_pid = old,
+                    "upgrade: serving; the previous process drains and exits"
+                )
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "upgrade: the previous process did not acknowledge; serving beside it")
+            }
+        }
+        if let Some(lock) = &state_lock {
+            lock.claim()?;
+        }
+    }
     if let (Some(mut file), Some(path)) = (ready_out, &args.ready_file) {
         use std::io::Write as _;
         file.write_all(ready.as_bytes())
@@ -236,7 +351,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
             .unwrap_or_default(),
         since: std::time::Instant::now(),
     });
-    rt.block_on(wait_for_signals(
+    let exit = rt.block_on(wait_for_signals(
         &args.config,
         &dataplane,
         token,
@@ -244,14 +359,18 @@ pub fn run(args: ServeArgs) -> Result<()> {
             builder,
             manager,
             restaple: restaple_rx,
+            handover: handover.zip(kit.map(Arc::new)),
         },
         publish_rx,
         std::time::Duration::from_millis(probe_every),
         pending,
         degraded_refused,
     ))?;
-    if let Some(path) = config.api.as_ref().and_then(|a| a.socket.as_ref()) {
-        let _ = std::fs::remove_file(config.resolve(path));
+    // After a handover the socket path is the new process's.
+    if exit == Exit::Stop {
+        if let Some(path) = config.api.as_ref().and_then(|a| a.socket.as_ref()) {
+            let _ = std::fs::remove_file(config.resolve(path));
+        }
     }
     tracing::info!(drain_secs = drain.as_secs_f64(), "draining");
     dataplane.shutdown(drain).context("shutdown")?;
@@ -326,6 +445,8 @@ struct Signals {
     builder: Arc<Builder>,
     manager: Option<Arc<crate::api::Manager>>,
     restaple: tokio::sync::mpsc::UnboundedReceiver<std::collections::BTreeSet<String>>,
+    /// The handover socket and what a binary upgrade hands over through it.
+    handover: Option<(tokio::net::UnixListener, Arc<crate::upgrade::Kit>)>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -338,7 +459,7 @@ async fn wait_for_signals(
     probe_every: std::time::Duration,
     mut pending: Option<Pending>,
     degraded_refused: Arc<std::sync::atomic::AtomicU64>,
-) -> Result<()> {
+) -> Result<Exit> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -350,7 +471,22 @@ async fn wait_for_signals(
     let mut health_tick = tokio::time::interval(std::time::Duration::from_secs(1));
     health_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut prober = Prober::new(probe_every);
+    // One upgrade at a time; the data plane serves all along.
+    let mut upgrading: Option<tokio::task::JoinHandle<Result<u32>>> = None;
     loop {
+        let idle = upgrading.is_none();
+        let next_upgrade = async {
+            match (&signals.handover, idle) {
+                (Some((l, _)), true) => l.accept().await.map(|(s, _)| s),
+                _ => std::future::pending().await,
+            }
+        };
+        let upgraded = async {
+            match upgrading.as_mut() {
+                Some(h) => h.await,
+                None => std::future::pending().await,
+            }
+        };
         let next_published = async {
             match published.as_mut() {
                 Some(rx) => rx.recv().await,
@@ -366,11 +502,35 @@ async fn wait_for_signals(
         tokio::select! {
             _ = term.recv() => {
                 crate::systemd::stopping();
-                return Ok(());
+                return Ok(Exit::Stop);
             }
             _ = int.recv() => {
                 crate::systemd::stopping();
-                return Ok(());
+                return Ok(Exit::Stop);
+            }
+            Ok(stream) = next_upgrade => {
+                let kit = signals.handover.as_ref().map(|(_, k)| k.clone());
+                match (stream.into_std(), dataplane.listening_sockets(), kit) {
+                    (Ok(stream), Ok(sockets), Some(kit)) => {
+                        upgrading = Some(tokio::task::spawn_blocking(move || {
+                            crate::upgrade::give(stream, &kit, sockets)
+                        }));
+                    }
+                    (Err(e), _, _) => tracing::warn!(error = %e, "upgrade: cannot take the handover connection"),
+                    (_, Err(e), _) => tracing::warn!(error = %e, "upgrade: cannot duplicate the listening sockets"),
+                    _ => {}
+                }
+            }
+            done = upgraded => {
+                upgrading = None;
+                match done {
+                    Ok(Ok(pid)) => {
+                        tracing::info!(new_pid = pid, "upgrade: the new process serves; this one stops accepting and drains");
+                        return Ok(Exit::HandedOver);
+                    }
+                    Ok(Err(e)) => tracing::error!(error = %format!("{e:#}"), "upgrade failed before the new process was ready; this one keeps serving"),
+                    Err(e) => tracing::error!(error = %e, "upgrade: the handover task failed; this one keeps serving"),
+                }
             }
             Some((snapshot, ack)) = next_published => {
                 // `update` stores the snapshot before it returns: every connection accepted

@@ -163,6 +163,37 @@ pub fn lock(dir: &Path) -> Result<StateLock> {
     Ok(StateLock { _file: file })
 }
 
+impl StateLock {
+    /// The lock a binary upgrade handed over: the same open file, so the same `flock`, held
+    /// without a gap. The file keeps naming the old process until [`StateLock::claim`] (once
+    /// this one serves: a takeover that fails leaves it as it was).
+    pub fn inherited(fd: std::os::fd::OwnedFd) -> Result<StateLock> {
+        let file = fs::File::from(fd);
+        // The lock belongs to the open file we share: this succeeds at once unless the
+        // descriptor is not the lock at all.
+        file.try_lock()
+            .map_err(|e| anyhow::anyhow!("the handed-over state lock is not held: {e}"))?;
+        Ok(StateLock { _file: file })
+    }
+
+    /// Writes this process's pid into the lock file.
+    pub fn claim(&self) -> Result<()> {
+        use std::io::{Seek, Write};
+        let mut file = &self._file;
+        file.set_len(0)
+            .and_then(|()| file.rewind())
+            .and_then(|()| writeln!(file, "{}", std::process::id()))
+            .and_then(|()| file.sync_all())
+            .context("[state] dir: cannot write the lock file")
+    }
+
+    /// A duplicate of the lock's descriptor, for handing it to a new process.
+    pub fn duplicate(&self) -> Result<std::os::fd::OwnedFd> {
+        use std::os::fd::AsFd;
+        Ok(self._file.as_fd().try_clone_to_owned()?)
+    }
+}
+
 /// The state directory.
 #[derive(Debug, Clone)]
 pub struct StateStore {

@@ -19,6 +19,16 @@ pub fn ready(status: &str) {
     send(&[NotifyState::Ready, NotifyState::Status(status)]);
 }
 
+/// This process took the service over from the previous one (binary upgrade): it is the main
+/// process from now on (`MAINPID=`, which needs `NotifyAccess=all`) and serves.
+pub fn took_over() {
+    send(&[
+        NotifyState::MainPid(std::process::id()),
+        NotifyState::Ready,
+        NotifyState::Status("serving (upgraded)"),
+    ]);
+}
+
 /// A reload starts (`MONOTONIC_USEC` lets systemd ≥ 253 match it to its own `ExecReload`).
 pub fn reloading() {
     match NotifyState::monotonic_usec_now() {

@@ -75,12 +75,12 @@ pub(crate) fn run_core(setup: CoreSetup) -> Result<(), Error> {
 
 async fn serve(
     core: Rc<Core>,
-    listeners: Vec<std::net::TcpListener>,
+    listeners: Vec<(usize, std::net::TcpListener)>,
     stop: Arc<Notify>,
     ready: ReadySignal,
 ) -> Result<(), Error> {
     let mut accepting = Vec::new();
-    for (i, l) in listeners.into_iter().enumerate() {
+    for (i, l) in listeners {
         let l = TcpListener::from_std(l).map_err(|e| Error::Worker {
             core: core.index,
             why: format!("registering listener: {e}"),

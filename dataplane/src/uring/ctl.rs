@@ -390,6 +390,15 @@ impl Ctl {
         self.socks.len()
     }
 
+    /// Whether no listener has an accept in flight: after [`Ctl::close_listener`], once the
+    /// cancelled multishot accept has delivered its last completion, every connection it
+    /// accepted has reached the handler. Stopping before that would close connections the
+    /// kernel already accepted for us (a reset for a client that another process, taking the
+    /// same sockets over, would have served).
+    pub fn accepts_settled(&self) -> bool {
+        self.listeners.iter().all(|l| l.accept_op.is_none())
+    }
+
     /// Makes [`EventLoop::run`] return after this turn.
     pub fn stop(&mut self) {
         self.stop = true;

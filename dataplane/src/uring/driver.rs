@@ -61,7 +61,8 @@ struct Core {
     index: usize,
     shared: Arc<Shared>,
     recorder: CoreRecorder,
-    listeners: Vec<ListenerId>,
+    /// Each listening socket and the index of the listener it serves.
+    listeners: Vec<(ListenerId, usize)>,
     conns: HashMap<ConnId, ConnState>,
     socks: HashMap<SocketId, (ConnId, Side)>,
     next_id: ConnId,
@@ -94,12 +95,12 @@ pub(crate) fn run_core(setup: CoreSetup) -> Result<(), Error> {
         .build()
         .map_err(|e| worker(format!("io_uring loop: {e}")))?;
     let mut listeners = Vec::new();
-    for l in setup.listeners {
+    for (index, l) in setup.listeners {
         let id = lp
             .ctl()
             .adopt_listener(OwnedFd::from(l))
             .map_err(|e| worker(format!("adopting listener: {e}")))?;
-        listeners.push(id);
+        listeners.push((id, index));
     }
     let waker = lp.waker();
     {
@@ -155,12 +156,13 @@ impl Core {
     fn check_shutdown(&mut self, ctl: &mut Ctl, now: Instant) {
         if self.draining.is_none() && self.shared.shutdown.is_requested() {
             self.draining = Some(self.shared.shutdown.deadline());
-            for &l in &self.listeners {
+            for &(l, _) in &self.listeners {
                 ctl.close_listener(l);
             }
         }
         if let Some(deadline) = self.draining {
-            if self.conns.is_empty() || now >= deadline {
+            // Connections the cancelled accepts still deliver are served (drained) too.
+            if (self.conns.is_empty() && ctl.accepts_settled()) || now >= deadline {
                 ctl.stop();
             }
         }
@@ -178,7 +180,7 @@ impl Core {
             if full {
                 self.recorder.accept_paused();
             }
-            for &l in &self.listeners {
+            for &(l, _) in &self.listeners {
                 ctl.set_accepting(l, !full);
             }
         }
@@ -442,8 +444,8 @@ impl Handler for Core {
         let index = self
             .listeners
             .iter()
-            .position(|&x| x == l)
-            .unwrap_or(usize::MAX);
+            .find(|&&(x, _)| x == l)
+            .map_or(usize::MAX, |&(_, index)| index);
         let prepared = self.shared.snapshot.load();
         let listener = prepared.listeners.get(index).cloned().flatten();
         let name = match &listener {

@@ -67,6 +67,11 @@ enum Command {
     /// The lab's internal certificate authority (software keys; for labs and tests only).
     #[command(subcommand)]
     Ca(ca::CaCommand),
+    /// Replaces the running appliance's binary without refusing a connection: starts BINARY
+    /// with `serve --takeover`, which takes the listening sockets, state lock and ticket keys
+    /// over; the old process then drains and exits. Exits non-zero (the old one keeps serving)
+    /// when the new one fails to start.
+    Upgrade(crate::upgrade::cli::UpgradeArgs),
     /// Client of a running appliance's management API (unix socket or HTTPS).
     Ctl(ctl::CtlArgs),
     /// A small HTTP backend for the lab: answers every request with a short page.
@@ -87,6 +92,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Token(cmd) => token::run(cmd),
         Command::Ca(cmd) => ca::run(cmd),
         Command::Ctl(args) => ctl::run(args),
+        Command::Upgrade(args) => crate::upgrade::cli::run(args),
         Command::DemoBackend(args) => demo_backend::run(args),
         Command::Version => {
             outln!("tlsgate {}", env!("CARGO_PKG_VERSION"));

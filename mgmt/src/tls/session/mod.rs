@@ -58,6 +58,7 @@
 //! CAs and CRLs. Each refusal is counted in `tlsgate_resumption_refused_total` ([`policy`]).
 
 mod cache;
+pub mod handover;
 pub mod policy;
 mod ticketer;
 
@@ -338,6 +339,8 @@ impl ListenerSessions {
                     )
                 }
             };
+            // Keys of the process this one replaced (binary upgrade), before any is made.
+            handover::adopt(listener, &t);
             t.maintain_at(now_secs())
                 .map_err(|reason| SessionError::Keys {
                     listener: listener.to_owned(),

@@ -103,12 +103,19 @@ pub fn derivation_input(label: &str, rotation_secs: u64, epoch: u64) -> Vec<u8> 
     msg
 }
 
-/// One epoch's key. The raw bytes are never kept: aws-lc holds the AES key schedule and wipes
-/// it (`OPENSSL_free` cleanses) when the key is dropped.
+/// One epoch's key. aws-lc holds the AES key schedule and wipes it (`OPENSSL_free` cleanses)
+/// when the key is dropped. A local (random) key also keeps its 32 bytes, wiped on drop, so a
+/// binary upgrade can hand them to the next process (`super::handover`); a fleet key is
+/// derived again by that process, so its bytes are never kept.
 struct EpochKey {
     epoch: u64,
     key: LessSafeKey,
+    raw: Option<RawKey>,
 }
+
+/// A ticket key's bytes, wiped on drop; boxed, so moving a key (a Vec of them growing) moves
+/// only the pointer and leaves no copy of the bytes behind.
+pub(super) type RawKey = Box<Zeroizing<[u8; 32]>>;
 
 #[derive(Default)]
 struct Counters {
@@ -206,7 +213,7 @@ impl EpochTicketer {
         oldest..=self.epoch_of(now).saturating_add(1)
     }
 
-    fn make_key(&self, epoch: u64) -> Result<LessSafeKey, String> {
+    fn make_key(&self, epoch: u64) -> Result<(LessSafeKey, Option<RawKey>), String> {
         let bytes: Zeroizing<[u8; 32]> = match &self.source {
             KeySource::Local => {
                 let mut b = Zeroizing::new([0u8; 32]);
@@ -223,9 +230,54 @@ impl EpochTicketer {
                 .hmac_sha256(secret, &derivation_input(label, self.rotation, epoch))
                 .map_err(|e| format!("deriving from {secret}: {e}"))?,
         };
-        let unbound = UnboundKey::new(&AES_256_GCM, &bytes[..])
-            .map_err(|_| "AES-256-GCM refused the key".to_owned())?;
-        Ok(LessSafeKey::new(unbound))
+        let key = aead_key(&bytes)?;
+        let raw = matches!(self.source, KeySource::Local).then(|| Box::new(bytes));
+        Ok((key, raw))
+    }
+
+    /// The local keys held now with their epochs, for the next process of a binary upgrade
+    /// (none for fleet tickets: that process derives them itself).
+    /// Returned with the rotation schedule (`rotation`, `lifetime` in seconds) they belong to.
+    pub(super) fn export_local_keys(&self) -> (u64, u64, Vec<(u64, RawKey)>) {
+        let held = self.keys.read();
+        // Sized once: growing would move key bytes and leave unwiped copies behind.
+        let mut keys = Vec::with_capacity(held.len());
+        for k in held.iter() {
+            if let Some(raw) = &k.raw {
+                keys.push((k.epoch, raw.clone()));
+            }
+        }
+        (self.rotation, self.lifetime, keys)
+    }
+
+    /// Takes keys the previous process held (binary upgrade), so the tickets it issued resume
+    /// here; only for a local ticketer with the same rotation and lifetime (the epochs would
+    /// mean other times otherwise). Returns how many keys were taken.
+    pub(super) fn import_local_keys(
+        &self,
+        rotation: u64,
+        lifetime: u64,
+        keys: &[(u64, RawKey)],
+    ) -> usize {
+        if !matches!(self.source, KeySource::Local)
+            || rotation != self.rotation
+            || lifetime != self.lifetime
+        {
+            return 0;
+        }
+        let mut held = self.keys.write();
+        let mut taken = 0;
+        for (epoch, raw) in keys {
+            let Ok(key) = aead_key(raw) else { continue };
+            held.retain(|k| k.epoch != *epoch);
+            held.push(EpochKey {
+                epoch: *epoch,
+                key,
+                raw: Some(raw.clone()),
+            });
+            taken += 1;
+        }
+        taken
     }
 
     /// Makes the keys the clock asks for and erases the expired ones. Runs at start and on the
@@ -246,9 +298,9 @@ impl EpochTicketer {
                 continue;
             }
             match self.make_key(epoch) {
-                Ok(key) => {
+                Ok((key, raw)) => {
                     metrics::counter!(METRIC_TICKET_KEYS, "listener" => self.listener.clone(), "source" => self.source.name(), "result" => "ok").increment(1);
-                    made.push(EpochKey { epoch, key });
+                    made.push(EpochKey { epoch, key, raw });
                 }
                 Err(reason) => {
                     metrics::counter!(METRIC_TICKET_KEYS, "listener" => self.listener.clone(), "source" => self.source.name(), "result" => "failed").increment(1);
@@ -464,6 +516,12 @@ impl EpochTicketer {
             tracing::error!(listener = %self.listener, error = %e, "cannot start the ticket-key thread; keys rotate on use only");
         }
     }
+}
+
+fn aead_key(bytes: &[u8; 32]) -> Result<LessSafeKey, String> {
+    let unbound = UnboundKey::new(&AES_256_GCM, &bytes[..])
+        .map_err(|_| "AES-256-GCM refused the key".to_owned())?;
+    Ok(LessSafeKey::new(unbound))
 }
 
 /// A listener's ticketer as one snapshot's rustls configuration uses it: tickets are sealed with
