@@ -60,6 +60,7 @@ use tlsgate_dataplane::DataplaneConfig;
 use tlsgate_keystore::keyref::KeyRef;
 use tlsgate_keystore::pin::PinSource;
 
+pub mod acme;
 pub mod backend;
 mod backend_tls;
 pub mod management;
@@ -129,6 +130,11 @@ pub struct Config {
     /// Backend pools (`[[backend]]`, see [`backend`]).
     #[serde(rename = "backend", default)]
     pub pools: Vec<PoolConfig>,
+    /// Certificates issued and renewed by an ACME CA (`[[acme]]`, see [`crate::acme`]).
+    #[serde(rename = "acme", default)]
+    pub acme: Vec<crate::config::acme::AcmeConfig>,
+    /// The plain-HTTP listener answering ACME `http-01` challenges.
+    pub acme_http01: Option<crate::config::acme::Http01Config>,
     /// Whether the file sets `[dataplane.limits] max_connections_per_core` itself (a default is
     /// fitted to the file-descriptor limit; a value the operator chose is not lowered silently).
     #[serde(skip)]
@@ -503,6 +509,15 @@ impl Config {
             ));
         }
         self.pin_source()?;
+        let names: Vec<String> = self.listeners.iter().map(|l| l.name.clone()).collect();
+        crate::config::acme::check(
+            &self.acme,
+            self.acme_http01.as_ref(),
+            &names,
+            management::state_dir(self).is_some(),
+            self.pkcs11.is_some(),
+        )
+        .map_err(|(k, why)| self.invalid(k, why))?;
         if self.tls.require_fips && !crate::policy::fips_build() {
             return Err(self.invalid(
                 "tls.require_fips",
