@@ -181,7 +181,9 @@ pub(super) async fn run(ctx: Arc<Ctx>, entry: Arc<Entry>) {
                 if renew_at.as_ref().is_none_or(|(s, _)| s != &c.serial) {
                     let life = (c.not_after - c.not_before).max(0) as f64;
                     let left = life * entry.cfg.renew_before;
-                    let jitter = left * 0.1 * random_fraction();
+                    // Up to a tenth of the time until the renewal point, earlier: a fleet that
+                    // issued together does not renew together.
+                    let jitter = (life - left) * 0.1 * random_fraction();
                     let at = c.not_after as f64 - left - jitter;
                     renew_at = Some((c.serial.clone(), at.max(0.0) as u64));
                 }
@@ -587,10 +589,15 @@ async fn attempt(
                         published.tokens.push(ch.token.clone());
                     }
                 }
-                tracing::info!(acme = %name, name = %ident, challenge = ?kind, "challenge published; asking the CA to validate");
-                ch.set_ready()
-                    .await
-                    .map_err(|e| Failure::acme("challenge", e))?;
+                // A resumed order's challenge may be under validation already: no second ask.
+                if ch.status == instant_acme::ChallengeStatus::Pending {
+                    tracing::info!(acme = %name, name = %ident, challenge = ?kind, "challenge published; asking the CA to validate");
+                    ch.set_ready()
+                        .await
+                        .map_err(|e| Failure::acme("challenge", e))?;
+                } else {
+                    tracing::info!(acme = %name, name = %ident, status = ?ch.status, "challenge published again for the resumed order");
+                }
             }
             let polled = order
                 .poll_ready(
