@@ -64,7 +64,16 @@ impl Failure {
                 retry_after: None,
                 drop_order: false,
             },
-            other => Failure::ours("network", format!("{what}: {other}")),
+            other => {
+                // The causes too: "client error (Connect)" alone does not say what went wrong.
+                let mut detail = format!("{what}: {other}");
+                let mut source = std::error::Error::source(&other);
+                while let Some(s) = source {
+                    detail.push_str(&format!(": {s}"));
+                    source = s.source();
+                }
+                Failure::ours("network", detail)
+            }
         }
     }
 }

@@ -58,6 +58,8 @@ pub struct PebbleOpts {
     pub eab: Vec<(String, String)>,
     /// The address every name resolves to (A record).
     pub ipv4: &'static str,
+    /// Names pebble refuses to issue for (`domainBlocklist`).
+    pub blocklist: Vec<&'static str>,
 }
 
 /// A running pebble and its DNS.
@@ -132,6 +134,7 @@ impl Pebble {
             "ocspResponderURL": "",
             "externalAccountBindingRequired": !eab.is_empty(),
             "externalAccountMACKeys": eab,
+            "domainBlocklist": o.blocklist,
         }});
         std::fs::write(&self.config, serde_json::to_vec_pretty(&config)?)?;
         Ok(())
