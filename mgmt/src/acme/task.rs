@@ -521,6 +521,11 @@ async fn order(
     progress.order_key = None;
     progress.orders_placed += 1;
     save(ctx, name, progress).await;
+    {
+        let mut st = entry.status.lock();
+        st.order_url = progress.order_url.clone();
+        st.orders_placed = progress.orders_placed;
+    }
     tracing::info!(acme = %name, order = %o.url(), names = ?entry.cfg.names, "ACME order placed");
     Ok(o)
 }

@@ -372,3 +372,72 @@ pub fn s_client_chain(port: u16, sni: &str) -> Result<String> {
         .output()?;
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
+
+/// A TCP relay that holds the connections it accepts, unread, until told where to forward
+/// them: pebble's validation can be made to wait while the test restarts something.
+pub struct Stall {
+    pub port: u16,
+    target: std::sync::Arc<std::sync::Mutex<Option<u16>>>,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Stall {
+    pub fn start() -> Result<Stall> {
+        use std::sync::atomic::Ordering;
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        let target = std::sync::Arc::new(std::sync::Mutex::new(None::<u16>));
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (t, a) = (target.clone(), accepted.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(client) = conn else { continue };
+                a.fetch_add(1, Ordering::SeqCst);
+                let t = t.clone();
+                std::thread::spawn(move || {
+                    let start = Instant::now();
+                    let to = loop {
+                        if let Some(p) = t.lock().ok().and_then(|g| *g) {
+                            break p;
+                        }
+                        if start.elapsed() > Duration::from_secs(120) {
+                            return;
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    };
+                    let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", to)) else {
+                        return;
+                    };
+                    let (Ok(mut c2), Ok(mut s2)) = (client.try_clone(), server.try_clone()) else {
+                        return;
+                    };
+                    let up = std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut c2, &mut s2);
+                        let _ = s2.shutdown(std::net::Shutdown::Write);
+                    });
+                    let (mut c, mut s) = (client, server);
+                    let _ = std::io::copy(&mut s, &mut c);
+                    let _ = c.shutdown(std::net::Shutdown::Write);
+                    let _ = up.join();
+                });
+            }
+        });
+        Ok(Stall {
+            port,
+            target,
+            accepted,
+        })
+    }
+
+    /// Connections accepted so far (held or forwarded).
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Forwards held and new connections to `port` on loopback.
+    pub fn forward(&self, port: u16) {
+        if let Ok(mut g) = self.target.lock() {
+            *g = Some(port);
+        }
+    }
+}
