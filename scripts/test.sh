@@ -19,7 +19,7 @@ step "system packages"
 # p11-kit + p11-kit-modules: p11-kit-server and its client module, the out-of-process HSM that
 # mgmt/tests/hsm_recovery.rs kills, freezes and restarts.
 ensure_packages softhsm2 p11-kit p11-kit-modules openssl curl ca-certificates gcc make pkg-config prometheus \
-    testssl.sh gnutls-bin python3 python3-venv opensc gdb
+    testssl.sh gnutls-bin python3 python3-venv opensc gdb pebble
 ensure_sslyze
 # The benchmark smoke below: HAProxy and nginx (+ its layer-4 stream module) beside tlsgate,
 # nginx also as the plain-HTTP origin; python3 for the harness's tables.

@@ -73,7 +73,8 @@ pub use conn::CloseReason;
 pub use error::Error;
 pub use keyops::KeyOpCounters;
 pub use snapshot::{
-    inline_resumption_attempt, ClientCertCheck, ListenerSnapshot, Snapshot, SniFilter,
+    inline_resumption_attempt, AcmeTlsAlpn, ClientCertCheck, ListenerSnapshot, Snapshot, SniFilter,
+    ACME_TLS_ALPN,
 };
 pub use stats::StatsSnapshot;
 

@@ -50,6 +50,37 @@ pub struct ListenerSnapshot {
     /// Backend pools by SNI and ALPN ([`crate::pool`]); `None`: `backend`, `proxy_protocol` and
     /// `backend_tls` make the one pool.
     pub routes: Option<Arc<RouteTable>>,
+    /// Answers ACME `tls-alpn-01` challenges (RFC 8737) on this listener; `None`: no ACME.
+    pub acme_tls_alpn: Option<AcmeTlsAlpn>,
+}
+
+/// The ALPN protocol of the ACME `tls-alpn-01` challenge (RFC 8737 §6.2).
+pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
+
+/// How a listener answers `tls-alpn-01`: a ClientHello that offers ALPN `acme-tls/1` alone, for a
+/// name with a pending challenge, is answered with `tls` (whose resolver presents that name's
+/// challenge certificate) and closed after the handshake; no route, no backend, no key
+/// operation. The pending names change without a new snapshot (the check reads the ACME
+/// client's current challenges), so a challenge is live as soon as it is published.
+#[derive(Debug, Clone)]
+pub struct AcmeTlsAlpn {
+    /// A configuration with `alpn_protocols = ["acme-tls/1"]` and a software challenge key.
+    pub tls: Arc<ServerConfig>,
+    /// Whether a challenge is pending for this SNI.
+    pub pending: SniFilter,
+}
+
+impl AcmeTlsAlpn {
+    /// The configuration for a ClientHello offering `offered` for `sni`, when it is a
+    /// `tls-alpn-01` validation of a pending challenge.
+    pub(crate) fn config_for(
+        &self,
+        sni: Option<&str>,
+        offered: Option<&[&[u8]]>,
+    ) -> Option<Arc<ServerConfig>> {
+        let only_acme = matches!(offered, Some([p]) if *p == ACME_TLS_ALPN);
+        (only_acme && sni.is_some() && self.pending.allows(sni)).then(|| self.tls.clone())
+    }
 }
 
 /// Answers whether a resumed session's client certificate chain (end entity first) is still

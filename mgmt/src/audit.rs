@@ -32,6 +32,8 @@ pub enum ClientIdentity {
     },
     /// The process itself, on a signal (`SIGHUP` reload).
     Signal(&'static str),
+    /// A task of the process acting on its own (`acme`: issuance, key deletion).
+    Internal(&'static str),
 }
 
 impl std::fmt::Display for ClientIdentity {
@@ -44,6 +46,7 @@ impl std::fmt::Display for ClientIdentity {
                 fingerprint_sha256,
             } => write!(f, "cert:{subject} sha256:{fingerprint_sha256}"),
             ClientIdentity::Signal(name) => write!(f, "signal:{name}"),
+            ClientIdentity::Internal(name) => write!(f, "internal:{name}"),
         }
     }
 }

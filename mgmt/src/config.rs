@@ -60,6 +60,7 @@ use tlsgate_dataplane::DataplaneConfig;
 use tlsgate_keystore::keyref::KeyRef;
 use tlsgate_keystore::pin::PinSource;
 
+pub mod acme;
 pub mod backend;
 mod backend_tls;
 pub mod landlock;
@@ -130,6 +131,11 @@ pub struct Config {
     /// Backend pools (`[[backend]]`, see [`backend`]).
     #[serde(rename = "backend", default)]
     pub pools: Vec<PoolConfig>,
+    /// Certificates issued and renewed by an ACME CA (`[[acme]]`, see [`crate::acme`]).
+    #[serde(rename = "acme", default)]
+    pub acme: Vec<crate::config::acme::AcmeConfig>,
+    /// The plain-HTTP listener answering ACME `http-01` challenges.
+    pub acme_http01: Option<crate::config::acme::Http01Config>,
     /// Whether the file sets `[dataplane.limits] max_connections_per_core` itself (a default is
     /// fitted to the file-descriptor limit; a value the operator chose is not lowered silently).
     #[serde(skip)]
@@ -435,13 +441,15 @@ impl Config {
     }
 
     /// Every TCP port this process binds, from the file: the listeners, the metrics endpoint
-    /// and the management API's HTTPS. Landlock allows binds to these ports only (0 stands
-    /// for "a port the kernel picks"). A new kind of listener adds its port here.
+    /// the management API's HTTPS and the ACME http-01 listener. Landlock allows binds to these
+    /// ports only (0 stands for "a port the kernel picks"). A new kind of listener adds its port
+    /// here.
     pub fn tcp_bind_ports(&self) -> std::collections::BTreeSet<u16> {
         let listeners = self.listeners.iter().map(|l| l.bind.port());
         let metrics = self.metrics.iter().map(|m| m.listen.port());
         let api = self.api.iter().filter_map(|a| a.listen).map(|a| a.port());
-        listeners.chain(metrics).chain(api).collect()
+        let http01 = self.acme_http01.iter().map(|h| h.listen.port());
+        listeners.chain(metrics).chain(api).chain(http01).collect()
     }
 
     /// Resolves a path from the file against the file's directory.
@@ -514,6 +522,15 @@ impl Config {
             ));
         }
         self.pin_source()?;
+        let names: Vec<String> = self.listeners.iter().map(|l| l.name.clone()).collect();
+        crate::config::acme::check(
+            &self.acme,
+            self.acme_http01.as_ref(),
+            &names,
+            management::state_dir(self).is_some(),
+            self.pkcs11.is_some(),
+        )
+        .map_err(|(k, why)| self.invalid(k, why))?;
         if self.tls.require_fips && !crate::policy::fips_build() {
             return Err(self.invalid(
                 "tls.require_fips",

@@ -4,6 +4,7 @@
 //! lives here so integration tests can reach it.
 #![forbid(unsafe_code)]
 
+pub mod acme;
 pub mod api;
 pub mod audit;
 pub mod backend_tls;

@@ -133,9 +133,25 @@ pub fn publish_hsm(
 /// only (`tlsgate version` says the same), else 0.
 pub const FIPS_MODE: &str = "tlsgate_fips_mode";
 
+/// Counter: ACME orders by outcome (`issued`: a certificate was installed; `failed`: the attempt
+/// ended in an error and is retried with back-off). Labels: `acme` (the `[[acme]]` name),
+/// `outcome`.
+pub const ACME_ORDERS_TOTAL: &str = "tlsgate_acme_orders_total";
+/// Gauge: when the ACME client next tries to issue or renew, as a Unix timestamp. Labels: `acme`.
+pub const ACME_NEXT_RENEWAL_TIMESTAMP_SECONDS: &str = "tlsgate_acme_next_renewal_timestamp_seconds";
+
 /// Registers help texts (with the data plane's), and sets the gauges fixed for the process's
 /// life.
 pub fn describe() {
+    metrics::describe_counter!(
+        ACME_ORDERS_TOTAL,
+        "ACME orders by [[acme]] name and outcome (issued, failed)."
+    );
+    metrics::describe_gauge!(
+        ACME_NEXT_RENEWAL_TIMESTAMP_SECONDS,
+        metrics::Unit::Seconds,
+        "When the ACME client next tries to issue or renew, as a Unix timestamp, by [[acme]] name."
+    );
     tlsgate_dataplane::metrics::describe();
     metrics::describe_gauge!(
         FIPS_MODE,

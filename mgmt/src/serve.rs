@@ -139,6 +139,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
         stapler.clone(),
         token_rx.is_some().then(|| degraded_refused.clone()),
     ));
+    // ACME: the challenges the data plane answers are part of the first snapshot already.
+    let acme = crate::acme::Acme::new(&config);
+    if let Some(acme) = &acme {
+        builder.set_acme_tls_alpn(acme.challenges().data_plane()?);
+    }
     // Staples from responders are fetched once before the first snapshot goes live (each fetch
     // within `[ocsp] timeout_ms`, all at once); later ones come from the stapler's own task.
     let prefetch = || !rt.block_on(stapler.refresh_due()).is_empty();
@@ -203,6 +208,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
             metrics: None,
             api_socket: None,
             api_https: None,
+            acme_http01: None,
         }),
         _ => None,
     };
@@ -286,6 +292,30 @@ pub fn run(args: ServeArgs) -> Result<()> {
         Some(path) => Some(crate::files::create_truncated(path, 0o644)?),
         None => None,
     };
+    if let Some(acme) = &acme {
+        if let Some(h) = &config.acme_http01 {
+            let (listener, addr) = match inherited.as_mut().and_then(|i| i.acme_http01.take()) {
+                Some(l) => {
+                    l.set_nonblocking(true)?;
+                    let _rt = rt.enter();
+                    let l = tokio::net::TcpListener::from_std(l)?;
+                    let addr = l.local_addr()?;
+                    (l, addr)
+                }
+                None => rt.block_on(crate::acme::http01::bind(h.listen))?,
+            };
+            if let Some(k) = kit.as_mut() {
+                k.acme_http01 = Some(listener.as_fd().try_clone_to_owned()?);
+            }
+            tracing::info!(%addr, redirect_https = h.redirect_https, "ACME http-01 listener");
+            ready.push_str(&format!("acme-http01 {addr}\n"));
+            rt.spawn(crate::acme::http01::serve(
+                listener,
+                acme.challenges().clone(),
+                h.redirect_https,
+            ));
+        }
+    }
     // Everything that needs root is done: listeners bound, state directory locked, audit log
     // open, the PKCS#11 module loaded and logged in.
     match &switch_to {
@@ -335,6 +365,15 @@ pub fn run(args: ServeArgs) -> Result<()> {
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
 
+    // The ACME tasks start once the process runs as its user: what they write to the state
+    // directory is the user's.
+    if let (Some(acme), Some(manager), Some(token), Some(dir)) =
+        (&acme, &manager, &token, crate::api::state_dir(&config))
+    {
+        manager.set_acme(acme.clone());
+        let _guard = rt.enter();
+        acme.start(manager.clone(), token.clone(), &dir)?;
+    }
     // A new staple rebuilds the listeners that serve it: through the management plane when
     // there is one, else by a reload from the file on the signal loop.
     let (restaple_tx, restaple_rx) = tokio::sync::mpsc::unbounded_channel();

@@ -43,6 +43,10 @@ pub struct ListenerOverlay {
     pub crls: Vec<CertificateRevocationListDer<'static>>,
     /// Expiry of the bound certificates, for the gauges.
     pub expiry: Vec<Expiry>,
+    /// Certificates served beside the file's or the binding's (issued by the ACME client).
+    pub extra: Vec<BoundServed>,
+    /// Expiry of `extra`.
+    pub extra_expiry: Vec<Expiry>,
 }
 
 /// A certificate bound through the API, as the builder staples and serves it.
@@ -54,6 +58,8 @@ pub struct BoundServed {
     pub subject: Arc<str>,
     /// Whether its leaf names an OCSP responder to fetch from (and `[ocsp] api_fetch` is on).
     pub fetch: bool,
+    /// Its key is on a token (full handshakes sign on the key-op workers).
+    pub on_token: bool,
 }
 
 /// Which listeners a build makes anew; the others are taken from the last committed build.
@@ -103,6 +109,8 @@ pub struct Builder {
     /// Degraded start (no token yet): token keys become stand-ins that refuse at once.
     degraded: Option<Arc<AtomicU64>>,
     last: Mutex<HashMap<String, Arc<Part>>>,
+    /// Answers ACME `tls-alpn-01` on the listeners an `[[acme]]` entry names.
+    acme_tls_alpn: Mutex<Option<tlsgate_dataplane::AcmeTlsAlpn>>,
 }
 
 impl Builder {
@@ -116,7 +124,13 @@ impl Builder {
             stapler,
             degraded,
             last: Mutex::new(HashMap::new()),
+            acme_tls_alpn: Mutex::new(None),
         }
+    }
+
+    /// How listeners answer ACME `tls-alpn-01` from the next build on.
+    pub fn set_acme_tls_alpn(&self, acme: tlsgate_dataplane::AcmeTlsAlpn) {
+        *self.acme_tls_alpn.lock() = Some(acme);
     }
 
     pub fn token(&self) -> Option<&Arc<Token>> {
@@ -204,35 +218,46 @@ impl Builder {
         let mut fingerprints = Vec::new();
         let mut offload = false;
         let mut awaiting_token = 0usize;
+        let mut add_bound = |b: &BoundServed, certs: &mut Vec<ServedCert>| -> Result<()> {
+            policy
+                .check_key(b.served.key.key.algorithm())
+                .with_context(|| format!("listener {:?}: bound certificate", l.name))?;
+            let source = b.fetch.then_some(ocsp::Source::Fetch);
+            let key = self.stapler.staple(
+                &l.name,
+                &b.subject,
+                &b.fingerprint,
+                source.as_ref(),
+                b.served.key.clone(),
+                now,
+            )?;
+            if b.fetch {
+                fingerprints.push(b.fingerprint.to_string());
+            }
+            certs.push(ServedCert {
+                key,
+                ..b.served.clone()
+            });
+            Ok(())
+        };
         let file_certs = match api.and_then(|o| o.certs.as_ref()) {
             Some(bound) => {
                 expiry.extend(api.iter().flat_map(|o| o.expiry.iter().cloned()));
                 offload = api.is_some_and(|o| o.offload);
                 for b in bound {
-                    policy
-                        .check_key(b.served.key.key.algorithm())
-                        .with_context(|| format!("listener {:?}: bound certificate", l.name))?;
-                    let source = b.fetch.then_some(ocsp::Source::Fetch);
-                    let key = self.stapler.staple(
-                        &l.name,
-                        &b.subject,
-                        &b.fingerprint,
-                        source.as_ref(),
-                        b.served.key.clone(),
-                        now,
-                    )?;
-                    if b.fetch {
-                        fingerprints.push(b.fingerprint.to_string());
-                    }
-                    certs.push(ServedCert {
-                        key,
-                        ..b.served.clone()
-                    });
+                    add_bound(b, &mut certs)?;
                 }
                 &[][..]
             }
             None => &l.certificates[..],
         };
+        if let Some(o) = api {
+            for b in &o.extra {
+                add_bound(b, &mut certs)?;
+            }
+            expiry.extend(o.extra_expiry.iter().cloned());
+            offload |= o.extra.iter().any(|b| b.on_token);
+        }
         for (j, c) in file_certs.iter().enumerate() {
             let at = format!("listener[{i}].certificate[{j}] ({})", l.name);
             let key_ref = key_ref(config, &c.key).with_context(|| format!("{at}.key"))?;
@@ -325,6 +350,15 @@ impl Builder {
                 client_cert_check,
                 backend_tls: crate::backend_tls::build(config, i, token)?,
                 routes: crate::pools::routes(config, i, token)?,
+                acme_tls_alpn: config
+                    .acme
+                    .iter()
+                    .any(|a| {
+                        a.challenge == crate::config::acme::ChallengeKind::TlsAlpn01
+                            && a.listeners.contains(&l.name)
+                    })
+                    .then(|| self.acme_tls_alpn.lock().clone())
+                    .flatten(),
             },
             expiry,
             awaiting_token,

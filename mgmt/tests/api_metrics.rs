@@ -57,6 +57,10 @@ fn metrics_move_with_traffic_and_pass_promtool() -> Result<()> {
     let config = write_config(&lab, &pki, &backend, &boot, &common::uri("boot"), "met")?;
     let text = std::fs::read_to_string(&config)?
         .replace("[api]", "[metrics]\nlisten = \"127.0.0.1:0\"\n\n[api]");
+    // An ACME entry whose CA never answers: its series (named by the alerts) exist all the same.
+    let text = format!(
+        "{text}\n[[acme]]\nname = \"met\"\ndirectory = \"https://127.0.0.1:1/directory\"\nnames = [\"met.acme.test\"]\nlisteners = [\"web\"]\n"
+    );
     std::fs::write(&config, text)?;
     let serve = Serve::start(&lab, &config)?;
     let ready = std::fs::read_to_string(config.with_extension("ready"))?;

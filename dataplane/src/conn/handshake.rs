@@ -92,6 +92,26 @@ impl Conn {
                 return;
             }
         };
+        // An ACME tls-alpn-01 validation (RFC 8737) for a name with a pending challenge: the
+        // challenge certificate (a software key, signed inline), then close. Before the SNI
+        // filter and routing: the name may have no certificate and no route yet.
+        if let Some(acme) = &self.listener.snap.acme_tls_alpn {
+            let hello = accepted.client_hello();
+            let offered: Option<Vec<&[u8]>> = hello.alpn().map(|a| a.collect());
+            if let Some(config) = acme.config_for(hello.server_name(), offered.as_deref()) {
+                self.upstream.acme_challenge = true;
+                match accepted.into_connection(config) {
+                    Ok(tls) => self.enter_tls(Box::new(tls), now),
+                    Err((e, mut alert)) => {
+                        let mut queued = Vec::new();
+                        let _ = alert.write_all(&mut queued);
+                        self.to_client.push(failure_bytes(&queued));
+                        self.fail(tls_failure(&e));
+                    }
+                }
+                return;
+            }
+        }
         if let Some(filter) = &self.listener.snap.sni_filter {
             if !filter.allows(accepted.client_hello().server_name()) {
                 self.to_client.push(&ALERT_UNRECOGNIZED_NAME);
@@ -220,6 +240,11 @@ impl Conn {
             return;
         }
         *established = true;
+        // RFC 8737 §3: the validator closes after the handshake; nothing goes to a backend.
+        if self.upstream.acme_challenge {
+            self.close_without_backend(CloseReason::Done);
+            return;
+        }
         // A resumed session carries the client certificate it was made with (or none); the
         // listener's trust (CRLs) or mode may have changed since, so check it again before any
         // byte moves on.

@@ -21,6 +21,8 @@ pub(super) struct Upstream {
     tried: u64,
     /// The ALPN protocol the route chose (what the server answers with).
     pub alpn: Option<Vec<u8>>,
+    /// The connection answers an ACME `tls-alpn-01` validation: closed after the handshake.
+    pub acme_challenge: bool,
     attempts: u32,
     /// Every attempt ends by this.
     deadline: Option<Instant>,
@@ -128,7 +130,7 @@ impl Conn {
 
     /// Ends a connection whose handshake is done but that no backend will serve: the client
     /// gets close_notify (a clean TLS close, not a bare FIN) before the socket closes.
-    fn close_without_backend(&mut self, reason: CloseReason) {
+    pub(super) fn close_without_backend(&mut self, reason: CloseReason) {
         if self.closed.is_some() {
             return;
         }

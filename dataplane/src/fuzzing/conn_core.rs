@@ -100,6 +100,7 @@ fn listener(flags: u8) -> Arc<PreparedListener> {
         client_cert_check: None,
         backend_tls: None,
         routes: None,
+        acme_tls_alpn: None,
     };
     let names = ["fuzz".to_owned()];
     let prepared = Prepared::new(

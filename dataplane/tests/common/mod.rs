@@ -171,6 +171,7 @@ pub fn listener(name: &str, tls: Arc<ServerConfig>, backend: SocketAddr) -> List
         client_cert_check: None,
         backend_tls: None,
         routes: None,
+        acme_tls_alpn: None,
     }
 }
 

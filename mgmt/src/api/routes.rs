@@ -75,6 +75,8 @@ pub fn routes() -> Vec<Route> {
         route("post", "/v1/listeners/{name}/crls", post_crl),
         route("delete", "/v1/listeners/{name}/crls/{id}", delete_crl),
         route("post", "/v1/reload", reload),
+        route("get", "/v1/acme", acme_status),
+        route("post", "/v1/acme/{name}/renew", acme_renew),
         route("get", "/v1/backends", super::backends::get),
         route(
             "put",
@@ -400,6 +402,21 @@ async fn delete_crl(
 async fn reload(State(m): Mgr, Extension(who): Who) -> Result<Response, ApiError> {
     run(m, who, "reload", "config".into(), |m| m.reload()).await?;
     Ok(ok(json!({ "reloaded": true })))
+}
+
+async fn acme_status(State(m): Mgr, Extension(who): Who) -> Result<Response, ApiError> {
+    let items = run(m, who, "acme.status", "*".into(), |m| m.acme_status()).await?;
+    Ok(ok(json!({ "items": items })))
+}
+
+async fn acme_renew(
+    State(m): Mgr,
+    Extension(who): Who,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let target = name.clone();
+    run(m, who, "acme.renew", target, move |m| m.acme_renew(&name)).await?;
+    Ok((StatusCode::ACCEPTED, Json(json!({ "renewing": true }))).into_response())
 }
 
 #[cfg(test)]

@@ -67,6 +67,9 @@ pub enum CtlCommand {
     /// Backend pools and their servers' state.
     #[command(subcommand)]
     Backends(BackendsCommand),
+    /// Certificates issued and renewed by an ACME CA (`[[acme]]`).
+    #[command(subcommand)]
+    Acme(AcmeCommand),
     /// Re-read the configuration file.
     Reload,
     /// Print the API's OpenAPI document.
@@ -185,6 +188,14 @@ pub enum BackendsCommand {
         /// ready | drain | maint
         state: String,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AcmeCommand {
+    /// Per entry: state, expiry, next renewal, last error.
+    Status,
+    /// Renew an entry's certificate now.
+    Renew { name: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -386,6 +397,10 @@ fn request(args: &CtlArgs) -> Result<(Call, Option<Option<PathBuf>>)> {
                 Some(json!({ "state": state })),
             ),
         },
+        CtlCommand::Acme(AcmeCommand::Status) => call(Method::GET, "/v1/acme", None),
+        CtlCommand::Acme(AcmeCommand::Renew { name }) => {
+            call(Method::POST, format!("/v1/acme/{}/renew", seg(name)), None)
+        }
         CtlCommand::Reload => call(Method::POST, "/v1/reload", None),
         CtlCommand::Openapi => call(Method::GET, "/v1/openapi.json", None),
     };
@@ -490,6 +505,31 @@ fn print_text(c: &Call, status: StatusCode, v: &Value) {
                     s(&item["spki_sha256"]),
                     s(&item["used_by"])
                 )
+            } else if item.get("next_renewal").is_some() {
+                let mut out = format!(
+                    "{:<12} {:<9} not_after={} next_renewal={} orders={} failures={} key={} issuer={}",
+                    s(&item["name"]),
+                    s(&item["state"]),
+                    s(&item["not_after"]),
+                    s(&item["next_renewal"]),
+                    s(&item["orders_placed"]),
+                    s(&item["failures"]),
+                    s(&item["key"]),
+                    s(&item["issuer"])
+                );
+                let e = &item["last_error"];
+                if !e.is_null() {
+                    out.push_str(&format!(
+                        "\n  last_error: {} {}",
+                        s(&e["type"]),
+                        s(&e["detail"])
+                    ));
+                    for sp in e["subproblems"].as_array().into_iter().flatten() {
+                        let sp = [&sp["identifier"], &sp["type"], &sp["detail"]].map(s);
+                        out.push_str(&format!("\n    {}: {} {}", sp[0], sp[1], sp[2]));
+                    }
+                }
+                out
             } else if item.get("problem").is_some() {
                 format!(
                     "{:<20} PROBLEM {}: {}",

@@ -115,6 +115,14 @@ fn named_files(config: &Config) -> Result<Vec<PathBuf>> {
         files.extend(api.cert.clone());
         files.extend(api.client_ca.clone());
     }
+    for a in &config.acme {
+        files.extend(a.directory_ca.clone());
+        if let Some(Ok(PinSource::File(k))) =
+            a.eab.as_ref().map(|e| e.hmac_key.parse::<PinSource>())
+        {
+            files.push(k);
+        }
+    }
     if let Some(p11) = &config.pkcs11 {
         files.push(p11.module.clone());
         if let Some(PinSource::File(pin)) = config.pin_source()? {

@@ -26,6 +26,7 @@ pub struct Kit {
     pub metrics: Option<OwnedFd>,
     pub api_socket: Option<(PathBuf, OwnedFd)>,
     pub api_https: Option<OwnedFd>,
+    pub acme_http01: Option<OwnedFd>,
 }
 
 /// Hands everything to the process on `stream` and waits for it to serve. `Ok(pid)` means the
@@ -60,6 +61,7 @@ pub fn give(
         metrics: kit.metrics.is_some(),
         api_socket: kit.api_socket.as_ref().map(|(p, _)| p.clone()),
         api_https: kit.api_https.is_some(),
+        acme_http01: kit.acme_http01.is_some(),
     };
     let mut fds = vec![kit.lock.as_fd(), kit.handover.as_fd()];
     for (_, sockets) in &listeners {
@@ -68,6 +70,7 @@ pub fn give(
     fds.extend(kit.metrics.iter().map(|f| f.as_fd()));
     fds.extend(kit.api_socket.iter().map(|(_, f)| f.as_fd()));
     fds.extend(kit.api_https.iter().map(|f| f.as_fd()));
+    fds.extend(kit.acme_http01.iter().map(|f| f.as_fd()));
     wire::send_frame(&mut stream, MANIFEST, &serde_json::to_vec(&manifest)?)?;
     wire::send_fds(&stream, &fds)?;
     drop(fds);

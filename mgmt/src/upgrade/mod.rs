@@ -8,7 +8,7 @@
 //!  OLD (serving)  ◄── HELLO ──────
 //!                 ─── MANIFEST ──► listeners and their socket counts, which sockets follow
 //!                 ─── FDS ───────► SCM_RIGHTS: lock, handover, per-core listener sockets,
-//!                                  metrics, API socket, API HTTPS
+//!                                  metrics, API socket, API HTTPS, ACME http-01
 //!                 ─── TICKETS ───► local ticket keys + rotation schedule (wiped buffers)
 //!                                  NEW: logs in to the HSM, builds its snapshot, starts its
 //!                                  data plane on the inherited sockets (both accept now)
@@ -53,7 +53,7 @@ pub fn socket_path(config: &crate::config::Config) -> Result<PathBuf> {
 
 /// What the old process sends before the descriptors; they follow in this order: the state
 /// lock, the handover listener, each listener's sockets (in `listeners` order), then the
-/// metrics, API unix socket and API HTTPS listeners that are `true`/`Some`.
+/// metrics, API unix socket, API HTTPS and ACME http-01 listeners that are `true`/`Some`.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Manifest {
     pub version: u32,
@@ -62,6 +62,9 @@ pub struct Manifest {
     pub metrics: bool,
     pub api_socket: Option<PathBuf>,
     pub api_https: bool,
+    /// The ACME http-01 listener (absent from a manifest of a build without it).
+    #[serde(default)]
+    pub acme_http01: bool,
 }
 
 /// Protocol version; a new binary speaking another one is refused with a message.
@@ -73,6 +76,7 @@ impl Manifest {
             + usize::from(self.metrics)
             + usize::from(self.api_socket.is_some())
             + usize::from(self.api_https)
+            + usize::from(self.acme_http01)
     }
 }
 

@@ -27,6 +27,7 @@ pub struct Inherited {
     pub metrics: Option<TcpListener>,
     pub api_socket: Option<(PathBuf, UnixListener)>,
     pub api_https: Option<TcpListener>,
+    pub acme_http01: Option<TcpListener>,
 }
 
 /// Connects to the running process of this configuration and takes its sockets, lock and
@@ -82,6 +83,11 @@ pub fn take(config: &crate::config::Config) -> Result<Inherited> {
     } else {
         None
     };
+    let acme_http01 = if manifest.acme_http01 {
+        Some(TcpListener::from(next()?))
+    } else {
+        None
+    };
     let tickets = wire::expect_frame(&mut stream, TICKETS)?;
     let keys = crate::tls::session::handover::decode(&tickets).map_err(anyhow::Error::msg)?;
     drop(tickets);
@@ -100,6 +106,7 @@ pub fn take(config: &crate::config::Config) -> Result<Inherited> {
         metrics,
         api_socket,
         api_https,
+        acme_http01,
     })
 }
 

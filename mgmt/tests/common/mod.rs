@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod acme_support;
 pub mod hsm_support;
 pub mod ocsp_support;
 pub mod policy_support;

@@ -136,6 +136,7 @@ pub(super) fn snapshot(tls: Arc<ServerConfig>) -> ListenerSnapshot {
         client_cert_check: None,
         backend_tls: None,
         routes: None,
+        acme_tls_alpn: None,
     }
 }
 

@@ -92,7 +92,8 @@ impl Manager {
         if !inner.state.certs.contains_key(id) {
             return Err(cert_not_found(id));
         }
-        let users = inner.state.listeners_using(id);
+        let mut users = inner.state.listeners_using(id);
+        users.extend(super::acme::acme_listeners(&inner.config, id));
         if !users.is_empty() {
             return Err(ApiError::conflict(
                 "certificate_in_use",

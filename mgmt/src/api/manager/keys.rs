@@ -50,7 +50,11 @@ impl Manager {
             .certs
             .values()
             .filter(|c| names_label(&c.key))
-            .filter(|c| !bound_only || !inner.state.listeners_using(&c.id).is_empty())
+            .filter(|c| {
+                !bound_only
+                    || !inner.state.listeners_using(&c.id).is_empty()
+                    || !super::acme::acme_listeners(&inner.config, &c.id).is_empty()
+            })
             .map(|c| c.id.clone())
             .collect();
         for l in &inner.config.listeners {

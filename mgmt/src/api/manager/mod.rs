@@ -7,9 +7,12 @@
 //! `change`); the operations are split by what they change: `keys`, `certs`, and `listeners`
 //! (bindings and CRLs).
 
+mod acme;
 mod certs;
 mod keys;
 mod listeners;
+
+pub use acme::{acme_cert_id, AcmeControl};
 
 pub(crate) use listeners::crl_der;
 // The upload parsers the fuzz targets drive, at the paths they have always had.
@@ -185,6 +188,8 @@ pub struct Manager {
     store: StateStore,
     audit: AuditLog,
     publish: Publisher,
+    /// The ACME client, for `ctl acme` (set once at start when `[[acme]]` is configured).
+    acme: std::sync::OnceLock<Arc<dyn AcmeControl>>,
 }
 
 impl std::fmt::Debug for Manager {
@@ -246,6 +251,7 @@ impl Manager {
             store,
             audit,
             publish,
+            acme: std::sync::OnceLock::new(),
         };
         let snapshot = {
             let mut inner = mgr.lock();
@@ -264,6 +270,16 @@ impl Manager {
             built.snapshot
         };
         Ok((mgr, snapshot))
+    }
+
+    /// Hands the manager the ACME client (once, at start).
+    pub fn set_acme(&self, acme: Arc<dyn AcmeControl>) {
+        let _ = self.acme.set(acme);
+    }
+
+    /// The ACME client, when `[[acme]]` is configured.
+    fn acme(&self) -> Option<&Arc<dyn AcmeControl>> {
+        self.acme.get()
     }
 
     /// Records the addresses the data plane bound, for listings.
@@ -423,6 +439,7 @@ impl Manager {
                     fingerprint: cached.fingerprint.clone(),
                     subject: cached.subject.clone(),
                     fetch: cached.fetch,
+                    on_token: cached.cred.backend() == KeyBackend::Pkcs11,
                 });
                 offload |= cached.cred.backend() == KeyBackend::Pkcs11;
             }
@@ -437,6 +454,7 @@ impl Manager {
             entry.offload = offload;
             entry.expiry = expiry;
         }
+        self.acme_overlay(config, state, &in_scope, &mut overlay, now)?;
         self.builder
             .build(config, &overlay, scope)
             .map_err(|e| ApiError::invalid("snapshot_invalid", format!("{e:#}")))

@@ -1,0 +1,154 @@
+//! Certificates that renew themselves: an ACME client (RFC 8555) whose certificate keys are
+//! generated on the token and never leave it.
+//!
+//! ```text
+//!  token: generate key (sensitive, non-extractable) ─► CSR signed by the token key
+//!  ACME task (mgmt runtime) ─► new order (its URL persisted) ─► authorizations
+//!     ─► challenge published in `Challenges` ─► the data plane answers tls-alpn-01 on the
+//!        listener (or the [acme_http01] listener answers http-01) ─► CA validates
+//!     ─► finalize with the CSR ─► chain ─► Manager::acme_install (the snapshot builder,
+//!        persisted, published: live without a restart) ─► stapler (when the CA has OCSP)
+//! ```
+//!
+//! One task per `[[acme]]` entry on the management runtime; token calls and installs run on
+//! blocking threads, so neither the data plane nor the management API lock waits on the CA.
+//! Progress (the order in flight, the next attempt, keys to delete) is in the state directory
+//! (`store`), so a restart resumes an order instead of placing another.
+
+pub mod challenge;
+mod http;
+pub mod http01;
+pub mod store;
+mod task;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Result;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use tlsgate_keystore::Token;
+
+pub use challenge::Challenges;
+pub use store::{AcmeStore, ProblemView};
+
+use crate::api::Manager;
+use crate::config::acme::AcmeConfig;
+
+/// One `[[acme]]` entry as `tlsgate ctl acme status` shows it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct AcmeStatus {
+    pub name: String,
+    pub names: Vec<String>,
+    /// `pending` (nothing issued yet), `ordering`, `valid`, `renewing`, `retrying`.
+    pub state: String,
+    pub not_after: Option<String>,
+    pub not_after_unix: Option<i64>,
+    pub issuer: Option<String>,
+    pub serial: Option<String>,
+    /// The token key of the served certificate.
+    pub key: Option<String>,
+    /// When the client next tries to issue or renew (Unix seconds).
+    pub next_renewal_unix: Option<u64>,
+    pub next_renewal: Option<String>,
+    /// The order in flight, resumed after a restart.
+    pub order_url: Option<String>,
+    pub orders_placed: u64,
+    pub failures: u32,
+    pub last_error: Option<ProblemView>,
+    /// Whether the CA offers ACME Renewal Information (RFC 9773); `None` until asked.
+    pub ari: Option<bool>,
+}
+
+/// An entry's shared state: its configuration, status, and the "renew now" signal.
+#[derive(Debug)]
+pub(crate) struct Entry {
+    cfg: AcmeConfig,
+    directory_ca: Option<PathBuf>,
+    status: Mutex<AcmeStatus>,
+    renew: tokio::sync::Notify,
+}
+
+/// The ACME client of the process.
+#[derive(Debug)]
+pub struct Acme {
+    entries: Vec<Arc<Entry>>,
+    challenges: Arc<Challenges>,
+}
+
+impl Acme {
+    /// `None` when the configuration has no `[[acme]]`.
+    pub fn new(config: &crate::config::Config) -> Option<Arc<Acme>> {
+        if config.acme.is_empty() {
+            return None;
+        }
+        let entries = config
+            .acme
+            .iter()
+            .map(|a| {
+                Arc::new(Entry {
+                    cfg: a.clone(),
+                    directory_ca: a.directory_ca.as_ref().map(|p| config.resolve(p)),
+                    status: Mutex::new(AcmeStatus {
+                        name: a.name.clone(),
+                        names: a.names.clone(),
+                        state: "pending".into(),
+                        ..AcmeStatus::default()
+                    }),
+                    renew: tokio::sync::Notify::new(),
+                })
+            })
+            .collect();
+        Some(Arc::new(Acme {
+            entries,
+            challenges: Challenges::new(),
+        }))
+    }
+
+    pub fn challenges(&self) -> &Arc<Challenges> {
+        &self.challenges
+    }
+}
+
+impl crate::api::manager::AcmeControl for Acme {
+    /// Every entry's status, in configuration order.
+    fn status(&self) -> Vec<serde_json::Value> {
+        self.entries
+            .iter()
+            .map(|e| serde_json::to_value(&*e.status.lock()).unwrap_or_default())
+            .collect()
+    }
+
+    /// Asks entry `name` to renew now (after a running attempt ends); false: no such entry.
+    fn renew(&self, name: &str) -> bool {
+        match self.entries.iter().find(|e| e.cfg.name == name) {
+            Some(e) => {
+                e.renew.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl Acme {
+    /// Starts one task per entry on the current runtime.
+    pub fn start(
+        self: &Arc<Self>,
+        manager: Arc<Manager>,
+        token: Arc<Token>,
+        state_dir: &std::path::Path,
+    ) -> Result<()> {
+        let store = AcmeStore::open(state_dir)?;
+        let ctx = Arc::new(task::Ctx {
+            manager,
+            token,
+            store,
+            challenges: self.challenges.clone(),
+        });
+        for e in &self.entries {
+            tokio::spawn(task::run(ctx.clone(), e.clone()));
+        }
+        Ok(())
+    }
+}
