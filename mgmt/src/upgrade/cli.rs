@@ -95,7 +95,11 @@ pub fn run(args: UpgradeArgs) -> Result<()> {
     let started = Instant::now();
     let limit = Duration::from_secs(args.timeout_secs);
     loop {
-        if let Ok(text) = std::fs::read_to_string(&ready) {
+        // `serve` creates the file empty before it switches user and fills it once it serves.
+        if let Some(text) = std::fs::read_to_string(&ready)
+            .ok()
+            .filter(|t| !t.is_empty())
+        {
             if temporary {
                 let _ = std::fs::remove_file(&ready);
             }
