@@ -22,8 +22,8 @@ const MAX_CONNECTIONS: usize = 64;
 const PREFIX: &str = "/.well-known/acme-challenge/";
 
 /// Binds the listener (port 0 allowed); returns it and its address.
-// landlock: this port must be in the set of ports the process may bind (`[acme_http01] listen`);
-// bind it with the listeners, before the filter is applied.
+/// Its port is in `Config::tcp_bind_ports` (the only ports Landlock lets the process bind); a
+/// binary upgrade hands the bound listener to the new process instead of binding it again.
 pub async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr)> {
     let listener = TcpListener::bind(addr)
         .await
