@@ -94,7 +94,47 @@ impl HttpClient for Client {
 
 /// `Retry-After` in seconds (the form ACME CAs send); an HTTP-date is not parsed.
 fn retry_after(headers: &hyper::HeaderMap) -> Option<SystemTime> {
-    let v = headers.get(hyper::header::RETRY_AFTER)?.to_str().ok()?;
-    let secs: u64 = v.trim().parse().ok()?;
-    Some(SystemTime::now() + Duration::from_secs(secs.min(7 * 86400)))
+    let v = headers
+        .get(hyper::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    let now = SystemTime::now();
+    // RFC 9110 §10.2.3: delay-seconds or an HTTP-date; either is capped at a week.
+    let wait = match v.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => httpdate::parse_http_date(v)
+            .ok()?
+            .duration_since(now)
+            .unwrap_or_default(),
+    };
+    Some(now + wait.min(Duration::from_secs(7 * 86400)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(v: &str) -> anyhow::Result<Option<Duration>> {
+        let mut h = hyper::HeaderMap::new();
+        h.insert(hyper::header::RETRY_AFTER, v.parse()?);
+        Ok(retry_after(&h).map(|t| t.duration_since(SystemTime::now()).unwrap_or_default()))
+    }
+
+    #[test]
+    fn retry_after_takes_seconds_and_http_dates_capped_at_a_week() -> anyhow::Result<()> {
+        let secs = at("120")?.context("seconds")?;
+        assert!(secs > Duration::from_secs(110) && secs <= Duration::from_secs(120));
+        let date = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(3600));
+        let d = at(&date)?.context("a date")?;
+        assert!(
+            d > Duration::from_secs(3500) && d <= Duration::from_secs(3600),
+            "{d:?}"
+        );
+        let far = at("999999999")?.context("far")?;
+        assert!(far <= Duration::from_secs(7 * 86400));
+        assert_eq!(at("Sun, 06 Nov 1994 08:49:37 GMT")?, Some(Duration::ZERO));
+        assert_eq!(at("soon")?, None);
+        Ok(())
+    }
 }
