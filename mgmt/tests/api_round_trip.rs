@@ -368,10 +368,12 @@ fn an_imported_key_is_never_stored_or_logged() -> Result<()> {
 fn walk(dir: &std::path::Path) -> Result<Vec<std::path::PathBuf>> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir)? {
-        let p = e?.path();
-        if p.is_dir() {
+        let e = e?;
+        let (p, kind) = (e.path(), e.file_type()?);
+        if kind.is_dir() {
             out.extend(walk(&p)?);
-        } else {
+        } else if kind.is_file() {
+            // Files only: the state directory also holds the upgrade's handover socket.
             out.push(p);
         }
     }
