@@ -83,13 +83,21 @@ struct AccountFile {
 #[derive(Debug, Clone)]
 pub struct AcmeStore {
     dir: PathBuf,
+    /// Held while the sealing secret is looked up and, on first use, generated: every
+    /// `[[acme]]` entry starts at once, and two that both found none would make two secrets
+    /// with one label, after which neither derives (the label no longer names one key). Shared
+    /// by the clones each entry holds.
+    seal: std::sync::Arc<parking_lot::Mutex<()>>,
 }
 
 impl AcmeStore {
     pub fn open(state_dir: &Path) -> Result<AcmeStore> {
         let dir = state_dir.join("acme");
         std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-        Ok(AcmeStore { dir })
+        Ok(AcmeStore {
+            dir,
+            seal: std::sync::Arc::new(parking_lot::Mutex::new(())),
+        })
     }
 
     fn progress_path(&self, name: &str) -> PathBuf {
@@ -137,7 +145,7 @@ impl AcmeStore {
         if sealed.len() < NONCE_LEN {
             bail!("account file: sealed too short");
         }
-        let key = sealing_key(token, name, directory)?;
+        let key = self.sealing_key(token, name, directory)?;
         let (nonce, body) = sealed.split_at_mut(NONCE_LEN);
         let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| anyhow!("nonce"))?;
         let plain = key
@@ -158,7 +166,7 @@ impl AcmeStore {
         token: &Token,
         credentials_json: &[u8],
     ) -> Result<()> {
-        let key = sealing_key(token, name, directory)?;
+        let key = self.sealing_key(token, name, directory)?;
         let mut nonce = [0u8; NONCE_LEN];
         aws_lc_rs::rand::fill(&mut nonce).map_err(|_| anyhow!("random nonce"))?;
         let mut body = Zeroizing::new(credentials_json.to_vec());
@@ -180,36 +188,80 @@ impl AcmeStore {
             0o600,
         )
     }
-}
 
-/// AES-256-GCM key = HMAC-SHA256(token secret, "tlsgate acme account v1" ‖ name ‖ directory),
-/// computed on the token; the secret is generated there on first use.
-fn sealing_key(token: &Token, name: &str, directory: &str) -> Result<LessSafeKey> {
-    let uri = Pkcs11Uri {
-        token: Some(token.label().to_owned()),
-        object: Some(SEAL_SECRET_LABEL.to_owned()),
-        object_type: Some(ObjectType::SecretKey),
-        ..Pkcs11Uri::default()
-    };
-    if token.find_secret(&uri).is_err() {
-        token
-            .generate_hmac_secret(SEAL_SECRET_LABEL, None)
-            .context("generate the account-sealing secret on the token")?;
+    /// AES-256-GCM key = HMAC-SHA256(token secret, "tlsgate acme account v1" ‖ name ‖ directory),
+    /// computed on the token; the secret is generated there on first use.
+    fn sealing_key(&self, token: &Token, name: &str, directory: &str) -> Result<LessSafeKey> {
+        let uri = Pkcs11Uri {
+            token: Some(token.label().to_owned()),
+            object: Some(SEAL_SECRET_LABEL.to_owned()),
+            object_type: Some(ObjectType::SecretKey),
+            ..Pkcs11Uri::default()
+        };
+        {
+            let _one_at_a_time = self.seal.lock();
+            if token.find_secret(&uri).is_err() {
+                token
+                    .generate_hmac_secret(SEAL_SECRET_LABEL, None)
+                    .context("generate the account-sealing secret on the token")?;
+            }
+        }
+        let mut input = b"tlsgate acme account v1\0".to_vec();
+        input.extend_from_slice(name.as_bytes());
+        input.push(0);
+        input.extend_from_slice(directory.as_bytes());
+        let mac = token
+            .hmac_sha256(&uri, &input)
+            .context("derive the account-sealing key on the token")?;
+        let key = UnboundKey::new(&AES_256_GCM, &mac[..]).map_err(|_| anyhow!("AES key"))?;
+        Ok(LessSafeKey::new(key))
     }
-    let mut input = b"tlsgate acme account v1\0".to_vec();
-    input.extend_from_slice(name.as_bytes());
-    input.push(0);
-    input.extend_from_slice(directory.as_bytes());
-    let mac = token
-        .hmac_sha256(&uri, &input)
-        .context("derive the account-sealing key on the token")?;
-    let key = UnboundKey::new(&AES_256_GCM, &mac[..]).map_err(|_| anyhow!("AES key"))?;
-    Ok(LessSafeKey::new(key))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every `[[acme]]` entry starts at once: on a fresh token they all look for the sealing
+    /// secret together, and exactly one secret may result, else no account ever unseals.
+    #[test]
+    fn entries_starting_together_make_one_sealing_secret() -> Result<()> {
+        use tlsgate_hw_tests::softhsm::{self, TestToken};
+        if let Some(why) = softhsm::unavailable() {
+            tlsgate_hw_tests::skip::missing(why);
+            return Ok(());
+        }
+        let test_token = TestToken::new()?;
+        let token = test_token.open()?;
+        let dir = tempfile::tempdir()?;
+        let store = AcmeStore::open(dir.path())?;
+        let directory = "https://ca.example/dir";
+        let sealed: Vec<Result<()>> = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..8)
+                .map(|i| {
+                    let (store, token) = (&store, &token);
+                    s.spawn(move || {
+                        store.save_account(&format!("e{i}"), directory, token, b"{\"k\":1}")
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .map(|w| w.join().unwrap_or_else(|_| Err(anyhow!("worker panicked"))))
+                .collect()
+        });
+        for r in sealed {
+            r?;
+        }
+        for i in 0..8 {
+            let back = store.load_account(&format!("e{i}"), directory, &token)?;
+            assert_eq!(
+                back.as_deref().map(|v| v.as_slice()),
+                Some(&b"{\"k\":1}"[..])
+            );
+        }
+        Ok(())
+    }
 
     #[test]
     fn progress_round_trips_and_absent_is_default() {
