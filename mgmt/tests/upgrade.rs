@@ -555,3 +555,67 @@ fn a_stop_and_start_under_the_same_load_refuses_connections() -> Result<()> {
     drop(second);
     Ok(())
 }
+
+/// A connection that outlives the drain: the old process keeps it working after the new one
+/// took over, and closes it only at `drain_timeout`, then exits. Measured against the
+/// configured timeout with wide margins on both sides: closed at the handover (no drain) fails
+/// the lower bound, a drain that ignores its timeout the upper.
+#[test]
+fn a_stream_outliving_the_drain_is_closed_at_drain_timeout() -> Result<()> {
+    if !common::require("softhsm2-util", "softhsm2") {
+        return Ok(());
+    }
+    const DRAIN: Duration = Duration::from_millis(3000);
+    let lab = Lab::new()?;
+    lab.token_key_with_chain("ec-p256", "web")?;
+    let backend = echo_backend()?;
+    let pin = lab.path("token/user.pin");
+    let io = common::drivers()[0];
+    let config = write_config(&lab, "drain.toml", io, "[0, 1]", &backend, &pin)?;
+    let text = std::fs::read_to_string(&config)?.replace(
+        "drain_timeout_ms = 60000",
+        &format!("drain_timeout_ms = {}", DRAIN.as_millis()),
+    );
+    std::fs::write(&config, text)?;
+    let first = common::Serve::start(&lab, &config)?;
+    let old = first.guard.child.id() as i32;
+    let client = client(&lab, &rustls::version::TLS13, false)?;
+    let mut stream = tls(&client, first.port)?;
+    echo(&mut stream, b"before\n")?;
+
+    let reaper = Reaper(Mutex::new(Vec::new()));
+    let out = upgrade(&lab, &config, Path::new(env!("CARGO_BIN_EXE_tlsgate")))?;
+    let handed_over = Instant::now();
+    check(out, "upgrade")?;
+    let new = owner(&lab)?;
+    reaper.0.lock().push(new);
+    ensure!(new != old, "the lock still names the old process");
+    one_connection(&client, first.port).context("a new connection after the upgrade")?;
+
+    // Echo every 100 ms until the old process closes the stream.
+    let mut round_trips = 0;
+    let closed_after = loop {
+        match echo(&mut stream, b"still here\n") {
+            Ok(()) => round_trips += 1,
+            Err(_) => break handed_over.elapsed(),
+        }
+        ensure!(
+            handed_over.elapsed() < DRAIN * 10,
+            "the stream outlived the drain timeout tenfold"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    eprintln!("stream closed {closed_after:?} after the handover ({round_trips} round trips)");
+    ensure!(
+        closed_after >= DRAIN / 2 && round_trips > 0,
+        "closed {closed_after:?} after the handover: before half the drain timeout {DRAIN:?}"
+    );
+    let exited = Instant::now();
+    while alive(old) && exited.elapsed() < DRAIN * 3 {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    ensure!(!alive(old), "the old process did not exit after its drain");
+    one_connection(&client, first.port).context("a new connection once the old one exited")?;
+    drop(first);
+    Ok(())
+}
