@@ -90,11 +90,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         inherited.as_mut().and_then(|i| i.handover.take()),
         &state_lock,
     ) {
-        (Some(l), _) => {
-            l.set_nonblocking(true)?;
-            let _rt = rt.enter();
-            Some(tokio::net::UnixListener::from_std(l)?)
-        }
+        (Some(l), _) => Some(crate::upgrade::unix_on(&rt, l)?),
         (None, Some(_)) => Some(
             rt.block_on(async { crate::upgrade::bind(&crate::upgrade::socket_path(&config)?) })?,
         ),
@@ -105,13 +101,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         Some(m) => {
             let handle = crate::metrics_http::install()?;
             let (listener, addr) = match inherited.as_mut().and_then(|i| i.metrics.take()) {
-                Some(l) => {
-                    l.set_nonblocking(true)?;
-                    let _rt = rt.enter();
-                    let l = tokio::net::TcpListener::from_std(l)?;
-                    let addr = l.local_addr()?;
-                    (l, addr)
-                }
+                Some(l) => crate::upgrade::tcp_on(&rt, l)?,
                 None => rt.block_on(crate::metrics_http::bind(m.listen))?,
             };
             Some((handle, listener, addr, m.max_connections))
@@ -239,11 +229,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
                 .and_then(|i| i.api_socket.take())
                 .filter(|(p, _)| *p == path);
             let listener = match taken {
-                Some((_, l)) => {
-                    l.set_nonblocking(true)?;
-                    let _rt = rt.enter();
-                    tokio::net::UnixListener::from_std(l)?
-                }
+                Some((_, l)) => crate::upgrade::unix_on(&rt, l)?,
                 None => rt.block_on(async { crate::api::bind_unix(&path, api.socket_mode) })?,
             };
             if let Some(k) = kit.as_mut() {
@@ -263,11 +249,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         if let Some(listen) = api.listen {
             let tls = crate::api::server::tls_config(api, &config, token.as_ref())?;
             let listener = match inherited.as_mut().and_then(|i| i.api_https.take()) {
-                Some(l) => {
-                    l.set_nonblocking(true)?;
-                    let _rt = rt.enter();
-                    tokio::net::TcpListener::from_std(l)?
-                }
+                Some(l) => crate::upgrade::tcp_on(&rt, l)?.0,
                 None => rt
                     .block_on(tokio::net::TcpListener::bind(listen))
                     .with_context(|| format!("[api] listen: cannot listen on {listen}"))?,
@@ -295,13 +277,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     if let Some(acme) = &acme {
         if let Some(h) = &config.acme_http01 {
             let (listener, addr) = match inherited.as_mut().and_then(|i| i.acme_http01.take()) {
-                Some(l) => {
-                    l.set_nonblocking(true)?;
-                    let _rt = rt.enter();
-                    let l = tokio::net::TcpListener::from_std(l)?;
-                    let addr = l.local_addr()?;
-                    (l, addr)
-                }
+                Some(l) => crate::upgrade::tcp_on(&rt, l)?,
                 None => rt.block_on(crate::acme::http01::bind(h.listen))?,
             };
             if let Some(k) = kit.as_mut() {

@@ -35,7 +35,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 pub use give::{give, Kit};
-pub use take::{take, Inherited};
+pub use take::{take, tcp_on, unix_on, Inherited};
 
 /// The handover socket's name in the state directory.
 pub const SOCKET: &str = "handover.sock";

@@ -142,3 +142,23 @@ impl Inherited {
         Ok(self.old_pid)
     }
 }
+
+/// An inherited TCP listener on the management runtime: non-blocking and registered with
+/// `rt`'s reactor, with its address.
+pub fn tcp_on(
+    rt: &tokio::runtime::Runtime,
+    l: TcpListener,
+) -> Result<(tokio::net::TcpListener, std::net::SocketAddr)> {
+    l.set_nonblocking(true)?;
+    let _rt = rt.enter();
+    let l = tokio::net::TcpListener::from_std(l)?;
+    let addr = l.local_addr()?;
+    Ok((l, addr))
+}
+
+/// An inherited unix listener on the management runtime (non-blocking, registered with `rt`).
+pub fn unix_on(rt: &tokio::runtime::Runtime, l: UnixListener) -> Result<tokio::net::UnixListener> {
+    l.set_nonblocking(true)?;
+    let _rt = rt.enter();
+    Ok(tokio::net::UnixListener::from_std(l)?)
+}
