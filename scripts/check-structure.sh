@@ -5,18 +5,18 @@
 #    by state machine or concern long before they get there (STYLE.md, "Small files").
 # 2. Import cycles between the top-level modules of one crate: module A's files naming
 #    `crate::B` (in a `use` or a path) while B's name `crate::A`, directly or through others.
-#    Printed as a warning, one line per cycle (a strongly connected group of modules), until the
-#    cycles are gone; then STRUCTURE_CYCLES=fail makes them an error.
+#    Each cycle (a strongly connected group of modules) is printed on one line and fails the
+#    check; STRUCTURE_CYCLES=warn reports them without failing (while one is being taken apart).
 #
 # Usage: scripts/check-structure.sh        (from anywhere; bash, find, awk)
 # Environment:
 #   STRUCTURE_MAX_LINES=800     the line limit
-#   STRUCTURE_CYCLES=warn|fail  what a cycle does (default warn)
+#   STRUCTURE_CYCLES=fail|warn  what a cycle does (default fail)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 max_lines=${STRUCTURE_MAX_LINES:-800}
-cycles_mode=${STRUCTURE_CYCLES:-warn}
+cycles_mode=${STRUCTURE_CYCLES:-fail}
 
 # Every .rs file of the repository, build outputs and VCS data left out.
 rust_files() {
@@ -129,7 +129,11 @@ while IFS= read -r manifest; do
     found=$(crate_edges "$src" | cycles_of "$modules")
     if [[ -n $found ]]; then
         while IFS= read -r group; do
-            echo "warning: import cycle in $crate: $group"
+            if [[ $cycles_mode == fail ]]; then
+                echo "error: import cycle in $crate: $group" >&2
+            else
+                echo "warning: import cycle in $crate: $group"
+            fi
             cycle_count=$((cycle_count + 1))
         done <<<"$found"
     fi
@@ -139,10 +143,10 @@ done < <(find . \( -path ./target -o -path ./fuzz/target -o -path ./.git \) -pru
 if ((cycle_count == 0)); then
     echo "import cycles: none between the top-level modules of any crate"
 elif [[ $cycles_mode == fail ]]; then
-    echo "error: $cycle_count import cycle(s) (STRUCTURE_CYCLES=fail)" >&2
+    echo "error: $cycle_count import cycle(s): move what both sides need into a module of its own (STRUCTURE_CYCLES=warn only reports them)" >&2
     status=1
 else
-    echo "import cycles: $cycle_count (a warning until they are removed; STRUCTURE_CYCLES=fail makes them errors)"
+    echo "import cycles: $cycle_count (reported only: STRUCTURE_CYCLES=warn)"
 fi
 
 exit "$status"

@@ -25,7 +25,7 @@ use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::config::{DataplaneConfig, IoDriver, IoDriverKind};
+use crate::config::DataplaneConfig;
 use crate::keyops::KeyOpPool;
 use crate::snapshot::Prepared;
 use crate::stats::CoreRecorder;
@@ -159,33 +159,6 @@ impl ShutdownSignal {
     pub(crate) fn deadline(&self) -> Instant {
         let d = *self.deadline.lock();
         d.unwrap_or_else(Instant::now)
-    }
-}
-
-/// Picks the driver. `auto` runs io_uring when the kernel and sandbox allow it, else the
-/// portable driver, and says why.
-pub(crate) fn choose(io: IoDriver) -> Result<IoDriverKind, Error> {
-    match io {
-        IoDriver::Portable => Ok(IoDriverKind::Portable),
-        IoDriver::Uring => match crate::uring::check_available() {
-            Ok(features) => {
-                tracing::info!(driver = "uring", "io = uring; {features}");
-                Ok(IoDriverKind::Uring)
-            }
-            Err(why) => Err(Error::UringUnavailable {
-                why: why.to_string(),
-            }),
-        },
-        IoDriver::Auto => match crate::uring::check_available() {
-            Ok(features) => {
-                tracing::info!(driver = "uring", "io = auto: running io_uring; {features}");
-                Ok(IoDriverKind::Uring)
-            }
-            Err(why) => {
-                tracing::info!(driver = "portable", reason = %why, "io = auto: io_uring unavailable, running the portable driver");
-                Ok(IoDriverKind::Portable)
-            }
-        },
     }
 }
 

@@ -2,7 +2,7 @@ use std::io;
 use std::net::SocketAddr;
 
 /// Errors of the data plane's public API (start-up, shutdown). Per-connection failures are not
-/// errors of the API: they are counted and logged (see [`crate::conn::CloseReason`]).
+/// errors of the API: they are counted and logged (see [`crate::outcome::CloseReason`]).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A configuration value is unusable.

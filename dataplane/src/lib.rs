@@ -44,6 +44,7 @@
 //!   to the `metrics` facade about once a second (names in [`metrics`]).
 #![deny(unsafe_code)]
 
+pub mod backend_tls;
 pub mod config;
 pub mod conn;
 mod driver;
@@ -53,6 +54,7 @@ mod error;
 pub mod fuzzing;
 pub mod keyops;
 pub mod metrics;
+pub mod outcome;
 pub mod pool;
 mod portable;
 mod seccomp;
@@ -69,9 +71,9 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 
 pub use config::{DataplaneConfig, IoDriver, IoDriverKind, KeyOpConfig, Limits, ThreadStart};
-pub use conn::CloseReason;
 pub use error::Error;
 pub use keyops::KeyOpCounters;
+pub use outcome::CloseReason;
 pub use snapshot::{
     inline_resumption_attempt, AcmeTlsAlpn, ClientCertCheck, ListenerSnapshot, Snapshot, SniFilter,
     ACME_TLS_ALPN,
@@ -209,7 +211,7 @@ fn start_with(
     inherited: Option<Vec<Vec<std::net::TcpListener>>>,
 ) -> Result<Dataplane, Error> {
     cfg.validate()?;
-    let kind = driver::choose(cfg.io)?;
+    let kind = choose_driver(cfg.io)?;
     let names: Vec<String> = snapshot.listeners.iter().map(|l| l.name.clone()).collect();
     for (i, n) in names.iter().enumerate() {
         if names[..i].contains(n) {
@@ -454,5 +456,32 @@ impl Drop for Dataplane {
         if !self.threads.is_empty() {
             let _ = self.stop(Duration::ZERO);
         }
+    }
+}
+
+/// Picks the driver. `auto` runs io_uring when the kernel and sandbox allow it, else the
+/// portable driver, and says why.
+fn choose_driver(io: IoDriver) -> Result<IoDriverKind, Error> {
+    match io {
+        IoDriver::Portable => Ok(IoDriverKind::Portable),
+        IoDriver::Uring => match uring::check_available() {
+            Ok(features) => {
+                tracing::info!(driver = "uring", "io = uring; {features}");
+                Ok(IoDriverKind::Uring)
+            }
+            Err(why) => Err(Error::UringUnavailable {
+                why: why.to_string(),
+            }),
+        },
+        IoDriver::Auto => match uring::check_available() {
+            Ok(features) => {
+                tracing::info!(driver = "uring", "io = auto: running io_uring; {features}");
+                Ok(IoDriverKind::Uring)
+            }
+            Err(why) => {
+                tracing::info!(driver = "portable", reason = %why, "io = auto: io_uring unavailable, running the portable driver");
+                Ok(IoDriverKind::Portable)
+            }
+        },
     }
 }

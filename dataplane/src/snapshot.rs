@@ -46,7 +46,7 @@ pub struct ListenerSnapshot {
     pub client_cert_check: Option<ClientCertCheck>,
     /// Speak TLS to the backend (after the PROXY header, when that is on); with `routes`, each
     /// pool carries its own instead.
-    pub backend_tls: Option<crate::conn::BackendTls>,
+    pub backend_tls: Option<crate::backend_tls::BackendTls>,
     /// Backend pools by SNI and ALPN ([`crate::pool`]); `None`: `backend`, `proxy_protocol` and
     /// `backend_tls` make the one pool.
     pub routes: Option<Arc<RouteTable>>,

@@ -7,8 +7,9 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::conn::{BackendTlsCause, CloseReason, HandshakeInfo};
+use crate::backend_tls::BackendTlsCause;
 use crate::metrics as m;
+use crate::outcome::{CloseReason, HandshakeInfo};
 
 /// Every close reason, in counter-array order.
 pub(crate) const REASONS: [CloseReason; N_REASONS] = [

@@ -21,7 +21,7 @@ pub use balance::Balance;
 pub use health::{AdminState, HealthCheck, Probe, ServerState};
 pub use route::{Route, RouteTable, SniMatch};
 
-use crate::conn::BackendTls;
+use crate::backend_tls::BackendTls;
 
 /// One backend server of a pool.
 #[derive(Debug, Clone)]
