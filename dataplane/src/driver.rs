@@ -6,12 +6,15 @@
 //!   for each connection load `shared.snapshot` once and build a [`crate::conn::Conn`] from
 //!   `listeners[i]` (a `None` there closes the connection as `ListenerGone`);
 //! - drive the `Conn`: feed reads while `wants_*_read()`, write `client_out()`/`backend_out()`,
-//!   act on `take_event()` (`Offload` → `shared.key_ops.submit`, whose reply must wake this core;
+//!   act on `take_event()` (`Offload` → its core's `keyops::Admission::offer` to
+//!   `shared.key_ops`, with a reply that wakes this core;
 //!   `HandshakeDone` → connect to `backend_addr()` within the backend connect timeout), do the
 //!   half-closes the `wants_*_shutdown()` ask for, call `on_timer` at `deadline()`, and close both
 //!   sockets on `closed()` / `is_finished()`;
-//! - bound its own key operations in flight (`key_ops.max_in_flight_per_core`) and pause accept
-//!   while `max_connections_per_core` or `max_handshakes_in_flight` is reached;
+//! - keep the `Admitted` of each key op beside its connection, fail the handshake at its
+//!   deadline, and give it back to `Admission::finish` exactly once (answer, deadline or close);
+//!   the gate holds the per-core bound (`key_ops.max_in_flight_per_core`) and the counters;
+//! - pause accept while `max_connections_per_core` or `max_handshakes_in_flight` is reached;
 //! - count everything through `setup.recorder` and call `maybe_flush` about once a second;
 //! - on `shared.shutdown` (it registers a waker), stop accepting (close the listener sockets),
 //!   let open connections finish until the drain deadline, then return.

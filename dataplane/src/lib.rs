@@ -25,7 +25,7 @@
 //!   - otherwise, or when the wire tripped, hands the flight and the real config to a key-op
 //!     worker ([`keyops::KeyOpPool`]) that replays it through a fresh `Acceptor` and runs
 //!     `into_connection()` there; the `ServerConnection` comes back through the driver's reply
-//!     closure (a oneshot into the core's runtime; an eventfd/`MSG_RING` for io_uring).
+//!     closure (a oneshot into the core's runtime; a channel and the ring's eventfd for io_uring).
 //!
 //!   After a TLS 1.3 HelloRetryRequest the second ClientHello is where a full handshake signs:
 //!   the connection itself goes to a worker to process it (an inline tripwire attempt that ends
@@ -34,8 +34,9 @@
 //!   Replaying the flight rather than sending `Accepted` across lets the tripwire attempt consume
 //!   `Accepted` inline and keeps the job a plain byte vector. Software-key listeners sign inline.
 //!   `danger_inline_key_ops` forces inline signing for comparisons.
-//! - **Bounded key-op queue**: per core (`key_ops.max_in_flight_per_core`) and in total
-//!   (`key_ops.queue_depth`); each request has a deadline (`key_ops.deadline_ms`). Full or late
+//! - **Bounded key-op queue**: per core (`key_ops.max_in_flight_per_core`, held by the one
+//!   admission gate each core of either driver puts in front of the pool,
+//!   `keyops::admission`) and in total (`key_ops.queue_depth`); each request has a deadline (`key_ops.deadline_ms`). Full or late
 //!   fails that handshake with an `internal_error` alert, a counter and a debug log line; the
 //!   per-core handshake bound pauses accept instead of letting memory grow.
 //! - **Reload**: [`Dataplane::update`] publishes a new snapshot; cores use it for connections
@@ -72,11 +73,10 @@ use arc_swap::ArcSwap;
 
 pub use config::{DataplaneConfig, IoDriver, IoDriverKind, KeyOpConfig, Limits, ThreadStart};
 pub use error::Error;
-pub use keyops::KeyOpCounters;
+pub use keyops::{inline_resumption_attempt, KeyOpCounters};
 pub use outcome::CloseReason;
 pub use snapshot::{
-    inline_resumption_attempt, AcmeTlsAlpn, ClientCertCheck, ListenerSnapshot, Snapshot, SniFilter,
-    ACME_TLS_ALPN,
+    AcmeTlsAlpn, ClientCertCheck, ListenerSnapshot, Snapshot, SniFilter, ACME_TLS_ALPN,
 };
 pub use stats::StatsSnapshot;
 

@@ -1,15 +1,13 @@
 //! The immutable state cores use for new connections, and its prepared per-listener form.
 
-use std::cell::Cell;
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::server::{ClientHello, ResolvesServerCert};
-use rustls::sign::{CertifiedKey, Signer, SigningKey};
-use rustls::{ServerConfig, SignatureAlgorithm, SignatureScheme};
+use rustls::ServerConfig;
 
+use crate::keyops::tripwire_config;
 use crate::pool::{Pool, RouteTable};
 
 /// Everything that can change on reload. Immutable: a reload publishes a new one.
@@ -240,109 +238,5 @@ impl Prepared {
             })
             .collect();
         Self { listeners }
-    }
-}
-
-fn tripwire_config(tls: &Arc<ServerConfig>) -> Arc<ServerConfig> {
-    let mut cfg = (**tls).clone();
-    cfg.cert_resolver = Arc::new(TripwireResolver(tls.cert_resolver.clone()));
-    Arc::new(cfg)
-}
-
-thread_local! {
-    static TRIPPED: Cell<bool> = const { Cell::new(false) };
-    static INLINE_ATTEMPT: Cell<bool> = const { Cell::new(false) };
-}
-
-/// Whether this thread is running the inline resumption attempt of an offloaded listener (the
-/// tripwire configuration). Whatever a session store or ticketer sees then, it sees again when
-/// a full handshake is replayed on a key-op worker: count and log refusals only outside it.
-pub fn inline_resumption_attempt() -> bool {
-    INLINE_ATTEMPT.with(|a| a.get())
-}
-
-/// Marks this thread as in an inline resumption attempt until dropped.
-pub(crate) struct InlineAttempt(());
-
-impl InlineAttempt {
-    pub(crate) fn begin() -> Self {
-        INLINE_ATTEMPT.with(|a| a.set(true));
-        Self(())
-    }
-}
-
-impl Drop for InlineAttempt {
-    fn drop(&mut self) {
-        INLINE_ATTEMPT.with(|a| a.set(false));
-    }
-}
-
-/// Clears the tripwire flag of this thread before an inline attempt.
-pub(crate) fn tripwire_reset() {
-    TRIPPED.with(|t| t.set(false));
-}
-
-/// Whether a tripwire signer was asked to sign on this thread since the last reset.
-pub(crate) fn tripwire_tripped() -> bool {
-    TRIPPED.with(|t| t.get())
-}
-
-#[derive(Debug)]
-struct TripwireResolver(Arc<dyn ResolvesServerCert>);
-
-impl ResolvesServerCert for TripwireResolver {
-    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let real = self.0.resolve(hello)?;
-        let key: Arc<dyn SigningKey> = Arc::new(TripwireKey(real.key.clone()));
-        Some(Arc::new(CertifiedKey {
-            cert: real.cert.clone(),
-            key,
-            ocsp: real.ocsp.clone(),
-        }))
-    }
-
-    fn only_raw_public_keys(&self) -> bool {
-        self.0.only_raw_public_keys()
-    }
-}
-
-/// Chooses schemes exactly like the real key, so the inline attempt takes the same path, but
-/// fails instead of signing.
-struct TripwireKey(Arc<dyn SigningKey>);
-
-impl fmt::Debug for TripwireKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("TripwireKey")
-    }
-}
-
-impl SigningKey for TripwireKey {
-    fn choose_scheme(&self, offered: &[SignatureScheme]) -> Option<Box<dyn Signer>> {
-        let real = self.0.choose_scheme(offered)?;
-        Some(Box::new(TripwireSigner(real.scheme())))
-    }
-
-    fn public_key(&self) -> Option<rustls_pki_types::SubjectPublicKeyInfoDer<'_>> {
-        self.0.public_key()
-    }
-
-    fn algorithm(&self) -> SignatureAlgorithm {
-        self.0.algorithm()
-    }
-}
-
-#[derive(Debug)]
-struct TripwireSigner(SignatureScheme);
-
-impl Signer for TripwireSigner {
-    fn sign(&self, _message: &[u8]) -> Result<Vec<u8>, rustls::Error> {
-        TRIPPED.with(|t| t.set(true));
-        Err(rustls::Error::General(
-            "signature deferred to a key-op worker".into(),
-        ))
-    }
-
-    fn scheme(&self) -> SignatureScheme {
-        self.0
     }
 }

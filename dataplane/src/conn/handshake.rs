@@ -9,19 +9,10 @@ use rustls::server::ServerConnection;
 use rustls::HandshakeKind;
 
 use super::buffer::ByteQueue;
-use super::{hello, identity, proxy_v2, CloseReason, Conn, Event, HandshakeInfo, KeyOpJob, Phase};
+use super::{identity, proxy_v2, CloseReason, Conn, Event, HandshakeInfo, KeyOpJob, Phase};
 use super::{ALERT_INTERNAL_ERROR, ALERT_NO_APPLICATION_PROTOCOL, ALERT_UNRECOGNIZED_NAME};
+use crate::keyops::tripwire::{attempt_inline, Inline};
 use crate::pool::route::Selected;
-use crate::snapshot::{tripwire_reset, tripwire_tripped, InlineAttempt};
-
-/// A TLS 1.3 connection that sent a HelloRetryRequest and has not answered the second
-/// ClientHello yet (no key exchange done): processing that hello may sign.
-pub(super) fn awaiting_second_hello(tls: &ServerConnection) -> bool {
-    matches!(
-        tls.handshake_kind(),
-        Some(HandshakeKind::FullWithHelloRetryRequest)
-    ) && tls.negotiated_key_exchange_group().is_none()
-}
 
 /// What the client gets when a handshake fails before the io thread has a connection: the bytes
 /// rustls queued when they are alerts only, else `internal_error`. A failed `into_connection()`
@@ -159,31 +150,18 @@ impl Conn {
             }
             return;
         };
-        // What the session store and ticketer see from here on, the replay sees again.
-        let attempt = InlineAttempt::begin();
-        if hello::may_resume(&flight, &*real.session_storage) {
-            tripwire_reset();
-            match accepted.into_connection(tripwire) {
-                // A HelloRetryRequest decides nothing: the second hello may still need a
-                // signature the tripwire cannot give. Discarded unsent; a worker answers both.
-                Ok(tls) if awaiting_second_hello(&tls) => {}
-                Ok(tls) => {
-                    drop(attempt);
-                    self.enter_tls(Box::new(tls), now);
-                    return;
-                }
-                Err((e, mut alert)) => {
-                    if !tripwire_tripped() {
-                        let mut queued = Vec::new();
-                        let _ = alert.write_all(&mut queued);
-                        self.to_client.push(failure_bytes(&queued));
-                        self.fail(tls_failure(&e));
-                        return;
-                    }
-                }
+        match attempt_inline(accepted, &flight, &real, tripwire) {
+            Inline::Resumed(tls) => {
+                self.enter_tls(tls, now);
+                return;
             }
+            Inline::Refused { error, alert } => {
+                self.to_client.push(failure_bytes(&alert));
+                self.fail(tls_failure(&error));
+                return;
+            }
+            Inline::NeedsKeyOp => {}
         }
-        drop(attempt);
         self.phase = Phase::KeyOp;
         self.events.push(Event::Offload(KeyOpJob {
             flight,

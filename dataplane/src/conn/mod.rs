@@ -21,9 +21,7 @@
 mod backend_pump;
 mod buffer;
 mod handshake;
-pub(crate) mod hello;
 pub mod identity;
-mod key_op;
 pub(crate) mod proxy_v2;
 #[cfg(test)]
 mod tests;
@@ -38,14 +36,17 @@ use rustls::client::ClientConnection;
 use rustls::server::{Acceptor, ServerConnection};
 
 pub use crate::backend_tls::{self, BackendTls, BackendTlsCause};
+pub use crate::keyops::{
+    is_key_failure, run_key_op, KeyOpDone, KeyOpFailure, KeyOpJob, KeyOpResult,
+};
 pub use crate::outcome::{CloseReason, HandshakeInfo};
-pub use key_op::{is_key_failure, run_key_op, KeyOpDone, KeyOpFailure, KeyOpJob, KeyOpResult};
 pub use upstream::Target;
 
 use crate::config::Limits;
+use crate::keyops::hint::awaiting_second_hello;
 use crate::snapshot::PreparedListener;
 use buffer::ByteQueue;
-use handshake::{awaiting_second_hello, failure_bytes, tls_failure, write_failure};
+use handshake::{failure_bytes, tls_failure, write_failure};
 
 /// A fatal `internal_error` alert in a plaintext record, for failures that happen before rustls
 /// has a connection that could write one (key-op queue full or late).

@@ -18,9 +18,9 @@ pub use proxy::proxy_v2_round_trip;
 
 use rustls::server::{Acceptor, ServerSessionMemoryCache, StoresServerSessions};
 
-use crate::conn::hello;
+use crate::keyops::hint as hello;
 
-/// The ClientHello peek behind the key-op offload decision (`conn::hello`), checked against
+/// The ClientHello peek behind the key-op offload decision (`keyops::hint`), checked against
 /// rustls's own parser: a hello rustls accepts must be readable by the hint parser too (else
 /// every such handshake pays an inline attempt it did not need), and a session id it reads
 /// must make a resumption likely once the store knows it.

@@ -11,7 +11,7 @@ use tokio::sync::oneshot;
 
 use super::Core;
 use crate::conn::{CloseReason, Conn, Event, KeyOpFailure, KeyOpResult, Target};
-use crate::keyops::KeyOpRequest;
+use crate::keyops::{job, Admitted};
 use crate::stats::KeyOpOutcome;
 
 /// Accounting that must happen however the task ends, including being dropped at drain end.
@@ -19,7 +19,8 @@ struct Guard {
     core: Rc<Core>,
     listener: String,
     handshaking: bool,
-    key_op_since: Option<Instant>,
+    /// The key op this connection waits for, admitted by its core's gate.
+    key_op: Option<Admitted>,
     done: bool,
 }
 
@@ -33,14 +34,9 @@ impl Guard {
     }
 
     fn key_op_finished(&mut self, outcome: KeyOpOutcome) {
-        if let Some(since) = self.key_op_since.take() {
-            self.core
-                .key_ops_in_flight
-                .set(self.core.key_ops_in_flight.get() - 1);
-            self.core
-                .recorder
-                .borrow_mut()
-                .key_op_done(outcome, since.elapsed());
+        if let Some(admitted) = self.key_op.take() {
+            let mut recorder = self.core.recorder.borrow_mut();
+            self.core.key_ops.finish(admitted, outcome, &mut recorder);
         }
     }
 
@@ -116,7 +112,7 @@ pub(super) async fn run(
         core: core.clone(),
         listener: name,
         handshaking: true,
-        key_op_since: None,
+        key_op: None,
         done: false,
     };
     let Some(listener) = listener else {
@@ -162,42 +158,28 @@ type ConnectFuture = std::pin::Pin<
 >;
 
 async fn drive(core: &Core, conn: &mut Conn, client: &TcpStream, guard: &mut Guard) -> CloseReason {
-    let cfg = &core.shared.cfg;
     let mut backend: Option<TcpStream> = None;
     let mut connecting: Option<ConnectFuture> = None;
     let mut key_op_rx: Option<oneshot::Receiver<KeyOpResult>> = None;
-    let mut key_op_deadline: Option<Instant> = None;
     loop {
         let now = Instant::now();
         while let Some(ev) = conn.take_event() {
             match ev {
                 Event::Offload(job) => {
-                    let deadline = now + cfg.key_ops.deadline();
-                    if core.key_ops_in_flight.get() >= cfg.key_ops.max_in_flight_per_core {
-                        core.recorder.borrow().key_op_rejected();
-                        conn.on_key_op_done(Err(KeyOpFailure::Rejected), now);
-                        continue;
-                    }
                     let (tx, rx) = oneshot::channel();
-                    let req = KeyOpRequest {
-                        job,
-                        deadline,
-                        reply: Box::new(move |r| {
-                            let _ = tx.send(r);
-                        }),
-                    };
-                    match core.shared.key_ops.submit(req) {
-                        Ok(()) => {
-                            core.key_ops_in_flight.set(core.key_ops_in_flight.get() + 1);
-                            core.recorder.borrow().key_op_queued();
-                            guard.key_op_since = Some(now);
+                    let reply = Box::new(move |r| {
+                        let _ = tx.send(r);
+                    });
+                    let recorder = core.recorder.borrow();
+                    match core
+                        .key_ops
+                        .offer(&core.shared.key_ops, &recorder, job, reply, now)
+                    {
+                        Ok(admitted) => {
+                            guard.key_op = Some(admitted);
                             key_op_rx = Some(rx);
-                            key_op_deadline = Some(deadline);
                         }
-                        Err(_) => {
-                            core.recorder.borrow().key_op_rejected();
-                            conn.on_key_op_done(Err(KeyOpFailure::Rejected), now);
-                        }
+                        Err(refused) => conn.on_key_op_done(Err(refused), now),
                     }
                 }
                 Event::HandshakeDone(info) => {
@@ -234,8 +216,8 @@ async fn drive(core: &Core, conn: &mut Conn, client: &TcpStream, guard: &mut Gua
         let want_br = backend.is_some() && conn.wants_backend_read();
         let want_bw = backend.is_some() && !conn.backend_out().is_empty();
         let mut deadline = conn.deadline();
-        if let Some(d) = key_op_deadline {
-            deadline = deadline.min(d);
+        if let Some(admitted) = &guard.key_op {
+            deadline = deadline.min(admitted.deadline());
         }
         let wake = tokio::select! {
             biased;
@@ -251,13 +233,8 @@ async fn drive(core: &Core, conn: &mut Conn, client: &TcpStream, guard: &mut Gua
         match wake {
             Wake::KeyOp(r) => {
                 key_op_rx = None;
-                key_op_deadline = None;
                 let r = r.unwrap_or(Err(KeyOpFailure::Deadline));
-                let outcome = match &r {
-                    Ok(_) => KeyOpOutcome::Ok,
-                    Err(f) => f.outcome(),
-                };
-                guard.key_op_finished(outcome);
+                guard.key_op_finished(job::outcome(&r));
                 conn.on_key_op_done(r, now);
             }
             Wake::Connected(r) => {
@@ -320,11 +297,10 @@ async fn drive(core: &Core, conn: &mut Conn, client: &TcpStream, guard: &mut Gua
                 }
             }
             Wake::Timer => {
-                if key_op_deadline.is_some_and(|d| now >= d) {
+                if guard.key_op.as_ref().is_some_and(|a| now >= a.deadline()) {
                     // The worker may still answer; the receiver is dropped so that answer is
                     // discarded.
                     key_op_rx = None;
-                    key_op_deadline = None;
                     guard.key_op_finished(KeyOpOutcome::TimedOut);
                     conn.on_key_op_done(Err(KeyOpFailure::Deadline), now);
                 } else {

@@ -14,6 +14,7 @@ use tokio::sync::Notify;
 use tokio::task::LocalSet;
 
 use crate::driver::{CoreSetup, ReadySignal, Shared};
+use crate::keyops::Admission;
 use crate::stats::{CoreRecorder, FLUSH_INTERVAL};
 use crate::Error;
 
@@ -27,7 +28,8 @@ pub(super) struct Core {
     pub recorder: RefCell<CoreRecorder>,
     pub open: Cell<usize>,
     pub handshaking: Cell<usize>,
-    pub key_ops_in_flight: Cell<usize>,
+    /// The gate in front of the key-op pool for this core's connections.
+    pub key_ops: Admission,
     /// Woken when a connection closes or finishes its handshake (accept may resume).
     pub capacity: Notify,
     /// Woken when a connection closes (drain progress).
@@ -51,7 +53,7 @@ pub(crate) fn run_core(setup: CoreSetup) -> Result<(), Error> {
         recorder: RefCell::new(setup.recorder),
         open: Cell::new(0),
         handshaking: Cell::new(0),
-        key_ops_in_flight: Cell::new(0),
+        key_ops: Admission::new(&setup.shared.cfg.key_ops),
         capacity: Notify::new(),
         closed: Notify::new(),
         scratch: RefCell::new(vec![0; chunk]),

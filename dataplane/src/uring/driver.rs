@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use super::{ConnectError, Ctl, EventLoopBuilder, Handler, ListenerId, SocketId, Waker};
 use crate::conn::{CloseReason, Conn, Event, KeyOpFailure, KeyOpResult, Target};
 use crate::driver::{CoreSetup, Shared};
-use crate::keyops::KeyOpRequest;
+use crate::keyops::{job, Admission, Admitted, KeyOpJob};
 use crate::stats::{CoreRecorder, KeyOpOutcome, FLUSH_INTERVAL};
 use crate::Error;
 
@@ -50,8 +50,8 @@ struct ConnState {
     backend: Option<SocketId>,
     backend_connected: bool,
     handshaking: bool,
-    key_op_since: Option<Instant>,
-    key_op_deadline: Option<Instant>,
+    /// The key op this connection waits for, admitted by the core's gate.
+    key_op: Option<Admitted>,
     client_reading: bool,
     backend_reading: bool,
 }
@@ -71,7 +71,8 @@ struct Core {
     /// are harmless.
     timers: BinaryHeap<Reverse<(Instant, ConnId, Timer)>>,
     handshaking: usize,
-    key_ops_in_flight: usize,
+    /// The gate in front of the key-op pool for this core's connections.
+    key_ops: Admission,
     accepting: bool,
     draining: Option<Instant>,
     replies_tx: Sender<(ConnId, KeyOpResult)>,
@@ -110,6 +111,7 @@ pub(crate) fn run_core(setup: CoreSetup) -> Result<(), Error> {
         }));
     }
     let (replies_tx, replies_rx) = mpsc::channel();
+    let key_ops = Admission::new(&setup.shared.cfg.key_ops);
     let mut core = Core {
         index: setup.index,
         shared: setup.shared,
@@ -120,7 +122,7 @@ pub(crate) fn run_core(setup: CoreSetup) -> Result<(), Error> {
         next_id: 0,
         timers: BinaryHeap::new(),
         handshaking: 0,
-        key_ops_in_flight: 0,
+        key_ops,
         accepting: true,
         draining: None,
         replies_tx,
@@ -197,10 +199,8 @@ impl Core {
 
     fn key_op_finished(&mut self, id: ConnId, outcome: KeyOpOutcome) {
         if let Some(st) = self.conns.get_mut(&id) {
-            if let Some(since) = st.key_op_since.take() {
-                st.key_op_deadline = None;
-                self.key_ops_in_flight -= 1;
-                self.recorder.key_op_done(outcome, since.elapsed());
+            if let Some(admitted) = st.key_op.take() {
+                self.key_ops.finish(admitted, outcome, &mut self.recorder);
             }
         }
     }
@@ -246,44 +246,32 @@ impl Core {
         }
     }
 
-    fn submit_key_op(&mut self, id: ConnId, job: crate::conn::KeyOpJob, now: Instant) {
-        let cfg = &self.shared.cfg;
-        let deadline = now + cfg.key_ops.deadline();
-        if self.key_ops_in_flight >= cfg.key_ops.max_in_flight_per_core {
-            self.recorder.key_op_rejected();
-            if let Some(st) = self.conns.get_mut(&id) {
-                st.conn.on_key_op_done(Err(KeyOpFailure::Rejected), now);
-            }
-            return;
-        }
+    fn submit_key_op(&mut self, id: ConnId, job: KeyOpJob, now: Instant) {
         let tx = self.replies_tx.clone();
         let waker = self.waker.clone();
-        let req = KeyOpRequest {
-            job,
-            deadline,
-            reply: Box::new(move |r| {
-                // The core may have shut down; then nobody waits for this answer.
-                if tx.send((id, r)).is_ok() {
-                    let _ = waker.wake();
-                }
-            }),
+        let reply = Box::new(move |r| {
+            // The core may have shut down; then nobody waits for this answer.
+            if tx.send((id, r)).is_ok() {
+                let _ = waker.wake();
+            }
+        });
+        let offered = self
+            .key_ops
+            .offer(&self.shared.key_ops, &self.recorder, job, reply, now);
+        let Some(st) = self.conns.get_mut(&id) else {
+            if let Ok(admitted) = offered {
+                self.key_ops
+                    .finish(admitted, KeyOpOutcome::Late, &mut self.recorder);
+            }
+            return;
         };
-        match self.shared.key_ops.submit(req) {
-            Ok(()) => {
-                self.key_ops_in_flight += 1;
-                self.recorder.key_op_queued();
-                if let Some(st) = self.conns.get_mut(&id) {
-                    st.key_op_since = Some(now);
-                    st.key_op_deadline = Some(deadline);
-                }
-                self.timers.push(Reverse((deadline, id, Timer::KeyOp)));
+        match offered {
+            Ok(admitted) => {
+                let at = admitted.deadline();
+                st.key_op = Some(admitted);
+                self.timers.push(Reverse((at, id, Timer::KeyOp)));
             }
-            Err(_) => {
-                self.recorder.key_op_rejected();
-                if let Some(st) = self.conns.get_mut(&id) {
-                    st.conn.on_key_op_done(Err(KeyOpFailure::Rejected), now);
-                }
-            }
+            Err(refused) => st.conn.on_key_op_done(Err(refused), now),
         }
     }
 
@@ -407,7 +395,7 @@ impl Core {
             };
             match kind {
                 Timer::KeyOp => {
-                    if st.key_op_deadline != Some(at) {
+                    if st.key_op.as_ref().map(Admitted::deadline) != Some(at) {
                         continue;
                     }
                     // The worker may still answer; key_op_finished makes that answer a no-op.
@@ -483,8 +471,7 @@ impl Handler for Core {
                 backend: None,
                 backend_connected: false,
                 handshaking: true,
-                key_op_since: None,
-                key_op_deadline: None,
+                key_op: None,
                 client_reading: true,
                 backend_reading: false,
             },
@@ -605,19 +592,12 @@ impl Handler for Core {
     fn on_wake(&mut self, ctl: &mut Ctl) {
         let now = Instant::now();
         while let Ok((id, r)) = self.replies_rx.try_recv() {
-            let waiting = self
-                .conns
-                .get(&id)
-                .is_some_and(|st| st.key_op_since.is_some());
+            let waiting = self.conns.get(&id).is_some_and(|st| st.key_op.is_some());
             if !waiting {
                 // Late: the deadline already failed this handshake, or the connection is gone.
                 continue;
             }
-            let outcome = match &r {
-                Ok(_) => KeyOpOutcome::Ok,
-                Err(f) => f.outcome(),
-            };
-            self.key_op_finished(id, outcome);
+            self.key_op_finished(id, job::outcome(&r));
             if let Some(st) = self.conns.get_mut(&id) {
                 st.conn.on_key_op_done(r, now);
             }

@@ -142,6 +142,14 @@ fn process_backend_on_worker(mut backend: Box<ClientConnection>) -> KeyOpResult 
     }
 }
 
+/// The key-op outcome a worker's answer counts as.
+pub(crate) fn outcome(result: &KeyOpResult) -> crate::stats::KeyOpOutcome {
+    match result {
+        Ok(_) => crate::stats::KeyOpOutcome::Ok,
+        Err(f) => f.outcome(),
+    }
+}
+
 /// Whether a failed key-op step failed in the key rather than in the peer's handshake. A
 /// `SigningKey` reports a failed PKCS#11 call as `rustls::Error::Other` (rustls passes a
 /// signer's error through unchanged); everything else rustls decides about the peer's hello.

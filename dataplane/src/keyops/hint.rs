@@ -1,17 +1,19 @@
-//! A look at the raw ClientHello flight for signs of a resumption attempt.
+//! Which path a ClientHello takes on a listener whose keys are on a token: a look at the raw
+//! flight for signs of a resumption attempt.
 //!
 //! Only a hint for the offload decision: a hello that may resume runs inline under the tripwire
-//! config (a resumption needs no signature); a full handshake goes straight to a key-op worker so
-//! its key exchange is not computed twice. A wrong hint costs CPU, never correctness: the
-//! tripwire catches a full handshake that slipped through. rustls has already parsed and accepted
-//! the same bytes when this runs.
+//! config ([`super::tripwire`]; a resumption needs no signature); a full handshake goes straight
+//! to a key-op worker so its key exchange is not computed twice. A wrong hint costs CPU, never
+//! correctness: the tripwire catches a full handshake that slipped through. rustls has already
+//! parsed and accepted the same bytes when this runs.
 //!
 //! A non-empty legacy session id alone says nothing: every TLS 1.3-capable client sends a random
 //! one, and rustls clients send `supported_versions` even when they offer only TLS 1.2. So a
 //! session id counts only when the server's own session store knows it, which is the lookup
 //! rustls makes next for a TLS 1.2 resumption anyway.
 
-use rustls::server::StoresServerSessions;
+use rustls::server::{ServerConnection, StoresServerSessions};
+use rustls::HandshakeKind;
 
 const RECORD_HANDSHAKE: u8 = 22;
 const HS_CLIENT_HELLO: u8 = 1;
@@ -35,6 +37,16 @@ pub(crate) fn may_resume(flight: &[u8], sessions: &dyn StoresServerSessions) -> 
         }
         None => true,
     }
+}
+
+/// A TLS 1.3 connection that sent a HelloRetryRequest and has not answered the second
+/// ClientHello yet (no key exchange done): processing that hello may sign, so on an offloaded
+/// listener it happens on a key-op worker.
+pub(crate) fn awaiting_second_hello(tls: &ServerConnection) -> bool {
+    matches!(
+        tls.handshake_kind(),
+        Some(HandshakeKind::FullWithHelloRetryRequest)
+    ) && tls.negotiated_key_exchange_group().is_none()
 }
 
 /// What the hello offers (visible to the fuzzing module, which checks it against rustls).

@@ -1,13 +1,13 @@
 //! The key-operation pool: worker threads that run `Accepted::into_connection()` — and so the
 //! token signature inside it — away from the io threads; also the backend handshake's record
-//! processing when the backend client key is on the token (see [`crate::conn::KeyOpJob`]).
+//! processing when the backend client key is on the token (see [`super::KeyOpJob`]).
 //!
-//! The queue is bounded (total `queue_depth`; drivers also bound their own in-flight count per
-//! core), every request carries a deadline, and a request that waited past it is answered
+//! The queue is bounded (total `queue_depth`; each core's `Admission` also bounds that core's
+//! in-flight count), every request carries a deadline, and a request that waited past it is answered
 //! `Deadline` without touching the token. The answer goes back through the request's `reply`
-//! closure, which each driver builds to wake its own loop (a tokio oneshot for the portable
-//! driver; an eventfd or `IORING_OP_MSG_RING` for io_uring). Workers keep no state between
-//! requests, so a token error fails only the handshake that met it.
+//! closure, which each driver builds to wake its own loop (a tokio oneshot for the portable driver;
+//! a channel and the ring's eventfd for io_uring). Workers keep no state between requests, so a
+//! token error fails only the handshake that met it.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
+use super::job::{run_key_op, KeyOpFailure, KeyOpJob, KeyOpResult};
 use crate::config::{KeyOpConfig, ThreadStart};
-use crate::conn::{run_key_op, KeyOpFailure, KeyOpJob, KeyOpResult};
 use crate::Error;
 
 /// Nice value of the key-op worker threads. Besides the token call they run the CPU part of the
