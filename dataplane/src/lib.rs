@@ -36,9 +36,10 @@
 //!   `danger_inline_key_ops` forces inline signing for comparisons.
 //! - **Bounded key-op queue**: per core (`key_ops.max_in_flight_per_core`, held by the one
 //!   admission gate each core of either driver puts in front of the pool,
-//!   `keyops::admission`) and in total (`key_ops.queue_depth`); each request has a deadline (`key_ops.deadline_ms`). Full or late
-//!   fails that handshake with an `internal_error` alert, a counter and a debug log line; the
-//!   per-core handshake bound pauses accept instead of letting memory grow.
+//!   `keyops::admission`) and in total (`key_ops.queue_depth`); each request has a deadline
+//!   (`key_ops.deadline_ms`). Full or late fails that handshake with an `internal_error` alert,
+//!   a counter and a debug log line; the per-core handshake bound pauses accept instead of
+//!   letting memory grow.
 //! - **Reload**: [`Dataplane::update`] publishes a new snapshot; cores use it for connections
 //!   accepted afterwards, live connections keep the config they started with.
 //! - **Counters**: [`Dataplane::stats`] sums the per-core counters; each core also flushes deltas

@@ -7,7 +7,8 @@ use std::io::{self, Read, Write};
 
 use rustls::client::ClientConnection;
 
-use super::{is_key_failure, KeyOpResult, Phase};
+use super::buffer::ByteQueue;
+use super::{is_key_failure, BackendSession, Closing, KeyOpResult};
 use super::{BackendTlsCause, CloseReason, Conn, Event, KeyOpDone, KeyOpFailure, KeyOpJob};
 
 impl Conn {
@@ -25,12 +26,21 @@ impl Conn {
                 .is_some_and(|b| b.offload_key_ops)
     }
 
-    /// Parks the backend session on a worker with the records it has read.
-    pub(super) fn offload_backend(&mut self) {
-        let Some(backend) = self.backend_tls.take() else {
-            return;
+    /// Parks the backend session on a worker with the records it has read; `unread` (what
+    /// rustls would not buffer) waits on the core for the session to come back.
+    pub(super) fn offload_backend(&mut self, unread: &[u8]) {
+        let mut backlog = ByteQueue::default();
+        backlog.push(unread);
+        let backend = match std::mem::replace(
+            &mut self.backend_session,
+            BackendSession::OnWorker { backlog },
+        ) {
+            BackendSession::Here(backend) => backend,
+            other => {
+                self.backend_session = other;
+                return;
+            }
         };
-        self.backend_key_op = true;
         self.events.push(Event::Offload(KeyOpJob {
             flight: Vec::new(),
             config: self.listener.snap.tls.clone(),
@@ -44,12 +54,14 @@ impl Conn {
     /// as for a client handshake (`key_op_failed`, `key_op_timeout`, `key_op_rejected`); what
     /// rustls refused in the backend's records is a backend TLS error, as inline.
     pub(super) fn on_backend_key_op_done(&mut self, result: KeyOpResult) {
-        self.backend_key_op = false;
+        let pending = match std::mem::replace(&mut self.backend_session, BackendSession::None) {
+            BackendSession::OnWorker { backlog } => backlog,
+            _ => ByteQueue::default(),
+        };
         let reason = match result {
             Ok(KeyOpDone::Backend(backend)) => {
-                self.backend_tls = Some(backend);
+                self.backend_session = BackendSession::Here(backend);
                 self.drain_backend_plaintext();
-                let pending = std::mem::take(&mut self.backend_in);
                 // Also flushes the client's flight to the backend and the plaintext that waited.
                 self.on_backend_tls_data(pending.as_slice());
                 return;
@@ -67,7 +79,7 @@ impl Conn {
             Err(KeyOpFailure::Deadline) => CloseReason::KeyOpTimeout,
         };
         // The client's session is established: it learns the backend is gone, not why.
-        if let Phase::Tls { tls, .. } = &mut self.phase {
+        if let Some(tls) = self.phase.tls() {
             tls.send_close_notify();
         }
         self.flush_tls();
@@ -90,7 +102,7 @@ impl Conn {
             Ok(mut c) => {
                 // Bounded by our own queues, as on the client side.
                 c.set_buffer_limit(None);
-                self.backend_tls = Some(Box::new(c));
+                self.backend_session = BackendSession::Here(Box::new(c));
                 self.pump_backend_tls();
             }
             Err(e) => self.fail_backend_tls(BackendTlsCause::of(&e), Some(&e)),
@@ -101,7 +113,7 @@ impl Conn {
     /// the wire queue's bound allows), sends close_notify after the client's last byte, and
     /// moves rustls's records to the wire queue.
     pub(super) fn pump_backend_tls(&mut self) {
-        let Some(bt) = self.backend_tls.as_mut() else {
+        let Some(bt) = self.backend_session.here() else {
             return;
         };
         if !bt.is_handshaking() {
@@ -119,12 +131,9 @@ impl Conn {
                     }
                 }
             }
-            if self.client_read_closed
-                && self.to_backend.is_empty()
-                && !self.backend_close_notify_sent
-            {
+            if self.client_to_backend == Closing::ReadClosed && self.to_backend.is_empty() {
                 bt.send_close_notify();
-                self.backend_close_notify_sent = true;
+                self.client_to_backend.reach(Closing::CloseNotifySent);
             }
         }
         while bt.wants_write() {
@@ -137,14 +146,14 @@ impl Conn {
 
     /// TLS records from the backend: through rustls, plaintext on to the client.
     pub(super) fn on_backend_tls_data(&mut self, data: &[u8]) {
-        if self.backend_key_op {
-            self.backend_in.push(data);
+        if let BackendSession::OnWorker { backlog } = &mut self.backend_session {
+            backlog.push(data);
             return;
         }
         let offloads = self.backend_offloads();
         let mut rd = data;
-        while !rd.is_empty() && self.closed.is_none() {
-            let Some(bt) = self.backend_tls.as_mut() else {
+        while !rd.is_empty() && self.closed().is_none() {
+            let Some(bt) = self.backend_session.here() else {
                 return;
             };
             match bt.read_tls(&mut rd) {
@@ -158,10 +167,9 @@ impl Conn {
             }
             if offloads && bt.is_handshaking() {
                 // As much of the flight as rustls buffers unprocessed goes along; the rest
-                // waits in `backend_in` for the session to come back.
+                // waits on the core for the session to come back.
                 while !rd.is_empty() && matches!(bt.read_tls(&mut rd), Ok(n) if n > 0) {}
-                self.backend_in.push(rd);
-                self.offload_backend();
+                self.offload_backend(rd);
                 self.flush_tls();
                 return;
             }
@@ -172,7 +180,7 @@ impl Conn {
             // Drained after every record batch so rustls's own plaintext buffer stays small.
             self.drain_backend_plaintext();
         }
-        if self.closed.is_none() {
+        if self.closed().is_none() {
             self.pump_backend_tls();
             self.flush_tls();
             self.after_progress();
@@ -182,8 +190,7 @@ impl Conn {
     /// Moves decrypted backend bytes into the client's TLS session; the backend's close_notify
     /// becomes ours to the client.
     pub(super) fn drain_backend_plaintext(&mut self) {
-        let (Some(bt), Phase::Tls { tls, .. }) = (self.backend_tls.as_mut(), &mut self.phase)
-        else {
+        let (Some(bt), Some(tls)) = (self.backend_session.here(), self.phase.tls()) else {
             return;
         };
         let mut buf = [0u8; 8192];
@@ -208,10 +215,9 @@ impl Conn {
                 }
             }
         }
-        if finished && !self.backend_read_closed {
-            self.backend_read_closed = true;
+        if finished && self.backend_to_client == Closing::Open {
             tls.send_close_notify();
-            self.close_notify_sent = true;
+            self.backend_to_client.reach(Closing::CloseNotifySent);
         }
         self.flush_tls();
     }
@@ -238,7 +244,7 @@ impl Conn {
             }
         }
         // The client's session ends cleanly: it learns the backend is gone, not why.
-        if let Phase::Tls { tls, .. } = &mut self.phase {
+        if let Some(tls) = self.phase.tls() {
             tls.send_close_notify();
         }
         self.flush_tls();

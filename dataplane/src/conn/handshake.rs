@@ -180,7 +180,9 @@ impl Conn {
     /// after a HelloRetryRequest, on an offloaded listener.
     pub(super) fn offload_second_hello(&mut self) {
         self.flush_tls();
-        let Phase::Tls { tls, .. } = std::mem::replace(&mut self.phase, Phase::KeyOp) else {
+        let (Phase::Handshaking(tls) | Phase::Established(tls)) =
+            std::mem::replace(&mut self.phase, Phase::KeyOp)
+        else {
             return;
         };
         self.events.push(Event::Offload(KeyOpJob {
@@ -194,12 +196,9 @@ impl Conn {
     pub(super) fn enter_tls(&mut self, mut tls: Box<ServerConnection>, now: Instant) {
         // Plaintext flow is bounded by our own queues and read pausing, not by rustls's limit.
         tls.set_buffer_limit(None);
-        self.phase = Phase::Tls {
-            tls,
-            established: false,
-        };
+        self.phase = Phase::Handshaking(tls);
         // Records that arrived with the hello sit in rustls's buffer until processed.
-        if let Phase::Tls { tls, .. } = &mut self.phase {
+        if let Some(tls) = self.phase.tls() {
             if let Err(e) = tls.process_new_packets() {
                 write_failure(tls, &e, &mut self.to_client);
                 self.fail(tls_failure(&e));
@@ -211,13 +210,18 @@ impl Conn {
 
     pub(super) fn check_established(&mut self, now: Instant) {
         let proxy = self.pool_proxy_protocol();
-        let Phase::Tls { tls, established } = &mut self.phase else {
+        match std::mem::replace(&mut self.phase, Phase::KeyOp) {
+            Phase::Handshaking(tls) if !tls.is_handshaking() => {
+                self.phase = Phase::Established(tls);
+            }
+            other => {
+                self.phase = other;
+                return;
+            }
+        }
+        let Some(tls) = self.phase.tls() else {
             return;
         };
-        if *established || tls.is_handshaking() {
-            return;
-        }
-        *established = true;
         // RFC 8737 §3: the validator closes after the handshake; nothing goes to a backend.
         if self.upstream.acme_challenge {
             self.close_without_backend(CloseReason::Done);

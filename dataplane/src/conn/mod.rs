@@ -2,17 +2,24 @@
 //! or runtimes; a driver feeds it what it read, writes what it asks for and runs the key
 //! operations it hands out.
 //!
-//! Life of a connection:
+//! Life of a connection (the variants of `Phase`):
 //!
 //! ```text
 //! Hello ──(ClientHello parsed)──┬─ inline into_connection() ───────────────┐
 //!   │                           └─ Event::Offload → KeyOp ─ on_key_op_done ─┤
-//!   └─ too large / not TLS / timeout → closed                               ▼
-//!                                   Tls (handshaking) ─ Event::HandshakeDone → Tls (established)
+//!   └─ too large / not TLS / timeout → Closed(reason)                      ▼
+//!                                       Handshaking ─ Event::HandshakeDone → Established
 //!                                                                             │ proxying, bounded
 //!                                       close_notify/FIN ↔ FIN/close_notify   ▼
 //!                                                                           finished
 //! ```
+//!
+//! Any phase may end in `Closed(reason)`. Once established, each direction runs its own
+//! `Closing` steps (stream read to the end → close_notify sent where that side speaks TLS → the
+//! receiving socket's write side shut), and the two directions end independently, in either
+//! order; the client's FIN (`ClientFin`) is kept apart, since a client may send close_notify
+//! before it or not at all. The backend's TLS session is a `BackendSession`: none, here, or on
+//! a key-op worker with the records that arrive meanwhile.
 //!
 //! A TLS backend whose client key is on the token parks its `ClientConnection` the same way:
 //! during the backend handshake, the backend's records go to a key-op worker
@@ -22,6 +29,7 @@ mod backend_pump;
 mod buffer;
 mod handshake;
 pub mod identity;
+mod phase;
 pub(crate) mod proxy_v2;
 #[cfg(test)]
 mod tests;
@@ -31,9 +39,6 @@ use std::io::{self, BufRead, Write};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-use rustls::client::ClientConnection;
-use rustls::server::{Acceptor, ServerConnection};
 
 pub use crate::backend_tls::{self, BackendTls, BackendTlsCause};
 pub use crate::keyops::{
@@ -47,6 +52,7 @@ use crate::keyops::hint::awaiting_second_hello;
 use crate::snapshot::PreparedListener;
 use buffer::ByteQueue;
 use handshake::{failure_bytes, tls_failure, write_failure};
+use phase::{BackendSession, ClientFin, Closing, Phase};
 
 /// A fatal `internal_error` alert in a plaintext record, for failures that happen before rustls
 /// has a connection that could write one (key-op queue full or late).
@@ -75,19 +81,6 @@ pub enum Event {
     HandshakeDone(HandshakeInfo),
 }
 
-enum Phase {
-    Hello {
-        acceptor: Box<Acceptor>,
-        flight: Vec<u8>,
-    },
-    KeyOp,
-    Tls {
-        tls: Box<ServerConnection>,
-        established: bool,
-    },
-    Closed,
-}
-
 /// One client connection's TLS and proxy state. See the module docs.
 pub struct Conn {
     phase: Phase,
@@ -108,25 +101,20 @@ pub struct Conn {
     to_backend: ByteQueue,
     /// TLS backends only: what goes on the backend socket (PROXY header, then TLS records).
     backend_wire: ByteQueue,
-    backend_tls: Option<Box<ClientConnection>>,
-    /// The backend session is on a key-op worker (`backend_tls` is `None` meanwhile); the
-    /// backend is not read, and what a driver still delivers waits in `backend_in`.
-    backend_key_op: bool,
-    /// Backend records that arrived while `backend_key_op`, processed when the session is back.
-    backend_in: ByteQueue,
+    backend_session: BackendSession,
     /// When the backend TLS handshake started (backend connected); bounds it.
     backend_tls_since: Option<Instant>,
-    backend_close_notify_sent: bool,
+    /// The driver reported the backend socket connected.
     backend_connected: bool,
-    client_eof: bool,
-    eof_signaled: bool,
-    client_read_closed: bool,
-    backend_read_closed: bool,
-    backend_write_shut: bool,
-    client_write_shut: bool,
-    close_notify_sent: bool,
+    /// The client's FIN (client → backend).
+    client_fin: ClientFin,
+    /// Client → backend: the client's stream over, close_notify to a TLS backend, the backend
+    /// socket's write side shut.
+    client_to_backend: Closing,
+    /// Backend → client: the backend's stream over, close_notify to the client, the client
+    /// socket's write side shut.
+    backend_to_client: Closing,
     events: Vec<Event>,
-    closed: Option<CloseReason>,
     upstream: upstream::Upstream,
 }
 
@@ -134,7 +122,7 @@ impl std::fmt::Debug for Conn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Conn")
             .field("listener", &self.listener.snap.name)
-            .field("closed", &self.closed)
+            .field("closed", &self.closed())
             .finish_non_exhaustive()
     }
 }
@@ -169,21 +157,13 @@ impl Conn {
             to_client: ByteQueue::default(),
             to_backend: ByteQueue::default(),
             backend_wire: ByteQueue::default(),
-            backend_tls: None,
-            backend_key_op: false,
-            backend_in: ByteQueue::default(),
+            backend_session: BackendSession::None,
             backend_tls_since: None,
-            backend_close_notify_sent: false,
             backend_connected: false,
-            client_eof: false,
-            eof_signaled: false,
-            client_read_closed: false,
-            backend_read_closed: false,
-            backend_write_shut: false,
-            client_write_shut: false,
-            close_notify_sent: false,
+            client_fin: ClientFin::NotYet,
+            client_to_backend: Closing::Open,
+            backend_to_client: Closing::Open,
             events: Vec::new(),
-            closed: None,
             upstream: upstream::Upstream::default(),
         }
     }
@@ -205,37 +185,42 @@ impl Conn {
     /// Why the connection ended, once it has. The driver then writes what
     /// [`Conn::client_out`] still holds (an alert) if it can, and closes both sockets.
     pub fn closed(&self) -> Option<CloseReason> {
-        self.closed
+        match self.phase {
+            Phase::Closed(reason) => Some(reason),
+            _ => None,
+        }
     }
 
     /// Still in the handshake (for per-core handshake-in-flight accounting).
     pub fn is_handshaking(&self) -> bool {
         match &self.phase {
-            Phase::Hello { .. } | Phase::KeyOp => true,
-            Phase::Tls { established, .. } => !established,
-            Phase::Closed => false,
+            Phase::Hello { .. } | Phase::KeyOp | Phase::Handshaking(_) => true,
+            Phase::Established(_) | Phase::Closed(_) => false,
         }
     }
 
     /// Waiting for a key-op result (the client's handshake or the backend's).
     pub fn awaiting_key_op(&self) -> bool {
-        matches!(self.phase, Phase::KeyOp) || self.backend_key_op
+        matches!(self.phase, Phase::KeyOp) || self.backend_session.on_worker()
     }
 
     /// The listener's backend speaks TLS and its session exists (here or on a key-op worker).
     fn backend_speaks_tls(&self) -> bool {
-        self.backend_tls.is_some() || self.backend_key_op
+        !matches!(self.backend_session, BackendSession::None)
     }
 
     /// The driver should read from the client now.
     pub fn wants_client_read(&self) -> bool {
-        if self.closed.is_some() || self.client_read_closed || self.client_eof {
+        if self.closed().is_some()
+            || self.client_to_backend >= Closing::ReadClosed
+            || self.client_fin != ClientFin::NotYet
+        {
             return false;
         }
         match &self.phase {
             Phase::Hello { .. } => true,
-            Phase::KeyOp | Phase::Closed => false,
-            Phase::Tls { .. } => {
+            Phase::KeyOp | Phase::Closed(_) => false,
+            Phase::Handshaking(_) | Phase::Established(_) => {
                 self.to_backend.len() < self.cap && self.client_in.len() < self.cap
             }
         }
@@ -243,11 +228,10 @@ impl Conn {
 
     /// The driver should read from the backend now.
     pub fn wants_backend_read(&self) -> bool {
-        self.closed.is_none()
+        self.closed().is_none()
             && self.backend_connected
-            && !self.backend_read_closed
-            && !self.close_notify_sent
-            && !self.backend_key_op
+            && self.backend_to_client == Closing::Open
+            && !self.backend_session.on_worker()
             && self.to_client.len() < self.cap
     }
 
@@ -291,7 +275,7 @@ impl Conn {
             // Room in the plaintext queue: client records (or plaintext rustls already holds)
             // that waited for it move on now; nothing else would wake them once the client has
             // sent its last byte.
-            if matches!(self.phase, Phase::Tls { .. }) {
+            if self.phase.has_tls() {
                 self.pump_client(now);
                 return;
             }
@@ -302,33 +286,34 @@ impl Conn {
     /// The driver should now shut down the write side of the backend socket (client finished
     /// sending and everything reached the backend), then call [`Conn::backend_write_shut`].
     pub fn wants_backend_shutdown(&self) -> bool {
-        self.closed.is_none()
+        self.closed().is_none()
             && self.backend_connected
-            && self.client_read_closed
-            && !self.backend_write_shut
             && self.to_backend.is_empty()
             && self.backend_wire.is_empty()
-            && (!self.backend_speaks_tls() || self.backend_close_notify_sent)
+            && match self.client_to_backend {
+                Closing::ReadClosed => !self.backend_speaks_tls(),
+                Closing::CloseNotifySent => true,
+                Closing::Open | Closing::WriteShut => false,
+            }
     }
 
     /// The backend socket's write side is shut.
     pub fn backend_write_shut(&mut self) {
-        self.backend_write_shut = true;
+        self.client_to_backend.reach(Closing::WriteShut);
         self.after_progress();
     }
 
     /// The driver should shut down the write side of the client socket (close_notify sent and
     /// flushed), then call [`Conn::client_write_shut`].
     pub fn wants_client_shutdown(&self) -> bool {
-        self.closed.is_none()
-            && self.close_notify_sent
-            && !self.client_write_shut
+        self.closed().is_none()
+            && self.backend_to_client == Closing::CloseNotifySent
             && self.to_client.is_empty()
     }
 
     /// The client socket's write side is shut.
     pub fn client_write_shut(&mut self) {
-        self.client_write_shut = true;
+        self.backend_to_client.reach(Closing::WriteShut);
         self.after_progress();
     }
 
@@ -348,13 +333,17 @@ impl Conn {
     /// covers connect and handshake alike).
     fn backend_tls_deadline(&self) -> Option<Instant> {
         let since = self.backend_tls_since?;
-        let handshaking = self.backend_key_op || self.backend_tls.as_ref()?.is_handshaking();
+        let handshaking = match &self.backend_session {
+            BackendSession::None => return None,
+            BackendSession::Here(bt) => bt.is_handshaking(),
+            BackendSession::OnWorker { .. } => true,
+        };
         handshaking.then(|| since + self.backend_connect_timeout)
     }
 
     /// Fires the handshake or idle timeout if due.
     pub fn on_timer(&mut self, now: Instant) {
-        if self.closed.is_some() {
+        if self.closed().is_some() {
             return;
         }
         if self.is_handshaking() && now >= self.accepted_at + self.handshake_timeout {
@@ -369,7 +358,7 @@ impl Conn {
     /// Ends the connection for a reason found by the driver (socket error, backend connect
     /// failure, shutdown).
     pub fn abort(&mut self, reason: CloseReason) {
-        if self.closed.is_none() {
+        if self.closed().is_none() {
             self.fail(reason);
         }
     }
@@ -379,14 +368,14 @@ impl Conn {
         self.upstream_connected(now);
         self.backend_connected = true;
         self.last_activity = now;
-        if self.backend_tls.is_some() {
+        if matches!(self.backend_session, BackendSession::Here(_)) {
             self.backend_tls_since = Some(now);
         }
     }
 
     /// Bytes read from the client.
     pub fn on_client_data(&mut self, data: &[u8], now: Instant) {
-        if self.closed.is_some() || data.is_empty() {
+        if self.closed().is_some() || data.is_empty() {
             return;
         }
         self.last_activity = now;
@@ -406,7 +395,7 @@ impl Conn {
                     let Phase::Hello { acceptor, .. } = &mut self.phase else {
                         // Bytes that followed the hello in this read; in the key-op phase they
                         // are already part of the flight the worker replays.
-                        if matches!(self.phase, Phase::Tls { .. }) && !rd.is_empty() {
+                        if self.phase.has_tls() && !rd.is_empty() {
                             self.client_in.push(rd);
                             self.pump_client(now);
                         }
@@ -424,36 +413,36 @@ impl Conn {
                     }
                 }
             }
-            Phase::KeyOp | Phase::Tls { .. } => {
+            Phase::KeyOp | Phase::Handshaking(_) | Phase::Established(_) => {
                 self.client_in.push(data);
                 self.pump_client(now);
             }
-            Phase::Closed => {}
+            Phase::Closed(_) => {}
         }
     }
 
     /// The client sent FIN.
     pub fn on_client_eof(&mut self, now: Instant) {
-        if self.closed.is_some() {
+        if self.closed().is_some() {
             return;
         }
-        match &mut self.phase {
-            Phase::Hello { .. } | Phase::KeyOp => self.fail(CloseReason::ClientClosedEarly),
-            Phase::Tls { established, .. } => {
-                if !*established {
-                    self.fail(CloseReason::ClientClosedEarly);
-                    return;
+        match &self.phase {
+            Phase::Hello { .. } | Phase::KeyOp | Phase::Handshaking(_) => {
+                self.fail(CloseReason::ClientClosedEarly)
+            }
+            Phase::Established(_) => {
+                if self.client_fin == ClientFin::NotYet {
+                    self.client_fin = ClientFin::Received;
                 }
-                self.client_eof = true;
                 self.pump_client(now);
             }
-            Phase::Closed => {}
+            Phase::Closed(_) => {}
         }
     }
 
     /// Bytes read from the backend.
     pub fn on_backend_data(&mut self, data: &[u8], now: Instant) {
-        if self.closed.is_some() || data.is_empty() {
+        if self.closed().is_some() || data.is_empty() {
             return;
         }
         self.last_activity = now;
@@ -461,7 +450,7 @@ impl Conn {
             self.on_backend_tls_data(data);
             return;
         }
-        if let Phase::Tls { tls, .. } = &mut self.phase {
+        if let Some(tls) = self.phase.tls() {
             if tls.writer().write_all(data).is_err() {
                 self.fail(CloseReason::TlsError);
                 return;
@@ -472,15 +461,15 @@ impl Conn {
 
     /// The backend sent FIN: send close_notify to the client after what is queued.
     pub fn on_backend_eof(&mut self, _now: Instant) {
-        if self.closed.is_some() {
+        if self.closed().is_some() {
             return;
         }
-        if self.backend_key_op {
+        if self.backend_session.on_worker() {
             // Only a handshake goes to a worker.
             self.fail_backend_tls(BackendTlsCause::ClosedDuringHandshake, None);
             return;
         }
-        if let Some(bt) = self.backend_tls.as_mut() {
+        if let Some(bt) = self.backend_session.here() {
             let _ = bt.read_tls(&mut io::empty());
             if let Err(e) = bt.process_new_packets() {
                 self.fail_backend_tls(BackendTlsCause::of(&e), Some(&e));
@@ -493,14 +482,14 @@ impl Conn {
             // Whatever plaintext came before the FIN goes to the client first; a FIN without
             // close_notify is a truncation the client sees as an ordinary close_notify.
             self.drain_backend_plaintext();
-            if self.closed.is_some() || self.backend_read_closed {
+            if self.closed().is_some() || self.backend_to_client >= Closing::ReadClosed {
                 return;
             }
         }
-        self.backend_read_closed = true;
-        if let Phase::Tls { tls, .. } = &mut self.phase {
+        self.backend_to_client.reach(Closing::ReadClosed);
+        if let Some(tls) = self.phase.tls() {
             tls.send_close_notify();
-            self.close_notify_sent = true;
+            self.backend_to_client.reach(Closing::CloseNotifySent);
         }
         self.flush_tls();
         self.after_progress();
@@ -508,10 +497,10 @@ impl Conn {
 
     /// The key-op worker's answer for this connection.
     pub fn on_key_op_done(&mut self, result: KeyOpResult, now: Instant) {
-        if self.closed.is_some() {
+        if self.closed().is_some() {
             return;
         }
-        if self.backend_key_op {
+        if self.backend_session.on_worker() {
             self.on_backend_key_op_done(result);
             return;
         }
@@ -547,24 +536,19 @@ impl Conn {
 
     /// Both directions are finished: the driver closes the sockets and counts `Done`.
     pub fn is_finished(&self) -> bool {
-        self.closed.is_none()
-            && self.client_read_closed
-            && self.backend_read_closed
+        self.closed().is_none()
+            && self.client_to_backend == Closing::WriteShut
+            && self.backend_to_client == Closing::WriteShut
             && self.to_client.is_empty()
             && self.to_backend.is_empty()
             && self.backend_wire.is_empty()
-            && self.backend_write_shut
-            && self.client_write_shut
     }
 
     fn fail(&mut self, reason: CloseReason) {
-        self.closed = Some(reason);
-        self.phase = Phase::Closed;
+        self.phase = Phase::Closed(reason);
         self.to_backend = ByteQueue::default();
         self.backend_wire = ByteQueue::default();
-        self.backend_tls = None;
-        self.backend_key_op = false;
-        self.backend_in = ByteQueue::default();
+        self.backend_session = BackendSession::None;
         self.client_in = ByteQueue::default();
     }
 
@@ -572,7 +556,7 @@ impl Conn {
     fn pump_client(&mut self, now: Instant) {
         let offloads = self.offloads();
         loop {
-            let Phase::Tls { tls, .. } = &mut self.phase else {
+            let Some(tls) = self.phase.tls() else {
                 return;
             };
             let mut progressed = false;
@@ -585,7 +569,7 @@ impl Conn {
                 let mut reader = tls.reader();
                 let taken = match reader.fill_buf() {
                     Ok([]) => {
-                        self.client_read_closed = true;
+                        self.client_to_backend.reach(Closing::ReadClosed);
                         break;
                     }
                     Ok(chunk) => {
@@ -596,7 +580,7 @@ impl Conn {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(_) => {
                         // Unexpected EOF: the client closed without close_notify.
-                        self.client_read_closed = true;
+                        self.client_to_backend.reach(Closing::ReadClosed);
                         break;
                     }
                 };
@@ -623,10 +607,10 @@ impl Conn {
                     return;
                 }
                 progressed |= n > 0;
-            } else if self.client_in.is_empty() && self.client_eof && !self.eof_signaled {
+            } else if self.client_in.is_empty() && self.client_fin == ClientFin::Received {
                 // An empty read tells rustls about EOF once every byte before it went in; a
                 // missing close_notify is a truncation the backend sees as an ordinary FIN.
-                self.eof_signaled = true;
+                self.client_fin = ClientFin::Signaled;
                 let _ = tls.read_tls(&mut io::empty());
                 if tls.process_new_packets().is_err() {
                     let _ = tls.write_tls(&mut self.to_client);
@@ -646,7 +630,7 @@ impl Conn {
     }
 
     fn flush_tls(&mut self) {
-        if let Phase::Tls { tls, .. } = &mut self.phase {
+        if let Some(tls) = self.phase.tls() {
             while tls.wants_write() {
                 match tls.write_tls(&mut self.to_client) {
                     Ok(0) | Err(_) => break,

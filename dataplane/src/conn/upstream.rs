@@ -114,14 +114,14 @@ impl Conn {
             CloseReason::BackendConnectFailed
         };
         let in_time = self.upstream.deadline.is_some_and(|d| now < d);
-        if self.upstream.attempts > pool.retries || !in_time || self.closed.is_some() {
+        if self.upstream.attempts > pool.retries || !in_time || self.closed().is_some() {
             self.close_without_backend(reason);
             return None;
         }
         let next = self.pick_backend(now);
         if next.is_none() {
             // Every other server is out or tried: the client sees what the last attempt met.
-            self.closed = Some(reason);
+            self.phase = super::Phase::Closed(reason);
         } else {
             pool.retried();
         }
@@ -131,10 +131,10 @@ impl Conn {
     /// Ends a connection whose handshake is done but that no backend will serve: the client
     /// gets close_notify (a clean TLS close, not a bare FIN) before the socket closes.
     pub(super) fn close_without_backend(&mut self, reason: CloseReason) {
-        if self.closed.is_some() {
+        if self.closed().is_some() {
             return;
         }
-        if let super::Phase::Tls { tls, .. } = &mut self.phase {
+        if let Some(tls) = self.phase.tls() {
             tls.send_close_notify();
             let mut bytes = Vec::new();
             while tls.wants_write() {

@@ -58,9 +58,9 @@ impl Admission {
     }
 
     /// Offers `job` (handed out by a connection at `now`) to `pool`. Admitted, `reply` gets the
-    /// answer on a worker. Refused — this core at its bound, or the pool's queue full or closed —
-    /// it is counted as rejected at once, `reply` is dropped unused, and the error is what the
-    /// connection's `on_key_op_done` must be given.
+    /// answer on a worker. Refused (this core at its bound, or the pool's queue full or
+    /// closed), it is counted as rejected at once, `reply` is dropped unused, and the error is
+    /// what the connection's `on_key_op_done` must be given.
     pub(crate) fn offer(
         &self,
         pool: &KeyOpPool,

@@ -3,8 +3,8 @@
 //! processing when the backend client key is on the token (see [`super::KeyOpJob`]).
 //!
 //! The queue is bounded (total `queue_depth`; each core's `Admission` also bounds that core's
-//! in-flight count), every request carries a deadline, and a request that waited past it is answered
-//! `Deadline` without touching the token. The answer goes back through the request's `reply`
+//! in-flight count), every request carries a deadline, and a request that waited past it is
+//! answered `Deadline` without touching the token. The answer goes back through the request's `reply`
 //! closure, which each driver builds to wake its own loop (a tokio oneshot for the portable driver;
 //! a channel and the ring's eventfd for io_uring). Workers keep no state between requests, so a
 //! token error fails only the handshake that met it.
