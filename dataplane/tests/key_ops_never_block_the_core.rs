@@ -274,3 +274,54 @@ fn full_key_op_queue_fails_the_handshake_cleanly() {
         dp.shutdown(Duration::from_secs(1)).expect("shutdown");
     }
 }
+
+/// The per-core bound (`max_in_flight_per_core`), held by the one admission gate both drivers
+/// use: with room in the shared queue, a core already waiting on its one key op refuses the
+/// next handshake at once, and a handshake after the slot is free succeeds.
+#[test]
+fn a_core_at_its_in_flight_bound_refuses_at_once() {
+    let p = pki(KeyKind::Ecdsa);
+    let (tls, _) = server_config(&p, Some(Duration::from_millis(300)));
+    let backend = echo_backend();
+    for io in drivers() {
+        let mut cfg = DataplaneConfig::new(vec![0]);
+        cfg.key_ops.workers = 4;
+        cfg.key_ops.queue_depth = 64;
+        cfg.key_ops.max_in_flight_per_core = 1;
+        let mut l = listener("hsm", tls.clone(), backend);
+        l.offload_key_ops = true;
+        let Some(dp) = start_dp(cfg, io, vec![l]) else {
+            continue;
+        };
+        let a = addr(&dp);
+        let mut cc = (*client_config(&p, all_versions())).clone();
+        cc.resumption = Resumption::disabled();
+        let cc = Arc::new(cc);
+        let clients: Vec<_> = (0..6)
+            .map(|_| {
+                let cc = cc.clone();
+                thread::spawn(move || {
+                    let mut t = connect(a, &cc);
+                    handshake(&mut t).is_ok()
+                })
+            })
+            .collect();
+        let ok = clients
+            .into_iter()
+            .map(|c| c.join().unwrap_or(false))
+            .filter(|ok| *ok)
+            .count();
+        let s = dp.stats();
+        assert!(s.key_ops_rejected > 0, "{io:?}: {s:?}");
+        assert!(ok >= 1, "{io:?}: the admitted one completes");
+        assert_eq!(
+            s.key_ops_queued + s.key_ops_rejected,
+            6,
+            "{io:?}: each handshake offered once: {s:?}"
+        );
+        assert_eq!(s.closed(CloseReason::KeyOpRejected), s.key_ops_rejected);
+        let mut t = connect(a, &cc);
+        assert_eq!(echo_once(&mut t, b"again").expect("echo"), b"again");
+        dp.shutdown(Duration::from_secs(1)).expect("shutdown");
+    }
+}
