@@ -13,6 +13,7 @@
 #                      with useradd --system when missing); the lab directory becomes theirs
 #   TLSGATE_LAB_PORT   TLS port (default 8443); the backend listens on TLS port - 363 (8080)
 #   TLSGATE_LAB_SETUP_ONLY=1   make the token, keys and certificates, then stop
+#   TLSGATE_BIN        use this tlsgate binary instead of building target/release/tlsgate
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/lib.sh
@@ -37,9 +38,13 @@ if [[ -n "$LAB_USER" ]] && ! id -u "$LAB_USER" >/dev/null 2>&1; then
     useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin "$LAB_USER"
 fi
 
-step "build (release)"
-cargo build --release --locked -p tlsgate-mgmt
-BIN=$PWD/target/release/tlsgate
+if [[ -n "${TLSGATE_BIN:-}" ]]; then
+    BIN=$(realpath "$TLSGATE_BIN")
+else
+    step "build (release)"
+    cargo build --release --locked -p tlsgate-mgmt
+    BIN=$PWD/target/release/tlsgate
+fi
 
 step "lab directory $LAB_DIR"
 if [[ -e "$LAB_DIR" && ! -e "$LAB_DIR/.tlsgate-lab" ]]; then
