@@ -44,6 +44,9 @@ if [[ "${TLSGATE_SKIP_LINT:-0}" != 1 ]]; then
     scripts/check-structure.sh
 fi
 
+step "dashboard renderer: draws every panel type of contrib/grafana/tlsgate.json (no browser)"
+contrib/grafana/render.sh --check
+
 step "build (the tests need the tlsgate binary and the PKCS#11 test shim)"
 cargo build --workspace --all-targets --locked
 
