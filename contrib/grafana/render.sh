@@ -77,8 +77,22 @@ else
     LOAD=${TLSGATE_LOAD:-$PWD/target/release/tlsgate-load}
 fi
 
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+# Free ports below the ephemeral range, so that none of the run's many client connections takes
+# one as its source port while the backend is stopped.
+free_ports() {
+    python3 - "$1" <<'PY'
+import random, socket, sys
+low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+held = []
+while len(held) < int(sys.argv[1]):
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", random.randrange(10000, max(low, 10001))))
+        held.append(s)
+    except OSError:
+        s.close()
+print(" ".join(str(s.getsockname()[1]) for s in held))
+PY
 }
 
 WORK=$(mktemp -d)
@@ -97,15 +111,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# A port whose neighbour 363 below (the lab backend, scripts/lab.sh) is free too.
-while :; do
-    PORT=$(free_port)
-    ((PORT > 2000)) && ! (exec 3<>"/dev/tcp/127.0.0.1/$((PORT - 363))") 2>/dev/null && break
-done
-BACKEND_PORT=$((PORT - 363))
-MTLS_PORT=$(free_port)
-METRICS_PORT=$(free_port)
-PROM_PORT=$(free_port)
+read -r PORT BACKEND_PORT MTLS_PORT METRICS_PORT PROM_PORT < <(free_ports 5)
 LAB=$WORK/lab
 
 step "lab token, keys and certificates (scripts/lab.sh)"
@@ -113,6 +119,7 @@ TLSGATE_BIN=$BIN TLSGATE_LAB_DIR=$LAB TLSGATE_LAB_PORT=$PORT TLSGATE_LAB_SETUP_O
     scripts/lab.sh >"$WORK/lab-setup.log" 2>&1 || { cat "$WORK/lab-setup.log" >&2; exit 1; }
 export SOFTHSM2_CONF=$LAB/token/softhsm2.conf
 CA=$LAB/ca/root.pem
+sed -i "s/^backend = .*/backend = \"127.0.0.1:$BACKEND_PORT\"/" "$LAB/tlsgate.toml"
 
 # The lab configuration plus metrics, a low per-core connection limit (so that accept pauses
 # once), and a second listener with client certificates, whose policy the run changes
@@ -144,9 +151,18 @@ TOML
 
 step "demo backend, appliance, Prometheus"
 start_backend() {
-    "$BIN" demo-backend --listen "127.0.0.1:$BACKEND_PORT" >>"$WORK/backend.log" 2>&1 &
+    rm -f "$WORK/backend.ready"
+    "$BIN" demo-backend --listen "127.0.0.1:$BACKEND_PORT" --ready-file "$WORK/backend.ready" >>"$WORK/backend.log" 2>&1 &
     BACKEND_PID=$!
     PIDS+=("$BACKEND_PID")
+    for _ in $(seq 1 100); do
+        [[ -s "$WORK/backend.ready" ]] && return 0
+        kill -0 "$BACKEND_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    cat "$WORK/backend.log" >&2
+    echo "error: the demo backend did not start on 127.0.0.1:$BACKEND_PORT" >&2
+    exit 1
 }
 start_backend
 "$BIN" serve --config "$LAB/tlsgate.toml" --ready-file "$LAB/ready" >"$WORK/serve.log" 2>&1 &
@@ -243,7 +259,7 @@ set +m
 # The backend away for a while: connections to it fail (errors by source: backend).
 at $((S * 42 / 100))
 echo "backend stopped"
-kill "$BACKEND_PID"
+kill "$BACKEND_PID" || { cat "$WORK/backend.log" >&2; echo "error: the demo backend had exited" >&2; exit 1; }
 wait "$BACKEND_PID" 2>/dev/null || true
 at $((S * 47 / 100))
 start_backend
