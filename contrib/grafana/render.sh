@@ -295,6 +295,11 @@ curl -fs "$PROM/api/v1/targets" | python3 -c '
 import json, sys
 for t in json.load(sys.stdin)["data"]["activeTargets"]:
     print(t["scrapeUrl"], t["health"], "last error:", t["lastError"] or "none")'
+# Scrapes over the run that succeeded, of all made.
+curl -fs "$PROM/api/v1/query" --data-urlencode "query=sum_over_time(up[$((END - START))s])" \
+    --data-urlencode "time=$END" | python3 -c 'import json, sys; print("successful scrapes:", json.load(sys.stdin)["data"]["result"][0]["value"][1])'
+curl -fs "$PROM/api/v1/query" --data-urlencode "query=count_over_time(up[$((END - START))s])" \
+    --data-urlencode "time=$END" | python3 -c 'import json, sys; print("scrapes:           ", json.load(sys.stdin)["data"]["result"][0]["value"][1])'
 
 step "render $OUT"
 mkdir -p "$(dirname "$OUT")"
