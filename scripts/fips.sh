@@ -13,6 +13,8 @@ source scripts/lib.sh
 
 step "system packages (the FIPS module's build: cmake, golang-go, libclang-dev)"
 ensure_packages cmake golang-go libclang-dev softhsm2 openssl curl
+# protoc (and its well-known types) for the etcd-client crate's build.
+ensure_packages protobuf-compiler libprotobuf-dev
 
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target}/fips
 step "build with --features fips"

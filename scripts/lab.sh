@@ -32,6 +32,8 @@ BACKEND_PORT=$((PORT - 363))
 
 step "system packages"
 ensure_packages softhsm2 openssl curl ca-certificates gcc make pkg-config
+# protoc (and its well-known types) for the etcd-client crate's build; etcd for fleet mode.
+ensure_packages protobuf-compiler libprotobuf-dev etcd-server etcd-client
 
 if [[ -n "$LAB_USER" ]] && ! id -u "$LAB_USER" >/dev/null 2>&1; then
     step "user $LAB_USER"

@@ -24,6 +24,8 @@ while (($#)); do
 done
 
 ensure_packages dpkg-dev
+# protoc (and its well-known types) for the etcd-client crate's build.
+ensure_packages protobuf-compiler libprotobuf-dev
 ensure_cargo_deb
 
 target_dir=${CARGO_TARGET_DIR:-target}

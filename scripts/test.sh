@@ -20,6 +20,9 @@ step "system packages"
 # mgmt/tests/hsm_recovery.rs kills, freezes and restarts.
 ensure_packages softhsm2 p11-kit p11-kit-modules openssl curl ca-certificates gcc make pkg-config prometheus \
     testssl.sh gnutls-bin python3 python3-venv opensc gdb pebble
+# protobuf-compiler + libprotobuf-dev: protoc and its well-known types, which the etcd-client
+# crate's build runs; etcd-server + etcd-client: the 3-member cluster mgmt/tests/fleet.rs starts.
+ensure_packages protobuf-compiler libprotobuf-dev etcd-server etcd-client
 ensure_sslyze
 # The benchmark smoke below: HAProxy and nginx (+ its layer-4 stream module) beside tlsgate,
 # nginx also as the plain-HTTP origin; python3 for the harness's tables.

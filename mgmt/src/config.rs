@@ -63,6 +63,7 @@ use tlsgate_keystore::pin::PinSource;
 pub mod acme;
 pub mod backend;
 mod backend_tls;
+pub mod fleet;
 pub mod landlock;
 pub mod management;
 
@@ -136,6 +137,8 @@ pub struct Config {
     pub acme: Vec<crate::config::acme::AcmeConfig>,
     /// The plain-HTTP listener answering ACME `http-01` challenges.
     pub acme_http01: Option<crate::config::acme::Http01Config>,
+    /// Fleet mode: the desired state in etcd (`[fleet]`, see [`crate::fleet`]).
+    pub fleet: Option<fleet::FleetConfig>,
     /// Whether the file sets `[dataplane.limits] max_connections_per_core` itself (a default is
     /// fitted to the file-descriptor limit; a value the operator chose is not lowered silently).
     #[serde(skip)]
@@ -678,6 +681,10 @@ impl Config {
             ));
         }
         management::validate(self)?;
+        if let Some(f) = &self.fleet {
+            fleet::check(f, management::state_dir(self).is_some())
+                .map_err(|(k, why)| self.invalid(k, why))?;
+        }
         Ok(())
     }
 }

@@ -14,6 +14,7 @@ pub mod conn_limit;
 pub mod credential;
 pub mod fdlimit;
 pub mod files;
+pub mod fleet;
 #[cfg(any(test, fuzzing))]
 #[doc(hidden)]
 pub mod fuzzing;

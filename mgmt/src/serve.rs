@@ -350,6 +350,14 @@ pub fn run(args: ServeArgs) -> Result<()> {
         let _guard = rt.enter();
         acme.start(manager.clone(), token.clone(), &dir)?;
     }
+    // Fleet mode: the state cached in the state directory serves until etcd answers.
+    if let (Some(fleet), Some(manager), Some(dir)) =
+        (&config.fleet, &manager, crate::api::state_dir(&config))
+    {
+        let fleet = crate::fleet::Fleet::new(fleet)?;
+        manager.set_fleet(fleet.clone());
+        fleet.start(manager.clone(), &dir);
+    }
     // A new staple rebuilds the listeners that serve it: through the management plane when
     // there is one, else by a reload from the file on the signal loop.
     let (restaple_tx, restaple_rx) = tokio::sync::mpsc::unbounded_channel();

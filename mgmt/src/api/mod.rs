@@ -32,7 +32,7 @@ pub mod routes;
 pub mod secret_body;
 pub mod server;
 
-pub use manager::{Manager, Publisher};
+pub use manager::{FleetStore, Manager, Publisher};
 // `[api]` and `[state]` are parsed and checked with the rest of the configuration.
 pub use crate::config::management::{
     state_dir, validate, ApiConfig, StateConfig, DEFAULT_SOCKET_MODE, DEFAULT_STATE_DIR,

@@ -76,6 +76,7 @@ pub fn routes() -> Vec<Route> {
         route("delete", "/v1/listeners/{name}/crls/{id}", delete_crl),
         route("post", "/v1/reload", reload),
         route("get", "/v1/acme", acme_status),
+        route("get", "/v1/fleet", fleet_status),
         route("post", "/v1/acme/{name}/renew", acme_renew),
         route("get", "/v1/backends", super::backends::get),
         route(
@@ -407,6 +408,11 @@ async fn reload(State(m): Mgr, Extension(who): Who) -> Result<Response, ApiError
 async fn acme_status(State(m): Mgr, Extension(who): Who) -> Result<Response, ApiError> {
     let items = run(m, who, "acme.status", "*".into(), |m| m.acme_status()).await?;
     Ok(ok(json!({ "items": items })))
+}
+
+async fn fleet_status(State(m): Mgr, Extension(who): Who) -> Result<Response, ApiError> {
+    let status = run(m, who, "fleet.status", "*".into(), |m| m.fleet_status()).await?;
+    Ok(ok(status))
 }
 
 async fn acme_renew(

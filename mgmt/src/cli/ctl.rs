@@ -70,6 +70,9 @@ pub enum CtlCommand {
     /// Certificates issued and renewed by an ACME CA (`[[acme]]`).
     #[command(subcommand)]
     Acme(AcmeCommand),
+    /// Fleet mode (`[fleet]`): the appliances sharing the state in etcd.
+    #[command(subcommand)]
+    Fleet(FleetCommand),
     /// Re-read the configuration file.
     Reload,
     /// Print the API's OpenAPI document.
@@ -196,6 +199,12 @@ pub enum AcmeCommand {
     Status,
     /// Renew an entry's certificate now.
     Renew { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FleetCommand {
+    /// Every member: the state revision it serves, its lag, the error that refused a newer one.
+    Status,
 }
 
 #[derive(Debug, Subcommand)]
@@ -401,6 +410,7 @@ fn request(args: &CtlArgs) -> Result<(Call, Option<Option<PathBuf>>)> {
         CtlCommand::Acme(AcmeCommand::Renew { name }) => {
             call(Method::POST, format!("/v1/acme/{}/renew", seg(name)), None)
         }
+        CtlCommand::Fleet(FleetCommand::Status) => call(Method::GET, "/v1/fleet", None),
         CtlCommand::Reload => call(Method::POST, "/v1/reload", None),
         CtlCommand::Openapi => call(Method::GET, "/v1/openapi.json", None),
     };
@@ -474,6 +484,24 @@ fn print_text(c: &Call, status: StatusCode, v: &Value) {
             .join(","),
         other => other.to_string(),
     };
+    if let Some(members) = v["members"].as_array() {
+        println!(
+            "state revision {}; this appliance {}",
+            s(&v["state_revision"]),
+            s(&v["this"])
+        );
+        println!("{:<16} {:>8} {:>5}  error", "member", "applied", "lag");
+        for m in members {
+            println!(
+                "{:<16} {:>8} {:>5}  {}",
+                s(&m["name"]),
+                s(&m["applied_revision"]),
+                s(&m["lag"]),
+                s(&m["error"])
+            );
+        }
+        return;
+    }
     if let Some(items) = v["items"].as_array() {
         for item in items {
             let line = if let Some(servers) = item["servers"].as_array() {

@@ -9,10 +9,12 @@
 
 mod acme;
 mod certs;
+mod fleet;
 mod keys;
 mod listeners;
 
 pub use acme::{acme_cert_id, AcmeControl};
+pub use fleet::FleetStore;
 
 pub(crate) use listeners::crl_der;
 // The upload parsers the fuzz targets drive, at the paths they have always had.
@@ -190,6 +192,8 @@ pub struct Manager {
     publish: Publisher,
     /// The ACME client, for `ctl acme` (set once at start when `[[acme]]` is configured).
     acme: std::sync::OnceLock<Arc<dyn AcmeControl>>,
+    /// Fleet mode: changes go to etcd (set once at start when `[fleet]` is configured).
+    fleet: std::sync::OnceLock<Arc<dyn FleetStore>>,
 }
 
 impl std::fmt::Debug for Manager {
@@ -252,6 +256,7 @@ impl Manager {
             audit,
             publish,
             acme: std::sync::OnceLock::new(),
+            fleet: std::sync::OnceLock::new(),
         };
         let snapshot = {
             let mut inner = mgr.lock();
@@ -551,6 +556,10 @@ impl Manager {
         persist: impl FnOnce(&StateStore) -> anyhow::Result<()>,
     ) -> Result<(), ApiError> {
         let built = self.build(&inner.config, &new_state, scope)?;
+        if let Some(fleet) = self.fleet.get() {
+            // Fleet mode: etcd first (one transaction); the state directory is then the cache.
+            fleet.write(&inner.state, &new_state)?;
+        }
         persist(&self.store).map_err(|e| ApiError::state_write(&e))?;
         inner.state = new_state;
         self.builder.commit(&built);

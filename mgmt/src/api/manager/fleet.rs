@@ -1,0 +1,99 @@
+//! Fleet mode (the `fleet` module): the state read from etcd applied through the same checks
+//! and the same snapshot builder as a local change, and the fleet's status for the API.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use super::Manager;
+use crate::api::error::ApiError;
+use crate::snapshot::Scope;
+use crate::state::{Binding, StateData, StoredCert};
+
+/// The fleet store a manager writes through (the etcd client of the `fleet` module).
+pub trait FleetStore: Send + Sync {
+    /// Writes the difference between `old` and `new` as one transaction; a `fleet_conflict`
+    /// when the state changed since it was read.
+    fn write(&self, old: &StateData, new: &StateData) -> Result<(), ApiError>;
+    /// Every member's report.
+    fn status(&self) -> Result<serde_json::Value, ApiError>;
+}
+
+impl Manager {
+    /// Turns fleet mode on: from now on every change is written to etcd first.
+    pub fn set_fleet(&self, fleet: Arc<dyn FleetStore>) {
+        let _ = self.fleet.set(fleet);
+    }
+
+    /// `GET /v1/fleet`: every member's applied revision, lag and error.
+    pub fn fleet_status(&self) -> Result<serde_json::Value, ApiError> {
+        self.fleet
+            .get()
+            .ok_or_else(|| {
+                ApiError::conflict("fleet_off", "no [fleet] section: this appliance is alone")
+            })?
+            .status()
+    }
+
+    /// Replaces the certificates and bindings with the fleet's (CRLs stay local). Every
+    /// certificate that changed is loaded and checked against its key, as an upload is, and the
+    /// whole snapshot is built; anything wrong refuses the whole state and nothing changes.
+    /// Returns whether anything changed.
+    pub fn apply_fleet(
+        &self,
+        certs: BTreeMap<String, Arc<StoredCert>>,
+        bindings: BTreeMap<String, Arc<Binding>>,
+    ) -> Result<bool, ApiError> {
+        let mut inner = self.lock();
+        if inner.state.certs == certs && inner.state.bindings == bindings {
+            return Ok(false);
+        }
+        let now = SystemTime::now();
+        for c in certs.values() {
+            if inner.state.certs.get(&c.id) != Some(c) {
+                self.check_cert(&inner.config, c, now).map_err(|e| {
+                    ApiError::invalid(e.code, format!("certificate {:?}: {}", c.id, e.message))
+                })?;
+            }
+        }
+        let old = inner.state.clone();
+        let mut new_state = inner.state.clone();
+        new_state.certs = certs;
+        new_state.bindings = bindings;
+        let built = self.build(&inner.config, &new_state, Scope::All)?;
+        // The state directory caches what is applied: an appliance restarted while etcd is
+        // unreachable serves it.
+        let persist = || -> anyhow::Result<()> {
+            for (id, c) in &new_state.certs {
+                if old.certs.get(id) != Some(c) {
+                    self.store.put_cert(c)?;
+                }
+            }
+            for id in old
+                .certs
+                .keys()
+                .filter(|id| !new_state.certs.contains_key(*id))
+            {
+                self.store.delete_cert(id)?;
+            }
+            for (l, b) in &new_state.bindings {
+                if old.bindings.get(l) != Some(b) {
+                    self.store.put_binding(b)?;
+                }
+            }
+            for l in old
+                .bindings
+                .keys()
+                .filter(|l| !new_state.bindings.contains_key(*l))
+            {
+                self.store.delete_binding(l)?;
+            }
+            Ok(())
+        };
+        persist().map_err(|e| ApiError::state_write(&e))?;
+        inner.state = new_state;
+        self.builder.commit(&built);
+        (self.publish)(Arc::new(built.snapshot));
+        Ok(true)
+    }
+}

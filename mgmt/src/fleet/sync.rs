@@ -1,0 +1,220 @@
+//! The sync task of one appliance: connect, read the whole state, apply it through the
+//! management plane, report under a lease-bound member key, watch from the revision read;
+//! on any etcd failure keep serving and reconnect with back-off.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{Client, GetOptions, PutOptions, WatchOptions};
+
+use super::{Fleet, Member};
+use crate::state::{check_name, Binding, StoredCert};
+
+/// The applied revision, cached beside the state it describes.
+pub(super) const CACHE_FILE: &str = "fleet.json";
+
+const BACKOFF_MIN: Duration = Duration::from_millis(250);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+pub(super) async fn run(fleet: Arc<Fleet>, manager: Arc<crate::api::Manager>, cache: PathBuf) {
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        match session(&fleet, &manager, &cache).await {
+            Ok(()) => backoff = BACKOFF_MIN,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), retry_in_ms = backoff.as_millis() as u64,
+                    "fleet: etcd unreachable or failed; serving the last applied state");
+            }
+        }
+        *fleet.client.lock() = None;
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// One connection's life: returns when etcd fails (an error) or the watch ends.
+async fn session(
+    fleet: &Arc<Fleet>,
+    manager: &Arc<crate::api::Manager>,
+    cache: &std::path::Path,
+) -> anyhow::Result<()> {
+    let mut client =
+        Client::connect(&fleet.config.endpoints, Some(fleet.connect_options()?)).await?;
+    let lease = client
+        .lease_grant(fleet.config.lease_ttl_s, None)
+        .await?
+        .id();
+    let (mut keeper, mut keep_stream) = client.lease_keep_alive(lease).await?;
+    *fleet.client.lock() = Some(client.clone());
+    tracing::info!(member = %fleet.name, "fleet: connected to etcd");
+    let mut tick = tokio::time::interval(Duration::from_secs(
+        (fleet.config.lease_ttl_s as u64 / 3).max(1),
+    ));
+    loop {
+        let revision = sync_once(fleet, manager, &mut client, cache).await?;
+        report(fleet, &mut client, lease).await?;
+        let mut watch = client
+            .watch(
+                fleet.keys.state(),
+                Some(
+                    WatchOptions::new()
+                        .with_prefix()
+                        .with_start_revision(revision + 1),
+                ),
+            )
+            .await?;
+        // Wait for a change of the state (then read it whole again), renewing the lease.
+        loop {
+            tokio::select! {
+                msg = watch.message() => {
+                    match msg? {
+                        None => anyhow::bail!("the watch ended"),
+                        Some(r) if r.canceled() || r.compact_revision() > 0 => {
+                            // Compacted past our revision: the full read below covers it.
+                            break;
+                        }
+                        Some(r) if !r.events().is_empty() => break,
+                        Some(_) => {}
+                    }
+                }
+                _ = tick.tick() => {
+                    keeper.keep_alive().await?;
+                    if keep_stream.message().await?.is_none_or(|r| r.ttl() <= 0) {
+                        anyhow::bail!("the member lease expired");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Reads the whole state, applies it, records the outcome; returns the revision read.
+async fn sync_once(
+    fleet: &Arc<Fleet>,
+    manager: &Arc<crate::api::Manager>,
+    client: &mut Client,
+    cache: &std::path::Path,
+) -> anyhow::Result<i64> {
+    let resp = client
+        .get(fleet.keys.state(), Some(GetOptions::new().with_prefix()))
+        .await?;
+    let revision = resp.header().map_or(0, |h| h.revision());
+    let mut revisions = HashMap::new();
+    let mut raw = Vec::new();
+    for kv in resp.kvs() {
+        let key = String::from_utf8_lossy(kv.key()).into_owned();
+        revisions.insert(key.clone(), kv.mod_revision());
+        raw.push((key, kv.value().to_vec()));
+    }
+    *fleet.revisions.lock() = revisions;
+    let state_prefix = fleet.keys.state();
+    let outcome = match parse(&state_prefix, &raw) {
+        Err(e) => Err(e),
+        Ok((certs, bindings)) => {
+            let m = manager.clone();
+            tokio::task::spawn_blocking(move || m.apply_fleet(certs, bindings))
+                .await
+                .map_err(|e| format!("the apply did not finish: {e}"))
+                .and_then(|r| r.map_err(|e| format!("{}: {}", e.code, e.message)))
+        }
+    };
+    let member = {
+        let mut me = fleet.me.lock();
+        me.seen_revision = revision;
+        me.updated_unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        match outcome {
+            Ok(_) => {
+                me.applied_revision = revision;
+                me.error = None;
+                tracing::info!(revision, "fleet: state applied");
+            }
+            Err(e) => {
+                tracing::error!(revision, error = %e,
+                    "fleet: the state in etcd is refused; the last applied state keeps serving");
+                me.error = Some(e);
+            }
+        }
+        me.clone()
+    };
+    if member.error.is_none() {
+        let bytes = serde_json::to_vec(&member)?;
+        let cache = cache.to_owned();
+        tokio::task::spawn_blocking(move || crate::files::write_atomic(&cache, &bytes, 0o600))
+            .await??;
+    }
+    Ok(revision)
+}
+
+type Parsed = (
+    BTreeMap<String, Arc<StoredCert>>,
+    BTreeMap<String, Arc<Binding>>,
+);
+
+/// The state's objects from its keys; any key that is not a well-formed object refuses the whole
+/// state (an appliance never applies part of one).
+fn parse(prefix: &str, raw: &[(String, Vec<u8>)]) -> Result<Parsed, String> {
+    let mut certs = BTreeMap::new();
+    let mut bindings = BTreeMap::new();
+    for (key, value) in raw {
+        let rest = key.strip_prefix(prefix).unwrap_or(key);
+        let bad = |why: String| format!("{key}: {why}");
+        if let Some(id) = rest.strip_prefix("certs/") {
+            check_name("certificate", id).map_err(|e| bad(format!("{e:#}")))?;
+            let c: StoredCert = serde_json::from_slice(value)
+                .map_err(|e| bad(format!("not a certificate: {e}")))?;
+            if c.id != id {
+                return Err(bad(format!("names certificate {:?}", c.id)));
+            }
+            certs.insert(id.to_owned(), Arc::new(c));
+        } else if let Some(l) = rest.strip_prefix("bindings/") {
+            let b: Binding =
+                serde_json::from_slice(value).map_err(|e| bad(format!("not a binding: {e}")))?;
+            if b.listener != l {
+                return Err(bad(format!("names listener {:?}", b.listener)));
+            }
+            bindings.insert(l.to_owned(), Arc::new(b));
+        } else {
+            return Err(bad("not a key of the fleet state".into()));
+        }
+    }
+    Ok((certs, bindings))
+}
+
+/// Puts this appliance's member record, bound to its lease.
+async fn report(fleet: &Arc<Fleet>, client: &mut Client, lease: i64) -> anyhow::Result<()> {
+    let me: Member = fleet.me.lock().clone();
+    client
+        .put(
+            fleet.keys.member(&fleet.name),
+            serde_json::to_vec(&me)?,
+            Some(PutOptions::new().with_lease(lease)),
+        )
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stray_or_malformed_key_refuses_the_whole_state() {
+        let p = "/t/state/";
+        let cert = br#"{"id":"web","key":"k","chain_pem":"x","updated_unix":1}"#.to_vec();
+        let ok = parse(p, &[("/t/state/certs/web".into(), cert.clone())]).expect("parses");
+        assert_eq!(ok.0["web"].key, "k");
+        for (k, v) in [
+            ("/t/state/certs/api", cert.clone()),
+            ("/t/state/certs/web", b"{".to_vec()),
+            ("/t/state/other/x", cert.clone()),
+            ("/t/state/bindings/web", cert),
+        ] {
+            let err = parse(p, &[(k.into(), v)]).expect_err(k);
+            assert!(err.starts_with(k), "{err}");
+        }
+    }
+}
