@@ -230,7 +230,49 @@ fn a_fleet_converges_refuses_a_bad_state_and_serves_from_cache() -> Result<()> {
     })?;
     println!("fleet status: {status}");
 
-    // 2. A malformed certificate written straight into etcd: refused by both, reported, and
+    // 2. A writer that has not read the newest state (no revisions read at all) loses: one
+    //    transaction compares every key it writes, so nothing changes.
+    let before = check(
+        etcd.ctl(&["get", &format!("{PREFIX}/state/bindings/web")])?,
+        "get",
+    )?;
+    let section: toml::Table = toml::from_str(&etcd.fleet_section("stale"))?;
+    let stale_config: tlsgate_mgmt::config::fleet::FleetConfig =
+        section["fleet"].clone().try_into()?;
+    let stale = tlsgate_mgmt::fleet::Fleet::new(&stale_config)?;
+    stale
+        .connect_only()
+        .map_err(|e| anyhow::anyhow!("{}: {}", e.code, e.message))?;
+    let unbound = tlsgate_mgmt::state::StateData::default();
+    let mut bound = unbound.clone();
+    bound.bindings.insert(
+        "web".into(),
+        std::sync::Arc::new(tlsgate_mgmt::state::Binding {
+            listener: "web".into(),
+            certificates: vec![],
+        }),
+    );
+    use tlsgate_mgmt::api::FleetStore;
+    let err = stale
+        .write(&unbound, &bound)
+        .expect_err("a stale writer must conflict");
+    ensure!(
+        err.code == "fleet_conflict",
+        "{}: {}",
+        err.code,
+        err.message
+    );
+    let after = check(
+        etcd.ctl(&["get", &format!("{PREFIX}/state/bindings/web")])?,
+        "get",
+    )?;
+    ensure!(
+        before == after,
+        "the conflicting write changed nothing: {before} / {after}"
+    );
+    drop(stale);
+
+    // 3. A malformed certificate written straight into etcd: refused by both, reported, and
     //    both keep serving the previous one.
     let bad = serde_json::json!({
         "id": "web",
@@ -259,7 +301,7 @@ fn a_fleet_converges_refuses_a_bad_state_and_serves_from_cache() -> Result<()> {
         "B keeps serving the good certificate"
     );
 
-    // 3. etcd gone entirely; B restarted serves its cached state.
+    // 4. etcd gone entirely; B restarted serves its cached state.
     let b_config = config_b.clone();
     b.kill()?;
     drop(etcd);

@@ -302,6 +302,23 @@ impl Fleet {
         })
     }
 
+    /// Connects without starting the sync task: writes then compare against revisions this
+    /// handle never read (none), so any existing key is a conflict. For tools and tests that
+    /// need a writer that has not caught up.
+    pub fn connect_only(&self) -> Result<(), ApiError> {
+        let endpoints = self.config.endpoints.clone();
+        let opts = self
+            .connect_options()
+            .map_err(|e| unavailable(format!("{e:#}")))?;
+        let client = self.call(async move {
+            Client::connect(endpoints, Some(opts))
+                .await
+                .map_err(|e| unavailable(format!("cannot connect to etcd: {e}")))
+        })?;
+        *self.client.lock() = Some(client);
+        Ok(())
+    }
+
     /// Starts the sync task (connect, read, apply, watch, report; reconnect with back-off).
     pub fn start(self: &Arc<Self>, manager: Arc<crate::api::Manager>, state_dir: &std::path::Path) {
         let me = self.clone();
