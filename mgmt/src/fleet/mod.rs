@@ -81,6 +81,7 @@ pub struct Fleet {
     /// Always `Some` until dropped (then shut down without waiting: a drop may happen on a
     /// runtime thread, where waiting is not allowed).
     rt: Option<tokio::runtime::Runtime>,
+    handle: tokio::runtime::Handle,
     /// The client once connected (by the sync task).
     client: Mutex<Option<Client>>,
     /// `mod_revision` of each state key as last read from etcd: what a write compares against.
@@ -117,6 +118,7 @@ impl Fleet {
             }),
             name,
             config: config.clone(),
+            handle: rt.handle().clone(),
             rt: Some(rt),
             client: Mutex::new(None),
             revisions: Mutex::new(HashMap::new()),
@@ -124,11 +126,7 @@ impl Fleet {
     }
 
     fn handle(&self) -> &tokio::runtime::Handle {
-        // Set in `new`, taken only by `drop`.
-        self.rt
-            .as_ref()
-            .map(|rt| rt.handle())
-            .expect("the fleet runtime lives until drop")
+        &self.handle
     }
 
     /// Connection options from `[fleet]` (TLS files read now).
