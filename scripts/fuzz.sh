@@ -47,6 +47,10 @@ while [[ $# -gt 0 ]]; do
     shift
 done
 
+# tlsgate-mgmt builds etcd-client, whose build script runs protoc.
+source "$ROOT/scripts/lib.sh"
+ensure_packages protobuf-compiler libprotobuf-dev
+
 if ! rustup toolchain list | grep -q '^nightly'; then
     rustup toolchain install nightly --profile minimal
 fi
