@@ -6,6 +6,7 @@
 
 pub mod acme;
 pub mod api;
+pub mod appliance;
 pub mod audit;
 pub mod backend_tls;
 pub mod cli;

@@ -263,6 +263,7 @@ fn unix(t: SystemTime) -> f64 {
     }
 }
 
+// Process-wide by nature: the series created in the process-wide metrics recorder.
 static SERIES: Mutex<BTreeSet<(String, String, String)>> = Mutex::new(BTreeSet::new());
 
 /// Creates a listener's refused-resumption series at zero (one per reason), so an alert over
@@ -401,7 +402,8 @@ fn scheme_name(s: SignatureScheme) -> &'static str {
 type Samples = Mutex<Vec<(&'static str, &'static str, f64)>>;
 
 /// Every signing thread's buffer. A thread locks only its own buffer (uncontended but for the
-/// flusher's visit once a second).
+/// flusher's visit once a second). Process-wide by nature: signing threads of the process feed
+/// the process-wide metrics recorder through one flusher.
 static BUFFERS: Mutex<Vec<std::sync::Weak<Samples>>> = Mutex::new(Vec::new());
 static FLUSHER: std::sync::Once = std::sync::Once::new();
 

@@ -106,8 +106,10 @@ pub struct Sandbox {
     ruleset: RulesetCreated,
 }
 
+// Process-wide by nature: one Landlock ruleset, which every thread of the process applies.
 static SANDBOX: OnceLock<Sandbox> = OnceLock::new();
 
+// Per thread by nature: whether this thread has restricted itself.
 thread_local! {
     static ENTERED: Cell<bool> = const { Cell::new(false) };
 }

@@ -124,7 +124,13 @@ pub fn run(args: ServeArgs) -> Result<()> {
     };
     // The one snapshot builder and the OCSP stapler for the life of the process.
     let stapler = crate::tls::stapler::Stapler::new(config.ocsp.timeout());
+    // This appliance's state beyond any one snapshot, with the ticket keys of an upgrade.
+    let appliance = crate::appliance::Appliance::new();
+    if let Some(i) = inherited.as_mut() {
+        appliance.sessions.inherit(std::mem::take(&mut i.tickets));
+    }
     let builder = Arc::new(Builder::new(
+        appliance.clone(),
         token.clone(),
         stapler.clone(),
         token_rx.is_some().then(|| degraded_refused.clone()),
@@ -202,7 +208,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         }),
         _ => None,
     };
-    crate::pools::refresh(&dataplane);
+    appliance.pools.refresh(&dataplane);
 
     let addrs = dataplane.local_addrs();
     if let Some(m) = &manager {
@@ -535,8 +541,9 @@ async fn wait_for_signals(
                 let kit = signals.handover.as_ref().map(|(_, k)| k.clone());
                 match (stream.into_std(), dataplane.listening_sockets(), kit) {
                     (Ok(stream), Ok(sockets), Some(kit)) => {
+                        let appliance = signals.builder.appliance().clone();
                         upgrading = Some(tokio::task::spawn_blocking(move || {
-                            crate::upgrade::give(stream, &kit, sockets)
+                            crate::upgrade::give(stream, &kit, sockets, &appliance.sessions)
                         }));
                     }
                     (Err(e), _, _) => tracing::warn!(error = %e, "upgrade: cannot take the handover connection"),
@@ -571,6 +578,7 @@ async fn wait_for_signals(
                 token = Some(t.clone());
                 // The token's keys replace the stand-ins: a builder of its own.
                 signals.builder = Arc::new(Builder::new(
+                    signals.builder.appliance().clone(),
                     Some(t),
                     signals.builder.stapler().clone(),
                     None,
@@ -596,7 +604,7 @@ async fn wait_for_signals(
                     crate::mgmt_metrics::publish_hsm(Some(&r), pool.only_token(), 0);
                 }
                 prober.maybe_probe(token.as_ref());
-                crate::pools::refresh(dataplane);
+                signals.builder.appliance().pools.refresh(dataplane);
             }
             Some(listeners) = signals.restaple.recv() => {
                 match signals.manager.clone() {

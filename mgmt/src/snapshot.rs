@@ -104,6 +104,8 @@ pub struct Built {
 /// change costs what it touches.
 #[derive(Debug)]
 pub struct Builder {
+    /// The appliance whose state (sessions, backend servers) every build shares.
+    appliance: Arc<crate::appliance::Appliance>,
     token: Option<Arc<Token>>,
     stapler: Arc<Stapler>,
     /// Degraded start (no token yet): token keys become stand-ins that refuse at once.
@@ -115,11 +117,13 @@ pub struct Builder {
 
 impl Builder {
     pub fn new(
+        appliance: Arc<crate::appliance::Appliance>,
         token: Option<Arc<Token>>,
         stapler: Arc<Stapler>,
         degraded: Option<Arc<AtomicU64>>,
     ) -> Builder {
         Builder {
+            appliance,
             token,
             stapler,
             degraded,
@@ -131,6 +135,10 @@ impl Builder {
     /// How listeners answer ACME `tls-alpn-01` from the next build on.
     pub fn set_acme_tls_alpn(&self, acme: tlsgate_dataplane::AcmeTlsAlpn) {
         *self.acme_tls_alpn.lock() = Some(acme);
+    }
+
+    pub fn appliance(&self) -> &Arc<crate::appliance::Appliance> {
+        &self.appliance
     }
 
     pub fn token(&self) -> Option<&Arc<Token>> {
@@ -319,9 +327,11 @@ impl Builder {
             unknown_sni: l.unknown_sni,
             policy,
             client_auth,
-            session: Some(crate::tls::session::ListenerSessions::for_listener(
-                &l.name, &l.session, token,
-            )?),
+            session: Some(
+                self.appliance
+                    .sessions
+                    .for_listener(&l.name, &l.session, token)?,
+            ),
             extra_crls: api.map(|o| o.crls.clone()).unwrap_or_default(),
         };
         let (tls, sni_filter, client_cert_check) = if certs.is_empty() {
@@ -349,7 +359,7 @@ impl Builder {
                 sni_filter,
                 client_cert_check,
                 backend_tls: crate::backend_tls::build(config, i, token)?,
-                routes: crate::pools::routes(config, i, token)?,
+                routes: crate::pools::routes(config, i, token, &self.appliance.pools)?,
                 acme_tls_alpn: config
                     .acme
                     .iter()

@@ -76,8 +76,8 @@ pub(super) async fn get(
     State(m): State<Arc<Manager>>,
     Extension(who): Extension<ClientIdentity>,
 ) -> Result<Response, ApiError> {
-    let v = run(m, who, "backend.list", "*".into(), |_| {
-        Ok(list(&crate::pools::view()))
+    let v = run(m, who, "backend.list", "*".into(), |m| {
+        Ok(list(&m.appliance().pools.view()))
     })
     .await?;
     Ok(Json(v).into_response())
@@ -91,12 +91,12 @@ pub(super) async fn put_state(
 ) -> Result<Response, ApiError> {
     let req: Result<SetState, _> = body(&b);
     let target = format!("{pool}/{server}");
-    let v = run(m, who, "backend.set_state", target, move |_| {
+    let v = run(m, who, "backend.set_state", target, move |m| {
         let req = req?;
         let state = AdminState::parse(&req.state).ok_or_else(|| {
             ApiError::bad_request(format!("state {:?}: use ready, drain or maint", req.state))
         })?;
-        set_state(&crate::pools::view(), &pool, &server, state).ok_or_else(|| {
+        set_state(&m.appliance().pools.view(), &pool, &server, state).ok_or_else(|| {
             ApiError::not_found(
                 "backend_not_found",
                 format!("no server {server} in a published pool {pool:?}; see GET /v1/backends"),

@@ -20,17 +20,14 @@ const PROXY_V2_LOCAL: [u8; 16] = [
     0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A, 0x20, 0x00, 0x00, 0x00,
 ];
 
-/// Starts the scheduler once per process.
-pub fn ensure_started() {
-    static STARTED: std::sync::Once = std::sync::Once::new();
-    STARTED.call_once(|| {
-        let spawned = std::thread::Builder::new()
-            .name("tlsgate-health".into())
-            .spawn(run);
-        if let Err(e) = spawned {
-            tracing::error!(error = %e, "cannot start the backend health checker");
-        }
-    });
+/// Starts the scheduler of one appliance's pools; it ends when the appliance is gone.
+pub(super) fn start(pools: std::sync::Weak<super::Pools>) {
+    let spawned = std::thread::Builder::new()
+        .name("tlsgate-health".into())
+        .spawn(move || run(&pools));
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the backend health checker");
+    }
 }
 
 #[derive(Default)]
@@ -43,13 +40,15 @@ struct Track {
 
 type Key = (String, SocketAddr);
 
-fn run() {
+fn run(owner: &std::sync::Weak<super::Pools>) {
     crate::sandbox::enter_thread("tlsgate-health");
     let mut tracks: HashMap<Key, Track> = HashMap::new();
     let (tx, rx) = mpsc::channel::<(Key, Result<(), String>)>();
     loop {
         std::thread::sleep(TICK);
-        let pools = super::view();
+        let Some(pools) = owner.upgrade().map(|p| p.view()) else {
+            return;
+        };
         let now = Instant::now();
         let mut live = std::collections::HashSet::new();
         for pool in pools.iter().filter(|p| p.health_check.is_some()) {

@@ -77,6 +77,7 @@ struct Seen {
     latency_read: HashMap<(String, std::net::SocketAddr), u64>,
 }
 
+// Process-wide by nature: what was added to the process-wide metrics recorder's counters.
 static SEEN: Mutex<Option<Seen>> = Mutex::new(None);
 
 /// The increase of the counter `key` of the object at `ptr` since the last call.

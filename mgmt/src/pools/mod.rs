@@ -24,24 +24,57 @@ use tlsgate_keystore::token::Token;
 use crate::config::backend::{BalanceConfig, CheckKind, PoolConfig};
 use crate::config::Config;
 
-/// Server states by (pool, address), weakly: a server gone from every published pool is
-/// forgotten. Process-wide because every snapshot build (file reload, API change, start) must
-/// find the same states.
-static STATES: Mutex<Option<StateMap>> = Mutex::new(None);
-
 type StateMap = HashMap<(String, SocketAddr), Weak<ServerState>>;
 
-fn state_for(pool: &str, addr: SocketAddr) -> Arc<ServerState> {
-    let mut guard = STATES.lock();
-    let map = guard.get_or_insert_with(HashMap::new);
-    map.retain(|_, w| w.strong_count() > 0);
-    let key = (pool.to_string(), addr);
-    if let Some(s) = map.get(&key).and_then(Weak::upgrade) {
-        return s;
+/// One appliance's backend servers at run time: their states, kept across every snapshot
+/// build (file reload, API change, start) of that appliance, and the pools of its published
+/// snapshot, which the management API lists and changes and the health checker probes.
+#[derive(Debug, Default)]
+pub struct Pools {
+    /// Server states by (pool, address), weakly: a server gone from every published pool is
+    /// forgotten.
+    states: Mutex<StateMap>,
+    /// The published snapshot's pools, refreshed by the signal loop of `tlsgate serve` (at
+    /// start, then once a second).
+    view: Mutex<Vec<Arc<Pool>>>,
+    /// Set when this appliance's health checker is started.
+    health: std::sync::OnceLock<()>,
+}
+
+impl Pools {
+    pub fn new() -> Pools {
+        Pools::default()
     }
-    let s = Arc::new(ServerState::default());
-    map.insert(key, Arc::downgrade(&s));
-    s
+
+    fn state_for(&self, pool: &str, addr: SocketAddr) -> Arc<ServerState> {
+        let mut map = self.states.lock();
+        map.retain(|_, w| w.strong_count() > 0);
+        let key = (pool.to_string(), addr);
+        if let Some(s) = map.get(&key).and_then(Weak::upgrade) {
+            return s;
+        }
+        let s = Arc::new(ServerState::default());
+        map.insert(key, Arc::downgrade(&s));
+        s
+    }
+
+    /// Replaces the view with the pools of the data plane's published snapshot, and starts
+    /// this appliance's health checker the first time.
+    pub fn refresh(self: &Arc<Self>, dp: &tlsgate_dataplane::Dataplane) {
+        static DESCRIBED: std::sync::Once = std::sync::Once::new();
+        // Descriptions go to the process-wide metrics recorder: once per process.
+        DESCRIBED.call_once(metrics::describe);
+        let routes = dp.routes();
+        *self.view.lock() = published(&routes);
+        self.health
+            .get_or_init(|| health::start(Arc::downgrade(self)));
+        metrics::publish(&routes);
+    }
+
+    /// The pools of the published snapshot.
+    pub fn view(&self) -> Vec<Arc<Pool>> {
+        self.view.lock().clone()
+    }
 }
 
 /// Listener `i`'s route table: its `[[listener.route]]`s and `default_backend` over the
@@ -51,13 +84,14 @@ pub fn routes(
     config: &Config,
     i: usize,
     token: Option<&Arc<Token>>,
+    pools: &Pools,
 ) -> Result<Option<Arc<RouteTable>>> {
     let Some(l) = config.listeners.get(i) else {
         return Ok(None);
     };
     if let Some(addr) = l.backend {
         let mut pool = Pool::single(&l.name, addr, Duration::ZERO);
-        pool.servers[0].state = state_for(&l.name, addr);
+        pool.servers[0].state = pools.state_for(&l.name, addr);
         pool.proxy_protocol = l.proxy_protocol;
         pool.backend_tls = crate::backend_tls::build(config, i, token)?;
         return Ok(Some(Arc::new(RouteTable::new(
@@ -76,7 +110,7 @@ pub fn routes(
             .enumerate()
             .find(|(_, p)| p.name == name)
             .ok_or_else(|| anyhow::anyhow!("listener[{i}]: no [[backend]] named {name:?}"))?;
-        let p = Arc::new(pool_from(config, k, cfg, token)?);
+        let p = Arc::new(pool_from(config, k, cfg, token, pools)?);
         built.insert(cfg.name.as_str(), p.clone());
         Ok(p)
     };
@@ -97,6 +131,7 @@ fn pool_from(
     k: usize,
     c: &PoolConfig,
     token: Option<&Arc<Token>>,
+    pools: &Pools,
 ) -> Result<Pool> {
     let servers = c
         .servers
@@ -105,7 +140,7 @@ fn pool_from(
             addr: s.address,
             weight: s.weight,
             max_connections: s.max_connections,
-            state: state_for(&c.name, s.address),
+            state: pools.state_for(&c.name, s.address),
         })
         .collect();
     let mut p = Pool::new(
@@ -168,22 +203,21 @@ pub fn published(dp_routes: &[(String, Arc<RouteTable>)]) -> Vec<Arc<Pool>> {
     out
 }
 
-/// The pools the management API and the health checker see: the published snapshot's,
-/// refreshed by the signal loop of `tlsgate serve` (at start, then once a second).
-static VIEW: Mutex<Vec<Arc<Pool>>> = Mutex::new(Vec::new());
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// Replaces the view with the pools of the data plane's published snapshot, and starts the
-/// health checker the first time.
-pub fn refresh(dp: &tlsgate_dataplane::Dataplane) {
-    static DESCRIBED: std::sync::Once = std::sync::Once::new();
-    DESCRIBED.call_once(metrics::describe);
-    let routes = dp.routes();
-    *VIEW.lock() = published(&routes);
-    health::ensure_started();
-    metrics::publish(&routes);
-}
-
-/// The pools of the published snapshot.
-pub fn view() -> Vec<Arc<Pool>> {
-    VIEW.lock().clone()
+    #[test]
+    fn server_state_is_kept_per_appliance() {
+        let addr: SocketAddr = "127.0.0.1:8080".parse().expect("addr");
+        let (one, two) = (Pools::new(), Pools::new());
+        let s = one.state_for("app", addr);
+        s.set_admin(tlsgate_dataplane::pool::AdminState::Drain);
+        // A rebuild of the same appliance finds the server's state (drained) again ...
+        assert!(Arc::ptr_eq(&s, &one.state_for("app", addr)));
+        // ... another appliance in the same process does not see it.
+        let other = two.state_for("app", addr);
+        assert!(!Arc::ptr_eq(&s, &other));
+        assert_ne!(other.admin(), s.admin());
+    }
 }

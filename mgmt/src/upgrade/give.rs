@@ -36,6 +36,7 @@ pub fn give(
     mut stream: UnixStream,
     kit: &Kit,
     listeners: Vec<(String, Vec<OwnedFd>)>,
+    sessions: &crate::tls::session::Registry,
 ) -> Result<u32> {
     let pid = super::peer_allowed(&stream, None).inspect_err(|e| {
         let _ = wire::send_frame(&mut stream, REFUSED, format!("{e:#}").as_bytes());
@@ -75,7 +76,7 @@ pub fn give(
     wire::send_fds(&stream, &fds)?;
     drop(fds);
     drop(listeners);
-    let tickets = crate::tls::session::handover::export();
+    let tickets = sessions.export();
     wire::send_frame(&mut stream, TICKETS, &tickets)?;
     drop(tickets);
     tracing::info!(

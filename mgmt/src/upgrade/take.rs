@@ -28,10 +28,12 @@ pub struct Inherited {
     pub api_socket: Option<(PathBuf, UnixListener)>,
     pub api_https: Option<TcpListener>,
     pub acme_http01: Option<TcpListener>,
+    /// The old process's local ticket keys, for this appliance's session registry.
+    pub tickets: Vec<crate::tls::session::handover::TicketKeys>,
 }
 
 /// Connects to the running process of this configuration and takes its sockets, lock and
-/// ticket keys (the keys go where the session module finds them when the listeners are built).
+/// ticket keys (which `tlsgate serve` gives its session registry before the listeners are built).
 pub fn take(config: &crate::config::Config) -> Result<Inherited> {
     let path = super::socket_path(config)?;
     let mut stream = UnixStream::connect(&path).with_context(|| {
@@ -91,7 +93,6 @@ pub fn take(config: &crate::config::Config) -> Result<Inherited> {
     let tickets = wire::expect_frame(&mut stream, TICKETS)?;
     let keys = crate::tls::session::handover::decode(&tickets).map_err(anyhow::Error::msg)?;
     drop(tickets);
-    crate::tls::session::handover::inherit(keys);
     tracing::info!(
         old_pid = manifest.pid,
         listeners = manifest.listeners.len(),
@@ -107,6 +108,7 @@ pub fn take(config: &crate::config::Config) -> Result<Inherited> {
         api_socket,
         api_https,
         acme_http01,
+        tickets: keys,
     })
 }
 

@@ -345,6 +345,11 @@ impl Manager {
     }
 
     /// How long an API call may take before it answers `hsm_timeout`.
+    /// The appliance this manager changes (its pools, sessions).
+    pub fn appliance(&self) -> &Arc<crate::appliance::Appliance> {
+        self.builder.appliance()
+    }
+
     pub fn call_timeout(&self) -> std::time::Duration {
         self.call_timeout
     }

@@ -8,10 +8,8 @@
 //! keys ‖ keys × (u64 epoch ‖ 32 key bytes)`, all big-endian. The buffers are wiped on drop and
 //! the bytes are never logged.
 
-use std::collections::HashMap;
-use std::sync::OnceLock;
+use std::sync::Arc;
 
-use parking_lot::Mutex;
 use zeroize::Zeroizing;
 
 const MAGIC: &[u8; 4] = b"TGTK";
@@ -28,6 +26,13 @@ pub struct TicketKeys {
     keys: Vec<(u64, super::ticketer::RawKey)>,
 }
 
+impl TicketKeys {
+    /// The listener these keys belong to.
+    pub fn listener(&self) -> &str {
+        &self.listener
+    }
+}
+
 impl std::fmt::Debug for TicketKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TicketKeys")
@@ -37,15 +42,10 @@ impl std::fmt::Debug for TicketKeys {
     }
 }
 
-/// Every listener's local ticket keys held by this process, encoded (wiped on drop).
-pub fn export() -> Zeroizing<Vec<u8>> {
-    let sessions: Vec<_> = super::registry()
-        .lock()
-        .iter()
-        .map(|(name, s)| (name.clone(), s.clone()))
-        .collect();
+/// The local ticket keys of `sessions`, encoded (wiped on drop).
+pub(super) fn export(sessions: &[(String, Arc<super::ListenerSessions>)]) -> Zeroizing<Vec<u8>> {
     let mut entries = Vec::new();
-    for (name, s) in &sessions {
+    for (name, s) in sessions {
         if let Some(t) = &s.ticketer {
             let (rotation, lifetime, keys) = t.export_local_keys();
             if !keys.is_empty() {
@@ -149,25 +149,8 @@ pub fn decode(buf: &[u8]) -> Result<Vec<TicketKeys>, String> {
     Ok(out)
 }
 
-fn inherited() -> &'static Mutex<HashMap<String, TicketKeys>> {
-    static INHERITED: OnceLock<Mutex<HashMap<String, TicketKeys>>> = OnceLock::new();
-    INHERITED.get_or_init(Default::default)
-}
-
-/// Keeps the keys received from the previous process until each listener's ticketer is made
-/// (the first snapshot build).
-pub fn inherit(keys: Vec<TicketKeys>) {
-    let mut held = inherited().lock();
-    for k in keys {
-        held.insert(k.listener.clone(), k);
-    }
-}
-
-/// Hands `listener`'s inherited keys (if any) to its new ticketer, once.
-pub(super) fn adopt(listener: &str, ticketer: &super::EpochTicketer) {
-    let Some(k) = inherited().lock().remove(listener) else {
-        return;
-    };
+/// Hands `listener`'s inherited keys to its new ticketer.
+pub(super) fn adopt(listener: &str, k: TicketKeys, ticketer: &super::EpochTicketer) {
     let taken = ticketer.import_local_keys(k.rotation, k.lifetime, &k.keys);
     if taken == 0 {
         tracing::info!(listener, "ticket keys of the previous process not taken (other rotation, lifetime or fleet tickets): its tickets do not resume here");

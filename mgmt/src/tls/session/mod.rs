@@ -60,14 +60,13 @@
 mod cache;
 pub mod handover;
 pub mod policy;
+mod registry;
 mod ticketer;
 
-use std::collections::HashMap;
-use std::sync::{Arc, OnceLock};
+pub use registry::Registry;
 
-// parking_lot locks do not poison: every critical section in this module leaves its data
-// consistent at each step, so one that panicked leaves nothing for the next holder to mend.
-use parking_lot::Mutex;
+use std::sync::Arc;
+
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rustls::server::{NoServerSessionStorage, ProducesTickets};
@@ -255,14 +254,6 @@ pub enum SessionError {
     },
 }
 
-type Registry = Mutex<HashMap<String, Arc<ListenerSessions>>>;
-
-/// Session state by listener name, for the life of the process.
-fn registry() -> &'static Registry {
-    static REGISTRY: OnceLock<Registry> = OnceLock::new();
-    REGISTRY.get_or_init(Default::default)
-}
-
 fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -308,6 +299,16 @@ impl ListenerSessions {
         config: &SessionConfig,
         token: Option<&Arc<Token>>,
     ) -> Result<Self, SessionError> {
+        Self::build(listener, config, token, None)
+    }
+
+    /// [`Self::new`], the ticketer starting from `inherited` keys (a binary upgrade's).
+    fn build(
+        listener: &str,
+        config: &SessionConfig,
+        token: Option<&Arc<Token>>,
+        inherited: Option<handover::TicketKeys>,
+    ) -> Result<Self, SessionError> {
         config.check().map_err(|(key, why)| SessionError::Invalid {
             listener: listener.to_owned(),
             key,
@@ -340,7 +341,9 @@ impl ListenerSessions {
                 }
             };
             // Keys of the process this one replaced (binary upgrade), before any is made.
-            handover::adopt(listener, &t);
+            if let Some(k) = inherited {
+                handover::adopt(listener, k, &t);
+            }
             t.maintain_at(now_secs())
                 .map_err(|reason| SessionError::Keys {
                     listener: listener.to_owned(),
@@ -364,30 +367,6 @@ impl ListenerSessions {
             ticketer,
             cache,
         })
-    }
-
-    /// The state for `listener` with these settings: the one already made in this process when
-    /// the settings (and token) are the same, else a new one.
-    pub fn for_listener(
-        listener: &str,
-        config: &SessionConfig,
-        token: Option<&Arc<Token>>,
-    ) -> Result<Arc<Self>, SessionError> {
-        let registry = registry();
-        if let Some(s) = registry.lock().get(listener) {
-            if s.config == *config && s.same_token(token) {
-                return Ok(s.clone());
-            }
-        }
-        // Built outside the lock: a fleet ticketer talks to the token.
-        let made = Arc::new(Self::new(listener, config, token)?);
-        registry.lock().insert(listener.to_owned(), made.clone());
-        Ok(made)
-    }
-
-    /// The state of `listener` in this process, if one was made (for the management plane).
-    pub fn find(listener: &str) -> Option<Arc<Self>> {
-        registry().lock().get(listener).cloned()
     }
 
     /// Erases this listener's ticket keys and cached sessions now, so nothing issued so far

@@ -151,6 +151,7 @@ impl Refusal {
 type LogState = Mutex<HashMap<(String, Refusal), (Instant, u64)>>;
 
 fn log_state() -> &'static LogState {
+    // Process-wide by nature: it throttles lines of the process's one log.
     static STATE: OnceLock<LogState> = OnceLock::new();
     STATE.get_or_init(Default::default)
 }
