@@ -255,6 +255,7 @@ mod sigsys {
     const SI_SYSCALL_OFFSET: usize = 24;
     const PREFIX: &[u8] = b"tlsgate: seccomp: a core thread made a forbidden system call: number ";
 
+    // Process-wide by nature: a signal handler belongs to the process.
     static INSTALLED: OnceLock<Result<(), String>> = OnceLock::new();
 
     pub(super) fn install_handler() -> Result<(), String> {

@@ -114,6 +114,7 @@ pub(crate) fn log_closed(
     reason: CloseReason,
 ) {
     use std::sync::OnceLock;
+    // Process-wide by nature: they throttle lines of the process's one log.
     static START: OnceLock<Instant> = OnceLock::new();
     static LAST: [AtomicU64; N_REASONS] = [const { AtomicU64::new(0) }; N_REASONS];
     static LEFT_OUT: [AtomicU64; N_REASONS] = [const { AtomicU64::new(0) }; N_REASONS];

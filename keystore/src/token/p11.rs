@@ -11,6 +11,7 @@ use crate::error::Error;
 
 /// `C_SignInit` for `Function::SignInit`. Interned: there are ~70 functions, so the set is bounded.
 fn function_name(f: Function) -> &'static str {
+    // Process-wide by nature: names of constants, interned once.
     static NAMES: OnceLock<Mutex<HashMap<String, &'static str>>> = OnceLock::new();
     let debug = format!("{f:?}");
     let mut names = NAMES.get_or_init(Default::default).lock();

@@ -310,7 +310,8 @@ struct TokenSigner {
     alg: TokenAlg,
 }
 
-/// Signatures waiting for room on a token wait here; a freed place wakes them.
+/// Signatures waiting for room on a token wait here; a freed place wakes them. Process-wide by
+/// nature: it holds no state (a waiter looks at its own token again).
 static ROOM: (parking_lot::Mutex<()>, parking_lot::Condvar) =
     (parking_lot::Mutex::new(()), parking_lot::Condvar::new());
 
