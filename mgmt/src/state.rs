@@ -37,7 +37,7 @@ pub struct StoredCert {
 }
 
 /// One certificate a listener serves.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BoundCert {
     /// A [`StoredCert`] id.

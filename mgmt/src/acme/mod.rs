@@ -26,7 +26,6 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use parking_lot::Mutex;
-use serde::{Deserialize, Serialize};
 use tlsgate_keystore::Token;
 
 pub use challenge::Challenges;
@@ -35,30 +34,7 @@ pub use store::{AcmeStore, ProblemView};
 use crate::api::Manager;
 use crate::config::acme::AcmeConfig;
 
-/// One `[[acme]]` entry as `tlsgate ctl acme status` shows it.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct AcmeStatus {
-    pub name: String,
-    pub names: Vec<String>,
-    /// `pending` (nothing issued yet), `ordering`, `valid`, `renewing`, `retrying`.
-    pub state: String,
-    pub not_after: Option<String>,
-    pub not_after_unix: Option<i64>,
-    pub issuer: Option<String>,
-    pub serial: Option<String>,
-    /// The token key of the served certificate.
-    pub key: Option<String>,
-    /// When the client next tries to issue or renew (Unix seconds).
-    pub next_renewal_unix: Option<u64>,
-    pub next_renewal: Option<String>,
-    /// The order in flight, resumed after a restart.
-    pub order_url: Option<String>,
-    pub orders_placed: u64,
-    pub failures: u32,
-    pub last_error: Option<ProblemView>,
-    /// Whether the CA offers ACME Renewal Information (RFC 9773); `None` until asked.
-    pub ari: Option<bool>,
-}
+pub use crate::api::wire::AcmeStatus;
 
 /// An entry's shared state: its configuration, status, and the "renew now" signal.
 #[derive(Debug)]
@@ -112,10 +88,10 @@ impl Acme {
 
 impl crate::api::manager::AcmeControl for Acme {
     /// Every entry's status, in configuration order.
-    fn status(&self) -> Vec<serde_json::Value> {
+    fn status(&self) -> Vec<AcmeStatus> {
         self.entries
             .iter()
-            .map(|e| serde_json::to_value(&*e.status.lock()).unwrap_or_default())
+            .map(|e| e.status.lock().clone())
             .collect()
     }
 

@@ -23,26 +23,7 @@ use zeroize::Zeroizing;
 /// The token secret the account-sealing key is derived from.
 pub const SEAL_SECRET_LABEL: &str = "tlsgate-acme";
 
-/// An ACME problem document as kept for status (RFC 7807 / RFC 8555 §6.7).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProblemView {
-    /// `urn:ietf:params:acme:error:...`, or `tlsgate:...` for errors that are not the CA's.
-    #[serde(rename = "type")]
-    pub kind: String,
-    pub detail: String,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub subproblems: Vec<SubproblemView>,
-    /// When it happened (Unix seconds).
-    pub at_unix: u64,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SubproblemView {
-    pub identifier: Option<String>,
-    #[serde(rename = "type")]
-    pub kind: Option<String>,
-    pub detail: Option<String>,
-}
+pub use crate::api::wire::{ProblemView, SubproblemView};
 
 /// A key to delete from the token once the certificate it served has expired.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -10,52 +10,77 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use serde::Deserialize;
-use serde_json::{json, Value};
 use tlsgate_dataplane::pool::{AdminState, Balance, Pool};
 
 use super::error::ApiError;
 use super::manager::Manager;
 use super::routes::{body, run};
+use super::wire::{
+    self, BalanceKind, Health, PoolList, PoolView, ServerState, ServerView, SetState,
+};
 use crate::audit::ClientIdentity;
 
 /// Every pool and server, as `tlsgate ctl backends list` prints them.
-pub fn list(pools: &[Arc<Pool>]) -> Value {
+pub fn list(pools: &[Arc<Pool>]) -> PoolList {
     let now = tlsgate_dataplane::pool::health::now_ms();
-    let items: Vec<Value> = pools
+    let items = pools
         .iter()
-        .map(|p| {
-            let servers: Vec<Value> = p
+        .map(|p| PoolView {
+            name: p.name.clone(),
+            balance: match p.balance {
+                Balance::RoundRobin => BalanceKind::RoundRobin,
+                Balance::LeastConnections => BalanceKind::LeastConnections,
+                Balance::ConsistentHash => BalanceKind::ConsistentHash,
+            },
+            alpn: p
+                .alpn
+                .iter()
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect(),
+            health_check: p.health_check.is_some(),
+            servers: p
                 .servers
                 .iter()
                 .map(|s| {
                     let st = &s.state;
-                    json!({
-                        "address": s.addr.to_string(),
-                        "weight": s.weight,
-                        "max_connections": s.max_connections,
-                        "state": st.admin().as_str(),
-                        "health": if !st.is_up() { "down" } else if st.ejected(now) { "ejected" } else { "up" },
-                        "active": st.active.load(Relaxed),
-                        "total": st.total.load(Relaxed),
-                        "connect_errors": st.connect_refused.load(Relaxed) + st.connect_timeouts.load(Relaxed),
-                    })
+                    ServerView {
+                        address: s.addr.to_string(),
+                        weight: s.weight,
+                        max_connections: s.max_connections,
+                        state: wire_state(st.admin()),
+                        health: if !st.is_up() {
+                            Health::Down
+                        } else if st.ejected(now) {
+                            Health::Ejected
+                        } else {
+                            Health::Up
+                        },
+                        active: st.active.load(Relaxed),
+                        total: st.total.load(Relaxed),
+                        connect_errors: st.connect_refused.load(Relaxed)
+                            + st.connect_timeouts.load(Relaxed),
+                    }
                 })
-                .collect();
-            json!({
-                "name": p.name,
-                "balance": match p.balance {
-                    Balance::RoundRobin => "round_robin",
-                    Balance::LeastConnections => "least_connections",
-                    Balance::ConsistentHash => "consistent_hash",
-                },
-                "alpn": p.alpn.iter().map(|a| String::from_utf8_lossy(a).into_owned()).collect::<Vec<_>>(),
-                "health_check": p.health_check.is_some(),
-                "servers": servers,
-            })
+                .collect(),
         })
         .collect();
-    json!({ "items": items })
+    PoolList { items }
+}
+
+fn wire_state(s: AdminState) -> wire::AdminState {
+    match s {
+        AdminState::Ready => wire::AdminState::Ready,
+        AdminState::Drain => wire::AdminState::Drain,
+        AdminState::Maint => wire::AdminState::Maint,
+    }
+}
+
+fn plane_state(s: wire::AdminState) -> AdminState {
+    match s {
+        wire::AdminState::Ready => AdminState::Ready,
+        wire::AdminState::Drain => AdminState::Drain,
+        wire::AdminState::Maint => AdminState::Maint,
+    }
 }
 
 /// Sets a server's state; `None` when the pool or the server is not published.
@@ -64,12 +89,6 @@ pub fn set_state(pools: &[Arc<Pool>], pool: &str, server: &str, state: AdminStat
     let s = p.servers.iter().find(|s| s.addr.to_string() == server)?;
     s.state.set_admin(state);
     Some(())
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SetState {
-    state: String,
 }
 
 pub(super) async fn get(
@@ -92,17 +111,18 @@ pub(super) async fn put_state(
     let req: Result<SetState, _> = body(&b);
     let target = format!("{pool}/{server}");
     let v = run(m, who, "backend.set_state", target, move |m| {
-        let req = req?;
-        let state = AdminState::parse(&req.state).ok_or_else(|| {
-            ApiError::bad_request(format!("state {:?}: use ready, drain or maint", req.state))
-        })?;
+        let state = plane_state(req?.state);
         set_state(&m.appliance().pools.view(), &pool, &server, state).ok_or_else(|| {
             ApiError::not_found(
                 "backend_not_found",
                 format!("no server {server} in a published pool {pool:?}; see GET /v1/backends"),
             )
         })?;
-        Ok(json!({ "pool": pool, "server": server, "state": state.as_str() }))
+        Ok(ServerState {
+            pool,
+            server,
+            state: wire_state(state),
+        })
     })
     .await?;
     Ok(Json(v).into_response())

@@ -5,6 +5,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use tlsgate_keystore::{CertError, Error as KeyError};
 
+use super::wire::{ErrorBody, ErrorDetail};
+
 /// An error answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{code}: {message}")]
@@ -104,23 +106,12 @@ pub fn key_error(err: &KeyError) -> ApiError {
 #[derive(Debug, Clone, Copy)]
 pub struct ErrorCode(pub &'static str);
 
-#[derive(serde::Serialize)]
-struct Body<'a> {
-    error: Inner<'a>,
-}
-
-#[derive(serde::Serialize)]
-struct Inner<'a> {
-    code: &'a str,
-    message: &'a str,
-}
-
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = Body {
-            error: Inner {
-                code: self.code,
-                message: &self.message,
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code.to_owned(),
+                message: self.message,
             },
         };
         let mut response = (self.status, axum::Json(body)).into_response();

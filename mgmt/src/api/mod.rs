@@ -28,18 +28,17 @@ pub mod access;
 pub mod backends;
 pub mod error;
 pub mod manager;
+pub mod openapi;
 pub mod routes;
 pub mod secret_body;
 pub mod server;
+pub mod wire;
 
 pub use manager::{FleetStore, Manager, Publisher};
 // `[api]` and `[state]` are parsed and checked with the rest of the configuration.
 pub use crate::config::management::{
     state_dir, validate, ApiConfig, StateConfig, DEFAULT_SOCKET_MODE, DEFAULT_STATE_DIR,
 };
-
-/// The OpenAPI document served at `/v1/openapi.json`.
-pub const OPENAPI_JSON: &str = include_str!("../../openapi.json");
 
 /// Who may talk on the unix socket, checked with SO_PEERCRED on every connection.
 #[derive(Debug, Clone, PartialEq, Eq)]

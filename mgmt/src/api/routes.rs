@@ -12,11 +12,17 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{on, MethodFilter, MethodRouter};
 use axum::{Extension, Json, Router};
 use serde::de::DeserializeOwned;
-use serde_json::{json, Value};
+use serde::Serialize;
 
 use super::error::ApiError;
-use super::manager::{CsrRequest, GenerateKey, Manager, PutBinding, PutCert, PutCrl};
+use super::manager::Manager;
+use super::openapi::Doc;
 use super::secret_body;
+use super::wire::AcmeList;
+use super::wire::{
+    CertList, CertListItem, CertProblem, CrlList, CsrRequest, CsrResponse, ErrorDetail,
+    GenerateKey, KeyList, ListenerList, PutBinding, PutCert, PutCrl, Reloaded, Renewing,
+};
 use crate::audit::ClientIdentity;
 
 type Mgr = State<Arc<Manager>>;
@@ -29,10 +35,28 @@ pub struct Route {
     pub method: &'static str,
     /// The path with `{param}` segments.
     pub path: &'static str,
+    /// What the generated OpenAPI document says about it.
+    pub doc: Doc,
     handler: MethodRouter<Arc<Manager>>,
 }
 
-fn route<H, T>(method: &'static str, path: &'static str, handler: H) -> Route
+/// A route's document entry: summary, request schema, success status and answer schema (names
+/// of [`super::wire`] types).
+const fn doc(
+    summary: &'static str,
+    request: Option<&'static str>,
+    status: u16,
+    answer: Option<&'static str>,
+) -> Doc {
+    Doc {
+        summary,
+        request,
+        status,
+        answer,
+    }
+}
+
+fn route<H, T>(method: &'static str, path: &'static str, d: Doc, handler: H) -> Route
 where
     H: Handler<T, Arc<Manager>>,
     T: 'static,
@@ -49,6 +73,7 @@ where
     Route {
         method,
         path,
+        doc: d,
         handler: on(filter, handler),
     }
 }
@@ -57,31 +82,33 @@ where
 /// the `(method, path)` pairs here are exactly what it answers; a test checks them against the
 /// OpenAPI document both ways, and `api_round_trip` sends a request to each.
 pub fn routes() -> Vec<Route> {
+    const NONE: Option<&str> = None;
     vec![
-        route("get", "/v1/openapi.json", openapi),
-        route("get", "/v1/keys", list_keys),
-        route("post", "/v1/keys", generate_key),
-        route("post", "/v1/keys/import", import_key),
-        route("delete", "/v1/keys/{label}", delete_key),
-        route("post", "/v1/keys/{label}/csr", csr),
-        route("get", "/v1/certificates", list_certs),
-        route("get", "/v1/certificates/{id}", get_cert),
-        route("put", "/v1/certificates/{id}", put_cert),
-        route("delete", "/v1/certificates/{id}", delete_cert),
-        route("get", "/v1/listeners", list_listeners),
-        route("put", "/v1/listeners/{name}/binding", put_binding),
-        route("delete", "/v1/listeners/{name}/binding", delete_binding),
-        route("get", "/v1/listeners/{name}/crls", list_crls),
-        route("post", "/v1/listeners/{name}/crls", post_crl),
-        route("delete", "/v1/listeners/{name}/crls/{id}", delete_crl),
-        route("post", "/v1/reload", reload),
-        route("get", "/v1/acme", acme_status),
-        route("get", "/v1/fleet", fleet_status),
-        route("post", "/v1/acme/{name}/renew", acme_renew),
-        route("get", "/v1/backends", super::backends::get),
+        route("get", "/v1/openapi.json", doc("This document", NONE, 200, NONE), openapi),
+        route("get", "/v1/keys", doc("List the private keys on the token", NONE, 200, Some("KeyList")), list_keys),
+        route("post", "/v1/keys", doc("Generate a key pair on the token (sensitive, non-extractable, sign-only)", Some("GenerateKey"), 201, Some("KeyView")), generate_key),
+        route("post", "/v1/keys/import", doc("Import a PKCS#8 private key as sensitive and non-extractable; over HTTPS refused with 403 key_import_needs_local_socket before the body is read, unless [api] danger_allow_key_import_over_https", Some("ImportKey"), 201, Some("KeyView")), import_key),
+        route("delete", "/v1/keys/{label}", doc("Delete a key (refused while a bound certificate uses it)", NONE, 204, NONE), delete_key),
+        route("post", "/v1/keys/{label}/csr", doc("A CSR signed by the key on the token", Some("CsrRequest"), 200, Some("CsrResponse")), csr),
+        route("get", "/v1/certificates", doc("List the stored certificates", NONE, 200, Some("CertList")), list_certs),
+        route("get", "/v1/certificates/{id}", doc("One stored certificate", NONE, 200, Some("CertView")), get_cert),
+        route("put", "/v1/certificates/{id}", doc("Store (or replace) a certificate chain for a key", Some("PutCert"), 200, Some("CertView")), put_cert),
+        route("delete", "/v1/certificates/{id}", doc("Delete a stored certificate (refused while bound)", NONE, 204, NONE), delete_cert),
+        route("get", "/v1/listeners", doc("List the listeners, their bindings and CRLs", NONE, 200, Some("ListenerList")), list_listeners),
+        route("put", "/v1/listeners/{name}/binding", doc("Bind stored certificates to a listener (replaces the configuration file's)", Some("PutBinding"), 204, NONE), put_binding),
+        route("delete", "/v1/listeners/{name}/binding", doc("Remove a listener's binding (the configuration file's certificates serve again)", NONE, 204, NONE), delete_binding),
+        route("get", "/v1/listeners/{name}/crls", doc("A listener's CRLs", NONE, 200, Some("CrlList")), list_crls),
+        route("post", "/v1/listeners/{name}/crls", doc("Add a CRL to a listener", Some("PutCrl"), 201, Some("CrlView")), post_crl),
+        route("delete", "/v1/listeners/{name}/crls/{id}", doc("Remove a CRL", NONE, 204, NONE), delete_crl),
+        route("post", "/v1/reload", doc("Re-read the configuration file", NONE, 200, Some("Reloaded")), reload),
+        route("get", "/v1/acme", doc("Every [[acme]] entry's status", NONE, 200, Some("AcmeList")), acme_status),
+        route("get", "/v1/fleet", doc("Fleet mode: every member's applied etcd revision, its lag behind the newest state revision, and the error that refused a newer state (409 fleet_off without a [fleet] section)", NONE, 200, Some("FleetStatus")), fleet_status),
+        route("post", "/v1/acme/{name}/renew", doc("Renew an [[acme]] entry now", NONE, 202, Some("Renewing")), acme_renew),
+        route("get", "/v1/backends", doc("Backend pools of the published snapshot and their servers", NONE, 200, Some("PoolList")), super::backends::get),
         route(
             "put",
             "/v1/backends/{name}/servers/{id}/state",
+            doc("Set a backend server's state (ready, drain, maint)", Some("SetState"), 200, Some("ServerState")),
             super::backends::put_state,
         ),
     ]
@@ -152,11 +179,11 @@ pub(crate) fn body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(bytes).map_err(|e| ApiError::bad_request(format!("request body: {e}")))
 }
 
-fn ok(v: Value) -> Response {
+fn ok(v: impl Serialize) -> Response {
     Json(v).into_response()
 }
 
-fn created(v: Value) -> Response {
+fn created(v: impl Serialize) -> Response {
     (StatusCode::CREATED, Json(v)).into_response()
 }
 
@@ -168,14 +195,14 @@ async fn openapi() -> Response {
     super::access::note_operation("openapi.get", "-");
     (
         [(header::CONTENT_TYPE, "application/json")],
-        super::OPENAPI_JSON,
+        super::openapi::json(),
     )
         .into_response()
 }
 
 async fn list_keys(State(m): Mgr, Extension(who): Who) -> Result<Response, ApiError> {
     let keys = run(m, who, "key.list", "*".into(), |m| m.list_keys()).await?;
-    Ok(ok(json!({ "items": keys })))
+    Ok(ok(KeyList { items: keys }))
 }
 
 async fn generate_key(State(m): Mgr, Extension(who): Who, b: Bytes) -> Result<Response, ApiError> {
@@ -185,7 +212,7 @@ async fn generate_key(State(m): Mgr, Extension(who): Who, b: Bytes) -> Result<Re
         m.generate_key(&req?)
     })
     .await?;
-    Ok(created(json!(key)))
+    Ok(created(key))
 }
 
 /// `POST /v1/keys/import`: the body holds a private key, so it is read, parsed and decoded only
@@ -230,7 +257,7 @@ async fn import_key(State(m): Mgr, Extension(who): Who, req: axum::extract::Requ
     }
     .await;
     let mut response = match result {
-        Ok(key) => created(json!(key)),
+        Ok(key) => created(key),
         Err(e) => e.into_response(),
     };
     response.headers_mut().insert(
@@ -263,7 +290,7 @@ async fn csr(
         m.csr(&label, &req?)
     })
     .await?;
-    Ok(ok(json!({ "csr_pem": pem })))
+    Ok(ok(CsrResponse { csr_pem: pem }))
 }
 
 async fn list_certs(State(m): Mgr, Extension(who): Who) -> Result<Response, ApiError> {
@@ -271,16 +298,19 @@ async fn list_certs(State(m): Mgr, Extension(who): Who) -> Result<Response, ApiE
         Ok(m.list_certs()
             .into_iter()
             .map(|r| match r {
-                Ok(v) => json!(v),
-                Err((id, e)) => json!({
-                    "id": id,
-                    "problem": { "code": e.code, "message": e.message },
+                Ok(v) => CertListItem::Ok(v),
+                Err((id, e)) => CertListItem::Problem(CertProblem {
+                    id,
+                    problem: ErrorDetail {
+                        code: e.code.to_owned(),
+                        message: e.message,
+                    },
                 }),
             })
             .collect::<Vec<_>>())
     })
     .await?;
-    Ok(ok(json!({ "items": items })))
+    Ok(ok(CertList { items }))
 }
 
 async fn get_cert(
@@ -292,7 +322,7 @@ async fn get_cert(
         m.get_cert(&id)
     })
     .await?;
-    Ok(ok(json!(v)))
+    Ok(ok(v))
 }
 
 async fn put_cert(
@@ -306,7 +336,7 @@ async fn put_cert(
         m.put_cert(&id, req?)
     })
     .await?;
-    Ok(ok(json!(v)))
+    Ok(ok(v))
 }
 
 async fn delete_cert(
@@ -326,7 +356,7 @@ async fn list_listeners(State(m): Mgr, Extension(who): Who) -> Result<Response, 
         Ok(m.list_listeners())
     })
     .await?;
-    Ok(ok(json!({ "items": v })))
+    Ok(ok(ListenerList { items: v }))
 }
 
 async fn put_binding(
@@ -370,7 +400,7 @@ async fn list_crls(
             })
     })
     .await?;
-    Ok(ok(json!({ "items": v })))
+    Ok(ok(CrlList { items: v }))
 }
 
 async fn post_crl(
@@ -384,7 +414,7 @@ async fn post_crl(
         m.put_crl(&name, &req?)
     })
     .await?;
-    Ok(created(json!(v)))
+    Ok(created(v))
 }
 
 async fn delete_crl(
@@ -402,12 +432,12 @@ async fn delete_crl(
 
 async fn reload(State(m): Mgr, Extension(who): Who) -> Result<Response, ApiError> {
     run(m, who, "reload", "config".into(), |m| m.reload()).await?;
-    Ok(ok(json!({ "reloaded": true })))
+    Ok(ok(Reloaded { reloaded: true }))
 }
 
 async fn acme_status(State(m): Mgr, Extension(who): Who) -> Result<Response, ApiError> {
     let items = run(m, who, "acme.status", "*".into(), |m| m.acme_status()).await?;
-    Ok(ok(json!({ "items": items })))
+    Ok(ok(AcmeList { items }))
 }
 
 async fn fleet_status(State(m): Mgr, Extension(who): Who) -> Result<Response, ApiError> {
@@ -422,7 +452,7 @@ async fn acme_renew(
 ) -> Result<Response, ApiError> {
     let target = name.clone();
     run(m, who, "acme.renew", target, move |m| m.acme_renew(&name)).await?;
-    Ok((StatusCode::ACCEPTED, Json(json!({ "renewing": true }))).into_response())
+    Ok((StatusCode::ACCEPTED, Json(Renewing { renewing: true })).into_response())
 }
 
 #[cfg(test)]
@@ -432,7 +462,8 @@ mod tests {
     /// Every served route is in the OpenAPI document, and the document lists nothing else.
     #[test]
     fn openapi_lists_exactly_the_routes() {
-        let doc: Value = serde_json::from_str(super::super::OPENAPI_JSON).expect("valid JSON");
+        let doc: serde_json::Value =
+            serde_json::from_str(super::super::openapi::json()).expect("valid JSON");
         let paths = doc["paths"].as_object().expect("paths");
         let served = served();
         assert!(served.len() >= 17, "the table lists the router's routes");

@@ -30,6 +30,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::api::error::ApiError;
+use crate::api::wire::{FleetMember, FleetStatus};
 use crate::config::fleet::FleetConfig;
 use crate::state::StateData;
 
@@ -244,7 +245,7 @@ impl Fleet {
     }
 
     /// Every member's report, with its lag behind the newest state revision.
-    fn members(&self) -> Result<serde_json::Value, ApiError> {
+    fn members(&self) -> Result<FleetStatus, ApiError> {
         let mut client = self.connected()?;
         let keys = self.keys.clone();
         let me = self.me.lock().clone();
@@ -283,20 +284,20 @@ impl Fleet {
                         ..Member::default()
                     },
                 };
-                items.push(serde_json::json!({
-                    "name": m.name,
-                    "applied_revision": m.applied_revision,
-                    "seen_revision": m.seen_revision,
-                    "lag": (latest - m.applied_revision).max(0),
-                    "error": m.error,
-                    "updated_unix": m.updated_unix,
-                }));
+                items.push(FleetMember {
+                    name: m.name,
+                    applied_revision: m.applied_revision,
+                    seen_revision: m.seen_revision,
+                    lag: (latest - m.applied_revision).max(0),
+                    error: m.error,
+                    updated_unix: m.updated_unix,
+                });
             }
-            Ok(serde_json::json!({
-                "this": me.name,
-                "state_revision": latest,
-                "members": items,
-            }))
+            Ok(FleetStatus {
+                this: me.name,
+                state_revision: latest,
+                members: items,
+            })
         })
     }
 
@@ -337,7 +338,7 @@ impl crate::api::FleetStore for Fleet {
     fn write(&self, old: &StateData, new: &StateData) -> Result<(), ApiError> {
         self.write_txn(old, new)
     }
-    fn status(&self) -> Result<serde_json::Value, ApiError> {
+    fn status(&self) -> Result<FleetStatus, ApiError> {
         self.members()
     }
 }

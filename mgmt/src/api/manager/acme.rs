@@ -20,7 +20,7 @@ use crate::tls::ServedCert;
 /// API does not depend on the client's module).
 pub trait AcmeControl: Send + Sync + std::fmt::Debug {
     /// Every entry's status, as JSON objects.
-    fn status(&self) -> Vec<serde_json::Value>;
+    fn status(&self) -> Vec<crate::api::wire::AcmeStatus>;
     /// Asks entry `name` to renew now; false: no such entry.
     fn renew(&self, name: &str) -> bool;
 }
@@ -124,7 +124,7 @@ impl Manager {
 
 impl Manager {
     /// `GET /v1/acme`: every `[[acme]]` entry's status.
-    pub fn acme_status(&self) -> Result<Vec<serde_json::Value>, ApiError> {
+    pub fn acme_status(&self) -> Result<Vec<crate::api::wire::AcmeStatus>, ApiError> {
         Ok(self.acme_client()?.status())
     }
 

@@ -131,7 +131,7 @@ fn cert_view(c: &StoredCert, r: &ChainReport, len: usize, bound_to: Vec<String>)
         not_after_unix: unix(r.not_after),
         chain_not_after: fmt_time(r.chain_not_after),
         fingerprint_sha256: r.fingerprint_sha256.clone(),
-        chain_length: len,
+        chain_length: len as u64,
         updated_unix: c.updated_unix,
         bound_to,
     }

@@ -7,6 +7,7 @@ use std::time::SystemTime;
 
 use super::Manager;
 use crate::api::error::ApiError;
+use crate::api::wire::FleetStatus;
 use crate::snapshot::Scope;
 use crate::state::{Binding, StateData, StoredCert};
 
@@ -16,7 +17,7 @@ pub trait FleetStore: Send + Sync {
     /// when the state changed since it was read.
     fn write(&self, old: &StateData, new: &StateData) -> Result<(), ApiError>;
     /// Every member's report.
-    fn status(&self) -> Result<serde_json::Value, ApiError>;
+    fn status(&self) -> Result<FleetStatus, ApiError>;
 }
 
 impl Manager {
@@ -26,7 +27,7 @@ impl Manager {
     }
 
     /// `GET /v1/fleet`: every member's applied revision, lag and error.
-    pub fn fleet_status(&self) -> Result<serde_json::Value, ApiError> {
+    pub fn fleet_status(&self) -> Result<FleetStatus, ApiError> {
         self.fleet
             .get()
             .ok_or_else(|| {

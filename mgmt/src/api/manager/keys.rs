@@ -139,7 +139,7 @@ impl Manager {
 }
 
 pub(crate) fn check_label(label: &str) -> Result<(), ApiError> {
-    if label.is_empty() || label.len() > 64 || label.chars().any(|c| c.is_control()) {
+    if label.is_empty() || label.chars().count() > 64 || label.chars().any(|c| c.is_control()) {
         return Err(ApiError::invalid(
             "label_invalid",
             "a key label needs 1 to 64 printable characters",

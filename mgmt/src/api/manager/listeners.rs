@@ -40,8 +40,12 @@ impl Manager {
                 ListenerView {
                     name: l.name.clone(),
                     bind: bound.get(&l.name).unwrap_or(&l.bind).to_string(),
-                    config_certificates: l.certificates.len(),
-                    source: if binding.is_some() { "api" } else { "config" },
+                    config_certificates: l.certificates.len() as u64,
+                    source: if binding.is_some() {
+                        super::CertSource::Api
+                    } else {
+                        super::CertSource::Config
+                    },
                     binding,
                     crls: inner
                         .state
@@ -202,7 +206,7 @@ pub(crate) fn crl_view(c: &StoredCrl) -> Result<CrlView, ApiError> {
         issuer: crl.issuer().to_string(),
         this_update: t(crl.last_update()),
         next_update: crl.next_update().map(t),
-        revoked: crl.iter_revoked_certificates().count(),
+        revoked: crl.iter_revoked_certificates().count() as u64,
     })
 }
 

@@ -30,7 +30,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::snapshot::{BoundServed, Builder, Built, Scope};
 use axum::http::StatusCode;
 use parking_lot::{Mutex, MutexGuard};
-use serde::{Deserialize, Serialize};
+
 use tlsgate_dataplane::Snapshot;
 use tlsgate_keystore::keyref::{KeyBackend, KeyRef};
 use tlsgate_keystore::{ChainSource, Credential};
@@ -39,7 +39,7 @@ use tlsgate_keystore::{Pkcs11Uri, Token};
 use super::error::{key_error, ApiError};
 use crate::audit::{AuditLog, ClientIdentity};
 use crate::config::Config;
-use crate::state::{BoundCert, StateData, StateStore, StoredCert};
+use crate::state::{StateData, StateStore, StoredCert};
 use crate::tls::ServedCert;
 
 /// Hands a snapshot to the data plane and returns once new connections use it.
@@ -47,111 +47,10 @@ pub type Publisher = Box<dyn Fn(Arc<Snapshot>) + Send + Sync>;
 
 pub use crate::snapshot::{ListenerOverlay, Overlay};
 
-/// A certificate as the API lists it.
-#[derive(Debug, Clone, Serialize)]
-pub struct CertView {
-    pub id: String,
-    pub key: String,
-    pub subject: String,
-    pub issuer: String,
-    pub sans: Vec<String>,
-    pub serial: String,
-    pub not_before: String,
-    pub not_after: String,
-    pub not_after_unix: i64,
-    pub chain_not_after: String,
-    pub fingerprint_sha256: String,
-    pub chain_length: usize,
-    pub updated_unix: u64,
-    /// Listeners whose binding names it.
-    pub bound_to: Vec<String>,
-}
-
-/// A key as the API lists it.
-#[derive(Debug, Clone, Serialize)]
-pub struct KeyView {
-    pub label: String,
-    pub id: String,
-    #[serde(rename = "type")]
-    pub kind: String,
-    pub uri: String,
-    pub sensitive: bool,
-    pub extractable: bool,
-    pub always_sensitive: bool,
-    pub never_extractable: bool,
-    /// `generated` on the token or `imported`.
-    pub origin: String,
-    pub spki_sha256: String,
-    /// Certificates (state directory ids, or `config:<listener>`) that use it.
-    pub used_by: Vec<String>,
-}
-
-/// A listener and what it serves.
-#[derive(Debug, Clone, Serialize)]
-pub struct ListenerView {
-    pub name: String,
-    /// The address it listens on (the configured one until the data plane has bound it).
-    pub bind: String,
-    /// How many `[[listener.certificate]]` entries the configuration file gives it.
-    pub config_certificates: usize,
-    /// `api` when a binding replaces the configuration file's certificates, else `config`.
-    pub source: &'static str,
-    pub binding: Option<Vec<BoundCert>>,
-    pub crls: Vec<CrlView>,
-}
-
-/// A CRL as the API lists it.
-#[derive(Debug, Clone, Serialize)]
-pub struct CrlView {
-    pub id: String,
-    pub issuer: String,
-    pub this_update: String,
-    pub next_update: Option<String>,
-    pub revoked: usize,
-}
-
-/// Request: generate a key.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct GenerateKey {
-    #[serde(rename = "type")]
-    pub kind: String,
-    pub label: String,
-    /// CKA_ID in hex; random when absent.
-    pub id: Option<String>,
-}
-
-/// Request: a CSR.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CsrRequest {
-    pub common_name: String,
-    #[serde(default)]
-    pub sans: Vec<String>,
-}
-
-/// Request: upload a certificate chain.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PutCert {
-    /// A key label on the configured token, a `pkcs11:` URI, or `file:PATH`.
-    pub key: String,
-    pub chain_pem: String,
-}
-
-/// Request: bind certificates to a listener.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PutBinding {
-    pub certificates: Vec<BoundCert>,
-}
-
-/// Request: upload a CRL.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PutCrl {
-    pub pem: String,
-}
+pub use super::wire::{
+    CertSource, CertView, CrlView, CsrRequest, GenerateKey, KeyView, ListenerView, PutBinding,
+    PutCert, PutCrl,
+};
 
 struct Inner {
     config: Config,
