@@ -70,6 +70,22 @@ ensure_sslyze() {
     export TLSGATE_SSLYZE="$venv/bin/sslyze"
 }
 
+# schemathesis (PyPI) fuzzes the management API from the OpenAPI document the server serves
+# (mgmt/tests/api_schemathesis.rs). Pinned; one virtualenv under the user's cache.
+SCHEMATHESIS_VERSION=4.32.5
+ensure_schemathesis() {
+    local venv="${XDG_CACHE_HOME:-$HOME/.cache}/tlsgate/schemathesis-${SCHEMATHESIS_VERSION}"
+    if [[ ! -x "$venv/bin/schemathesis" ]]; then
+        echo "installing schemathesis ${SCHEMATHESIS_VERSION} into $venv"
+        rm -rf "$venv"
+        python3 -m venv "$venv"
+        "$venv/bin/pip" install --quiet --disable-pip-version-check "schemathesis==${SCHEMATHESIS_VERSION}"
+    else
+        echo "schemathesis ${SCHEMATHESIS_VERSION} present"
+    fi
+    export TLSGATE_SCHEMATHESIS="$venv/bin/schemathesis"
+}
+
 # cargo-deb builds the Debian package (scripts/package.sh). Built from crates.io once, then reused.
 CARGO_DEB_VERSION=3.8.0
 ensure_cargo_deb() {

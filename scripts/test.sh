@@ -24,6 +24,7 @@ ensure_packages softhsm2 p11-kit p11-kit-modules openssl curl ca-certificates gc
 # crate's build runs; etcd-server + etcd-client: the 3-member cluster mgmt/tests/fleet.rs starts.
 ensure_packages protobuf-compiler libprotobuf-dev etcd-server etcd-client
 ensure_sslyze
+ensure_schemathesis
 # The benchmark smoke below: HAProxy and nginx (+ its layer-4 stream module) beside tlsgate,
 # nginx also as the plain-HTTP origin; python3 for the harness's tables.
 ensure_packages haproxy nginx libnginx-mod-stream python3 util-linux

@@ -102,6 +102,7 @@ impl std::fmt::Debug for ImportKey<'_> {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CsrRequest {
+    #[schema(min_length = 1)]
     pub common_name: String,
     #[serde(default)]
     pub sans: Vec<String>,

@@ -369,6 +369,16 @@ impl Serve {
         self.guard.child.id() as i32
     }
 
+    /// Copies the server's stderr into `path` from now on. A test that makes the server log
+    /// more than a pipe holds (64 KiB: a few hundred API calls) must call this, or the server
+    /// blocks in its next log write, holding whatever lock it holds.
+    pub fn log_to(&mut self, path: &Path) -> Result<()> {
+        let mut from = self.guard.child.stderr.take().context("stderr was piped")?;
+        let mut to = std::fs::File::create(path)?;
+        std::thread::spawn(move || std::io::copy(&mut from, &mut to));
+        Ok(())
+    }
+
     /// Sends `signal` (by name, e.g. "TERM") with kill(1).
     pub fn signal(&self, signal: &str) -> Result<()> {
         check(
