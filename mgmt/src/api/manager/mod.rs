@@ -60,8 +60,9 @@ struct Inner {
 /// A stored certificate as last loaded and checked: reused while its key and chain stay the
 /// same, so a change loads only the certificates it changes.
 struct CachedCert {
-    key: String,
-    chain_pem: String,
+    /// The stored object it was loaded from: the same `Arc` (the state's maps share them
+    /// between changes) is the same key and chain without comparing the PEM.
+    stored: Arc<StoredCert>,
     cred: Credential,
     certified: Arc<rustls::sign::CertifiedKey>,
     fetch: bool,
@@ -374,11 +375,13 @@ impl Manager {
     fn cached_cert(
         &self,
         config: &Config,
-        stored: &StoredCert,
+        stored: &Arc<StoredCert>,
         now: SystemTime,
     ) -> Result<Arc<CachedCert>, ApiError> {
         if let Some(c) = self.certs.lock().get(&stored.id) {
-            if c.key == stored.key && c.chain_pem == stored.chain_pem {
+            if Arc::ptr_eq(&c.stored, stored)
+                || (c.stored.key == stored.key && c.stored.chain_pem == stored.chain_pem)
+            {
                 return Ok(c.clone());
             }
         }
@@ -393,8 +396,7 @@ impl Manager {
                 .and_then(crate::ocsp::responder_url)
                 .is_some();
         let cached = Arc::new(CachedCert {
-            key: stored.key.clone(),
-            chain_pem: stored.chain_pem.clone(),
+            stored: stored.clone(),
             names: crate::snapshot::dns_names(&cred.report.sans).into(),
             fingerprint: cred.report.fingerprint_sha256.as_str().into(),
             subject: cred.report.subject.as_str().into(),
