@@ -161,7 +161,7 @@ fn main() -> Result<()> {
     std::fs::write(
         &config,
         format!(
-            "[dataplane]\ncores = [0]\nio = \"portable\"\n\n[api]\nsocket = \"{}\"\n\n[state]\ndir = \"{}\"\n\n\
+            "[process]\nallow_root = true\n\n[dataplane]\ncores = [0]\nio = \"portable\"\n\n[api]\nsocket = \"{}\"\n\n[state]\ndir = \"{}\"\n\n\
              [[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nbackend = \"127.0.0.1:9\"\n",
             socket.display(),
             dir.path().join("state").display()
@@ -175,14 +175,18 @@ fn main() -> Result<()> {
         .arg(&ready)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("serve.log"))?)
         .spawn()
         .with_context(|| format!("starting {}", bin.display()))?;
     let server = Server(child);
     let start = Instant::now();
     // Created empty before start-up ends, filled once it serves.
     while std::fs::metadata(&ready).map_or(true, |m| m.len() == 0) {
-        ensure!(start.elapsed() < Duration::from_secs(30), "no ready file");
+        ensure!(
+            start.elapsed() < Duration::from_secs(30),
+            "no ready file; the server said:\n{}",
+            std::fs::read_to_string(dir.path().join("serve.log")).unwrap_or_default()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let pid = server.0.id();

@@ -88,6 +88,9 @@ struct Part {
     awaiting_token: usize,
     /// The certificates it staples (the stapler's keys).
     fingerprints: Vec<String>,
+    /// Its certificates and resolver, which the next build of it updates (`None` without
+    /// certificates).
+    served: Option<crate::tls::Served>,
 }
 
 /// A built snapshot, not yet live: [`Builder::commit`] it once it is published.
@@ -157,9 +160,14 @@ impl Builder {
         let last = self.last.lock().clone();
         let mut parts = Vec::with_capacity(config.listeners.len());
         for (i, l) in config.listeners.iter().enumerate() {
-            let part = match last.get(&l.name) {
-                Some(p) if !scope.has(&l.name) => p.clone(),
-                _ => Arc::new(self.listener(config, i, overlay, now)?),
+            let part = match (last.get(&l.name), scope) {
+                (Some(p), _) if !scope.has(&l.name) => p.clone(),
+                // An API change or a staple: the listener's resolver is updated for the
+                // certificates that changed. A reload indexes everything again.
+                (prev, Scope::Listeners(_)) => {
+                    Arc::new(self.listener(config, i, overlay, now, prev.map(|p| &**p))?)
+                }
+                (_, Scope::All) => Arc::new(self.listener(config, i, overlay, now, None)?),
             };
             parts.push((l.name.clone(), part));
         }
@@ -214,6 +222,7 @@ impl Builder {
         i: usize,
         overlay: &Overlay,
         now: SystemTime,
+        prev: Option<&Part>,
     ) -> Result<Part> {
         let token = self.token.as_ref();
         let l = &config.listeners[i];
@@ -226,10 +235,16 @@ impl Builder {
         let mut fingerprints = Vec::new();
         let mut offload = false;
         let mut awaiting_token = 0usize;
+        // Each key algorithm is checked against the policy once, not once per certificate.
+        let mut allowed: Vec<rustls::SignatureAlgorithm> = Vec::new();
         let mut add_bound = |b: &BoundServed, certs: &mut Vec<ServedCert>| -> Result<()> {
-            policy
-                .check_key(b.served.key.key.algorithm())
-                .with_context(|| format!("listener {:?}: bound certificate", l.name))?;
+            let alg = b.served.key.key.algorithm();
+            if !allowed.contains(&alg) {
+                policy
+                    .check_key(alg)
+                    .with_context(|| format!("listener {:?}: bound certificate", l.name))?;
+                allowed.push(alg);
+            }
             let source = b.fetch.then_some(ocsp::Source::Fetch);
             let key = self.stapler.staple(
                 &l.name,
@@ -334,17 +349,21 @@ impl Builder {
             ),
             extra_crls: api.map(|o| o.crls.clone()).unwrap_or_default(),
         };
-        let (tls, sni_filter, client_cert_check) = if certs.is_empty() {
+        let (tls, sni_filter, client_cert_check, served) = if certs.is_empty() {
             tracing::warn!(listener = %l.name, "no certificate yet: handshakes are refused until one is bound through the management API");
-            (crate::tls::no_certificate_config()?, None, None)
+            (crate::tls::no_certificate_config()?, None, None, None)
         } else {
-            let sni_filter = crate::tls::sni_filter(&certs, &opts)
-                .with_context(|| format!("listener {:?}", l.name))?;
-            let client_cert_check = crate::tls::client_cert_check(&l.name, &opts)
-                .with_context(|| format!("listener {:?}", l.name))?;
-            let tls = crate::tls::server_config(certs, &opts)
-                .with_context(|| format!("listener {:?}", l.name))?;
-            (tls, sni_filter, client_cert_check)
+            let at = || format!("listener {:?}", l.name);
+            let served = match prev.and_then(|p| p.served.as_ref()) {
+                Some(prev) => prev.update(certs, &opts),
+                None => crate::tls::Served::new(certs, &opts),
+            }
+            .with_context(at)?;
+            let sni_filter = crate::tls::sni_filter_of(&served, &opts);
+            let client_cert_check =
+                crate::tls::client_cert_check(&l.name, &opts).with_context(at)?;
+            let tls = crate::tls::server_config_of(&served, &opts).with_context(at)?;
+            (tls, sni_filter, client_cert_check, Some(served))
         };
         Ok(Part {
             snapshot: ListenerSnapshot {
@@ -373,6 +392,7 @@ impl Builder {
             expiry,
             awaiting_token,
             fingerprints,
+            served,
         })
     }
 }

@@ -197,7 +197,7 @@ pub fn tls_config(
     .certified_key()
     .context("[api] cert")?;
     let resolver = SniResolver::new(
-        vec![ServedCert {
+        &[ServedCert {
             key: certified,
             names: Vec::new().into(),
             default: true,

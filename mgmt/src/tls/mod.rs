@@ -10,15 +10,16 @@
 pub mod client_auth;
 pub mod ocsp;
 pub mod policy;
+mod resolver;
 pub mod session;
 pub mod stapler;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
-use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
+
+pub use resolver::{Served, SniResolver};
 
 /// Errors while assembling a server configuration.
 #[derive(Debug, thiserror::Error)]
@@ -91,16 +92,18 @@ pub fn sni_filter(
     if opts.unknown_sni == UnknownSni::Default {
         return Ok(None);
     }
-    let mut certs = certs.to_vec();
-    if !certs.iter().any(|c| c.default) {
-        for c in &mut certs {
-            c.default = true;
-        }
+    Ok(sni_filter_of(&Served::new(certs.to_vec(), opts)?, opts))
+}
+
+/// [`sni_filter`] answered by a listener's resolver (the one its configuration serves with).
+pub fn sni_filter_of(served: &Served, opts: &ListenerTls) -> Option<tlsgate_dataplane::SniFilter> {
+    if opts.unknown_sni == UnknownSni::Default {
+        return None;
     }
-    let resolver = SniResolver::new(certs, opts.unknown_sni)?;
-    Ok(Some(tlsgate_dataplane::SniFilter::new(move |sni| {
+    let resolver = served.resolver.clone();
+    Some(tlsgate_dataplane::SniFilter::new(move |sni| {
         resolver.knows(sni)
-    })))
+    }))
 }
 
 /// The data plane's re-check of a resumed session of `listener`: its client certificate
@@ -148,23 +151,25 @@ pub fn client_cert_check(
 /// A server configuration serving `certs` under `opts.policy`. When none is marked default, all
 /// are (the order still sets the preference).
 pub fn server_config(
-    mut certs: Vec<ServedCert>,
+    certs: Vec<ServedCert>,
     opts: &ListenerTls,
 ) -> Result<Arc<ServerConfig>, TlsConfigError> {
-    if !certs.iter().any(|c| c.default) {
-        for c in &mut certs {
-            c.default = true;
-        }
-    }
+    server_config_of(&Served::new(certs, opts)?, opts)
+}
+
+/// The server configuration of `served` (its resolver, made for `opts`) under `opts.policy`.
+pub fn server_config_of(
+    served: &Served,
+    opts: &ListenerTls,
+) -> Result<Arc<ServerConfig>, TlsConfigError> {
     let provider = opts.policy.provider();
-    let resolver = SniResolver::new(certs, opts.unknown_sni)?.with_suites(&provider.cipher_suites);
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(opts.policy.versions())?;
     let builder = match &opts.client_auth {
         None => builder.with_no_client_auth(),
         Some(auth) => builder.with_client_cert_verifier(auth.verifier(provider, &opts.extra_crls)?),
     };
-    let mut config = builder.with_cert_resolver(Arc::new(resolver));
+    let mut config = builder.with_cert_resolver(served.resolver.clone());
     config.ignore_client_order = false;
     if let Some(s) = &opts.session {
         s.apply(
@@ -212,201 +217,6 @@ pub fn normalize_name(name: &str) -> Result<String, TlsConfigError> {
         Ok(n)
     } else {
         Err(TlsConfigError::BadName(name.to_owned()))
-    }
-}
-
-/// Chooses a certificate by SNI, then by the client's signature schemes.
-#[derive(Debug)]
-pub struct SniResolver {
-    exact: HashMap<String, Vec<Arc<CertifiedKey>>>,
-    /// Keyed by the part after `*.`.
-    wildcard: HashMap<String, Vec<Arc<CertifiedKey>>>,
-    defaults: Vec<Arc<CertifiedKey>>,
-    unknown: UnknownSni,
-    /// The listener's suites, to tell whether a TLS 1.2 client can use a certificate's key type.
-    suites: Vec<rustls::SupportedCipherSuite>,
-    /// ECDSA certificates (by `Arc` address): the curve of their key (see
-    /// [`SniResolver::resolve`]).
-    ecdsa: HashMap<usize, rustls::NamedGroup>,
-}
-
-/// The named curve of an ECDSA leaf's key, from the curve OID in its SubjectPublicKeyInfo (the
-/// only curve OID a certificate holds; its signature names a hash, not a curve).
-fn ecdsa_curve(key: &CertifiedKey) -> Option<rustls::NamedGroup> {
-    const P256: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
-    const P384: &[u8] = &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22];
-    if key.key.algorithm() != rustls::SignatureAlgorithm::ECDSA {
-        return None;
-    }
-    let leaf = key.end_entity_cert().ok()?;
-    // Testing the first two bytes keeps the slice comparison (a `memcmp` call) off all but a few
-    // windows: it ran for every window of every bound leaf on each rebuild.
-    let has = |oid: &[u8]| {
-        leaf.windows(oid.len())
-            .any(|w| w[0] == oid[0] && w[1] == oid[1] && w == oid)
-    };
-    if has(P256) {
-        Some(rustls::NamedGroup::secp256r1)
-    } else if has(P384) {
-        Some(rustls::NamedGroup::secp384r1)
-    } else {
-        None
-    }
-}
-
-/// A key of no algorithm any cipher suite can use: rustls then finds no TLS 1.2 suite in
-/// common and ends the handshake with `handshake_failure`, the answer for a client that cannot
-/// verify our key (as HAProxy answers). It never signs.
-#[derive(Debug)]
-struct NoUsableScheme;
-
-impl rustls::sign::SigningKey for NoUsableScheme {
-    fn choose_scheme(
-        &self,
-        _offered: &[rustls::SignatureScheme],
-    ) -> Option<Box<dyn rustls::sign::Signer>> {
-        None
-    }
-
-    fn algorithm(&self) -> rustls::SignatureAlgorithm {
-        rustls::SignatureAlgorithm::Unknown(0xff)
-    }
-}
-
-impl SniResolver {
-    /// Indexes `certs`; at least one must be `default` (see [`server_config`]).
-    pub fn new(certs: Vec<ServedCert>, unknown: UnknownSni) -> Result<Self, TlsConfigError> {
-        let mut exact: HashMap<String, Vec<Arc<CertifiedKey>>> = HashMap::new();
-        let mut wildcard: HashMap<String, Vec<Arc<CertifiedKey>>> = HashMap::new();
-        let mut defaults = Vec::new();
-        for c in certs {
-            for name in c.names.iter() {
-                let n = normalize_name(name)?;
-                match n.strip_prefix("*.") {
-                    Some(base) => wildcard.entry(base.to_owned()).or_default(),
-                    None => exact.entry(n).or_default(),
-                }
-                .push(c.key.clone());
-            }
-            if c.default {
-                defaults.push(c.key);
-            }
-        }
-        if defaults.is_empty() {
-            return Err(TlsConfigError::NoDefault);
-        }
-        let mut ecdsa = HashMap::new();
-        for key in exact
-            .values()
-            .chain(wildcard.values())
-            .flatten()
-            .chain(&defaults)
-        {
-            if let Some(curve) = ecdsa_curve(key) {
-                ecdsa.insert(Arc::as_ptr(key) as usize, curve);
-            }
-        }
-        Ok(Self {
-            exact,
-            wildcard,
-            defaults,
-            unknown,
-            suites: Vec::new(),
-            ecdsa,
-        })
-    }
-
-    /// Tells the resolver the listener's cipher suites: a certificate is then preferred only
-    /// when the client also offers a suite that can use its key (a TLS 1.2 client offering
-    /// ECDSA signatures but only ECDHE-RSA suites gets the RSA certificate).
-    pub fn with_suites(mut self, suites: &[rustls::SupportedCipherSuite]) -> Self {
-        self.suites = suites.to_vec();
-        self
-    }
-
-    fn suite_fits(&self, key: &CertifiedKey, client_suites: &[rustls::CipherSuite]) -> bool {
-        let alg = key.key.algorithm();
-        self.suites.is_empty()
-            || self.suites.iter().any(|s| {
-                client_suites.contains(&s.suite()) && s.usable_for_signature_algorithm(alg)
-            })
-    }
-
-    /// Whether a TLS 1.2 client can verify this key's signature: an ECDSA key's curve must be
-    /// among the client's supported groups (RFC 8422 §5.1; without the extension any curve
-    /// goes). A client that can negotiate TLS 1.3 here is not held to it: there the signature
-    /// scheme names the curve, and `choose_scheme` checks that.
-    fn curve_fits(&self, key: &Arc<CertifiedKey>, hello: &ClientHello<'_>) -> bool {
-        let Some(curve) = self.ecdsa.get(&(Arc::as_ptr(key) as usize)) else {
-            return true;
-        };
-        let tls13 = hello.cipher_suites().iter().any(|c| {
-            self.suites
-                .iter()
-                .any(|s| s.suite() == *c && s.version() == &rustls::version::TLS13)
-        });
-        if tls13 {
-            return true;
-        }
-        hello
-            .named_groups()
-            .is_none_or(|groups| groups.contains(curve))
-    }
-
-    /// The certificates that serve `sni`, or `None` when no certificate names it.
-    fn named(&self, sni: &str) -> Option<&[Arc<CertifiedKey>]> {
-        let sni = sni.trim_end_matches('.').to_ascii_lowercase();
-        if let Some(v) = self.exact.get(&sni) {
-            return Some(v);
-        }
-        let (_, parent) = sni.split_once('.')?;
-        self.wildcard.get(parent).map(Vec::as_slice)
-    }
-
-    /// Whether a ClientHello with this SNI gets a certificate (the data plane refuses the others
-    /// with `unrecognized_name` before rustls sees them).
-    pub fn knows(&self, sni: Option<&str>) -> bool {
-        match sni {
-            None => true,
-            Some(name) => self.named(name).is_some() || self.unknown == UnknownSni::Default,
-        }
-    }
-}
-
-impl ResolvesServerCert for SniResolver {
-    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let offered = hello.signature_schemes();
-        let candidates = match hello.server_name() {
-            None => &self.defaults[..],
-            Some(name) => match (self.named(name), self.unknown) {
-                (Some(c), _) => c,
-                (None, UnknownSni::Default) => &self.defaults[..],
-                (None, UnknownSni::Refuse) => return None,
-            },
-        };
-        let client_suites = hello.cipher_suites();
-        let signs = |c: &&Arc<CertifiedKey>| {
-            c.key.choose_scheme(offered).is_some() && self.curve_fits(c, &hello)
-        };
-        let chosen = candidates
-            .iter()
-            .filter(signs)
-            .find(|c| self.suite_fits(c, client_suites))
-            .or_else(|| candidates.iter().find(signs))
-            // Nothing the client can use: hand rustls the first certificate anyway so the
-            // client gets handshake_failure (no common signature scheme or suite), the alert
-            // scanners and clients expect, rather than access_denied for "no certificate".
-            .or_else(|| candidates.first())?;
-        // An ECDSA key on a curve the TLS 1.2 client does not support: a twin of it that no
-        // suite can use, so rustls answers handshake_failure instead of a signature the client
-        // must reject ("wrong curve"). Made here, on that rare path, not for every certificate.
-        if !self.curve_fits(chosen, &hello) {
-            return Some(Arc::new(CertifiedKey::new(
-                chosen.cert.clone(),
-                Arc::new(NoUsableScheme),
-            )));
-        }
-        Some(chosen.clone())
     }
 }
 
