@@ -58,6 +58,10 @@ struct Line<'a> {
     operation: &'a str,
     target: &'a str,
     result: &'a str,
+    /// In fleet mode: this appliance's member name, so that lines gathered from every member
+    /// say which appliance acted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    appliance: Option<&'a str>,
     #[serde(flatten)]
     http: Option<&'a HttpRequest>,
 }
@@ -79,6 +83,7 @@ pub struct HttpRequest {
 pub struct AuditLog {
     path: PathBuf,
     file: Mutex<File>,
+    appliance: Option<String>,
 }
 
 impl AuditLog {
@@ -97,7 +102,14 @@ impl AuditLog {
         Ok(AuditLog {
             path: path.to_owned(),
             file: Mutex::new(file),
+            appliance: None,
         })
+    }
+
+    /// Every line names `appliance` (a fleet member) from now on.
+    pub fn naming(mut self, appliance: String) -> AuditLog {
+        self.appliance = Some(appliance);
+        self
     }
 
     pub fn path(&self) -> &Path {
@@ -112,6 +124,7 @@ impl AuditLog {
             operation,
             target,
             result,
+            appliance: self.appliance.as_deref(),
             http: None,
         });
     }
@@ -131,6 +144,7 @@ impl AuditLog {
             operation,
             target,
             result,
+            appliance: self.appliance.as_deref(),
             http: Some(http),
         });
     }
@@ -185,6 +199,19 @@ mod tests {
         assert_eq!(lines[1]["client"], "cert:CN=ops sha256:ab");
         assert_eq!(lines[1]["result"], "key_in_use");
         assert!(lines[0]["time"].as_str().is_some_and(|t| t.contains('T')));
+        assert!(lines[0].get("appliance").is_none(), "{}", lines[0]);
+        Ok(())
+    }
+
+    #[test]
+    fn a_fleet_member_names_itself_in_every_line() -> Result<()> {
+        let tmp = tempfile::tempdir()?;
+        let log = AuditLog::open(&tmp.path().join("audit.log"))?.naming("edge-1".into());
+        log.record(&ClientIdentity::Uid(7), "certificate.put", "web", "ok");
+        let text = std::fs::read_to_string(log.path())?;
+        let line: serde_json::Value = serde_json::from_str(text.trim())?;
+        assert_eq!(line["appliance"], "edge-1");
+        assert_eq!(line["client"], "uid:7");
         Ok(())
     }
 }

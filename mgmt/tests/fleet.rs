@@ -2,12 +2,14 @@
 //! with their own state directories on one SoftHSM2 token. A certificate uploaded and bound
 //! through appliance A is served by B; a malformed certificate written straight into etcd is
 //! refused by both, which keep serving the previous one and report it in `ctl fleet status`;
-//! with etcd gone, a restarted appliance serves its cached state.
+//! with etcd gone, a restarted appliance serves its cached state. Losing one etcd member changes
+//! nothing; losing quorum refuses writes with a clear error while both keep serving, and the
+//! fleet converges once quorum is back. Audit lines name the appliance and the operator.
 
 mod api_support;
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -18,9 +20,13 @@ use common::{check, demo_backend, ChildGuard, Lab};
 
 const PREFIX: &str = "/tlsgate-test";
 
-/// A 3-member etcd cluster; each member is killed (by its pid) when dropped.
+/// A 3-member etcd cluster; each member is killed (by its pid) when dropped, or on its own with
+/// [`Etcd::kill_member`], and started again on its data directory with [`Etcd::restart_member`].
 struct Etcd {
-    _members: Vec<ChildGuard>,
+    dir: PathBuf,
+    peers: Vec<u16>,
+    clients: Vec<u16>,
+    members: Vec<Option<ChildGuard>>,
     endpoints: Vec<String>,
 }
 
@@ -28,62 +34,81 @@ impl Etcd {
     fn start(dir: &Path) -> Result<Etcd> {
         let peers: Vec<u16> = (0..3).map(|_| free_port()).collect::<Result<_>>()?;
         let clients: Vec<u16> = (0..3).map(|_| free_port()).collect::<Result<_>>()?;
-        let cluster: Vec<String> = peers
-            .iter()
-            .enumerate()
-            .map(|(i, p)| format!("m{i}=http://127.0.0.1:{p}"))
-            .collect();
-        let mut members = Vec::new();
-        for i in 0..3 {
-            let log = std::fs::File::create(dir.join(format!("etcd-m{i}.log")))?;
-            let child = Command::new("etcd")
-                .args(["--name", &format!("m{i}")])
-                .arg("--data-dir")
-                .arg(dir.join(format!("etcd-m{i}")))
-                .args([
-                    "--listen-client-urls",
-                    &format!("http://127.0.0.1:{}", clients[i]),
-                ])
-                .args([
-                    "--advertise-client-urls",
-                    &format!("http://127.0.0.1:{}", clients[i]),
-                ])
-                .args([
-                    "--listen-peer-urls",
-                    &format!("http://127.0.0.1:{}", peers[i]),
-                ])
-                .args([
-                    "--initial-advertise-peer-urls",
-                    &format!("http://127.0.0.1:{}", peers[i]),
-                ])
-                .args(["--initial-cluster", &cluster.join(",")])
-                .args([
-                    "--initial-cluster-state",
-                    "new",
-                    "--initial-cluster-token",
-                    "tlsgate-test",
-                ])
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .context("etcd")?;
-            members.push(ChildGuard {
-                child,
-                name: "etcd",
-            });
-        }
-        let etcd = Etcd {
-            _members: members,
+        let mut etcd = Etcd {
+            dir: dir.to_owned(),
             endpoints: clients
                 .iter()
                 .map(|p| format!("http://127.0.0.1:{p}"))
                 .collect(),
+            peers,
+            clients,
+            members: vec![None, None, None],
         };
-        wait_for(Duration::from_secs(60), "a healthy etcd cluster", || {
-            let out = etcd.ctl(&["endpoint", "health"])?;
-            Ok(out.status.success().then_some(()))
-        })?;
+        for i in 0..3 {
+            etcd.restart_member(i)?;
+        }
+        etcd.wait_healthy()?;
         Ok(etcd)
+    }
+
+    /// Starts member `i` (again): a restarted member keeps its data directory and rejoins.
+    fn restart_member(&mut self, i: usize) -> Result<()> {
+        let cluster: Vec<String> = self
+            .peers
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("m{i}=http://127.0.0.1:{p}"))
+            .collect();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("etcd-m{i}.log")))?;
+        let (peer, client) = (self.peers[i], self.clients[i]);
+        let child = Command::new("etcd")
+            .args(["--name", &format!("m{i}")])
+            .arg("--data-dir")
+            .arg(self.dir.join(format!("etcd-m{i}")))
+            .args([
+                "--listen-client-urls",
+                &format!("http://127.0.0.1:{client}"),
+            ])
+            .args([
+                "--advertise-client-urls",
+                &format!("http://127.0.0.1:{client}"),
+            ])
+            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
+            .args([
+                "--initial-advertise-peer-urls",
+                &format!("http://127.0.0.1:{peer}"),
+            ])
+            .args(["--initial-cluster", &cluster.join(",")])
+            .args([
+                "--initial-cluster-state",
+                "new",
+                "--initial-cluster-token",
+                "tlsgate-test",
+            ])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("etcd")?;
+        self.members[i] = Some(ChildGuard {
+            child,
+            name: "etcd",
+        });
+        Ok(())
+    }
+
+    /// Kills member `i` (SIGKILL, by its pid).
+    fn kill_member(&mut self, i: usize) {
+        self.members[i] = None;
+    }
+
+    fn wait_healthy(&self) -> Result<()> {
+        wait_for(Duration::from_secs(60), "a healthy etcd cluster", || {
+            let out = self.ctl(&["endpoint", "health"])?;
+            Ok(out.status.success().then_some(()))
+        })
     }
 
     fn ctl(&self, args: &[&str]) -> Result<std::process::Output> {
@@ -318,6 +343,180 @@ fn a_fleet_converges_refuses_a_bad_state_and_serves_from_cache() -> Result<()> {
         !out.status.success() && stderr.contains("fleet_unavailable"),
         "{stderr}"
     );
+    drop(a);
+    Ok(())
+}
+
+/// `ctl certs upload --id web --key web --chain <chain>` on `gate`.
+fn upload(lab: &Lab, gate: &Gate, chain: &Path) -> Command {
+    lab.cmd(&[
+        "ctl",
+        "--socket",
+        &gate.socket,
+        "certs",
+        "upload",
+        "--id",
+        "web",
+        "--key",
+        "web",
+        "--chain",
+        &chain.display().to_string(),
+    ])
+}
+
+/// A new chain for the token key `web` (a new serial, so a new fingerprint), kept as `name`.
+fn new_chain(lab: &Lab, name: &str) -> Result<(PathBuf, String)> {
+    let chain = lab.path(name);
+    std::fs::copy(lab.localhost_chain("web")?, &chain)?;
+    let fingerprint = file_fingerprint(&chain)?;
+    Ok((chain, fingerprint))
+}
+
+#[test]
+fn losing_quorum_keeps_serving_refuses_writes_and_converges_after() -> Result<()> {
+    if !(common::require("etcd", "etcd-server")
+        && common::require("etcdctl", "etcd-client")
+        && common::require("openssl", "openssl"))
+    {
+        return Ok(());
+    }
+    let lab = Lab::new()?;
+    let mut etcd = Etcd::start(lab.dir.path())?;
+    lab.token_key_with_chain("ec-p256", "web")?;
+    let (chain1, fp1) = new_chain(&lab, "web-1.pem")?;
+    let (_backend, backend) = demo_backend(lab.dir.path())?;
+    let config_a = write_config(&lab, "a", &backend, &etcd.fleet_section("a"))?;
+    let config_b = write_config(&lab, "b", &backend, &etcd.fleet_section("b"))?;
+    let a = Gate::start(&lab, &config_a)?;
+    let b = Gate::start(&lab, &config_b)?;
+    wait_members(&lab, &a, "both members reporting", |m| m["error"].is_null())?;
+    check(upload(&lab, &a, &chain1).output()?, "upload 1")?;
+    lab.run(&[
+        "ctl",
+        "--socket",
+        &a.socket,
+        "listeners",
+        "bind",
+        "--listener",
+        "web",
+        "--cert",
+        "web",
+        "--default",
+        "web",
+    ])?;
+    wait_served(b.port("web")?, &fp1, "B serving the first certificate")?;
+
+    // 1. One member of three down: a majority remains; nothing changes for writers or clients.
+    etcd.kill_member(2);
+    let (chain2, fp2) = new_chain(&lab, "web-2.pem")?;
+    // A write racing the election of a new leader may time out (etcd drops proposals in
+    // flight to the old leader); an operator retries, and so does this test, within 20 s.
+    let t = Instant::now();
+    wait_for(
+        Duration::from_secs(20),
+        "a write accepted with one member down",
+        || {
+            Ok(upload(&lab, &a, &chain2)
+                .output()?
+                .status
+                .success()
+                .then_some(()))
+        },
+    )?;
+    println!(
+        "one etcd member down: write accepted after {:?}",
+        t.elapsed()
+    );
+    let took = wait_served(
+        b.port("web")?,
+        &fp2,
+        "B serving the rotation made with one member down",
+    )?;
+    println!("one etcd member down: the rotation reached B after {took:?}");
+
+    // 2. Two down: no quorum. A write is refused with a clear error within the write timeout,
+    //    changes nothing, and both appliances keep serving their last state.
+    etcd.kill_member(1);
+    let (chain3, fp3) = new_chain(&lab, "web-3.pem")?;
+    let t = Instant::now();
+    let out = upload(&lab, &a, &chain3).output()?;
+    let took = t.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!(
+        "without quorum the write answered after {took:?}: {}",
+        stderr.trim()
+    );
+    ensure!(
+        !out.status.success() && stderr.contains("fleet_unavailable"),
+        "a write without quorum: {stderr}"
+    );
+    ensure!(took < Duration::from_secs(30), "refused after {took:?}");
+    for (gate, name) in [(&a, "A"), (&b, "B")] {
+        ensure!(
+            served_fingerprint(gate.port("web")?)? == fp2,
+            "{name} keeps serving its last state without quorum"
+        );
+    }
+    let shown = ctl_json(&lab, &a, &["certs", "show", "--id", "web"])?;
+    ensure!(
+        shown["fingerprint_sha256"]
+            .as_str()
+            .is_some_and(|f| f.replace(':', "").eq_ignore_ascii_case(&fp2)),
+        "the refused write changed nothing on A: {shown}"
+    );
+
+    // 3. Quorum back: the refused write did not land later, and the next write converges.
+    etcd.restart_member(1)?;
+    etcd.restart_member(2)?;
+    etcd.wait_healthy()?;
+    wait_members(
+        &lab,
+        &a,
+        "both members reporting after quorum returned",
+        |m| m["error"].is_null() && m["lag"] == 0,
+    )?;
+    for (gate, name) in [(&a, "A"), (&b, "B")] {
+        ensure!(
+            served_fingerprint(gate.port("web")?)? == fp2,
+            "{name} still serves the last accepted state once quorum returned"
+        );
+    }
+    let t = Instant::now();
+    wait_for(Duration::from_secs(30), "a write accepted again", || {
+        Ok(upload(&lab, &a, &chain3)
+            .output()?
+            .status
+            .success()
+            .then_some(()))
+    })?;
+    let on_b = wait_served(
+        b.port("web")?,
+        &fp3,
+        "B serving the write made after quorum returned",
+    )?;
+    println!(
+        "quorum back: write accepted after {:?}, served on B {on_b:?} later",
+        t.elapsed()
+    );
+
+    // Every line of A's audit log names A and the operator; the refused write is there too.
+    let audit = std::fs::read_to_string(lab.path("state-a/audit.log"))?;
+    let puts: Vec<serde_json::Value> = audit
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["operation"] == "certificate.put")
+        .collect();
+    ensure!(
+        puts.iter().all(|v| v["appliance"] == "a"
+            && v["client"].as_str().is_some_and(|c| c.starts_with("uid:"))),
+        "audit lines name the appliance and the operator: {puts:?}"
+    );
+    ensure!(
+        puts.iter().any(|v| v["result"] == "fleet_unavailable")
+            && puts.iter().filter(|v| v["result"] == "ok").count() >= 3,
+        "the refused and the accepted writes are audited: {puts:?}"
+    );
+    drop(b);
     drop(a);
     Ok(())
 }

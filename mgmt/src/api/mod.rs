@@ -80,7 +80,10 @@ pub fn start_manager(
         .and_then(|a| a.audit_log.as_deref())
         .map(|p| config.resolve(p))
         .unwrap_or_else(|| dir.join("audit.log"));
-    let audit = crate::audit::AuditLog::open(&audit_path)?;
+    let mut audit = crate::audit::AuditLog::open(&audit_path)?;
+    if let Some(fleet) = &config.fleet {
+        audit = audit.naming(fleet.member_name());
+    }
     tracing::info!(state_dir = %dir.display(), audit_log = %audit_path.display(), "management state");
     Manager::start(config, builder, store, audit, publish, prefetch)
 }

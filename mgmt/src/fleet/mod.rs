@@ -37,6 +37,10 @@ use crate::state::StateData;
 /// How long an API write waits for etcd before answering `fleet_unavailable`.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a write or a status call waits for the sync task to connect again after its
+/// connection failed (with [`WRITE_TIMEOUT`] after it, within the API's default 10 s).
+const RECONNECT_WAIT: Duration = Duration::from_millis(2500);
+
 /// What an appliance reports under `<prefix>/members/<name>`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {
@@ -182,11 +186,22 @@ impl Fleet {
         })
     }
 
+    /// The sync task's client. When its connection just failed (the etcd member it used went
+    /// away, a new leader is being elected) the task connects again within moments: a call
+    /// waits up to [`RECONNECT_WAIT`] for that rather than failing in the gap.
     fn connected(&self) -> Result<Client, ApiError> {
-        self.client
-            .lock()
-            .clone()
-            .ok_or_else(|| unavailable("not connected to etcd (serving the cached state)"))
+        let deadline = std::time::Instant::now() + RECONNECT_WAIT;
+        loop {
+            if let Some(client) = self.client.lock().clone() {
+                return Ok(client);
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(unavailable(
+                    "not connected to etcd (serving the cached state)",
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Writes the difference between `old` and `new` (certificates and bindings) as one etcd

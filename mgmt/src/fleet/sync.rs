@@ -20,35 +20,49 @@ const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
 pub(super) async fn run(fleet: Arc<Fleet>, manager: Arc<crate::api::Manager>, cache: PathBuf) {
     let mut backoff = BACKOFF_MIN;
+    // One endpoint per connection, the next one after a failure: a client balanced over every
+    // endpoint kept sending some requests to a member that had gone (tcp connect errors ended
+    // each new session), so a fleet stopped converging when one etcd member of three died.
+    let mut next = 0usize;
     loop {
-        match session(&fleet, &manager, &cache).await {
-            Ok(()) => backoff = BACKOFF_MIN,
+        let endpoint = fleet.config.endpoints[next % fleet.config.endpoints.len()].clone();
+        let mut connected = false;
+        match session(&fleet, &manager, &cache, &endpoint, &mut connected).await {
+            Ok(()) => {}
             Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), retry_in_ms = backoff.as_millis() as u64,
+                tracing::warn!(error = %format!("{e:#}"), endpoint, retry_in_ms = backoff.as_millis() as u64,
                     "fleet: etcd unreachable or failed; serving the last applied state");
             }
         }
         *fleet.client.lock() = None;
+        if connected {
+            // A session that worked ended: try the next member at once, without a long pause.
+            backoff = BACKOFF_MIN;
+        }
+        next = next.wrapping_add(1);
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(BACKOFF_MAX);
     }
 }
 
-/// One connection's life: returns when etcd fails (an error) or the watch ends.
+/// One connection's life (to `endpoint`): returns when etcd fails (an error) or the watch ends;
+/// `connected` tells whether it got as far as serving the state.
 async fn session(
     fleet: &Arc<Fleet>,
     manager: &Arc<crate::api::Manager>,
     cache: &std::path::Path,
+    endpoint: &str,
+    connected: &mut bool,
 ) -> anyhow::Result<()> {
-    let mut client =
-        Client::connect(&fleet.config.endpoints, Some(fleet.connect_options()?)).await?;
+    let mut client = Client::connect([endpoint], Some(fleet.connect_options()?)).await?;
     let lease = client
         .lease_grant(fleet.config.lease_ttl_s, None)
         .await?
         .id();
     let (mut keeper, mut keep_stream) = client.lease_keep_alive(lease).await?;
     *fleet.client.lock() = Some(client.clone());
-    tracing::info!(member = %fleet.name, "fleet: connected to etcd");
+    *connected = true;
+    tracing::info!(member = %fleet.name, endpoint, "fleet: connected to etcd");
     let mut tick = tokio::time::interval(Duration::from_secs(
         (fleet.config.lease_ttl_s as u64 / 3).max(1),
     ));
