@@ -23,6 +23,7 @@ pub mod hardening;
 pub mod logging;
 pub mod metrics_http;
 pub mod mgmt_metrics;
+pub mod plain_http;
 pub mod pools;
 pub mod privileges;
 pub mod sandbox;

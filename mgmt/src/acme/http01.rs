@@ -5,17 +5,12 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
-use anyhow::{Context, Result};
-use tokio::net::{TcpListener, TcpStream};
+use anyhow::Result;
+use tokio::net::TcpListener;
 
 use super::Challenges;
 
-/// Largest request head read before the connection is dropped.
-const MAX_HEAD_BYTES: usize = 8 * 1024;
-/// How long a client may take to send its request and get its answer.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections held at most (a CA validates from a handful of vantage points).
 const MAX_CONNECTIONS: usize = 64;
 
@@ -25,37 +20,37 @@ const PREFIX: &str = "/.well-known/acme-challenge/";
 /// Its port is in `Config::tcp_bind_ports` (the only ports Landlock lets the process bind); a
 /// binary upgrade hands the bound listener to the new process instead of binding it again.
 pub async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr)> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("[acme_http01].listen: cannot listen on {addr}"))?;
-    let local = listener.local_addr()?;
-    Ok((listener, local))
+    crate::plain_http::bind(addr, "[acme_http01].listen").await
 }
 
-/// Serves until the runtime stops.
+/// Serves until the runtime stops, bounded as every plain-HTTP listener is
+/// ([`crate::plain_http`]).
 pub async fn serve(listener: TcpListener, challenges: Arc<Challenges>, redirect_https: bool) {
-    let limiter = crate::conn_limit::ConnLimiter::new(MAX_CONNECTIONS);
-    loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                let Some(mut slot) = limiter.admit() else {
-                    continue;
-                };
-                let challenges = challenges.clone();
-                let busy = slot.busy_handle();
-                tokio::spawn(async move {
-                    tokio::select! {
-                        _ = &mut slot.evicted => {}
-                        _ = tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, &challenges, redirect_https, &busy)) => {}
-                    }
-                });
+    crate::plain_http::serve(
+        listener,
+        MAX_CONNECTIONS,
+        "acme http-01 listener",
+        move |req| {
+            use http_body_util::Full;
+            use hyper::body::Bytes;
+            use hyper::Response;
+            let host = req
+                .headers()
+                .get(hyper::header::HOST)
+                .and_then(|h| h.to_str().ok());
+            let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+            let (status, location, body) =
+                respond(&challenges, req.method(), host, pq, redirect_https);
+            let mut r = Response::builder()
+                .status(status)
+                .header("content-type", "text/plain");
+            if let Some(l) = location {
+                r = r.header("location", l);
             }
-            Err(err) => {
-                tracing::warn!(error = %err, "acme http-01 listener: accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
+            r.body(Full::new(Bytes::from(body)))
+        },
+    )
+    .await
 }
 
 /// What to answer a request with: status, `location`, body.
@@ -93,45 +88,6 @@ pub fn respond(
         }
         _ => (StatusCode::NOT_FOUND, None, "not found\n".into()),
     }
-}
-
-async fn answer(
-    stream: TcpStream,
-    challenges: &Challenges,
-    redirect_https: bool,
-    busy: &crate::conn_limit::BusyHandle,
-) -> Result<(), hyper::Error> {
-    use http_body_util::Full;
-    use hyper::body::{Bytes, Incoming};
-    use hyper::{Request, Response};
-    let svc = hyper::service::service_fn(|req: Request<Incoming>| {
-        let _busy = busy.busy();
-        let host = req
-            .headers()
-            .get(hyper::header::HOST)
-            .and_then(|h| h.to_str().ok());
-        let pq = req
-            .uri()
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_owned();
-        let (status, location, body) = respond(challenges, req.method(), host, &pq, redirect_https);
-        let mut r = Response::builder()
-            .status(status)
-            .header("content-type", "text/plain");
-        if let Some(l) = location {
-            r = r.header("location", l);
-        }
-        let response = r.body(Full::new(Bytes::from(body)));
-        async move { response }
-    });
-    hyper::server::conn::http1::Builder::new()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(REQUEST_TIMEOUT)
-        .max_buf_size(MAX_HEAD_BYTES)
-        .keep_alive(false)
-        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-        .await
 }
 
 #[cfg(test)]
