@@ -4,7 +4,8 @@
 //! refused by both, which keep serving the previous one and report it in `ctl fleet status`;
 //! with etcd gone, a restarted appliance serves its cached state. Losing one etcd member changes
 //! nothing; losing quorum refuses writes with a clear error while both keep serving, and the
-//! fleet converges once quorum is back. Audit lines name the appliance and the operator.
+//! fleet converges once quorum is back. Audit lines name the appliance and the operator. A CRL
+//! uploaded through one appliance revokes a client certificate on both.
 
 mod api_support;
 mod common;
@@ -102,6 +103,31 @@ impl Etcd {
     /// Kills member `i` (SIGKILL, by its pid).
     fn kill_member(&mut self, i: usize) {
         self.members[i] = None;
+    }
+
+    /// Waits until member `i` reports no leader (it has lost the quorum).
+    fn wait_leaderless(&self, i: usize) -> Result<()> {
+        let endpoint = self.endpoints[i].clone();
+        wait_for(
+            Duration::from_secs(30),
+            "the member to lose its leader",
+            || {
+                let out = Command::new("etcdctl")
+                    .env("ETCDCTL_API", "3")
+                    .args(["--endpoints", &endpoint, "endpoint", "status", "-w", "json"])
+                    .output()?;
+                let v: serde_json::Value = match serde_json::from_slice(&out.stdout) {
+                    Ok(v) => v,
+                    Err(_) => return Ok(None),
+                };
+                let status = &v[0]["Status"];
+                // `leader` is left out of the JSON when it is 0.
+                Ok(
+                    (status.is_object() && status["leader"].as_u64().unwrap_or(0) == 0)
+                        .then_some(()),
+                )
+            },
+        )
     }
 
     fn wait_healthy(&self) -> Result<()> {
@@ -434,9 +460,10 @@ fn losing_quorum_keeps_serving_refuses_writes_and_converges_after() -> Result<()
     )?;
     println!("one etcd member down: the rotation reached B after {took:?}");
 
-    // 2. Two down: no quorum. A write is refused with a clear error within the write timeout,
-    //    changes nothing, and both appliances keep serving their last state.
+    // 2. Two down: no quorum. Once the last member knows it has no leader, a write is refused
+    //    with a clear error, changes nothing (now or later), and both appliances keep serving.
     etcd.kill_member(1);
+    etcd.wait_leaderless(0)?;
     let (chain3, fp3) = new_chain(&lab, "web-3.pem")?;
     let t = Instant::now();
     let out = upload(&lab, &a, &chain3).output()?;
@@ -447,7 +474,9 @@ fn losing_quorum_keeps_serving_refuses_writes_and_converges_after() -> Result<()
         stderr.trim()
     );
     ensure!(
-        !out.status.success() && stderr.contains("fleet_unavailable"),
+        !out.status.success()
+            && stderr.contains("fleet_unavailable")
+            && stderr.contains("no leader"),
         "a write without quorum: {stderr}"
     );
     ensure!(took < Duration::from_secs(30), "refused after {took:?}");
@@ -515,6 +544,130 @@ fn losing_quorum_keeps_serving_refuses_writes_and_converges_after() -> Result<()
         puts.iter().any(|v| v["result"] == "fleet_unavailable")
             && puts.iter().filter(|v| v["result"] == "ok").count() >= 3,
         "the refused and the accepted writes are audited: {puts:?}"
+    );
+    drop(b);
+    drop(a);
+    Ok(())
+}
+
+#[test]
+fn a_crl_uploaded_through_one_appliance_revokes_a_client_on_both() -> Result<()> {
+    if !(common::require("etcd", "etcd-server")
+        && common::require("etcdctl", "etcd-client")
+        && common::require("curl", "curl"))
+    {
+        return Ok(());
+    }
+    let lab = Lab::new()?;
+    let etcd = Etcd::start(lab.dir.path())?;
+    let dir = lab.path("zone");
+    std::fs::create_dir_all(&dir)?;
+    let mut zone = common::policy_support::Zone::new(&dir, "clients")?;
+    let (alice_cert, alice_key) = zone.client("alice")?;
+    let crl = dir.join("clients.crl.pem");
+    zone.write_crl(&crl, 1, &["alice"])?;
+    let (_backend, backend) = demo_backend(lab.dir.path())?;
+    let client_auth = format!(
+        "[listener.client_auth]\nmode = \"required\"\nca = \"{}\"\n\n",
+        zone.ca_path().display()
+    );
+    let config_a = write_config(
+        &lab,
+        "a",
+        &backend,
+        &(client_auth.clone() + &etcd.fleet_section("a")),
+    )?;
+    let config_b = write_config(
+        &lab,
+        "b",
+        &backend,
+        &(client_auth + &etcd.fleet_section("b")),
+    )?;
+    let a = Gate::start(&lab, &config_a)?;
+    let b = Gate::start(&lab, &config_b)?;
+    wait_members(&lab, &a, "both members reporting", |m| m["error"].is_null())?;
+    // alice's certificate is accepted by both.
+    let alice = |gate: &Gate| -> Result<bool> {
+        let out = Command::new("curl")
+            .args(["-sk", "--max-time", "5", "--cert"])
+            .arg(&alice_cert)
+            .arg("--key")
+            .arg(&alice_key)
+            .arg(format!("https://127.0.0.1:{}/", gate.port("web")?))
+            .output()?;
+        Ok(out.status.success()
+            && String::from_utf8_lossy(&out.stdout).contains("hello from the tlsgate demo backend"))
+    };
+    ensure!(alice(&a)? && alice(&b)?, "alice is let in before the CRL");
+
+    // The CRL revoking alice, uploaded through A only: both refuse her.
+    lab.run(&[
+        "ctl",
+        "--socket",
+        &a.socket,
+        "crls",
+        "upload",
+        "--listener",
+        "web",
+        "--file",
+        &crl.display().to_string(),
+    ])?;
+    let t = Instant::now();
+    wait_for(Duration::from_secs(20), "B refusing alice", || {
+        Ok((!alice(&b)?).then_some(()))
+    })?;
+    println!(
+        "a CRL uploaded on A revoked alice on B after {:?}",
+        t.elapsed()
+    );
+    ensure!(!alice(&a)?, "A refuses alice too");
+    let keys = check(
+        etcd.ctl(&[
+            "get",
+            "--prefix",
+            "--keys-only",
+            &format!("{PREFIX}/state/"),
+        ])?,
+        "etcdctl get",
+    )?;
+    ensure!(
+        keys.contains(&format!("{PREFIX}/state/crls/web")),
+        "the CRL is in etcd: {keys}"
+    );
+
+    // Deleted through B: both let her in again, and the key is gone.
+    let listed = ctl_json(&lab, &b, &["crls", "list", "--listener", "web"])?;
+    let id = listed["items"][0]["id"]
+        .as_str()
+        .context("a CRL id on B")?
+        .to_owned();
+    lab.run(&[
+        "ctl",
+        "--socket",
+        &b.socket,
+        "crls",
+        "delete",
+        "--listener",
+        "web",
+        "--id",
+        &id,
+    ])?;
+    wait_for(Duration::from_secs(20), "A letting alice in again", || {
+        Ok(alice(&a)?.then_some(()))
+    })?;
+    ensure!(alice(&b)?, "B lets alice in again");
+    let keys = check(
+        etcd.ctl(&[
+            "get",
+            "--prefix",
+            "--keys-only",
+            &format!("{PREFIX}/state/"),
+        ])?,
+        "etcdctl get",
+    )?;
+    ensure!(
+        !keys.contains("/state/crls/"),
+        "no CRL key left in etcd: {keys}"
     );
     drop(b);
     drop(a);

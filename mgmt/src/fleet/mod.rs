@@ -70,6 +70,9 @@ impl Keys {
     pub(crate) fn binding(&self, listener: &str) -> String {
         format!("{}/state/bindings/{listener}", self.prefix)
     }
+    pub(crate) fn crls(&self, listener: &str) -> String {
+        format!("{}/state/crls/{listener}", self.prefix)
+    }
     pub(crate) fn members(&self) -> String {
         format!("{}/members/", self.prefix)
     }
@@ -238,17 +241,50 @@ impl Fleet {
         {
             touch(self.keys.binding(l), None);
         }
+        for (l, v) in &new.crls {
+            if old.crls.get(l) != Some(v) {
+                // No CRLs left: no key, as a listener that never had any.
+                let value = if v.is_empty() { None } else { Some(json(v)?) };
+                touch(self.keys.crls(l), value);
+            }
+        }
+        for l in old.crls.keys().filter(|l| !new.crls.contains_key(*l)) {
+            touch(self.keys.crls(l), None);
+        }
         if ops.is_empty() {
             return Ok(());
         }
         let mut client = self.connected()?;
         let txn = Txn::new().when(compares).and_then(ops);
-        let resp = self.call(async move {
-            client
-                .txn(txn)
-                .await
-                .map_err(|e| unavailable(format!("etcd transaction failed: {e}")))
-        })?;
+        let resp = self
+            .call(async move {
+                // A member without a leader (the cluster lost its quorum) would hold the transaction
+                // and could still commit it once quorum returns, after this write was answered as
+                // failed: ask first, and send nothing without a leader.
+                let status = client
+                    .status()
+                    .await
+                    .map_err(|e| unavailable(format!("etcd status failed: {e}")))?;
+                if status.leader() == 0 {
+                    return Err(unavailable(
+                        "etcd has no leader (the cluster lost its quorum): nothing was written",
+                    ));
+                }
+                client
+                    .txn(txn)
+                    .await
+                    .map_err(|e| unavailable(format!("etcd transaction failed: {e}")))
+            })
+            .map_err(|mut e| {
+                if e.message.starts_with("etcd did not answer") {
+                    e.message = format!(
+                    "{}: the change is not confirmed and may still be applied when etcd recovers \
+                     (`tlsgate ctl fleet status` and `ctl certs list` show what the fleet serves)",
+                    e.message
+                );
+                }
+                e
+            })?;
         if !resp.succeeded() {
             return Err(ApiError::conflict(
                 "fleet_conflict",

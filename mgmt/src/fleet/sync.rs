@@ -10,7 +10,7 @@ use std::time::Duration;
 use etcd_client::{Client, GetOptions, PutOptions, WatchOptions};
 
 use super::{Fleet, Member};
-use crate::state::{check_name, Binding, StoredCert};
+use crate::state::{check_name, Binding, StoredCert, StoredCrl};
 
 /// The applied revision, cached beside the state it describes.
 pub(super) const CACHE_FILE: &str = "fleet.json";
@@ -126,9 +126,9 @@ async fn sync_once(
     let state_prefix = fleet.keys.state();
     let outcome = match parse(&state_prefix, &raw) {
         Err(e) => Err(e),
-        Ok((certs, bindings)) => {
+        Ok((certs, bindings, crls)) => {
             let m = manager.clone();
-            tokio::task::spawn_blocking(move || m.apply_fleet(certs, bindings))
+            tokio::task::spawn_blocking(move || m.apply_fleet(certs, bindings, crls))
                 .await
                 .map_err(|e| format!("the apply did not finish: {e}"))
                 .and_then(|r| r.map_err(|e| format!("{}: {}", e.code, e.message)))
@@ -166,6 +166,7 @@ async fn sync_once(
 type Parsed = (
     BTreeMap<String, Arc<StoredCert>>,
     BTreeMap<String, Arc<Binding>>,
+    BTreeMap<String, Vec<StoredCrl>>,
 );
 
 /// The state's objects from its keys; any key that is not a well-formed object refuses the whole
@@ -173,6 +174,7 @@ type Parsed = (
 fn parse(prefix: &str, raw: &[(String, Vec<u8>)]) -> Result<Parsed, String> {
     let mut certs = BTreeMap::new();
     let mut bindings = BTreeMap::new();
+    let mut crls = BTreeMap::new();
     for (key, value) in raw {
         let rest = key.strip_prefix(prefix).unwrap_or(key);
         let bad = |why: String| format!("{key}: {why}");
@@ -191,11 +193,19 @@ fn parse(prefix: &str, raw: &[(String, Vec<u8>)]) -> Result<Parsed, String> {
                 return Err(bad(format!("names listener {:?}", b.listener)));
             }
             bindings.insert(l.to_owned(), Arc::new(b));
+        } else if let Some(l) = rest.strip_prefix("crls/") {
+            check_name("listener", l).map_err(|e| bad(format!("{e:#}")))?;
+            let v: Vec<StoredCrl> =
+                serde_json::from_slice(value).map_err(|e| bad(format!("not a CRL list: {e}")))?;
+            // An empty list is no key at all: the writer deletes it.
+            if !v.is_empty() {
+                crls.insert(l.to_owned(), v);
+            }
         } else {
             return Err(bad("not a key of the fleet state".into()));
         }
     }
-    Ok((certs, bindings))
+    Ok((certs, bindings, crls))
 }
 
 /// Puts this appliance's member record, bound to its lease.
@@ -221,11 +231,17 @@ mod tests {
         let cert = br#"{"id":"web","key":"k","chain_pem":"x","updated_unix":1}"#.to_vec();
         let ok = parse(p, &[("/t/state/certs/web".into(), cert.clone())]).expect("parses");
         assert_eq!(ok.0["web"].key, "k");
+        let crls = br#"[{"id":"0123456789abcdef","pem":"x"}]"#.to_vec();
+        let ok = parse(p, &[("/t/state/crls/web".into(), crls)]).expect("parses");
+        assert_eq!(ok.2["web"][0].id, "0123456789abcdef");
+        let none = parse(p, &[("/t/state/crls/web".into(), b"[]".to_vec())]).expect("parses");
+        assert!(none.2.is_empty(), "an empty list is no CRLs");
         for (k, v) in [
             ("/t/state/certs/api", cert.clone()),
             ("/t/state/certs/web", b"{".to_vec()),
             ("/t/state/other/x", cert.clone()),
-            ("/t/state/bindings/web", cert),
+            ("/t/state/bindings/web", cert.clone()),
+            ("/t/state/crls/web", cert),
         ] {
             let err = parse(p, &[(k.into(), v)]).expect_err(k);
             assert!(err.starts_with(k), "{err}");

@@ -9,7 +9,7 @@ use super::Manager;
 use crate::api::error::ApiError;
 use crate::api::wire::FleetStatus;
 use crate::snapshot::Scope;
-use crate::state::{Binding, StateData, StoredCert};
+use crate::state::{Binding, StateData, StoredCert, StoredCrl};
 
 /// The fleet store a manager writes through (the etcd client of the `fleet` module).
 pub trait FleetStore: Send + Sync {
@@ -36,7 +36,7 @@ impl Manager {
             .status()
     }
 
-    /// Replaces the certificates and bindings with the fleet's (CRLs stay local). Every
+    /// Replaces the certificates, bindings and API-uploaded CRLs with the fleet's. Every
     /// certificate that changed is loaded and checked against its key, as an upload is, and the
     /// whole snapshot is built; anything wrong refuses the whole state and nothing changes.
     /// Returns whether anything changed.
@@ -44,9 +44,18 @@ impl Manager {
         &self,
         certs: BTreeMap<String, Arc<StoredCert>>,
         bindings: BTreeMap<String, Arc<Binding>>,
+        crls: BTreeMap<String, Vec<StoredCrl>>,
     ) -> Result<bool, ApiError> {
         let mut inner = self.lock();
-        if inner.state.certs == certs && inner.state.bindings == bindings {
+        // A listener with an empty CRL list is the same as one without.
+        let local_crls: BTreeMap<String, Vec<StoredCrl>> = inner
+            .state
+            .crls
+            .iter()
+            .filter(|(_, v)| !v.is_empty())
+            .map(|(l, v)| (l.clone(), v.clone()))
+            .collect();
+        if inner.state.certs == certs && inner.state.bindings == bindings && local_crls == crls {
             return Ok(false);
         }
         let now = SystemTime::now();
@@ -61,6 +70,7 @@ impl Manager {
         let mut new_state = inner.state.clone();
         new_state.certs = certs;
         new_state.bindings = bindings;
+        new_state.crls = crls;
         let built = self.build(&inner.config, &new_state, Scope::All)?;
         // The state directory caches what is applied: an appliance restarted while etcd is
         // unreachable serves it.
@@ -88,6 +98,14 @@ impl Manager {
                 .filter(|l| !new_state.bindings.contains_key(*l))
             {
                 self.store.delete_binding(l)?;
+            }
+            for (l, v) in &new_state.crls {
+                if old.crls.get(l) != Some(v) {
+                    self.store.put_crls(l, v)?;
+                }
+            }
+            for l in old.crls.keys().filter(|l| !new_state.crls.contains_key(*l)) {
+                self.store.put_crls(l, &[])?;
             }
             Ok(())
         };
