@@ -54,37 +54,31 @@ check_no_ring() {
     echo "ring: not in the dependency graph"
 }
 
-# sslyze (PyPI) for the TLS-policy scanner tests, pinned, in a virtual environment under the
-# user's cache (never the source tree). Exports TLSGATE_SSLYZE for the tests.
-SSLYZE_VERSION=6.3.1
-ensure_sslyze() {
-    local venv="${XDG_CACHE_HOME:-$HOME/.cache}/tlsgate/sslyze-${SSLYZE_VERSION}"
-    if [[ ! -x "$venv/bin/sslyze" ]]; then
-        echo "installing sslyze ${SSLYZE_VERSION} into $venv"
+# A PyPI tool, pinned, in its own virtual environment under the user's cache (never the source
+# tree): ensure_pip_tool NAME VERSION VARIABLE installs NAME==VERSION once and exports VARIABLE
+# as the path of its command.
+ensure_pip_tool() {
+    local name=$1 version=$2 var=$3
+    local venv="${XDG_CACHE_HOME:-$HOME/.cache}/tlsgate/${name}-${version}"
+    if [[ ! -x "$venv/bin/$name" ]]; then
+        echo "installing $name $version into $venv"
         rm -rf "$venv"
         python3 -m venv "$venv"
-        "$venv/bin/pip" install --quiet --disable-pip-version-check "sslyze==${SSLYZE_VERSION}"
+        "$venv/bin/pip" install --quiet --disable-pip-version-check "${name}==${version}"
     else
-        echo "sslyze ${SSLYZE_VERSION} present"
+        echo "$name $version present"
     fi
-    export TLSGATE_SSLYZE="$venv/bin/sslyze"
+    export "$var=$venv/bin/$name"
 }
 
-# schemathesis (PyPI) fuzzes the management API from the OpenAPI document the server serves
-# (mgmt/tests/api_schemathesis.rs). Pinned; one virtualenv under the user's cache.
+# sslyze for the TLS-policy scanner tests (TLSGATE_SSLYZE).
+SSLYZE_VERSION=6.3.1
+ensure_sslyze() { ensure_pip_tool sslyze "$SSLYZE_VERSION" TLSGATE_SSLYZE; }
+
+# schemathesis fuzzes the management API from the OpenAPI document the server serves
+# (mgmt/tests/api_schemathesis.rs; TLSGATE_SCHEMATHESIS).
 SCHEMATHESIS_VERSION=4.32.5
-ensure_schemathesis() {
-    local venv="${XDG_CACHE_HOME:-$HOME/.cache}/tlsgate/schemathesis-${SCHEMATHESIS_VERSION}"
-    if [[ ! -x "$venv/bin/schemathesis" ]]; then
-        echo "installing schemathesis ${SCHEMATHESIS_VERSION} into $venv"
-        rm -rf "$venv"
-        python3 -m venv "$venv"
-        "$venv/bin/pip" install --quiet --disable-pip-version-check "schemathesis==${SCHEMATHESIS_VERSION}"
-    else
-        echo "schemathesis ${SCHEMATHESIS_VERSION} present"
-    fi
-    export TLSGATE_SCHEMATHESIS="$venv/bin/schemathesis"
-}
+ensure_schemathesis() { ensure_pip_tool schemathesis "$SCHEMATHESIS_VERSION" TLSGATE_SCHEMATHESIS; }
 
 # cargo-deb builds the Debian package (scripts/package.sh). Built from crates.io once, then reused.
 CARGO_DEB_VERSION=3.8.0
