@@ -84,6 +84,24 @@ pub struct StateData {
     pub crls: BTreeMap<String, Vec<StoredCrl>>,
 }
 
+/// The changes that turn `old` into `new`, one call each: `f(key, Some(value))` for an entry of
+/// `new` that `old` lacks or holds differently, `f(key, None)` for a key only `old` has.
+pub fn for_each_change<V: PartialEq, E>(
+    old: &BTreeMap<String, V>,
+    new: &BTreeMap<String, V>,
+    mut f: impl FnMut(&str, Option<&V>) -> Result<(), E>,
+) -> Result<(), E> {
+    for (k, v) in new {
+        if old.get(k) != Some(v) {
+            f(k, Some(v))?;
+        }
+    }
+    for k in old.keys().filter(|k| !new.contains_key(*k)) {
+        f(k, None)?;
+    }
+    Ok(())
+}
+
 impl StateData {
     /// Listeners whose binding names certificate `id`.
     pub fn listeners_using(&self, id: &str) -> Vec<String> {
@@ -342,6 +360,31 @@ fn remove(path: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn for_each_change_names_added_changed_and_removed_keys_once() {
+        let old: BTreeMap<String, u32> = [("same", 1), ("changed", 1), ("gone", 1)]
+            .map(|(k, v)| (k.to_owned(), v))
+            .into();
+        let new: BTreeMap<String, u32> = [("same", 1), ("changed", 2), ("added", 1)]
+            .map(|(k, v)| (k.to_owned(), v))
+            .into();
+        let mut seen = Vec::new();
+        for_each_change(&old, &new, |k, v| {
+            seen.push((k.to_owned(), v.copied()));
+            Ok::<(), ()>(())
+        })
+        .expect("no error");
+        seen.sort();
+        assert_eq!(
+            seen,
+            [
+                ("added".to_owned(), Some(1)),
+                ("changed".to_owned(), Some(2)),
+                ("gone".to_owned(), None)
+            ]
+        );
+    }
 
     fn cert(id: &str, v: u64) -> StoredCert {
         StoredCert {

@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use crate::api::error::ApiError;
 use crate::api::wire::{FleetMember, FleetStatus};
 use crate::config::fleet::FleetConfig;
-use crate::state::StateData;
+use crate::state::{for_each_change, StateData};
 
 /// How long an API write waits for etcd before answering `fleet_unavailable`.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -207,7 +207,7 @@ impl Fleet {
         }
     }
 
-    /// Writes the difference between `old` and `new` (certificates and bindings) as one etcd
+    /// Writes the difference between `old` and `new` (certificates, bindings, CRLs) as one etcd
     /// transaction, compare-and-swap on the revisions last read.
     fn write_txn(&self, old: &StateData, new: &StateData) -> Result<(), ApiError> {
         let mut ops = Vec::new();
@@ -221,36 +221,20 @@ impl Fleet {
                 None => TxnOp::delete(key, None),
             });
         };
-        for (id, c) in &new.certs {
-            if old.certs.get(id) != Some(c) {
-                touch(self.keys.cert(id), Some(json(&**c)?));
-            }
-        }
-        for id in old.certs.keys().filter(|id| !new.certs.contains_key(*id)) {
-            touch(self.keys.cert(id), None);
-        }
-        for (l, b) in &new.bindings {
-            if old.bindings.get(l) != Some(b) {
-                touch(self.keys.binding(l), Some(json(&**b)?));
-            }
-        }
-        for l in old
-            .bindings
-            .keys()
-            .filter(|l| !new.bindings.contains_key(*l))
-        {
-            touch(self.keys.binding(l), None);
-        }
-        for (l, v) in &new.crls {
-            if old.crls.get(l) != Some(v) {
-                // No CRLs left: no key, as a listener that never had any.
-                let value = if v.is_empty() { None } else { Some(json(v)?) };
-                touch(self.keys.crls(l), value);
-            }
-        }
-        for l in old.crls.keys().filter(|l| !new.crls.contains_key(*l)) {
-            touch(self.keys.crls(l), None);
-        }
+        for_each_change(&old.certs, &new.certs, |id, c| {
+            touch(self.keys.cert(id), c.map(|c| json(&**c)).transpose()?);
+            Ok(())
+        })?;
+        for_each_change(&old.bindings, &new.bindings, |l, b| {
+            touch(self.keys.binding(l), b.map(|b| json(&**b)).transpose()?);
+            Ok(())
+        })?;
+        for_each_change(&old.crls, &new.crls, |l, v| {
+            // No CRLs left: no key, as a listener that never had any.
+            let value = v.filter(|v| !v.is_empty()).map(json).transpose()?;
+            touch(self.keys.crls(l), value);
+            Ok(())
+        })?;
         if ops.is_empty() {
             return Ok(());
         }

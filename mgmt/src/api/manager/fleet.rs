@@ -9,7 +9,7 @@ use super::Manager;
 use crate::api::error::ApiError;
 use crate::api::wire::FleetStatus;
 use crate::snapshot::Scope;
-use crate::state::{Binding, StateData, StoredCert, StoredCrl};
+use crate::state::{for_each_change, Binding, StateData, StoredCert, StoredCrl};
 
 /// The fleet store a manager writes through (the etcd client of the `fleet` module).
 pub trait FleetStore: Send + Sync {
@@ -75,39 +75,17 @@ impl Manager {
         // The state directory caches what is applied: an appliance restarted while etcd is
         // unreachable serves it.
         let persist = || -> anyhow::Result<()> {
-            for (id, c) in &new_state.certs {
-                if old.certs.get(id) != Some(c) {
-                    self.store.put_cert(c)?;
-                }
-            }
-            for id in old
-                .certs
-                .keys()
-                .filter(|id| !new_state.certs.contains_key(*id))
-            {
-                self.store.delete_cert(id)?;
-            }
-            for (l, b) in &new_state.bindings {
-                if old.bindings.get(l) != Some(b) {
-                    self.store.put_binding(b)?;
-                }
-            }
-            for l in old
-                .bindings
-                .keys()
-                .filter(|l| !new_state.bindings.contains_key(*l))
-            {
-                self.store.delete_binding(l)?;
-            }
-            for (l, v) in &new_state.crls {
-                if old.crls.get(l) != Some(v) {
-                    self.store.put_crls(l, v)?;
-                }
-            }
-            for l in old.crls.keys().filter(|l| !new_state.crls.contains_key(*l)) {
-                self.store.put_crls(l, &[])?;
-            }
-            Ok(())
+            for_each_change(&old.certs, &new_state.certs, |id, c| match c {
+                Some(c) => self.store.put_cert(c),
+                None => self.store.delete_cert(id),
+            })?;
+            for_each_change(&old.bindings, &new_state.bindings, |l, b| match b {
+                Some(b) => self.store.put_binding(b),
+                None => self.store.delete_binding(l),
+            })?;
+            for_each_change(&old.crls, &new_state.crls, |l, v| {
+                self.store.put_crls(l, v.map_or(&[][..], Vec::as_slice))
+            })
         };
         persist().map_err(|e| ApiError::state_write(&e))?;
         inner.state = new_state;
