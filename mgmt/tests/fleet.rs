@@ -154,6 +154,28 @@ impl Etcd {
     }
 }
 
+/// Appliances `a` and `b` in one fleet on `etcd`, `more` added to each one's configuration;
+/// returns them and B's configuration file (to start it again).
+fn start_pair(lab: &Lab, etcd: &Etcd, backend: &str, more: &str) -> Result<(Gate, Gate, PathBuf)> {
+    let config_a = write_config(
+        lab,
+        "a",
+        backend,
+        &format!("{more}{}", etcd.fleet_section("a")),
+    )?;
+    let config_b = write_config(
+        lab,
+        "b",
+        backend,
+        &format!("{more}{}", etcd.fleet_section("b")),
+    )?;
+    Ok((
+        Gate::start(lab, &config_a)?,
+        Gate::start(lab, &config_b)?,
+        config_b,
+    ))
+}
+
 fn ctl_json(lab: &Lab, gate: &Gate, args: &[&str]) -> Result<serde_json::Value> {
     let mut all = vec!["ctl", "--socket", &gate.socket, "--json"];
     all.extend_from_slice(args);
@@ -206,10 +228,7 @@ fn a_fleet_converges_refuses_a_bad_state_and_serves_from_cache() -> Result<()> {
     let web = lab.token_key_with_chain("ec-p256", "web")?;
     let want = file_fingerprint(&web)?;
     let (_backend, backend) = demo_backend(lab.dir.path())?;
-    let config_a = write_config(&lab, "a", &backend, &etcd.fleet_section("a"))?;
-    let config_b = write_config(&lab, "b", &backend, &etcd.fleet_section("b"))?;
-    let a = Gate::start(&lab, &config_a)?;
-    let b = Gate::start(&lab, &config_b)?;
+    let (a, b, config_b) = start_pair(&lab, &etcd, &backend, "")?;
     let boot = file_fingerprint(&lab.path("certs/boot.pem"))?;
     ensure!(
         served_fingerprint(b.port("web")?)? == boot,
@@ -353,7 +372,7 @@ fn a_fleet_converges_refuses_a_bad_state_and_serves_from_cache() -> Result<()> {
     );
 
     // 4. etcd gone entirely; B restarted serves its cached state.
-    let b_config = config_b.clone();
+    let b_config = config_b;
     b.kill()?;
     drop(etcd);
     let b = Gate::start(&lab, &b_config)?;
@@ -411,10 +430,7 @@ fn losing_quorum_keeps_serving_refuses_writes_and_converges_after() -> Result<()
     lab.token_key_with_chain("ec-p256", "web")?;
     let (chain1, fp1) = new_chain(&lab, "web-1.pem")?;
     let (_backend, backend) = demo_backend(lab.dir.path())?;
-    let config_a = write_config(&lab, "a", &backend, &etcd.fleet_section("a"))?;
-    let config_b = write_config(&lab, "b", &backend, &etcd.fleet_section("b"))?;
-    let a = Gate::start(&lab, &config_a)?;
-    let b = Gate::start(&lab, &config_b)?;
+    let (a, b, _) = start_pair(&lab, &etcd, &backend, "")?;
     wait_members(&lab, &a, "both members reporting", |m| m["error"].is_null())?;
     check(upload(&lab, &a, &chain1).output()?, "upload 1")?;
     lab.run(&[
@@ -571,20 +587,7 @@ fn a_crl_uploaded_through_one_appliance_revokes_a_client_on_both() -> Result<()>
         "[listener.client_auth]\nmode = \"required\"\nca = \"{}\"\n\n",
         zone.ca_path().display()
     );
-    let config_a = write_config(
-        &lab,
-        "a",
-        &backend,
-        &(client_auth.clone() + &etcd.fleet_section("a")),
-    )?;
-    let config_b = write_config(
-        &lab,
-        "b",
-        &backend,
-        &(client_auth + &etcd.fleet_section("b")),
-    )?;
-    let a = Gate::start(&lab, &config_a)?;
-    let b = Gate::start(&lab, &config_b)?;
+    let (a, b, _) = start_pair(&lab, &etcd, &backend, &client_auth)?;
     wait_members(&lab, &a, "both members reporting", |m| m["error"].is_null())?;
     // alice's certificate is accepted by both.
     let alice = |gate: &Gate| -> Result<bool> {
