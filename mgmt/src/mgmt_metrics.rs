@@ -278,22 +278,27 @@ pub fn create_listener_series(listener: &str) {
 
 /// Moves the expiry gauges of one listener from `old` to `new` (what it served before and what it
 /// serves now): only the entries that differ are written, series no longer served go to NaN. A
-/// change to one certificate of many writes one entry.
-pub fn publish_expiry_change(old: &[Expiry], new: &[Expiry]) {
-    let same = |a: &Expiry, b: &Expiry| a == b;
-    let mut gone: Vec<&Expiry> = Vec::new();
-    let mut added: Vec<&Expiry> = Vec::new();
-    if old.len() == new.len() {
-        for (o, n) in old.iter().zip(new) {
-            if !same(o, n) {
-                gone.push(o);
-                added.push(n);
-            }
-        }
+/// change to one certificate of many writes one entry. `changed`, when given, lists the only
+/// positions where `new` may differ from `old` (lists of the same length), so the others are
+/// not compared.
+pub fn publish_expiry_change(
+    old: &imbl::Vector<Expiry>,
+    new: &imbl::Vector<Expiry>,
+    changed: Option<&[usize]>,
+) {
+    let (gone, added): (Vec<&Expiry>, Vec<&Expiry>) = if old.len() != new.len() {
+        (old.iter().collect(), new.iter().collect())
     } else {
-        gone.extend(old);
-        added.extend(new);
-    }
+        let differ = |(o, n): &(&Expiry, &Expiry)| o != n;
+        match changed {
+            Some(changed) => changed
+                .iter()
+                .filter_map(|&i| old.get(i).zip(new.get(i)))
+                .filter(differ)
+                .unzip(),
+            None => old.iter().zip(new).filter(differ).unzip(),
+        }
+    };
     let series = |e: &Expiry| -> Vec<(String, String, String)> {
         let names = if e.names.is_empty() {
             vec!["*".to_owned()]

@@ -37,12 +37,15 @@ pub struct Overlay {
 #[derive(Debug, Default)]
 pub struct ListenerOverlay {
     /// When bound through the API: the certificates served instead of the file's.
-    pub certs: Option<Vec<BoundServed>>,
+    pub certs: Option<imbl::Vector<BoundServed>>,
+    /// The positions of `certs` that may differ from the listener's last committed build (a
+    /// rotation: the others are the same certificates); `None` when any may.
+    pub changed: Option<Vec<usize>>,
     /// Some bound key is on a token (full handshakes sign on the key-op workers).
     pub offload: bool,
     pub crls: Vec<CertificateRevocationListDer<'static>>,
-    /// Expiry of the bound certificates, for the gauges.
-    pub expiry: Vec<Expiry>,
+    /// Expiry of the bound certificates (same positions as `certs`), for the gauges.
+    pub expiry: imbl::Vector<Expiry>,
     /// Certificates served beside the file's or the binding's (issued by the ACME client).
     pub extra: Vec<BoundServed>,
     /// Expiry of `extra`.
@@ -84,13 +87,27 @@ impl Scope<'_> {
 #[derive(Debug, Clone)]
 struct Part {
     snapshot: ListenerSnapshot,
-    expiry: Vec<Expiry>,
-    awaiting_token: usize,
-    /// The certificates it staples (the stapler's keys).
-    fingerprints: Vec<String>,
+    certs: Certs,
+    /// The API-bound certificates and the ACME ones it was built from (the overlay's).
+    bound: Option<(imbl::Vector<BoundServed>, Vec<BoundServed>)>,
     /// Its certificates and resolver, which the next build of it updates (`None` without
     /// certificates).
     served: Option<crate::tls::Served>,
+}
+
+/// A listener's certificates as served, and what the builder keeps of them.
+#[derive(Debug, Clone)]
+struct Certs {
+    /// Stapled; in preference order (bound, ACME-issued, then the file's).
+    served: imbl::Vector<ServedCert>,
+    /// The positions that may differ from the last build of the listener (`None`: any may).
+    changed: Option<Vec<usize>>,
+    /// Same positions as `served`.
+    expiry: imbl::Vector<Expiry>,
+    /// The certificates it fetches staples for (the stapler's keys).
+    fingerprints: Arc<Vec<Arc<str>>>,
+    offload: bool,
+    awaiting_token: usize,
 }
 
 /// A built snapshot, not yet live: [`Builder::commit`] it once it is published.
@@ -180,31 +197,46 @@ impl Builder {
     /// Remembers `built` (now live) for the next build, and publishes its gauges (the expiry
     /// gauges of the listeners it made anew).
     pub fn commit(&self, built: &Built) {
-        let awaiting: usize = built.parts.iter().map(|(_, p)| p.awaiting_token).sum();
+        use crate::mgmt_metrics::publish_expiry_change;
+        let awaiting: usize = built
+            .parts
+            .iter()
+            .map(|(_, p)| p.certs.awaiting_token)
+            .sum();
         metrics::gauge!(crate::mgmt_metrics::CERTIFICATES_AWAITING_TOKEN).set(awaiting as f64);
+        let none = imbl::Vector::new();
         let mut last = self.last.lock();
+        let mut staples_changed = false;
         for (name, part) in &built.parts {
+            let c = &part.certs;
             match last.remove(name) {
                 Some(old) if Arc::ptr_eq(&old, part) => {}
-                Some(old) => crate::mgmt_metrics::publish_expiry_change(&old.expiry, &part.expiry),
+                Some(old) => {
+                    publish_expiry_change(&old.certs.expiry, &c.expiry, c.changed.as_deref());
+                    staples_changed |= !Arc::ptr_eq(&old.certs.fingerprints, &c.fingerprints);
+                }
                 None => {
                     crate::mgmt_metrics::create_listener_series(name);
-                    crate::mgmt_metrics::publish_expiry_change(&[], &part.expiry);
+                    publish_expiry_change(&none, &c.expiry, None);
+                    staples_changed = true;
                 }
             }
         }
         // Listeners the configuration no longer has.
         for old in last.values() {
-            crate::mgmt_metrics::publish_expiry_change(&old.expiry, &[]);
+            publish_expiry_change(&old.certs.expiry, &none, None);
+            staples_changed = true;
         }
         drop(last);
         // The stapler keeps what is served: a rotated-away certificate is not fetched again.
-        let keep: HashSet<String> = built
-            .parts
-            .iter()
-            .flat_map(|(_, p)| p.fingerprints.iter().cloned())
-            .collect();
-        self.stapler.retain(&keep);
+        if staples_changed {
+            let keep: HashSet<&str> = built
+                .parts
+                .iter()
+                .flat_map(|(_, p)| p.certs.fingerprints.iter().map(|f| &**f))
+                .collect();
+            self.stapler.retain(&keep);
+        }
         *self.last.lock() = built.parts.iter().cloned().collect();
     }
 
@@ -230,45 +262,208 @@ impl Builder {
             .tls_policy()
             .with_context(|| format!("listener[{i}] ({}).policy", l.name))?;
         let api = overlay.listeners.get(&l.name);
-        let mut certs = Vec::with_capacity(l.certificates.len());
-        let mut expiry = Vec::new();
+        let patched = match (prev, api) {
+            (Some(prev), Some(api)) => self.patched(&l.name, &policy, api, prev, now)?,
+            _ => None,
+        };
+        let certs = match patched {
+            Some(certs) => certs,
+            None => self.certs(config, i, &policy, api, now)?,
+        };
+        let client_auth = match &l.client_auth {
+            Some(c) => Some(
+                crate::tls::client_auth::ClientAuth::load(c, |p| config.resolve(p))
+                    .with_context(|| format!("listener[{i}] ({}).client_auth", l.name))?,
+            ),
+            None => None,
+        };
+        let opts = crate::tls::ListenerTls {
+            unknown_sni: l.unknown_sni,
+            policy,
+            client_auth,
+            session: Some(
+                self.appliance
+                    .sessions
+                    .for_listener(&l.name, &l.session, token)?,
+            ),
+            extra_crls: api.map(|o| o.crls.clone()).unwrap_or_default(),
+        };
+        let (tls, sni_filter, client_cert_check, served) = if certs.served.is_empty() {
+            tracing::warn!(listener = %l.name, "no certificate yet: handshakes are refused until one is bound through the management API");
+            (crate::tls::no_certificate_config()?, None, None, None)
+        } else {
+            let at = || format!("listener {:?}", l.name);
+            let list = certs.served.clone();
+            let served = match prev.and_then(|p| p.served.as_ref()) {
+                Some(prev) => prev.update(list, certs.changed.as_deref(), &opts),
+                None => crate::tls::Served::new(list, &opts),
+            }
+            .with_context(at)?;
+            let sni_filter = crate::tls::sni_filter_of(&served, &opts);
+            let client_cert_check =
+                crate::tls::client_cert_check(&l.name, &opts).with_context(at)?;
+            let tls = crate::tls::server_config_of(&served, &opts).with_context(at)?;
+            (tls, sni_filter, client_cert_check, Some(served))
+        };
+        Ok(Part {
+            snapshot: ListenerSnapshot {
+                name: l.name.clone(),
+                bind: l.bind,
+                tls,
+                offload_key_ops: certs.offload,
+                backend: l
+                    .backend
+                    .unwrap_or(std::net::SocketAddr::from(([0, 0, 0, 0], 0))),
+                proxy_protocol: l.proxy_protocol,
+                sni_filter,
+                client_cert_check,
+                backend_tls: crate::backend_tls::build(config, i, token)?,
+                routes: crate::pools::routes(config, i, token, &self.appliance.pools)?,
+                acme_tls_alpn: config
+                    .acme
+                    .iter()
+                    .any(|a| {
+                        a.challenge == crate::config::acme::ChallengeKind::TlsAlpn01
+                            && a.listeners.contains(&l.name)
+                    })
+                    .then(|| self.acme_tls_alpn.lock().clone())
+                    .flatten(),
+            },
+            certs,
+            bound: api.and_then(|o| Some((o.certs.clone()?, o.extra.clone()))),
+            served,
+        })
+    }
+
+    /// A listener's certificates from its last build with only the overlay's `changed`
+    /// positions replaced (a rotation), or `None` when the last build cannot be patched: it
+    /// had other certificates, other ACME ones, or the overlay was made anew.
+    fn patched(
+        &self,
+        listener: &str,
+        policy: &crate::policy::TlsPolicy,
+        api: &ListenerOverlay,
+        prev: &Part,
+        now: SystemTime,
+    ) -> Result<Option<Certs>> {
+        let (Some(bound), Some(changed), Some((prev_bound, prev_extra))) =
+            (&api.certs, &api.changed, &prev.bound)
+        else {
+            return Ok(None);
+        };
+        let extra_same = api.extra.len() == prev_extra.len()
+            && api.extra.iter().zip(prev_extra).all(|(a, b)| {
+                Arc::ptr_eq(&a.served.key, &b.served.key)
+                    && a.served.names == b.served.names
+                    && a.served.default == b.served.default
+                    && a.fetch == b.fetch
+            });
+        let fits = bound.len() == prev_bound.len()
+            && prev.certs.served.len() == bound.len() + api.extra.len()
+            && prev.certs.expiry.len() == bound.len() + api.extra_expiry.len();
+        if !extra_same || !fits {
+            return Ok(None);
+        }
+        let mut certs = prev.certs.clone();
+        let mut refetch = false;
+        for &at in changed {
+            let (Some(b), Some(was), Some(expiry)) =
+                (bound.get(at), prev_bound.get(at), api.expiry.get(at))
+            else {
+                return Ok(None);
+            };
+            let key = self.bound_key(listener, policy, b, now)?;
+            certs.served.set(
+                at,
+                ServedCert {
+                    key,
+                    ..b.served.clone()
+                },
+            );
+            certs.expiry.set(at, expiry.clone());
+            refetch |= b.fetch || was.fetch;
+        }
+        if refetch {
+            certs.fingerprints = Arc::new(
+                bound
+                    .iter()
+                    .chain(&api.extra)
+                    .filter(|b| b.fetch)
+                    .map(|b| b.fingerprint.clone())
+                    .collect(),
+            );
+        }
+        certs.changed = Some(changed.clone());
+        certs.offload = api.offload || api.extra.iter().any(|b| b.on_token);
+        certs.awaiting_token = 0;
+        Ok(Some(certs))
+    }
+
+    /// A certificate bound through the API, checked against the listener's policy and stapled.
+    fn bound_key(
+        &self,
+        listener: &str,
+        policy: &crate::policy::TlsPolicy,
+        b: &BoundServed,
+        now: SystemTime,
+    ) -> Result<Arc<rustls::sign::CertifiedKey>> {
+        policy
+            .check_key(b.served.key.key.algorithm())
+            .with_context(|| format!("listener {listener:?}: bound certificate"))?;
+        let source = b.fetch.then_some(ocsp::Source::Fetch);
+        self.stapler.staple(
+            listener,
+            &b.subject,
+            &b.fingerprint,
+            source.as_ref(),
+            b.served.key.clone(),
+            now,
+        )
+    }
+
+    /// A listener's certificates, all loaded (the file's) or taken from the overlay, checked
+    /// and stapled.
+    fn certs(
+        &self,
+        config: &Config,
+        i: usize,
+        policy: &crate::policy::TlsPolicy,
+        api: Option<&ListenerOverlay>,
+        now: SystemTime,
+    ) -> Result<Certs> {
+        let token = self.token.as_ref();
+        let l = &config.listeners[i];
+        let mut served = imbl::Vector::new();
+        let mut expiry = imbl::Vector::new();
         let mut fingerprints = Vec::new();
         let mut offload = false;
         let mut awaiting_token = 0usize;
         // Each key algorithm is checked against the policy once, not once per certificate.
         let mut allowed: Vec<rustls::SignatureAlgorithm> = Vec::new();
-        let mut add_bound = |b: &BoundServed, certs: &mut Vec<ServedCert>| -> Result<()> {
-            let alg = b.served.key.key.algorithm();
-            if !allowed.contains(&alg) {
-                policy
-                    .check_key(alg)
-                    .with_context(|| format!("listener {:?}: bound certificate", l.name))?;
-                allowed.push(alg);
-            }
-            let source = b.fetch.then_some(ocsp::Source::Fetch);
-            let key = self.stapler.staple(
-                &l.name,
-                &b.subject,
-                &b.fingerprint,
-                source.as_ref(),
-                b.served.key.clone(),
-                now,
-            )?;
-            if b.fetch {
-                fingerprints.push(b.fingerprint.to_string());
-            }
-            certs.push(ServedCert {
-                key,
-                ..b.served.clone()
-            });
-            Ok(())
-        };
+        let mut add_bound =
+            |b: &BoundServed, served: &mut imbl::Vector<ServedCert>| -> Result<()> {
+                let alg = b.served.key.key.algorithm();
+                let key = if allowed.contains(&alg) && !b.fetch {
+                    b.served.key.clone()
+                } else {
+                    allowed.push(alg);
+                    self.bound_key(&l.name, policy, b, now)?
+                };
+                if b.fetch {
+                    fingerprints.push(b.fingerprint.clone());
+                }
+                served.push_back(ServedCert {
+                    key,
+                    ..b.served.clone()
+                });
+                Ok(())
+            };
         let file_certs = match api.and_then(|o| o.certs.as_ref()) {
             Some(bound) => {
                 expiry.extend(api.iter().flat_map(|o| o.expiry.iter().cloned()));
                 offload = api.is_some_and(|o| o.offload);
                 for b in bound {
-                    add_bound(b, &mut certs)?;
+                    add_bound(b, &mut served)?;
                 }
                 &[][..]
             }
@@ -276,7 +471,7 @@ impl Builder {
         };
         if let Some(o) = api {
             for b in &o.extra {
-                add_bound(b, &mut certs)?;
+                add_bound(b, &mut served)?;
             }
             expiry.extend(o.extra_expiry.iter().cloned());
             offload |= o.extra.iter().any(|b| b.on_token);
@@ -301,7 +496,7 @@ impl Builder {
                 Some(names) => names.clone().into(),
                 None => dns_names(&report.sans).into(),
             };
-            expiry.push(Expiry {
+            expiry.push_back(Expiry {
                 listener: l.name.clone(),
                 certificate: format!("config:{j}"),
                 names: names.clone(),
@@ -322,77 +517,22 @@ impl Builder {
                 )
                 .with_context(|| format!("{at}.ocsp"))?;
             if c.ocsp.is_some() || c.ocsp_fetch {
-                fingerprints.push(report.fingerprint_sha256.clone());
+                fingerprints.push(report.fingerprint_sha256.as_str().into());
             }
-            certs.push(ServedCert {
+            served.push_back(ServedCert {
                 key,
                 names,
                 default: c.default,
             });
             offload |= cred.backend() == KeyBackend::Pkcs11;
         }
-        let client_auth = match &l.client_auth {
-            Some(c) => Some(
-                crate::tls::client_auth::ClientAuth::load(c, |p| config.resolve(p))
-                    .with_context(|| format!("listener[{i}] ({}).client_auth", l.name))?,
-            ),
-            None => None,
-        };
-        let opts = crate::tls::ListenerTls {
-            unknown_sni: l.unknown_sni,
-            policy,
-            client_auth,
-            session: Some(
-                self.appliance
-                    .sessions
-                    .for_listener(&l.name, &l.session, token)?,
-            ),
-            extra_crls: api.map(|o| o.crls.clone()).unwrap_or_default(),
-        };
-        let (tls, sni_filter, client_cert_check, served) = if certs.is_empty() {
-            tracing::warn!(listener = %l.name, "no certificate yet: handshakes are refused until one is bound through the management API");
-            (crate::tls::no_certificate_config()?, None, None, None)
-        } else {
-            let at = || format!("listener {:?}", l.name);
-            let served = match prev.and_then(|p| p.served.as_ref()) {
-                Some(prev) => prev.update(certs, &opts),
-                None => crate::tls::Served::new(certs, &opts),
-            }
-            .with_context(at)?;
-            let sni_filter = crate::tls::sni_filter_of(&served, &opts);
-            let client_cert_check =
-                crate::tls::client_cert_check(&l.name, &opts).with_context(at)?;
-            let tls = crate::tls::server_config_of(&served, &opts).with_context(at)?;
-            (tls, sni_filter, client_cert_check, Some(served))
-        };
-        Ok(Part {
-            snapshot: ListenerSnapshot {
-                name: l.name.clone(),
-                bind: l.bind,
-                tls,
-                offload_key_ops: offload,
-                backend: l
-                    .backend
-                    .unwrap_or(std::net::SocketAddr::from(([0, 0, 0, 0], 0))),
-                proxy_protocol: l.proxy_protocol,
-                sni_filter,
-                client_cert_check,
-                backend_tls: crate::backend_tls::build(config, i, token)?,
-                routes: crate::pools::routes(config, i, token, &self.appliance.pools)?,
-                acme_tls_alpn: config
-                    .acme
-                    .iter()
-                    .any(|a| {
-                        a.challenge == crate::config::acme::ChallengeKind::TlsAlpn01
-                            && a.listeners.contains(&l.name)
-                    })
-                    .then(|| self.acme_tls_alpn.lock().clone())
-                    .flatten(),
-            },
-            expiry,
-            awaiting_token,
-            fingerprints,
+        Ok(Certs {
             served,
+            changed: None,
+            expiry,
+            fingerprints: Arc::new(fingerprints),
+            offload,
+            awaiting_token,
         })
     }
 }

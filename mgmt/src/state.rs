@@ -14,10 +14,10 @@
 //!
 //! Names starting with `.` are temporary files of an interrupted write: ignored and removed.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -52,12 +52,46 @@ pub struct BoundCert {
 
 /// The certificates a listener serves; replaces the configuration file's certificates of that
 /// listener while it exists.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Binding {
     pub listener: String,
     pub certificates: Vec<BoundCert>,
+    /// Certificate id → its positions in `certificates`, made on first use (a binding is not
+    /// changed once made: a change makes a new one).
+    #[serde(skip)]
+    positions: OnceLock<HashMap<String, Vec<usize>>>,
 }
+
+impl Binding {
+    pub fn new(listener: String, certificates: Vec<BoundCert>) -> Binding {
+        Binding {
+            listener,
+            certificates,
+            positions: OnceLock::new(),
+        }
+    }
+
+    /// Where certificate `id` is in `certificates` (empty when the binding does not name it).
+    pub fn positions(&self, id: &str) -> &[usize] {
+        let index = self.positions.get_or_init(|| {
+            let mut index: HashMap<String, Vec<usize>> = HashMap::new();
+            for (at, c) in self.certificates.iter().enumerate() {
+                index.entry(c.cert.clone()).or_default().push(at);
+            }
+            index
+        });
+        index.get(id).map_or(&[], Vec::as_slice)
+    }
+}
+
+impl PartialEq for Binding {
+    fn eq(&self, other: &Binding) -> bool {
+        self.listener == other.listener && self.certificates == other.certificates
+    }
+}
+
+impl Eq for Binding {}
 
 /// A CRL uploaded for a listener.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,29 +109,34 @@ struct CrlFile {
     crls: Vec<StoredCrl>,
 }
 
+/// The state's objects by name: a persistent map, so a change copies the few tree nodes it
+/// touches (a copy of the whole state is O(1)) and two versions are compared in the time their
+/// differences take ([`for_each_change`]).
+pub type Map<V> = imbl::OrdMap<String, V>;
+
 /// Everything the state directory holds, in memory.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StateData {
-    /// Behind `Arc`: a change copies the maps, not every certificate's PEM.
-    pub certs: BTreeMap<String, Arc<StoredCert>>,
-    pub bindings: BTreeMap<String, Arc<Binding>>,
-    pub crls: BTreeMap<String, Vec<StoredCrl>>,
+    /// Behind `Arc`: two versions of the state share the objects they have in common.
+    pub certs: Map<Arc<StoredCert>>,
+    pub bindings: Map<Arc<Binding>>,
+    pub crls: Map<Vec<StoredCrl>>,
 }
 
 /// The changes that turn `old` into `new`, one call each: `f(key, Some(value))` for an entry of
-/// `new` that `old` lacks or holds differently, `f(key, None)` for a key only `old` has.
-pub fn for_each_change<V: PartialEq, E>(
-    old: &BTreeMap<String, V>,
-    new: &BTreeMap<String, V>,
+/// `new` that `old` lacks or holds differently, `f(key, None)` for a key only `old` has. Parts
+/// the two maps share are not visited.
+pub fn for_each_change<V: PartialEq + Clone, E>(
+    old: &Map<V>,
+    new: &Map<V>,
     mut f: impl FnMut(&str, Option<&V>) -> Result<(), E>,
 ) -> Result<(), E> {
-    for (k, v) in new {
-        if old.get(k) != Some(v) {
-            f(k, Some(v))?;
+    use imbl::ordmap::DiffItem;
+    for d in old.diff(new) {
+        match d {
+            DiffItem::Add(k, v) | DiffItem::Update { new: (k, v), .. } => f(k, Some(v))?,
+            DiffItem::Remove(k, _) => f(k, None)?,
         }
-    }
-    for k in old.keys().filter(|k| !new.contains_key(*k)) {
-        f(k, None)?;
     }
     Ok(())
 }
@@ -107,7 +146,7 @@ impl StateData {
     pub fn listeners_using(&self, id: &str) -> Vec<String> {
         self.bindings
             .values()
-            .filter(|b| b.certificates.iter().any(|c| c.cert == id))
+            .filter(|b| !b.positions(id).is_empty())
             .map(|b| b.listener.clone())
             .collect()
     }
@@ -363,12 +402,14 @@ mod tests {
 
     #[test]
     fn for_each_change_names_added_changed_and_removed_keys_once() {
-        let old: BTreeMap<String, u32> = [("same", 1), ("changed", 1), ("gone", 1)]
+        let old: Map<u32> = [("same", 1u32), ("changed", 1), ("gone", 1)]
             .map(|(k, v)| (k.to_owned(), v))
-            .into();
-        let new: BTreeMap<String, u32> = [("same", 1), ("changed", 2), ("added", 1)]
+            .into_iter()
+            .collect();
+        let new: Map<u32> = [("same", 1u32), ("changed", 2), ("added", 1)]
             .map(|(k, v)| (k.to_owned(), v))
-            .into();
+            .into_iter()
+            .collect();
         let mut seen = Vec::new();
         for_each_change(&old, &new, |k, v| {
             seen.push((k.to_owned(), v.copied()));
@@ -403,14 +444,14 @@ mod tests {
         store.put_cert(&cert("web", 2))?;
         store.put_cert(&cert("api", 1))?;
         store.delete_cert("api")?;
-        let binding = Binding {
-            listener: "web".into(),
-            certificates: vec![BoundCert {
+        let binding = Binding::new(
+            "web".into(),
+            vec![BoundCert {
                 cert: "web".into(),
                 names: None,
                 default: true,
             }],
-        };
+        );
         store.put_binding(&binding)?;
         store.put_crls(
             "web",

@@ -1,13 +1,16 @@
 //! Hot rotation: a long-running TLS connection keeps transferring while its listener's
 //! certificate is rotated ten times through the API; each new connection sees the new
 //! certificate as soon as the API call returns; a failing upload changes nothing; the live
-//! connection keeps the certificate it negotiated.
+//! connection keeps the certificate it negotiated. With several certificates bound, a rotation
+//! changes what one of them serves (and its expiry gauge) and nothing else, as a rebuild would.
 
 mod api_support;
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -120,19 +123,7 @@ fn ten_rotations_under_a_live_connection() -> Result<()> {
         ])?;
         chains.push((label, out));
     }
-    ctl_ok(
-        &lab,
-        &[
-            "certs",
-            "upload",
-            "--id",
-            "web",
-            "--key",
-            chains[0].0,
-            "--chain",
-            &chains[0].1.display().to_string(),
-        ],
-    )?;
+    upload_cert(&lab, "web", chains[0].0, &chains[0].1)?;
     ctl_ok(
         &lab,
         &["listeners", "bind", "--listener", "web", "--cert", "web"],
@@ -160,19 +151,7 @@ fn ten_rotations_under_a_live_connection() -> Result<()> {
     let mut took = Vec::new();
     for (i, (label, chain)) in chains.iter().enumerate().skip(1) {
         let t = std::time::Instant::now();
-        ctl_ok(
-            &lab,
-            &[
-                "certs",
-                "upload",
-                "--id",
-                "web",
-                "--key",
-                label,
-                "--chain",
-                &chain.display().to_string(),
-            ],
-        )?;
+        upload_cert(&lab, "web", label, chain)?;
         took.push(t.elapsed());
         // Right after the call returns, a new connection gets the new certificate.
         ensure!(
@@ -222,6 +201,126 @@ fn ten_rotations_under_a_live_connection() -> Result<()> {
         answers.load(Ordering::Relaxed) >= 10,
         "the live connection moved {} times",
         answers.load(Ordering::Relaxed)
+    );
+    Ok(())
+}
+
+/// Five certificates bound to one listener, each for its own name; rotating the middle one
+/// (which the management plane patches into the last build instead of rebuilding the listener)
+/// changes what that name serves and its expiry gauge, and nothing else; a reload (a full
+/// rebuild) then serves exactly the same.
+#[test]
+fn a_rotation_among_many_bound_changes_only_its_own_names() -> Result<()> {
+    let lab = Lab::new()?;
+    let pki = MgmtPki::new(&lab)?;
+    let boot = lab.token_key_with_chain("ec-p256", "boot")?;
+    let (_backend, backend) = demo_backend(lab.dir.path())?;
+    let config = write_config(&lab, &pki, &backend, &boot, &common::uri("boot"), "many")?;
+    let text = std::fs::read_to_string(&config)?
+        .replace("[api]", "[metrics]\nlisten = \"127.0.0.1:0\"\n\n[api]");
+    std::fs::write(&config, text)?;
+    let serve = Serve::start(&lab, &config)?;
+    let ready = std::fs::read_to_string(config.with_extension("ready"))?;
+    let metrics = ready
+        .lines()
+        .find_map(|l| l.strip_prefix("metrics "))
+        .context("ready file names the metrics endpoint")?
+        .trim()
+        .to_owned();
+
+    let names: Vec<String> = (0..5).map(|i| format!("h{i}.many.test")).collect();
+    // `days`: another validity, so the rotated certificate's expiry differs from the old one's.
+    let upload = |id: &str, name: &str, version: &str, days: Option<&str>| -> Result<PathBuf> {
+        let label = format!("{id}-{version}");
+        let (key, mut chain) = lab.software_cert("EC", &label, name, &format!("DNS:{name}"))?;
+        if let Some(days) = days {
+            chain = lab.path(&format!("certs/{label}-{days}d.pem"));
+            lab.run(&[
+                "ca",
+                "sign",
+                "--dir",
+                &lab.p("ca"),
+                "--csr",
+                &lab.p(&format!("certs/{label}.csr")),
+                "--days",
+                days,
+                "--out",
+                &chain.display().to_string(),
+            ])?;
+        }
+        upload_cert(&lab, id, &format!("file:{}", key.display()), &chain)?;
+        Ok(chain)
+    };
+    let mut chains = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        chains.push(upload(&format!("c{i}"), name, "v1", None)?);
+    }
+    let mut bind = vec!["listeners", "bind", "--listener", "web", "--default", "c0"];
+    let ids: Vec<String> = (0..5).map(|i| format!("c{i}")).collect();
+    for id in &ids {
+        bind.extend(["--cert", id.as_str()]);
+    }
+    ctl_ok(&lab, &bind)?;
+    let served = || -> Result<Vec<String>> {
+        names
+            .iter()
+            .map(|n| served_fingerprint_for(serve.port, n))
+            .collect()
+    };
+    let expected: Vec<String> = chains
+        .iter()
+        .map(|c| file_fingerprint(c))
+        .collect::<Result<_>>()?;
+    ensure!(served()? == expected, "before the rotation");
+
+    // The rotation: a new key and chain for c2, valid for 30 days.
+    let rotated = upload("c2", &names[2], "v2", Some("30"))?;
+    let mut expected_after = expected.clone();
+    expected_after[2] = file_fingerprint(&rotated)?;
+    ensure!(expected_after[2] != expected[2]);
+    let after = served()?;
+    ensure!(
+        after == expected_after,
+        "after rotating c2:\n served   {after:?}\n expected {expected_after:?}"
+    );
+
+    // Each certificate's expiry gauge is its own (c2's the new chain's).
+    let gauges = common::check(
+        Command::new("curl")
+            .args([
+                "-sS",
+                "--max-time",
+                "10",
+                &format!("http://{metrics}/metrics"),
+            ])
+            .output()?,
+        "scrape",
+    )?;
+    for (i, name) in names.iter().enumerate() {
+        let view = ctl_json(&lab, &["certs", "show", "--id", &format!("c{i}")])?;
+        let not_after = view["not_after_unix"].as_f64().context("not_after_unix")?;
+        let gauge = common::metric(
+            &gauges,
+            "tlsgate_certificate_not_after_seconds",
+            &[
+                "listener=\"web\"",
+                &format!("certificate=\"c{i}\""),
+                &format!("name=\"{name}\""),
+            ],
+        );
+        ensure!(
+            gauge == not_after,
+            "c{i}: gauge {gauge}, certificate not after {not_after}\n{gauges}"
+        );
+    }
+
+    // A reload builds every listener anew (`ctl reload` answers once it is live): it serves
+    // what the patched build served.
+    ctl_ok(&lab, &["reload"])?;
+    let reloaded = served()?;
+    ensure!(
+        reloaded == expected_after,
+        "after a reload: {reloaded:?}, expected {expected_after:?}"
     );
     Ok(())
 }

@@ -317,10 +317,7 @@ fn a_fleet_converges_refuses_a_bad_state_and_serves_from_cache() -> Result<()> {
     let mut bound = unbound.clone();
     bound.bindings.insert(
         "web".into(),
-        std::sync::Arc::new(tlsgate_mgmt::state::Binding {
-            listener: "web".into(),
-            certificates: vec![],
-        }),
+        std::sync::Arc::new(tlsgate_mgmt::state::Binding::new("web".into(), vec![])),
     );
     use tlsgate_mgmt::api::FleetStore;
     let err = stale

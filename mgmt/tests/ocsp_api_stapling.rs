@@ -12,7 +12,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use api_support::{ctl_ok, key_csr_chain};
+use api_support::{ctl_ok, key_csr_chain, upload_cert};
 use common::ocsp_support::{aia_leaf, response_valid, s_client_status, Responder};
 use common::{Lab, Serve};
 
@@ -77,19 +77,7 @@ fn port_of(config: &Path, name: &str) -> Result<u16> {
 }
 
 fn upload_and_bind(lab: &Lab, id: &str, key: &Path, chain: &Path, listener: &str) -> Result<()> {
-    ctl_ok(
-        lab,
-        &[
-            "certs",
-            "upload",
-            "--id",
-            id,
-            "--key",
-            &format!("file:{}", key.display()),
-            "--chain",
-            &chain.display().to_string(),
-        ],
-    )?;
+    upload_cert(lab, id, &format!("file:{}", key.display()), chain)?;
     ctl_ok(
         lab,
         &["listeners", "bind", "--listener", listener, "--cert", id],

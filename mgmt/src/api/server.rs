@@ -197,11 +197,12 @@ pub fn tls_config(
     .certified_key()
     .context("[api] cert")?;
     let resolver = SniResolver::new(
-        &[ServedCert {
+        [ServedCert {
             key: certified,
             names: Vec::new().into(),
             default: true,
-        }],
+        }]
+        .iter(),
         UnknownSni::Default,
     )?;
     let mut tls = ServerConfig::builder_with_provider(crate::tls::provider())

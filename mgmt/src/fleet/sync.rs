@@ -2,7 +2,7 @@
 //! management plane, report under a lease-bound member key, watch from the revision read;
 //! on any etcd failure keep serving and reconnect with back-off.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +10,7 @@ use std::time::Duration;
 use etcd_client::{Client, GetOptions, PutOptions, WatchOptions};
 
 use super::{Fleet, Member};
-use crate::state::{check_name, Binding, StoredCert, StoredCrl};
+use crate::state::{check_name, Binding, Map, StoredCert, StoredCrl};
 
 /// The applied revision, cached beside the state it describes.
 pub(super) const CACHE_FILE: &str = "fleet.json";
@@ -163,18 +163,14 @@ async fn sync_once(
     Ok(revision)
 }
 
-type Parsed = (
-    BTreeMap<String, Arc<StoredCert>>,
-    BTreeMap<String, Arc<Binding>>,
-    BTreeMap<String, Vec<StoredCrl>>,
-);
+type Parsed = (Map<Arc<StoredCert>>, Map<Arc<Binding>>, Map<Vec<StoredCrl>>);
 
 /// The state's objects from its keys; any key that is not a well-formed object refuses the whole
 /// state (an appliance never applies part of one).
 fn parse(prefix: &str, raw: &[(String, Vec<u8>)]) -> Result<Parsed, String> {
-    let mut certs = BTreeMap::new();
-    let mut bindings = BTreeMap::new();
-    let mut crls = BTreeMap::new();
+    let mut certs = Map::new();
+    let mut bindings = Map::new();
+    let mut crls = Map::new();
     for (key, value) in raw {
         let rest = key.strip_prefix(prefix).unwrap_or(key);
         let bad = |why: String| format!("{key}: {why}");

@@ -92,7 +92,10 @@ pub fn sni_filter(
     if opts.unknown_sni == UnknownSni::Default {
         return Ok(None);
     }
-    Ok(sni_filter_of(&Served::new(certs.to_vec(), opts)?, opts))
+    Ok(sni_filter_of(
+        &Served::new(certs.iter().cloned().collect(), opts)?,
+        opts,
+    ))
 }
 
 /// [`sni_filter`] answered by a listener's resolver (the one its configuration serves with).
@@ -154,7 +157,7 @@ pub fn server_config(
     certs: Vec<ServedCert>,
     opts: &ListenerTls,
 ) -> Result<Arc<ServerConfig>, TlsConfigError> {
-    server_config_of(&Served::new(certs, opts)?, opts)
+    server_config_of(&Served::new(certs.into(), opts)?, opts)
 }
 
 /// The server configuration of `served` (its resolver, made for `opts`) under `opts.policy`.

@@ -98,43 +98,82 @@ pub struct SniResolver {
 }
 
 /// A listener's certificates (each `default` as served) and the resolver made of them, kept so
-/// the next build of the listener can update it ([`Served::update`]).
+/// the next build of the listener can update it ([`Served::update`]). The list is persistent: a
+/// copy shares it, and replacing one entry copies a few nodes.
 #[derive(Debug, Clone)]
 pub struct Served {
-    pub certs: Vec<ServedCert>,
+    pub certs: imbl::Vector<ServedCert>,
     pub resolver: Arc<SniResolver>,
+    /// None of the certificates as given was marked default, so all serve as default.
+    all_default: bool,
 }
 
 impl Served {
     /// Indexes `certs` (when none is marked default, all are; the order still sets the
     /// preference).
-    pub fn new(mut certs: Vec<ServedCert>, opts: &ListenerTls) -> Result<Served, TlsConfigError> {
-        all_default_if_none(&mut certs);
-        let resolver = SniResolver::new(&certs, opts.unknown_sni)?
+    pub fn new(
+        mut certs: imbl::Vector<ServedCert>,
+        opts: &ListenerTls,
+    ) -> Result<Served, TlsConfigError> {
+        let all_default = all_default_if_none(&mut certs);
+        let resolver = SniResolver::new(certs.iter(), opts.unknown_sni)?
             .with_suites(&opts.policy.provider().cipher_suites);
         let resolver = Arc::new(resolver);
-        Ok(Served { certs, resolver })
+        Ok(Served {
+            certs,
+            resolver,
+            all_default,
+        })
     }
 
     /// `certs` indexed, reusing `self`'s resolver when the list keeps its length and only a
-    /// few entries changed (a rotation): only their names are re-indexed. Same result as
-    /// [`Served::new`].
+    /// few entries changed (a rotation): only their names are re-indexed. `changed`, when
+    /// given, lists the positions that may differ from `self` (the others are `self`'s entries
+    /// as served); otherwise every entry is compared. Same result as [`Served::new`].
     pub fn update(
         &self,
-        mut certs: Vec<ServedCert>,
+        mut certs: imbl::Vector<ServedCert>,
+        changed: Option<&[usize]>,
         opts: &ListenerTls,
     ) -> Result<Served, TlsConfigError> {
-        all_default_if_none(&mut certs);
         if certs.len() != self.certs.len() {
             return Served::new(certs, opts);
         }
-        let changed: Vec<usize> = (0..certs.len())
-            .filter(|&i| !same(&self.certs[i], &certs[i]))
-            .take(MAX_CHANGED + 1)
-            .collect();
-        if changed.len() > MAX_CHANGED {
-            return Served::new(certs, opts);
-        }
+        let changed: Vec<usize> = match changed {
+            Some(changed) => {
+                if changed.len() > MAX_CHANGED || changed.iter().any(|&i| i >= certs.len()) {
+                    return Served::new(certs, opts);
+                }
+                if self.all_default {
+                    // A new default among certificates none of which was one changes which
+                    // serve as default: index them all again.
+                    if changed.iter().any(|&i| certs[i].default) {
+                        return Served::new(certs, opts);
+                    }
+                    for &i in changed {
+                        certs[i].default = true;
+                    }
+                }
+                changed
+                    .iter()
+                    .copied()
+                    .filter(|&i| !same(&self.certs[i], &certs[i]))
+                    .collect()
+            }
+            None => {
+                if all_default_if_none(&mut certs) != self.all_default {
+                    return Served::new(certs, opts);
+                }
+                let changed: Vec<usize> = (0..certs.len())
+                    .filter(|&i| !same(&self.certs[i], &certs[i]))
+                    .take(MAX_CHANGED + 1)
+                    .collect();
+                if changed.len() > MAX_CHANGED {
+                    return Served::new(certs, opts);
+                }
+                changed
+            }
+        };
         let mut r = (*self.resolver)
             .clone()
             .with_suites(&opts.policy.provider().cipher_suites);
@@ -143,21 +182,26 @@ impl Served {
             r.replace(i, &self.certs[i], &certs[i])?;
         }
         if r.defaults.is_empty() {
-            return Err(TlsConfigError::NoDefault);
+            // The last default went: what `new` does with no default (or its error).
+            return Served::new(certs, opts);
         }
         Ok(Served {
             certs,
             resolver: Arc::new(r),
+            all_default: self.all_default,
         })
     }
 }
 
-fn all_default_if_none(certs: &mut [ServedCert]) {
-    if !certs.iter().any(|c| c.default) {
-        for c in certs {
-            c.default = true;
-        }
+/// Marks every certificate default when none is; returns whether it did.
+fn all_default_if_none(certs: &mut imbl::Vector<ServedCert>) -> bool {
+    if certs.iter().any(|c| c.default) {
+        return false;
     }
+    for c in certs.iter_mut() {
+        c.default = true;
+    }
+    true
 }
 
 fn same(a: &ServedCert, b: &ServedCert) -> bool {
@@ -209,7 +253,10 @@ impl rustls::sign::SigningKey for NoUsableScheme {
 
 impl SniResolver {
     /// Indexes `certs`; at least one must be `default` (see [`super::server_config`]).
-    pub fn new(certs: &[ServedCert], unknown: UnknownSni) -> Result<Self, TlsConfigError> {
+    pub fn new<'a>(
+        certs: impl Iterator<Item = &'a ServedCert>,
+        unknown: UnknownSni,
+    ) -> Result<Self, TlsConfigError> {
         let mut r = SniResolver {
             exact: NameMap::new(),
             wildcard: NameMap::new(),
@@ -217,7 +264,7 @@ impl SniResolver {
             unknown,
             suites: Vec::new(),
         };
-        for (at, c) in certs.iter().enumerate() {
+        for (at, c) in certs.enumerate() {
             r.add(at, c)?;
         }
         if r.defaults.is_empty() {
@@ -410,7 +457,7 @@ mod tests {
             .collect();
         certs.push(served(&["*.example.com", "shared.example.com"], false));
         certs.push(served(&["shared.example.com"], true));
-        let before = Served::new(certs.clone(), &opts).expect("served");
+        let before = Served::new(certs.clone().into(), &opts).expect("served");
         // A rotation (new key, same names), a renaming, a new default, a wildcard moved.
         certs[3] = ServedCert {
             key: key(&["h3.example.com"]),
@@ -418,8 +465,14 @@ mod tests {
         };
         certs[7] = served(&["shared.example.com", "new.example.com"], true);
         certs[200] = served(&["*.other.example"], false);
-        let updated = before.update(certs.clone(), &opts).expect("update");
-        let rebuilt = Served::new(certs, &opts).expect("rebuild");
+        let updated = before
+            .update(certs.clone().into(), None, &opts)
+            .expect("update");
+        // Told where the changes are, it finds the same.
+        let told = before
+            .update(certs.clone().into(), Some(&[3, 7, 200]), &opts)
+            .expect("update at");
+        let rebuilt = Served::new(certs.into(), &opts).expect("rebuild");
         let probes = [
             "h3.example.com",
             "h7.example.com",
@@ -431,6 +484,10 @@ mod tests {
         ];
         assert_eq!(
             index(&updated.resolver, &probes),
+            index(&rebuilt.resolver, &probes)
+        );
+        assert_eq!(
+            index(&told.resolver, &probes),
             index(&rebuilt.resolver, &probes)
         );
         assert!(updated.resolver.knows(Some("x.other.example")));
@@ -452,14 +509,22 @@ mod tests {
         let certs: Vec<ServedCert> = (0..3)
             .map(|i| served(&[&format!("h{i}.test")], i == 0))
             .collect();
-        let before = Served::new(certs.clone(), &opts).expect("served");
-        let fewer = before.update(certs[..2].to_vec(), &opts).expect("fewer");
+        let before = Served::new(certs.clone().into(), &opts).expect("served");
+        let fewer = before
+            .update(certs[..2].to_vec().into(), None, &opts)
+            .expect("fewer");
         assert!(fewer.resolver.named("h2.test").is_none());
         // No default left: all are, as in a rebuild.
         let mut none = certs.clone();
         none[0].default = false;
         none[1].default = false;
-        let all = before.update(none, &opts).expect("all default");
+        let all = before
+            .update(none.clone().into(), None, &opts)
+            .expect("all default");
         assert_eq!(all.resolver.defaults.len(), 3);
+        let told = before
+            .update(none.into(), Some(&[0, 1]), &opts)
+            .expect("all default, told");
+        assert_eq!(told.resolver.defaults.len(), 3);
     }
 }

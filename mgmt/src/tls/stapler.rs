@@ -152,8 +152,8 @@ impl Stapler {
     }
 
     /// Forgets every certificate not in `keep` (after a build of every listener).
-    pub fn retain(&self, keep: &HashSet<String>) {
-        self.entries.lock().retain(|k, _| keep.contains(k));
+    pub fn retain(&self, keep: &HashSet<&str>) {
+        self.entries.lock().retain(|k, _| keep.contains(k.as_str()));
     }
 
     /// Runs the schedule until the runtime stops: each round fetches (or re-reads) what is due,

@@ -182,6 +182,24 @@ pub fn ctl_ok(lab: &Lab, args: &[&str]) -> Result<String> {
     check(ctl(lab, args)?, &format!("tlsgate ctl {}", args.join(" ")))
 }
 
+/// `ctl certs upload`: stores `chain` as certificate `id` for `key` (a label, `pkcs11:` URI or
+/// `file:` path).
+pub fn upload_cert(lab: &Lab, id: &str, key: &str, chain: &Path) -> Result<String> {
+    ctl_ok(
+        lab,
+        &[
+            "certs",
+            "upload",
+            "--id",
+            id,
+            "--key",
+            key,
+            "--chain",
+            &chain.display().to_string(),
+        ],
+    )
+}
+
 /// `ctl --json` that must succeed; its JSON.
 pub fn ctl_json(lab: &Lab, args: &[&str]) -> Result<serde_json::Value> {
     let mut a = vec!["--json"];
@@ -255,13 +273,18 @@ pub fn curl_unix(lab: &Lab, method: &str, path: &str, body: Option<&str>) -> Res
 
 /// Hex SHA-256 of the leaf certificate a TLS listener serves for SNI `localhost`.
 pub fn served_fingerprint(port: u16) -> Result<String> {
+    served_fingerprint_for(port, "localhost")
+}
+
+/// Hex SHA-256 of the leaf certificate a TLS listener serves for SNI `sni`.
+pub fn served_fingerprint_for(port: u16, sni: &str) -> Result<String> {
     let out = Command::new("openssl")
         .args([
             "s_client",
             "-connect",
             &format!("127.0.0.1:{port}"),
             "-servername",
-            "localhost",
+            sni,
         ])
         .stdin(Stdio::null())
         .output()?;

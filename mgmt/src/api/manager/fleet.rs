@@ -1,7 +1,6 @@
 //! Fleet mode (the `fleet` module): the state read from etcd applied through the same checks
 //! and the same snapshot builder as a local change, and the fleet's status for the API.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -9,7 +8,7 @@ use super::Manager;
 use crate::api::error::ApiError;
 use crate::api::wire::FleetStatus;
 use crate::snapshot::Scope;
-use crate::state::{for_each_change, Binding, StateData, StoredCert, StoredCrl};
+use crate::state::{for_each_change, Binding, Map, StateData, StoredCert, StoredCrl};
 
 /// The fleet store a manager writes through (the etcd client of the `fleet` module).
 pub trait FleetStore: Send + Sync {
@@ -42,13 +41,13 @@ impl Manager {
     /// Returns whether anything changed.
     pub fn apply_fleet(
         &self,
-        certs: BTreeMap<String, Arc<StoredCert>>,
-        bindings: BTreeMap<String, Arc<Binding>>,
-        crls: BTreeMap<String, Vec<StoredCrl>>,
+        certs: Map<Arc<StoredCert>>,
+        bindings: Map<Arc<Binding>>,
+        crls: Map<Vec<StoredCrl>>,
     ) -> Result<bool, ApiError> {
         let mut inner = self.lock();
         // A listener with an empty CRL list is the same as one without.
-        let local_crls: BTreeMap<String, Vec<StoredCrl>> = inner
+        let local_crls: Map<Vec<StoredCrl>> = inner
             .state
             .crls
             .iter()
@@ -71,7 +70,7 @@ impl Manager {
         new_state.certs = certs;
         new_state.bindings = bindings;
         new_state.crls = crls;
-        let built = self.build(&inner.config, &new_state, Scope::All)?;
+        let built = self.build(&inner.config, &new_state, Scope::All, None)?;
         // The state directory caches what is applied: an appliance restarted while etcd is
         // unreachable serves it.
         let persist = || -> anyhow::Result<()> {
@@ -89,8 +88,8 @@ impl Manager {
         };
         persist().map_err(|e| ApiError::state_write(&e))?;
         inner.state = new_state;
-        self.builder.commit(&built);
-        (self.publish)(Arc::new(built.snapshot));
+        let snapshot = self.commit(built);
+        (self.publish)(Arc::new(snapshot));
         Ok(true)
     }
 }

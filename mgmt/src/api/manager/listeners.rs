@@ -72,10 +72,7 @@ impl Manager {
                 return Err(cert_not_found(&c.cert));
             }
         }
-        let binding = Binding {
-            listener: listener.to_owned(),
-            certificates: req.certificates,
-        };
+        let binding = Binding::new(listener.to_owned(), req.certificates);
         let mut new_state = inner.state.clone();
         new_state
             .bindings

@@ -12,6 +12,7 @@ mod certs;
 mod fleet;
 mod keys;
 mod listeners;
+mod overlay;
 
 pub use acme::{acme_cert_id, AcmeControl};
 pub use fleet::FleetStore;
@@ -27,12 +28,12 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::snapshot::{BoundServed, Builder, Built, Scope};
+use crate::snapshot::{Builder, Scope};
 use axum::http::StatusCode;
 use parking_lot::{Mutex, MutexGuard};
 
 use tlsgate_dataplane::Snapshot;
-use tlsgate_keystore::keyref::{KeyBackend, KeyRef};
+use tlsgate_keystore::keyref::KeyRef;
 use tlsgate_keystore::{ChainSource, Credential};
 use tlsgate_keystore::{Pkcs11Uri, Token};
 
@@ -40,7 +41,6 @@ use super::error::{key_error, ApiError};
 use crate::audit::{AuditLog, ClientIdentity};
 use crate::config::Config;
 use crate::state::{StateData, StateStore, StoredCert};
-use crate::tls::ServedCert;
 
 /// Hands a snapshot to the data plane and returns once new connections use it.
 pub type Publisher = Box<dyn Fn(Arc<Snapshot>) + Send + Sync>;
@@ -81,6 +81,9 @@ pub struct Manager {
     builder: Arc<Builder>,
     /// By certificate id; taken under `inner`'s lock.
     certs: Mutex<HashMap<String, Arc<CachedCert>>>,
+    /// Each bound listener's certificates as last committed (what a rotation patches); taken
+    /// under `inner`'s lock.
+    bound_listeners: Mutex<HashMap<String, Arc<overlay::BoundListener>>>,
     /// `[ocsp] api_fetch`: staple certificates bound through the API from their responder.
     ocsp_fetch: bool,
     /// `[pkcs11] call_timeout_ms`, kept outside `inner`: a call stuck on the HSM holds that lock.
@@ -149,6 +152,7 @@ impl Manager {
             token,
             builder,
             certs: Mutex::new(HashMap::new()),
+            bound_listeners: Mutex::new(HashMap::new()),
             ocsp_fetch,
             call_timeout,
             key_import_over_https,
@@ -160,19 +164,19 @@ impl Manager {
         };
         let snapshot = {
             let mut inner = mgr.lock();
-            let mut built = mgr
-                .build(&inner.config, &state, Scope::All)
+            let built = mgr
+                .build(&inner.config, &state, Scope::All, None)
                 .map_err(|e| anyhow::anyhow!("the state directory does not load: {e}"))?;
-            mgr.builder.commit(&built);
+            let mut snapshot = mgr.commit(built);
             // The first staples from responders, before the first snapshot goes live.
             if prefetch() {
-                built = mgr
-                    .build(&inner.config, &state, Scope::All)
+                let built = mgr
+                    .build(&inner.config, &state, Scope::All, None)
                     .map_err(|e| anyhow::anyhow!("the state directory does not load: {e}"))?;
-                mgr.builder.commit(&built);
+                snapshot = mgr.commit(built);
             }
             inner.state = state;
-            built.snapshot
+            snapshot
         };
         Ok((mgr, snapshot))
     }
@@ -262,112 +266,6 @@ impl Manager {
                 "no [pkcs11] token is configured",
             )
         })
-    }
-
-    /// Builds the snapshot `config` + `state` would give for the listeners in `scope` (the
-    /// others as last committed), checking every certificate it loads. A stored certificate
-    /// whose key and chain are unchanged since it was last loaded is not loaded again.
-    fn build(
-        &self,
-        config: &Config,
-        state: &StateData,
-        scope: Scope<'_>,
-    ) -> Result<Built, ApiError> {
-        let now = SystemTime::now();
-        let in_scope = |l: &str| match scope {
-            Scope::All => true,
-            Scope::Listeners(set) => set.contains(l),
-        };
-        if matches!(scope, Scope::All) {
-            // A reload checks every certificate again (validity, the token's keys).
-            self.certs.lock().clear();
-        }
-        let mut overlay = Overlay::default();
-        for (listener, crls) in state.crls.iter().filter(|(l, _)| in_scope(l)) {
-            let entry = overlay.listeners.entry(listener.clone()).or_default();
-            for c in crls {
-                entry.crls.push(crl_der(&c.pem)?);
-            }
-        }
-        for (listener, binding) in state.bindings.iter().filter(|(l, _)| in_scope(l)) {
-            if !config.listeners.iter().any(|l| &l.name == listener) {
-                tracing::warn!(
-                    listener,
-                    "binding for a listener the configuration file does not have; ignored"
-                );
-                continue;
-            }
-            let mut served = Vec::with_capacity(binding.certificates.len());
-            let mut expiry = Vec::with_capacity(binding.certificates.len());
-            let mut offload = false;
-            for bc in &binding.certificates {
-                let stored = state.certs.get(&bc.cert).ok_or_else(|| {
-                    ApiError::not_found(
-                        "certificate_not_found",
-                        format!(
-                            "listener {listener:?} binds unknown certificate {:?}",
-                            bc.cert
-                        ),
-                    )
-                })?;
-                let cached = self.cached_cert(config, stored, now)?;
-                let report = &cached.cred.report;
-                let names: Arc<[String]> = match &bc.names {
-                    Some(names) => {
-                        let mut out = Vec::with_capacity(names.len());
-                        for n in names {
-                            let n = crate::tls::normalize_name(n)
-                                .map_err(|e| ApiError::invalid("name_invalid", e.to_string()))?;
-                            if !covered(&n, &report.sans) {
-                                return Err(ApiError::invalid(
-                                    "name_not_in_certificate",
-                                    format!(
-                                        "certificate {:?} does not cover {n:?} (its SANs: {})",
-                                        bc.cert,
-                                        report.sans.join(", ")
-                                    ),
-                                ));
-                            }
-                            out.push(n);
-                        }
-                        out.into()
-                    }
-                    None => cached.names.clone(),
-                };
-                expiry.push(crate::mgmt_metrics::Expiry {
-                    listener: listener.clone(),
-                    certificate: bc.cert.clone(),
-                    names: names.clone(),
-                    not_after: report.not_after,
-                });
-                served.push(BoundServed {
-                    served: ServedCert {
-                        key: cached.certified.clone(),
-                        names,
-                        default: bc.default,
-                    },
-                    fingerprint: cached.fingerprint.clone(),
-                    subject: cached.subject.clone(),
-                    fetch: cached.fetch,
-                    on_token: cached.cred.backend() == KeyBackend::Pkcs11,
-                });
-                offload |= cached.cred.backend() == KeyBackend::Pkcs11;
-            }
-            if served.is_empty() {
-                return Err(ApiError::invalid(
-                    "binding_empty",
-                    format!("a binding for {listener:?} needs at least one certificate"),
-                ));
-            }
-            let entry = overlay.listeners.entry(listener.clone()).or_default();
-            entry.certs = Some(served);
-            entry.offload = offload;
-            entry.expiry = expiry;
-        }
-        self.acme_overlay(config, state, &in_scope, &mut overlay, now)?;
-        self.builder
-            .build(config, &overlay, scope)
-            .map_err(|e| ApiError::invalid("snapshot_invalid", format!("{e:#}")))
     }
 
     /// A stored certificate loaded and checked, from the cache while its key and chain are the
@@ -461,15 +359,23 @@ impl Manager {
         scope: Scope<'_>,
         persist: impl FnOnce(&StateStore) -> anyhow::Result<()>,
     ) -> Result<(), ApiError> {
-        let built = self.build(&inner.config, &new_state, scope)?;
+        // The certificates that differ from the committed state: the listeners in scope are
+        // patched where they serve them, not rebuilt (a rotation costs one certificate).
+        let mut changed = BTreeSet::new();
+        crate::state::for_each_change(&inner.state.certs, &new_state.certs, |id, _| {
+            changed.insert(id.to_owned());
+            Ok::<(), ()>(())
+        })
+        .ok();
+        let built = self.build(&inner.config, &new_state, scope, Some(&changed))?;
         if let Some(fleet) = self.fleet.get() {
             // Fleet mode: etcd first (one transaction); the state directory is then the cache.
             fleet.write(&inner.state, &new_state)?;
         }
         persist(&self.store).map_err(|e| ApiError::state_write(&e))?;
         inner.state = new_state;
-        self.builder.commit(&built);
-        (self.publish)(Arc::new(built.snapshot));
+        let snapshot = self.commit(built);
+        (self.publish)(Arc::new(snapshot));
         Ok(())
     }
 
@@ -482,10 +388,10 @@ impl Manager {
         let path = inner.config.path.clone();
         let config =
             Config::load(&path).map_err(|e| ApiError::invalid("config_invalid", e.to_string()))?;
-        let built = self.build(&config, &inner.state, Scope::All)?;
+        let built = self.build(&config, &inner.state, Scope::All, None)?;
         inner.config = config;
-        self.builder.commit(&built);
-        (self.publish)(Arc::new(built.snapshot));
+        let snapshot = self.commit(built);
+        (self.publish)(Arc::new(snapshot));
         Ok(())
     }
 
@@ -493,9 +399,15 @@ impl Manager {
     /// one of their certificates) and publishes.
     pub fn refresh(&self, listeners: &BTreeSet<String>) -> Result<(), ApiError> {
         let inner = self.lock();
-        let built = self.build(&inner.config, &inner.state, Scope::Listeners(listeners))?;
-        self.builder.commit(&built);
-        (self.publish)(Arc::new(built.snapshot));
+        // Not patched: every certificate of these listeners is stapled again.
+        let built = self.build(
+            &inner.config,
+            &inner.state,
+            Scope::Listeners(listeners),
+            None,
+        )?;
+        let snapshot = self.commit(built);
+        (self.publish)(Arc::new(snapshot));
         Ok(())
     }
 }
