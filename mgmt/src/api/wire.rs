@@ -377,6 +377,9 @@ pub struct FleetMember {
     pub lag: i64,
     /// Why the newest state was refused; null when it serves it.
     pub error: Option<String>,
+    /// Certificates of the state whose key this appliance's HSM does not hold: the others serve
+    /// them, this one leaves them out of its bindings until its HSM has the key.
+    pub missing_keys: Vec<String>,
     pub updated_unix: u64,
 }
 

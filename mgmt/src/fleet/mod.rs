@@ -51,6 +51,10 @@ pub struct Member {
     pub seen_revision: i64,
     /// Why the newest state was refused; `None` when it serves it.
     pub error: Option<String>,
+    /// Certificates of the state whose key this appliance's HSM does not hold: served by the
+    /// others, left out of this one's bindings.
+    #[serde(default)]
+    pub missing_keys: Vec<String>,
     pub updated_unix: u64,
 }
 
@@ -325,6 +329,7 @@ impl Fleet {
                     seen_revision: m.seen_revision,
                     lag: (latest - m.applied_revision).max(0),
                     error: m.error,
+                    missing_keys: m.missing_keys,
                     updated_unix: m.updated_unix,
                 });
             }

@@ -1,13 +1,14 @@
 //! The sync task of one appliance: connect, read the whole state, apply it through the
 //! management plane, report under a lease-bound member key, watch from the revision read;
-//! on any etcd failure keep serving and reconnect with back-off.
+//! on any etcd failure keep serving and reconnect with back-off. An appliance that joins an
+//! empty fleet without ever having applied a fleet state seeds it with its state directory.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Client, GetOptions, PutOptions, WatchOptions};
+use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, WatchOptions};
 
 use super::{Fleet, Member};
 use crate::state::{check_name, Binding, Map, StoredCert, StoredCrl};
@@ -111,9 +112,21 @@ async fn sync_once(
     client: &mut Client,
     cache: &std::path::Path,
 ) -> anyhow::Result<i64> {
-    let resp = client
-        .get(fleet.keys.state(), Some(GetOptions::new().with_prefix()))
-        .await?;
+    let mut seeded = false;
+    let resp = loop {
+        let resp = client
+            .get(fleet.keys.state(), Some(GetOptions::new().with_prefix()))
+            .await?;
+        let never_applied = fleet.me.lock().applied_revision == 0;
+        if resp.kvs().is_empty() && never_applied && !seeded {
+            seeded = true;
+            if seed(fleet, manager, client).await? {
+                // Read again: what this appliance wrote, or what another seeded first.
+                continue;
+            }
+        }
+        break resp;
+    };
     let revision = resp.header().map_or(0, |h| h.revision());
     let mut revisions = HashMap::new();
     let mut raw = Vec::new();
@@ -141,9 +154,10 @@ async fn sync_once(
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         match outcome {
-            Ok(_) => {
+            Ok(applied) => {
                 me.applied_revision = revision;
                 me.error = None;
+                me.missing_keys = applied.missing_keys;
                 tracing::info!(revision, "fleet: state applied");
             }
             Err(e) => {
@@ -202,6 +216,52 @@ fn parse(prefix: &str, raw: &[(String, Vec<u8>)]) -> Result<Parsed, String> {
         }
     }
     Ok((certs, bindings, crls))
+}
+
+/// Writes this appliance's state directory (certificates, bindings, CRLs) as the fleet's state,
+/// in one transaction that succeeds only while the fleet's state is still empty: an existing
+/// appliance moved into fleet mode keeps what it serves, and two appliances seeding at once
+/// cannot mix (one wins whole; the other then applies it). Returns whether it wrote anything.
+async fn seed(
+    fleet: &Arc<Fleet>,
+    manager: &Arc<crate::api::Manager>,
+    client: &mut Client,
+) -> anyhow::Result<bool> {
+    let local = manager.state();
+    let mut ops = Vec::new();
+    for (id, c) in local.certs.iter() {
+        ops.push(TxnOp::put(
+            fleet.keys.cert(id),
+            serde_json::to_vec(&**c)?,
+            None,
+        ));
+    }
+    for (l, b) in local.bindings.iter() {
+        ops.push(TxnOp::put(
+            fleet.keys.binding(l),
+            serde_json::to_vec(&**b)?,
+            None,
+        ));
+    }
+    for (l, v) in local.crls.iter().filter(|(_, v)| !v.is_empty()) {
+        ops.push(TxnOp::put(fleet.keys.crls(l), serde_json::to_vec(v)?, None));
+    }
+    if ops.is_empty() {
+        return Ok(false);
+    }
+    let objects = ops.len();
+    // No key under the state prefix (an empty range compares as created at revision 0).
+    let empty = Compare::create_revision(fleet.keys.state(), CompareOp::Equal, 0).with_prefix();
+    let resp = client.txn(Txn::new().when([empty]).and_then(ops)).await?;
+    if resp.succeeded() {
+        tracing::info!(
+            objects,
+            "fleet: the fleet's state was empty; seeded it with this appliance's state directory"
+        );
+    } else {
+        tracing::info!("fleet: another appliance seeded the empty fleet first; applying its state");
+    }
+    Ok(true)
 }
 
 /// Puts this appliance's member record, bound to its lease.

@@ -10,6 +10,41 @@ use crate::api::wire::FleetStatus;
 use crate::snapshot::Scope;
 use crate::state::{for_each_change, Binding, Map, StateData, StoredCert, StoredCrl};
 
+/// What applying the fleet's state did.
+#[derive(Debug)]
+pub struct Applied {
+    /// Something changed (a new snapshot went live).
+    pub changed: bool,
+    /// Certificates whose key this appliance's HSM lacks (left out of its bindings).
+    pub missing_keys: Vec<String>,
+}
+
+/// `bindings` without the certificates in `missing`; a binding left with none is dropped.
+fn without(bindings: Map<Arc<Binding>>, missing: &[String]) -> Map<Arc<Binding>> {
+    if missing.is_empty() {
+        return bindings;
+    }
+    bindings
+        .into_iter()
+        .filter_map(|(listener, b)| {
+            if missing.iter().all(|id| b.positions(id).is_empty()) {
+                return Some((listener, b));
+            }
+            let kept: Vec<_> = b
+                .certificates
+                .iter()
+                .filter(|c| !missing.contains(&c.cert))
+                .cloned()
+                .collect();
+            if kept.is_empty() {
+                tracing::warn!(listener = %listener, "fleet: no certificate of this listener's binding has its key on this appliance's HSM; it serves its configuration file's certificates");
+                return None;
+            }
+            Some((listener.clone(), Arc::new(Binding::new(listener, kept))))
+        })
+        .collect()
+}
+
 /// The fleet store a manager writes through (the etcd client of the `fleet` module).
 pub trait FleetStore: Send + Sync {
     /// Writes the difference between `old` and `new` as one transaction; a `fleet_conflict`
@@ -25,6 +60,11 @@ impl Manager {
         let _ = self.fleet.set(fleet);
     }
 
+    /// The state as this appliance serves it (what seeds an empty fleet).
+    pub fn state(&self) -> StateData {
+        self.lock().state.clone()
+    }
+
     /// `GET /v1/fleet`: every member's applied revision, lag and error.
     pub fn fleet_status(&self) -> Result<FleetStatus, ApiError> {
         self.fleet
@@ -37,15 +77,44 @@ impl Manager {
 
     /// Replaces the certificates, bindings and API-uploaded CRLs with the fleet's. Every
     /// certificate that changed is loaded and checked against its key, as an upload is, and the
-    /// whole snapshot is built; anything wrong refuses the whole state and nothing changes.
-    /// Returns whether anything changed.
+    /// whole snapshot is built; anything wrong refuses the whole state and nothing changes —
+    /// except a certificate whose key this appliance's HSM does not hold (`key_not_found`):
+    /// that one is left out of this appliance's bindings (a binding left with none is dropped,
+    /// so the listener serves its configuration file's certificates) and reported, while the
+    /// others serve it. Such a certificate is checked again at every later apply.
     pub fn apply_fleet(
         &self,
         certs: Map<Arc<StoredCert>>,
         bindings: Map<Arc<Binding>>,
         crls: Map<Vec<StoredCrl>>,
-    ) -> Result<bool, ApiError> {
+    ) -> Result<Applied, ApiError> {
         let mut inner = self.lock();
+        let now = SystemTime::now();
+        let mut missing = Vec::new();
+        for c in certs.values() {
+            let unchanged = inner.state.certs.get(&c.id) == Some(c);
+            let bound_there = bindings.values().any(|b| !b.positions(&c.id).is_empty());
+            let bound_here = !inner.state.listeners_using(&c.id).is_empty();
+            let recheck = inner.missing_keys.contains(&c.id) || (bound_there && !bound_here);
+            if unchanged && !recheck {
+                continue;
+            }
+            match self.check_cert(&inner.config, c, now) {
+                Ok(_) => {}
+                Err(e) if e.code == "key_not_found" => {
+                    tracing::warn!(certificate = %c.id, error = %e.message,
+                        "fleet: this appliance's HSM lacks the key of a certificate; it is not bound here");
+                    missing.push(c.id.clone());
+                }
+                Err(e) => {
+                    return Err(ApiError::invalid(
+                        e.code,
+                        format!("certificate {:?}: {}", c.id, e.message),
+                    ))
+                }
+            }
+        }
+        let bindings = without(bindings, &missing);
         // A listener with an empty CRL list is the same as one without.
         let local_crls: Map<Vec<StoredCrl>> = inner
             .state
@@ -55,15 +124,11 @@ impl Manager {
             .map(|(l, v)| (l.clone(), v.clone()))
             .collect();
         if inner.state.certs == certs && inner.state.bindings == bindings && local_crls == crls {
-            return Ok(false);
-        }
-        let now = SystemTime::now();
-        for c in certs.values() {
-            if inner.state.certs.get(&c.id) != Some(c) {
-                self.check_cert(&inner.config, c, now).map_err(|e| {
-                    ApiError::invalid(e.code, format!("certificate {:?}: {}", c.id, e.message))
-                })?;
-            }
+            inner.missing_keys = missing.clone();
+            return Ok(Applied {
+                changed: false,
+                missing_keys: missing,
+            });
         }
         let old = inner.state.clone();
         let mut new_state = inner.state.clone();
@@ -90,6 +155,10 @@ impl Manager {
         inner.state = new_state;
         let snapshot = self.commit(built);
         (self.publish)(Arc::new(snapshot));
-        Ok(true)
+        inner.missing_keys = missing.clone();
+        Ok(Applied {
+            changed: true,
+            missing_keys: missing,
+        })
     }
 }

@@ -15,7 +15,7 @@ mod listeners;
 mod overlay;
 
 pub use acme::{acme_cert_id, AcmeControl};
-pub use fleet::FleetStore;
+pub use fleet::{Applied, FleetStore};
 
 pub(crate) use listeners::crl_der;
 // The upload parsers the fuzz targets drive, at the paths they have always had.
@@ -55,6 +55,8 @@ pub use super::wire::{
 struct Inner {
     config: Config,
     state: StateData,
+    /// Fleet mode: certificates of the fleet's state whose key this appliance's HSM lacks.
+    missing_keys: Vec<String>,
 }
 
 /// A stored certificate as last loaded and checked: reused while its key and chain stay the
@@ -147,6 +149,7 @@ impl Manager {
             inner: Mutex::new(Inner {
                 config,
                 state: StateData::default(),
+                missing_keys: Vec::new(),
             }),
             bound: Mutex::new(HashMap::new()),
             token,

@@ -234,6 +234,13 @@ impl Text for wire::FleetStatus {
                 m.lag,
                 opt(&m.error)
             ));
+            if !m.missing_keys.is_empty() {
+                out.push_str(&format!(
+                    "\n{:<16} key missing on its HSM (not bound there): {}",
+                    "",
+                    m.missing_keys.join(", ")
+                ));
+            }
         }
         out
     }
