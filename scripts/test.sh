@@ -26,8 +26,9 @@ ensure_packages protobuf-compiler libprotobuf-dev etcd-server etcd-client
 ensure_sslyze
 ensure_schemathesis
 # The benchmark smoke below: HAProxy and nginx (+ its layer-4 stream module) beside tlsgate,
-# nginx also as the plain-HTTP origin; python3 for the harness's tables.
-ensure_packages haproxy nginx libnginx-mod-stream python3 util-linux
+# nginx also as the plain-HTTP origin; python3 for the harness's tables; nghttp2's h2load as the
+# independent bulk client (OpenSSL's s_time is the independent handshake client).
+ensure_packages haproxy nginx libnginx-mod-stream python3 util-linux nghttp2-client
 
 step "Rust tools"
 ensure_rust_components

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Turns tlsgate-load JSON reports into the side-by-side tables (used by side-by-side.sh).
+"""Turns tlsgate-load JSON reports (and independent-load.py's, which have the same fields and a
+"generator_name") into the side-by-side tables (used by side-by-side.sh).
 
     side-by-side-report.py header                               the CSV header of runs.csv
     side-by-side-report.py row JSON KEY STORE TEST SERVER RUN   one CSV line for runs.csv
@@ -13,6 +14,8 @@ Figures per test:
   bulk           server CPU seconds per GB of response body; MB/s of body
   idle           server RSS growth per idle TLS connection (KiB), i.e. MiB per 10,000
 A crypto floor (OUT_DIR/floor.json from tlsgate-floor --json) adds "÷floor" for handshake rows.
+The main tables are tlsgate-load's; "Two generators" puts each ratio as tlsgate-load measured it
+beside the independent client's, and marks a disagreement over 15 %.
 """
 import csv
 import json
@@ -26,7 +29,7 @@ TESTS = ["full13", "full12", "resume13", "resume12", "bulk", "idle"]
 FIELDS = [
     "key", "store", "test", "server", "run", "ok", "errors", "rate", "srv_cpu_us", "gen_cpu_us",
     "srv_busy", "gen_busy", "p50_us", "p99_us", "mb_s", "srv_s_per_gb", "rss_bytes_per_conn",
-    "srv_sys_us", "file",
+    "srv_sys_us", "file", "generator",
 ]
 
 
@@ -51,6 +54,7 @@ def row(path, key, store, test, server, run):
         lat.get("p50", ""), lat.get("p99", ""), fmt(r.get("body_bytes_per_s", 0) / 1e6, 1),
         fmt(s_per_gb, 3), fmt(srv.get("rss_bytes_per_connection")),
         fmt(srv.get("system_us_per_unit")), os.path.basename(path),
+        r.get("generator_name") or "tlsgate-load",
     ]
     csv.writer(sys.stdout).writerow(values)
 
@@ -95,19 +99,21 @@ def median(values):
     return statistics.median(values) if values else None
 
 
+def generator(r):
+    return r.get("generator") or "tlsgate-load"
+
+
 def table(out):
     with open(os.path.join(out, "runs.csv")) as f:
-        runs = list(csv.DictReader(f))
+        all_runs = list(csv.DictReader(f))
+    runs = [r for r in all_runs if generator(r) == "tlsgate-load"]
+    independent = [r for r in all_runs if generator(r) != "tlsgate-load"]
     floor = None
     try:
         with open(os.path.join(out, "floor.json")) as f:
             floor = json.load(f)
     except (OSError, ValueError):
         pass
-
-    cells = {}
-    for r in runs:
-        cells.setdefault((r["key"], r["store"], r["test"]), {}).setdefault(r["server"], []).append(r)
 
     def cost_of(test, r):
         if test == "bulk":
@@ -120,26 +126,35 @@ def table(out):
     def rate_of(test, r):
         return num(r["mb_s"]) if test == "bulk" else num(r["rate"])
 
-    summary = []
-    order = sorted(cells, key=lambda k: (k[0], k[1] != "software", TESTS.index(k[2])))
-    for k in order:
-        per = cells[k]
-        entry = {"key": k[0], "store": k[1], "test": k[2], "servers": {}}
-        for s, rs in per.items():
-            ok = [r for r in rs if clean(r)]
-            entry["servers"][s] = {
-                "runs": len(rs),
-                "clean_runs": len(ok),
-                "cost": median(cost_of(k[2], r) for r in ok),
-                "rate": median(rate_of(k[2], r) for r in ok),
-                "gen_cpu_us": median(num(r["gen_cpu_us"]) for r in ok),
-                "srv_sys_us": median(num(r.get("srv_sys_us")) for r in ok),
-                "srv_busy": median(num(r["srv_busy"]) for r in ok),
-                "gen_busy": median(num(r["gen_busy"]) for r in ok),
-                "p99_us": median(num(r["p99_us"]) for r in ok),
-                "errors": sum(int(num(r["errors"]) or 0) for r in rs),
-            }
-        summary.append(entry)
+    def summarize(runs):
+        cells = {}
+        for r in runs:
+            cells.setdefault((r["key"], r["store"], r["test"]), {}).setdefault(r["server"], []).append(r)
+        summary = []
+        order = sorted(cells, key=lambda k: (k[0], k[1] != "software", TESTS.index(k[2])))
+        for k in order:
+            per = cells[k]
+            entry = {"key": k[0], "store": k[1], "test": k[2], "servers": {}}
+            for s, rs in per.items():
+                ok = [r for r in rs if clean(r)]
+                entry["servers"][s] = {
+                    "runs": len(rs),
+                    "clean_runs": len(ok),
+                    "cost": median(cost_of(k[2], r) for r in ok),
+                    "rate": median(rate_of(k[2], r) for r in ok),
+                    "gen_cpu_us": median(num(r["gen_cpu_us"]) for r in ok),
+                    "srv_sys_us": median(num(r.get("srv_sys_us")) for r in ok),
+                    "srv_busy": median(num(r["srv_busy"]) for r in ok),
+                    "gen_busy": median(num(r["gen_busy"]) for r in ok),
+                    "p99_us": median(num(r["p99_us"]) for r in ok),
+                    "errors": sum(int(num(r["errors"]) or 0) for r in rs),
+                    "generator": generator(rs[0]),
+                }
+            summary.append(entry)
+        return summary
+
+    summary = summarize(runs)
+    independent_summary = summarize(independent)
 
     present = [s for s in SERVERS if any(s in e["servers"] for e in summary)]
     ours = [s for s in present if s.startswith("tlsgate")]
@@ -229,13 +244,46 @@ def table(out):
                 cols += [f"{u / f:.2f}" if (u is not None and f) else "-" for u in users]
             lines.append("| " + " | ".join(cols) + " |")
 
-    errors = [(e, s, v["errors"], v["runs"], v["clean_runs"]) for e in summary
+    if independent_summary:
+        by_cell = {(e["key"], e["store"], e["test"]): e for e in independent_summary}
+        lines.append("")
+        lines.append("### Two generators: tlsgate ÷ peer, server CPU per operation (medians), as "
+                     "tlsgate-load measured it / as the independent client measured it; "
+                     "! marks a disagreement over 15 %")
+        lines.append("")
+        head = ["key", "store", "test", "independent client"]
+        head += [f"{o.replace('tlsgate-', '')}÷{p}" for o in ours for p in peers]
+        head += [f"{s} (independent)" for s in present]
+        lines.append("| " + " | ".join(head) + " |")
+        lines.append("|" + "---|" * 4 + "---:|" * (len(head) - 4))
+        for e in summary:
+            ie = by_cell.get((e["key"], e["store"], e["test"]))
+            if ie is None:
+                continue
+            name = next(iter(ie["servers"].values()))["generator"]
+            digits = 3 if e["test"] == "bulk" else 0
+            cols = [e["key"], e["store"], e["test"], name]
+            for o in ours:
+                for p in peers:
+                    a, b = ratio(e, o, p, "cost"), ratio(ie, o, p, "cost")
+                    mark = ""
+                    if a != "-" and b != "-" and abs(float(a) - float(b)) > 0.15 * float(b):
+                        mark = " !"
+                    cols.append(f"{a} / {b}{mark}")
+            cols += [cell(ie, s, "cost", digits) for s in present]
+            lines.append("| " + " | ".join(cols) + " |")
+        summary_all = summary + [dict(e, generator="independent") for e in independent_summary]
+    else:
+        summary_all = summary
+
+    errors = [(e, s, v["errors"], v["runs"], v["clean_runs"]) for e in summary_all
               for s, v in e["servers"].items() if v["errors"] or v["clean_runs"] < v["runs"]]
     if errors:
         lines.append("")
         lines.append("Errors (a run with 1 % or more failed attempts is left out of the medians):")
         for e, s, n, runs_, clean_runs in errors:
-            lines.append(f"- {e['key']} {e['store']} {e['test']} {s}: {n} errors in {runs_} runs, "
+            lines.append(f"- {e['key']} {e['store']} {e['test']} {s} ({e['servers'][s]['generator']}): "
+                         f"{n} errors in {runs_} runs, "
                          f"{runs_ - clean_runs} left out")
     skipped = os.path.join(out, "skipped.txt")
     if os.path.exists(skipped):
@@ -247,8 +295,55 @@ def table(out):
             lines += [f"- {l.strip()}" for l in text.splitlines()]
     print("\n".join(lines))
     with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+        json.dump({"tlsgate-load": summary, "independent": independent_summary}, f, indent=1)
         f.write("\n")
+    bars = []
+    for e in summary:
+        ie = {(x["key"], x["store"], x["test"]): x for x in independent_summary}.get(
+            (e["key"], e["store"], e["test"]))
+        for o in ours[:1]:
+            for p in peers:
+                label = f"{e['key']} {e['store']} {e['test']}: {o.replace('tlsgate-', '')}÷{p}"
+                a = ratio(e, o, p, "cost")
+                b = ratio(ie, o, p, "cost") if ie else "-"
+                bars.append((label, num(a), num(b)))
+    if bars:
+        with open(os.path.join(out, "ratios.svg"), "w") as f:
+            f.write(svg(bars))
+
+
+def svg(bars):
+    """A horizontal bar chart of tlsgate ÷ peer (server CPU per operation) per cell, one bar per
+    generator, with the line at 1.0 (parity): shorter is better for tlsgate."""
+    row_h, bar_h, left, width, scale_max = 34, 12, 330, 360, 1.2
+    height = 50 + row_h * len(bars) + 40
+    x = lambda v: left + width * min(v, scale_max) / scale_max
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 80}" '
+           f'height="{height}" font-family="sans-serif" font-size="12">',
+           '<rect width="100%" height="100%" fill="white"/>',
+           '<text x="10" y="20" font-size="14">tlsgate ÷ peer, server CPU per operation '
+           '(lower is better; 1.0 = parity)</text>',
+           '<rect x="10" y="30" width="12" height="10" fill="#3b6ea5"/>'
+           '<text x="26" y="39">tlsgate-load</text>',
+           '<rect x="120" y="30" width="12" height="10" fill="#e08a2c"/>'
+           '<text x="136" y="39">independent client (s_time / h2load)</text>']
+    for i, (label, a, b) in enumerate(bars):
+        y = 55 + row_h * i
+        out.append(f'<text x="{left - 8}" y="{y + bar_h + 4}" text-anchor="end">{label}</text>')
+        for j, (v, colour) in enumerate(((a, "#3b6ea5"), (b, "#e08a2c"))):
+            if v is None:
+                continue
+            yy = y + j * (bar_h + 2)
+            out.append(f'<rect x="{left}" y="{yy}" width="{x(v) - left:.1f}" height="{bar_h}" '
+                       f'fill="{colour}"/>')
+            out.append(f'<text x="{x(v) + 4:.1f}" y="{yy + bar_h - 2}">{v:.2f}</text>')
+    top, bottom = 50, 55 + row_h * len(bars)
+    for t in (0.0, 0.25, 0.5, 0.75, 1.0):
+        out.append(f'<line x1="{x(t):.1f}" y1="{top}" x2="{x(t):.1f}" y2="{bottom}" '
+                   f'stroke="{"#c00" if t == 1.0 else "#ccc"}" stroke-width="1"/>')
+        out.append(f'<text x="{x(t):.1f}" y="{bottom + 14}" text-anchor="middle">{t:.2f}</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
 
 
 def floor_for(floor, key, test):

@@ -11,9 +11,12 @@
 # one worker pinned to CPU 0 (tlsgate with the io_uring driver, tlsgate with the portable driver,
 # HAProxy, nginx; all three terminate TLS and forward the bytes to the origin at layer 4) and runs
 # the tests, alternating the servers (A B C D, B C D A, ...) --runs times, with tlsgate-load
-# pinned to CPU 1. It prints medians, the ratios tlsgate / HAProxy and tlsgate / nginx, and each
-# handshake figure as a multiple of the crypto floor (tlsgate-floor, run first on CPU 0), and
-# keeps raw JSON, a CSV, the floor and the machine description in --out.
+# pinned to CPU 1. After each tlsgate-load run of full*, resume* and bulk, an independent client
+# measures the same server the same way (independent-load.py: OpenSSL `s_time -new`/`-reuse`,
+# nghttp2's `h2load` for bulk; server CPU from /proc either way). It prints medians, the ratios
+# tlsgate / HAProxy and tlsgate / nginx by both generators side by side, and each handshake
+# figure as a multiple of the crypto floor (tlsgate-floor, run first on CPU 0), and keeps raw
+# JSON, a CSV, the floor and the machine description in --out.
 #
 # Options (defaults in brackets):
 #   --quick               a CI smoke run: ecdsa, software, tests "full13 resume12 bulk idle",
@@ -32,6 +35,8 @@
 #                         limit allows, two sockets per connection in each terminator]
 #   --idle-runs N         alternated idle runs per cell, each on a fresh server process [1]
 #   --bulk-bytes N        response size in bulk runs [1048576]
+#   --bulk-requests N     requests of each independent (h2load) bulk run [1000]
+#   --no-independent      only tlsgate-load (no s_time / h2load runs)
 #   --out DIR             where results go [benches/results/DATE-side-by-side]
 #   --tlsgate PATH, --load PATH   use these binaries instead of building (tlsgate-floor is
 #                         taken from beside tlsgate-load)
@@ -56,6 +61,7 @@ keys="ecdsa rsa" stores="software softhsm"
 tests="full13 full12 resume13 resume12 bulk idle"
 hsm_tests="full13 full12 resume13 resume12"
 idle_conns=10000 idle_runs=1 bulk_bytes=1048576 out="" tlsgate_bin="" load_bin="" install=1
+independent=1 bulk_requests=1000
 server_cpu=0 load_cpu=1 port_base=18440 keep_work=0
 set_runs="" set_duration="" set_tests="" set_idle="" set_install=""
 while (($#)); do
@@ -72,6 +78,8 @@ while (($#)); do
         --idle-connections) set_idle="$2"; shift 2 ;;
         --idle-runs) idle_runs="$2"; shift 2 ;;
         --bulk-bytes) bulk_bytes="$2"; shift 2 ;;
+        --bulk-requests) bulk_requests="$2"; shift 2 ;;
+        --no-independent) independent=0; shift ;;
         --out) out="$2"; shift 2 ;;
         --tlsgate) tlsgate_bin="$2"; shift 2 ;;
         --load) load_bin="$2"; shift 2 ;;
@@ -86,7 +94,7 @@ while (($#)); do
 done
 if ((quick)); then
     runs=1 duration=1 keys="ecdsa" stores="software" tests="full13 resume12 bulk idle"
-    idle_conns=300 install=0 concurrency=2
+    idle_conns=300 install=0 concurrency=2 bulk_requests=50
 fi
 runs="${set_runs:-$runs}" duration="${set_duration:-$duration}" tests="${set_tests:-$tests}"
 idle_conns="${set_idle:-$idle_conns}" install="${set_install:-$install}"
@@ -115,6 +123,7 @@ if ((install)); then
     command -v python3 >/dev/null || need+=(python3)
     command -v taskset >/dev/null || need+=(util-linux)
     command -v openssl >/dev/null || need+=(openssl)
+    ((independent == 0)) || command -v h2load >/dev/null || need+=(nghttp2-client)
     if ((${#need[@]})); then
         say "installing ${need[*]}"
         apt-get update -qq
@@ -455,6 +464,22 @@ for key in $keys; do
                     [[ -s "$json.err" ]] || rm -f "$json.err"
                     python3 "$here/side-by-side-report.py" row "$json" "$key" "$store" "$t" "$s" "$run" >>"$out/runs.csv" || true
                     printf '  %-8s %-8s %-9s %-17s run %s done\n' "$key" "$store" "$t" "$s" "$run" >&2
+                    if ((independent)) && [[ "$t" != idle ]]; then
+                        if [[ "$t" == bulk ]] && ! command -v h2load >/dev/null; then
+                            [[ $run != 1 || $i != 0 ]] || echo "  independent bulk client: h2load is not installed (nghttp2-client)" | tee -a "$out/skipped.txt" >&2
+                        else
+                            ind="$out/raw/$key-$store-$t-$s-run$run-independent.json"
+                            if ! python3 "$here/independent-load.py" --target "127.0.0.1:${port[$s]}" --test "$t" \
+                                --duration "$duration" --concurrency "$concurrency" --server-pids "${pids[$s]}" \
+                                --load-cpu "$load_cpu" --bulk-bytes "$bulk_bytes" --bulk-requests "$bulk_requests" \
+                                --json "$ind" 2>"$ind.err"; then
+                                echo "  FAILED independent $key $store $t $s run $run: $(tail -n 1 "$ind.err")" >&2
+                                status=1
+                            fi
+                            [[ -s "$ind.err" ]] || rm -f "$ind.err"
+                            python3 "$here/side-by-side-report.py" row "$ind" "$key" "$store" "$t" "$s" "$run" >>"$out/runs.csv" || true
+                        fi
+                    fi
                 done
             done
         done

@@ -1,0 +1,148 @@
+#!/usr/bin/env python3
+"""One run of an independent client against a TLS terminator, reported like tlsgate-load.
+
+    independent-load.py --target HOST:PORT --test TEST --duration SECS --concurrency N
+                        --server-pids PID[,PID...] --load-cpu CPU --json FILE
+                        [--bulk-bytes N] [--bulk-requests N]
+
+Clients (none of them ours):
+  full13 full12      OpenSSL `s_time -new -www /`: a full handshake and one GET / per connection
+                     (N processes)
+  resume13 resume12  OpenSSL `s_time -reuse -www /`: one full handshake, then every connection
+                     resumes the session and does one GET / (N processes; without reading an
+                     answer a TLS 1.3 client never gets a ticket); its progress marks ('r'
+                     resumed, '*' not) confirm from the client side that they resumed
+  bulk               nghttp2's `h2load --h1` with 2 keep-alive connections, GET /bytes/N for a
+                     fixed number of requests
+
+The server's CPU time (user + system, /proc/PID/stat of every PID) is read before and after;
+the JSON has the fields side-by-side-report.py reads from tlsgate-load's report, and
+"generator_name". Exits non-zero when the client failed or nothing completed.
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu(pids):
+    """(user, system) seconds of these processes, threads included."""
+    user = system = 0.0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        # Fields 14 and 15 (utime, stime) counted from 1; the split starts at field 3.
+        user += int(fields[11]) / TICK
+        system += int(fields[12]) / TICK
+    return user, system
+
+
+def s_time(args, resume):
+    version = "-tls1_3" if args.test.endswith("13") else "-tls1_2"
+    cmd = ["taskset", "-c", str(args.load_cpu), "openssl", "s_time", "-connect", args.target,
+           "-reuse" if resume else "-new", "-time", str(args.duration), version, "-www", "/"]
+    if version == "-tls1_3":
+        cmd += ["-ciphersuites", "TLS_AES_128_GCM_SHA256"]
+    else:
+        cmd += ["-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              stdin=subprocess.DEVNULL, text=True)
+             for _ in range(args.concurrency)]
+    units = resumed = fresh = failed = 0
+    for p in procs:
+        out, _ = p.communicate(timeout=args.duration + 60)
+        m = re.findall(r"(\d+) connections in [\d.]+ real seconds", out)
+        if p.returncode != 0 or not m:
+            failed += 1
+            sys.stderr.write(out[-2000:])
+            continue
+        units += int(m[-1])
+        # The reuse pass prints one mark per connection after "Now timing with session id reuse."
+        tail = out.split("session id reuse.", 1)[1] if resume and "session id reuse." in out else out
+        marks = "".join(re.findall(r"^[r*]+$", tail, re.M))
+        resumed += marks.count("r")
+        fresh += marks.count("*")
+    return units, failed, {"resumed": resumed, "not_resumed": fresh}
+
+
+def h2load(args):
+    url = f"https://{args.target}/bytes/{args.bulk_bytes}"
+    cmd = ["taskset", "-c", str(args.load_cpu), "h2load", "--h1", "-n", str(args.bulk_requests),
+           "-c", "2", "-m", "1", url]
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       stdin=subprocess.DEVNULL, text=True, timeout=args.duration * 20 + 120)
+    m = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed, "
+                  r"(\d+) errored", p.stdout)
+    if p.returncode != 0 or not m:
+        sys.stderr.write(p.stdout[-2000:])
+        return 0, 1, {}
+    ok, failed, errored = (int(x) for x in m.groups())
+    return ok, failed + errored, {}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--target", required=True)
+    ap.add_argument("--test", required=True,
+                    choices=["full13", "full12", "resume13", "resume12", "bulk"])
+    ap.add_argument("--duration", type=int, default=3)
+    ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--server-pids", required=True)
+    ap.add_argument("--load-cpu", default="1")
+    ap.add_argument("--json", required=True)
+    ap.add_argument("--bulk-bytes", type=int, default=1048576)
+    ap.add_argument("--bulk-requests", type=int, default=1000)
+    args = ap.parse_args()
+    pids = [int(p) for p in args.server_pids.split(",") if p]
+
+    before, t0 = cpu(pids), time.monotonic()
+    if args.test == "bulk":
+        name, unit = "h2load --h1", "request"
+        units, errors, confirm = h2load(args)
+    else:
+        name, unit = "openssl s_time", "handshake"
+        units, errors, confirm = s_time(args, args.test.startswith("resume"))
+    after, wall = cpu(pids), time.monotonic() - t0
+    user, system = after[0] - before[0], after[1] - before[1]
+    cpu_us = (user + system) * 1e6
+    report = {
+        "generator_name": name,
+        "unit": unit,
+        "units": units,
+        "errors_total": errors,
+        "handshakes_per_s": units / wall if unit == "handshake" else None,
+        "requests_per_s": units / wall if unit == "request" else None,
+        "body_bytes": units * args.bulk_bytes if unit == "request" else 0,
+        "body_bytes_per_s": units * args.bulk_bytes / wall if unit == "request" else 0,
+        "server": {
+            "cpu_us": cpu_us,
+            "us_per_unit": cpu_us / units if units else None,
+            "system_us_per_unit": system * 1e6 / units if units else None,
+            "cores_busy": (user + system) / wall,
+        },
+        "confirmed": confirm,
+        "wall_s": wall,
+    }
+    with open(args.json, "w") as f:
+        json.dump(report, f, indent=1)
+    if units == 0:
+        print(f"{name}: nothing completed", file=sys.stderr)
+        return 1
+    if args.test.startswith("resume") and confirm.get("not_resumed", 0) > 0.01 * units:
+        print(f"{name}: {confirm['not_resumed']} of {units} connections did not resume",
+              file=sys.stderr)
+        return 1
+    if args.test.startswith("full") and confirm.get("resumed", 0) > 0:
+        print(f"{name}: {confirm['resumed']} connections resumed in a full-handshake run",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
