@@ -249,11 +249,13 @@ def table(out):
         lines.append("")
         lines.append("### Two generators: tlsgate ÷ peer, server CPU per operation (medians), as "
                      "tlsgate-load measured it / as the independent client measured it; "
-                     "! marks a disagreement over 15 %")
+                     "! marks a disagreement over 15 %; busy: the server's core, in cores, "
+                     "under each client")
         lines.append("")
         head = ["key", "store", "test", "independent client"]
         head += [f"{o.replace('tlsgate-', '')}÷{p}" for o in ours for p in peers]
         head += [f"{s} (independent)" for s in present]
+        head += [f"{s.replace('tlsgate-', '')} busy" for s in present]
         lines.append("| " + " | ".join(head) + " |")
         lines.append("|" + "---|" * 4 + "---:|" * (len(head) - 4))
         for e in summary:
@@ -271,6 +273,9 @@ def table(out):
                         mark = " !"
                     cols.append(f"{a} / {b}{mark}")
             cols += [cell(ie, s, "cost", digits) for s in present]
+            # How busy the server's core was under each client: a client that cannot saturate
+            # the server compares the servers at one offered rate, not at their limits.
+            cols += [f"{cell(e, s, 'srv_busy', 2)} / {cell(ie, s, 'srv_busy', 2)}" for s in present]
             lines.append("| " + " | ".join(cols) + " |")
         summary_all = summary + [dict(e, generator="independent") for e in independent_summary]
     else:

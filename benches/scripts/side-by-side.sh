@@ -37,6 +37,8 @@
 #   --bulk-bytes N        response size in bulk runs [1048576]
 #   --bulk-requests N     requests of each independent (h2load) bulk run [1000]
 #   --no-independent      only tlsgate-load (no s_time / h2load runs)
+#   --server-closes       full*/resume*: tlsgate-load waits for the server to close first, as
+#                         s_time -www does (how the two clients end a connection differs)
 #   --out DIR             where results go [benches/results/DATE-side-by-side]
 #   --tlsgate PATH, --load PATH   use these binaries instead of building (tlsgate-floor is
 #                         taken from beside tlsgate-load)
@@ -61,7 +63,7 @@ keys="ecdsa rsa" stores="software softhsm"
 tests="full13 full12 resume13 resume12 bulk idle"
 hsm_tests="full13 full12 resume13 resume12"
 idle_conns=10000 idle_runs=1 bulk_bytes=1048576 out="" tlsgate_bin="" load_bin="" install=1
-independent=1 bulk_requests=1000
+independent=1 bulk_requests=1000 server_closes=0
 server_cpu=0 load_cpu=1 port_base=18440 keep_work=0
 set_runs="" set_duration="" set_tests="" set_idle="" set_install=""
 while (($#)); do
@@ -80,6 +82,7 @@ while (($#)); do
         --bulk-bytes) bulk_bytes="$2"; shift 2 ;;
         --bulk-requests) bulk_requests="$2"; shift 2 ;;
         --no-independent) independent=0; shift ;;
+        --server-closes) server_closes=1; shift ;;
         --out) out="$2"; shift 2 ;;
         --tlsgate) tlsgate_bin="$2"; shift 2 ;;
         --load) load_bin="$2"; shift 2 ;;
@@ -405,6 +408,7 @@ load_args() { # TEST -> array load[]
             --duration 120 --hold 1) ;;
     esac
     load+=("${common[@]}")
+    if ((server_closes)) && [[ "$1" == full* || "$1" == resume* ]]; then load+=(--server-closes); fi
 }
 
 status=0

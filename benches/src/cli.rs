@@ -71,6 +71,11 @@ pub struct Args {
     #[arg(long)]
     pub response_bytes: Option<u64>,
 
+    /// full/resume: after the response, wait for the server to close the connection before
+    /// closing (as `openssl s_time -www` does), so the server closes first.
+    #[arg(long)]
+    pub server_closes: bool,
+
     /// PEM file of trust anchors for the server certificate.
     #[arg(long, required_unless_present = "insecure_skip_verify")]
     pub ca: Option<PathBuf>,

@@ -165,6 +165,22 @@ impl Tls {
         read_response(&mut stream, expect_body, scratch)
     }
 
+    /// Reads until the server ends the connection (close_notify or TCP EOF); anything else it
+    /// sends is an HTTP error (the exchange is over).
+    pub fn wait_server_close(&mut self) -> Result<(), Failure> {
+        let mut stream = rustls::Stream::new(&mut self.conn, &mut self.sock);
+        let mut buf = [0u8; 1024];
+        loop {
+            match stream.read(&mut buf) {
+                Ok(0) => return Ok(()),
+                Ok(_) => return Err(ErrorKind::Http.into()),
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Failure::io(&e)),
+            }
+        }
+    }
+
     /// Sends close_notify; the server may already be gone, which is fine for a benchmark.
     pub fn close(mut self) {
         self.conn.send_close_notify();

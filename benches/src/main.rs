@@ -120,6 +120,7 @@ fn plan(args: &Args) -> Result<Plan> {
         expect_body: args.response_bytes,
         hold: seconds("--hold", args.hold)?,
         server_pids: args.server_pids.clone(),
+        server_closes: args.server_closes,
     })
 }
 

@@ -35,6 +35,8 @@ pub struct Plan {
     /// Idle mode: how long to hold the open connections.
     pub hold: Duration,
     pub server_pids: Vec<u32>,
+    /// full/resume: wait for the server's close before closing.
+    pub server_closes: bool,
 }
 
 /// Raw results; `main` turns them into a report.
@@ -204,7 +206,12 @@ fn handshakes(
         };
         // The exchange runs even on an unexpected handshake kind, so the server's work per
         // connection stays the same whatever the error count.
-        let result = tls.exchange(&plan.request, plan.expect_body, scratch);
+        let mut result = tls.exchange(&plan.request, plan.expect_body, scratch);
+        if plan.server_closes && result.is_ok() {
+            if let Err(failure) = tls.wait_server_close() {
+                result = Err(failure);
+            }
+        }
         tls.close();
         match result {
             Err(failure) => stats.fail(failure),
