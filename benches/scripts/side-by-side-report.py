@@ -281,6 +281,8 @@ def table(out):
     else:
         summary_all = summary
 
+    lines += syscall_lines(out, present)
+
     errors = [(e, s, v["errors"], v["runs"], v["clean_runs"]) for e in summary_all
               for s, v in e["servers"].items() if v["errors"] or v["clean_runs"] < v["runs"]]
     if errors:
@@ -315,6 +317,59 @@ def table(out):
     if bars:
         with open(os.path.join(out, "ratios.svg"), "w") as f:
             f.write(svg(bars))
+
+
+def syscall_lines(out, present):
+    """The "System calls per operation" section from raw/*.json.syscalls (perf stat -x, over
+    each tlsgate-load run, --syscalls): the mean over runs of all calls per handshake / request,
+    and the most frequent ones."""
+    import glob
+    import re
+    per = {}
+    for path in glob.glob(os.path.join(out, "raw", "*.json.syscalls")):
+        m = re.match(r"(\w+)-(\w+)-(\w+)-(.+)-run\d+\.json\.syscalls$", os.path.basename(path))
+        if not m:
+            continue
+        key, store, test, server = m.groups()
+        try:
+            with open(path[: -len(".syscalls")]) as f:
+                units = json.load(f).get("units") or 0
+        except (OSError, ValueError):
+            continue
+        counts = {}
+        with open(path) as f:
+            for line in f:
+                parts = line.strip().split(",")
+                if len(parts) < 3 or not parts[0].isdigit():
+                    continue
+                name = parts[2].replace("syscalls:sys_enter_", "")
+                counts[name] = counts.get(name, 0) + int(parts[0])
+        if units:
+            per.setdefault((key, store, test, server), []).append(
+                {n: c / units for n, c in counts.items()})
+    if not per:
+        return []
+    lines = ["", "### System calls per operation (perf stat on the syscall tracepoints over each "
+             "tlsgate-load run; mean over runs): all, then the most frequent", ""]
+    head = ["key", "store", "test"] + present
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "---|" * 3 + "---|" * len(present))
+    cells = sorted({k[:3] for k in per}, key=lambda k: (k[0], k[1] != "software", TESTS.index(k[2])))
+    for k in cells:
+        cols = list(k)
+        for s in present:
+            runs = per.get((*k, s))
+            if not runs:
+                cols.append("-")
+                continue
+            names = {n for r in runs for n in r}
+            mean = {n: sum(r.get(n, 0) for r in runs) / len(runs) for n in names}
+            total = sum(mean.values())
+            top = sorted(mean.items(), key=lambda x: -x[1])[:4]
+            digits = 1 if total < 100 else 0
+            cols.append(f"**{total:.{digits}f}**: " + ", ".join(f"{n} {v:.1f}" for n, v in top))
+        lines.append("| " + " | ".join(cols) + " |")
+    return lines
 
 
 def svg(bars):

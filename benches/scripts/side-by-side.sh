@@ -37,6 +37,9 @@
 #   --bulk-bytes N        response size in bulk runs [1048576]
 #   --bulk-requests N     requests of each independent (h2load) bulk run [1000]
 #   --no-independent      only tlsgate-load (no s_time / h2load runs)
+#   --syscalls            count each server's system calls during every tlsgate-load run
+#                         (perf stat on the syscalls:sys_enter_* tracepoints; needs perf and
+#                         tracefs) and print them per operation
 #   --server-closes       full*/resume*: tlsgate-load waits for the server to close first, as
 #                         s_time -www does (how the two clients end a connection differs)
 #   --out DIR             where results go [benches/results/DATE-side-by-side]
@@ -63,7 +66,7 @@ keys="ecdsa rsa" stores="software softhsm"
 tests="full13 full12 resume13 resume12 bulk idle"
 hsm_tests="full13 full12 resume13 resume12"
 idle_conns=10000 idle_runs=1 bulk_bytes=1048576 out="" tlsgate_bin="" load_bin="" install=1
-independent=1 bulk_requests=1000 server_closes=0
+independent=1 bulk_requests=1000 server_closes=0 syscalls=0
 server_cpu=0 load_cpu=1 port_base=18440 keep_work=0
 set_runs="" set_duration="" set_tests="" set_idle="" set_install=""
 while (($#)); do
@@ -83,6 +86,7 @@ while (($#)); do
         --bulk-requests) bulk_requests="$2"; shift 2 ;;
         --no-independent) independent=0; shift ;;
         --server-closes) server_closes=1; shift ;;
+        --syscalls) syscalls=1; shift ;;
         --out) out="$2"; shift 2 ;;
         --tlsgate) tlsgate_bin="$2"; shift 2 ;;
         --load) load_bin="$2"; shift 2 ;;
@@ -460,12 +464,19 @@ for key in $keys; do
                         status=1; continue
                     fi
                     json="$out/raw/$key-$store-$t-$s-run$run.json"
+                    perf_pid=""
+                    if ((syscalls)); then
+                        perf stat -x, -e 'syscalls:sys_enter_*' -p "${pids[$s]}" -o "$json.syscalls" &
+                        perf_pid=$!
+                        sleep 0.5
+                    fi
                     if ! taskset -c "$load_cpu" "$load_bin" --target "127.0.0.1:${port[$s]}" "${load[@]}" \
                         --server-pid "${pids[$s]}" --json "$json" --output none 2>"$json.err"; then
                         echo "  FAILED $key $store $t $s run $run: $(tail -n 1 "$json.err")" >&2
                         status=1
                     fi
                     [[ -s "$json.err" ]] || rm -f "$json.err"
+                    if [[ -n "$perf_pid" ]]; then kill -INT "$perf_pid" 2>/dev/null || true; wait "$perf_pid" || true; fi
                     python3 "$here/side-by-side-report.py" row "$json" "$key" "$store" "$t" "$s" "$run" >>"$out/runs.csv" || true
                     printf '  %-8s %-8s %-9s %-17s run %s done\n' "$key" "$store" "$t" "$s" "$run" >&2
                     if ((independent)) && [[ "$t" != idle ]]; then
