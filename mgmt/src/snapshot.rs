@@ -364,6 +364,7 @@ impl Builder {
         if !extra_same || !fits {
             return Ok(None);
         }
+        let mut allowed = Vec::new();
         let mut certs = prev.certs.clone();
         let mut refetch = false;
         for &at in changed {
@@ -372,7 +373,7 @@ impl Builder {
             else {
                 return Ok(None);
             };
-            let key = self.bound_key(listener, policy, b, now)?;
+            let key = self.bound_key(listener, policy, &mut allowed, b, now)?;
             certs.served.set(
                 at,
                 ServedCert {
@@ -400,16 +401,23 @@ impl Builder {
     }
 
     /// A certificate bound through the API, checked against the listener's policy and stapled.
+    /// `allowed` holds the key algorithms already checked for this listener: each is checked
+    /// once, not once per certificate.
     fn bound_key(
         &self,
         listener: &str,
         policy: &crate::policy::TlsPolicy,
+        allowed: &mut Vec<rustls::SignatureAlgorithm>,
         b: &BoundServed,
         now: SystemTime,
     ) -> Result<Arc<rustls::sign::CertifiedKey>> {
-        policy
-            .check_key(b.served.key.key.algorithm())
-            .with_context(|| format!("listener {listener:?}: bound certificate"))?;
+        let alg = b.served.key.key.algorithm();
+        if !allowed.contains(&alg) {
+            policy
+                .check_key(alg)
+                .with_context(|| format!("listener {listener:?}: bound certificate"))?;
+            allowed.push(alg);
+        }
         let source = b.fetch.then_some(ocsp::Source::Fetch);
         self.stapler.staple(
             listener,
@@ -442,13 +450,7 @@ impl Builder {
         let mut allowed: Vec<rustls::SignatureAlgorithm> = Vec::new();
         let mut add_bound =
             |b: &BoundServed, served: &mut imbl::Vector<ServedCert>| -> Result<()> {
-                let alg = b.served.key.key.algorithm();
-                let key = if allowed.contains(&alg) && !b.fetch {
-                    b.served.key.clone()
-                } else {
-                    allowed.push(alg);
-                    self.bound_key(&l.name, policy, b, now)?
-                };
+                let key = self.bound_key(&l.name, policy, &mut allowed, b, now)?;
                 if b.fetch {
                     fingerprints.push(b.fingerprint.clone());
                 }

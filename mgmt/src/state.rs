@@ -14,7 +14,7 @@
 //!
 //! Names starting with `.` are temporary files of an interrupted write: ignored and removed.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
@@ -139,6 +139,22 @@ pub fn for_each_change<V: PartialEq + Clone, E>(
         }
     }
     Ok(())
+}
+
+/// The keys whose entries differ between `old` and `new` (added, changed or removed).
+pub fn changed_keys<V: PartialEq + Clone>(old: &Map<V>, new: &Map<V>) -> BTreeSet<String> {
+    let mut keys = BTreeSet::new();
+    // The callback never fails.
+    let _ = for_each_change(old, new, |k, _| {
+        keys.insert(k.to_owned());
+        Ok::<(), ()>(())
+    });
+    keys
+}
+
+/// Whether some binding names certificate `id`.
+pub fn is_bound(bindings: &Map<Arc<Binding>>, id: &str) -> bool {
+    bindings.values().any(|b| !b.positions(id).is_empty())
 }
 
 impl StateData {

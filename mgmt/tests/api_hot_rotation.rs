@@ -111,16 +111,7 @@ fn ten_rotations_under_a_live_connection() -> Result<()> {
     for i in 2..11 {
         let label = if i % 2 == 0 { "rot-a" } else { "rot-b" };
         let out = lab.path(&format!("rot-{i}.pem"));
-        lab.run(&[
-            "ca",
-            "sign",
-            "--dir",
-            &lab.p("ca"),
-            "--csr",
-            &lab.p(&format!("{label}.csr")),
-            "--out",
-            &out.display().to_string(),
-        ])?;
+        lab.sign_csr(&lab.path(&format!("{label}.csr")), &out, None)?;
         chains.push((label, out));
     }
     upload_cert(&lab, "web", chains[0].0, &chains[0].1)?;
@@ -235,18 +226,7 @@ fn a_rotation_among_many_bound_changes_only_its_own_names() -> Result<()> {
         let (key, mut chain) = lab.software_cert("EC", &label, name, &format!("DNS:{name}"))?;
         if let Some(days) = days {
             chain = lab.path(&format!("certs/{label}-{days}d.pem"));
-            lab.run(&[
-                "ca",
-                "sign",
-                "--dir",
-                &lab.p("ca"),
-                "--csr",
-                &lab.p(&format!("certs/{label}.csr")),
-                "--days",
-                days,
-                "--out",
-                &chain.display().to_string(),
-            ])?;
+            lab.sign_csr(&lab.path(&format!("certs/{label}.csr")), &chain, Some(days))?;
         }
         upload_cert(&lab, id, &format!("file:{}", key.display()), &chain)?;
         Ok(chain)

@@ -43,32 +43,21 @@ fn a_fleet_converges_refuses_a_bad_state_and_serves_from_cache() -> Result<()> {
 
     // 1. Upload and bind through A's API: B serves it.
     let sock = a.socket.clone();
-    lab.run(&[
-        "ctl",
-        "--socket",
+    upload_at(&lab, &sock, "web", "web", &web)?;
+    ctl_at(
+        &lab,
         &sock,
-        "certs",
-        "upload",
-        "--id",
-        "web",
-        "--key",
-        "web",
-        "--chain",
-        &web.display().to_string(),
-    ])?;
-    lab.run(&[
-        "ctl",
-        "--socket",
-        &sock,
-        "listeners",
-        "bind",
-        "--listener",
-        "web",
-        "--cert",
-        "web",
-        "--default",
-        "web",
-    ])?;
+        &[
+            "listeners",
+            "bind",
+            "--listener",
+            "web",
+            "--cert",
+            "web",
+            "--default",
+            "web",
+        ],
+    )?;
     let on_a = wait_served(a.port("web")?, &want, "A serving the uploaded certificate")?;
     let on_b = wait_served(
         b.port("web")?,
@@ -210,19 +199,20 @@ fn losing_quorum_keeps_serving_refuses_writes_and_converges_after() -> Result<()
     let (a, b, _) = start_pair(&lab, &etcd, &backend, "")?;
     wait_members(&lab, &a, "both members reporting", |m| m["error"].is_null())?;
     check(upload(&lab, &a, &chain1).output()?, "upload 1")?;
-    lab.run(&[
-        "ctl",
-        "--socket",
+    ctl_at(
+        &lab,
         &a.socket,
-        "listeners",
-        "bind",
-        "--listener",
-        "web",
-        "--cert",
-        "web",
-        "--default",
-        "web",
-    ])?;
+        &[
+            "listeners",
+            "bind",
+            "--listener",
+            "web",
+            "--cert",
+            "web",
+            "--default",
+            "web",
+        ],
+    )?;
     wait_served(b.port("web")?, &fp1, "B serving the first certificate")?;
 
     // 1. One member of three down: a majority remains; nothing changes for writers or clients.
@@ -381,17 +371,18 @@ fn a_crl_uploaded_through_one_appliance_revokes_a_client_on_both() -> Result<()>
     ensure!(alice(&a)? && alice(&b)?, "alice is let in before the CRL");
 
     // The CRL revoking alice, uploaded through A only: both refuse her.
-    lab.run(&[
-        "ctl",
-        "--socket",
+    ctl_at(
+        &lab,
         &a.socket,
-        "crls",
-        "upload",
-        "--listener",
-        "web",
-        "--file",
-        &crl.display().to_string(),
-    ])?;
+        &[
+            "crls",
+            "upload",
+            "--listener",
+            "web",
+            "--file",
+            &crl.display().to_string(),
+        ],
+    )?;
     let t = Instant::now();
     wait_for(Duration::from_secs(20), "B refusing alice", || {
         Ok((!alice(&b)?).then_some(()))
@@ -421,17 +412,11 @@ fn a_crl_uploaded_through_one_appliance_revokes_a_client_on_both() -> Result<()>
         .as_str()
         .context("a CRL id on B")?
         .to_owned();
-    lab.run(&[
-        "ctl",
-        "--socket",
+    ctl_at(
+        &lab,
         &b.socket,
-        "crls",
-        "delete",
-        "--listener",
-        "web",
-        "--id",
-        &id,
-    ])?;
+        &["crls", "delete", "--listener", "web", "--id", &id],
+    )?;
     wait_for(Duration::from_secs(20), "A letting alice in again", || {
         Ok(alice(&a)?.then_some(()))
     })?;

@@ -46,38 +46,17 @@ fn an_appliance_whose_hsm_lacks_a_key_binds_the_rest_and_reports_it() -> Result<
     )?;
     wait_members(&lab, &a, "both members reporting", |m| m["error"].is_null())?;
 
-    let ctl_a = |args: &[&str]| -> Result<String> {
-        let mut all = vec!["ctl", "--socket", &a.socket];
-        all.extend_from_slice(args);
-        lab.run(&all)
-    };
-    let upload = |id: &str, key: &str, chain: &Path| -> Result<String> {
-        ctl_a(&[
-            "certs",
-            "upload",
-            "--id",
-            id,
-            "--key",
-            key,
-            "--chain",
-            &chain.display().to_string(),
-        ])
-    };
+    let ctl_a = |args: &[&str]| ctl_at(&lab, &a.socket, args);
+    let upload = |id: &str, key: &str, chain: &Path| upload_at(&lab, &a.socket, id, key, chain);
     // A key on both tokens (imported into each through its appliance's API).
     let clone_key = |label: &str, key: &Path| -> Result<()> {
         let key = key.display().to_string();
         for (l, gate) in [(&lab, &a), (&lab_b, &b)] {
-            l.run(&[
-                "ctl",
-                "--socket",
+            ctl_at(
+                l,
                 &gate.socket,
-                "keys",
-                "import",
-                "--label",
-                label,
-                "--key-file",
-                &key,
-            ])?;
+                &["keys", "import", "--label", label, "--key-file", &key],
+            )?;
         }
         Ok(())
     };
@@ -117,7 +96,7 @@ fn an_appliance_whose_hsm_lacks_a_key_binds_the_rest_and_reports_it() -> Result<
             }
     })?;
     println!("fleet status: {status}");
-    let text = lab.run(&["ctl", "--socket", &a.socket, "fleet", "status"])?;
+    let text = ctl_at(&lab, &a.socket, &["fleet", "status"])?;
     ensure!(
         text.contains("key missing on its HSM (not bound there): web"),
         "{text}"
@@ -159,27 +138,11 @@ fn an_appliance_moved_into_an_empty_fleet_seeds_it_with_its_state() -> Result<()
     let (_backend, backend) = demo_backend(lab.dir.path())?;
     // A alone first: its state directory holds the certificate and the binding.
     let a = Gate::start(&lab, &write_config(&lab, "a", &backend, "")?)?;
-    let on_a = |args: &[&str], gate: &Gate| -> Result<String> {
-        let mut all = vec!["ctl", "--socket", &gate.socket];
-        all.extend_from_slice(args);
-        lab.run(&all)
-    };
-    on_a(
-        &[
-            "certs",
-            "upload",
-            "--id",
-            "web",
-            "--key",
-            "web",
-            "--chain",
-            &web.display().to_string(),
-        ],
-        &a,
-    )?;
-    on_a(
+    upload_at(&lab, &a.socket, "web", "web", &web)?;
+    ctl_at(
+        &lab,
+        &a.socket,
         &["listeners", "bind", "--listener", "web", "--cert", "web"],
-        &a,
     )?;
     wait_served(a.port("web")?, &want, "A serving its uploaded certificate")?;
     a.kill()?;
@@ -276,19 +239,7 @@ fn concurrent_writes_to_one_binding_from_two_appliances_one_wins_one_conflicts()
     let (a, b, _) = start_pair(&lab, &etcd, &backend, "")?;
     wait_members(&lab, &a, "both members reporting", |m| m["error"].is_null())?;
     for (id, chain, _) in &certs {
-        lab.run(&[
-            "ctl",
-            "--socket",
-            &a.socket,
-            "certs",
-            "upload",
-            "--id",
-            id,
-            "--key",
-            "web",
-            "--chain",
-            &chain.display().to_string(),
-        ])?;
+        upload_at(&lab, &a.socket, id, "web", chain)?;
     }
     // The certificate etcd's binding names, if any.
     let held = || -> Result<Option<usize>> {

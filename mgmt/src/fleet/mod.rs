@@ -211,20 +211,14 @@ impl Fleet {
         }
     }
 
-    /// Writes the difference between `old` and `new` (certificates, bindings, CRLs) as one etcd
-    /// transaction, compare-and-swap on the revisions last read.
-    fn write_txn(&self, old: &StateData, new: &StateData) -> Result<(), ApiError> {
-        let mut ops = Vec::new();
-        let mut compares = Vec::new();
-        let revisions = self.revisions.lock().clone();
-        let mut touch = |key: String, value: Option<Vec<u8>>| {
-            let rev = revisions.get(&key).copied().unwrap_or(0);
-            compares.push(Compare::mod_revision(key.clone(), CompareOp::Equal, rev));
-            ops.push(match value {
-                Some(v) => TxnOp::put(key, v, None),
-                None => TxnOp::delete(key, None),
-            });
-        };
+    /// The etcd keys that turn `old` into `new` (certificates, bindings, CRLs), one call each:
+    /// `touch(key, Some(value))` to put, `touch(key, None)` to delete.
+    pub(crate) fn key_changes(
+        &self,
+        old: &StateData,
+        new: &StateData,
+        mut touch: impl FnMut(String, Option<Vec<u8>>),
+    ) -> Result<(), ApiError> {
         for_each_change(&old.certs, &new.certs, |id, c| {
             touch(self.keys.cert(id), c.map(|c| json(&**c)).transpose()?);
             Ok(())
@@ -238,6 +232,22 @@ impl Fleet {
             let value = v.filter(|v| !v.is_empty()).map(json).transpose()?;
             touch(self.keys.crls(l), value);
             Ok(())
+        })
+    }
+
+    /// Writes the difference between `old` and `new` (certificates, bindings, CRLs) as one etcd
+    /// transaction, compare-and-swap on the revisions last read.
+    fn write_txn(&self, old: &StateData, new: &StateData) -> Result<(), ApiError> {
+        let mut ops = Vec::new();
+        let mut compares = Vec::new();
+        let revisions = self.revisions.lock().clone();
+        self.key_changes(old, new, |key, value| {
+            let rev = revisions.get(&key).copied().unwrap_or(0);
+            compares.push(Compare::mod_revision(key.clone(), CompareOp::Equal, rev));
+            ops.push(match value {
+                Some(v) => TxnOp::put(key, v, None),
+                None => TxnOp::delete(key, None),
+            });
         })?;
         if ops.is_empty() {
             return Ok(());

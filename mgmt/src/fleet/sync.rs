@@ -11,6 +11,7 @@ use std::time::Duration;
 use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, WatchOptions};
 
 use super::{Fleet, Member};
+use crate::state::StateData;
 use crate::state::{check_name, Binding, Map, StoredCert, StoredCrl};
 
 /// The applied revision, cached beside the state it describes.
@@ -227,25 +228,13 @@ async fn seed(
     manager: &Arc<crate::api::Manager>,
     client: &mut Client,
 ) -> anyhow::Result<bool> {
-    let local = manager.state();
     let mut ops = Vec::new();
-    for (id, c) in local.certs.iter() {
-        ops.push(TxnOp::put(
-            fleet.keys.cert(id),
-            serde_json::to_vec(&**c)?,
-            None,
-        ));
-    }
-    for (l, b) in local.bindings.iter() {
-        ops.push(TxnOp::put(
-            fleet.keys.binding(l),
-            serde_json::to_vec(&**b)?,
-            None,
-        ));
-    }
-    for (l, v) in local.crls.iter().filter(|(_, v)| !v.is_empty()) {
-        ops.push(TxnOp::put(fleet.keys.crls(l), serde_json::to_vec(v)?, None));
-    }
+    // Everything the local state holds: the keys a write from an empty state would put.
+    fleet
+        .key_changes(&StateData::default(), &manager.state(), |key, value| {
+            ops.extend(value.map(|v| TxnOp::put(key, v, None)));
+        })
+        .map_err(|e| anyhow::anyhow!("{}: {}", e.code, e.message))?;
     if ops.is_empty() {
         return Ok(false);
     }

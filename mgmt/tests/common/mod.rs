@@ -207,17 +207,23 @@ impl Lab {
             "openssl req",
         )?;
         let chain = self.path(&format!("certs/{label}.pem"));
-        self.run(&[
-            "ca",
-            "sign",
-            "--dir",
-            &self.p("ca"),
-            "--csr",
-            &csr.display().to_string(),
-            "--out",
-            &chain.display().to_string(),
-        ])?;
+        self.sign_csr(&csr, &chain, None)?;
         Ok((key, chain))
+    }
+
+    /// The lab CA signs `csr` into the chain `out` (valid for `days`, or the CA's default).
+    pub fn sign_csr(&self, csr: &Path, out: &Path, days: Option<&str>) -> Result<()> {
+        let (ca, csr, out) = (
+            self.p("ca"),
+            csr.display().to_string(),
+            out.display().to_string(),
+        );
+        let mut args = vec!["ca", "sign", "--dir", &ca, "--csr", &csr, "--out", &out];
+        if let Some(days) = days {
+            args.extend(["--days", days]);
+        }
+        self.run(&args)?;
+        Ok(())
     }
 
     fn ensure_ca(&self) -> Result<()> {

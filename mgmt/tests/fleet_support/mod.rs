@@ -176,10 +176,30 @@ pub fn start_pair(
 }
 
 pub fn ctl_json(lab: &Lab, gate: &Gate, args: &[&str]) -> Result<serde_json::Value> {
-    let mut all = vec!["ctl", "--socket", &gate.socket, "--json"];
+    let mut all = vec!["--json"];
     all.extend_from_slice(args);
-    let out = lab.run(&all)?;
+    let out = ctl_at(lab, &gate.socket, &all)?;
     serde_json::from_str(&out).with_context(|| format!("ctl printed {out}"))
+}
+
+/// `ctl certs upload --id ID --key KEY --chain CHAIN` over `socket`, which must succeed.
+pub fn upload_at(lab: &Lab, socket: &str, id: &str, key: &str, chain: &Path) -> Result<String> {
+    let chain = chain.display().to_string();
+    ctl_at(
+        lab,
+        socket,
+        &[
+            "certs", "upload", "--id", id, "--key", key, "--chain", &chain,
+        ],
+    )
+}
+
+/// `tlsgate ctl --socket SOCKET ARGS` (with `lab`'s token environment), which must succeed; its
+/// stdout.
+pub fn ctl_at(lab: &Lab, socket: &str, args: &[&str]) -> Result<String> {
+    let mut all = vec!["ctl", "--socket", socket];
+    all.extend_from_slice(args);
+    lab.run(&all)
 }
 
 /// Waits until `port` serves the certificate whose fingerprint is `want`.

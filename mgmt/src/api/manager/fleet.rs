@@ -8,7 +8,7 @@ use super::Manager;
 use crate::api::error::ApiError;
 use crate::api::wire::FleetStatus;
 use crate::snapshot::Scope;
-use crate::state::{for_each_change, Binding, Map, StateData, StoredCert, StoredCrl};
+use crate::state::{for_each_change, is_bound, Binding, Map, StateData, StoredCert, StoredCrl};
 
 /// What applying the fleet's state did.
 #[derive(Debug)]
@@ -93,8 +93,8 @@ impl Manager {
         let mut missing = Vec::new();
         for c in certs.values() {
             let unchanged = inner.state.certs.get(&c.id) == Some(c);
-            let bound_there = bindings.values().any(|b| !b.positions(&c.id).is_empty());
-            let bound_here = !inner.state.listeners_using(&c.id).is_empty();
+            let bound_there = is_bound(&bindings, &c.id);
+            let bound_here = is_bound(&inner.state.bindings, &c.id);
             let recheck = inner.missing_keys.contains(&c.id) || (bound_there && !bound_here);
             if unchanged && !recheck {
                 continue;

@@ -364,12 +364,7 @@ impl Manager {
     ) -> Result<(), ApiError> {
         // The certificates that differ from the committed state: the listeners in scope are
         // patched where they serve them, not rebuilt (a rotation costs one certificate).
-        let mut changed = BTreeSet::new();
-        crate::state::for_each_change(&inner.state.certs, &new_state.certs, |id, _| {
-            changed.insert(id.to_owned());
-            Ok::<(), ()>(())
-        })
-        .ok();
+        let changed = crate::state::changed_keys(&inner.state.certs, &new_state.certs);
         let built = self.build(&inner.config, &new_state, scope, Some(&changed))?;
         if let Some(fleet) = self.fleet.get() {
             // Fleet mode: etcd first (one transaction); the state directory is then the cache.
