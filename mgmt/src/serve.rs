@@ -347,6 +347,16 @@ pub fn run(args: ServeArgs) -> Result<()> {
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
 
+    // Fleet mode: the state cached in the state directory serves until etcd answers.
+    let mut fleet = None;
+    if let (Some(cfg), Some(manager), Some(dir)) =
+        (&config.fleet, &manager, crate::api::state_dir(&config))
+    {
+        let f = crate::fleet::Fleet::new(cfg)?;
+        manager.set_fleet(f.clone());
+        f.start(manager.clone(), &dir);
+        fleet = Some(f);
+    }
     // The ACME tasks start once the process runs as its user: what they write to the state
     // directory is the user's.
     if let (Some(acme), Some(manager), Some(token), Some(dir)) =
@@ -354,15 +364,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     {
         manager.set_acme(acme.clone());
         let _guard = rt.enter();
-        acme.start(manager.clone(), token.clone(), &dir)?;
-    }
-    // Fleet mode: the state cached in the state directory serves until etcd answers.
-    if let (Some(fleet), Some(manager), Some(dir)) =
-        (&config.fleet, &manager, crate::api::state_dir(&config))
-    {
-        let fleet = crate::fleet::Fleet::new(fleet)?;
-        manager.set_fleet(fleet.clone());
-        fleet.start(manager.clone(), &dir);
+        acme.start(manager.clone(), token.clone(), &dir, fleet.clone())?;
     }
     // A new staple rebuilds the listeners that serve it: through the management plane when
     // there is one, else by a reload from the file on the signal loop.

@@ -99,6 +99,21 @@ impl Challenges {
     }
 }
 
+impl crate::fleet::acme::ChallengeSink for Challenges {
+    fn add_tls_alpn(&self, name: &str, digest: &[u8]) -> Result<()> {
+        Challenges::add_tls_alpn(self, name, digest)
+    }
+    fn remove_tls_alpn(&self, name: &str) {
+        Challenges::remove_tls_alpn(self, name)
+    }
+    fn add_http01(&self, token: &str, key_authorization: &str) {
+        Challenges::add_http01(self, token, key_authorization)
+    }
+    fn remove_http01(&self, token: &str) {
+        Challenges::remove_http01(self, token)
+    }
+}
+
 #[derive(Debug)]
 struct Resolver(Arc<Challenges>);
 

@@ -13,9 +13,12 @@
 //! One task per `[[acme]]` entry on the management runtime; token calls and installs run on
 //! blocking threads, so neither the data plane nor the management API lock waits on the CA.
 //! Progress (the order in flight, the next attempt, keys to delete) is in the state directory
-//! (`store`), so a restart resumes an order instead of placing another.
+//! (`store`), so a restart resumes an order instead of placing another. In a fleet one
+//! appliance orders for all, its progress and challenges in etcd (`home`,
+//! [`crate::fleet::acme`]).
 
 pub mod challenge;
+mod home;
 mod http;
 pub mod http01;
 pub mod store;
@@ -109,18 +112,29 @@ impl crate::api::manager::AcmeControl for Acme {
 
 impl Acme {
     /// Starts one task per entry on the current runtime.
+    /// In fleet mode (`fleet`), one appliance of the fleet orders and every one answers the
+    /// challenges ([`crate::fleet::acme`]).
     pub fn start(
         self: &Arc<Self>,
         manager: Arc<Manager>,
         token: Arc<Token>,
         state_dir: &std::path::Path,
+        fleet: Option<Arc<crate::fleet::Fleet>>,
     ) -> Result<()> {
         let store = AcmeStore::open(state_dir)?;
+        let fleet = fleet.map(|fleet| {
+            fleet.mirror_challenges(self.challenges.clone());
+            home::FleetHome {
+                role: fleet.acme_campaign(),
+                fleet,
+            }
+        });
         let ctx = Arc::new(task::Ctx {
             manager,
             token,
             store,
             challenges: self.challenges.clone(),
+            fleet,
         });
         for e in &self.entries {
             tokio::spawn(task::run(ctx.clone(), e.clone()));

@@ -117,8 +117,31 @@ impl AcmeStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
         };
-        let file: AccountFile =
-            serde_json::from_slice(&bytes).with_context(|| format!("{}", path.display()))?;
+        self.unseal_account(name, directory, token, &bytes)
+            .with_context(|| format!("{}", path.display()))
+    }
+
+    pub fn save_account(
+        &self,
+        name: &str,
+        directory: &str,
+        token: &Token,
+        credentials_json: &[u8],
+    ) -> Result<()> {
+        let sealed = self.seal_account(name, directory, token, credentials_json)?;
+        crate::files::write_atomic(&self.account_path(name), &sealed, 0o600)
+    }
+
+    /// Account credentials (JSON) from a sealed account file's bytes (the state directory's, or
+    /// the fleet's in etcd); `None` when they belong to another directory.
+    pub fn unseal_account(
+        &self,
+        name: &str,
+        directory: &str,
+        token: &Token,
+        bytes: &[u8],
+    ) -> Result<Option<Zeroizing<Vec<u8>>>> {
+        let file: AccountFile = serde_json::from_slice(bytes).context("account file")?;
         if file.directory != directory {
             return Ok(None);
         }
@@ -131,22 +154,18 @@ impl AcmeStore {
         let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| anyhow!("nonce"))?;
         let plain = key
             .open_in_place(nonce, Aad::from(directory.as_bytes()), body)
-            .map_err(|_| {
-                anyhow!(
-                    "{}: the account does not unseal with this token's key",
-                    path.display()
-                )
-            })?;
+            .map_err(|_| anyhow!("the account does not unseal with this token's key"))?;
         Ok(Some(Zeroizing::new(plain.to_vec())))
     }
 
-    pub fn save_account(
+    /// The bytes of a sealed account file for these credentials (JSON).
+    pub fn seal_account(
         &self,
         name: &str,
         directory: &str,
         token: &Token,
         credentials_json: &[u8],
-    ) -> Result<()> {
+    ) -> Result<Vec<u8>> {
         let key = self.sealing_key(token, name, directory)?;
         let mut nonce = [0u8; NONCE_LEN];
         aws_lc_rs::rand::fill(&mut nonce).map_err(|_| anyhow!("random nonce"))?;
@@ -163,11 +182,7 @@ impl AcmeStore {
             directory: directory.to_owned(),
             sealed: hex::encode(sealed),
         };
-        crate::files::write_atomic(
-            &self.account_path(name),
-            &serde_json::to_vec_pretty(&file)?,
-            0o600,
-        )
+        Ok(serde_json::to_vec_pretty(&file)?)
     }
 
     /// AES-256-GCM key = HMAC-SHA256(token secret, "tlsgate acme account v1" ‖ name ‖ directory),

@@ -15,6 +15,7 @@ use rustls_pki_types::CertificateSigningRequestDer;
 use tlsgate_keystore::Token;
 use zeroize::Zeroizing;
 
+use super::home::Turn;
 use super::store::{AcmeStore, ProblemView, Progress, RetiredKey, SubproblemView};
 use super::{Challenges, Entry};
 use crate::api::Manager;
@@ -26,12 +27,16 @@ use crate::mgmt_metrics::{ACME_NEXT_RENEWAL_TIMESTAMP_SECONDS, ACME_ORDERS_TOTAL
 const POLL_TIMEOUT: Duration = Duration::from_secs(90);
 /// The task wakes at least this often (key deletions come due, status stays fresh).
 const MAX_SLEEP: Duration = Duration::from_secs(3600);
+/// How often an entry another fleet member orders for refreshes its status.
+const STANDBY_REFRESH: Duration = Duration::from_secs(5);
 
 pub(super) struct Ctx {
     pub manager: Arc<Manager>,
     pub token: Arc<Token>,
     pub store: AcmeStore,
     pub challenges: Arc<Challenges>,
+    /// In fleet mode: the orderer role and where the fleet keeps progress and challenges.
+    pub fleet: Option<super::home::FleetHome>,
 }
 
 /// Why an attempt failed, as status shows it, and when the CA asked us to come back.
@@ -160,17 +165,9 @@ pub(super) async fn run(ctx: Arc<Ctx>, entry: Arc<Entry>) {
         metrics::counter!(ACME_ORDERS_TOTAL, "acme" => name.clone(), "outcome" => outcome)
             .increment(0);
     }
-    let mut progress = {
-        let (store, n) = (ctx.store.clone(), name.clone());
-        match blocking(move || store.load_progress(&n)).await {
-            Ok(Ok(p)) => p,
-            Ok(Err(e)) => {
-                tracing::error!(acme = %name, error = %format!("{e:#}"), "ACME progress file unreadable; starting afresh");
-                Progress::default()
-            }
-            Err(_) => Progress::default(),
-        }
-    };
+    let mut progress = Progress::default();
+    // The lease whose progress `progress` is (fleet mode): a new term reads the fleet's.
+    let mut term: Option<Option<i64>> = None;
     let mut slot = AccountSlot {
         account: None,
         retry_after: None,
@@ -183,6 +180,33 @@ pub(super) async fn run(ctx: Arc<Ctx>, entry: Arc<Entry>) {
             let (m, n) = (ctx.manager.clone(), name.clone());
             blocking(move || current(&m, &n)).await.ok().flatten()
         };
+        let turn = ctx.turn();
+        let lease = match &turn {
+            Turn::Alone => None,
+            Turn::Orderer(l) => Some(*l),
+            Turn::Standby(orderer) => {
+                standby(&entry, cur.as_ref(), orderer.clone());
+                tokio::select! {
+                    _ = ctx.turn_changed(&turn) => {}
+                    _ = tokio::time::sleep(STANDBY_REFRESH) => {}
+                }
+                continue;
+            }
+        };
+        if term != Some(lease) {
+            match ctx.load_progress(&name).await {
+                Ok(p) => progress = p,
+                Err(e) => {
+                    tracing::error!(acme = %name, error = %e, "ACME progress unreadable; starting afresh");
+                    progress = Progress::default();
+                }
+            }
+            if lease.is_some() {
+                tracing::info!(acme = %name, order = ?progress.order_url, "ordering for the fleet from its recorded progress");
+                slot.account = None;
+            }
+            term = Some(lease);
+        }
         let now = now_unix();
         let mut due = match &cur {
             None => now,
@@ -226,6 +250,7 @@ pub(super) async fn run(ctx: Arc<Ctx>, entry: Arc<Entry>) {
         };
         at = at.max(progress.next_attempt_unix.unwrap_or(0));
         publish_status(&entry, &progress, cur.as_ref(), at, ari);
+        entry.status.lock().orderer = ctx.fleet.as_ref().map(|h| h.fleet.name().to_owned());
         if at > now {
             let wait = Duration::from_secs(at - now).min(MAX_SLEEP);
             tokio::select! {
@@ -239,6 +264,7 @@ pub(super) async fn run(ctx: Arc<Ctx>, entry: Arc<Entry>) {
                     tracing::info!(acme = %name, "renewal requested");
                     progress.next_attempt_unix = None;
                 }
+                _ = ctx.turn_changed(&turn) => continue,
             }
         }
         delete_retired(&ctx, &entry, &mut progress).await;
@@ -319,16 +345,24 @@ fn publish_status(
 }
 
 async fn save(ctx: &Ctx, name: &str, progress: &Progress) {
-    let (store, n, p) = (ctx.store.clone(), name.to_owned(), progress.clone());
-    match blocking(move || store.save_progress(&n, &p)).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => {
-            tracing::error!(acme = %name, error = %format!("{e:#}"), "cannot write ACME progress")
-        }
-        Err(f) => {
-            tracing::error!(acme = %name, error = %f.problem.detail, "cannot write ACME progress")
-        }
+    if let Err(e) = ctx.save_progress(name, progress).await {
+        tracing::error!(acme = %name, error = %e, "cannot write ACME progress");
     }
+}
+
+/// Status of an entry another fleet member orders for.
+fn standby(entry: &Entry, cur: Option<&Current>, orderer: Option<String>) {
+    let mut s = entry.status.lock();
+    s.state = "standby".into();
+    s.orderer = orderer;
+    s.not_after_unix = cur.map(|c| c.not_after);
+    s.not_after = cur.map(|c| fmt_unix(c.not_after.max(0) as u64));
+    s.issuer = cur.map(|c| c.issuer.clone());
+    s.serial = cur.map(|c| c.serial.clone());
+    s.key = cur.map(|c| c.key.clone());
+    s.order_url = None;
+    s.next_renewal_unix = None;
+    s.next_renewal = None;
 }
 
 /// Deletes replaced keys whose certificate has expired (`delete_old_key`).
@@ -393,15 +427,9 @@ async fn account(
     let stored = if fresh {
         None
     } else {
-        let (store, token, n, d) = (
-            ctx.store.clone(),
-            ctx.token.clone(),
-            cfg.name.clone(),
-            cfg.directory.clone(),
-        );
-        blocking(move || store.load_account(&n, &d, &token))
-            .await?
-            .map_err(|e| Failure::ours("account", format!("{e:#}")))?
+        ctx.load_account(&cfg.name, &cfg.directory)
+            .await
+            .map_err(|e| Failure::ours("account", e))?
     };
     let account = match stored {
         Some(json) => {
@@ -453,15 +481,9 @@ async fn account(
             let json = Zeroizing::new(
                 serde_json::to_vec(&creds).map_err(|e| Failure::ours("account", e))?,
             );
-            let (store, token, n, d) = (
-                ctx.store.clone(),
-                ctx.token.clone(),
-                cfg.name.clone(),
-                cfg.directory.clone(),
-            );
-            blocking(move || store.save_account(&n, &d, &token, &json))
-                .await?
-                .map_err(|e| Failure::ours("account", format!("{e:#}")))?;
+            ctx.save_account(&cfg.name, &cfg.directory, json)
+                .await
+                .map_err(|e| Failure::ours("account", e))?;
             tracing::info!(acme = %cfg.name, id = %account.id(), "ACME account registered; stored sealed by the token");
             account
         }
@@ -530,24 +552,6 @@ async fn order(
     Ok(o)
 }
 
-/// Removes the published challenges when the attempt ends, however it ends.
-struct Published<'a> {
-    challenges: &'a Challenges,
-    names: Vec<String>,
-    tokens: Vec<String>,
-}
-
-impl Drop for Published<'_> {
-    fn drop(&mut self) {
-        for n in &self.names {
-            self.challenges.remove_tls_alpn(n);
-        }
-        for t in &self.tokens {
-            self.challenges.remove_http01(t);
-        }
-    }
-}
-
 async fn attempt(
     ctx: &Ctx,
     entry: &Entry,
@@ -558,11 +562,7 @@ async fn attempt(
     let cfg = &entry.cfg;
     let name = &cfg.name;
     let mut order = order(ctx, entry, progress, slot).await?;
-    let mut published = Published {
-        challenges: &ctx.challenges,
-        names: Vec::new(),
-        tokens: Vec::new(),
-    };
+    let mut published = ctx.published();
     let status = order.state().status;
     if matches!(status, OrderStatus::Pending | OrderStatus::Ready) {
         if status == OrderStatus::Pending {
@@ -592,17 +592,16 @@ async fn attempt(
                 let ident = ch.identifier().to_string();
                 let ka = ch.key_authorization();
                 match cfg.challenge {
-                    ChallengeKind::TlsAlpn01 => {
-                        ctx.challenges
-                            .add_tls_alpn(&ident, ka.digest().as_ref())
-                            .map_err(|e| Failure::ours("challenge", format!("{e:#}")))?;
-                        published.names.push(ident.clone());
-                    }
-                    ChallengeKind::Http01 => {
-                        ctx.challenges.add_http01(&ch.token, ka.as_str());
-                        published.tokens.push(ch.token.clone());
-                    }
+                    ChallengeKind::TlsAlpn01 => published
+                        .tls_alpn(ctx, &ident, ka.digest().as_ref())
+                        .await
+                        .map_err(|e| Failure::ours("challenge", e))?,
+                    ChallengeKind::Http01 => published
+                        .http01(ctx, &ch.token, ka.as_str())
+                        .await
+                        .map_err(|e| Failure::ours("challenge", e))?,
                 }
+                published.wait_answered(name).await;
                 // A resumed order's challenge may be under validation already: no second ask.
                 if ch.status == instant_acme::ChallengeStatus::Pending {
                     tracing::info!(acme = %name, name = %ident, challenge = ?kind, "challenge published; asking the CA to validate");

@@ -262,8 +262,12 @@ pub struct CrlView {
 pub struct AcmeStatus {
     pub name: String,
     pub names: Vec<String>,
-    /// `pending` (nothing issued yet), `ordering`, `valid`, `renewing`, `retrying`.
+    /// `pending` (nothing issued yet), `ordering`, `valid`, `renewing`, `retrying`; in a
+    /// fleet, `standby` on the appliances that do not order.
     pub state: String,
+    /// In a fleet: the member that orders for the fleet (`None` while nobody holds the role,
+    /// and outside a fleet).
+    pub orderer: Option<String>,
     pub not_after: Option<String>,
     pub not_after_unix: Option<i64>,
     pub issuer: Option<String>,

@@ -4,6 +4,8 @@
 //! <prefix>/state/certs/<id>          StoredCert JSON (chain + key reference, never key bytes)
 //! <prefix>/state/bindings/<listener> Binding JSON
 //! <prefix>/members/<name>            Member JSON, bound to the appliance's lease
+//! <prefix>/acme/...                  the fleet's ACME orderer, progress, accounts, challenges
+//!                                    ([`acme`])
 //! ```
 //!
 //! Writes: the management API builds and checks the new state as it does without a fleet
@@ -18,6 +20,7 @@
 //! the revision it read. When etcd is unreachable the appliance serves the cached state and
 //! reconnects with back-off.
 
+pub mod acme;
 mod sync;
 
 use std::collections::HashMap;
@@ -139,6 +142,15 @@ impl Fleet {
 
     fn handle(&self) -> &tokio::runtime::Handle {
         &self.handle
+    }
+
+    pub(crate) fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// This appliance's member name.
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// Connection options from `[fleet]` (TLS files read now).

@@ -116,6 +116,9 @@ impl Text for wire::AcmeStatus {
             opt(&self.key),
             opt(&self.issuer)
         );
+        if let Some(o) = &self.orderer {
+            out.push_str(&format!(" orderer={o}"));
+        }
         if let Some(e) = &self.last_error {
             out.push_str(&format!("\n  last_error: {} {}", e.kind, e.detail));
             for sp in &e.subproblems {
