@@ -174,7 +174,7 @@ fn the_orderer_killed_mid_order_is_taken_over_and_every_appliance_serves_the_cer
         "A serving the fleet's ACME certificate",
         || Ok((served_fingerprint_for(port_a, NAME)? == fp_b).then_some(())),
     )?;
-    // Its status follows within a standby refresh (5 s).
+    // Its status follows within a standby refresh (2 s).
     let mut last = serde_json::Value::Null;
     wait_for(
         Duration::from_secs(15),

@@ -28,7 +28,7 @@ const POLL_TIMEOUT: Duration = Duration::from_secs(90);
 /// The task wakes at least this often (key deletions come due, status stays fresh).
 const MAX_SLEEP: Duration = Duration::from_secs(3600);
 /// How often an entry another fleet member orders for refreshes its status.
-const STANDBY_REFRESH: Duration = Duration::from_secs(5);
+const STANDBY_REFRESH: Duration = Duration::from_secs(2);
 
 pub(super) struct Ctx {
     pub manager: Arc<Manager>,
