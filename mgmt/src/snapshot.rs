@@ -44,6 +44,8 @@ pub struct ListenerOverlay {
     /// Some bound key is on a token (full handshakes sign on the key-op workers).
     pub offload: bool,
     pub crls: Vec<CertificateRevocationListDer<'static>>,
+    /// The client CA bundle (PEM) uploaded for the listener, in place of `client_auth.ca`.
+    pub client_ca: Option<Arc<str>>,
     /// Expiry of the bound certificates (same positions as `certs`), for the gauges.
     pub expiry: imbl::Vector<Expiry>,
     /// Certificates served beside the file's or the binding's (issued by the ACME client).
@@ -270,12 +272,21 @@ impl Builder {
             Some(certs) => certs,
             None => self.certs(config, i, &policy, api, now)?,
         };
-        let client_auth = match &l.client_auth {
-            Some(c) => Some(
-                crate::tls::client_auth::ClientAuth::load(c, |p| config.resolve(p))
-                    .with_context(|| format!("listener[{i}] ({}).client_auth", l.name))?,
+        let uploaded_ca = api.and_then(|o| o.client_ca.as_deref());
+        let client_auth = match (&l.client_auth, uploaded_ca) {
+            (Some(c), uploaded) => Some(
+                crate::tls::client_auth::ClientAuth::load_with(
+                    c,
+                    |p| config.resolve(p),
+                    uploaded,
+                )
+                .with_context(|| format!("listener[{i}] ({}).client_auth", l.name))?,
             ),
-            None => None,
+            (None, Some(_)) => anyhow::bail!(
+                "listener[{i}] ({}): a client CA bundle is uploaded for it, but its                  configuration has no [listener.client_auth] (mode)",
+                l.name
+            ),
+            (None, None) => None,
         };
         let opts = crate::tls::ListenerTls {
             unknown_sni: l.unknown_sni,

@@ -1,6 +1,6 @@
 //! The durable state of the management plane: certificates (PEM chain + key reference),
-//! bindings (which certificates a listener serves) and CRLs per listener. Keys stay in the
-//! token; nothing here is secret.
+//! bindings (which certificates a listener serves), CRLs and client CA bundles per listener.
+//! Keys stay in the token; nothing here is secret.
 //!
 //! One JSON file per object, each replaced with [`crate::files::write_atomic`] (temporary file,
 //! fsync, rename, fsync of the directory), so a crash at any point leaves every object either at
@@ -10,6 +10,7 @@
 //! <dir>/certs/<id>.json        {"id", "key", "chain_pem", "updated_unix"}
 //! <dir>/bindings/<listener>.json {"listener", "certificates": [{"cert", "names", "default"}]}
 //! <dir>/crls/<listener>.json   {"listener", "crls": [{"id", "pem"}]}
+//! <dir>/client-cas/<listener>.json {"listener", "pem", "updated_unix"}
 //! ```
 //!
 //! Names starting with `.` are temporary files of an interrupted write: ignored and removed.
@@ -109,6 +110,18 @@ struct CrlFile {
     crls: Vec<StoredCrl>,
 }
 
+/// A listener's client CA bundle uploaded through the API: it replaces the bundle its
+/// `[listener.client_auth] ca` names while it exists (the mode stays the configuration's).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoredClientCa {
+    pub listener: String,
+    /// PEM `CERTIFICATE` blocks, as checked at upload.
+    pub pem: String,
+    /// When this version was stored (Unix seconds).
+    pub updated_unix: u64,
+}
+
 /// The state's objects by name: a persistent map, so a change copies the few tree nodes it
 /// touches (a copy of the whole state is O(1)) and two versions are compared in the time their
 /// differences take ([`for_each_change`]).
@@ -121,6 +134,7 @@ pub struct StateData {
     pub certs: Map<Arc<StoredCert>>,
     pub bindings: Map<Arc<Binding>>,
     pub crls: Map<Vec<StoredCrl>>,
+    pub client_cas: Map<Arc<StoredClientCa>>,
 }
 
 /// The changes that turn `old` into `new`, one call each: `f(key, Some(value))` for an entry of
@@ -276,13 +290,14 @@ pub struct StateStore {
 const CERTS: &str = "certs";
 const BINDINGS: &str = "bindings";
 const CRLS: &str = "crls";
+const CLIENT_CAS: &str = "client-cas";
 /// State files hold no secret, but nobody else needs to read them.
 const FILE_MODE: u32 = 0o600;
 
 impl StateStore {
     /// Opens (creating when missing, mode 0700) the state directory.
     pub fn open(dir: &Path) -> Result<StateStore> {
-        for sub in [CERTS, BINDINGS, CRLS] {
+        for sub in [CERTS, BINDINGS, CRLS, CLIENT_CAS] {
             let d = dir.join(sub);
             fs::create_dir_all(&d)
                 .with_context(|| format!("[state] dir: cannot create {}", d.display()))?;
@@ -323,6 +338,13 @@ impl StateStore {
                 bail!("{}: names listener {:?}", path.display(), f.listener);
             }
             data.crls.insert(name, f.crls);
+        }
+        for (name, path) in self.objects(CLIENT_CAS)? {
+            let c: StoredClientCa = read_json(&path)?;
+            if c.listener != name {
+                bail!("{}: names listener {:?}", path.display(), c.listener);
+            }
+            data.client_cas.insert(name, Arc::new(c));
         }
         Ok(data)
     }
@@ -368,6 +390,14 @@ impl StateStore {
 
     pub fn delete_binding(&self, listener: &str) -> Result<()> {
         remove(&self.path(BINDINGS, listener)?)
+    }
+
+    pub fn put_client_ca(&self, ca: &StoredClientCa) -> Result<()> {
+        write_json(&self.path(CLIENT_CAS, &ca.listener)?, ca)
+    }
+
+    pub fn delete_client_ca(&self, listener: &str) -> Result<()> {
+        remove(&self.path(CLIENT_CAS, listener)?)
     }
 
     /// Replaces the CRL list of `listener` (an empty list removes the file).

@@ -5,7 +5,8 @@
 //! with etcd gone, a restarted appliance serves its cached state. Losing one etcd member changes
 //! nothing; losing quorum refuses writes with a clear error while both keep serving, and the
 //! fleet converges once quorum is back. Audit lines name the appliance and the operator. A CRL
-//! uploaded through one appliance revokes a client certificate on both.
+//! uploaded through one appliance revokes a client certificate on both; a client CA bundle
+//! uploaded through one changes which clients both let in.
 
 mod api_support;
 mod common;
@@ -436,5 +437,99 @@ fn a_crl_uploaded_through_one_appliance_revokes_a_client_on_both() -> Result<()>
     );
     drop(b);
     drop(a);
+    Ok(())
+}
+
+#[test]
+fn a_client_ca_bundle_uploaded_through_one_appliance_decides_on_both() -> Result<()> {
+    if !(common::require("etcd", "etcd-server")
+        && common::require("etcdctl", "etcd-client")
+        && common::require("curl", "curl"))
+    {
+        return Ok(());
+    }
+    let lab = Lab::new()?;
+    let etcd = Etcd::start(lab.dir.path())?;
+    let dir = lab.path("zones");
+    std::fs::create_dir_all(&dir)?;
+    let mut zone_a = common::policy_support::Zone::new(&dir, "zone-a")?;
+    let mut zone_b = common::policy_support::Zone::new(&dir, "zone-b")?;
+    let (alice_cert, alice_key) = zone_a.client("alice")?;
+    let (bob_cert, bob_key) = zone_b.client("bob")?;
+    let (_backend, backend) = demo_backend(lab.dir.path())?;
+    let client_auth = format!(
+        "[listener.client_auth]\nmode = \"required\"\nca = \"{}\"\n\n",
+        zone_a.ca_path().display()
+    );
+    let (a, b, _) = start_pair(&lab, &etcd, &backend, &client_auth)?;
+    wait_members(&lab, &a, "both members reporting", |m| m["error"].is_null())?;
+    let let_in = |gate: &Gate, cert: &std::path::Path, key: &std::path::Path| -> Result<bool> {
+        let out = Command::new("curl")
+            .args(["-sk", "--max-time", "5", "--cert"])
+            .arg(cert)
+            .arg("--key")
+            .arg(key)
+            .arg(format!("https://127.0.0.1:{}/", gate.port("web")?))
+            .output()?;
+        Ok(out.status.success()
+            && String::from_utf8_lossy(&out.stdout).contains("hello from the tlsgate demo backend"))
+    };
+    for gate in [&a, &b] {
+        ensure!(
+            let_in(gate, &alice_cert, &alice_key)? && !let_in(gate, &bob_cert, &bob_key)?,
+            "zone A's clients only, before the upload"
+        );
+    }
+
+    // Zone B's bundle, uploaded through A only: both let bob in and keep alice out.
+    let ca_b = zone_b.ca_path().display().to_string();
+    ctl_at(
+        &lab,
+        &a.socket,
+        &["client-ca", "set", "--listener", "web", "--file", &ca_b],
+    )?;
+    let t = Instant::now();
+    wait_for(Duration::from_secs(20), "B letting bob in", || {
+        Ok(let_in(&b, &bob_cert, &bob_key)?.then_some(()))
+    })?;
+    println!(
+        "a client CA bundle uploaded on A decided on B after {:?}",
+        t.elapsed()
+    );
+    for gate in [&a, &b] {
+        ensure!(
+            let_in(gate, &bob_cert, &bob_key)? && !let_in(gate, &alice_cert, &alice_key)?,
+            "zone B's clients only, after the upload"
+        );
+    }
+    let keys = check(
+        etcd.ctl(&[
+            "get",
+            "--prefix",
+            "--keys-only",
+            &format!("{PREFIX}/state/"),
+        ])?,
+        "etcdctl get",
+    )?;
+    ensure!(
+        keys.contains(&format!("{PREFIX}/state/client-cas/web")),
+        "the bundle is in etcd: {keys}"
+    );
+
+    // Cleared through B: zone A's clients again on both.
+    ctl_at(
+        &lab,
+        &b.socket,
+        &["client-ca", "clear", "--listener", "web"],
+    )?;
+    wait_for(Duration::from_secs(20), "A letting alice in again", || {
+        Ok(let_in(&a, &alice_cert, &alice_key)?.then_some(()))
+    })?;
+    for gate in [&a, &b] {
+        ensure!(
+            let_in(gate, &alice_cert, &alice_key)? && !let_in(gate, &bob_cert, &bob_key)?,
+            "zone A's clients only, after the clear"
+        );
+    }
     Ok(())
 }

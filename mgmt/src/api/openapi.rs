@@ -42,7 +42,7 @@ pub struct Doc {
         CertProblem, CertListItem, KeyView, CertSource, ListenerView, CrlView, BalanceKind,
         Health, ServerView, PoolView, KeyList, CertList, ListenerList, CrlList, AcmeList,
         PoolList, AcmeStatus, ProblemView, SubproblemView, Reloaded, Renewing,
-        FleetMember, FleetStatus
+        FleetMember, FleetStatus, PutClientCa, ClientCaView, ClientCaCert
     ))
 )]
 struct Schemas;

@@ -21,7 +21,8 @@ use super::secret_body;
 use super::wire::AcmeList;
 use super::wire::{
     CertList, CertListItem, CertProblem, CrlList, CsrRequest, CsrResponse, ErrorDetail,
-    GenerateKey, KeyList, ListenerList, PutBinding, PutCert, PutCrl, Reloaded, Renewing,
+    GenerateKey, KeyList, ListenerList, PutBinding, PutCert, PutClientCa, PutCrl, Reloaded,
+    Renewing,
 };
 use crate::audit::ClientIdentity;
 
@@ -100,6 +101,9 @@ pub fn routes() -> Vec<Route> {
         route("get", "/v1/listeners/{name}/crls", doc("A listener's CRLs", NONE, 200, Some("CrlList")), list_crls),
         route("post", "/v1/listeners/{name}/crls", doc("Add a CRL to a listener", Some("PutCrl"), 201, Some("CrlView")), post_crl),
         route("delete", "/v1/listeners/{name}/crls/{id}", doc("Remove a CRL", NONE, 204, NONE), delete_crl),
+        route("get", "/v1/listeners/{name}/client-ca", doc("The client CA bundle uploaded for a listener (404 client_ca_not_found: its configuration's serves)", NONE, 200, Some("ClientCaView")), get_client_ca),
+        route("put", "/v1/listeners/{name}/client-ca", doc("Trust these CAs for the listener's client certificates, in place of its configuration's client_auth.ca (409 client_auth_not_configured without [listener.client_auth])", Some("PutClientCa"), 200, Some("ClientCaView")), put_client_ca),
+        route("delete", "/v1/listeners/{name}/client-ca", doc("Remove the uploaded client CA bundle (the configuration's serves again)", NONE, 204, NONE), delete_client_ca),
         route("post", "/v1/reload", doc("Re-read the configuration file", NONE, 200, Some("Reloaded")), reload),
         route("get", "/v1/acme", doc("Every [[acme]] entry's status", NONE, 200, Some("AcmeList")), acme_status),
         route("get", "/v1/fleet", doc("Fleet mode: every member's applied etcd revision, its lag behind the newest state revision, and the error that refused a newer state (409 fleet_off without a [fleet] section)", NONE, 200, Some("FleetStatus")), fleet_status),
@@ -425,6 +429,44 @@ async fn delete_crl(
     let target = format!("{name}/{id}");
     run(m, who, "crl.delete", target, move |m| {
         m.delete_crl(&name, &id)
+    })
+    .await?;
+    Ok(no_content())
+}
+
+async fn get_client_ca(
+    State(m): Mgr,
+    Extension(who): Who,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let v = run(m, who, "client_ca.get", name.clone(), move |m| {
+        m.get_client_ca(&name)
+    })
+    .await?;
+    Ok(ok(v))
+}
+
+async fn put_client_ca(
+    State(m): Mgr,
+    Extension(who): Who,
+    Path(name): Path<String>,
+    b: Bytes,
+) -> Result<Response, ApiError> {
+    let req: Result<PutClientCa, _> = body(&b);
+    let v = run(m, who, "client_ca.put", name.clone(), move |m| {
+        m.put_client_ca(&name, &req?)
+    })
+    .await?;
+    Ok(ok(v))
+}
+
+async fn delete_client_ca(
+    State(m): Mgr,
+    Extension(who): Who,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    run(m, who, "client_ca.delete", name.clone(), move |m| {
+        m.delete_client_ca(&name)
     })
     .await?;
     Ok(no_content())

@@ -141,6 +141,33 @@ pub struct PutCrl {
     pub pem: String,
 }
 
+/// `PUT /v1/listeners/{name}/client-ca`: the CA certificates (PEM) this listener trusts for
+/// client certificates, in place of its configuration's `client_auth.ca` bundle.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PutClientCa {
+    #[schema(min_length = 1)]
+    pub pem: String,
+}
+
+/// A listener's client CA bundle uploaded through the API.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ClientCaView {
+    pub listener: String,
+    pub certificates: Vec<ClientCaCert>,
+    /// When it was uploaded (Unix seconds).
+    pub updated_unix: u64,
+}
+
+/// One CA certificate of a client CA bundle.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ClientCaCert {
+    pub subject: String,
+    pub not_after: String,
+    /// Hex SHA-256 of the certificate (DER).
+    pub sha256: String,
+}
+
 /// An operator's state for a backend server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
@@ -243,6 +270,8 @@ pub struct ListenerView {
     /// serve), which is not the same as a binding of no certificates.
     pub binding: Option<Vec<BoundCert>>,
     pub crls: Vec<CrlView>,
+    /// The client CA bundle uploaded for it (`null`: its configuration's `client_auth.ca`).
+    pub client_ca: Option<ClientCaView>,
 }
 
 /// A CRL as the API lists it.

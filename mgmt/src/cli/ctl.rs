@@ -71,6 +71,9 @@ pub enum CtlCommand {
     /// CRLs of a listener (checked when it verifies client certificates).
     #[command(subcommand)]
     Crls(CrlsCommand),
+    /// The CAs a listener trusts for client certificates (in place of `client_auth.ca`).
+    #[command(subcommand)]
+    ClientCa(ClientCaCommand),
     /// Backend pools and their servers' state.
     #[command(subcommand)]
     Backends(BackendsCommand),
@@ -237,6 +240,27 @@ pub enum CrlsCommand {
     },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum ClientCaCommand {
+    /// The bundle uploaded for a listener.
+    Show {
+        #[arg(long)]
+        listener: String,
+    },
+    /// Upload a PEM bundle of CA certificates for a listener.
+    Set {
+        #[arg(long)]
+        listener: String,
+        #[arg(long)]
+        file: PathBuf,
+    },
+    /// Remove the uploaded bundle: the configuration's `client_auth.ca` serves again.
+    Clear {
+        #[arg(long)]
+        listener: String,
+    },
+}
+
 /// What a command sends: a [`wire`] request type, serialised (wiped after, as it may hold a
 /// key), and the [`wire`] type its answer is read into.
 struct Call {
@@ -259,6 +283,7 @@ enum Answer {
     Listeners,
     Crls,
     Crl,
+    ClientCa,
     Pools,
     ServerState,
     Acme,
@@ -462,6 +487,24 @@ fn request(args: &CtlArgs) -> Result<(Call, Option<Option<PathBuf>>)> {
                 Answer::Empty,
             ),
         },
+        CtlCommand::ClientCa(c) => match c {
+            ClientCaCommand::Show { listener } => call(
+                Method::GET,
+                format!("/v1/listeners/{}/client-ca", seg(listener)),
+                Answer::ClientCa,
+            ),
+            ClientCaCommand::Set { listener, file } => call_with(
+                Method::PUT,
+                format!("/v1/listeners/{}/client-ca", seg(listener)),
+                &wire::PutClientCa { pem: read(file)? },
+                Answer::ClientCa,
+            )?,
+            ClientCaCommand::Clear { listener } => call(
+                Method::DELETE,
+                format!("/v1/listeners/{}/client-ca", seg(listener)),
+                Answer::Empty,
+            ),
+        },
         CtlCommand::Backends(b) => match b {
             BackendsCommand::List => call(Method::GET, "/v1/backends", Answer::Pools),
             BackendsCommand::SetState {
@@ -582,6 +625,7 @@ fn send_and_print(args: &CtlArgs, c: &Call, csr_out: Option<Option<PathBuf>>) ->
         Answer::Listeners => show::<wire::ListenerList>(args, status, &body),
         Answer::Crls => show::<wire::CrlList>(args, status, &body),
         Answer::Crl => show::<wire::CrlView>(args, status, &body),
+        Answer::ClientCa => show::<wire::ClientCaView>(args, status, &body),
         Answer::Pools => show::<wire::PoolList>(args, status, &body),
         Answer::ServerState => show::<wire::ServerState>(args, status, &body),
         Answer::Acme => show::<wire::AcmeList>(args, status, &body),

@@ -3,6 +3,8 @@
 //! ```text
 //! <prefix>/state/certs/<id>          StoredCert JSON (chain + key reference, never key bytes)
 //! <prefix>/state/bindings/<listener> Binding JSON
+//! <prefix>/state/crls/<listener>     the listener's uploaded CRLs (JSON list)
+//! <prefix>/state/client-cas/<listener> StoredClientCa JSON (the listener's client CA bundle)
 //! <prefix>/members/<name>            Member JSON, bound to the appliance's lease
 //! <prefix>/acme/...                  the fleet's ACME orderer, progress, accounts, challenges
 //!                                    ([`acme`])
@@ -79,6 +81,9 @@ impl Keys {
     }
     pub(crate) fn crls(&self, listener: &str) -> String {
         format!("{}/state/crls/{listener}", self.prefix)
+    }
+    pub(crate) fn client_ca(&self, listener: &str) -> String {
+        format!("{}/state/client-cas/{listener}", self.prefix)
     }
     pub(crate) fn members(&self) -> String {
         format!("{}/members/", self.prefix)
@@ -223,7 +228,8 @@ impl Fleet {
         }
     }
 
-    /// The etcd keys that turn `old` into `new` (certificates, bindings, CRLs), one call each:
+    /// The etcd keys that turn `old` into `new` (certificates, bindings, CRLs, client CA
+    /// bundles), one call each:
     /// `touch(key, Some(value))` to put, `touch(key, None)` to delete.
     pub(crate) fn key_changes(
         &self,
@@ -243,6 +249,10 @@ impl Fleet {
             // No CRLs left: no key, as a listener that never had any.
             let value = v.filter(|v| !v.is_empty()).map(json).transpose()?;
             touch(self.keys.crls(l), value);
+            Ok(())
+        })?;
+        for_each_change(&old.client_cas, &new.client_cas, |l, c| {
+            touch(self.keys.client_ca(l), c.map(|c| json(&**c)).transpose()?);
             Ok(())
         })
     }

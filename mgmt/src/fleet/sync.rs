@@ -12,7 +12,7 @@ use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp
 
 use super::{Fleet, Member};
 use crate::state::StateData;
-use crate::state::{check_name, Binding, Map, StoredCert, StoredCrl};
+use crate::state::{check_name, Binding, Map, StoredCert, StoredClientCa, StoredCrl};
 
 /// The applied revision, cached beside the state it describes.
 pub(super) const CACHE_FILE: &str = "fleet.json";
@@ -140,9 +140,9 @@ async fn sync_once(
     let state_prefix = fleet.keys.state();
     let outcome = match parse(&state_prefix, &raw) {
         Err(e) => Err(e),
-        Ok((certs, bindings, crls)) => {
+        Ok(fleet_state) => {
             let m = manager.clone();
-            tokio::task::spawn_blocking(move || m.apply_fleet(certs, bindings, crls))
+            tokio::task::spawn_blocking(move || m.apply_fleet(fleet_state))
                 .await
                 .map_err(|e| format!("the apply did not finish: {e}"))
                 .and_then(|r| r.map_err(|e| format!("{}: {}", e.code, e.message)))
@@ -178,14 +178,13 @@ async fn sync_once(
     Ok(revision)
 }
 
-type Parsed = (Map<Arc<StoredCert>>, Map<Arc<Binding>>, Map<Vec<StoredCrl>>);
-
 /// The state's objects from its keys; any key that is not a well-formed object refuses the whole
 /// state (an appliance never applies part of one).
-fn parse(prefix: &str, raw: &[(String, Vec<u8>)]) -> Result<Parsed, String> {
+fn parse(prefix: &str, raw: &[(String, Vec<u8>)]) -> Result<StateData, String> {
     let mut certs = Map::new();
     let mut bindings = Map::new();
     let mut crls = Map::new();
+    let mut client_cas = Map::new();
     for (key, value) in raw {
         let rest = key.strip_prefix(prefix).unwrap_or(key);
         let bad = |why: String| format!("{key}: {why}");
@@ -212,11 +211,24 @@ fn parse(prefix: &str, raw: &[(String, Vec<u8>)]) -> Result<Parsed, String> {
             if !v.is_empty() {
                 crls.insert(l.to_owned(), v);
             }
+        } else if let Some(l) = rest.strip_prefix("client-cas/") {
+            check_name("listener", l).map_err(|e| bad(format!("{e:#}")))?;
+            let c: StoredClientCa = serde_json::from_slice(value)
+                .map_err(|e| bad(format!("not a client CA bundle: {e}")))?;
+            if c.listener != l {
+                return Err(bad(format!("names listener {:?}", c.listener)));
+            }
+            client_cas.insert(l.to_owned(), Arc::new(c));
         } else {
             return Err(bad("not a key of the fleet state".into()));
         }
     }
-    Ok((certs, bindings, crls))
+    Ok(StateData {
+        certs,
+        bindings,
+        crls,
+        client_cas,
+    })
 }
 
 /// Writes this appliance's state directory (certificates, bindings, CRLs) as the fleet's state,
@@ -275,18 +287,23 @@ mod tests {
         let p = "/t/state/";
         let cert = br#"{"id":"web","key":"k","chain_pem":"x","updated_unix":1}"#.to_vec();
         let ok = parse(p, &[("/t/state/certs/web".into(), cert.clone())]).expect("parses");
-        assert_eq!(ok.0["web"].key, "k");
+        assert_eq!(ok.certs["web"].key, "k");
         let crls = br#"[{"id":"0123456789abcdef","pem":"x"}]"#.to_vec();
         let ok = parse(p, &[("/t/state/crls/web".into(), crls)]).expect("parses");
-        assert_eq!(ok.2["web"][0].id, "0123456789abcdef");
+        assert_eq!(ok.crls["web"][0].id, "0123456789abcdef");
         let none = parse(p, &[("/t/state/crls/web".into(), b"[]".to_vec())]).expect("parses");
-        assert!(none.2.is_empty(), "an empty list is no CRLs");
+        assert!(none.crls.is_empty(), "an empty list is no CRLs");
+        let ca = br#"{"listener":"web","pem":"x","updated_unix":1}"#.to_vec();
+        let ok = parse(p, &[("/t/state/client-cas/web".into(), ca.clone())]).expect("parses");
+        assert_eq!(ok.client_cas["web"].pem, "x");
         for (k, v) in [
             ("/t/state/certs/api", cert.clone()),
             ("/t/state/certs/web", b"{".to_vec()),
             ("/t/state/other/x", cert.clone()),
             ("/t/state/bindings/web", cert.clone()),
             ("/t/state/crls/web", cert),
+            ("/t/state/client-cas/api", ca.clone()),
+            ("/t/state/client-cas/web", b"[]".to_vec()),
         ] {
             let err = parse(p, &[(k.into(), v)]).expect_err(k);
             assert!(err.starts_with(k), "{err}");

@@ -96,39 +96,40 @@ impl ClientAuth {
         cfg: &ClientAuthConfig,
         resolve: impl Fn(&Path) -> PathBuf,
     ) -> Result<ClientAuth, ClientAuthError> {
-        let ca_path = resolve(&cfg.ca);
-        let bytes = std::fs::read(&ca_path).map_err(|source| ClientAuthError::Read {
-            path: ca_path.clone(),
-            source,
-        })?;
-        let bad_ca = |why: String| ClientAuthError::BadCa {
+        ClientAuth::load_with(cfg, resolve, None)
+    }
+
+    /// As [`ClientAuth::load`], with `uploaded` (a PEM bundle from the management API) in place
+    /// of the file `cfg.ca`; the mode and CRL files stay the configuration's.
+    pub fn load_with(
+        cfg: &ClientAuthConfig,
+        resolve: impl Fn(&Path) -> PathBuf,
+        uploaded: Option<&str>,
+    ) -> Result<ClientAuth, ClientAuthError> {
+        let (ca_path, bytes) = match uploaded {
+            Some(pem) => (
+                PathBuf::from("the client CA bundle uploaded through the API"),
+                pem.as_bytes().to_vec(),
+            ),
+            None => {
+                let ca_path = resolve(&cfg.ca);
+                let bytes = std::fs::read(&ca_path).map_err(|source| ClientAuthError::Read {
+                    path: ca_path.clone(),
+                    source,
+                })?;
+                (ca_path, bytes)
+            }
+        };
+        let bundle = CaBundle::parse(&bytes).map_err(|why| ClientAuthError::BadCa {
             path: ca_path.clone(),
             why,
-        };
-        let mut roots = RootCertStore::empty();
-        let mut ca_subjects = Vec::new();
-        let mut anchors = Vec::new();
-        for (i, cert) in CertificateDer::pem_slice_iter(&bytes).enumerate() {
-            let cert = cert.map_err(|e| bad_ca(format!("certificate {i}: {e}")))?;
-            let (_, parsed) = x509_parser::parse_x509_certificate(&cert)
-                .map_err(|e| bad_ca(format!("certificate {i}: {e}")))?;
-            ca_subjects.push(parsed.subject().as_raw().to_vec());
-            anchors.push(cert.clone());
-            roots.add(cert.clone()).map_err(|e| {
-                bad_ca(format!("certificate {i} is not a usable trust anchor: {e}"))
-            })?;
-        }
-        if roots.is_empty() {
-            return Err(bad_ca(
-                "no PEM CERTIFICATE in the CA bundle: client_auth.ca must hold the CA certificate(s) that issue client certificates".into(),
-            ));
-        }
+        })?;
         let mut auth = ClientAuth {
             mode: cfg.mode,
-            roots: Arc::new(roots),
-            ca_subjects,
+            policy: PolicyDigest::client_auth(cfg.mode, &bundle.anchors),
+            roots: Arc::new(bundle.roots),
+            ca_subjects: bundle.subjects,
             crls: Vec::new(),
-            policy: PolicyDigest::client_auth(cfg.mode, &anchors),
         };
         for p in &cfg.crls {
             let path = resolve(p);
@@ -208,6 +209,43 @@ impl ClientAuth {
         builder
             .build()
             .map_err(|e| ClientAuthError::Verifier(e.to_string()))
+    }
+}
+
+/// A PEM bundle of CA certificates, checked as trust anchors.
+#[derive(Debug)]
+pub struct CaBundle {
+    pub roots: RootCertStore,
+    /// Subjects (DER), in bundle order.
+    pub subjects: Vec<Vec<u8>>,
+    pub anchors: Vec<CertificateDer<'static>>,
+}
+
+impl CaBundle {
+    /// Every `CERTIFICATE` block of `bytes`; an error names the first one that is not a usable
+    /// trust anchor, or says there is none.
+    pub fn parse(bytes: &[u8]) -> Result<CaBundle, String> {
+        let mut roots = RootCertStore::empty();
+        let mut subjects = Vec::new();
+        let mut anchors = Vec::new();
+        for (i, cert) in CertificateDer::pem_slice_iter(bytes).enumerate() {
+            let cert = cert.map_err(|e| format!("certificate {i}: {e}"))?;
+            let (_, parsed) = x509_parser::parse_x509_certificate(&cert)
+                .map_err(|e| format!("certificate {i}: {e}"))?;
+            subjects.push(parsed.subject().as_raw().to_vec());
+            anchors.push(cert.clone());
+            roots
+                .add(cert)
+                .map_err(|e| format!("certificate {i} is not a usable trust anchor: {e}"))?;
+        }
+        if roots.is_empty() {
+            return Err("no PEM CERTIFICATE in the CA bundle: it must hold the CA certificate(s) that issue client certificates".into());
+        }
+        Ok(CaBundle {
+            roots,
+            subjects,
+            anchors,
+        })
     }
 }
 

@@ -8,7 +8,7 @@ use super::Manager;
 use crate::api::error::ApiError;
 use crate::api::wire::FleetStatus;
 use crate::snapshot::Scope;
-use crate::state::{for_each_change, is_bound, Binding, Map, StateData, StoredCert, StoredCrl};
+use crate::state::{for_each_change, is_bound, Binding, Map, StateData, StoredCrl};
 
 /// What applying the fleet's state did.
 #[derive(Debug)]
@@ -75,19 +75,21 @@ impl Manager {
             .status()
     }
 
-    /// Replaces the certificates, bindings and API-uploaded CRLs with the fleet's. Every
+    /// Replaces the certificates, bindings, API-uploaded CRLs and client CA bundles with the
+    /// fleet's (`fleet`). Every
     /// certificate that changed is loaded and checked against its key, as an upload is, and the
     /// whole snapshot is built; anything wrong refuses the whole state and nothing changes —
     /// except a certificate whose key this appliance's HSM does not hold (`key_not_found`):
     /// that one is left out of this appliance's bindings (a binding left with none is dropped,
     /// so the listener serves its configuration file's certificates) and reported, while the
     /// others serve it. Such a certificate is checked again at every later apply.
-    pub fn apply_fleet(
-        &self,
-        certs: Map<Arc<StoredCert>>,
-        bindings: Map<Arc<Binding>>,
-        crls: Map<Vec<StoredCrl>>,
-    ) -> Result<Applied, ApiError> {
+    pub fn apply_fleet(&self, fleet: StateData) -> Result<Applied, ApiError> {
+        let StateData {
+            certs,
+            bindings,
+            crls,
+            client_cas,
+        } = fleet;
         let mut inner = self.lock();
         let now = SystemTime::now();
         let mut missing = Vec::new();
@@ -123,7 +125,11 @@ impl Manager {
             .filter(|(_, v)| !v.is_empty())
             .map(|(l, v)| (l.clone(), v.clone()))
             .collect();
-        if inner.state.certs == certs && inner.state.bindings == bindings && local_crls == crls {
+        if inner.state.certs == certs
+            && inner.state.bindings == bindings
+            && local_crls == crls
+            && inner.state.client_cas == client_cas
+        {
             inner.missing_keys = missing.clone();
             return Ok(Applied {
                 changed: false,
@@ -135,6 +141,7 @@ impl Manager {
         new_state.certs = certs;
         new_state.bindings = bindings;
         new_state.crls = crls;
+        new_state.client_cas = client_cas;
         let built = self.build(&inner.config, &new_state, Scope::All, None)?;
         // The state directory caches what is applied: an appliance restarted while etcd is
         // unreachable serves it.
@@ -149,6 +156,10 @@ impl Manager {
             })?;
             for_each_change(&old.crls, &new_state.crls, |l, v| {
                 self.store.put_crls(l, v.map_or(&[][..], Vec::as_slice))
+            })?;
+            for_each_change(&old.client_cas, &new_state.client_cas, |l, c| match c {
+                Some(c) => self.store.put_client_ca(c),
+                None => self.store.delete_client_ca(l),
             })
         };
         persist().map_err(|e| ApiError::state_write(&e))?;

@@ -13,7 +13,7 @@ use crate::snapshot::Scope;
 use crate::state::{Binding, StoredCrl};
 
 impl Manager {
-    fn check_listener(inner: &Inner, listener: &str) -> Result<(), ApiError> {
+    pub(super) fn check_listener(inner: &Inner, listener: &str) -> Result<(), ApiError> {
         if inner.config.listeners.iter().any(|l| l.name == listener) {
             Ok(())
         } else {
@@ -53,6 +53,11 @@ impl Manager {
                         .get(&l.name)
                         .map(|v| v.iter().filter_map(|c| crl_view(c).ok()).collect())
                         .unwrap_or_default(),
+                    client_ca: inner
+                        .state
+                        .client_cas
+                        .get(&l.name)
+                        .and_then(|c| super::client_ca::client_ca_view(c).ok()),
                 }
             })
             .collect()

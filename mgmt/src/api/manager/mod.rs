@@ -9,6 +9,7 @@
 
 mod acme;
 mod certs;
+mod client_ca;
 mod fleet;
 mod keys;
 mod listeners;

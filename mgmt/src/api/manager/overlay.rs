@@ -69,6 +69,10 @@ impl Manager {
                 entry.crls.push(crl_der(&c.pem)?);
             }
         }
+        for (listener, ca) in state.client_cas.iter().filter(|(l, _)| in_scope(l)) {
+            let entry = overlay.listeners.entry(listener.clone()).or_default();
+            entry.client_ca = Some(ca.pem.as_str().into());
+        }
         let mut bound = Vec::new();
         if let Scope::Listeners(set) = scope {
             bound.extend(

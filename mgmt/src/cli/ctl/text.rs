@@ -163,8 +163,12 @@ impl Text for wire::ListenerView {
                 .join(","),
             None => format!("{} from the configuration file", self.config_certificates),
         };
+        let client_ca = match &self.client_ca {
+            Some(c) => format!(" client_ca=uploaded({})", c.certificates.len()),
+            None => String::new(),
+        };
         format!(
-            "{:<16} {:<22} source={} certs={} crls={}",
+            "{:<16} {:<22} source={} certs={} crls={}{client_ca}",
             self.name,
             self.bind,
             as_str(&self.source),
@@ -183,6 +187,23 @@ impl Text for wire::CrlView {
             opt(&self.next_update),
             self.revoked
         )
+    }
+}
+
+impl Text for wire::ClientCaView {
+    fn text(&self) -> String {
+        let mut out = format!(
+            "client CA bundle of listener {} ({} certificates)",
+            self.listener,
+            self.certificates.len()
+        );
+        for c in &self.certificates {
+            out.push_str(&format!(
+                "\n  {} not_after={} sha256={}",
+                c.subject, c.not_after, c.sha256
+            ));
+        }
+        out
     }
 }
 
