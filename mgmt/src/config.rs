@@ -64,6 +64,7 @@ pub mod acme;
 pub mod backend;
 mod backend_tls;
 pub mod fleet;
+pub mod fleet_overlay;
 pub mod landlock;
 pub mod management;
 
@@ -408,6 +409,36 @@ impl Config {
             source,
         })?;
         Self::parse(&text, path)
+    }
+
+    /// As [`Config::load`], with the fleet's configuration (`fleet`: a TOML document, see
+    /// [`fleet_overlay`]) merged over the file's.
+    pub fn load_with_fleet(path: &Path, fleet: Option<&str>) -> Result<Config, ConfigError> {
+        let Some(fleet) = fleet else {
+            return Self::load(path);
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let with_fleet =
+            || PathBuf::from(format!("{} with the fleet configuration", path.display()));
+        let merged = fleet_overlay::merge(&text, fleet).map_err(|message| ConfigError::Parse {
+            path: with_fleet(),
+            message,
+        })?;
+        Self::parse(&merged, path).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: with_fleet(),
+                message,
+            },
+            ConfigError::Invalid { key, why, .. } => ConfigError::Invalid {
+                path: with_fleet(),
+                key,
+                why,
+            },
+            other => other,
+        })
     }
 
     /// Parses and checks configuration text; `path` names it in errors and anchors relative paths.

@@ -11,6 +11,7 @@
 //! <dir>/bindings/<listener>.json {"listener", "certificates": [{"cert", "names", "default"}]}
 //! <dir>/crls/<listener>.json   {"listener", "crls": [{"id", "pem"}]}
 //! <dir>/client-cas/<listener>.json {"listener", "pem", "updated_unix"}
+//! <dir>/fleet-config.toml      the fleet's share of the configuration (fleet mode)
 //! ```
 //!
 //! Names starting with `.` are temporary files of an interrupted write: ignored and removed.
@@ -135,6 +136,9 @@ pub struct StateData {
     pub bindings: Map<Arc<Binding>>,
     pub crls: Map<Vec<StoredCrl>>,
     pub client_cas: Map<Arc<StoredClientCa>>,
+    /// Fleet mode: the fleet's share of the configuration (TOML, see
+    /// [`crate::config::fleet_overlay`]).
+    pub fleet_config: Option<Arc<str>>,
 }
 
 /// The changes that turn `old` into `new`, one call each: `f(key, Some(value))` for an entry of
@@ -291,6 +295,7 @@ const CERTS: &str = "certs";
 const BINDINGS: &str = "bindings";
 const CRLS: &str = "crls";
 const CLIENT_CAS: &str = "client-cas";
+const FLEET_CONFIG: &str = "fleet-config.toml";
 /// State files hold no secret, but nobody else needs to read them.
 const FILE_MODE: u32 = 0o600;
 
@@ -346,6 +351,12 @@ impl StateStore {
             }
             data.client_cas.insert(name, Arc::new(c));
         }
+        let path = self.dir.join(FLEET_CONFIG);
+        match fs::read_to_string(&path) {
+            Ok(text) => data.fleet_config = Some(text.into()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        }
         Ok(data)
     }
 
@@ -390,6 +401,15 @@ impl StateStore {
 
     pub fn delete_binding(&self, listener: &str) -> Result<()> {
         remove(&self.path(BINDINGS, listener)?)
+    }
+
+    /// Writes (`Some`) or removes the fleet configuration.
+    pub fn put_fleet_config(&self, text: Option<&str>) -> Result<()> {
+        let path = self.dir.join(FLEET_CONFIG);
+        match text {
+            Some(t) => crate::files::write_atomic(&path, t.as_bytes(), FILE_MODE),
+            None => remove(&path),
+        }
     }
 
     pub fn put_client_ca(&self, ca: &StoredClientCa) -> Result<()> {

@@ -42,7 +42,8 @@ pub struct Doc {
         CertProblem, CertListItem, KeyView, CertSource, ListenerView, CrlView, BalanceKind,
         Health, ServerView, PoolView, KeyList, CertList, ListenerList, CrlList, AcmeList,
         PoolList, AcmeStatus, ProblemView, SubproblemView, Reloaded, Renewing,
-        FleetMember, FleetStatus, PutClientCa, ClientCaView, ClientCaCert
+        FleetMember, FleetStatus, PutClientCa, ClientCaView, ClientCaCert, PutFleetConfig,
+        FleetConfigView
     ))
 )]
 struct Schemas;

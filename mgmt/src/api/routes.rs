@@ -21,8 +21,8 @@ use super::secret_body;
 use super::wire::AcmeList;
 use super::wire::{
     CertList, CertListItem, CertProblem, CrlList, CsrRequest, CsrResponse, ErrorDetail,
-    GenerateKey, KeyList, ListenerList, PutBinding, PutCert, PutClientCa, PutCrl, Reloaded,
-    Renewing,
+    GenerateKey, KeyList, ListenerList, PutBinding, PutCert, PutClientCa, PutCrl, PutFleetConfig,
+    Reloaded, Renewing,
 };
 use crate::audit::ClientIdentity;
 
@@ -107,6 +107,9 @@ pub fn routes() -> Vec<Route> {
         route("post", "/v1/reload", doc("Re-read the configuration file", NONE, 200, Some("Reloaded")), reload),
         route("get", "/v1/acme", doc("Every [[acme]] entry's status", NONE, 200, Some("AcmeList")), acme_status),
         route("get", "/v1/fleet", doc("Fleet mode: every member's applied etcd revision, its lag behind the newest state revision, and the error that refused a newer state (409 fleet_off without a [fleet] section)", NONE, 200, Some("FleetStatus")), fleet_status),
+        route("get", "/v1/fleet/config", doc("Fleet mode: the fleet's share of the configuration (pools, routes, session policy; 404 fleet_config_not_found when it has none, 409 fleet_off without [fleet])", NONE, 200, Some("FleetConfigView")), get_fleet_config),
+        route("put", "/v1/fleet/config", doc("Fleet mode: set the fleet's share of the configuration, checked against this appliance's file as a reload is (400 fleet_config_invalid)", Some("PutFleetConfig"), 200, Some("FleetConfigView")), put_fleet_config),
+        route("delete", "/v1/fleet/config", doc("Fleet mode: remove the fleet's share of the configuration (each appliance's file alone again)", NONE, 204, NONE), delete_fleet_config),
         route("post", "/v1/acme/{name}/renew", doc("Renew an [[acme]] entry now", NONE, 202, Some("Renewing")), acme_renew),
         route("get", "/v1/backends", doc("Backend pools of the published snapshot and their servers", NONE, 200, Some("PoolList")), super::backends::get),
         route(
@@ -429,6 +432,35 @@ async fn delete_crl(
     let target = format!("{name}/{id}");
     run(m, who, "crl.delete", target, move |m| {
         m.delete_crl(&name, &id)
+    })
+    .await?;
+    Ok(no_content())
+}
+
+async fn get_fleet_config(State(m): Mgr, Extension(who): Who) -> Result<Response, ApiError> {
+    let v = run(m, who, "fleet_config.get", "fleet".into(), |m| {
+        m.get_fleet_config()
+    })
+    .await?;
+    Ok(ok(v))
+}
+
+async fn put_fleet_config(
+    State(m): Mgr,
+    Extension(who): Who,
+    b: Bytes,
+) -> Result<Response, ApiError> {
+    let req: Result<PutFleetConfig, _> = body(&b);
+    let v = run(m, who, "fleet_config.put", "fleet".into(), move |m| {
+        m.put_fleet_config(&req?)
+    })
+    .await?;
+    Ok(ok(v))
+}
+
+async fn delete_fleet_config(State(m): Mgr, Extension(who): Who) -> Result<Response, ApiError> {
+    run(m, who, "fleet_config.delete", "fleet".into(), |m| {
+        m.delete_fleet_config()
     })
     .await?;
     Ok(no_content())

@@ -168,6 +168,22 @@ pub struct ClientCaCert {
     pub sha256: String,
 }
 
+/// `PUT /v1/fleet/config`: the fleet's share of the configuration, a TOML document of
+/// `[[backend]]` pools and `[[listener]]` entries (name plus backend, default_backend, route,
+/// session) merged over every appliance's configuration file.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PutFleetConfig {
+    #[schema(min_length = 1)]
+    pub toml: String,
+}
+
+/// The fleet's share of the configuration, as stored.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct FleetConfigView {
+    pub toml: String,
+}
+
 /// An operator's state for a backend server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]

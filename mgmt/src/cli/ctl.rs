@@ -215,6 +215,23 @@ pub enum AcmeCommand {
 pub enum FleetCommand {
     /// Every member: the state revision it serves, its lag, the error that refused a newer one.
     Status,
+    /// The fleet's share of the configuration: pools, routes, session policy (TOML).
+    #[command(subcommand)]
+    Config(FleetConfigCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FleetConfigCommand {
+    /// Print it.
+    Show,
+    /// Set it from a TOML file ([[backend]] pools, [[listener]] name + backend,
+    /// default_backend, route, session).
+    Set {
+        #[arg(long)]
+        file: PathBuf,
+    },
+    /// Remove it: each appliance's file alone again.
+    Clear,
 }
 
 #[derive(Debug, Subcommand)]
@@ -284,6 +301,7 @@ enum Answer {
     Crls,
     Crl,
     ClientCa,
+    FleetConfig,
     Pools,
     ServerState,
     Acme,
@@ -533,6 +551,16 @@ fn request(args: &CtlArgs) -> Result<(Call, Option<Option<PathBuf>>)> {
             Answer::Renewing,
         ),
         CtlCommand::Fleet(FleetCommand::Status) => call(Method::GET, "/v1/fleet", Answer::Fleet),
+        CtlCommand::Fleet(FleetCommand::Config(c)) => match c {
+            FleetConfigCommand::Show => call(Method::GET, "/v1/fleet/config", Answer::FleetConfig),
+            FleetConfigCommand::Set { file } => call_with(
+                Method::PUT,
+                "/v1/fleet/config",
+                &wire::PutFleetConfig { toml: read(file)? },
+                Answer::FleetConfig,
+            )?,
+            FleetConfigCommand::Clear => call(Method::DELETE, "/v1/fleet/config", Answer::Empty),
+        },
         CtlCommand::Reload => call(Method::POST, "/v1/reload", Answer::Reloaded),
         CtlCommand::Openapi => call(Method::GET, "/v1/openapi.json", Answer::Document),
     };
@@ -626,6 +654,7 @@ fn send_and_print(args: &CtlArgs, c: &Call, csr_out: Option<Option<PathBuf>>) ->
         Answer::Crls => show::<wire::CrlList>(args, status, &body),
         Answer::Crl => show::<wire::CrlView>(args, status, &body),
         Answer::ClientCa => show::<wire::ClientCaView>(args, status, &body),
+        Answer::FleetConfig => show::<wire::FleetConfigView>(args, status, &body),
         Answer::Pools => show::<wire::PoolList>(args, status, &body),
         Answer::ServerState => show::<wire::ServerState>(args, status, &body),
         Answer::Acme => show::<wire::AcmeList>(args, status, &body),

@@ -5,6 +5,8 @@
 //! <prefix>/state/bindings/<listener> Binding JSON
 //! <prefix>/state/crls/<listener>     the listener's uploaded CRLs (JSON list)
 //! <prefix>/state/client-cas/<listener> StoredClientCa JSON (the listener's client CA bundle)
+//! <prefix>/state/config              the fleet's share of the configuration (TOML: pools,
+//!                                    routes, session policy; `config::fleet_overlay`)
 //! <prefix>/members/<name>            Member JSON, bound to the appliance's lease
 //! <prefix>/acme/...                  the fleet's ACME orderer, progress, accounts, challenges
 //!                                    ([`acme`])
@@ -82,6 +84,9 @@ impl Keys {
     pub(crate) fn crls(&self, listener: &str) -> String {
         format!("{}/state/crls/{listener}", self.prefix)
     }
+    pub(crate) fn config(&self) -> String {
+        format!("{}/state/config", self.prefix)
+    }
     pub(crate) fn client_ca(&self, listener: &str) -> String {
         format!("{}/state/client-cas/{listener}", self.prefix)
     }
@@ -108,6 +113,8 @@ pub struct Fleet {
     revisions: Mutex<HashMap<String, i64>>,
     /// What this appliance last reported.
     me: Mutex<Member>,
+    /// The fleet configuration of the last read (see `FleetStore::seen_config`).
+    seen_config: Mutex<Option<Option<Arc<str>>>>,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -142,6 +149,7 @@ impl Fleet {
             rt: Some(rt),
             client: Mutex::new(None),
             revisions: Mutex::new(HashMap::new()),
+            seen_config: Mutex::new(None),
         }))
     }
 
@@ -254,7 +262,14 @@ impl Fleet {
         for_each_change(&old.client_cas, &new.client_cas, |l, c| {
             touch(self.keys.client_ca(l), c.map(|c| json(&**c)).transpose()?);
             Ok(())
-        })
+        })?;
+        if old.fleet_config != new.fleet_config {
+            touch(
+                self.keys.config(),
+                new.fleet_config.as_ref().map(|t| t.as_bytes().to_vec()),
+            );
+        }
+        Ok(())
     }
 
     /// Writes the difference between `old` and `new` (certificates, bindings, CRLs) as one etcd
@@ -412,6 +427,9 @@ impl crate::api::FleetStore for Fleet {
     }
     fn status(&self) -> Result<FleetStatus, ApiError> {
         self.members()
+    }
+    fn seen_config(&self) -> Option<Option<Arc<str>>> {
+        self.seen_config.lock().clone()
     }
 }
 

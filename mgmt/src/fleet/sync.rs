@@ -141,6 +141,7 @@ async fn sync_once(
     let outcome = match parse(&state_prefix, &raw) {
         Err(e) => Err(e),
         Ok(fleet_state) => {
+            *fleet.seen_config.lock() = Some(fleet_state.fleet_config.clone());
             let m = manager.clone();
             tokio::task::spawn_blocking(move || m.apply_fleet(fleet_state))
                 .await
@@ -185,6 +186,7 @@ fn parse(prefix: &str, raw: &[(String, Vec<u8>)]) -> Result<StateData, String> {
     let mut bindings = Map::new();
     let mut crls = Map::new();
     let mut client_cas = Map::new();
+    let mut fleet_config = None;
     for (key, value) in raw {
         let rest = key.strip_prefix(prefix).unwrap_or(key);
         let bad = |why: String| format!("{key}: {why}");
@@ -211,6 +213,10 @@ fn parse(prefix: &str, raw: &[(String, Vec<u8>)]) -> Result<StateData, String> {
             if !v.is_empty() {
                 crls.insert(l.to_owned(), v);
             }
+        } else if rest == "config" {
+            let text = std::str::from_utf8(value)
+                .map_err(|e| bad(format!("the fleet configuration is not UTF-8: {e}")))?;
+            fleet_config = Some(text.into());
         } else if let Some(l) = rest.strip_prefix("client-cas/") {
             check_name("listener", l).map_err(|e| bad(format!("{e:#}")))?;
             let c: StoredClientCa = serde_json::from_slice(value)
@@ -228,6 +234,7 @@ fn parse(prefix: &str, raw: &[(String, Vec<u8>)]) -> Result<StateData, String> {
         bindings,
         crls,
         client_cas,
+        fleet_config,
     })
 }
 

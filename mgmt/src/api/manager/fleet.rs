@@ -52,6 +52,12 @@ pub trait FleetStore: Send + Sync {
     fn write(&self, old: &StateData, new: &StateData) -> Result<(), ApiError>;
     /// Every member's report.
     fn status(&self) -> Result<FleetStatus, ApiError>;
+    /// The fleet configuration etcd held at the last read (`None`: not read yet), also when
+    /// that state was refused: a write of the configuration this appliance serves then still
+    /// replaces the refused one.
+    fn seen_config(&self) -> Option<Option<Arc<str>>> {
+        None
+    }
 }
 
 impl Manager {
@@ -89,6 +95,7 @@ impl Manager {
             bindings,
             crls,
             client_cas,
+            fleet_config,
         } = fleet;
         let mut inner = self.lock();
         let now = SystemTime::now();
@@ -129,6 +136,7 @@ impl Manager {
             && inner.state.bindings == bindings
             && local_crls == crls
             && inner.state.client_cas == client_cas
+            && inner.state.fleet_config == fleet_config
         {
             inner.missing_keys = missing.clone();
             return Ok(Applied {
@@ -142,7 +150,22 @@ impl Manager {
         new_state.bindings = bindings;
         new_state.crls = crls;
         new_state.client_cas = client_cas;
-        let built = self.build(&inner.config, &new_state, Scope::All, None)?;
+        // A new fleet configuration: this appliance's file with it merged, checked as a reload.
+        let config = if new_state.fleet_config == fleet_config {
+            None
+        } else {
+            let c =
+                crate::config::Config::load_with_fleet(&inner.config.path, fleet_config.as_deref())
+                    .map_err(|e| ApiError::invalid("fleet_config_invalid", e.to_string()))?;
+            Some(c)
+        };
+        new_state.fleet_config = fleet_config;
+        let built = self.build(
+            config.as_ref().unwrap_or(&inner.config),
+            &new_state,
+            Scope::All,
+            None,
+        )?;
         // The state directory caches what is applied: an appliance restarted while etcd is
         // unreachable serves it.
         let persist = || -> anyhow::Result<()> {
@@ -160,10 +183,18 @@ impl Manager {
             for_each_change(&old.client_cas, &new_state.client_cas, |l, c| match c {
                 Some(c) => self.store.put_client_ca(c),
                 None => self.store.delete_client_ca(l),
-            })
+            })?;
+            if old.fleet_config != new_state.fleet_config {
+                self.store
+                    .put_fleet_config(new_state.fleet_config.as_deref())?;
+            }
+            Ok(())
         };
         persist().map_err(|e| ApiError::state_write(&e))?;
         inner.state = new_state;
+        if let Some(c) = config {
+            inner.config = c;
+        }
         let snapshot = self.commit(built);
         (self.publish)(Arc::new(snapshot));
         inner.missing_keys = missing.clone();

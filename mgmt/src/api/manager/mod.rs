@@ -11,6 +11,7 @@ mod acme;
 mod certs;
 mod client_ca;
 mod fleet;
+mod fleet_config;
 mod keys;
 mod listeners;
 mod overlay;
@@ -138,6 +139,7 @@ impl Manager {
         let token = builder.token().cloned();
         let ocsp_fetch = config.ocsp.api_fetch;
         let state = store.load()?;
+        let config = fleet_config::merged_at_start(config, &state);
         let call_timeout = config.pkcs11.as_ref().map_or(
             std::time::Duration::from_millis(crate::config::DEFAULT_CALL_TIMEOUT_MS),
             |p| p.call_timeout(),
@@ -385,8 +387,8 @@ impl Manager {
     pub fn reload(&self) -> Result<(), ApiError> {
         let mut inner = self.lock();
         let path = inner.config.path.clone();
-        let config =
-            Config::load(&path).map_err(|e| ApiError::invalid("config_invalid", e.to_string()))?;
+        let config = Config::load_with_fleet(&path, inner.state.fleet_config.as_deref())
+            .map_err(|e| ApiError::invalid("config_invalid", e.to_string()))?;
         let built = self.build(&config, &inner.state, Scope::All, None)?;
         inner.config = config;
         let snapshot = self.commit(built);

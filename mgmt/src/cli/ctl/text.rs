@@ -190,6 +190,12 @@ impl Text for wire::CrlView {
     }
 }
 
+impl Text for wire::FleetConfigView {
+    fn text(&self) -> String {
+        self.toml.trim_end().to_owned()
+    }
+}
+
 impl Text for wire::ClientCaView {
     fn text(&self) -> String {
         let mut out = format!(
