@@ -12,21 +12,8 @@ use std::process::{Command, Stdio};
 
 use anyhow::{ensure, Context, Result};
 use common::acme_support::{write_config, Gate};
-use common::policy_support::Zone;
+use common::policy_support::{let_in, Zone};
 use common::{demo_backend, Lab};
-
-/// Whether the client with this certificate gets the demo backend's answer on `port`.
-fn let_in(port: u16, cert: &Path, key: &Path) -> Result<bool> {
-    let out = Command::new("curl")
-        .args(["-sk", "--max-time", "5", "--cert"])
-        .arg(cert)
-        .arg("--key")
-        .arg(key)
-        .arg(format!("https://127.0.0.1:{port}/"))
-        .output()?;
-    Ok(out.status.success()
-        && String::from_utf8_lossy(&out.stdout).contains("hello from the tlsgate demo backend"))
-}
 
 /// One TLS 1.3 request with `openssl s_client` and this client certificate, saving the session
 /// to `save` or resuming the one in `resume`; returns (resumed, answered).
@@ -74,15 +61,7 @@ fn ctl(lab: &Lab, gate: &Gate, args: &[&str]) -> Result<String> {
 
 /// `ctl ARGS` must fail with `code` in its error.
 fn refused(lab: &Lab, gate: &Gate, args: &[&str], code: &str) -> Result<()> {
-    let mut all = vec!["ctl", "--socket", &gate.socket];
-    all.extend_from_slice(args);
-    let out = lab.cmd(&all).output()?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    ensure!(
-        !out.status.success() && stderr.contains(code),
-        "ctl {args:?} should fail with {code}: {stderr}"
-    );
-    Ok(())
+    common::ctl_refused_at(lab, &gate.socket, args, code).map(drop)
 }
 
 #[test]

@@ -12,12 +12,12 @@ mod api_support;
 mod common;
 mod fleet_support;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use api_support::{file_fingerprint, served_fingerprint};
 use common::acme_support::{wait_for, Gate};
+use common::policy_support::let_in;
 use common::{check, demo_backend, Lab};
 use fleet_support::*;
 
@@ -358,17 +358,8 @@ fn a_crl_uploaded_through_one_appliance_revokes_a_client_on_both() -> Result<()>
     let (a, b, _) = start_pair(&lab, &etcd, &backend, &client_auth)?;
     wait_members(&lab, &a, "both members reporting", |m| m["error"].is_null())?;
     // alice's certificate is accepted by both.
-    let alice = |gate: &Gate| -> Result<bool> {
-        let out = Command::new("curl")
-            .args(["-sk", "--max-time", "5", "--cert"])
-            .arg(&alice_cert)
-            .arg("--key")
-            .arg(&alice_key)
-            .arg(format!("https://127.0.0.1:{}/", gate.port("web")?))
-            .output()?;
-        Ok(out.status.success()
-            && String::from_utf8_lossy(&out.stdout).contains("hello from the tlsgate demo backend"))
-    };
+    let alice =
+        |gate: &Gate| -> Result<bool> { let_in(gate.port("web")?, &alice_cert, &alice_key) };
     ensure!(alice(&a)? && alice(&b)?, "alice is let in before the CRL");
 
     // The CRL revoking alice, uploaded through A only: both refuse her.
@@ -464,15 +455,7 @@ fn a_client_ca_bundle_uploaded_through_one_appliance_decides_on_both() -> Result
     let (a, b, _) = start_pair(&lab, &etcd, &backend, &client_auth)?;
     wait_members(&lab, &a, "both members reporting", |m| m["error"].is_null())?;
     let let_in = |gate: &Gate, cert: &std::path::Path, key: &std::path::Path| -> Result<bool> {
-        let out = Command::new("curl")
-            .args(["-sk", "--max-time", "5", "--cert"])
-            .arg(cert)
-            .arg("--key")
-            .arg(key)
-            .arg(format!("https://127.0.0.1:{}/", gate.port("web")?))
-            .output()?;
-        Ok(out.status.success()
-            && String::from_utf8_lossy(&out.stdout).contains("hello from the tlsgate demo backend"))
+        let_in(gate.port("web")?, cert, key)
     };
     for gate in [&a, &b] {
         ensure!(

@@ -79,18 +79,6 @@ fn ticket_lifetime(gate: &Gate) -> Result<Option<u64>> {
         .and_then(|rest| rest.split_whitespace().next()?.parse().ok()))
 }
 
-fn ctl_refused(lab: &Lab, gate: &Gate, args: &[&str], code: &str) -> Result<()> {
-    let mut all = vec!["ctl", "--socket", &gate.socket];
-    all.extend_from_slice(args);
-    let out = lab.cmd(&all).output()?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    ensure!(
-        !out.status.success() && stderr.contains(code),
-        "ctl {args:?} should fail with {code}: {stderr}"
-    );
-    Ok(())
-}
-
 #[test]
 fn pools_routes_and_ticket_policy_set_through_one_appliance_apply_on_both() -> Result<()> {
     if !(common::require("etcd", "etcd-server")
@@ -139,21 +127,15 @@ fn pools_routes_and_ticket_policy_set_through_one_appliance_apply_on_both() -> R
         ),
     ] {
         std::fs::write(&bad, text)?;
-        ctl_refused(
+        let why_said = common::ctl_refused_at(
             &lab,
-            &a,
+            &a.socket,
             &["fleet", "config", "set", "--file", &bad_file],
             "fleet_config_invalid",
         )?;
-        let out = lab
-            .cmd(&[
-                "ctl", "--socket", &a.socket, "fleet", "config", "set", "--file", &bad_file,
-            ])
-            .output()?;
         ensure!(
-            String::from_utf8_lossy(&out.stderr).contains(why),
-            "the refusal says why ({why}): {}",
-            String::from_utf8_lossy(&out.stderr)
+            why_said.contains(why),
+            "the refusal says why ({why}): {why_said}"
         );
     }
 

@@ -72,6 +72,21 @@ pub fn fail(out: Output, what: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
+/// `tlsgate ctl --socket SOCKET ARGS` (with `lab`'s token environment) must be refused (exit 1)
+/// with `code` in its error; returns that error.
+pub fn ctl_refused_at(lab: &Lab, socket: &str, args: &[&str], code: &str) -> Result<String> {
+    let mut all = vec!["ctl", "--socket", socket];
+    all.extend_from_slice(args);
+    let out = lab.cmd(&all).output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    ensure!(
+        out.status.code() == Some(1) && stderr.contains(code),
+        "ctl {args:?} should be refused with {code}, got {:?}: {stderr}",
+        out.status
+    );
+    Ok(stderr)
+}
+
 pub fn uri(label: &str) -> String {
     format!("pkcs11:token=lab;object={label};type=private")
 }

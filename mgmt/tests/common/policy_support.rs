@@ -30,6 +30,20 @@ pub fn lab_cert(
     lab.software_cert(algorithm, label, cn, &san.join(","))
 }
 
+/// Whether a client with this certificate gets the demo backend's answer from the listener on
+/// `port` (curl, no server verification).
+pub fn let_in(port: u16, cert: &Path, key: &Path) -> Result<bool> {
+    let out = Command::new("curl")
+        .args(["-sk", "--max-time", "5", "--cert"])
+        .arg(cert)
+        .arg("--key")
+        .arg(key)
+        .arg(format!("https://127.0.0.1:{port}/"))
+        .output()?;
+    Ok(out.status.success()
+        && String::from_utf8_lossy(&out.stdout).contains("hello from the tlsgate demo backend"))
+}
+
 /// A client trust zone: its own CA, client certificates it issued, CRLs it signs.
 pub struct Zone {
     pub name: String,

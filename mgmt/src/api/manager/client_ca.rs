@@ -10,6 +10,7 @@ use std::time::SystemTime;
 use rustls_pki_types::CertificateDer;
 use tlsgate_keystore::cert::fmt_time;
 
+use super::listeners::one;
 use super::{now_unix, Manager};
 use crate::api::error::ApiError;
 use crate::api::wire::{ClientCaCert, ClientCaView, PutClientCa};
@@ -85,10 +86,6 @@ impl Manager {
             |s| s.delete_client_ca(listener),
         )
     }
-}
-
-fn one(listener: &str) -> std::collections::BTreeSet<String> {
-    std::iter::once(listener.to_owned()).collect()
 }
 
 fn not_uploaded(listener: &str) -> ApiError {

@@ -160,7 +160,7 @@ impl Manager {
 }
 
 /// The scope of a change to one listener.
-fn one(listener: &str) -> std::collections::BTreeSet<String> {
+pub(super) fn one(listener: &str) -> std::collections::BTreeSet<String> {
     std::iter::once(listener.to_owned()).collect()
 }
 
