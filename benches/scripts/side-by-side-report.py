@@ -282,6 +282,7 @@ def table(out):
         summary_all = summary
 
     lines += syscall_lines(out, present)
+    lines += profile_lines(out, present)
 
     errors = [(e, s, v["errors"], v["runs"], v["clean_runs"]) for e in summary_all
               for s, v in e["servers"].items() if v["errors"] or v["clean_runs"] < v["runs"]]
@@ -369,6 +370,105 @@ def syscall_lines(out, present):
             digits = 1 if total < 100 else 0
             cols.append(f"**{total:.{digits}f}**: " + ", ".join(f"{n} {v:.1f}" for n, v in top))
         lines.append("| " + " | ".join(cols) + " |")
+    return lines
+
+
+# Kernel symbols by the kind of work, first match wins (prefixes).
+KERNEL_KINDS = [
+    ("syscall entry/exit", ("entry_SYSCALL", "syscall_", "do_syscall", "exit_to_user",
+                            "syscall_exit", "__x64_sys_", "__do_sys_", "__sys_", "ksys_",
+                            "fpregs_", "switch_fpu", "restore_fpregs", "__fdget", "fput",
+                            "__fput", "fget", "__fget")),
+    ("io_uring", ("io_", "__io_")),
+    ("scheduler, wakeups", ("schedule", "__schedule", "finish_task_switch", "pick_next",
+                            "try_to_wake_up", "__wake_up", "wake_up", "enqueue_", "dequeue_",
+                            "update_", "psi_", "ttwu_", "select_task_rq", "native_sched_clock",
+                            "sched_", "__update_", "load_balance", "newidle_balance",
+                            "prepare_task_switch", "__switch_to", "raw_spin_rq")),
+    ("copies", ("copy_", "_copy_", "__copy_", "rep_movs", "memcpy", "__memcpy", "memmove",
+                "csum_", "skb_copy", "__skb_datagram_iter", "simple_copy_to_iter")),
+    ("memory", ("kmem_cache", "kmalloc", "__kmalloc", "kfree", "__kfree", "kmalloc_",
+                "__alloc_pages", "get_page_from_freelist", "free_unref", "__free_pages",
+                "page_", "__slab", "slab_", "___slab", "memcg_", "__memcg", "mod_memcg",
+                "obj_cgroup", "refill_obj_stock", "drain_obj_stock", "__mod_")),
+    ("TCP/IP, sockets, loopback", ("tcp", "__tcp", "inet", "__inet", "ip_", "__ip_", "ipv4",
+                                   "sk_", "__sk_", "sock_", "__sock", "sock", "skb_", "__skb",
+                                   "kfree_skb", "consume_skb", "dev_", "__dev_", "loopback",
+                                   "netif_", "__netif", "net_rx", "process_backlog", "__napi",
+                                   "napi_", "nf_", "__nf_", "raw_v4", "security_sock",
+                                   "security_socket", "lock_sock", "release_sock", "release_sock",
+                                   "__release_sock", "bpf_", "__cgroup_bpf", "validate_xmit",
+                                   "fib_", "__fib", "neigh_", "dst_", "rt_", "__x4", "udp",
+                                   "eth_", "sch_", "__qdisc", "qdisc", "do_softirq",
+                                   "__do_softirq", "__local_bh", "local_bh", "irq_exit",
+                                   "ep_", "__ep_", "sockfd_lookup", "move_addr_to",
+                                   "__sys_connect", "__sys_accept", "do_accept", "__sys_socket")),
+    ("files, descriptors", ("alloc_file", "d_alloc", "dput", "__d_", "d_instantiate",
+                            "alloc_fd", "__alloc_fd", "fd_install", "close_fd", "filp_close",
+                            "__close_fd", "file_close", "alloc_inode", "new_inode",
+                            "iput", "evict", "destroy_inode", "__destroy_inode", "inode_",
+                            "sock_alloc", "get_unused_fd", "put_unused_fd", "dentry_",
+                            "__dentry", "locks_", "security_file", "security_inode",
+                            "mntput", "mntget", "task_work", "percpu_counter")),
+]
+
+
+def kernel_kind(sym):
+    for kind, prefixes in KERNEL_KINDS:
+        if sym.startswith(prefixes):
+            return kind
+    return "other kernel"
+
+
+def profile_lines(out, present):
+    """The "Where the CPU goes" section from raw/*.json.profile (perf report --sort sym over
+    each tlsgate-load run, --profile): per server, the kernel's share of the samples and how it
+    splits by kind of work, then the top kernel and user-space symbols; the mean over runs."""
+    import glob
+    import re
+    per = {}
+    for path in glob.glob(os.path.join(out, "raw", "*.json.profile")):
+        m = re.match(r"(\w+)-(\w+)-(\w+)-(.+)-run\d+\.json\.profile$", os.path.basename(path))
+        if not m:
+            continue
+        syms = {}
+        with open(path) as f:
+            for line in f:
+                m2 = re.match(r"\s*([\d.]+)%\s+\[(k|\.)\]\s+(.+?)\s*$", line)
+                if m2:
+                    pct, space, sym = float(m2.group(1)), m2.group(2), m2.group(3)
+                    key = ("k" if space == "k" else "u", sym)
+                    syms[key] = syms.get(key, 0.0) + pct
+        if syms:
+            per.setdefault(m.groups(), []).append(syms)
+    if not per:
+        return []
+    lines = ["", "### Where the CPU goes (perf record, cpu-clock, over each tlsgate-load run; "
+             "share of the server's samples, mean over runs; symbols under 0.2 % left out)", ""]
+    cells = sorted({k[:3] for k in per}, key=lambda k: (k[0], k[1] != "software", TESTS.index(k[2])))
+    kinds = [k for k, _ in KERNEL_KINDS] + ["other kernel"]
+    for cell in cells:
+        lines.append(f"**{' '.join(cell)}**")
+        lines.append("")
+        head = ["server", "kernel"] + kinds + ["top kernel symbols", "top user-space symbols"]
+        lines.append("| " + " | ".join(head) + " |")
+        lines.append("|---|" + "---:|" * (1 + len(kinds)) + "---|---|")
+        for s in present:
+            runs = per.get((*cell, s))
+            if not runs:
+                continue
+            names = {n for r in runs for n in r}
+            mean = {n: sum(r.get(n, 0) for r in runs) / len(runs) for n in names}
+            kernel = {n[1]: v for n, v in mean.items() if n[0] == "k"}
+            user = {n[1]: v for n, v in mean.items() if n[0] == "u"}
+            by_kind = {k: 0.0 for k in kinds}
+            for sym, v in kernel.items():
+                by_kind[kernel_kind(sym)] += v
+            top = lambda d: ", ".join(f"{n[:32]} {v:.1f}" for n, v in sorted(d.items(), key=lambda x: -x[1])[:5])
+            cols = [s, f"{sum(kernel.values()):.0f} %"] + [f"{by_kind[k]:.1f}" for k in kinds]
+            cols += [top(kernel), top(user)]
+            lines.append("| " + " | ".join(cols) + " |")
+        lines.append("")
     return lines
 
 

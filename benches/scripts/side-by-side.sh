@@ -40,6 +40,9 @@
 #   --syscalls            count each server's system calls during every tlsgate-load run
 #                         (perf stat on the syscalls:sys_enter_* tracepoints; needs perf and
 #                         tracefs) and print them per operation
+#   --profile             sample each server's CPU during every tlsgate-load run (perf record,
+#                         cpu-clock, kernel and user symbols) and print where it goes: the
+#                         kernel's share by kind of work and the top symbols
 #   --server-closes       full*/resume*: tlsgate-load waits for the server to close first, as
 #                         s_time -www does (how the two clients end a connection differs)
 #   --out DIR             where results go [benches/results/DATE-side-by-side]
@@ -66,7 +69,7 @@ keys="ecdsa rsa" stores="software softhsm"
 tests="full13 full12 resume13 resume12 bulk idle"
 hsm_tests="full13 full12 resume13 resume12"
 idle_conns=10000 idle_runs=1 bulk_bytes=1048576 out="" tlsgate_bin="" load_bin="" install=1
-independent=1 bulk_requests=1000 server_closes=0 syscalls=0
+independent=1 bulk_requests=1000 server_closes=0 syscalls=0 profile=0
 server_cpu=0 load_cpu=1 port_base=18440 keep_work=0
 set_runs="" set_duration="" set_tests="" set_idle="" set_install=""
 while (($#)); do
@@ -87,6 +90,7 @@ while (($#)); do
         --no-independent) independent=0; shift ;;
         --server-closes) server_closes=1; shift ;;
         --syscalls) syscalls=1; shift ;;
+        --profile) profile=1; shift ;;
         --out) out="$2"; shift 2 ;;
         --tlsgate) tlsgate_bin="$2"; shift 2 ;;
         --load) load_bin="$2"; shift 2 ;;
@@ -470,6 +474,12 @@ for key in $keys; do
                         perf_pid=$!
                         sleep 0.5
                     fi
+                    prof_pid=""
+                    if ((profile)); then
+                        perf record -q -e cpu-clock -F 2999 -p "${pids[$s]}" -o "$json.perf" 2>/dev/null &
+                        prof_pid=$!
+                        sleep 0.5
+                    fi
                     if ! taskset -c "$load_cpu" "$load_bin" --target "127.0.0.1:${port[$s]}" "${load[@]}" \
                         --server-pid "${pids[$s]}" --json "$json" --output none 2>"$json.err"; then
                         echo "  FAILED $key $store $t $s run $run: $(tail -n 1 "$json.err")" >&2
@@ -477,6 +487,13 @@ for key in $keys; do
                     fi
                     [[ -s "$json.err" ]] || rm -f "$json.err"
                     if [[ -n "$perf_pid" ]]; then kill -INT "$perf_pid" 2>/dev/null || true; wait "$perf_pid" || true; fi
+                    if [[ -n "$prof_pid" ]]; then
+                        kill -INT "$prof_pid" 2>/dev/null || true; wait "$prof_pid" || true
+                        # Flat, by symbol: "[k]" kernel, "[.]" user space. Only the text is kept.
+                        perf report -i "$json.perf" --stdio --no-children --sort sym -q \
+                            --percent-limit 0.2 >"$json.profile" 2>/dev/null || true
+                        rm -f "$json.perf" "$json.perf.old"
+                    fi
                     python3 "$here/side-by-side-report.py" row "$json" "$key" "$store" "$t" "$s" "$run" >>"$out/runs.csv" || true
                     printf '  %-8s %-8s %-9s %-17s run %s done\n' "$key" "$store" "$t" "$s" "$run" >&2
                     if ((independent)) && [[ "$t" != idle ]]; then
