@@ -15,6 +15,16 @@ use super::Challenges;
 use crate::fleet::acme::Role;
 use crate::fleet::Fleet;
 
+/// Runs `f` on a blocking thread (state files, the token); its error as text.
+async fn off_thread<T: Send + 'static>(
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("{e:#}"))
+}
+
 /// The fleet side of the ACME client, when `[fleet]` is configured.
 pub(crate) struct FleetHome {
     pub fleet: Arc<Fleet>,
@@ -82,10 +92,7 @@ impl Ctx {
             }
         }
         let (store, n) = (self.store.clone(), name.to_owned());
-        tokio::task::spawn_blocking(move || store.load_progress(&n))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("{e:#}"))
+        off_thread(move || store.load_progress(&n)).await
     }
 
     /// Saves the progress: to the fleet first (only while this appliance orders), then to the
@@ -100,10 +107,7 @@ impl Ctx {
                 .map_err(|e| format!("{e:#}"))?;
         }
         let (store, n, p) = (self.store.clone(), name.to_owned(), p.clone());
-        tokio::task::spawn_blocking(move || store.save_progress(&n, &p))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("{e:#}"))
+        off_thread(move || store.save_progress(&n, &p)).await
     }
 
     /// The account credentials (JSON) for `directory`, unsealed by the token.
@@ -119,19 +123,15 @@ impl Ctx {
             directory.to_owned(),
         );
         match &self.fleet {
-            None => tokio::task::spawn_blocking(move || store.load_account(&n, &d, &token))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| format!("{e:#}")),
+            None => off_thread(move || store.load_account(&n, &d, &token)).await,
             Some(h) => {
                 let key = h.fleet.keys().acme_account(name);
                 let Some(bytes) = h.fleet.acme_get(key).await.map_err(|e| format!("{e:#}"))? else {
                     return Ok(None);
                 };
-                tokio::task::spawn_blocking(move || store.unseal_account(&n, &d, &token, &bytes))
+                off_thread(move || store.unseal_account(&n, &d, &token, &bytes))
                     .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| format!("the fleet's account: {e:#}"))
+                    .map_err(|e| format!("the fleet's account: {e}"))
             }
         }
     }
@@ -149,16 +149,10 @@ impl Ctx {
             directory.to_owned(),
         );
         if self.fleet.is_none() {
-            return tokio::task::spawn_blocking(move || store.save_account(&n, &d, &token, &json))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| format!("{e:#}"));
+            return off_thread(move || store.save_account(&n, &d, &token, &json)).await;
         }
         let (fleet, lease) = self.orderer()?;
-        let sealed = tokio::task::spawn_blocking(move || store.seal_account(&n, &d, &token, &json))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("{e:#}"))?;
+        let sealed = off_thread(move || store.seal_account(&n, &d, &token, &json)).await?;
         fleet
             .acme_put(lease, fleet.keys().acme_account(name), sealed, false)
             .await

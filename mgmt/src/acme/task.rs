@@ -17,6 +17,7 @@ use zeroize::Zeroizing;
 
 use super::home::Turn;
 use super::store::{AcmeStore, ProblemView, Progress, RetiredKey, SubproblemView};
+use super::AcmeStatus;
 use super::{Challenges, Entry};
 use crate::api::Manager;
 use crate::audit::ClientIdentity;
@@ -330,11 +331,7 @@ fn publish_status(
         (None, None, None) => "pending",
     }
     .into();
-    s.not_after_unix = cur.map(|c| c.not_after);
-    s.not_after = cur.map(|c| fmt_unix(c.not_after.max(0) as u64));
-    s.issuer = cur.map(|c| c.issuer.clone());
-    s.serial = cur.map(|c| c.serial.clone());
-    s.key = cur.map(|c| c.key.clone());
+    served(&mut s, cur);
     s.next_renewal_unix = Some(next);
     s.next_renewal = Some(fmt_unix(next));
     s.order_url = progress.order_url.clone();
@@ -350,16 +347,21 @@ async fn save(ctx: &Ctx, name: &str, progress: &Progress) {
     }
 }
 
-/// Status of an entry another fleet member orders for.
-fn standby(entry: &Entry, cur: Option<&Current>, orderer: Option<String>) {
-    let mut s = entry.status.lock();
-    s.state = "standby".into();
-    s.orderer = orderer;
+/// The served certificate's facts in a status.
+fn served(s: &mut AcmeStatus, cur: Option<&Current>) {
     s.not_after_unix = cur.map(|c| c.not_after);
     s.not_after = cur.map(|c| fmt_unix(c.not_after.max(0) as u64));
     s.issuer = cur.map(|c| c.issuer.clone());
     s.serial = cur.map(|c| c.serial.clone());
     s.key = cur.map(|c| c.key.clone());
+}
+
+/// Status of an entry another fleet member orders for.
+fn standby(entry: &Entry, cur: Option<&Current>, orderer: Option<String>) {
+    let mut s = entry.status.lock();
+    s.state = "standby".into();
+    s.orderer = orderer;
+    served(&mut s, cur);
     s.order_url = None;
     s.next_renewal_unix = None;
     s.next_renewal = None;
