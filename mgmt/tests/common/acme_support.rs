@@ -7,6 +7,7 @@ use std::fs::File;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -21,9 +22,20 @@ pub fn have_pebble() -> bool {
         && super::require("curl", "curl")
 }
 
-/// A port nobody listens on now (bound and released; the tests use it at once).
+/// A port nobody listens on now (bound and released; the tests use it at once) and that no
+/// other test of this process was given: the tests of one binary run side by side, and the
+/// kernel may hand a just-released port to the next `bind(0)`.
 pub fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    for _ in 0..100 {
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        if !given.contains(&port) {
+            given.push(port);
+            return Ok(port);
+        }
+    }
+    bail!("no free port not already given to another test in 100 tries")
 }
 
 /// Polls `f` every 200 ms until it gives `Some`, or fails with `what` after `timeout`.

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 
 use crate::api_support::file_fingerprint;
 use crate::api_support::served_fingerprint;
@@ -26,10 +26,37 @@ pub struct Etcd {
 }
 
 impl Etcd {
+    /// Starts the cluster on ports of its own. A member that exits while the cluster forms (say,
+    /// its port was taken between choosing and binding it) or a cluster not healthy within 60 s
+    /// is tried again on other ports, three times in all; the error names each member's last
+    /// log lines.
     pub fn start(dir: &Path) -> Result<Etcd> {
+        let mut tries = Vec::new();
+        for attempt in 1..=3 {
+            let dir = dir.join(format!("etcd-try{attempt}"));
+            std::fs::create_dir_all(&dir)?;
+            let mut etcd = Etcd::on_new_ports(&dir)?;
+            for i in 0..3 {
+                etcd.restart_member(i)?;
+            }
+            match etcd.wait_formed() {
+                Ok(()) => return Ok(etcd),
+                Err(e) => {
+                    eprintln!("etcd cluster, try {attempt} of 3: {e:#}");
+                    tries.push(format!("try {attempt}: {e:#}"));
+                }
+            }
+        }
+        bail!(
+            "no healthy etcd cluster in three tries:\n{}",
+            tries.join("\n")
+        )
+    }
+
+    fn on_new_ports(dir: &Path) -> Result<Etcd> {
         let peers: Vec<u16> = (0..3).map(|_| free_port()).collect::<Result<_>>()?;
         let clients: Vec<u16> = (0..3).map(|_| free_port()).collect::<Result<_>>()?;
-        let mut etcd = Etcd {
+        Ok(Etcd {
             dir: dir.to_owned(),
             endpoints: clients
                 .iter()
@@ -38,12 +65,39 @@ impl Etcd {
             peers,
             clients,
             members: vec![None, None, None],
-        };
-        for i in 0..3 {
-            etcd.restart_member(i)?;
+        })
+    }
+
+    /// Waits until every member reports healthy; fails at once when a member exits.
+    fn wait_formed(&mut self) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            for (i, member) in self.members.iter_mut().enumerate() {
+                if let Some(m) = member {
+                    if let Some(status) = m.child.try_wait()? {
+                        bail!("member m{i} exited ({status}): {}", self.log_tail(i));
+                    }
+                }
+            }
+            if self.ctl(&["endpoint", "health"])?.status.success() {
+                return Ok(());
+            }
+            if start.elapsed() > Duration::from_secs(60) {
+                let tails: Vec<String> = (0..3)
+                    .map(|i| format!("m{i}: {}", self.log_tail(i)))
+                    .collect();
+                bail!("not healthy after 60 s; {}", tails.join("; "));
+            }
+            std::thread::sleep(Duration::from_millis(200));
         }
-        etcd.wait_healthy()?;
-        Ok(etcd)
+    }
+
+    /// The last lines of member `i`'s log, for an error.
+    fn log_tail(&self, i: usize) -> String {
+        let log =
+            std::fs::read_to_string(self.dir.join(format!("etcd-m{i}.log"))).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(3)..].join(" | ")
     }
 
     /// Starts member `i` (again): a restarted member keeps its data directory and rejoins.
