@@ -278,8 +278,10 @@ origin_port=$port_base
 declare -A port=([tlsgate-uring]=$((port_base + 1)) [tlsgate-portable]=$((port_base + 2))
     [haproxy]=$((port_base + 3)) [nginx]=$((port_base + 4)))
 declare -A pid=() pids=() why=()
-if [[ "$fd_limit" != unlimited ]] && ((2 * (idle_conns + 300) + 100 > fd_limit)); then
-    capped=$(((fd_limit - 100) / 2 - 300))
+# 300 descriptors beside the connections: tlsgate refuses to start without its reserve of 256
+# plus its per-core sockets (listeners, ring, wakers), which is more than HAProxy and nginx need.
+if [[ "$fd_limit" != unlimited ]] && ((2 * (idle_conns + 300) + 300 > fd_limit)); then
+    capped=$(((fd_limit - 300) / 2 - 300))
     echo "idle connections capped at $capped (from $idle_conns): RLIMIT_NOFILE is $fd_limit here" | tee -a "$out/machine.txt" >&2
     idle_conns=$capped
 fi
