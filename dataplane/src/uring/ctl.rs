@@ -13,6 +13,15 @@ use super::slab::{Key, Slab};
 use super::sys::{self, RawAddr};
 use super::UringError;
 
+/// Send buffers a core keeps for reuse. A bulk response can queue up to its whole size for a
+/// slow client (the backend's multishot receive delivers what the kernel holds before a pause
+/// lands): grown afresh for every response, the buffer cost a copy per doubling and fresh pages
+/// — in the io_uring driver's bulk profile, 93 % of its page faults. Kept buffers are at most
+/// `SPARE_BUFFERS` × `SPARE_MAX_BYTES` per core; idle sockets hold none.
+const SPARE_BUFFERS: usize = 8;
+const SPARE_MIN_BYTES: usize = 16 * 1024;
+const SPARE_MAX_BYTES: usize = 4 * 1024 * 1024;
+
 /// One in-flight operation; owns every byte the kernel may read or write for it.
 #[derive(Debug)]
 pub(super) enum Op {
@@ -116,6 +125,8 @@ pub struct Ctl {
     pub(super) accept_retry: Vec<usize>,
     pub(super) stats: LoopStats,
     pub(super) stop: bool,
+    /// Cleared send buffers for reuse (see [`SPARE_BUFFERS`]).
+    pub(super) spare: Vec<Vec<u8>>,
 }
 
 impl Ctl {
@@ -250,13 +261,18 @@ impl Ctl {
             return true;
         }
         if s.send_op.is_some() || s.state == SockState::Connecting {
+            if s.queued.capacity() == 0 {
+                s.queued = self.spare.pop().unwrap_or_default();
+            }
             s.queued.extend_from_slice(data);
             return true;
         }
         let fd = s.fd.as_raw_fd();
+        let mut buf = self.spare.pop().unwrap_or_default();
+        buf.extend_from_slice(data);
         let op = self.ops.insert(Op::Send {
             sock: sock.0,
-            buf: data.to_vec(),
+            buf,
             off: 0,
         });
         if let Some(s) = self.socks.get_mut(sock.0) {
@@ -326,9 +342,10 @@ impl Ctl {
         let Some(s) = self.socks.get_mut(sock.0) else {
             return;
         };
-        s.queued = Vec::new();
+        let queued = std::mem::take(&mut s.queued);
         s.aborted = true;
         let send = s.send_op;
+        self.recycle(queued);
         if let Some(op) = send {
             self.cancel(op);
         }
@@ -480,6 +497,17 @@ impl Ctl {
         self.backlog.push(Pending::One(entry));
     }
 
+    /// Keeps `buf` for a later send when there is room and it is worth keeping. Only buffers no
+    /// operation in flight points at may come here.
+    pub(super) fn recycle(&mut self, mut buf: Vec<u8>) {
+        if self.spare.len() < SPARE_BUFFERS
+            && (SPARE_MIN_BYTES..=SPARE_MAX_BYTES).contains(&buf.capacity())
+        {
+            buf.clear();
+            self.spare.push(buf);
+        }
+    }
+
     /// Hands the fd to an `IORING_OP_CLOSE` once no operation names the socket any more.
     pub(super) fn maybe_finish_close(&mut self, sock: Key) {
         let ready = self.socks.get(sock).is_some_and(|s| s.closing && s.idle());
@@ -489,6 +517,7 @@ impl Ctl {
         let Some(s) = self.socks.remove(sock) else {
             return;
         };
+        self.recycle(s.queued);
         let fd = s.fd.into_raw_fd();
         let op = self.ops.insert(Op::Close);
         let entry = opcode::Close::new(types::Fd(fd))

@@ -2,7 +2,7 @@
 //! [`Conn`] as the portable driver, one [`EventLoop`] per core.
 //!
 //! Bytes the core hands out (`client_out`/`backend_out`) are copied into the ring's send
-//! operations at once and acknowledged to the core; the ring's unsent bytes per socket then
+//! operations (buffers the ring keeps per core for reuse) at once and acknowledged to the core; the ring's unsent bytes per socket then
 //! stand in for the core's output buffer in the backpressure decision (read one side only while
 //! the other side's unsent bytes are under `limits.buffer_bytes`).
 //!

@@ -145,6 +145,7 @@ impl EventLoopBuilder {
             accept_retry: Vec::new(),
             stats: LoopStats::default(),
             stop: false,
+            spare: Vec::new(),
         };
         ctl.arm_tick(Box::new(types::Timespec::from(self.tick)));
         ctl.arm_eventfd(waker.0.as_raw_fd(), Box::new([0; 8]));
@@ -464,12 +465,15 @@ impl EventLoop {
                 let aborted = self.ctl.socks.get(sock).is_none_or(|s| s.aborted);
                 let (Some(fd), true, false) = (fd, res > 0, aborted) else {
                     // Error, zero-length write, or the socket is gone: this send is over.
-                    self.ctl.ops.remove(key);
+                    if let Some(Op::Send { buf, .. }) = self.ctl.ops.remove(key) {
+                        self.ctl.recycle(buf);
+                    }
                     let mut report = false;
                     if let Some(s) = self.ctl.socks.get_mut(sock) {
                         s.send_op = None;
-                        s.queued = Vec::new();
+                        let queued = std::mem::take(&mut s.queued);
                         report = !s.closing;
+                        self.ctl.recycle(queued);
                     }
                     if report {
                         let err = if res < 0 {
@@ -506,7 +510,12 @@ impl EventLoop {
                     self.ctl.submit_send(key, fd);
                     return;
                 }
-                self.ctl.ops.remove(key);
+                // Drained: the socket holds no send buffer while it waits for more (`queued`
+                // is its empty queue, taken above).
+                if let Some(Op::Send { buf, .. }) = self.ctl.ops.remove(key) {
+                    self.ctl.recycle(buf);
+                }
+                self.ctl.recycle(queued);
                 let mut report = false;
                 if let Some(s) = self.ctl.socks.get_mut(sock) {
                     s.send_op = None;
@@ -558,7 +567,8 @@ impl EventLoop {
                     ConnectError::Failed(io::Error::from_raw_os_error(-res))
                 };
                 s.closing = true;
-                s.queued = Vec::new();
+                let queued = std::mem::take(&mut s.queued);
+                self.ctl.recycle(queued);
                 self.ctl.maybe_finish_close(sock);
                 handler.on_connected(&mut self.ctl, SocketId(sock), Err(err));
             }

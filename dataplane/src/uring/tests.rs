@@ -344,6 +344,79 @@ fn partial_writes_keep_order_to_a_slow_reader() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Sends three chunks (one goes out, two queue behind it) twice over, and notes after each
+/// drain what the core keeps for reuse and what the socket still holds.
+struct Recycler {
+    chunk: Vec<u8>,
+    /// Per drain: (spare buffers, their capacities sorted, the socket's queue capacity).
+    drains: Vec<(usize, Vec<usize>, usize)>,
+}
+
+impl Recycler {
+    fn send_three(&self, ctl: &mut Ctl, s: SocketId) {
+        for _ in 0..3 {
+            assert!(ctl.send(s, &self.chunk));
+        }
+    }
+}
+
+impl Handler for Recycler {
+    fn on_accept(&mut self, ctl: &mut Ctl, _l: ListenerId, s: SocketId) {
+        self.send_three(ctl, s);
+    }
+    fn on_data(&mut self, _: &mut Ctl, _: SocketId, _: &[u8]) {}
+    fn on_eof(&mut self, _: &mut Ctl, _: SocketId) {}
+    fn on_error(&mut self, _: &mut Ctl, _: SocketId, e: io::Error) {
+        panic!("unexpected socket error {e}");
+    }
+    fn on_connected(&mut self, _: &mut Ctl, _: SocketId, _: Result<(), ConnectError>) {}
+    fn on_send_drained(&mut self, ctl: &mut Ctl, s: SocketId) {
+        let mut caps: Vec<usize> = ctl.spare.iter().map(Vec::capacity).collect();
+        caps.sort_unstable();
+        let queued = ctl
+            .socks
+            .get(s.0)
+            .map_or(usize::MAX, |s| s.queued.capacity());
+        self.drains.push((ctl.spare.len(), caps, queued));
+        if self.drains.len() == 1 {
+            self.send_three(ctl, s);
+        } else {
+            ctl.close(s);
+        }
+    }
+}
+
+#[test]
+fn send_buffers_are_kept_by_the_core_and_reused_not_held_by_idle_sockets() -> anyhow::Result<()> {
+    let chunk = pattern(7, 256 * 1024);
+    let expected: Vec<u8> = [&chunk[..]; 6].concat();
+    let recycler = Recycler {
+        chunk,
+        drains: Vec::new(),
+    };
+    let running = spawn_loop(EventLoopBuilder::new(), recycler, |ctl, _| {
+        let l = ctl.listen(localhost())?;
+        ctl.listener_addr(l)
+            .ok_or_else(|| anyhow::anyhow!("no address"))
+    });
+    let mut s = TcpStream::connect(running.setup)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut got = Vec::new();
+    s.read_to_end(&mut got)?;
+    assert!(got == expected, "the two rounds arrived whole and in order");
+    let (h, _, _) = running.finish()?;
+    assert_eq!(h.drains.len(), 2, "two drains: {:?}", h.drains);
+    for (spare, caps, queued) in &h.drains {
+        // The send's buffer and the queue behind it both come back to the core...
+        assert_eq!(*spare, 2, "kept after a drain: {caps:?}");
+        // ...and a drained socket holds none.
+        assert_eq!(*queued, 0);
+    }
+    // The second round reused the first round's buffers instead of growing new ones.
+    assert_eq!(h.drains[0].1, h.drains[1].1);
+    Ok(())
+}
+
 #[test]
 fn recv_rearms_when_the_buffer_ring_runs_dry() -> anyhow::Result<()> {
     // Two 64-byte buffers: any burst larger than 128 bytes ends the multishot recv with ENOBUFS.
