@@ -104,14 +104,11 @@ fn the_socket_path_is_replaced_only_when_it_is_a_stale_socket() -> Result<()> {
     // A stale socket: replaced. A process another test in this binary forks at that instant
     // holds a copy of the listener until it execs (close-on-exec), so the socket may answer a
     // moment longer.
-    let closed = std::time::Instant::now();
-    while answers(&socket) {
-        ensure!(
-            closed.elapsed() < std::time::Duration::from_secs(10),
-            "the closed socket still answers"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    common::acme_support::wait_for(
+        std::time::Duration::from_secs(10),
+        "the closed socket to stop answering",
+        || Ok((!answers(&socket)).then_some(())),
+    )?;
     let serve = Serve::start(&lab, &config)?;
     ensure!(answers(&socket), "the stale socket was not replaced");
     drop(serve);
