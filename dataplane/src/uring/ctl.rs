@@ -49,6 +49,13 @@ pub(super) struct Socket {
     pub(super) state: SockState,
     pub(super) recv_op: Option<Key>,
     pub(super) recv_wanted: bool,
+    /// Set by the first [`Ctl::pause_recv`]. Where the kernel has no byte limit for multishot
+    /// receives ([`Ctl::recv_limit`] is `None`), each receive on the socket is single-shot from
+    /// then on (one buffer), re-armed only while the handler still wants data. An unbounded
+    /// multishot receive hands over everything the peer can send while the core drains it — up
+    /// to the whole buffer ring in one turn — which a slow reader on the other side must then
+    /// wait for in memory.
+    pub(super) bounded: bool,
     pub(super) send_op: Option<Key>,
     pub(super) connect_op: Option<Key>,
     /// Bytes accepted by `send` while a send was in flight.
@@ -77,6 +84,7 @@ impl Socket {
             state,
             recv_op: None,
             recv_wanted: true,
+            bounded: false,
             send_op: None,
             connect_op: None,
             queued: Vec::new(),
@@ -127,6 +135,11 @@ pub struct Ctl {
     pub(super) stop: bool,
     /// Cleared send buffers for reuse (see [`SPARE_BUFFERS`]).
     pub(super) spare: Vec<Vec<u8>>,
+    /// What one multishot receive may deliver before it ends and is re-armed (if the handler
+    /// still wants data): `Some(bytes)` where the kernel takes a byte limit on a multishot recv
+    /// (Linux 6.17); `None` where it does not, and receives on a socket once paused are
+    /// single-shot instead (see [`Socket::bounded`]).
+    pub(super) recv_limit: Option<u32>,
 }
 
 impl Ctl {
@@ -298,18 +311,20 @@ impl Ctl {
     }
 
     /// Stops delivering data for `sock` (backpressure): the multishot recv is cancelled;
-    /// bytes already received may still arrive in this turn.
+    /// bytes already received may still arrive in this turn. What a resumed receive delivers
+    /// is bounded (see [`Ctl::recv_limit`] and [`Socket::bounded`]).
     pub fn pause_recv(&mut self, sock: SocketId) {
         let Some(s) = self.socks.get_mut(sock.0) else {
             return;
         };
         s.recv_wanted = false;
+        s.bounded = true;
         if let Some(op) = s.recv_op {
             self.cancel(op);
         }
     }
 
-    /// Re-arms the multishot recv stopped by [`Ctl::pause_recv`].
+    /// Re-arms the recv stopped by [`Ctl::pause_recv`], bounded (see [`Socket::bounded`]).
     pub fn resume_recv(&mut self, sock: SocketId) {
         let Some(s) = self.socks.get_mut(sock.0) else {
             return;
@@ -444,14 +459,26 @@ impl Ctl {
         let Some(s) = self.socks.get(sock) else {
             return;
         };
-        let fd = s.fd.as_raw_fd();
+        let (fd, bounded) = (s.fd.as_raw_fd(), s.bounded);
         let op = self.ops.insert(Op::Recv { sock });
         if let Some(s) = self.socks.get_mut(sock) {
             s.recv_op = Some(op);
         }
-        let entry = opcode::RecvMulti::new(types::Fd(fd), BUF_GROUP)
-            .build()
-            .user_data(op.to_u64());
+        let entry = if let Some(limit) = self.recv_limit {
+            sys::with_recv_limit(
+                opcode::RecvMulti::new(types::Fd(fd), BUF_GROUP).build(),
+                limit,
+            )
+        } else if bounded {
+            // Length 0 with a selected buffer: the kernel fills at most that one buffer.
+            opcode::Recv::new(types::Fd(fd), std::ptr::null_mut(), 0)
+                .buf_group(BUF_GROUP)
+                .build()
+                .flags(squeue::Flags::BUFFER_SELECT)
+        } else {
+            opcode::RecvMulti::new(types::Fd(fd), BUF_GROUP).build()
+        }
+        .user_data(op.to_u64());
         self.backlog.push(Pending::One(entry));
     }
 

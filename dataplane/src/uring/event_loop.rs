@@ -11,7 +11,7 @@ use io_uring::{cqueue, squeue, types, IoUring};
 
 use super::bufring::BufRing;
 use super::ctl::{Ctl, Op, Pending, SockState, Socket};
-use super::probe::{probe_ring, Features};
+use super::probe::{probe_recv_limit, probe_ring, Features};
 use super::slab::{Key, Slab};
 use super::sys;
 use super::UringError;
@@ -23,6 +23,8 @@ pub const DEFAULT_RING_ENTRIES: u32 = 1024;
 pub const DEFAULT_BUF_COUNT: u16 = 1024;
 /// Default size of one receive buffer, in bytes: one full TLS record plus its header.
 pub const DEFAULT_BUF_SIZE: u32 = 16 * 1024 + 512;
+/// Default byte limit of one multishot receive ([`EventLoopBuilder::recv_quota`]).
+pub const DEFAULT_RECV_QUOTA: u32 = 256 * 1024;
 /// Default period of the timer tick that drives per-connection timeouts.
 pub const DEFAULT_TICK: Duration = Duration::from_millis(100);
 /// Default listen backlog.
@@ -40,6 +42,8 @@ pub struct EventLoopBuilder {
     buf_size: u32,
     tick: Duration,
     pin_core: Option<usize>,
+    recv_quota: u32,
+    recv_limit: bool,
 }
 
 impl Default for EventLoopBuilder {
@@ -50,6 +54,8 @@ impl Default for EventLoopBuilder {
             buf_size: DEFAULT_BUF_SIZE,
             tick: DEFAULT_TICK,
             pin_core: None,
+            recv_quota: DEFAULT_RECV_QUOTA,
+            recv_limit: true,
         }
     }
 }
@@ -84,6 +90,23 @@ impl EventLoopBuilder {
         self
     }
 
+    /// What one multishot receive may deliver before it ends and is re-armed
+    /// ([`DEFAULT_RECV_QUOTA`]), where the kernel takes a byte limit on a multishot recv (Linux
+    /// 6.17); elsewhere receives on a socket once paused ([`Ctl::pause_recv`]) are single-shot.
+    /// With the handler's pause threshold, the bound on what a fast peer can make the core
+    /// hold for a slow reader on the other side.
+    pub fn recv_quota(mut self, bytes: u32) -> Self {
+        self.recv_quota = bytes;
+        self
+    }
+
+    /// Never use the kernel's multishot byte limit, as on a kernel without it (for tests).
+    #[cfg(test)]
+    pub(super) fn without_recv_limit(mut self) -> Self {
+        self.recv_limit = false;
+        self
+    }
+
     /// Pins the building thread to `core` (default: not pinned).
     pub fn pin_to_core(mut self, core: usize) -> Self {
         self.pin_core = Some(core);
@@ -101,7 +124,7 @@ impl EventLoopBuilder {
         // COOP_TASKRUN (Linux 5.19+): completions that arrive while the core computes (a
         // handshake) wait for its next io_uring_enter instead of interrupting it with an IPI and
         // a context switch; the loop enters the kernel every iteration anyway.
-        let ring = IoUring::builder()
+        let mut ring = IoUring::builder()
             .setup_cqsize(entries.saturating_mul(2))
             .setup_coop_taskrun()
             .build(entries)
@@ -113,13 +136,14 @@ impl EventLoopBuilder {
             step: "register_probe",
             source,
         })?;
-        let bufs = BufRing::register(&ring, BUF_GROUP, self.buf_count, self.buf_size).map_err(
+        let mut bufs = BufRing::register(&ring, BUF_GROUP, self.buf_count, self.buf_size).map_err(
             |source| UringError::Setup {
                 step: "register_buf_ring",
                 source,
             },
         )?;
         features.buf_ring = true;
+        features.recv_limit = probe_recv_limit(&mut ring, &mut bufs);
         if let Some(what) = features.missing_required() {
             return Err(UringError::Unavailable {
                 reason: super::Unavailable::MissingFeature(what),
@@ -146,6 +170,7 @@ impl EventLoopBuilder {
             stats: LoopStats::default(),
             stop: false,
             spare: Vec::new(),
+            recv_limit: (features.recv_limit && self.recv_limit).then_some(self.recv_quota.max(1)),
         };
         ctl.arm_tick(Box::new(types::Timespec::from(self.tick)));
         ctl.arm_eventfd(waker.0.as_raw_fd(), Box::new([0; 8]));

@@ -29,7 +29,7 @@ mod tests;
 pub use ctl::Ctl;
 pub use event_loop::{
     ConnectError, EventLoop, EventLoopBuilder, Handler, ListenerId, LoopStats, SocketId, Waker,
-    DEFAULT_BUF_COUNT, DEFAULT_BUF_SIZE, DEFAULT_RING_ENTRIES, DEFAULT_TICK,
+    DEFAULT_BUF_COUNT, DEFAULT_BUF_SIZE, DEFAULT_RECV_QUOTA, DEFAULT_RING_ENTRIES, DEFAULT_TICK,
 };
 pub use probe::{check_available, classify, Features, Unavailable};
 pub use sys::{current_thread_affinity, pin_current_thread};

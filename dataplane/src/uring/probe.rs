@@ -1,9 +1,14 @@
 //! Start-up checks: can this process use io_uring, and which features does the kernel offer.
 
 use std::fmt;
-use std::io;
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 
-use io_uring::{opcode, IoUring, Probe};
+use io_uring::{cqueue, opcode, types, IoUring, Probe};
+
+use super::bufring::BufRing;
+use super::sys::with_recv_limit;
 
 /// Path of the sysctl that switches io_uring off system-wide (Linux 6.6+).
 const DISABLED_SYSCTL: &str = "/proc/sys/kernel/io_uring_disabled";
@@ -64,6 +69,10 @@ pub struct Features {
     pub fast_poll: bool,
     /// Optional: `IORING_SETUP_SINGLE_ISSUER`/`DEFER_TASKRUN` (6.1).
     pub defer_taskrun: bool,
+    /// Optional: a byte limit on a multishot recv (6.17), checked by arming one. Without it a
+    /// receive resumed after backpressure is single-shot (one buffer per turn: bounded, but
+    /// more turns per byte).
+    pub recv_limit: bool,
 }
 
 impl Features {
@@ -86,13 +95,14 @@ impl fmt::Display for Features {
         let yes = |b: bool| if b { "yes" } else { "no" };
         write!(
             f,
-            "multishot accept: {}, multishot recv: {}, provided buffer ring: {}, msg_ring: {}, fast poll: {}, defer taskrun: {}",
+            "multishot accept: {}, multishot recv: {}, provided buffer ring: {}, msg_ring: {}, fast poll: {}, defer taskrun: {}, multishot recv byte limit: {}",
             yes(self.accept_multishot),
             yes(self.recv_multishot),
             yes(self.buf_ring),
             yes(self.msg_ring),
             yes(self.fast_poll),
             yes(self.defer_taskrun),
+            yes(self.recv_limit),
         )
     }
 }
@@ -126,7 +136,70 @@ pub(crate) fn probe_ring(ring: &IoUring) -> io::Result<Features> {
         msg_ring: probe.is_supported(opcode::MsgRingData::CODE),
         fast_poll: params.is_feature_fast_poll(),
         defer_taskrun: probe.is_supported(opcode::SendZc::CODE),
+        // Confirmed by the caller with `probe_recv_limit` once its buffer ring is registered.
+        recv_limit: false,
     })
+}
+
+/// `user_data` of the probe's operations; the loop's own keys never reach it.
+const PROBE_USER_DATA: u64 = u64::MAX - 1;
+
+/// Whether the kernel honours a byte limit on a multishot recv: arms one with a 1-byte limit
+/// on a socket pair holding one byte, on a ring with nothing else in flight. A kernel that
+/// knows the limit ends the receive after that byte (no `IORING_CQE_F_MORE`); an older one
+/// refuses the field (EINVAL). Anything else counts as no; the buffer the probe used goes back.
+pub(crate) fn probe_recv_limit(ring: &mut IoUring, bufs: &mut BufRing) -> bool {
+    let Ok((a, mut b)) = UnixStream::pair() else {
+        return false;
+    };
+    if b.write_all(&[0]).is_err() {
+        return false;
+    }
+    let entry = with_recv_limit(
+        opcode::RecvMulti::new(types::Fd(a.as_raw_fd()), bufs.group).build(),
+        1,
+    )
+    .user_data(PROBE_USER_DATA);
+    // SAFETY: the entry points at no memory of ours; the fd it names stays open until every
+    // completion for it has been reaped below (or the receive cancelled).
+    if unsafe { ring.submission().push(&entry) }.is_err() {
+        return false;
+    }
+    let mut verdict = None;
+    let mut armed = true;
+    for _ in 0..4 {
+        if ring.submit_and_wait(1).is_err() {
+            break;
+        }
+        let cqes: Vec<_> = ring.completion().collect();
+        for cqe in cqes {
+            if cqe.user_data() != PROBE_USER_DATA {
+                continue;
+            }
+            if let Some(bid) = cqueue::buffer_select(cqe.flags()) {
+                bufs.push(bid);
+                bufs.publish();
+            }
+            let more = cqueue::more(cqe.flags());
+            armed = more;
+            verdict.get_or_insert(cqe.result() == 1 && !more);
+        }
+        if !armed {
+            break;
+        }
+        // Still armed (the limit was not honoured): cancel it before the fds close.
+        let cancel = opcode::AsyncCancel::new(PROBE_USER_DATA)
+            .build()
+            .user_data(PROBE_USER_DATA - 1);
+        // SAFETY: a cancel names no memory.
+        if unsafe { ring.submission().push(&cancel) }.is_err() {
+            break;
+        }
+    }
+    // Reap the cancel's own completion, if any, so the loop never sees it.
+    let _ = ring.completion().count();
+    drop((a, b));
+    verdict.unwrap_or(false) && !armed
 }
 
 /// Maps the sysctl value and the outcome of `io_uring_setup` to a reason, or `None` when
@@ -169,7 +242,7 @@ pub fn check_available() -> Result<Features, Unavailable> {
 
 fn check_available_here() -> Result<Features, Unavailable> {
     let sysctl = read_sysctl();
-    let ring = match IoUring::new(8) {
+    let mut ring = match IoUring::new(8) {
         Ok(ring) => ring,
         Err(err) => {
             return Err(classify(sysctl, Err(&err))
@@ -179,7 +252,8 @@ fn check_available_here() -> Result<Features, Unavailable> {
     let mut features =
         probe_ring(&ring).map_err(|e| Unavailable::SetupFailed(format!("probe: {e}")))?;
     features.buf_ring = match super::bufring::BufRing::register(&ring, 0, 2, 64) {
-        Ok(bufs) => {
+        Ok(mut bufs) => {
+            features.recv_limit = probe_recv_limit(&mut ring, &mut bufs);
             let _ = ring.submitter().unregister_buf_ring(bufs.group);
             true
         }

@@ -159,6 +159,26 @@ pub(crate) fn connect_socket(addr: &SocketAddr) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// Byte offset of `optlen` (a union with `splice_fd_in`/`file_index`) in `struct io_uring_sqe`.
+const SQE_OPTLEN_OFFSET: usize = 44;
+
+/// Sets `sqe->optlen` of a multishot recv: the kernel ends the receive (a completion without
+/// `IORING_CQE_F_MORE`) once it has delivered `limit` bytes (Linux 6.17; older kernels refuse
+/// a non-zero field with EINVAL, which [`super::probe`] checks once per ring). The `io-uring`
+/// crate has no setter for it on `RecvMulti`.
+pub(crate) fn with_recv_limit(
+    entry: io_uring::squeue::Entry,
+    limit: u32,
+) -> io_uring::squeue::Entry {
+    // SAFETY: `squeue::Entry` is `#[repr(C)]` around the kernel's 64-byte `io_uring_sqe` (the
+    // transmute checks the size), a struct of integers and unions of integers with no padding,
+    // built from a zeroed value: every byte is initialised, and any byte pattern is a valid sqe.
+    let mut raw: [u8; 64] = unsafe { mem::transmute::<io_uring::squeue::Entry, [u8; 64]>(entry) };
+    raw[SQE_OPTLEN_OFFSET..SQE_OPTLEN_OFFSET + 4].copy_from_slice(&limit.to_ne_bytes());
+    // SAFETY: as above, in the other direction: 64 initialised bytes in the sqe's layout.
+    unsafe { mem::transmute::<[u8; 64], io_uring::squeue::Entry>(raw) }
+}
+
 pub(crate) fn set_nodelay(fd: RawFd) -> io::Result<()> {
     set_int_opt(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1)
 }

@@ -756,3 +756,5 @@ fn a_core_that_cannot_set_up_its_ring_fails_the_start() {
     .expect("start");
     dp.shutdown(Duration::ZERO).expect("shutdown");
 }
+
+mod backpressure;
