@@ -165,14 +165,15 @@ pub(crate) fn probe_recv_limit(ring: &mut IoUring, bufs: &mut BufRing) -> bool {
     if unsafe { ring.submission().push(&entry) }.is_err() {
         return false;
     }
-    let mut verdict = None;
+    // (result, more) of the receive's first completion.
+    let mut first = None;
     let mut armed = true;
+    let mut cancelled = false;
     for _ in 0..4 {
-        if ring.submit_and_wait(1).is_err() {
+        if !armed || ring.submit_and_wait(1).is_err() {
             break;
         }
-        let cqes: Vec<_> = ring.completion().collect();
-        for cqe in cqes {
+        for cqe in ring.completion() {
             if cqe.user_data() != PROBE_USER_DATA {
                 continue;
             }
@@ -180,26 +181,21 @@ pub(crate) fn probe_recv_limit(ring: &mut IoUring, bufs: &mut BufRing) -> bool {
                 bufs.push(bid);
                 bufs.publish();
             }
-            let more = cqueue::more(cqe.flags());
-            armed = more;
-            verdict.get_or_insert(cqe.result() == 1 && !more);
+            armed = cqueue::more(cqe.flags());
+            first.get_or_insert((cqe.result(), armed));
         }
-        if !armed {
-            break;
-        }
-        // Still armed (the limit was not honoured): cancel it before the fds close.
-        let cancel = opcode::AsyncCancel::new(PROBE_USER_DATA)
-            .build()
-            .user_data(PROBE_USER_DATA - 1);
-        // SAFETY: a cancel names no memory.
-        if unsafe { ring.submission().push(&cancel) }.is_err() {
-            break;
+        if armed && !cancelled {
+            // The limit was not honoured: cancel the receive before its socket closes.
+            let cancel = opcode::AsyncCancel::new(PROBE_USER_DATA)
+                .build()
+                .user_data(PROBE_USER_DATA - 1);
+            // SAFETY: a cancel names no memory.
+            cancelled = unsafe { ring.submission().push(&cancel) }.is_ok();
         }
     }
     // Reap the cancel's own completion, if any, so the loop never sees it.
     let _ = ring.completion().count();
-    drop((a, b));
-    verdict.unwrap_or(false) && !armed
+    first == Some((1, false))
 }
 
 /// Maps the sysctl value and the outcome of `io_uring_setup` to a reason, or `None` when

@@ -1,11 +1,12 @@
-//! A paused receive stays bounded once it resumes: what one re-armed receive delivers is at
-//! most one buffer, not everything the kernel holds for the socket.
+//! What a receive delivers stays bounded under backpressure: at most its byte limit (or, on a
+//! kernel without one, one buffer once the socket has been paused), not everything a fast peer
+//! sends while the core drains the socket.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
-use super::{localhost, pattern, spawn_loop};
+use super::{listen_on_localhost, localhost, pattern, spawn_loop};
 use crate::uring::{ConnectError, Ctl, EventLoopBuilder, Handler, ListenerId, SocketId};
 
 /// Pause the source once this much is unsent to the sink (the driver's `buffer_bytes`).
@@ -95,11 +96,7 @@ fn pump_to_a_slow_reader(builder: EventLoopBuilder) -> anyhow::Result<Pump> {
     let running = spawn_loop(
         builder.buf_count(256).buf_size(BUF as u32),
         pump,
-        |ctl, _| {
-            let l = ctl.listen(localhost())?;
-            ctl.listener_addr(l)
-                .ok_or_else(|| anyhow::anyhow!("no address"))
-        },
+        listen_on_localhost,
     );
     let mut sink = TcpStream::connect(running.setup)?;
     sink.set_read_timeout(Some(Duration::from_secs(60)))?;

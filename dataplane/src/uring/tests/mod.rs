@@ -118,6 +118,14 @@ fn localhost() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 0))
 }
 
+/// Opens one listener on 127.0.0.1 and returns its address: the set-up of a [`spawn_loop`]
+/// whose test connects to the loop.
+fn listen_on_localhost<H>(ctl: &mut Ctl, _: &mut H) -> anyhow::Result<SocketAddr> {
+    let l = ctl.listen(localhost())?;
+    ctl.listener_addr(l)
+        .ok_or_else(|| anyhow::anyhow!("no address"))
+}
+
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..len)
@@ -315,11 +323,7 @@ fn partial_writes_keep_order_to_a_slow_reader() -> anyhow::Result<()> {
     let running = spawn_loop(
         EventLoopBuilder::new().ring_entries(32),
         blaster,
-        |ctl, _| {
-            let l = ctl.listen(localhost())?;
-            ctl.listener_addr(l)
-                .ok_or_else(|| anyhow::anyhow!("no address"))
-        },
+        listen_on_localhost,
     );
     let mut s = TcpStream::connect(running.setup)?;
     // 12 MiB is more than a loopback socket buffer holds: the kernel takes it in short sends
@@ -394,11 +398,7 @@ fn send_buffers_are_kept_by_the_core_and_reused_not_held_by_idle_sockets() -> an
         chunk,
         drains: Vec::new(),
     };
-    let running = spawn_loop(EventLoopBuilder::new(), recycler, |ctl, _| {
-        let l = ctl.listen(localhost())?;
-        ctl.listener_addr(l)
-            .ok_or_else(|| anyhow::anyhow!("no address"))
-    });
+    let running = spawn_loop(EventLoopBuilder::new(), recycler, listen_on_localhost);
     let mut s = TcpStream::connect(running.setup)?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
     let mut got = Vec::new();
@@ -691,10 +691,7 @@ fn shutdown_gets_back_every_operation() -> anyhow::Result<()> {
     let mut lp = EventLoopBuilder::new().ring_entries(16).build()?;
     let (_refuser, refused) = refusing_port()?;
     let ctl = lp.ctl();
-    let l = ctl.listen(localhost())?;
-    let addr = ctl
-        .listener_addr(l)
-        .ok_or_else(|| anyhow::anyhow!("no address"))?;
+    let addr = listen_on_localhost(ctl, &mut ())?;
     // Work in every state: a pending accept, a connect in flight, a queued send, a wake-up
     // signalled but not yet read.
     let _client = TcpStream::connect(addr)?;
