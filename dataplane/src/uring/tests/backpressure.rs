@@ -134,10 +134,18 @@ fn pump_to_a_slow_reader(builder: EventLoopBuilder) -> anyhow::Result<Pump> {
 // turn: 4 MiB unsent here, with a pause threshold of 32 KiB.
 
 #[test]
-fn a_resumed_receive_brings_at_most_its_byte_limit_beyond_the_pause_threshold() -> anyhow::Result<()>
-{
+fn a_receive_brings_at_most_its_byte_limit_beyond_the_pause_threshold() -> anyhow::Result<()> {
     let quota = 4 * BUF;
+    let limited = EventLoopBuilder::new().build()?.features().recv_limit;
     let h = pump_to_a_slow_reader(EventLoopBuilder::new().recv_quota(quota as u32))?;
+    if limited {
+        // Every receive carries the limit, the first one included.
+        assert!(
+            h.max_unsent_first_burst <= CAP + quota + 2 * BUF,
+            "before the first resume the sink had {} bytes unsent (limit {quota})",
+            h.max_unsent_first_burst
+        );
+    }
     // Where the kernel takes the limit, a resumed receive ends after `quota` bytes (its last
     // buffer may pass it); where it does not, it is single-shot and brings less. A receive in
     // flight when the pause is asked for may bring one buffer more.
