@@ -15,7 +15,8 @@ Clients (none of them ours):
   bulk               nghttp2's `h2load --h1` with 2 keep-alive connections, GET /bytes/N for a
                      fixed number of requests
 
-The server's CPU time (user + system, /proc/PID/stat of every PID) is read before and after;
+The server's CPU time (user + system, /proc/PID/stat of every PID) and its wake-ups (voluntary
+context switches of every thread, /proc/PID/task/*/status) are read before and after;
 the JSON has the fields side-by-side-report.py reads from tlsgate-load's report, and
 "generator_name". Exits non-zero when the client failed or nothing completed.
 """
@@ -40,6 +41,21 @@ def cpu(pids):
         user += int(fields[11]) / TICK
         system += int(fields[12]) / TICK
     return user, system
+
+
+def switches(pids):
+    """Voluntary context switches of these processes, all threads: each is the process going to
+    sleep for lack of work and being woken again (a wake-up)."""
+    n = 0
+    for pid in pids:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/status") as f:
+                    m = re.search(r"^voluntary_ctxt_switches:\s+(\d+)", f.read(), re.M)
+            except FileNotFoundError:
+                continue
+            n += int(m.group(1)) if m else 0
+    return n
 
 
 def s_time(args, resume):
@@ -100,7 +116,7 @@ def main():
     args = ap.parse_args()
     pids = [int(p) for p in args.server_pids.split(",") if p]
 
-    before, t0 = cpu(pids), time.monotonic()
+    before, woke, t0 = cpu(pids), switches(pids), time.monotonic()
     if args.test == "bulk":
         name, unit = "h2load --h1", "request"
         units, errors, confirm = h2load(args)
@@ -108,6 +124,7 @@ def main():
         name, unit = "openssl s_time", "handshake"
         units, errors, confirm = s_time(args, args.test.startswith("resume"))
     after, wall = cpu(pids), time.monotonic() - t0
+    woke = switches(pids) - woke
     user, system = after[0] - before[0], after[1] - before[1]
     cpu_us = (user + system) * 1e6
     report = {
@@ -124,6 +141,7 @@ def main():
             "us_per_unit": cpu_us / units if units else None,
             "system_us_per_unit": system * 1e6 / units if units else None,
             "cores_busy": (user + system) / wall,
+            "wakeups_per_unit": woke / units if units else None,
         },
         "confirmed": confirm,
         "wall_s": wall,

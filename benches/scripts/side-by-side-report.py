@@ -29,7 +29,7 @@ TESTS = ["full13", "full12", "resume13", "resume12", "bulk", "idle"]
 FIELDS = [
     "key", "store", "test", "server", "run", "ok", "errors", "rate", "srv_cpu_us", "gen_cpu_us",
     "srv_busy", "gen_busy", "p50_us", "p99_us", "mb_s", "srv_s_per_gb", "rss_bytes_per_conn",
-    "srv_sys_us", "file", "generator",
+    "srv_sys_us", "file", "generator", "srv_wakeups",
 ]
 
 
@@ -54,7 +54,7 @@ def row(path, key, store, test, server, run):
         lat.get("p50", ""), lat.get("p99", ""), fmt(r.get("body_bytes_per_s", 0) / 1e6, 1),
         fmt(s_per_gb, 3), fmt(srv.get("rss_bytes_per_connection")),
         fmt(srv.get("system_us_per_unit")), os.path.basename(path),
-        r.get("generator_name") or "tlsgate-load",
+        r.get("generator_name") or "tlsgate-load", fmt(srv.get("wakeups_per_unit"), 2),
     ]
     csv.writer(sys.stdout).writerow(values)
 
@@ -145,6 +145,7 @@ def table(out):
                     "gen_cpu_us": median(num(r["gen_cpu_us"]) for r in ok),
                     "srv_sys_us": median(num(r.get("srv_sys_us")) for r in ok),
                     "srv_busy": median(num(r["srv_busy"]) for r in ok),
+                    "srv_wakeups": median(num(r.get("srv_wakeups")) for r in ok),
                     "gen_busy": median(num(r["gen_busy"]) for r in ok),
                     "p99_us": median(num(r["p99_us"]) for r in ok),
                     "errors": sum(int(num(r["errors"]) or 0) for r in rs),
@@ -250,12 +251,14 @@ def table(out):
         lines.append("### Two generators: tlsgate ÷ peer, server CPU per operation (medians), as "
                      "tlsgate-load measured it / as the independent client measured it; "
                      "! marks a disagreement over 15 %; busy: the server's core, in cores, "
-                     "under each client")
+                     "under each client; wake-ups: the server's voluntary context switches per "
+                     "operation under the independent client")
         lines.append("")
         head = ["key", "store", "test", "independent client"]
         head += [f"{o.replace('tlsgate-', '')}÷{p}" for o in ours for p in peers]
         head += [f"{s} (independent)" for s in present]
         head += [f"{s.replace('tlsgate-', '')} busy" for s in present]
+        head += [f"{s.replace('tlsgate-', '')} wake-ups" for s in present]
         lines.append("| " + " | ".join(head) + " |")
         lines.append("|" + "---|" * 4 + "---:|" * (len(head) - 4))
         for e in summary:
@@ -276,6 +279,9 @@ def table(out):
             # How busy the server's core was under each client: a client that cannot saturate
             # the server compares the servers at one offered rate, not at their limits.
             cols += [f"{cell(e, s, 'srv_busy', 2)} / {cell(ie, s, 'srv_busy', 2)}" for s in present]
+            # Sleeping and being woken again, per operation: what a server pays per wake-up is
+            # spread over fewer operations when the client cannot load it.
+            cols += [cell(ie, s, "srv_wakeups", 2) for s in present]
             lines.append("| " + " | ".join(cols) + " |")
         summary_all = summary + [dict(e, generator="independent") for e in independent_summary]
     else:

@@ -1,5 +1,6 @@
 //! What a [`Handler`] acts through: sockets, listeners and the submissions they queue.
 
+use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::time::Duration;
@@ -30,7 +31,6 @@ pub(super) enum Op {
     Send { sock: Key, buf: Vec<u8>, off: usize },
     Connect { sock: Key, _addr: Box<RawAddr> },
     LinkTimeout { _ts: Box<types::Timespec> },
-    Shutdown { sock: Key },
     Close,
     Tick { ts: Box<types::Timespec> },
     EventFd { fd: RawFd, buf: Box<[u8; 8]> },
@@ -67,14 +67,13 @@ pub(super) struct Socket {
     pub(super) aborted: bool,
     /// `shutdown_write` was asked for; it runs once every queued byte is written.
     pub(super) shut_wr: ShutWr,
-    pub(super) shutdown_op: Option<Key>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum ShutWr {
     No,
     Wanted,
-    Submitted,
+    Done,
 }
 
 impl Socket {
@@ -91,15 +90,11 @@ impl Socket {
             closing: false,
             aborted: false,
             shut_wr: ShutWr::No,
-            shutdown_op: None,
         }
     }
 
     pub(super) fn idle(&self) -> bool {
-        self.recv_op.is_none()
-            && self.send_op.is_none()
-            && self.connect_op.is_none()
-            && self.shutdown_op.is_none()
+        self.recv_op.is_none() && self.send_op.is_none() && self.connect_op.is_none()
     }
 }
 
@@ -131,6 +126,8 @@ pub struct Ctl {
     pub(super) backlog: Vec<Pending>,
     /// Listeners whose accept ended with an error, re-armed on the next tick.
     pub(super) accept_retry: Vec<usize>,
+    /// Sockets whose `shutdown(2)` failed, reported to the handler at the end of the turn.
+    pub(super) shutdown_failed: Vec<(Key, io::Error)>,
     pub(super) stats: LoopStats,
     pub(super) stop: bool,
     /// Cleared send buffers for reuse (see [`SPARE_BUFFERS`]).
@@ -391,16 +388,18 @@ impl Ctl {
         {
             return;
         }
-        s.shut_wr = ShutWr::Submitted;
-        let fd = s.fd.as_raw_fd();
-        let op = self.ops.insert(Op::Shutdown { sock });
-        if let Some(s) = self.socks.get_mut(sock) {
-            s.shutdown_op = Some(op);
+        s.shut_wr = ShutWr::Done;
+        // A plain `shutdown(2)`, not `IORING_OP_SHUTDOWN`: the kernel runs that opcode only on
+        // an io-wq worker thread, so each one cost a thread wake-up and two context switches on
+        // the core (measured: 13 % of the process's CPU in handshake runs). No send is in
+        // flight here, so every byte queued before the FIN has been written.
+        match sys::shutdown_write(s.fd.as_raw_fd()) {
+            // ENOTCONN: the peer reset meanwhile; the recv side reports that.
+            Err(e) if e.raw_os_error() != Some(libc::ENOTCONN) => {
+                self.shutdown_failed.push((sock, e));
+            }
+            _ => {}
         }
-        let entry = opcode::Shutdown::new(types::Fd(fd), libc::SHUT_WR)
-            .build()
-            .user_data(op.to_u64());
-        self.backlog.push(Pending::One(entry));
     }
 
     /// The local address of a socket.

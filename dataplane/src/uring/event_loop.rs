@@ -167,6 +167,7 @@ impl EventLoopBuilder {
             listeners: Vec::new(),
             backlog: Vec::new(),
             accept_retry: Vec::new(),
+            shutdown_failed: Vec::new(),
             stats: LoopStats::default(),
             stop: false,
             spare: Vec::new(),
@@ -341,6 +342,11 @@ impl EventLoop {
         }
         cqes.clear();
         self.cqes = cqes;
+        for (sock, err) in std::mem::take(&mut self.ctl.shutdown_failed) {
+            if self.ctl.socks.get(sock).is_some_and(|s| !s.closing) {
+                handler.on_error(&mut self.ctl, SocketId(sock), err);
+            }
+        }
         self.bufs.publish();
         Ok(())
     }
@@ -596,24 +602,6 @@ impl EventLoop {
                 self.ctl.recycle(queued);
                 self.ctl.maybe_finish_close(sock);
                 handler.on_connected(&mut self.ctl, SocketId(sock), Err(err));
-            }
-            Op::Shutdown { sock } => {
-                let sock = *sock;
-                self.ctl.ops.remove(key);
-                let mut report = false;
-                if let Some(s) = self.ctl.socks.get_mut(sock) {
-                    s.shutdown_op = None;
-                    // ENOTCONN: the peer reset meanwhile; the recv side reports that.
-                    report = res < 0 && res != -libc::ENOTCONN && !s.closing;
-                }
-                if report {
-                    handler.on_error(
-                        &mut self.ctl,
-                        SocketId(sock),
-                        io::Error::from_raw_os_error(-res),
-                    );
-                }
-                self.ctl.maybe_finish_close(sock);
             }
             Op::LinkTimeout { .. } | Op::Close | Op::Cancel => {
                 self.ctl.ops.remove(key);

@@ -124,7 +124,6 @@ pub(crate) fn probe_ring(ring: &IoUring) -> io::Result<Features> {
         opcode::LinkTimeout::CODE,
         opcode::Read::CODE,
         opcode::AsyncCancel::CODE,
-        opcode::Shutdown::CODE,
     ]
     .iter()
     .all(|&op| probe.is_supported(op));

@@ -618,74 +618,6 @@ fn stale_ids_are_ignored() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Greets, half-closes, keeps reading until the client's FIN, then closes the listener.
-#[derive(Default)]
-struct HalfCloser {
-    listener: Option<ListenerId>,
-    got: Vec<u8>,
-    eofs: usize,
-}
-
-impl Handler for HalfCloser {
-    fn on_accept(&mut self, ctl: &mut Ctl, _l: ListenerId, s: SocketId) {
-        assert!(ctl.send(s, b"hello"));
-        ctl.shutdown_write(s);
-        assert!(!ctl.send(s, b"too late"), "send after shutdown_write");
-    }
-    fn on_data(&mut self, _: &mut Ctl, _: SocketId, d: &[u8]) {
-        self.got.extend_from_slice(d);
-    }
-    fn on_eof(&mut self, ctl: &mut Ctl, s: SocketId) {
-        self.eofs += 1;
-        ctl.close(s);
-        if let Some(l) = self.listener {
-            ctl.close_listener(l);
-        }
-    }
-    fn on_error(&mut self, _: &mut Ctl, _: SocketId, e: io::Error) {
-        panic!("unexpected socket error {e}");
-    }
-    fn on_connected(&mut self, _: &mut Ctl, _: SocketId, _: Result<(), ConnectError>) {}
-}
-
-#[test]
-fn half_close_then_read_on_an_adopted_nonblocking_listener() -> anyhow::Result<()> {
-    // The data plane core makes its listeners (non-blocking, SO_REUSEPORT) and hands them over.
-    let std_listener = std::net::TcpListener::bind(localhost())?;
-    std_listener.set_nonblocking(true)?;
-    let addr = std_listener.local_addr()?;
-    let running = spawn_loop(
-        EventLoopBuilder::new().ring_entries(16),
-        HalfCloser::default(),
-        move |ctl, h| {
-            let l = ctl.adopt_listener(OwnedFd::from(std_listener))?;
-            h.listener = Some(l);
-            Ok(ctl.listener_addr(l))
-        },
-    );
-    assert_eq!(running.setup, Some(addr));
-    let mut s = TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut got = Vec::new();
-    s.read_to_end(&mut got)?;
-    assert_eq!(got, b"hello");
-    // Our write side is still open after the server's FIN.
-    s.write_all(b"bye")?;
-    s.shutdown(std::net::Shutdown::Write)?;
-    // The server closes after our FIN; wait for its close to reach us.
-    let mut rest = Vec::new();
-    s.read_to_end(&mut rest)?;
-    assert!(rest.is_empty());
-    let (h, _stats, open) = running.finish()?;
-    assert_eq!(h.got, b"bye");
-    assert_eq!(h.eofs, 1);
-    assert_eq!(open, 0);
-    // The listener was closed: nobody listens on that port any more.
-    let refused = TcpStream::connect(addr);
-    assert!(refused.is_err(), "listener still accepting");
-    Ok(())
-}
-
 #[test]
 fn shutdown_gets_back_every_operation() -> anyhow::Result<()> {
     let mut lp = EventLoopBuilder::new().ring_entries(16).build()?;
@@ -755,3 +687,4 @@ fn a_core_that_cannot_set_up_its_ring_fails_the_start() {
 }
 
 mod backpressure;
+mod half_close;
