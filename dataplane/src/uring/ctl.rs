@@ -393,7 +393,7 @@ impl Ctl {
         // an io-wq worker thread, so each one cost a thread wake-up and two context switches on
         // the core (measured: 13 % of the process's CPU in handshake runs). No send is in
         // flight here, so every byte queued before the FIN has been written.
-        match sys::shutdown_write(s.fd.as_raw_fd()) {
+        match socket2::SockRef::from(&s.fd).shutdown(std::net::Shutdown::Write) {
             // ENOTCONN: the peer reset meanwhile; the recv side reports that.
             Err(e) if e.raw_os_error() != Some(libc::ENOTCONN) => {
                 self.shutdown_failed.push((sock, e));

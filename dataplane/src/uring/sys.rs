@@ -179,12 +179,6 @@ pub(crate) fn with_recv_limit(
     unsafe { mem::transmute::<[u8; 64], io_uring::squeue::Entry>(raw) }
 }
 
-/// `shutdown(fd, SHUT_WR)`: a FIN after whatever the socket has queued.
-pub(crate) fn shutdown_write(fd: RawFd) -> io::Result<()> {
-    // SAFETY: plain syscall on an fd the caller owns.
-    cvt(unsafe { libc::shutdown(fd, libc::SHUT_WR) }).map(|_| ())
-}
-
 pub(crate) fn set_nodelay(fd: RawFd) -> io::Result<()> {
     set_int_opt(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1)
 }
