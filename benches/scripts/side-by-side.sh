@@ -4,7 +4,7 @@
 #   benches/scripts/side-by-side.sh [options]
 #
 # Installs what is missing (Debian 12: haproxy, nginx + its stream module, softhsm2, python3,
-# OpenSSL's pkcs11-provider from bookworm-backports), builds tlsgate and tlsgate-load (release),
+# the libp11 OpenSSL engine, OpenSSL's pkcs11-provider from bookworm-backports), builds tlsgate and tlsgate-load (release),
 # makes ONE certificate set (a test CA, an ECDSA P-256 and an RSA-2048 leaf for localhost) used by
 # every server, imports the same two keys into a SoftHSM2 token, and starts a plain-HTTP origin.
 # Then, for each key (ecdsa, rsa) and key store (software, softhsm), it starts every server with
@@ -54,7 +54,8 @@
 #   --port-base N         first of the six ports used on 127.0.0.1 [18440]
 #
 # Exit status: 0 when every run of every available server succeeded; 1 otherwise. A server that
-# cannot run here (no io_uring, no pkcs11-provider) is skipped with its reason in the table.
+# cannot run here (no io_uring; no way to a token key: HAProxy without pkcs11-provider) is
+# skipped with its reason in the table.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -121,9 +122,11 @@ say() { printf '\n== %s\n' "$*" >&2; }
 # ---------------------------------------------------------------------------------------------
 # Packages
 # ---------------------------------------------------------------------------------------------
-pkcs11_provider=""
+pkcs11_provider="" pkcs11_engine=""
 find_provider() {
     pkcs11_provider="$(find /usr/lib -path '*ossl-modules/pkcs11.so' 2>/dev/null | head -n 1 || true)"
+    # libp11's engine (Debian 12 main): nginx's way to a token key where the provider is missing.
+    pkcs11_engine="$(find /usr/lib -path '*engines-3/pkcs11.so' 2>/dev/null | head -n 1 || true)"
 }
 if ((install)); then
     need=()
@@ -135,6 +138,8 @@ if ((install)); then
     command -v taskset >/dev/null || need+=(util-linux)
     command -v openssl >/dev/null || need+=(openssl)
     ((independent == 0)) || command -v h2load >/dev/null || need+=(nghttp2-client)
+    find_provider
+    [[ -n "$pkcs11_engine" ]] || need+=(libengine-pkcs11-openssl)
     if ((${#need[@]})); then
         say "installing ${need[*]}"
         apt-get update -qq
@@ -153,7 +158,7 @@ if ((install)); then
         fi
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pkcs11-provider >/dev/null 2>&1 ||
             DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -t bookworm-backports pkcs11-provider >/dev/null 2>&1 ||
-            echo "pkcs11-provider could not be installed: HAProxy/nginx SoftHSM2 rows will be skipped" >&2
+            echo "pkcs11-provider could not be installed: HAProxy's SoftHSM2 rows will be skipped, nginx's use the libp11 engine" >&2
     fi
 fi
 find_provider
@@ -236,6 +241,12 @@ if [[ " $stores " == *" softhsm "* ]]; then
         if [[ -n "$pkcs11_provider" ]]; then
             sed -e "s|@PROVIDER@|$pkcs11_provider|" -e "s|@MODULE@|$softhsm_module|" \
                 -e "s|@PIN_FILE@|$work/token/user.pin|" "$configs/openssl-pkcs11.cnf" >"$work/openssl-pkcs11.cnf"
+        elif [[ -n "$pkcs11_engine" ]]; then
+            # The engine takes the PIN itself, not a file: this throwaway bench token's PIN is
+            # written into the work folder's OpenSSL configuration (mode 600, removed at exit).
+            (umask 077 && sed -e "s|@ENGINE@|$pkcs11_engine|" -e "s|@MODULE@|$softhsm_module|" \
+                -e "s|@PIN@|$(cat "$work/token/user.pin")|" "$configs/openssl-pkcs11-engine.cnf" \
+                >"$work/openssl-pkcs11-engine.cnf")
         fi
     fi
 fi
@@ -260,6 +271,11 @@ first_line() { "$@" 2>&1 </dev/null | head -n 1 || true; }
     echo "openssl      $(first_line openssl version)"
     echo "softhsm2     $(dpkg-query -W -f '${Version}' softhsm2 2>/dev/null || echo n/a)"
     echo "pkcs11-prov  $(dpkg-query -W -f '${Version}' pkcs11-provider 2>/dev/null || echo n/a)"
+    echo "libp11-eng   $(dpkg-query -W -f '${Version}' libengine-pkcs11-openssl 2>/dev/null || echo n/a)"
+    hsm_peers="pkcs11-provider (HAProxy, nginx)"
+    [[ -n "$pkcs11_provider" ]] || hsm_peers="libp11 engine (nginx); HAProxy has no way to the token here"
+    [[ -n "$pkcs11_provider" || -n "$pkcs11_engine" ]] || hsm_peers="none (no peer SoftHSM2 rows)"
+    echo "peer tokens  $hsm_peers"
     echo "pinning      servers on CPU $server_cpu, generator and origin on CPU $load_cpu"
     echo "bounds       runs=$runs duration=${duration}s concurrency=$concurrency idle=$idle_conns x $idle_runs runs bulk=${bulk_bytes}B"
     echo "suites       TLS13_AES_128_GCM_SHA256 / TLS_ECDHE_{ECDSA,RSA}_WITH_AES_128_GCM_SHA256, group x25519"
@@ -348,12 +364,21 @@ start_server() { # NAME KEY STORE -> pid[NAME], pids[NAME] or why[NAME]
         haproxy|nginx)
             local keyfile="$work/$key.key" crt="$work/$key-haproxy.pem"
             if [[ "$store" == softhsm ]]; then
-                if [[ -z "$pkcs11_provider" ]]; then
-                    why[$s]="no OpenSSL pkcs11-provider (Debian 12: bookworm-backports)"
+                if [[ -n "$pkcs11_provider" ]]; then
+                    env=(OPENSSL_CONF="$work/openssl-pkcs11.cnf")
+                    keyfile="$work/$key-uri.pem" crt="$work/$key-haproxy-hsm.pem"
+                elif [[ "$s" == nginx && -n "$pkcs11_engine" ]]; then
+                    # nginx loads `engine:NAME:ID` keys itself; the engine is initialised by
+                    # the OpenSSL configuration (nginx does not call ENGINE_init).
+                    env=(OPENSSL_CONF="$work/openssl-pkcs11-engine.cnf")
+                    keyfile="\"engine:pkcs11:pkcs11:token=bench;object=bench-$key;type=private\""
+                elif [[ "$s" == haproxy ]]; then
+                    why[$s]="no OpenSSL pkcs11-provider (Debian 12: bookworm-backports), and Debian 12's HAProxy 2.6 is built without engine support"
+                    return 1
+                else
+                    why[$s]="neither OpenSSL's pkcs11-provider nor the libp11 engine is installed"
                     return 1
                 fi
-                env=(OPENSSL_CONF="$work/openssl-pkcs11.cnf")
-                keyfile="$work/$key-uri.pem" crt="$work/$key-haproxy-hsm.pem"
             fi
             if [[ "$s" == haproxy ]]; then
                 render "$configs/haproxy.cfg" "$dir/haproxy.cfg" "DIR=$dir" "LISTEN=$listen" \
