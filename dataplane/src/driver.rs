@@ -165,7 +165,8 @@ impl ShutdownSignal {
     }
 }
 
-/// Makes one SO_REUSEPORT listening socket (non-blocking).
+/// Makes one SO_REUSEPORT listening socket (non-blocking), with `TCP_NODELAY` set: Linux copies
+/// it to every connection the socket accepts, so neither driver sets it per connection.
 pub(crate) fn listen(name: &str, addr: SocketAddr) -> Result<TcpListener, Error> {
     let err = |op: &'static str| {
         move |source| Error::Listen {
@@ -180,9 +181,25 @@ pub(crate) fn listen(name: &str, addr: SocketAddr) -> Result<TcpListener, Error>
     s.set_reuse_address(true).map_err(err("SO_REUSEADDR"))?;
     s.set_reuse_port(true).map_err(err("SO_REUSEPORT"))?;
     s.set_nonblocking(true).map_err(err("O_NONBLOCK"))?;
+    s.set_tcp_nodelay(true).map_err(err("TCP_NODELAY"))?;
     s.bind(&addr.into()).map_err(err("bind"))?;
     s.listen(LISTEN_BACKLOG).map_err(err("listen"))?;
     Ok(s.into())
+}
+
+/// The address a connection accepted by a listener bound to `bound` (with its real port) was
+/// made to: `bound` itself when the listener has one address and port, so no `getsockname` per
+/// connection; otherwise what `ask` (getsockname) says — a wildcard listener accepts on any of
+/// the host's addresses — or `bound` if even that fails.
+pub(crate) fn local_addr(
+    bound: SocketAddr,
+    ask: impl FnOnce() -> Option<SocketAddr>,
+) -> SocketAddr {
+    if bound.ip().is_unspecified() || bound.port() == 0 {
+        ask().unwrap_or(bound)
+    } else {
+        bound
+    }
 }
 
 /// Proves that no other socket listens on `addr` before this process binds it with
@@ -224,5 +241,45 @@ pub(crate) fn pin(core: usize, cpu: usize) {
             cpu,
             "could not pin the worker thread to its CPU; running unpinned"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_take_tcp_nodelay_from_the_listener() {
+        let l = listen("t", "127.0.0.1:0".parse().expect("literal")).expect("listen");
+        let to = l.local_addr().expect("addr");
+        let client = std::net::TcpStream::connect(to).expect("connect");
+        // Nagle is on for a socket nobody configured: the client's is the control.
+        let sock = socket2::SockRef::from(&client);
+        assert!(!sock.tcp_nodelay().expect("getsockopt"));
+        l.set_nonblocking(false).expect("blocking");
+        let (accepted, _) = l.accept().expect("accept");
+        let sock = socket2::SockRef::from(&accepted);
+        assert!(sock.tcp_nodelay().expect("getsockopt"));
+    }
+
+    #[test]
+    fn the_local_address_is_asked_for_only_when_the_listener_does_not_know_it() {
+        let asked = |bound: &str| {
+            let mut n = 0;
+            let bound: SocketAddr = bound.parse().expect("literal");
+            let got = local_addr(bound, || {
+                n += 1;
+                Some("127.0.0.2:7".parse().expect("literal"))
+            });
+            (got.to_string(), n)
+        };
+        assert_eq!(asked("127.0.0.1:443"), ("127.0.0.1:443".into(), 0));
+        assert_eq!(asked("[::1]:443"), ("[::1]:443".into(), 0));
+        assert_eq!(asked("0.0.0.0:443"), ("127.0.0.2:7".into(), 1));
+        assert_eq!(asked("[::]:443"), ("127.0.0.2:7".into(), 1));
+        assert_eq!(asked("127.0.0.1:0"), ("127.0.0.2:7".into(), 1));
+        // getsockname failing (the peer already reset): the listener's address.
+        let bound: SocketAddr = "0.0.0.0:443".parse().expect("literal");
+        assert_eq!(local_addr(bound, || None), bound);
     }
 }

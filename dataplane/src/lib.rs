@@ -156,6 +156,13 @@ fn spread_inherited(
                 why: "a listener was handed over without a socket",
             });
         };
+        // Accepted connections take TCP_NODELAY from their listener (see `driver::listen`); a
+        // socket handed over by an older process may not have it.
+        for s in &sockets {
+            socket2::SockRef::from(s)
+                .set_tcp_nodelay(true)
+                .map_err(err("TCP_NODELAY"))?;
+        }
         addrs.push((
             l.name.clone(),
             first.local_addr().map_err(err("getsockname"))?,

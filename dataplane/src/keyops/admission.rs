@@ -112,23 +112,8 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+    use crate::keyops::pool::tests::job;
     use crate::stats::CoreStats;
-
-    fn job() -> KeyOpJob {
-        // Never signs: an empty flight fails on the worker before any key is chosen.
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .expect("default versions")
-            .with_no_client_auth()
-            .with_cert_resolver(Arc::new(rustls::server::ResolvesServerCertUsingSni::new()));
-        KeyOpJob {
-            flight: Vec::new(),
-            config: Arc::new(config),
-            connection: None,
-            backend: None,
-        }
-    }
 
     fn config(queue_depth: usize, max_in_flight_per_core: usize) -> KeyOpConfig {
         KeyOpConfig {

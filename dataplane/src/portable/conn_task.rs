@@ -92,6 +92,7 @@ pub(super) async fn run(
     listener_index: usize,
     client: TcpStream,
     peer: SocketAddr,
+    bound: Option<SocketAddr>,
 ) {
     let now = Instant::now();
     let prepared = core.shared.snapshot.load();
@@ -119,8 +120,10 @@ pub(super) async fn run(
         guard.finish(CloseReason::ListenerGone);
         return;
     };
-    let _ = client.set_nodelay(true);
-    let local = client.local_addr().unwrap_or(listener.snap.bind);
+    // TCP_NODELAY comes with the connection from the listener (`driver::listen`).
+    let local = crate::driver::local_addr(bound.unwrap_or(listener.snap.bind), || {
+        client.local_addr().ok()
+    });
     let cfg = &core.shared.cfg;
     let mut conn = Conn::new(
         listener,

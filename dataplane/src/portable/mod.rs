@@ -130,6 +130,8 @@ async fn serve(
 
 async fn accept_loop(core: Rc<Core>, listener_index: usize, listener: TcpListener) {
     let limits = &core.shared.cfg.limits;
+    // With the real port when the configuration says port 0.
+    let bound = listener.local_addr().ok();
     loop {
         if core.open.get() >= limits.max_connections_per_core
             || core.handshaking.get() >= limits.max_handshakes_in_flight
@@ -148,6 +150,7 @@ async fn accept_loop(core: Rc<Core>, listener_index: usize, listener: TcpListene
                     listener_index,
                     stream,
                     peer,
+                    bound,
                 ));
                 // Let the new connection register itself (open, handshaking) before the limits
                 // are checked for the next accept; otherwise each check would miss the

@@ -454,7 +454,9 @@ impl Handler for Core {
         };
         let bind = listener.snap.bind;
         let peer = ctl.peer_addr(sock).unwrap_or(bind);
-        let local = ctl.local_addr(sock).unwrap_or(bind);
+        let local = crate::driver::local_addr(ctl.listener_addr(l).unwrap_or(bind), || {
+            ctl.local_addr(sock)
+        });
         let cfg = &self.shared.cfg;
         let conn = Conn::new(
             listener,

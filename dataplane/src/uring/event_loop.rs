@@ -424,8 +424,8 @@ impl EventLoop {
                     return;
                 }
                 // SAFETY: a non-negative accept result is a new fd that only we own.
+                // TCP_NODELAY comes with it from the listener (`driver::listen`).
                 let fd = unsafe { OwnedFd::from_raw_fd(res) };
-                let _ = sys::set_nodelay(fd.as_raw_fd());
                 self.ctl.stats.accepted += 1;
                 let sock = self.ctl.socks.insert(Socket::new(fd, SockState::Open));
                 self.ctl.arm_recv(sock);

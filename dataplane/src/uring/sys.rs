@@ -135,6 +135,8 @@ pub(crate) fn reuseport_listener(addr: SocketAddr, backlog: i32) -> io::Result<O
     let fd = stream_socket(&addr, false)?;
     set_int_opt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
     set_int_opt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_REUSEPORT, 1)?;
+    // Copied to every accepted connection, as in `driver::listen`.
+    set_int_opt(fd.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_NODELAY, 1)?;
     if addr.is_ipv6() {
         set_int_opt(fd.as_raw_fd(), libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1)?;
     }
@@ -177,10 +179,6 @@ pub(crate) fn with_recv_limit(
     raw[SQE_OPTLEN_OFFSET..SQE_OPTLEN_OFFSET + 4].copy_from_slice(&limit.to_ne_bytes());
     // SAFETY: as above, in the other direction: 64 initialised bytes in the sqe's layout.
     unsafe { mem::transmute::<[u8; 64], io_uring::squeue::Entry>(raw) }
-}
-
-pub(crate) fn set_nodelay(fd: RawFd) -> io::Result<()> {
-    set_int_opt(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1)
 }
 
 pub(crate) fn local_addr(fd: RawFd) -> io::Result<SocketAddr> {
