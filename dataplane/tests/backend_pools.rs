@@ -8,7 +8,7 @@ use std::io::{self, BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use rustls::pki_types::ServerName;
@@ -373,6 +373,55 @@ fn the_negotiated_protocol_reaches_the_backend_in_the_proxy_header() {
         assert_eq!(line, "alpn=http/1.1");
         let (line, _) = visit(a, &client(&p, &[]), "localhost").expect("served");
         assert_eq!(line, "alpn=-");
+        dp.shutdown(Duration::from_secs(1)).expect("shutdown");
+    }
+}
+
+#[test]
+fn a_server_that_never_answers_is_given_up_at_its_connect_timeout_and_the_next_serves() {
+    let p = pki_for(KeyKind::Ecdsa, NAMES);
+    let (tls, _) = server_config(&p, None);
+    let hole = blackhole();
+    let connect_timeout = Duration::from_millis(300);
+    for io in drivers() {
+        let mut pool = Pool::new(
+            "half-dead",
+            vec![server(hole.addr, 1), server(named_backend("alive"), 1)],
+            Vec::new(),
+        );
+        pool.balance = Balance::RoundRobin;
+        pool.connect_timeout = connect_timeout;
+        pool.retries = 2;
+        // Not ejected within this test: every visit that starts at the hole must time out.
+        pool.ejection = Ejection {
+            after: 100,
+            backoff: Duration::from_secs(60),
+        };
+        let pool = Arc::new(pool);
+        let mut l = listener("l", tls.clone(), dead_address());
+        l.routes = Some(Arc::new(RouteTable::new(Vec::new(), Some(pool.clone()))));
+        let Some(dp) = start_dp(dp_config(), io, vec![l]) else {
+            continue;
+        };
+        let cfg = client(&p, &[]);
+        let start = Instant::now();
+        // Round robin: one of the two visits starts at the hole and is retried on the other.
+        for _ in 0..2 {
+            let (line, _) = visit(addr(&dp), &cfg, "localhost").expect("served");
+            assert_eq!(line, "alive", "{io:?}");
+        }
+        let timeouts = pool.servers[0].state.connect_timeouts.load(Relaxed);
+        assert!(
+            timeouts >= 1,
+            "{io:?}: {timeouts} connect timeouts at the hole"
+        );
+        // Given up at the connect timeout, not after the kernel's SYN retries (seconds); a
+        // wide multiple of it for a loaded machine.
+        assert!(
+            start.elapsed() < 10 * connect_timeout,
+            "{io:?}: two visits took {:?} (connect timeout {connect_timeout:?})",
+            start.elapsed()
+        );
         dp.shutdown(Duration::from_secs(1)).expect("shutdown");
     }
 }

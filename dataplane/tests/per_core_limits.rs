@@ -120,17 +120,7 @@ fn handshakes_in_flight_pause_accept_until_one_ends() {
 fn a_backend_that_never_answers_times_out() {
     let p = pki(KeyKind::Ecdsa);
     let (tls, _) = server_config(&p, None);
-    // A listener with a backlog of 0 that never accepts: once its queue holds one connection,
-    // the kernel drops further SYNs, so a connect neither succeeds nor fails.
-    let sock =
-        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
-    sock.bind(&"127.0.0.1:0".parse::<SocketAddr>().expect("addr").into())
-        .expect("bind");
-    sock.listen(0).expect("listen");
-    let blackhole = sock.local_addr().expect("addr").as_socket().expect("inet");
-    let _fill: Vec<TcpStream> = (0..2)
-        .filter_map(|_| TcpStream::connect_timeout(&blackhole, Duration::from_millis(200)).ok())
-        .collect();
+    let hole = blackhole();
     for io in drivers() {
         let connect_timeout = Duration::from_millis(300);
         let limits = Limits {
@@ -140,7 +130,7 @@ fn a_backend_that_never_answers_times_out() {
         let Some(dp) = start_dp(
             one_core(limits),
             io,
-            vec![listener("l", tls.clone(), blackhole)],
+            vec![listener("l", tls.clone(), hole.addr)],
         ) else {
             continue;
         };

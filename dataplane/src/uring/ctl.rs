@@ -335,6 +335,14 @@ impl Ctl {
         }
     }
 
+    /// Gives up a connect in flight: it completes as `ConnectError::TimedOut` (through
+    /// [`Handler::on_connected`]), or as it would have if it already finished.
+    pub fn cancel_connect(&mut self, sock: SocketId) {
+        if let Some(op) = self.socks.get(sock.0).and_then(|s| s.connect_op) {
+            self.cancel(op);
+        }
+    }
+
     /// Closes `sock` after every queued byte is written. No more events arrive for it.
     pub fn close(&mut self, sock: SocketId) {
         let Some(s) = self.socks.get_mut(sock.0) else {

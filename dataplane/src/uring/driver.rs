@@ -35,6 +35,8 @@ type ConnId = u64;
 enum Timer {
     Conn,
     KeyOp,
+    /// A backend connect's deadline (the pool's connect timeout).
+    Connect,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +51,8 @@ struct ConnState {
     client: SocketId,
     backend: Option<SocketId>,
     backend_connected: bool,
+    /// When the backend connect in flight is given up; `None` once it completed.
+    connect_deadline: Option<Instant>,
     handshaking: bool,
     /// The key op this connection waits for, admitted by the core's gate.
     key_op: Option<Admitted>,
@@ -376,8 +380,14 @@ impl Core {
         let Some(st) = self.conns.get_mut(&id) else {
             return;
         };
-        match ctl.connect(t.addr, Some(t.timeout)) {
+        // The connect's deadline is this core's timer, not a linked timeout in the ring: that
+        // cost every connection a submission, a completion and a kernel timer armed and
+        // cancelled, for a timeout that almost never fires.
+        match ctl.connect(t.addr, None) {
             Ok(b) => {
+                let at = Instant::now() + t.timeout;
+                st.connect_deadline = Some(at);
+                self.timers.push(Reverse((at, id, Timer::Connect)));
                 st.backend = Some(b);
                 // The loop arms the recv on connect; our view must match.
                 st.backend_reading = true;
@@ -410,6 +420,17 @@ impl Core {
                         st.conn.on_key_op_done(Err(KeyOpFailure::Deadline), now);
                     }
                     self.progress(ctl, id, now);
+                }
+                Timer::Connect => {
+                    if st.connect_deadline != Some(at) || st.backend_connected {
+                        continue;
+                    }
+                    st.connect_deadline = None;
+                    // The connect completes as cancelled and is reported as timed out
+                    // (`on_connected`), unless it completed meanwhile.
+                    if let Some(b) = st.backend {
+                        ctl.cancel_connect(b);
+                    }
                 }
                 Timer::Conn => {
                     if st.conn.deadline() <= now {
@@ -478,6 +499,7 @@ impl Handler for Core {
                 client: sock,
                 backend: None,
                 backend_connected: false,
+                connect_deadline: None,
                 handshaking: true,
                 key_op: None,
                 client_reading: true,
@@ -561,12 +583,14 @@ impl Handler for Core {
         match r {
             Ok(()) => {
                 st.backend_connected = true;
+                st.connect_deadline = None;
                 st.conn.on_backend_connected(now);
             }
             Err(e) => {
                 // The loop already closed the socket.
                 self.socks.remove(&sock);
                 st.backend = None;
+                st.connect_deadline = None;
                 st.backend_reading = false;
                 // Another server of the pool, within its connect deadline.
                 let timed_out = matches!(e, ConnectError::TimedOut);

@@ -214,6 +214,32 @@ where
     a
 }
 
+/// An address whose connects neither succeed nor fail: a listener with a backlog of 0 that
+/// never accepts, its queue already full, so the kernel drops further SYNs. Keep it alive while
+/// it is used.
+pub struct Blackhole {
+    pub addr: SocketAddr,
+    _listener: socket2::Socket,
+    _queued: Vec<TcpStream>,
+}
+
+pub fn blackhole() -> Blackhole {
+    let sock =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    sock.bind(&"127.0.0.1:0".parse::<SocketAddr>().expect("addr").into())
+        .expect("bind");
+    sock.listen(0).expect("listen");
+    let addr = sock.local_addr().expect("addr").as_socket().expect("inet");
+    let queued = (0..2)
+        .filter_map(|_| TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok())
+        .collect();
+    Blackhole {
+        addr,
+        _listener: sock,
+        _queued: queued,
+    }
+}
+
 /// Sends a connection's bytes back; FIN answered with FIN.
 pub fn echo(mut s: TcpStream) {
     let Ok(mut w) = s.try_clone() else { return };
