@@ -9,12 +9,11 @@
 //! a channel and the ring's eventfd for io_uring). Workers keep no state between requests, so a
 //! token error fails only the handshake that met it.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-
-use std::collections::VecDeque;
 
 use parking_lot::{Condvar, Mutex};
 
@@ -93,7 +92,7 @@ impl KeyOpCounters {
 /// and nothing else, and a worker that finds the queue empty sleeps at once. Measured against
 /// the alternatives (full TLS handshakes with a SoftHSM2 key, everything on one CPU): workers
 /// taking turns on a lock around std's single-consumer receiver woke the next worker in line for
-/// every request only for it to wait again (2 switches per request; 1 here, 7 % less CPU per
+/// every request only for it to wait again (2 switches per request; 1 here, 8 % less CPU per
 /// handshake under load); crossbeam-channel's multi-consumer receiver, whose receivers spin and
 /// yield before they sleep, cost 16-36 µs more per handshake than that old queue.
 #[derive(Debug)]

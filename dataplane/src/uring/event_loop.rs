@@ -423,8 +423,8 @@ impl EventLoop {
                     }
                     return;
                 }
-                // SAFETY: a non-negative accept result is a new fd that only we own.
                 // TCP_NODELAY comes with it from the listener (`driver::listen`).
+                // SAFETY: a non-negative accept result is a new fd that only we own.
                 let fd = unsafe { OwnedFd::from_raw_fd(res) };
                 self.ctl.stats.accepted += 1;
                 let sock = self.ctl.socks.insert(Socket::new(fd, SockState::Open));
