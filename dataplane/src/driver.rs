@@ -244,6 +244,7 @@ pub(crate) fn pin(core: usize, cpu: usize) {
     }
 }
 
+// Test code only: each `expect` here fails the test that reached it, never a running appliance.
 #[cfg(test)]
 mod tests {
     use super::*;

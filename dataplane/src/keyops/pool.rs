@@ -295,6 +295,7 @@ impl Counters {
     }
 }
 
+// Test code only: each `expect` here fails the test that reached it, never a running appliance.
 #[cfg(test)]
 pub(crate) mod tests {
     use std::sync::mpsc;

@@ -301,7 +301,7 @@ impl Core {
                     let target = st.conn.pick_backend(now);
                     self.handshake_done(id);
                     if let Some(t) = target {
-                        self.start_backend(ctl, id, t);
+                        self.start_backend(ctl, id, t, now);
                     }
                 }
             }
@@ -376,7 +376,7 @@ impl Core {
         }
     }
 
-    fn start_backend(&mut self, ctl: &mut Ctl, id: ConnId, t: Target) {
+    fn start_backend(&mut self, ctl: &mut Ctl, id: ConnId, t: Target, now: Instant) {
         let Some(st) = self.conns.get_mut(&id) else {
             return;
         };
@@ -385,7 +385,7 @@ impl Core {
         // cancelled, for a timeout that almost never fires.
         match ctl.connect(t.addr, None) {
             Ok(b) => {
-                let at = Instant::now() + t.timeout;
+                let at = now + t.timeout;
                 st.connect_deadline = Some(at);
                 self.timers.push(Reverse((at, id, Timer::Connect)));
                 st.backend = Some(b);
@@ -595,7 +595,7 @@ impl Handler for Core {
                 // Another server of the pool, within its connect deadline.
                 let timed_out = matches!(e, ConnectError::TimedOut);
                 if let Some(t) = st.conn.on_backend_connect_failed(timed_out, now) {
-                    self.start_backend(ctl, id, t);
+                    self.start_backend(ctl, id, t, now);
                 }
             }
         }
