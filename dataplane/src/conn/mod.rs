@@ -240,6 +240,13 @@ impl Conn {
         self.to_client.as_slice()
     }
 
+    /// [`Conn::client_out`] ends with the close_notify: nothing follows it but the FIN (see
+    /// [`Conn::wants_client_shutdown`]), so the driver may send it with `MSG_MORE` and let the
+    /// FIN share its last segment.
+    pub fn client_out_is_final(&self) -> bool {
+        self.closed().is_none() && self.backend_to_client == Closing::CloseNotifySent
+    }
+
     /// `n` bytes of [`Conn::client_out`] were written.
     pub fn client_written(&mut self, n: usize, now: Instant) {
         self.to_client.consume(n);

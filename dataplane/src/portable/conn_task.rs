@@ -6,6 +6,7 @@ use std::net::{Shutdown, SocketAddr};
 use std::rc::Rc;
 use std::time::Instant;
 
+use tokio::io::{Interest, Ready};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
@@ -66,7 +67,7 @@ impl Drop for Guard {
 enum Wake {
     ClientReadable(io::Result<()>),
     ClientWritable(io::Result<()>),
-    BackendReadable(io::Result<()>),
+    BackendReadable(io::Result<Ready>),
     BackendWritable(io::Result<()>),
     Connected(Result<io::Result<TcpStream>, tokio::time::error::Elapsed>),
     KeyOp(Result<KeyOpResult, oneshot::error::RecvError>),
@@ -76,6 +77,14 @@ enum Wake {
 async fn readable(s: Option<&TcpStream>) -> io::Result<()> {
     match s {
         Some(s) => s.readable().await,
+        None => pending().await,
+    }
+}
+
+/// Like [`readable`], with what the readiness says (`is_read_closed`: the peer's FIN is in).
+async fn ready_to_read(s: Option<&TcpStream>) -> io::Result<Ready> {
+    match s {
+        Some(s) => s.ready(Interest::READABLE).await,
         None => pending().await,
     }
 }
@@ -229,7 +238,7 @@ async fn drive(core: &Core, conn: &mut Conn, client: &TcpStream, guard: &mut Gua
             r = writable(Some(client)), if want_cw => Wake::ClientWritable(r),
             r = writable(backend.as_ref()), if want_bw => Wake::BackendWritable(r),
             r = readable(Some(client)), if want_cr => Wake::ClientReadable(r),
-            r = readable(backend.as_ref()), if want_br => Wake::BackendReadable(r),
+            r = ready_to_read(backend.as_ref()), if want_br => Wake::BackendReadable(r),
             _ = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)) => Wake::Timer,
         };
         let now = Instant::now();
@@ -284,19 +293,17 @@ async fn drive(core: &Core, conn: &mut Conn, client: &TcpStream, guard: &mut Gua
             }
             Wake::BackendReadable(r) => {
                 let Some(b) = backend.as_ref() else { continue };
-                if r.is_err() {
+                let Ok(ready) = r else {
                     conn.abort(CloseReason::BackendIoError);
                     continue;
-                }
+                };
                 let mut buf = core.scratch.borrow_mut();
-                match b.try_read(&mut buf) {
-                    Ok(0) => conn.on_backend_eof(now),
-                    Ok(n) => {
-                        core.recorder.borrow().backend_in(n);
-                        conn.on_backend_data(&buf[..n], now);
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(_) => conn.abort(CloseReason::BackendIoError),
+                let n = read_backend(core, conn, b, &mut buf, now);
+                // The backend's FIN is in too (EPOLLRDHUP) and these bytes did not fill the
+                // buffer: the next read is the end. Taken now, the close_notify joins these
+                // bytes' records and the FIN in one segment to the client.
+                if ready.is_read_closed() && n.is_some_and(|n| n > 0 && n < buf.len()) {
+                    read_backend(core, conn, b, &mut buf, now);
                 }
             }
             Wake::Timer => {
@@ -323,7 +330,7 @@ fn flush(
     now: Instant,
 ) {
     while !conn.client_out().is_empty() && conn.closed().is_none() {
-        match client.try_write(conn.client_out()) {
+        match write_client(client, conn.client_out(), conn.client_out_is_final()) {
             Ok(n) => {
                 core.recorder.borrow().client_out(n);
                 conn.client_written(n, now);
@@ -342,6 +349,45 @@ fn flush(
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(_) => conn.abort(CloseReason::BackendIoError),
             }
+        }
+    }
+}
+
+/// Writes to the client; the bytes before the FIN (`last`) with `MSG_MORE`, which holds a
+/// partial segment back (despite `TCP_NODELAY`) until the `shutdown(2)` that follows puts the
+/// FIN on it: the client gets the close_notify and the FIN in one segment, not two.
+fn write_client(client: &TcpStream, buf: &[u8], last: bool) -> io::Result<usize> {
+    if !last {
+        return client.try_write(buf);
+    }
+    client.try_io(Interest::WRITABLE, || {
+        socket2::SockRef::from(client).send_with_flags(buf, libc::MSG_MORE | libc::MSG_NOSIGNAL)
+    })
+}
+
+/// One read from the backend into `buf`, handed to `conn`; `Some(n)` when it read `n` bytes
+/// (0: the backend's FIN).
+fn read_backend(
+    core: &Core,
+    conn: &mut Conn,
+    b: &TcpStream,
+    buf: &mut [u8],
+    now: Instant,
+) -> Option<usize> {
+    match b.try_read(buf) {
+        Ok(0) => {
+            conn.on_backend_eof(now);
+            Some(0)
+        }
+        Ok(n) => {
+            core.recorder.borrow().backend_in(n);
+            conn.on_backend_data(&buf[..n], now);
+            Some(n)
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+        Err(_) => {
+            conn.abort(CloseReason::BackendIoError);
+            None
         }
     }
 }

@@ -26,14 +26,35 @@ const SPARE_MAX_BYTES: usize = 4 * 1024 * 1024;
 /// One in-flight operation; owns every byte the kernel may read or write for it.
 #[derive(Debug)]
 pub(super) enum Op {
-    Accept { listener: usize },
-    Recv { sock: Key },
-    Send { sock: Key, buf: Vec<u8>, off: usize },
-    Connect { sock: Key, _addr: Box<RawAddr> },
-    LinkTimeout { _ts: Box<types::Timespec> },
+    Accept {
+        listener: usize,
+    },
+    Recv {
+        sock: Key,
+    },
+    /// `in_kernel`: the submission is built (at the end of the turn, from `buf[off..]`); until
+    /// then `send` may still append to `buf`, so what one turn queues goes out in one send.
+    Send {
+        sock: Key,
+        buf: Vec<u8>,
+        off: usize,
+        in_kernel: bool,
+    },
+    Connect {
+        sock: Key,
+        _addr: Box<RawAddr>,
+    },
+    LinkTimeout {
+        _ts: Box<types::Timespec>,
+    },
     Close,
-    Tick { ts: Box<types::Timespec> },
-    EventFd { fd: RawFd, buf: Box<[u8; 8]> },
+    Tick {
+        ts: Box<types::Timespec>,
+    },
+    EventFd {
+        fd: RawFd,
+        buf: Box<[u8; 8]>,
+    },
     Cancel,
 }
 
@@ -115,6 +136,8 @@ pub(super) struct Listener {
 pub(super) enum Pending {
     One(squeue::Entry),
     Linked([squeue::Entry; 2]),
+    /// A send, built when the turn's submissions go to the ring ([`Ctl::send_entry`]).
+    Send(Key),
 }
 
 /// The part of the loop a [`Handler`] acts through.
@@ -270,6 +293,19 @@ impl Ctl {
         if data.is_empty() {
             return true;
         }
+        if let (Some(op), true) = (s.send_op, s.queued.is_empty()) {
+            if let Some(Op::Send {
+                buf,
+                in_kernel: false,
+                ..
+            }) = self.ops.get_mut(op)
+            {
+                // Not handed to the kernel yet: these bytes join it (one send, one segment
+                // where they fit, instead of a second send after the first completes).
+                buf.extend_from_slice(data);
+                return true;
+            }
+        }
         if s.send_op.is_some() || s.state == SockState::Connecting {
             if s.queued.capacity() == 0 {
                 s.queued = self.spare.pop().unwrap_or_default();
@@ -277,18 +313,18 @@ impl Ctl {
             s.queued.extend_from_slice(data);
             return true;
         }
-        let fd = s.fd.as_raw_fd();
         let mut buf = self.spare.pop().unwrap_or_default();
         buf.extend_from_slice(data);
         let op = self.ops.insert(Op::Send {
             sock: sock.0,
             buf,
             off: 0,
+            in_kernel: false,
         });
         if let Some(s) = self.socks.get_mut(sock.0) {
             s.send_op = Some(op);
         }
-        self.submit_send(op, fd);
+        self.submit_send(op);
         true
     }
 
@@ -448,18 +484,53 @@ impl Ctl {
         &self.stats
     }
 
-    pub(super) fn submit_send(&mut self, op: Key, fd: RawFd) {
-        let Some(Op::Send { buf, off, .. }) = self.ops.get(op) else {
-            return;
+    /// Queues send `op` (new, or the rest of a short write); its submission is built at the end
+    /// of the turn by [`Ctl::send_entry`].
+    pub(super) fn submit_send(&mut self, op: Key) {
+        if let Some(Op::Send { in_kernel, .. }) = self.ops.get_mut(op) {
+            *in_kernel = false;
+            self.backlog.push(Pending::Send(op));
+        }
+    }
+
+    /// The submission for send `op`, built as the turn's submissions go to the ring; from now on
+    /// its buffer is the kernel's until the completion. `None` when the op is gone, or its
+    /// socket (a socket is removed only once no op names it, so neither happens; the op would
+    /// be dropped then).
+    pub(super) fn send_entry(&mut self, op: Key) -> Option<squeue::Entry> {
+        let Some(Op::Send {
+            sock,
+            buf,
+            off,
+            in_kernel,
+        }) = self.ops.get_mut(op)
+        else {
+            return None;
+        };
+        let Some(s) = self.socks.get(*sock) else {
+            if let Some(Op::Send { buf, .. }) = self.ops.remove(op) {
+                self.recycle(buf);
+            }
+            return None;
         };
         let rest = &buf[*off..];
         let len = rest.len().min(u32::MAX as usize) as u32;
         // MSG_NOSIGNAL: a peer that went away must be an EPIPE completion, not a SIGPIPE.
-        let entry = opcode::Send::new(types::Fd(fd), rest.as_ptr(), len)
-            .flags(libc::MSG_NOSIGNAL)
-            .build()
-            .user_data(op.to_u64());
-        self.backlog.push(Pending::One(entry));
+        let mut flags = libc::MSG_NOSIGNAL;
+        if s.shut_wr == ShutWr::Wanted && s.queued.is_empty() {
+            // The last bytes before the FIN: MSG_MORE keeps a partial segment back (despite
+            // TCP_NODELAY) until `shutdown(2)` right after this completes, which puts the FIN
+            // on it, so the peer gets the bytes and the FIN in one segment instead of two. An
+            // ACK or a close pushes it as well; nothing stays behind.
+            flags |= libc::MSG_MORE;
+        }
+        *in_kernel = true;
+        Some(
+            opcode::Send::new(types::Fd(s.fd.as_raw_fd()), rest.as_ptr(), len)
+                .flags(flags)
+                .build()
+                .user_data(op.to_u64()),
+        )
     }
 
     pub(super) fn arm_recv(&mut self, sock: Key) {

@@ -354,16 +354,25 @@ impl EventLoop {
     fn flush(&mut self) -> Result<(), UringError> {
         let backlog = std::mem::take(&mut self.ctl.backlog);
         for pending in &backlog {
+            let built;
             let entries: &[squeue::Entry] = match pending {
                 Pending::One(e) => std::slice::from_ref(e),
                 Pending::Linked(pair) => pair,
+                Pending::Send(op) => match self.ctl.send_entry(*op) {
+                    Some(e) => {
+                        built = e;
+                        std::slice::from_ref(&built)
+                    }
+                    None => continue,
+                },
             };
             loop {
                 // SAFETY: every pointer in these entries points into memory owned by the op
                 // named by the entry's user_data (boxed or a Vec's heap part, so it does not
                 // move with the slab), into the buffer ring, or at an fd owned by a socket,
                 // listener or watched eventfd; none of them is freed before the op's final
-                // completion (see dispatch and Drop).
+                // completion (see dispatch and Drop). A send's Vec is not grown once its entry
+                // is built (`Ctl::send` appends only to sends not yet `in_kernel`).
                 let pushed = unsafe { self.ring.submission().push_multiple(entries) };
                 if pushed.is_ok() {
                     break;
@@ -486,15 +495,14 @@ impl EventLoop {
                 }
                 self.ctl.maybe_finish_close(sock);
             }
-            Op::Send { sock, buf, off } => {
+            Op::Send { sock, buf, off, .. } => {
                 let sock = *sock;
-                let fd = self.ctl.socks.get(sock).map(|s| s.fd.as_raw_fd());
                 if res > 0 {
                     self.ctl.stats.bytes_sent += res as u64;
                     *off += res as usize;
                 }
                 let aborted = self.ctl.socks.get(sock).is_none_or(|s| s.aborted);
-                let (Some(fd), true, false) = (fd, res > 0, aborted) else {
+                let (true, false) = (res > 0, aborted) else {
                     // Error, zero-length write, or the socket is gone: this send is over.
                     if let Some(Op::Send { buf, .. }) = self.ctl.ops.remove(key) {
                         self.ctl.recycle(buf);
@@ -519,7 +527,7 @@ impl EventLoop {
                 };
                 if *off < buf.len() {
                     self.ctl.stats.partial_sends += 1;
-                    self.ctl.submit_send(key, fd);
+                    self.ctl.submit_send(key);
                     return;
                 }
                 let queued = self
@@ -538,7 +546,7 @@ impl EventLoop {
                             s.queued = spent;
                         }
                     }
-                    self.ctl.submit_send(key, fd);
+                    self.ctl.submit_send(key);
                     return;
                 }
                 // Drained: the socket holds no send buffer while it waits for more (`queued`
@@ -571,7 +579,6 @@ impl EventLoop {
                 }
                 if res == 0 {
                     s.state = SockState::Open;
-                    let fd = s.fd.as_raw_fd();
                     let queued = std::mem::take(&mut s.queued);
                     if s.recv_wanted {
                         self.ctl.arm_recv(sock);
@@ -581,11 +588,12 @@ impl EventLoop {
                             sock,
                             buf: queued,
                             off: 0,
+                            in_kernel: false,
                         });
                         if let Some(s) = self.ctl.socks.get_mut(sock) {
                             s.send_op = Some(op);
                         }
-                        self.ctl.submit_send(op, fd);
+                        self.ctl.submit_send(op);
                     }
                     self.ctl.maybe_shutdown(sock);
                     handler.on_connected(&mut self.ctl, SocketId(sock), Ok(()));
