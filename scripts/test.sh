@@ -27,9 +27,10 @@ ensure_sslyze
 ensure_schemathesis
 # The benchmark smoke below: HAProxy and nginx (+ its layer-4 stream module) beside tlsgate,
 # nginx also as the plain-HTTP origin; python3 for the harness's tables; nghttp2's h2load as the
-# independent bulk client (OpenSSL's s_time is the independent handshake client); iproute2's
-# `ss`, which a data-plane test reads TCP segment counts from.
-ensure_packages haproxy nginx libnginx-mod-stream python3 util-linux nghttp2-client iproute2
+# independent bulk client (OpenSSL's s_time is the independent handshake client); ApacheBench
+# (apache2-utils) for the TCP floor; iproute2's `ss`, which a data-plane test reads TCP segment
+# counts from.
+ensure_packages haproxy nginx libnginx-mod-stream python3 util-linux nghttp2-client apache2-utils iproute2
 
 step "Rust tools"
 ensure_rust_components

@@ -14,6 +14,8 @@ Clients (none of them ours):
                      resumed, '*' not) confirm from the client side that they resumed
   bulk               nghttp2's `h2load --h1` with 2 keep-alive connections, GET /bytes/N for a
                      fixed number of requests
+  tcp                ApacheBench (`ab`, N concurrent) over plain HTTP/1.0: a new connection per
+                     GET /, read to the close (the TCP floor: a relay without TLS)
 
 The server's CPU time (user + system, /proc/PID/stat of every PID) and its wake-ups (voluntary
 context switches of every thread, /proc/PID/task/*/status) are read before and after;
@@ -101,11 +103,26 @@ def h2load(args):
     return ok, failed + errored, {}
 
 
+def ab(args):
+    cmd = ["taskset", "-c", str(args.load_cpu), "ab", "-q", "-c", str(args.concurrency),
+           "-t", str(args.duration), "-n", "100000000", f"http://{args.target}/"]
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       stdin=subprocess.DEVNULL, text=True, timeout=args.duration + 120)
+    done = re.search(r"Complete requests:\s+(\d+)", p.stdout)
+    failed = re.search(r"Failed requests:\s+(\d+)", p.stdout)
+    non2xx = re.search(r"Non-2xx responses:\s+(\d+)", p.stdout)
+    if p.returncode != 0 or not done or not failed:
+        sys.stderr.write(p.stdout[-2000:])
+        return 0, 1, {}
+    errors = int(failed.group(1)) + (int(non2xx.group(1)) if non2xx else 0)
+    return int(done.group(1)) - errors, errors, {}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--target", required=True)
     ap.add_argument("--test", required=True,
-                    choices=["full13", "full12", "resume13", "resume12", "bulk"])
+                    choices=["full13", "full12", "resume13", "resume12", "bulk", "tcp"])
     ap.add_argument("--duration", type=int, default=3)
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--server-pids", required=True)
@@ -120,6 +137,9 @@ def main():
     if args.test == "bulk":
         name, unit = "h2load --h1", "request"
         units, errors, confirm = h2load(args)
+    elif args.test == "tcp":
+        name, unit = "ab", "connection"
+        units, errors, confirm = ab(args)
     else:
         name, unit = "openssl s_time", "handshake"
         units, errors, confirm = s_time(args, args.test.startswith("resume"))
@@ -134,6 +154,7 @@ def main():
         "errors_total": errors,
         "handshakes_per_s": units / wall if unit == "handshake" else None,
         "requests_per_s": units / wall if unit == "request" else None,
+        "connections_per_s": units / wall if unit == "connection" else None,
         "body_bytes": units * args.bulk_bytes if unit == "request" else 0,
         "body_bytes_per_s": units * args.bulk_bytes / wall if unit == "request" else 0,
         "server": {

@@ -13,7 +13,8 @@ Figures per test:
   full*/resume*  server CPU µs per handshake (lower is better); handshakes/s
   bulk           server CPU seconds per GB of response body; MB/s of body
   idle           server RSS growth per idle TLS connection (KiB), i.e. MiB per 10,000
-A crypto floor (OUT_DIR/floor.json from tlsgate-floor --json) adds "÷floor" for handshake rows.
+A crypto floor (OUT_DIR/floor.json from tlsgate-floor --json) adds "÷floor" for handshake rows;
+the TCP floor (OUT_DIR/raw/tcp-floor-*.json: the peers relaying plain TCP) gets a table of its own.
 The main tables are tlsgate-load's; "Two generators" puts each ratio as tlsgate-load measured it
 beside the independent client's, and marks a disagreement over 15 %.
 """
@@ -287,6 +288,24 @@ def table(out):
     else:
         summary_all = summary
 
+    tcp_floor = tcp_floor_summary(out)
+    if tcp_floor:
+        lines.append("")
+        lines.append("### TCP floor: the peers relaying plain TCP (no TLS) through the same "
+                     "origin, per connection (ApacheBench, HTTP/1.0, a new connection per "
+                     "request; medians): the two connections' TCP work plus the relay's own, "
+                     "which a handshake run pays too")
+        lines.append("")
+        lines.append("| relay | server CPU µs per connection | user / kernel | connections/s "
+                     "| busy | runs |")
+        lines.append("|---|---:|---:|---:|---:|---:|")
+        for s, v in tcp_floor.items():
+            cost, sys_ = v["cost"], v["srv_sys_us"]
+            split = f"{cost - sys_:,.0f} / {sys_:,.0f}" if cost is not None and sys_ is not None else "-"
+            rate = f"{v['rate']:,.0f}" if v["rate"] is not None else "-"
+            lines.append(f"| {s}, no TLS | {fmt(cost) or '-'} | {split} | {rate} | "
+                         f"{fmt(v['srv_busy'], 2) or '-'} | {v['clean_runs']} of {v['runs']} |")
+
     lines += syscall_lines(out, present)
     lines += profile_lines(out, present)
 
@@ -309,7 +328,8 @@ def table(out):
             lines += [f"- {l.strip()}" for l in text.splitlines()]
     print("\n".join(lines))
     with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump({"tlsgate-load": summary, "independent": independent_summary}, f, indent=1)
+        json.dump({"tlsgate-load": summary, "independent": independent_summary,
+                   "tcp_floor": tcp_floor}, f, indent=1)
         f.write("\n")
     bars = []
     for e in summary:
@@ -324,6 +344,37 @@ def table(out):
     if bars:
         with open(os.path.join(out, "ratios.svg"), "w") as f:
             f.write(svg(bars))
+
+
+def tcp_floor_summary(out):
+    """Medians of raw/tcp-floor-SERVER-runN.json (independent-load.py --test tcp), per peer; a
+    run counts when it completed connections and under 1 % failed."""
+    runs = {}
+    raw = os.path.join(out, "raw")
+    for name in sorted(os.listdir(raw)) if os.path.isdir(raw) else []:
+        if not (name.startswith("tcp-floor-") and name.endswith(".json")):
+            continue
+        server = name[len("tcp-floor-"):].rsplit("-run", 1)[0]
+        try:
+            with open(os.path.join(raw, name)) as f:
+                r = json.load(f)
+        except (OSError, ValueError):
+            r = {}
+        runs.setdefault(server, []).append(r)
+    summary = {}
+    for s in [p for p in PEERS if p in runs]:
+        ok = [r for r in runs[s] if r.get("units", 0) > 0
+              and r.get("errors_total", 1) <= 0.01 * (r["units"] + r.get("errors_total", 0))]
+        srv = [r.get("server") or {} for r in ok]
+        summary[s] = {
+            "runs": len(runs[s]),
+            "clean_runs": len(ok),
+            "cost": median(v.get("us_per_unit") for v in srv),
+            "srv_sys_us": median(v.get("system_us_per_unit") for v in srv),
+            "srv_busy": median(v.get("cores_busy") for v in srv),
+            "rate": median(r.get("connections_per_s") for r in ok),
+        }
+    return summary
 
 
 def syscall_lines(out, present):

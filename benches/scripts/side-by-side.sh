@@ -4,7 +4,8 @@
 #   benches/scripts/side-by-side.sh [options]
 #
 # Installs what is missing (Debian 12: haproxy, nginx + its stream module, softhsm2, python3,
-# the libp11 OpenSSL engine, OpenSSL's pkcs11-provider from bookworm-backports), builds tlsgate and tlsgate-load (release),
+# the libp11 OpenSSL engine, OpenSSL's pkcs11-provider from bookworm-backports, ApacheBench),
+# builds tlsgate and tlsgate-load (release),
 # makes ONE certificate set (a test CA, an ECDSA P-256 and an RSA-2048 leaf for localhost) used by
 # every server, imports the same two keys into a SoftHSM2 token, and starts a plain-HTTP origin.
 # Then, for each key (ecdsa, rsa) and key store (software, softhsm), it starts every server with
@@ -16,7 +17,10 @@
 # nghttp2's `h2load` for bulk; server CPU from /proc either way). It prints medians, the ratios
 # tlsgate / HAProxy and tlsgate / nginx by both generators side by side, and each handshake
 # figure as a multiple of the crypto floor (tlsgate-floor, run first on CPU 0), and keeps raw
-# JSON, a CSV, the floor and the machine description in --out.
+# JSON, a CSV, the floor and the machine description in --out. Before the TLS runs, the TCP floor:
+# HAProxy and nginx relaying plain TCP (no TLS) through the same origin, measured by ApacheBench
+# with a new connection per request — what the two TCP connections of a handshake run cost
+# without TLS.
 #
 # Options (defaults in brackets):
 #   --quick               a CI smoke run: ecdsa, software, tests "full13 resume12 bulk idle",
@@ -138,6 +142,7 @@ if ((install)); then
     command -v taskset >/dev/null || need+=(util-linux)
     command -v openssl >/dev/null || need+=(openssl)
     ((independent == 0)) || command -v h2load >/dev/null || need+=(nghttp2-client)
+    command -v ab >/dev/null || need+=(apache2-utils)
     find_provider
     [[ -n "$pkcs11_engine" ]] || need+=(libengine-pkcs11-openssl)
     if ((${#need[@]})); then
@@ -269,6 +274,7 @@ first_line() { "$@" 2>&1 </dev/null | head -n 1 || true; }
     echo "haproxy      $(first_line haproxy -v)"
     echo "nginx        $(first_line nginx -v)"
     echo "openssl      $(first_line openssl version)"
+    echo "ab           $(dpkg-query -W -f '${Version}' apache2-utils 2>/dev/null || echo n/a) (apache2-utils: the TCP floor's client)"
     echo "softhsm2     $(dpkg-query -W -f '${Version}' softhsm2 2>/dev/null || echo n/a)"
     echo "pkcs11-prov  $(dpkg-query -W -f '${Version}' pkcs11-provider 2>/dev/null || echo n/a)"
     echo "libp11-eng   $(dpkg-query -W -f '${Version}' libengine-pkcs11-openssl 2>/dev/null || echo n/a)"
@@ -363,7 +369,18 @@ start_server() { # NAME KEY STORE -> pid[NAME], pids[NAME] or why[NAME]
             ;;
         haproxy|nginx)
             local keyfile="$work/$key.key" crt="$work/$key-haproxy.pem"
-            if [[ "$store" == softhsm ]]; then
+            if [[ "$store" == tcp ]]; then
+                # The TCP floor: the same relay without TLS (see "TCP floor" below).
+                if [[ "$s" == haproxy ]]; then
+                    render "$configs/haproxy-tcp.cfg" "$dir/haproxy.cfg" "LISTEN=$listen" \
+                        "BACKEND=127.0.0.1:$origin_port" "MAXCONN=$maxconn"
+                    cmd=(haproxy -db -f "$dir/haproxy.cfg")
+                else
+                    render "$configs/nginx-tcp.conf" "$dir/nginx.conf" "DIR=$dir" "LISTEN=$listen" \
+                        "BACKEND=127.0.0.1:$origin_port" "MAXCONN=$((maxconn * 2))" "NOFILE=$fd_limit"
+                    cmd=(nginx -e "$dir/nginx-error.log" -c "$dir/nginx.conf")
+                fi
+            elif [[ "$store" == softhsm ]]; then
                 if [[ -n "$pkcs11_provider" ]]; then
                     env=(OPENSSL_CONF="$work/openssl-pkcs11.cnf")
                     keyfile="$work/$key-uri.pem" crt="$work/$key-haproxy-hsm.pem"
@@ -380,7 +397,9 @@ start_server() { # NAME KEY STORE -> pid[NAME], pids[NAME] or why[NAME]
                     return 1
                 fi
             fi
-            if [[ "$s" == haproxy ]]; then
+            if [[ "$store" == tcp ]]; then
+                :
+            elif [[ "$s" == haproxy ]]; then
                 render "$configs/haproxy.cfg" "$dir/haproxy.cfg" "DIR=$dir" "LISTEN=$listen" \
                     "BACKEND=127.0.0.1:$origin_port" "CRT=$crt" "MAXCONN=$maxconn"
                 cmd=(haproxy -db -f "$dir/haproxy.cfg")
@@ -425,6 +444,44 @@ start_server() { # NAME KEY STORE -> pid[NAME], pids[NAME] or why[NAME]
 }
 
 wait_port "$origin_port" "$origin_pid" || { echo "the origin did not start:" >&2; cat "$work/logs/origin.log" >&2; exit 1; }
+
+# ---------------------------------------------------------------------------------------------
+# TCP floor: the peers relaying plain TCP (no TLS) through the same origin, measured by ApacheBench
+# (`ab`: HTTP/1.0, a new connection per request, the answer read to the origin's close), like a
+# handshake run's connections without TLS. What a relay spends per connection here is the
+# kernel's TCP work for the two connections plus the relay's own; a handshake run's cost less
+# this is what TLS adds. tlsgate has no plain-TCP relay, so only the peers are measured.
+# ---------------------------------------------------------------------------------------------
+tcp_floor_peers=() floor_status=0
+for s in $servers; do [[ "$s" == haproxy || "$s" == nginx ]] && tcp_floor_peers+=("$s"); done
+if ((${#tcp_floor_peers[@]})); then
+    if ! command -v ab >/dev/null; then
+        echo "TCP floor: ab is not installed (apache2-utils)" | tee -a "$out/skipped.txt" >&2
+        # Under CI nothing may be missing (the test command installs it).
+        [[ "${CI:-}" != true && "${CI:-}" != 1 ]] || floor_status=1
+    else
+        say "TCP floor: ${tcp_floor_peers[*]} relaying plain TCP, ab on CPU $load_cpu"
+        for run in $(seq 1 "$runs"); do
+            for s in "${tcp_floor_peers[@]}"; do
+                if ! start_server "$s" plain tcp; then
+                    echo "  TCP floor: $s did not start: ${why[$s]}" >&2
+                    floor_status=1
+                    continue
+                fi
+                json="$out/raw/tcp-floor-$s-run$run.json"
+                if ! python3 "$here/independent-load.py" --target "127.0.0.1:${port[$s]}" --test tcp \
+                    --duration "$duration" --concurrency "$concurrency" --server-pids "${pids[$s]}" \
+                    --load-cpu "$load_cpu" --json "$json" 2>"$json.err"; then
+                    echo "  TCP floor: $s run $run failed: $(tail -n 1 "$json.err")" >&2
+                    floor_status=1
+                fi
+                [[ -s "$json.err" ]] || rm -f "$json.err"
+                stop_server "$s"
+                printf '  %-8s %-8s %-9s %-17s run %s done\n' plain tcp tcp "$s" "$run" >&2
+            done
+        done
+    fi
+fi
 
 # ---------------------------------------------------------------------------------------------
 # Runs
@@ -562,6 +619,7 @@ if ((quick)); then
         status=1
     fi
 fi
+((floor_status == 0)) || status=1
 echo
 echo "raw results: $out"
 exit "$status"
