@@ -347,8 +347,8 @@ def table(out):
 
 
 def tcp_floor_summary(out):
-    """Medians of raw/tcp-floor-SERVER-runN.json (independent-load.py --test tcp), per peer; a
-    run counts when it completed connections and under 1 % failed."""
+    """Medians of raw/tcp-floor-SERVER-runN.json (independent-load.py --test tcp), per peer, over
+    the runs that count (`clean`)."""
     runs = {}
     raw = os.path.join(out, "raw")
     for name in sorted(os.listdir(raw)) if os.path.isdir(raw) else []:
@@ -363,8 +363,7 @@ def tcp_floor_summary(out):
         runs.setdefault(server, []).append(r)
     summary = {}
     for s in [p for p in PEERS if p in runs]:
-        ok = [r for r in runs[s] if r.get("units", 0) > 0
-              and r.get("errors_total", 1) <= 0.01 * (r["units"] + r.get("errors_total", 0))]
+        ok = [r for r in runs[s] if clean({"ok": r.get("units"), "errors": r.get("errors_total")})]
         srv = [r.get("server") or {} for r in ok]
         summary[s] = {
             "runs": len(runs[s]),

@@ -368,19 +368,11 @@ start_server() { # NAME KEY STORE -> pid[NAME], pids[NAME] or why[NAME]
             cmd=("$tlsgate_bin" serve --config "$dir/tlsgate.toml")
             ;;
         haproxy|nginx)
-            local keyfile="$work/$key.key" crt="$work/$key-haproxy.pem"
-            if [[ "$store" == tcp ]]; then
-                # The TCP floor: the same relay without TLS (see "TCP floor" below).
-                if [[ "$s" == haproxy ]]; then
-                    render "$configs/haproxy-tcp.cfg" "$dir/haproxy.cfg" "LISTEN=$listen" \
-                        "BACKEND=127.0.0.1:$origin_port" "MAXCONN=$maxconn"
-                    cmd=(haproxy -db -f "$dir/haproxy.cfg")
-                else
-                    render "$configs/nginx-tcp.conf" "$dir/nginx.conf" "DIR=$dir" "LISTEN=$listen" \
-                        "BACKEND=127.0.0.1:$origin_port" "MAXCONN=$((maxconn * 2))" "NOFILE=$fd_limit"
-                    cmd=(nginx -e "$dir/nginx-error.log" -c "$dir/nginx.conf")
-                fi
-            elif [[ "$store" == softhsm ]]; then
+            local keyfile="$work/$key.key" crt="$work/$key-haproxy.pem" variant=""
+            # The TCP floor's store: the same relay without TLS (see "TCP floor" below); its
+            # templates take the same placeholders and have no certificate or key.
+            [[ "$store" != tcp ]] || variant="-tcp"
+            if [[ "$store" == softhsm ]]; then
                 if [[ -n "$pkcs11_provider" ]]; then
                     env=(OPENSSL_CONF="$work/openssl-pkcs11.cnf")
                     keyfile="$work/$key-uri.pem" crt="$work/$key-haproxy-hsm.pem"
@@ -397,14 +389,12 @@ start_server() { # NAME KEY STORE -> pid[NAME], pids[NAME] or why[NAME]
                     return 1
                 fi
             fi
-            if [[ "$store" == tcp ]]; then
-                :
-            elif [[ "$s" == haproxy ]]; then
-                render "$configs/haproxy.cfg" "$dir/haproxy.cfg" "DIR=$dir" "LISTEN=$listen" \
+            if [[ "$s" == haproxy ]]; then
+                render "$configs/haproxy$variant.cfg" "$dir/haproxy.cfg" "DIR=$dir" "LISTEN=$listen" \
                     "BACKEND=127.0.0.1:$origin_port" "CRT=$crt" "MAXCONN=$maxconn"
                 cmd=(haproxy -db -f "$dir/haproxy.cfg")
             else
-                render "$configs/nginx.conf" "$dir/nginx.conf" "DIR=$dir" "LISTEN=$listen" \
+                render "$configs/nginx$variant.conf" "$dir/nginx.conf" "DIR=$dir" "LISTEN=$listen" \
                     "BACKEND=127.0.0.1:$origin_port" "CERT=$work/$key.pem" "KEY=$keyfile" \
                     "MAXCONN=$((maxconn * 2))" "NOFILE=$fd_limit" \
                     "MASTER=$([[ "$store" == softhsm ]] && echo 'master_process off;' || true)"

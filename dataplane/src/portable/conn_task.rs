@@ -65,7 +65,7 @@ impl Drop for Guard {
 }
 
 enum Wake {
-    ClientReadable(io::Result<()>),
+    ClientReadable(io::Result<Ready>),
     ClientWritable(io::Result<()>),
     BackendReadable(io::Result<Ready>),
     BackendWritable(io::Result<()>),
@@ -74,15 +74,9 @@ enum Wake {
     Timer,
 }
 
-async fn readable(s: Option<&TcpStream>) -> io::Result<()> {
-    match s {
-        Some(s) => s.readable().await,
-        None => pending().await,
-    }
-}
-
-/// Like [`readable`], with what the readiness says (`is_read_closed`: the peer's FIN is in).
-async fn ready_to_read(s: Option<&TcpStream>) -> io::Result<Ready> {
+/// Waits until `s` can be read, with what the readiness says (`is_read_closed`: the peer's FIN
+/// is in).
+async fn readable(s: Option<&TcpStream>) -> io::Result<Ready> {
     match s {
         Some(s) => s.ready(Interest::READABLE).await,
         None => pending().await,
@@ -238,7 +232,7 @@ async fn drive(core: &Core, conn: &mut Conn, client: &TcpStream, guard: &mut Gua
             r = writable(Some(client)), if want_cw => Wake::ClientWritable(r),
             r = writable(backend.as_ref()), if want_bw => Wake::BackendWritable(r),
             r = readable(Some(client)), if want_cr => Wake::ClientReadable(r),
-            r = ready_to_read(backend.as_ref()), if want_br => Wake::BackendReadable(r),
+            r = readable(backend.as_ref()), if want_br => Wake::BackendReadable(r),
             _ = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)) => Wake::Timer,
         };
         let now = Instant::now();

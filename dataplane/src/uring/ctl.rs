@@ -494,9 +494,8 @@ impl Ctl {
     }
 
     /// The submission for send `op`, built as the turn's submissions go to the ring; from now on
-    /// its buffer is the kernel's until the completion. `None` when the op is gone, or its
-    /// socket (a socket is removed only once no op names it, so neither happens; the op would
-    /// be dropped then).
+    /// its buffer is the kernel's until the completion. `None` (the op dropped) if its socket is
+    /// gone, which cannot happen while the op names it (`maybe_finish_close` waits for it).
     pub(super) fn send_entry(&mut self, op: Key) -> Option<squeue::Entry> {
         let Some(Op::Send {
             sock,

@@ -502,7 +502,7 @@ impl EventLoop {
                     *off += res as usize;
                 }
                 let aborted = self.ctl.socks.get(sock).is_none_or(|s| s.aborted);
-                let (true, false) = (res > 0, aborted) else {
+                if res <= 0 || aborted {
                     // Error, zero-length write, or the socket is gone: this send is over.
                     if let Some(Op::Send { buf, .. }) = self.ctl.ops.remove(key) {
                         self.ctl.recycle(buf);
@@ -524,7 +524,7 @@ impl EventLoop {
                     }
                     self.ctl.maybe_finish_close(sock);
                     return;
-                };
+                }
                 if *off < buf.len() {
                     self.ctl.stats.partial_sends += 1;
                     self.ctl.submit_send(key);
