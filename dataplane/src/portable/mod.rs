@@ -97,9 +97,10 @@ async fn serve(
             let mut tick = tokio::time::interval(FLUSH_INTERVAL);
             loop {
                 tick.tick().await;
-                core.recorder
-                    .borrow_mut()
-                    .maybe_flush(Instant::now(), false);
+                // The tick is the interval: forced, because a tick that runs a hair less than
+                // FLUSH_INTERVAL after the last one (timer jitter) would otherwise skip its
+                // flush and leave the counters and the heartbeat two seconds behind.
+                core.recorder.borrow_mut().maybe_flush(Instant::now(), true);
             }
         })
     };
