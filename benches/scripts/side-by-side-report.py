@@ -30,7 +30,7 @@ TESTS = ["full13", "full12", "resume13", "resume12", "bulk", "idle"]
 FIELDS = [
     "key", "store", "test", "server", "run", "ok", "errors", "rate", "srv_cpu_us", "gen_cpu_us",
     "srv_busy", "gen_busy", "p50_us", "p99_us", "mb_s", "srv_s_per_gb", "rss_bytes_per_conn",
-    "srv_sys_us", "file", "generator", "srv_wakeups",
+    "srv_sys_us", "file", "generator", "srv_wakeups", "srv_full", "srv_resumed",
 ]
 
 
@@ -42,6 +42,12 @@ def row(path, key, store, test, server, run):
         r = {}
     srv = r.get("server") or {}
     gen = r.get("generator") or {}
+    # The server's own count of the run's handshakes (server-handshakes.py), when it was read.
+    try:
+        with open(path + ".server") as f:
+            counted = json.load(f)
+    except (OSError, ValueError):
+        counted = {}
     lat = r.get("latency_us") or {}
     body = r.get("body_bytes") or 0
     srv_cpu_us = srv.get("cpu_us")
@@ -56,6 +62,7 @@ def row(path, key, store, test, server, run):
         fmt(s_per_gb, 3), fmt(srv.get("rss_bytes_per_connection")),
         fmt(srv.get("system_us_per_unit")), os.path.basename(path),
         r.get("generator_name") or "tlsgate-load", fmt(srv.get("wakeups_per_unit"), 2),
+        counted.get("full", ""), counted.get("resumed", ""),
     ]
     csv.writer(sys.stdout).writerow(values)
 
@@ -151,6 +158,10 @@ def table(out):
                     "p99_us": median(num(r["p99_us"]) for r in ok),
                     "errors": sum(int(num(r["errors"]) or 0) for r in rs),
                     "generator": generator(rs[0]),
+                    # The server's own count, summed over the runs where it was read.
+                    "server_full": count_sum(rs, "srv_full"),
+                    "server_resumed": count_sum(rs, "srv_resumed"),
+                    "counted_runs": sum(1 for r in rs if num(r.get("srv_full")) is not None),
                 }
             summary.append(entry)
         return summary
@@ -288,6 +299,8 @@ def table(out):
     else:
         summary_all = summary
 
+    lines += confirmation_lines(summary, independent_summary, present)
+
     tcp_floor = tcp_floor_summary(out)
     if tcp_floor:
         lines.append("")
@@ -344,6 +357,41 @@ def table(out):
     if bars:
         with open(os.path.join(out, "ratios.svg"), "w") as f:
             f.write(svg(bars))
+
+
+def count_sum(rs, field):
+    values = [num(r.get(field)) for r in rs]
+    values = [v for v in values if v is not None]
+    return int(sum(values)) if values else None
+
+
+def confirmation_lines(summary, independent_summary, present):
+    """How each handshake cell's kind was confirmed: the servers' own counts, per generator."""
+    by_cell = {(e["key"], e["store"], e["test"]): e for e in independent_summary}
+    cells = [e for e in summary if e["test"] != "idle"]
+    if not any(v.get("counted_runs") for e in cells for v in e["servers"].values()):
+        return []
+    lines = ["", "### Full or resumed, as each server counted them: full / resumed handshakes "
+             "over the cell's runs, under tlsgate-load; under the independent client (tlsgate: "
+             "`tlsgate_handshakes_total{kind}`; HAProxy: `ssl_sess` / `ssl_reused_sess`; nginx: "
+             "`$ssl_session_reused` in its stream log). A resumed run's few full handshakes are "
+             "the clients' first ones; a count that contradicts the test fails the harness", ""]
+    head = ["key", "store", "test"] + present
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "---|" * 3 + "---:|" * len(present))
+
+    def counted(e, s):
+        v = (e or {}).get("servers", {}).get(s)
+        if not v or not v.get("counted_runs"):
+            return "-"
+        return f"{v['server_full']:,} / {v['server_resumed']:,}"
+
+    for e in cells:
+        ie = by_cell.get((e["key"], e["store"], e["test"]))
+        cols = [e["key"], e["store"], e["test"]]
+        cols += [f"{counted(e, s)}; {counted(ie, s)}" if ie else counted(e, s) for s in present]
+        lines.append("| " + " | ".join(cols) + " |")
+    return lines
 
 
 def tcp_floor_summary(out):

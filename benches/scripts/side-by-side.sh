@@ -14,7 +14,10 @@
 # the tests, alternating the servers (A B C D, B C D A, ...) --runs times, with tlsgate-load
 # pinned to CPU 1. After each tlsgate-load run of full*, resume* and bulk, an independent client
 # measures the same server the same way (independent-load.py: OpenSSL `s_time -new`/`-reuse`,
-# nghttp2's `h2load` for bulk; server CPU from /proc either way). It prints medians, the ratios
+# nghttp2's `h2load` for bulk; server CPU from /proc either way). Around each run it reads the
+# server's own count of full and resumed handshakes (server-handshakes.py: tlsgate's metrics,
+# HAProxy's stats socket, nginx's stream log); a count that contradicts the test or the client's
+# fails the harness. It prints medians, the ratios
 # tlsgate / HAProxy and tlsgate / nginx by both generators side by side, and each handshake
 # figure as a multiple of the crypto floor (tlsgate-floor, run first on CPU 0), and keeps raw
 # JSON, a CSV, the floor and the machine description in --out. Before the TLS runs, the TCP floor:
@@ -55,7 +58,8 @@
 #   --no-install          never run apt-get (say what is missing instead)
 #   --keep-work           keep the work folder (configs, logs, test keys, token) after the run
 #   --server-cpu N / --load-cpu N [0 / 1]
-#   --port-base N         first of the six ports used on 127.0.0.1 [18440]
+#   --port-base N         first of the seven ports used on 127.0.0.1 [18440]: the origin, the
+#                         four servers, the two tlsgate metrics endpoints
 #
 # Exit status: 0 when every run of every available server succeeded; 1 otherwise. A server that
 # cannot run here (no io_uring; no way to a token key: HAProxy without pkcs11-provider) is
@@ -299,6 +303,8 @@ cat "$out/floor.txt" >&2
 origin_port=$port_base
 declare -A port=([tlsgate-uring]=$((port_base + 1)) [tlsgate-portable]=$((port_base + 2))
     [haproxy]=$((port_base + 3)) [nginx]=$((port_base + 4)))
+# tlsgate's metrics endpoints: their handshake counter confirms full vs resumed after each run.
+declare -A metrics_port=([tlsgate-uring]=$((port_base + 5)) [tlsgate-portable]=$((port_base + 6)))
 declare -A pid=() pids=() why=()
 # 300 descriptors beside the connections: tlsgate refuses to start without its reserve of 256
 # plus its per-core sockets (listeners, ring, wakers), which is more than HAProxy and nginx need.
@@ -363,7 +369,7 @@ start_server() { # NAME KEY STORE -> pid[NAME], pids[NAME] or why[NAME]
             fi
             render "$configs/tlsgate.toml" "$dir/tlsgate.toml" "PKCS11=$pkcs11" "IO=$io" \
                 "LISTEN=$listen" "BACKEND=127.0.0.1:$origin_port" "CERT=$work/$key.pem" \
-                "KEY=$keyref" "MAXCONN=$maxconn"
+                "KEY=$keyref" "MAXCONN=$maxconn" "METRICS=127.0.0.1:${metrics_port[$s]}"
             sed -i 's/\\n/\n/g' "$dir/tlsgate.toml"
             cmd=("$tlsgate_bin" serve --config "$dir/tlsgate.toml")
             ;;
@@ -433,6 +439,34 @@ start_server() { # NAME KEY STORE -> pid[NAME], pids[NAME] or why[NAME]
     pids[$s]="$all"
 }
 
+count_where() { # SERVER KEY STORE -> where the server keeps its count of full and resumed
+    # handshakes (server-handshakes.py): tlsgate's metrics endpoint, HAProxy's stats socket,
+    # nginx's stream log of `$ssl_session_reused`.
+    case "$1" in
+        tlsgate-*) echo "127.0.0.1:${metrics_port[$1]}" ;;
+        haproxy) echo "$work/run-haproxy-$2-$3/stats.sock" ;;
+        nginx) echo "$work/run-nginx-$2-$3/handshakes.log" ;;
+    esac
+}
+
+count_before() { # SERVER WHERE REPORT LABEL -> REPORT.before; non-zero (said) when unread
+    python3 "$here/server-handshakes.py" count "$1" "$2" >"$3.before" && return 0
+    echo "  FAILED $4: no handshake count" >&2
+    return 1
+}
+
+count_after() { # SERVER WHERE REPORT TEST SLOTS LABEL -> REPORT.server (the run's counts);
+    # non-zero (said) when they contradict the test or the client's report
+    local rc=0
+    if ! python3 "$here/server-handshakes.py" delta "$1" "$2" "$3.before" "$3.server" \
+        --test "$4" --slots "$5" --client "$3"; then
+        echo "  FAILED $6: the server's count contradicts the test" >&2
+        rc=1
+    fi
+    rm -f "$3.before"
+    return "$rc"
+}
+
 wait_port "$origin_port" "$origin_pid" || { echo "the origin did not start:" >&2; cat "$work/logs/origin.log" >&2; exit 1; }
 
 # ---------------------------------------------------------------------------------------------
@@ -476,16 +510,17 @@ fi
 # ---------------------------------------------------------------------------------------------
 # Runs
 # ---------------------------------------------------------------------------------------------
-load_args() { # TEST -> array load[]
+load_args() { # TEST -> array load[], and slots: the connections tlsgate-load keeps going at once
     local common=(--insecure-skip-verify --sni localhost --group x25519 --timeout 10
         --suite TLS13_AES_128_GCM_SHA256,TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256)
+    slots="$concurrency"
     case "$1" in
         full13) load=(--mode full --tls 1.3 --concurrency "$concurrency" --duration "$duration") ;;
         full12) load=(--mode full --tls 1.2 --concurrency "$concurrency" --duration "$duration") ;;
         resume13) load=(--mode resume --tls 1.3 --concurrency "$concurrency" --duration "$duration") ;;
         resume12) load=(--mode resume --tls 1.2 --concurrency "$concurrency" --duration "$duration") ;;
         bulk) load=(--mode bulk --tls 1.3 --concurrency 2 --connections 2 --duration "$duration"
-            --response-bytes "$bulk_bytes") ;;
+            --response-bytes "$bulk_bytes"); slots=2 ;;
         idle) load=(--mode idle --tls 1.3 --concurrency 4 --connections "$idle_conns"
             --duration 120 --hold 1) ;;
     esac
@@ -542,6 +577,13 @@ for key in $keys; do
                         status=1; continue
                     fi
                     json="$out/raw/$key-$store-$t-$s-run$run.json"
+                    # The server's own count of full and resumed handshakes, read before and
+                    # after each generator's run (never during one): what confirms that a run
+                    # measured what it says. A contradiction fails the harness.
+                    where="$(count_where "$s" "$key" "$store")" label="$key $store $t $s run $run" counted=0
+                    if [[ "$t" != idle ]]; then
+                        if count_before "$s" "$where" "$json" "$label"; then counted=1; else status=1; fi
+                    fi
                     perf_pid=""
                     if ((syscalls)); then
                         perf stat -x, -e 'syscalls:sys_enter_*' -p "${pids[$s]}" -o "$json.syscalls" &
@@ -568,6 +610,9 @@ for key in $keys; do
                             --percent-limit 0.2 >"$json.profile" 2>/dev/null || true
                         rm -f "$json.perf" "$json.perf.old"
                     fi
+                    if ((counted)) && ! count_after "$s" "$where" "$json" "$t" "$slots" "$label"; then
+                        status=1
+                    fi
                     python3 "$here/side-by-side-report.py" row "$json" "$key" "$store" "$t" "$s" "$run" >>"$out/runs.csv" || true
                     printf '  %-8s %-8s %-9s %-17s run %s done\n' "$key" "$store" "$t" "$s" "$run" >&2
                     if ((independent)) && [[ "$t" != idle ]]; then
@@ -575,6 +620,8 @@ for key in $keys; do
                             [[ $run != 1 || $i != 0 ]] || echo "  independent bulk client: h2load is not installed (nghttp2-client)" | tee -a "$out/skipped.txt" >&2
                         else
                             ind="$out/raw/$key-$store-$t-$s-run$run-independent.json"
+                            counted=0
+                            if count_before "$s" "$where" "$ind" "independent $label"; then counted=1; else status=1; fi
                             if ! python3 "$here/independent-load.py" --target "127.0.0.1:${port[$s]}" --test "$t" \
                                 --duration "$duration" --concurrency "$concurrency" --server-pids "${pids[$s]}" \
                                 --load-cpu "$load_cpu" --bulk-bytes "$bulk_bytes" --bulk-requests "$bulk_requests" \
@@ -583,6 +630,9 @@ for key in $keys; do
                                 status=1
                             fi
                             [[ -s "$ind.err" ]] || rm -f "$ind.err"
+                            if ((counted)) && ! count_after "$s" "$where" "$ind" "$t" "$concurrency" "independent $label"; then
+                                status=1
+                            fi
                             python3 "$here/side-by-side-report.py" row "$ind" "$key" "$store" "$t" "$s" "$run" >>"$out/runs.csv" || true
                         fi
                     fi
