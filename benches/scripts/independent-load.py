@@ -3,7 +3,7 @@
 
     independent-load.py --target HOST:PORT --test TEST --duration SECS --concurrency N
                         --server-pids PID[,PID...] --load-cpu CPU --json FILE
-                        [--bulk-bytes N] [--bulk-requests N]
+                        [--bulk-bytes N] [--bulk-requests N] [--idle-connections N] [--hold S]
 
 Clients (none of them ours):
   full13 full12      OpenSSL `s_time -new -www /`: a full handshake and one GET / per connection
@@ -16,6 +16,10 @@ Clients (none of them ours):
                      fixed number of requests
   tcp                ApacheBench (`ab`, N concurrent) over plain HTTP/1.0: a new connection per
                      GET /, read to the close (the TCP floor: a relay without TLS)
+  idle               Python's `ssl` module (OpenSSL): --idle-connections TLS 1.3 connections
+                     opened one after another, each handshake completed and nothing sent, held
+                     --hold seconds; the server's RSS growth from before the first to after the
+                     last, per connection
 
 The server's CPU time (user + system, /proc/PID/stat of every PID) and its wake-ups (voluntary
 context switches of every thread, /proc/PID/task/*/status) are read before and after;
@@ -26,6 +30,9 @@ import argparse
 import json
 import os
 import re
+import resource
+import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -58,6 +65,63 @@ def switches(pids):
                 continue
             n += int(m.group(1)) if m else 0
     return n
+
+
+def rss_kib(pids):
+    """Resident memory of these processes, KiB (VmRSS, as tlsgate-load reads it)."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/status") as f:
+            m = re.search(r"^VmRSS:\s+(\d+) kB", f.read(), re.M)
+        total += int(m.group(1)) if m else 0
+    return total
+
+
+def idle(args, pids):
+    """Opens --idle-connections TLS 1.3 connections with Python's ssl module (OpenSSL), holds
+    them, and returns (units, errors, confirm, rss) with the server's RSS before and loaded."""
+    os.sched_setaffinity(0, {int(args.load_cpu)})
+    # One descriptor per held connection.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    host, port = args.target.rsplit(":", 1)
+    held, errors, in_a_row, negotiated = [], 0, 0, {}
+    before = rss_kib(pids)
+    for _ in range(args.idle_connections):
+        if in_a_row >= 10:
+            # A server that stopped taking connections (its limit, its file limit) would
+            # otherwise cost a timeout per remaining connection.
+            print(f"idle: 10 failures in a row; stopped after {len(held)} connections",
+                  file=sys.stderr)
+            break
+        in_a_row += 1
+        try:
+            sock = socket.create_connection((host, int(port)), timeout=10)
+        except OSError as e:
+            errors += 1
+            print(f"idle: connect: {e}", file=sys.stderr)
+            continue
+        try:
+            tls = ctx.wrap_socket(sock, server_hostname="localhost")
+        except (OSError, ssl.SSLError) as e:
+            sock.close()
+            errors += 1
+            print(f"idle: handshake: {e}", file=sys.stderr)
+            continue
+        key = f"{tls.version()} {tls.cipher()[0]}"
+        negotiated[key] = negotiated.get(key, 0) + 1
+        held.append(tls)
+        in_a_row = 0
+    loaded = rss_kib(pids)
+    time.sleep(args.hold)
+    for tls in held:
+        tls.close()
+    return len(held), errors, {"negotiated": negotiated}, (before, loaded)
 
 
 def s_time(args, resume):
@@ -122,7 +186,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--target", required=True)
     ap.add_argument("--test", required=True,
-                    choices=["full13", "full12", "resume13", "resume12", "bulk", "tcp"])
+                    choices=["full13", "full12", "resume13", "resume12", "bulk", "tcp", "idle"])
     ap.add_argument("--duration", type=int, default=3)
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--server-pids", required=True)
@@ -130,11 +194,17 @@ def main():
     ap.add_argument("--json", required=True)
     ap.add_argument("--bulk-bytes", type=int, default=1048576)
     ap.add_argument("--bulk-requests", type=int, default=1000)
+    ap.add_argument("--idle-connections", type=int, default=10000)
+    ap.add_argument("--hold", type=float, default=1.0)
     args = ap.parse_args()
     pids = [int(p) for p in args.server_pids.split(",") if p]
 
     before, woke, t0 = cpu(pids), switches(pids), time.monotonic()
-    if args.test == "bulk":
+    rss = None
+    if args.test == "idle":
+        name, unit = "python ssl (OpenSSL)", "handshake"
+        units, errors, confirm, rss = idle(args, pids)
+    elif args.test == "bulk":
         name, unit = "h2load --h1", "request"
         units, errors, confirm = h2load(args)
     elif args.test == "tcp":
@@ -163,6 +233,9 @@ def main():
             "system_us_per_unit": system * 1e6 / units if units else None,
             "cores_busy": (user + system) / wall,
             "wakeups_per_unit": woke / units if units else None,
+            "rss_kib_before": rss[0] if rss else None,
+            "rss_kib_loaded": rss[1] if rss else None,
+            "rss_bytes_per_connection": (rss[1] - rss[0]) * 1024 / units if rss and units else None,
         },
         "confirmed": confirm,
         "wall_s": wall,

@@ -260,7 +260,8 @@ def table(out):
     if independent_summary:
         by_cell = {(e["key"], e["store"], e["test"]): e for e in independent_summary}
         lines.append("")
-        lines.append("### Two generators: tlsgate ÷ peer, server CPU per operation (medians), as "
+        lines.append("### Two generators: tlsgate ÷ peer, server CPU per operation (idle: KiB per "
+                     "connection; medians), as "
                      "tlsgate-load measured it / as the independent client measured it; "
                      "! marks a disagreement over 15 %; busy: the server's core, in cores, "
                      "under each client; wake-ups: the server's voluntary context switches per "
@@ -278,7 +279,7 @@ def table(out):
             if ie is None:
                 continue
             name = next(iter(ie["servers"].values()))["generator"]
-            digits = 3 if e["test"] == "bulk" else 0
+            digits = 3 if e["test"] == "bulk" else (1 if e["test"] == "idle" else 0)
             cols = [e["key"], e["store"], e["test"], name]
             for o in ours:
                 for p in peers:
@@ -290,10 +291,13 @@ def table(out):
             cols += [cell(ie, s, "cost", digits) for s in present]
             # How busy the server's core was under each client: a client that cannot saturate
             # the server compares the servers at one offered rate, not at their limits.
-            cols += [f"{cell(e, s, 'srv_busy', 2)} / {cell(ie, s, 'srv_busy', 2)}" for s in present]
+            # Idle runs measure memory: how busy the core was and how often it woke say nothing.
+            idle = e["test"] == "idle"
+            cols += ["-" if idle else f"{cell(e, s, 'srv_busy', 2)} / {cell(ie, s, 'srv_busy', 2)}"
+                     for s in present]
             # Sleeping and being woken again, per operation: what a server pays per wake-up is
             # spread over fewer operations when the client cannot load it.
-            cols += [cell(ie, s, "srv_wakeups", 2) for s in present]
+            cols += ["-" if idle else cell(ie, s, "srv_wakeups", 2) for s in present]
             lines.append("| " + " | ".join(cols) + " |")
         summary_all = summary + [dict(e, generator="independent") for e in independent_summary]
     else:

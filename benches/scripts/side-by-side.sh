@@ -14,7 +14,8 @@
 # the tests, alternating the servers (A B C D, B C D A, ...) --runs times, with tlsgate-load
 # pinned to CPU 1. After each tlsgate-load run of full*, resume* and bulk, an independent client
 # measures the same server the same way (independent-load.py: OpenSSL `s_time -new`/`-reuse`,
-# nghttp2's `h2load` for bulk; server CPU from /proc either way). Around each run it reads the
+# nghttp2's `h2load` for bulk, Python's ssl module holding the idle connections, on a fresh
+# server process like tlsgate-load's; server CPU and memory from /proc either way). Around each run it reads the
 # server's own count of full and resumed handshakes (server-handshakes.py: tlsgate's metrics,
 # HAProxy's stats socket, nginx's stream log); a count that contradicts the test or the client's
 # fails the harness. It prints medians, the ratios
@@ -615,17 +616,25 @@ for key in $keys; do
                     fi
                     python3 "$here/side-by-side-report.py" row "$json" "$key" "$store" "$t" "$s" "$run" >>"$out/runs.csv" || true
                     printf '  %-8s %-8s %-9s %-17s run %s done\n' "$key" "$store" "$t" "$s" "$run" >&2
-                    if ((independent)) && [[ "$t" != idle ]]; then
+                    if ((independent)); then
                         if [[ "$t" == bulk ]] && ! command -v h2load >/dev/null; then
                             [[ $run != 1 || $i != 0 ]] || echo "  independent bulk client: h2load is not installed (nghttp2-client)" | tee -a "$out/skipped.txt" >&2
                         else
                             ind="$out/raw/$key-$store-$t-$s-run$run-independent.json"
                             counted=0
-                            if count_before "$s" "$where" "$ind" "independent $label"; then counted=1; else status=1; fi
+                            if [[ "$t" == idle ]]; then
+                                # A fresh process for this client's idle run too.
+                                stop_server "$s"
+                                start_server "$s" "$key" "$store" || { echo "  $s did not restart: ${why[$s]}" >&2; status=1; continue; }
+                            elif count_before "$s" "$where" "$ind" "independent $label"; then
+                                counted=1
+                            else
+                                status=1
+                            fi
                             if ! python3 "$here/independent-load.py" --target "127.0.0.1:${port[$s]}" --test "$t" \
                                 --duration "$duration" --concurrency "$concurrency" --server-pids "${pids[$s]}" \
                                 --load-cpu "$load_cpu" --bulk-bytes "$bulk_bytes" --bulk-requests "$bulk_requests" \
-                                --json "$ind" 2>"$ind.err"; then
+                                --idle-connections "$idle_conns" --json "$ind" 2>"$ind.err"; then
                                 echo "  FAILED independent $key $store $t $s run $run: $(tail -n 1 "$ind.err")" >&2
                                 status=1
                             fi
