@@ -333,6 +333,15 @@ wait_port() { # PORT PID
     return 1
 }
 
+# A port someone else already listens on would pass wait_port at once, and the run would measure
+# that process instead of the one it started: every port must be free before anything starts.
+for p in "$origin_port" "${port[@]}" "${metrics_port[@]}"; do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+        echo "port $p on 127.0.0.1 is in use by another process; choose other ports with --port-base" >&2
+        exit 1
+    fi
+done
+
 render "$configs/origin.conf" "$work/origin.conf" "DIR=$work" "LISTEN=127.0.0.1:$origin_port" "MAXCONN=$((maxconn * 2))" "NOFILE=$fd_limit"
 taskset -c "$load_cpu" nginx -e "$work/origin-error.log" -c "$work/origin.conf" >"$work/logs/origin.log" 2>&1 </dev/null &
 origin_pid=$!
