@@ -82,33 +82,27 @@ def nginx(where):
     return {"full": marks.count("."), "resumed": marks.count("r")}
 
 
-def read(server, where):
-    if server.startswith("tlsgate"):
-        return tlsgate(where)
-    if server == "haproxy":
-        return haproxy(where)
-    if server == "nginx":
-        return nginx(where)
-    raise ValueError(f"unknown server {server}")
-
-
-# How long a count must stay the same before it is taken as complete: tlsgate's cores publish
-# their counters once a second, nginx flushes its log buffer every 100 ms, HAProxy counts live.
-QUIET_S = {"tlsgate": 1.2, "nginx": 0.3, "haproxy": 0.0}
+# Each server's reader, and how long its count must stay the same before it is taken as
+# complete: tlsgate's cores publish their counters once a second, nginx flushes its log buffer
+# every 100 ms, HAProxy counts live.
+SERVERS = {"tlsgate": (tlsgate, 1.2), "nginx": (nginx, 0.3), "haproxy": (haproxy, 0.0)}
 
 
 def count(server, where, settle=False):
     """With settle, waits (at most 10 s) until the count has not changed for the server's
     quiet time, so everything a finished run did is in it."""
-    counts = read(server, where)
-    quiet = QUIET_S["tlsgate" if server.startswith("tlsgate") else server]
+    kind = "tlsgate" if server.startswith("tlsgate-") else server
+    if kind not in SERVERS:
+        raise ValueError(f"unknown server {server}")
+    read, quiet = SERVERS[kind]
+    counts = read(where)
     if not settle or not quiet:
         return counts
     start = time.monotonic()
     still_since = start
     while time.monotonic() - start < 10:
         time.sleep(0.2)
-        again = read(server, where)
+        again = read(where)
         if again != counts:
             counts, still_since = again, time.monotonic()
         elif time.monotonic() - still_since >= quiet:

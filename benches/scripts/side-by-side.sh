@@ -449,6 +449,14 @@ start_server() { # NAME KEY STORE -> pid[NAME], pids[NAME] or why[NAME]
     pids[$s]="$all"
 }
 
+restart_server() { # NAME KEY STORE: a fresh process (idle runs: its memory growth is not hidden
+    # by what earlier runs freed into its allocator); non-zero (said) when it did not start
+    stop_server "$1"
+    start_server "$1" "$2" "$3" && return 0
+    echo "  $1 did not restart: ${why[$1]}" >&2
+    return 1
+}
+
 count_where() { # SERVER KEY STORE -> where the server keeps its count of full and resumed
     # handshakes (server-handshakes.py): tlsgate's metrics endpoint, HAProxy's stats socket,
     # nginx's stream log of `$ssl_session_reused`.
@@ -576,11 +584,8 @@ for key in $keys; do
             for run in $(seq 1 "$cell_runs"); do
                 for i in $(seq 0 $((n - 1))); do
                     s="${avail[$(((i + run - 1) % n))]}"
-                    if [[ "$t" == idle ]]; then
-                        # A fresh process, so its memory growth is not hidden by what earlier
-                        # runs freed into its allocator.
-                        stop_server "$s"
-                        start_server "$s" "$key" "$store" || { echo "  $s did not restart: ${why[$s]}" >&2; status=1; continue; }
+                    if [[ "$t" == idle ]] && ! restart_server "$s" "$key" "$store"; then
+                        status=1; continue
                     fi
                     if [[ -z "${pid[$s]}" ]] || ! kill -0 "${pid[$s]}" 2>/dev/null; then
                         echo "  $s is not running (log: $work/run-$s-$key-$store/server.log)" >&2
@@ -632,9 +637,7 @@ for key in $keys; do
                             ind="$out/raw/$key-$store-$t-$s-run$run-independent.json"
                             counted=0
                             if [[ "$t" == idle ]]; then
-                                # A fresh process for this client's idle run too.
-                                stop_server "$s"
-                                start_server "$s" "$key" "$store" || { echo "  $s did not restart: ${why[$s]}" >&2; status=1; continue; }
+                                restart_server "$s" "$key" "$store" || { status=1; continue; }
                             elif count_before "$s" "$where" "$ind" "independent $label"; then
                                 counted=1
                             else

@@ -15,7 +15,8 @@
 //!   deadline, and give it back to `Admission::finish` exactly once (answer, deadline or close);
 //!   the gate holds the per-core bound (`key_ops.max_in_flight_per_core`) and the counters;
 //! - pause accept while `max_connections_per_core` or `max_handshakes_in_flight` is reached;
-//! - count everything through `setup.recorder` and call `maybe_flush` about once a second;
+//! - count everything through `setup.recorder` and call `CoreRecorder::flush` once a
+//!   `FLUSH_INTERVAL` on the driver's own clock (the recorder keeps no clock of its own);
 //! - on `shared.shutdown` (it registers a waker), stop accepting (close the listener sockets),
 //!   let open connections finish until the drain deadline, then return.
 

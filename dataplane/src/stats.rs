@@ -347,7 +347,6 @@ pub(crate) struct CoreRecorder {
     hs_samples: Vec<(String, &'static str, f64)>,
     key_op_samples: Vec<f64>,
     flushed: Flushed,
-    last_flush: Instant,
     accept_errors: HashMap<&'static str, u64>,
     accept_errors_unlogged: u64,
     accept_error_logged: Option<Instant>,
@@ -377,7 +376,6 @@ impl CoreRecorder {
             hs_samples: Vec::new(),
             key_op_samples: Vec::new(),
             flushed: Flushed::default(),
-            last_flush: Instant::now(),
             accept_errors: HashMap::new(),
             accept_errors_unlogged: 0,
             accept_error_logged: None,
@@ -515,12 +513,9 @@ impl CoreRecorder {
         add(&self.stats.backend_out, n as u64);
     }
 
-    /// Flushes to the metrics facade if a flush interval has passed (or `force`).
-    pub(crate) fn maybe_flush(&mut self, now: Instant, force: bool) {
-        if !force && now.duration_since(self.last_flush) < FLUSH_INTERVAL {
-            return;
-        }
-        self.last_flush = now;
+    /// Flushes to the metrics facade and advances the heartbeat. Each driver calls it once per
+    /// [`FLUSH_INTERVAL`] on its own clock, and once more at the end.
+    pub(crate) fn flush(&mut self) {
         add(&self.stats.heartbeat, 1);
         if !self.zero_series_created {
             create_zero_series(&self.core);

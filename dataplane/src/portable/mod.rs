@@ -71,7 +71,7 @@ pub(crate) fn run_core(setup: CoreSetup) -> Result<(), Error> {
     // Tasks still alive (past the drain deadline) are dropped here, inside the runtime, so their
     // sockets deregister cleanly; their guards count them as `Shutdown`.
     drop(local);
-    core.recorder.borrow_mut().maybe_flush(Instant::now(), true);
+    core.recorder.borrow_mut().flush();
     result
 }
 
@@ -97,10 +97,7 @@ async fn serve(
             let mut tick = tokio::time::interval(FLUSH_INTERVAL);
             loop {
                 tick.tick().await;
-                // The tick is the interval: forced, because a tick that runs a hair less than
-                // FLUSH_INTERVAL after the last one (timer jitter) would otherwise skip its
-                // flush and leave the counters and the heartbeat two seconds behind.
-                core.recorder.borrow_mut().maybe_flush(Instant::now(), true);
+                core.recorder.borrow_mut().flush();
             }
         })
     };

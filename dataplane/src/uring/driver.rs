@@ -160,7 +160,7 @@ pub(crate) fn run_core(setup: CoreSetup) -> Result<(), Error> {
     for id in left {
         core.finish(lp.ctl(), id, CloseReason::Shutdown, now);
     }
-    core.recorder.maybe_flush(now, true);
+    core.recorder.flush();
     result
 }
 
@@ -616,7 +616,7 @@ impl Handler for Core {
         self.update_accepting(ctl);
         if now.duration_since(self.last_flush) >= FLUSH_INTERVAL {
             self.last_flush = now;
-            self.recorder.maybe_flush(now, false);
+            self.recorder.flush();
         }
         self.check_shutdown(ctl, now);
     }
