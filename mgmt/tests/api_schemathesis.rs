@@ -51,7 +51,16 @@ fn schemathesis_finds_nothing_against_the_live_api() -> Result<()> {
         &config,
         text.replacen("[pkcs11]\n", "[pkcs11]\ncall_timeout_ms = 120000\n", 1),
     )?;
-    let mut serve = Serve::start(&lab, &config)?;
+    // Connection-level events (hyper giving up on a connection, a handshake timing out) are
+    // debug lines: kept for the failure report below.
+    let mut serve = Serve::start_with_env(
+        &lab,
+        &config,
+        &[(
+            "TLSGATE_LOG",
+            "info,tlsgate_mgmt::api::server=debug".to_owned(),
+        )],
+    )?;
     // Every request is logged: hundreds of them overflow a pipe nobody reads.
     serve.log_to(&lab.path("serve.log"))?;
     let port = api_port(&config)?;
@@ -100,7 +109,12 @@ fn schemathesis_finds_nothing_against_the_live_api() -> Result<()> {
             // which schemathesis cannot reach); api_round_trip covers both.
             "--exclude-path",
             "/v1/keys/import",
+            // Every request and answer, for the failure report below.
+            "--report",
+            "har",
+            "--report-dir",
         ])
+        .arg(lab.path("report"))
         .output()
         .context("running schemathesis")?;
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -108,6 +122,9 @@ fn schemathesis_finds_nothing_against_the_live_api() -> Result<()> {
     // The summary, for the log of scripts/test.sh.
     for line in stdout.lines() {
         println!("schemathesis: {line}");
+    }
+    if !out.status.success() {
+        failure_report(&lab);
     }
     ensure!(
         out.status.success(),
@@ -131,4 +148,65 @@ fn schemathesis_finds_nothing_against_the_live_api() -> Result<()> {
         generated.1
     );
     Ok(())
+}
+
+/// What a failed run leaves to go on: the requests that got no answer (with the one before
+/// each) from schemathesis's HAR report, and the server's own lines about its connections and
+/// its warnings.
+fn failure_report(lab: &Lab) {
+    let hars = std::fs::read_dir(lab.path("report"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path());
+    for har in hars {
+        let Ok(text) = std::fs::read_to_string(&har) else {
+            continue;
+        };
+        let Ok(doc) = serde_json::from_str::<serde_json::Value>(&text) else {
+            continue;
+        };
+        let entries = doc["log"]["entries"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        for (i, e) in entries.iter().enumerate() {
+            if e["response"]["status"].as_u64() != Some(0) {
+                continue;
+            }
+            for (j, e) in entries
+                .iter()
+                .enumerate()
+                .take(i + 1)
+                .skip(i.saturating_sub(1))
+            {
+                let r = &e["request"];
+                println!(
+                    "har #{j}: {} {} {} {} -> {}",
+                    e["startedDateTime"].as_str().unwrap_or("?"),
+                    r["method"].as_str().unwrap_or("?"),
+                    r["url"].as_str().unwrap_or("?"),
+                    r["postData"]["text"]
+                        .as_str()
+                        .unwrap_or("")
+                        .chars()
+                        .take(120)
+                        .collect::<String>(),
+                    e["response"]["status"]
+                );
+            }
+        }
+    }
+    let log = std::fs::read_to_string(lab.path("serve.log")).unwrap_or_default();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| {
+            l.contains("api::server")
+                || (l.contains(" WARN ") || l.contains(" ERROR "))
+                    && !l.contains("management operation refused")
+        })
+        .collect();
+    for line in &lines[lines.len().saturating_sub(60)..] {
+        println!("serve.log: {line}");
+    }
 }

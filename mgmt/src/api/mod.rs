@@ -26,6 +26,7 @@ use crate::config::Config;
 
 pub mod access;
 pub mod backends;
+mod closing;
 pub mod error;
 pub mod manager;
 pub mod openapi;

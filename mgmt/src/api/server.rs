@@ -19,6 +19,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tower_service::Service;
 
 use super::access::PeerRefused;
+use super::closing::ClosingTls;
 use super::ApiConfig;
 use crate::audit::ClientIdentity;
 use crate::config::Config;
@@ -140,7 +141,10 @@ pub async fn serve_https(
                         tracing::info!(%peer, error = %err, "management API handshake refused");
                         return;
                     }
-                    Err(_) => return,
+                    Err(_) => {
+                        tracing::info!(%peer, "management API handshake not finished in time; connection closed");
+                        return;
+                    }
                 },
             };
             let identity = stream
@@ -150,7 +154,7 @@ pub async fn serve_https(
                 .and_then(|c| c.first())
                 .map(|leaf| cert_identity(leaf.as_ref()));
             match identity {
-                Some(id) => serve_conn(stream, id, false, app, slot).await,
+                Some(id) => serve_conn(ClosingTls::new(stream), id, false, app, slot).await,
                 // The verifier requires a certificate, so this does not happen; refuse anyway.
                 None => tracing::warn!(%peer, "management API client without a certificate"),
             }
