@@ -49,27 +49,7 @@ fn connect(pki: &MgmtPki, port: u16) -> Result<Tls> {
 fn get_keys(tls: &mut Tls) -> Result<u16> {
     tls.write_all(b"GET /v1/keys HTTP/1.1\r\nhost: localhost\r\n\r\n")?;
     tls.flush()?;
-    let mut r = BufReader::new(tls);
-    let mut status = String::new();
-    ensure!(
-        r.read_line(&mut status)? > 0,
-        "connection closed before the answer"
-    );
-    let mut len = 0usize;
-    loop {
-        let mut line = String::new();
-        ensure!(r.read_line(&mut line)? > 0, "connection closed mid-answer");
-        if line == "\r\n" {
-            break;
-        }
-        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-            len = v.trim().parse()?;
-        }
-    }
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body)?;
-    ensure!(r.buffer().is_empty(), "bytes after the answer");
-    status
+    read_answer(tls)?
         .split_whitespace()
         .nth(1)
         .context("status line")?
@@ -98,7 +78,39 @@ fn read_answer(tls: &mut Tls) -> Result<String> {
     }
     let mut body = vec![0u8; len];
     r.read_exact(&mut body)?;
+    ensure!(r.buffer().is_empty(), "bytes after the answer");
     Ok(status.trim_end().to_owned())
+}
+
+/// A running `tlsgate serve` with the HTTPS API (`api_extra` added to its `[api]` section).
+struct Api {
+    pki: MgmtPki,
+    port: u16,
+    _serve: Serve,
+    _backend: common::ChildGuard,
+    _lab: Lab,
+}
+
+fn start_api(name: &str, api_extra: &str) -> Result<Api> {
+    let lab = Lab::new()?;
+    let pki = MgmtPki::new(&lab)?;
+    let boot = lab.token_key_with_chain("ec-p256", "boot")?;
+    let (backend_guard, backend) = demo_backend(lab.dir.path())?;
+    let config = write_config(&lab, &pki, &backend, &boot, &common::uri("boot"), name)?;
+    let text = std::fs::read_to_string(&config)?;
+    std::fs::write(
+        &config,
+        text.replacen("[api]\n", &format!("[api]\n{api_extra}"), 1),
+    )?;
+    let serve = Serve::start(&lab, &config)?;
+    let port = api_port(&config)?;
+    Ok(Api {
+        pki,
+        port,
+        _serve: serve,
+        _backend: backend_guard,
+        _lab: lab,
+    })
 }
 
 /// Reads until the server ends the connection: Ok(()) for a close_notify, an error naming
@@ -116,26 +128,16 @@ fn expect_close_notify(tls: &mut Tls, which: &str) -> Result<()> {
 
 #[test]
 fn connections_the_server_ends_end_with_close_notify() -> Result<()> {
-    let lab = Lab::new()?;
-    let pki = MgmtPki::new(&lab)?;
-    let boot = lab.token_key_with_chain("ec-p256", "boot")?;
-    let (_backend, backend) = demo_backend(lab.dir.path())?;
-    let config = write_config(&lab, &pki, &backend, &boot, &common::uri("boot"), "cn")?;
-    let text = std::fs::read_to_string(&config)?;
-    std::fs::write(
-        &config,
-        text.replacen("[api]\n", "[api]\nmax_connections = 2\n", 1),
-    )?;
-    let _serve = Serve::start(&lab, &config)?;
-    let port = api_port(&config)?;
+    let api = start_api("cn", "max_connections = 2\n")?;
+    let (pki, port) = (&api.pki, api.port);
 
     // Two idle keep-alive connections fill the bound; a third closes the oldest to make room.
-    let mut oldest = connect(&pki, port)?;
+    let mut oldest = connect(pki, port)?;
     ensure!(get_keys(&mut oldest)? == 200);
-    let mut idle = connect(&pki, port)?;
+    let mut idle = connect(pki, port)?;
     ensure!(get_keys(&mut idle)? == 200);
     let idle_since = Instant::now();
-    let mut newest = connect(&pki, port)?;
+    let mut newest = connect(pki, port)?;
     ensure!(get_keys(&mut newest)? == 200, "the new client is served");
     expect_close_notify(&mut oldest, "the idle connection closed to make room")?;
 
@@ -147,7 +149,7 @@ fn connections_the_server_ends_end_with_close_notify() -> Result<()> {
         idle_since.elapsed()
     );
     // A closed connection's request is never half answered: a new one is served.
-    let mut again = connect(&pki, port)?;
+    let mut again = connect(pki, port)?;
     ensure!(get_keys(&mut again)? == 200);
     Ok(())
 }
@@ -160,15 +162,10 @@ fn connections_the_server_ends_end_with_close_notify() -> Result<()> {
 /// answer get no reset.
 #[test]
 fn bytes_sent_after_the_answer_get_no_reset() -> Result<()> {
-    let lab = Lab::new()?;
-    let pki = MgmtPki::new(&lab)?;
-    let boot = lab.token_key_with_chain("ec-p256", "boot")?;
-    let (_backend, backend) = demo_backend(lab.dir.path())?;
-    let config = write_config(&lab, &pki, &backend, &boot, &common::uri("boot"), "ln")?;
-    let _serve = Serve::start(&lab, &config)?;
-    let port = api_port(&config)?;
+    let api = start_api("ln", "")?;
+    let (pki, port) = (&api.pki, api.port);
 
-    let mut tls = connect(&pki, port)?;
+    let mut tls = connect(pki, port)?;
     ensure!(get_keys(&mut tls)? == 200);
     let body = br#"{"id": "00", "label": "0", "type": "ec-p256"}"#;
     // The head alone: the server answers 405 at once and, the body not being there to drain,

@@ -154,47 +154,39 @@ fn schemathesis_finds_nothing_against_the_live_api() -> Result<()> {
 /// each) from schemathesis's HAR report, and the server's own lines about its connections and
 /// its warnings.
 fn failure_report(lab: &Lab) {
-    let hars = std::fs::read_dir(lab.path("report"))
+    let entries: Vec<serde_json::Value> = std::fs::read_dir(lab.path("report"))
         .into_iter()
         .flatten()
         .flatten()
-        .map(|e| e.path());
-    for har in hars {
-        let Ok(text) = std::fs::read_to_string(&har) else {
-            continue;
-        };
-        let Ok(doc) = serde_json::from_str::<serde_json::Value>(&text) else {
-            continue;
-        };
-        let entries = doc["log"]["entries"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
-        for (i, e) in entries.iter().enumerate() {
-            if e["response"]["status"].as_u64() != Some(0) {
-                continue;
-            }
-            for (j, e) in entries
-                .iter()
-                .enumerate()
-                .take(i + 1)
-                .skip(i.saturating_sub(1))
-            {
-                let r = &e["request"];
-                println!(
-                    "har #{j}: {} {} {} {} -> {}",
-                    e["startedDateTime"].as_str().unwrap_or("?"),
-                    r["method"].as_str().unwrap_or("?"),
-                    r["url"].as_str().unwrap_or("?"),
-                    r["postData"]["text"]
-                        .as_str()
-                        .unwrap_or("")
-                        .chars()
-                        .take(120)
-                        .collect::<String>(),
-                    e["response"]["status"]
-                );
-            }
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .filter_map(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+        .filter_map(|doc| doc["log"]["entries"].as_array().cloned())
+        .flatten()
+        .collect();
+    let unanswered =
+        (0..entries.len()).filter(|&i| entries[i]["response"]["status"].as_u64() == Some(0));
+    for i in unanswered {
+        // The request and the one before it.
+        for (j, e) in entries
+            .iter()
+            .enumerate()
+            .take(i + 1)
+            .skip(i.saturating_sub(1))
+        {
+            let r = &e["request"];
+            let body: String = r["postData"]["text"]
+                .as_str()
+                .unwrap_or("")
+                .chars()
+                .take(120)
+                .collect();
+            println!(
+                "har #{j}: {} {} {} {body} -> {}",
+                e["startedDateTime"].as_str().unwrap_or("?"),
+                r["method"].as_str().unwrap_or("?"),
+                r["url"].as_str().unwrap_or("?"),
+                e["response"]["status"]
+            );
         }
     }
     let log = std::fs::read_to_string(lab.path("serve.log")).unwrap_or_default();
